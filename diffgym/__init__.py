@@ -1,0 +1,29 @@
+"""DiffGym: Gymnasium environments whose dynamics are differentiable NVIDIA Warp kernels.
+
+``import diffgym`` registers the tasks; ``gym.make("DiffGym/<Task>-v0")`` gives a Gymnasium env and
+``env.unwrapped.differentiable_step(state, action)`` a pure batched step with exact gradients.
+"""
+
+import os
+
+import warp as wp
+
+if not os.environ.get("DIFFGYM_WARP_VERBOSE"):
+    wp.config.log_level = wp.LOG_WARNING  # Warp's per-module load messages would drown training logs
+
+from diffgym.core.bridge import Out, warp_call
+from diffgym.core.env import DiffGymEnv, DiffGymVectorEnv
+from diffgym.core.registration import register_task
+from diffgym.core.sim import DiffSim, StepOutput
+from diffgym.core.state import SimState
+
+__version__ = "0.1.0"
+
+__all__ = ["DiffGymEnv", "DiffGymVectorEnv", "DiffSim", "Out", "SimState", "StepOutput",
+           "register_task", "warp_call", "TASK_IDS"]
+
+# One line per task.
+register_task("DiffGym/PointMass1D-v0", "diffgym.envs.point_mass_1d:PointMass1DEnv",
+              max_episode_steps=100, reward_threshold=-5.0)
+
+TASK_IDS = ("DiffGym/PointMass1D-v0",)

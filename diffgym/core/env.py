@@ -1,0 +1,244 @@
+"""Gymnasium faces of a :class:`DiffSim`: a single env and a native vector env (one launch per step
+for all N envs). Both expose the tensor API ``get_state`` / ``set_state`` / ``differentiable_step``."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from diffgym.core.sim import DiffSim, StepOutput
+from diffgym.core.state import SimState
+
+_SEED_MASK = 0x7FFFFFFF  # Warp's RNG takes int32 seeds
+
+
+class _TensorAPI:
+    """``get_state`` / ``set_state`` / ``differentiable_step``, shared by the single and vector env."""
+
+    sim: DiffSim
+    _state: SimState | None
+    _batch: int
+
+    def get_state(self) -> SimState:
+        """A copy of the env's current state (batch 1 for the single env, N for the vector env)."""
+        if self._state is None:
+            raise RuntimeError("call reset() before get_state()")
+        return self._state.clone()
+
+    def set_state(self, state: SimState) -> None:
+        """Make ``state`` (detached and copied) the env's current state; the next ``step`` starts from it."""
+        self.sim.check_state(state)
+        if state.batch_size != self._batch:
+            raise ValueError(f"state must have batch size {self._batch}, got {state.batch_size}")
+        self._state = state.detach().clone()
+        self._after_set_state()
+
+    def differentiable_step(self, state: SimState, action: torch.Tensor) -> StepOutput:
+        """Pure batched step with exact gradients; the env's own state is untouched.
+
+        ``state`` is any batch of the task's :class:`SimState` (e.g. from ``get_state``), ``action`` a
+        float32 tensor ``(B, act_dim)`` on the env's device, clipped to [-1, 1] (zero gradient outside).
+        """
+        return self.sim.step(state, action)
+
+    def _after_set_state(self) -> None:
+        pass
+
+    def _numpy_action(self, action: Any, shape: tuple[int, ...]) -> torch.Tensor:
+        """Validate a NumPy/array-like action for ``step`` and move it to the sim's device."""
+        array = np.asarray(action)
+        if array.dtype.kind not in "fiu":
+            raise ValueError(f"action must be a real-valued array of shape {shape}, got dtype {array.dtype}")
+        if array.shape != shape:
+            raise ValueError(f"action must have shape {shape}, got {array.shape}")
+        finite = np.isfinite(array)
+        if not finite.all():
+            bad = [tuple(int(j) for j in i) for i in np.argwhere(~finite)[:8]]
+            raise ValueError(f"action contains NaN or Inf at index {bad}; actions must be finite")
+        return torch.as_tensor(array, dtype=torch.float32, device=self.sim.device).reshape(-1, self.sim.act_dim)
+
+
+def _spaces(sim: DiffSim) -> tuple[spaces.Box, spaces.Box]:
+    obs = spaces.Box(np.broadcast_to(np.float32(sim.obs_low), (sim.obs_dim,)).astype(np.float32),
+                     np.broadcast_to(np.float32(sim.obs_high), (sim.obs_dim,)).astype(np.float32),
+                     dtype=np.float32)
+    act = spaces.Box(-1.0, 1.0, (sim.act_dim,), dtype=np.float32)
+    return obs, act
+
+
+def _info_numpy(sim: DiffSim, out: StepOutput) -> dict[str, np.ndarray]:
+    info = {"is_success": out.success.cpu().numpy()}
+    info.update({k: v.detach().cpu().numpy() for k, v in sim.info(out).items()})
+    return info
+
+
+class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
+    """Single-env Gymnasium face of a task (batch 1). Subclasses set ``sim_class`` and a docstring."""
+
+    sim_class: ClassVar[type[DiffSim]]
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["rgb_array"], "render_fps": 20}
+
+    def __init__(self, render_mode: str | None = None, device: str = "cpu", **sim_kwargs: Any):
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
+        self.sim = self.sim_class(device=device, **sim_kwargs)
+        self.render_mode = render_mode
+        self.observation_space, self.action_space = _spaces(self.sim)
+        self._batch = 1
+        self._state = None
+        self._seed: torch.Tensor | None = None
+        self._episode = torch.zeros(1, dtype=torch.int32, device=self.sim.device)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if self.spec is not None and self.spec.max_episode_steps:
+            self.sim.max_episode_steps = self.spec.max_episode_steps  # honour gym.make(max_episode_steps=)
+        if seed is not None or self._seed is None:
+            value = seed if seed is not None else int(self.np_random.integers(_SEED_MASK))
+            self._seed = torch.tensor([value & _SEED_MASK], dtype=torch.int32, device=self.sim.device)
+            self._episode.zero_()
+        else:
+            self._episode += 1
+        self._state = self.sim.reset(self._seed, self._episode)
+        with torch.no_grad():
+            obs = self.sim.observe(self._state)
+        return obs[0].cpu().numpy(), {}
+
+    def step(self, action):
+        if self._state is None:
+            raise RuntimeError("call reset() before step()")
+        action = self._numpy_action(action, self.action_space.shape)
+        with torch.no_grad():
+            out = self.sim.step(self._state, action)
+        self._state = out.state
+        info = {k: (v[0].item() if v.ndim == 1 else v[0]) for k, v in _info_numpy(self.sim, out).items()}
+        return (out.obs[0].cpu().numpy(), float(out.reward[0]), bool(out.terminated[0]),
+                bool(out.truncated[0]), info)
+
+    def render(self):
+        if self.render_mode != "rgb_array" or self._state is None:
+            return None
+        return self.sim.render_state(self._state, 0)
+
+
+class DiffGymVectorEnv(_TensorAPI, VectorEnv):
+    """Native batched Gymnasium vector env: one kernel launch steps all ``num_envs`` envs.
+
+    Env ``i`` behaves exactly like a single env seeded with ``seed + i``. ``autoreset_mode`` is
+    ``NEXT_STEP`` (Gymnasium's default) or ``SAME_STEP`` (reset obs returned at once; the final
+    observation and info are in ``info["final_obs"]`` / ``info["final_info"]``).
+    ``reset(options={"reset_mask": mask})`` resets only the masked envs.
+    """
+
+    def __init__(self, sim_class: type[DiffSim], num_envs: int, render_mode: str | None = None,
+                 device: str = "cpu", autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+                 metadata: dict | None = None, **sim_kwargs: Any):
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        autoreset_mode = AutoresetMode(autoreset_mode)
+        if autoreset_mode not in (AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP):
+            raise ValueError(f"autoreset_mode must be NEXT_STEP or SAME_STEP, got {autoreset_mode}")
+        self.metadata = {**(metadata or DiffGymEnv.metadata), "autoreset_mode": autoreset_mode}
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
+        self.sim = sim_class(device=device, **sim_kwargs)
+        self.num_envs = self._batch = int(num_envs)
+        self.render_mode = render_mode
+        self.single_observation_space, self.single_action_space = _spaces(self.sim)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self.autoreset_mode = autoreset_mode
+        self._state = None
+        self._seed: torch.Tensor | None = None
+        self._episode = torch.full((self.num_envs,), -1, dtype=torch.int32, device=self.sim.device)
+        self._needs_reset = torch.zeros(self.num_envs, dtype=torch.bool, device=self.sim.device)
+
+    def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
+        super().reset(seed=seed if isinstance(seed, int) else None)  # seeds self.np_random
+        device = self.sim.device
+        if isinstance(seed, int):
+            seed = [seed + i for i in range(self.num_envs)]
+        if seed is not None and len(seed) != self.num_envs:
+            raise ValueError(f"seed must be an int or a list of {self.num_envs} seeds, got {len(seed)}")
+        mask = torch.ones(self.num_envs, dtype=torch.bool, device=device)
+        if options and "reset_mask" in options:
+            reset_mask = options["reset_mask"]
+            if not isinstance(reset_mask, np.ndarray) or reset_mask.shape != (self.num_envs,) or \
+                    reset_mask.dtype != np.bool_:
+                raise ValueError(f"options['reset_mask'] must be a bool numpy array of shape ({self.num_envs},)")
+            mask = torch.as_tensor(reset_mask, device=device)
+        if self._state is None:
+            mask = torch.ones_like(mask)  # the first reset starts every env
+        if self._seed is None:
+            self._seed = torch.as_tensor(self.np_random.integers(_SEED_MASK, size=self.num_envs),
+                                         dtype=torch.int32, device=device)
+        episode = torch.where(mask, self._episode + 1, self._episode)
+        if seed is not None:  # a seeded env restarts its RNG stream at episode 0, like a single env
+            given = mask & torch.as_tensor([s is not None for s in seed], device=device)
+            values = torch.as_tensor([(s or 0) & _SEED_MASK for s in seed], dtype=torch.int32, device=device)
+            self._seed = torch.where(given, values, self._seed)
+            episode = torch.where(given, torch.zeros_like(episode), episode)
+        self._episode = episode
+        fresh_state = self.sim.reset(self._seed, self._episode)
+        self._state = fresh_state if self._state is None else self._state.where(mask, fresh_state)
+        self._needs_reset &= ~mask
+        with torch.no_grad():
+            obs = self.sim.observe(self._state)
+        return obs.cpu().numpy(), {}
+
+    def step(self, actions):
+        if self._state is None:
+            raise RuntimeError("call reset() before step()")
+        action = self._numpy_action(actions, self.action_space.shape)
+        with torch.no_grad():
+            out = self.sim.step(self._state, action)
+            infos = _info_numpy(self.sim, out)
+            obs, reward = out.obs, out.reward
+            terminated, truncated = out.terminated, out.truncated
+            if self.autoreset_mode == AutoresetMode.NEXT_STEP:
+                resetting = self._needs_reset
+                if bool(resetting.any()):
+                    fresh_state = self._reset_masked(resetting)
+                    out.state = out.state.where(resetting, fresh_state)
+                    obs = torch.where(resetting[:, None], self.sim.observe(fresh_state), obs)
+                    reward = reward.masked_fill(resetting, 0.0)
+                    terminated, truncated = terminated & ~resetting, truncated & ~resetting
+                    infos["is_success"][resetting.cpu().numpy()] = False
+                self._needs_reset = terminated | truncated
+            else:  # SAME_STEP
+                done = terminated | truncated
+                if bool(done.any()):
+                    done_np = done.cpu().numpy()
+                    final_obs = np.full(self.num_envs, None, dtype=object)
+                    for i, row in zip(np.flatnonzero(done_np), obs.cpu().numpy()[done_np]):
+                        final_obs[i] = row
+                    infos["final_info"] = {**{k: v.copy() for k, v in infos.items()},
+                                           **{f"_{k}": done_np.copy() for k in infos}}
+                    infos["_final_info"] = done_np
+                    infos["final_obs"], infos["_final_obs"] = final_obs, done_np
+                    fresh_state = self._reset_masked(done)
+                    out.state = out.state.where(done, fresh_state)
+                    obs = torch.where(done[:, None], self.sim.observe(fresh_state), obs)
+        self._state = out.state
+        for key in [k for k in infos if not k.startswith("_") and k not in ("final_obs", "final_info")]:
+            infos[f"_{key}"] = np.ones(self.num_envs, dtype=bool)
+        return (obs.cpu().numpy(), reward.cpu().numpy(), terminated.cpu().numpy(),
+                truncated.cpu().numpy(), infos)
+
+    def render(self):
+        if self.render_mode != "rgb_array" or self._state is None:
+            return None
+        return tuple(self.sim.render_state(self._state, i) for i in range(self.num_envs))
+
+    def _reset_masked(self, mask: torch.Tensor) -> SimState:
+        self._episode = torch.where(mask, self._episode + 1, self._episode)
+        return self.sim.reset(self._seed, self._episode)
+
+    def _after_set_state(self) -> None:
+        self._needs_reset.zero_()

@@ -1,0 +1,30 @@
+"""One-line task registration: the single env and its native vector env under one Gymnasium id."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import gymnasium as gym
+from gymnasium.envs.registration import load_env_creator
+
+from diffgym.core.env import DiffGymVectorEnv
+
+
+def make_vector_env(env_entry_point: str, num_envs: int = 1, **kwargs: Any) -> DiffGymVectorEnv:
+    """Vector entry point: the batched twin of the ``DiffGymEnv`` subclass at ``env_entry_point``."""
+    env_class = load_env_creator(env_entry_point)
+    return DiffGymVectorEnv(env_class.sim_class, num_envs, metadata=env_class.metadata, **kwargs)
+
+
+def register_task(env_id: str, entry_point: str, *, max_episode_steps: int, reward_threshold: float,
+                  **kwargs: Any) -> None:
+    """Register ``gym.make(env_id)`` and ``gym.make_vec(env_id, num_envs=N)`` (native, batched)."""
+    gym.register(
+        id=env_id,
+        entry_point=entry_point,
+        vector_entry_point=functools.partial(make_vector_env, entry_point),
+        max_episode_steps=max_episode_steps,
+        reward_threshold=reward_threshold,
+        kwargs=kwargs,
+    )

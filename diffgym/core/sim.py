@@ -1,0 +1,157 @@
+"""The functional core of a task: a pure, batched, differentiable simulator (like Gymnasium's
+``FuncEnv`` and Brax's ``Env``). The Gymnasium envs in ``diffgym.core.env`` wrap it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from diffgym.core.bridge import Out, warp_call
+from diffgym.core.state import SimState
+
+
+@dataclasses.dataclass(eq=False)
+class StepOutput:
+    """What ``differentiable_step`` returns; every field is a batch-first torch tensor."""
+
+    state: SimState
+    """The next state; its float fields are differentiable functions of the inputs."""
+    obs: torch.Tensor
+    """(B, obs_dim) float32, differentiable: the observation of ``state``."""
+    reward: torch.Tensor
+    """(B,) float32, differentiable."""
+    terminated: torch.Tensor
+    """(B,) bool: the task reached a terminal state (no bootstrap past it)."""
+    truncated: torch.Tensor
+    """(B,) bool: the episode hit ``max_episode_steps`` (bootstrap past it)."""
+    success: torch.Tensor
+    """(B,) bool: the task's success criterion holds in ``state`` (``info["is_success"]``)."""
+
+    @property
+    def done(self) -> torch.Tensor:
+        return self.terminated | self.truncated
+
+
+class DiffSim:
+    """Pure batched simulator of one task. One Warp thread per env; no Python loop over envs.
+
+    A task subclass declares (see ``docs/adding_a_task.md``):
+
+    * ``state_type``: its :class:`SimState` dataclass, with per-env field ``shapes``; the last field is
+      ``step`` (the int32 step count), every other field is float32;
+    * ``obs_dim``, ``act_dim``, ``dt``, ``default_max_episode_steps``;
+    * three Warp kernels whose array arguments follow the state's field order:
+      ``reset_kernel(seed, episode, params, *state_out)``,
+      ``observe_kernel(*state, params, obs_out)`` and
+      ``step_kernel(*state, action, params, *next_state_out, obs, reward, terminated, success)``,
+      where ``params`` is ``self.params`` (a ``wp.struct`` of the task's constants);
+    * ``render_state(state, index) -> np.ndarray`` (an RGB frame of one env).
+
+    ``step`` clips actions to [-1, 1] (``torch.clamp``: gradient 1 inside the box, 0 outside).
+    """
+
+    state_type: ClassVar[type[SimState]]
+    obs_dim: ClassVar[int]
+    act_dim: ClassVar[int]
+    dt: ClassVar[float]
+    default_max_episode_steps: ClassVar[int]
+    reset_kernel: ClassVar[Any]
+    observe_kernel: ClassVar[Any]
+    step_kernel: ClassVar[Any]
+    obs_low: ClassVar[float | np.ndarray] = -np.inf
+    obs_high: ClassVar[float | np.ndarray] = np.inf
+
+    params: Any
+    """The ``wp.struct`` of constants passed to every kernel; set by the subclass's ``__init__``."""
+
+    def __init__(self, device: str | torch.device = "cpu", max_episode_steps: int | None = None):
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.max_episode_steps = int(max_episode_steps or self.default_max_episode_steps)
+        if self.max_episode_steps <= 0:
+            raise ValueError(f"max_episode_steps must be positive, got {self.max_episode_steps}")
+        self._fields = self.state_type.field_names()
+        if self._fields[-1] != "step":
+            raise TypeError(f"{self.state_type.__name__}'s last field must be the int32 'step' counter")
+
+    # ----------------------------------------------------------------------------- pure API
+    def reset(self, seed: torch.Tensor, episode: torch.Tensor) -> SimState:
+        """Initial states for a batch: env ``i`` draws from Warp's RNG stream ``(seed[i], episode[i])``."""
+        batch = int(seed.shape[0])
+        state_specs = self._state_specs(batch)
+        with torch.no_grad():
+            tensors = warp_call(self.reset_kernel, batch, [seed.to(torch.int32), episode.to(torch.int32)],
+                                [self.params], state_specs)
+        return self.state_type(*tensors)
+
+    def observe(self, state: SimState) -> torch.Tensor:
+        """The (B, obs_dim) observation of ``state``; differentiable."""
+        self.check_state(state)
+        (obs,) = warp_call(self.observe_kernel, state.batch_size, state.tensors(), [self.params],
+                           [Out((state.batch_size, self.obs_dim))])
+        return obs
+
+    def step(self, state: SimState, action: torch.Tensor) -> StepOutput:
+        """One control step for the whole batch; differentiable in ``action`` and the float state fields."""
+        self.check_state(state)
+        batch = state.batch_size
+        action = self.check_action(action, batch).clamp(-1.0, 1.0)
+        outputs = warp_call(
+            self.step_kernel, batch, [*state.tensors(), action], [self.params],
+            [*self._state_specs(batch), Out((batch, self.obs_dim)), Out((batch,)),
+             Out((batch,), torch.int32), Out((batch,), torch.int32)],
+        )
+        n = len(self._fields)
+        next_state = self.state_type(*outputs[:n])
+        obs, reward, terminated, success = outputs[n:]
+        truncated = next_state.step >= self.max_episode_steps
+        return StepOutput(next_state, obs, reward, terminated.bool(), truncated, success.bool())
+
+    def info(self, out: StepOutput) -> dict[str, torch.Tensor]:
+        """Task-specific per-env extras for ``info`` (batch-first tensors); none by default."""
+        return {}
+
+    def render_state(self, state: SimState, index: int = 0) -> np.ndarray:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------- checks
+    def check_action(self, action: Any, batch: int) -> torch.Tensor:
+        """Validate a torch action batch; raise ``ValueError`` naming what was expected."""
+        expected = f"a torch.float32 tensor of shape ({batch}, {self.act_dim}) on {self.device}"
+        if not isinstance(action, torch.Tensor):
+            raise TypeError(f"action must be {expected}, got {type(action).__name__}")
+        if action.shape != (batch, self.act_dim):
+            raise ValueError(f"action must be {expected}, got shape {tuple(action.shape)}")
+        if action.dtype != torch.float32:
+            raise ValueError(f"action must be {expected}, got dtype {action.dtype}")
+        if action.device != self.device:
+            raise ValueError(f"action must be {expected}, got device {action.device}")
+        finite = torch.isfinite(action)
+        if not bool(finite.all()):
+            bad = [tuple(i) for i in (~finite).nonzero().tolist()[:8]]
+            raise ValueError(f"action contains NaN or Inf at (env, dim) {bad}; actions must be finite")
+        return action
+
+    def check_state(self, state: Any) -> None:
+        if not isinstance(state, self.state_type):
+            raise TypeError(f"state must be a {self.state_type.__name__}, got {type(state).__name__}")
+        batch = state.batch_size
+        for name, tensor in zip(self._fields, state.tensors()):
+            want = torch.int32 if name == "step" else torch.float32
+            if not isinstance(tensor, torch.Tensor) or tensor.dtype != want:
+                got = getattr(tensor, "dtype", type(tensor).__name__)
+                raise ValueError(f"state.{name} must be a {want} tensor, got {got}")
+            if tensor.shape[:1] != (batch,):
+                raise ValueError(f"state.{name} must have batch size {batch}, got shape {tuple(tensor.shape)}")
+            if tensor.device != self.device:
+                raise ValueError(f"state.{name} must be on {self.device}, got {tensor.device}")
+
+    # ----------------------------------------------------------------------------- helpers
+    def _state_specs(self, batch: int) -> list[Out]:
+        shapes = self.state_type.shapes
+        return [Out((batch, *shapes[name]), torch.int32 if name == "step" else torch.float32)
+                for name in self._fields]

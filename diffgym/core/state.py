@@ -1,0 +1,82 @@
+"""Batched simulator state: a dataclass of named, batch-first torch tensors."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, ClassVar, TypeVar
+
+import torch
+
+S = TypeVar("S", bound="SimState")
+
+
+@dataclasses.dataclass(eq=False)
+class SimState:
+    """Base class of every task's state (Brax-style, immutable by convention).
+
+    A task subclasses it with one field per physical quantity, each a tensor whose first dimension is
+    the batch (``B``; 1 for a single env). Float fields carry gradients through
+    ``differentiable_step``; integer fields (step counters) do not. Methods return new states and
+    never modify ``self``.
+    """
+
+    shapes: ClassVar[dict[str, tuple[int, ...]]] = {}
+    """Per-env shape of each field, e.g. ``{"pos": (2,), "step": ()}``; set by every subclass."""
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name) for name in self.field_names())
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.tensors()[0].shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors()[0].device
+
+    def map(self: S, fn: Callable[[torch.Tensor], torch.Tensor]) -> S:
+        """A new state with ``fn`` applied to every field."""
+        return type(self)(*(fn(t) for t in self.tensors()))
+
+    def replace(self: S, **fields: torch.Tensor) -> S:
+        return dataclasses.replace(self, **fields)
+
+    def detach(self: S) -> S:
+        """Cut the autograd graph (e.g. at a segment boundary)."""
+        return self.map(torch.Tensor.detach)
+
+    def clone(self: S) -> S:
+        return self.map(torch.Tensor.clone)
+
+    def to(self: S, device: torch.device | str) -> S:
+        return self.map(lambda t: t.to(device))
+
+    def __getitem__(self: S, index) -> S:
+        """Select envs along the batch dimension, keeping it (an int index gives batch 1)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return self.map(lambda t: t[index])
+
+    def where(self: S, mask: torch.Tensor, other: S) -> S:
+        """Per env: ``other`` where ``mask`` (shape ``(B,)``, bool) is true, else ``self``.
+
+        Gradients flow into whichever side is selected; used to splice freshly reset envs into a batch.
+        """
+        if type(other) is not type(self):
+            raise TypeError(f"where() needs two {type(self).__name__}, got {type(other).__name__}")
+
+        def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            m = mask.reshape(mask.shape + (1,) * (a.dim() - 1))
+            return torch.where(m, b, a)
+
+        return type(self)(*(pick(a, b) for a, b in zip(self.tensors(), other.tensors())))
+
+    @classmethod
+    def cat(cls: type[S], states: list[S]) -> S:
+        """Concatenate states along the batch dimension."""
+        columns = zip(*(s.tensors() for s in states))
+        return cls(*(torch.cat(c, dim=0) for c in columns))

@@ -1,0 +1,1 @@
+"""DiffGym's tasks: one file each (state, Warp kernels, functional sim, Gymnasium env)."""

@@ -1,0 +1,189 @@
+"""DiffGym/PointMass1D-v0: push a 1 kg point mass on a line to a goal and stop there."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import numpy as np
+import torch
+import warp as wp
+
+from diffgym.core.env import DiffGymEnv
+from diffgym.core.render import Canvas
+from diffgym.core.sim import DiffSim
+from diffgym.core.state import SimState
+
+
+@dataclasses.dataclass(eq=False)
+class PointMass1DState(SimState):
+    x: torch.Tensor
+    """(B,) position [m]."""
+    v: torch.Tensor
+    """(B,) velocity [m/s]."""
+    goal: torch.Tensor
+    """(B,) goal position [m]."""
+    step: torch.Tensor
+    """(B,) int32 control steps taken this episode."""
+
+    shapes: ClassVar = {"x": (), "v": (), "goal": (), "step": ()}
+
+
+@wp.struct
+class PointMass1DParams:
+    dt: float
+    mass: float
+    action_cost: float
+    reset_range: float
+    success_distance: float
+    success_speed: float
+
+
+@wp.func
+def _write_observation(i: int, x: float, v: float, goal: float, obs: wp.array2d(dtype=float)):
+    obs[i, 0] = x
+    obs[i, 1] = v
+    obs[i, 2] = goal
+
+
+@wp.kernel
+def point_mass_1d_reset(
+    seed: wp.array(dtype=wp.int32),
+    episode: wp.array(dtype=wp.int32),
+    p: PointMass1DParams,
+    # outputs
+    x: wp.array(dtype=float),
+    v: wp.array(dtype=float),
+    goal: wp.array(dtype=float),
+    step: wp.array(dtype=wp.int32),
+):
+    i = wp.tid()
+    rng = wp.rand_init(seed[i], episode[i])
+    x[i] = wp.randf(rng, -p.reset_range, p.reset_range)
+    v[i] = 0.0
+    goal[i] = wp.randf(rng, -p.reset_range, p.reset_range)
+    step[i] = 0
+
+
+@wp.kernel
+def point_mass_1d_observe(
+    x: wp.array(dtype=float),
+    v: wp.array(dtype=float),
+    goal: wp.array(dtype=float),
+    step: wp.array(dtype=wp.int32),
+    p: PointMass1DParams,
+    # outputs
+    obs: wp.array2d(dtype=float),
+):
+    i = wp.tid()
+    _write_observation(i, x[i], v[i], goal[i], obs)
+
+
+@wp.kernel
+def point_mass_1d_step(
+    x: wp.array(dtype=float),
+    v: wp.array(dtype=float),
+    goal: wp.array(dtype=float),
+    step: wp.array(dtype=wp.int32),
+    action: wp.array2d(dtype=float),
+    p: PointMass1DParams,
+    # outputs
+    x_next: wp.array(dtype=float),
+    v_next: wp.array(dtype=float),
+    goal_next: wp.array(dtype=float),
+    step_next: wp.array(dtype=wp.int32),
+    obs: wp.array2d(dtype=float),
+    reward: wp.array(dtype=float),
+    terminated: wp.array(dtype=wp.int32),
+    success: wp.array(dtype=wp.int32),
+):
+    i = wp.tid()
+    force = action[i, 0]
+    # semi-implicit Euler: velocity first, then position with the new velocity
+    vel = v[i] + force / p.mass * p.dt
+    pos = x[i] + vel * p.dt
+    g = goal[i]
+    x_next[i] = pos
+    v_next[i] = vel
+    goal_next[i] = g
+    step_next[i] = step[i] + 1
+    _write_observation(i, pos, vel, g, obs)
+    error = pos - g
+    reward[i] = -error * error - p.action_cost * force * force
+    terminated[i] = 0
+    success[i] = 0
+    if wp.abs(error) < p.success_distance and wp.abs(vel) < p.success_speed:
+        success[i] = 1
+
+
+class PointMass1D(DiffSim):
+    """Functional twin of :class:`PointMass1DEnv` (pure ``reset``/``step`` on batched states)."""
+
+    state_type = PointMass1DState
+    obs_dim = 3
+    act_dim = 1
+    dt = 0.05
+    default_max_episode_steps = 100
+    reset_kernel = point_mass_1d_reset
+    observe_kernel = point_mass_1d_observe
+    step_kernel = point_mass_1d_step
+
+    def __init__(self, device: str = "cpu", max_episode_steps: int | None = None,
+                 action_cost: float = 0.01, success_distance: float = 0.05, success_speed: float = 0.1):
+        super().__init__(device, max_episode_steps)
+        self.params = PointMass1DParams()
+        self.params.dt = self.dt
+        self.params.mass = 1.0
+        self.params.action_cost = action_cost
+        self.params.reset_range = 1.0
+        self.params.success_distance = success_distance
+        self.params.success_speed = success_speed
+
+    def render_state(self, state: PointMass1DState, index: int = 0) -> np.ndarray:
+        x, goal = float(state.x[index]), float(state.goal[index])
+        canvas = Canvas(400, 100, xlim=(-2.0, 2.0), ylim=(-0.5, 0.5))
+        canvas.line((-2.0, 0.0), (2.0, 0.0), 0.01, (160, 160, 160))
+        canvas.line((goal, -0.2), (goal, 0.2), 0.02, (40, 170, 60))
+        canvas.circle((x, 0.0), 0.08, (40, 90, 220))
+        return canvas.image
+
+
+class PointMass1DEnv(DiffGymEnv):
+    """
+    ## Description
+    A 1 kg point mass slides without friction on a line. The agent pushes it with a bounded force and
+    must bring it to rest at a randomly placed goal. The smallest DiffGym task: linear dynamics and a
+    quadratic reward, so exact gradients through long horizons are well conditioned.
+
+    ## Action Space
+    `Box(-1, 1, (1,), float32)`: the force in N. Out-of-range actions are clipped to [-1, 1]; the
+    clip's gradient is 1 inside the box and 0 outside.
+
+    ## Observation Space
+    `Box(-inf, inf, (3,), float32)`: `[x, v, g]`, position [m], velocity [m/s], goal position [m].
+
+    ## Dynamics
+    Semi-implicit Euler with dt = 0.05 s: `v' = v + a/m * dt`, `x' = x + v' * dt`, m = 1 kg.
+
+    ## Rewards
+    `r = -(x' - g)^2 - action_cost * a^2` with `action_cost = 0.01` (a after clipping).
+
+    ## Starting State
+    `x ~ U(-1, 1)`, `v = 0`, `g ~ U(-1, 1)`, drawn from Warp's RNG stream `(seed, episode)`.
+
+    ## Episode End
+    No termination. Truncation after 100 steps (5 s).
+
+    ## Success
+    `info["is_success"]`: `|x - g| < 0.05` m and `|v| < 0.1` m/s after the step.
+
+    ## Arguments
+    `gym.make("DiffGym/PointMass1D-v0", device="cpu", render_mode=None, action_cost=0.01,
+    success_distance=0.05, success_speed=0.1)`; `gym.make_vec(..., num_envs=N)` gives the native
+    batched vector env.
+
+    ## Version History
+    * v0: initial version.
+    """
+
+    sim_class = PointMass1D
