@@ -6,6 +6,7 @@
 
 import os
 
+import gymnasium as gym
 import warp as wp
 
 if not os.environ.get("DIFFGYM_WARP_VERBOSE"):
@@ -24,6 +25,7 @@ __all__ = ["DiffGymEnv", "DiffGymVectorEnv", "DiffSim", "Out", "SimState", "Step
 
 # One line per task.
 register_task("DiffGym/PointMass1D-v0", "diffgym.envs.point_mass_1d:PointMass1DEnv",
-              max_episode_steps=100, reward_threshold=-5.0)
+              max_episode_steps=100, reward_threshold=-6.0)
 
-TASK_IDS = ("DiffGym/PointMass1D-v0",)
+TASK_IDS = tuple(env_id for env_id in gym.registry if env_id.startswith("DiffGym/"))
+"""Every registered DiffGym task, in registration order."""

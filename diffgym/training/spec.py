@@ -1,0 +1,260 @@
+"""The typed training configuration shared by every trainer (one doc line per field, CleanRL style).
+
+A :class:`TrainConfig` fully describes a run: the algorithm, the task, the budget, and the three
+shared specs (:class:`PolicySpec`, :class:`NormalizerSpec`, :class:`OptimizerSpec`) that every trainer
+builds its actor-critic, observation normalizer and optimizer from, so that algorithms are compared on
+identical models. It round-trips through YAML/JSON (``save`` / ``load``) and is saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+ACTIVATIONS = ("tanh", "relu", "elu", "gelu", "silu")
+"""Hidden-layer activations a :class:`PolicySpec` may name."""
+SQUASHES = ("tanh", "clip")
+"""How a Gaussian sample is mapped into the action box [-1, 1]."""
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class PolicySpec:
+    """Actor-critic architecture: two separate MLPs and a Gaussian policy with state-independent log-std."""
+
+    hidden_sizes: tuple[int, ...] = (64, 64)
+    """Widths of the hidden layers of both the actor and the critic MLP."""
+    activation: str = "tanh"
+    """Hidden-layer activation, one of ``ACTIVATIONS``."""
+    log_std_init: float = -0.5
+    """Initial log standard deviation of the pre-squash Gaussian (one learned value per action dim)."""
+    squash: str = "tanh"
+    """How actions are bounded: ``tanh`` of the Gaussian sample (smooth), or ``clip`` to [-1, 1]."""
+
+    def __post_init__(self) -> None:
+        self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
+        if not self.hidden_sizes or min(self.hidden_sizes) < 1:
+            raise ValueError(f"hidden_sizes must be non-empty positive widths, got {self.hidden_sizes}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.squash not in SQUASHES:
+            raise ValueError(f"squash must be one of {SQUASHES}, got {self.squash!r}")
+
+
+@dataclasses.dataclass
+class NormalizerSpec:
+    """Running observation normalization: ``clip((obs - mean) / sqrt(var + epsilon), -clip, clip)``."""
+
+    enabled: bool = True
+    """Normalize observations with running statistics (off: observations pass through unchanged)."""
+    clip: float = 10.0
+    """Normalized observations are clipped to [-clip, clip]."""
+    epsilon: float = 1e-8
+    """Added to the running variance before the square root."""
+
+    def __post_init__(self) -> None:
+        if self.clip <= 0 or self.epsilon < 0:
+            raise ValueError(f"need clip > 0 and epsilon >= 0, got clip={self.clip}, epsilon={self.epsilon}")
+
+
+@dataclasses.dataclass
+class OptimizerSpec:
+    """Adam settings and the global gradient-norm clip shared by every trainer."""
+
+    lr: float = 3e-4
+    """Adam learning rate (constant)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's exponential decay rates for the first and second moment estimates."""
+    eps: float = 1e-8
+    """Adam's denominator epsilon."""
+    max_grad_norm: float = 0.5
+    """Gradients are rescaled so their global L2 norm is at most this (``inf`` or <= 0: no clipping)."""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.lr <= 0 or self.eps < 0:
+            raise ValueError(f"need lr > 0 and eps >= 0, got lr={self.lr}, eps={self.eps}")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines one training run; saved as ``config.yaml`` in the run directory."""
+
+    algo: str
+    """Trainer plugin name (entry point in the ``diffgym.trainers`` group), e.g. ``ppo`` or ``apg``."""
+    env_id: str
+    """Gymnasium id of the task, e.g. ``DiffGym/PointMass1D-v0``."""
+    seed: int = 0
+    """Seeds torch, the training envs (env ``i`` gets ``seed + i``) and the evaluation envs."""
+    num_envs: int = 64
+    """Number of parallel envs in the native batched vector env."""
+    total_env_steps: int = 1_000_000
+    """Training budget in env transitions, summed over all parallel envs."""
+    eval_every_env_steps: int = 50_000
+    """Evaluate the deterministic policy every this many env steps (and once at the end)."""
+    eval_episodes: int = 32
+    """Episodes per evaluation, on held-out seeds (see ``diffgym.training.evaluation``)."""
+    device: str = "cpu"
+    """Torch/Warp device for the simulator and the networks: ``cpu`` or ``cuda[:N]``."""
+    run_dir: str | None = None
+    """Output directory; ``None`` picks ``runs/<algo>__<task>__s<seed>__<timestamp>``."""
+    policy: PolicySpec = dataclasses.field(default_factory=PolicySpec)
+    """Shared actor-critic architecture."""
+    normalizer: NormalizerSpec = dataclasses.field(default_factory=NormalizerSpec)
+    """Shared observation normalization."""
+    optimizer: OptimizerSpec = dataclasses.field(default_factory=OptimizerSpec)
+    """Shared optimizer settings."""
+    algo_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Algorithm-specific hyperparameters (e.g. PPO's ``n_steps``, APG's ``segment_length``)."""
+
+    def __post_init__(self) -> None:
+        for name in ("policy", "normalizer", "optimizer"):  # accept plain mappings, e.g. from kwargs
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                setattr(self, name, from_dict(_FIELD_TYPES[name], value))
+        for name in ("num_envs", "total_env_steps", "eval_every_env_steps", "eval_episodes"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.algo_params = dict(self.algo_params)
+
+    # ------------------------------------------------------------------------------ round trip
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict of builtins (tuples become lists), ready for YAML or JSON."""
+        return _to_builtin(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``, values are type-checked."""
+        return from_dict(cls, data)
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as YAML (``.yaml``/``.yml``) or JSON (``.json``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = self.to_dict()
+        if path.suffix == ".json":
+            path.write_text(json.dumps(data, indent=2) + "\n")
+        else:
+            path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        """Read a config written by :meth:`save` (YAML or JSON, chosen by suffix)."""
+        text = Path(path).read_text()
+        data = json.loads(text) if Path(path).suffix == ".json" else yaml.safe_load(text)
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with top-level fields changed (nested specs may be given as dicts)."""
+        return self.from_dict({**self.to_dict(), **_to_builtin(changes)})
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> TrainConfig:
+        """A copy with dotted-key overrides applied, e.g. ``{"optimizer.lr": 1e-3, "algo_params.n_steps": 32}``."""
+        data = self.to_dict()
+        for dotted, value in overrides.items():
+            *parents, leaf = dotted.split(".")
+            node = data
+            for key in parents:
+                if not isinstance(node.get(key), dict):
+                    raise ValueError(f"unknown config key {dotted!r}: {key!r} is not a section")
+                node = node[key]
+            if node is not data.get("algo_params") and leaf not in node:
+                raise ValueError(f"unknown config key {dotted!r}")
+            node[leaf] = _to_builtin(value)
+        return self.from_dict(data)
+
+    @property
+    def task_name(self) -> str:
+        """The task part of ``env_id`` without namespace and version, e.g. ``PointMass1D``."""
+        return self.env_id.split("/")[-1].rsplit("-v", 1)[0]
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _to_builtin(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        return {str(k): _to_builtin(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_builtin(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return value.item()
+    return value
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+    """Build dataclass ``cls`` from a mapping, coercing values to the annotated field types."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{cls.__name__} must be given as a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {names}")
+    kwargs = {name: _coerce(hints[name], data[name], f"{cls.__name__}.{name}") for name in names if name in data}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, where)
+            except (TypeError, ValueError) as error:
+                errors.append(str(error))
+        raise ValueError("; ".join(errors))
+    if dataclasses.is_dataclass(tp):
+        return value if isinstance(value, tp) else from_dict(tp, value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(item_types) != len(value):
+            raise ValueError(f"{where} must have {len(item_types)} items, got {value!r}")
+        return tuple(_coerce(t, v, where) for t, v in zip(item_types, value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        try:
+            number = float(value) if isinstance(value, str) else value  # YAML reads "1e6" as a string
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or float(number) != int(number):
+                raise ValueError
+        except (ValueError, OverflowError):
+            raise ValueError(f"{where} must be an integer, got {value!r}") from None
+        return int(number)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where} must be a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+_FIELD_TYPES = {"policy": PolicySpec, "normalizer": NormalizerSpec, "optimizer": OptimizerSpec}
