@@ -1,0 +1,1 @@
+"""The evaluation protocol's experiments: sweeps of independent runs, comparisons and ablations."""

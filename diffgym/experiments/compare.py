@@ -1,0 +1,66 @@
+"""``diffgym compare``: algorithms head to head on one task under the evaluation protocol.
+
+Each algorithm trains for the same env-step budget on seeds 0..S-1 with its per-task defaults; every
+run is evaluated by ``diffgym.training.evaluation`` at the same env-step interval on the same held-out
+seeds. The report has curves against env steps and gradient steps and the cost to reach the success
+threshold in env steps, gradient steps and wall-clock, with baseline/contender ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from diffgym.experiments.report import SUCCESS_THRESHOLD, write_report
+from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
+from diffgym.plugins import resolve_config
+from diffgym.training.spec import TrainConfig
+
+
+def task_name(env_id: str) -> str:
+    return env_id.split("/")[-1].rsplit("-v", 1)[0]
+
+
+def compare_configs(env_id: str, algos: Sequence[str], seeds: int, env_steps: int, out_dir: str | Path,
+                    eval_every: int | None = None, overrides: Mapping[str, Any] | None = None) -> list[TrainConfig]:
+    """The comparison as a plain list of runs: every algorithm x seed, identical budget and eval schedule."""
+    eval_every = eval_every or max(1, env_steps // 20)
+    configs = []
+    for algo in algos:
+        for seed in range(seeds):
+            run_dir = Path(out_dir) / "runs" / f"{algo}__s{seed}"
+            configs.append(resolve_config(algo, env_id, {
+                **(overrides or {}), "seed": seed, "total_env_steps": env_steps,
+                "eval_every_env_steps": eval_every, "run_dir": str(run_dir)}))
+    return configs
+
+
+def compare(env_id: str, algos: Sequence[str], seeds: int, env_steps: int, out_dir: str | Path,
+            runner: Runner | None = None, eval_every: int | None = None,
+            threshold: float = SUCCESS_THRESHOLD) -> Path:
+    configs = compare_configs(env_id, algos, seeds, env_steps, out_dir, eval_every)
+    save_sweep(configs, Path(out_dir) / "sweep.jsonl")
+    run_dirs = (runner or LocalRunner()).run(configs)
+    title = f"{task_name(env_id)}: {' vs '.join(algos)} ({seeds} seeds, {env_steps:,} env steps)"
+    return write_report(run_dirs, out_dir, title, threshold=threshold)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--env", required=True, help="task id, e.g. DiffGym/PointMass1D-v0")
+    parser.add_argument("--algos", default="apg,ppo", help="comma-separated trainer names")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per algorithm (0..S-1)")
+    parser.add_argument("--env-steps", type=int, required=True, help="env-step budget of every run")
+    parser.add_argument("--eval-every", type=int, default=None, help="env steps between evaluations (budget/20)")
+    parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPU count)")
+    parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")
+    parser.add_argument("--out", default=None, help="output directory (default runs/compare/<task>)")
+
+
+def main(args: argparse.Namespace) -> int:
+    out = Path(args.out or Path("runs") / "compare" / task_name(args.env))
+    report = compare(args.env, [a for a in args.algos.split(",") if a], args.seeds, args.env_steps, out,
+                     LocalRunner(args.workers), args.eval_every, args.threshold)
+    print(report.read_text().split("\n![")[0])
+    print(f"\nreport: {report}\nplots:  {sorted(str(p) for p in report.parent.glob('*.png'))}")
+    return 0

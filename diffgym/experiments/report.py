@@ -1,0 +1,186 @@
+"""Aggregate finished runs into curves and tables (rliable IQM with stratified-bootstrap 95 % CIs).
+
+Every run directory holds ``config.yaml`` and ``metrics.jsonl`` (see ``diffgym.training.run``); the
+evaluation rows (those with ``eval_success_rate``) are the protocol's measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from diffgym.training.spec import TrainConfig
+
+AXES = ("env_steps", "grad_steps", "wall_time")
+AXIS_LABELS = {"env_steps": "environment steps", "grad_steps": "gradient steps", "wall_time": "wall-clock (s)"}
+SUCCESS_THRESHOLD = 0.9
+"""A run has solved its task once its evaluated success rate reaches this."""
+
+
+@dataclass
+class RunRecord:
+    """One finished run: its config and its evaluation rows as arrays (one entry per evaluation)."""
+
+    path: Path
+    config: TrainConfig
+    evals: dict[str, np.ndarray]
+
+    @property
+    def label(self) -> str:
+        return self.config.algo
+
+    def steps_to(self, threshold: float = SUCCESS_THRESHOLD, metric: str = "eval_success_rate") -> dict[str, float]:
+        """Env steps, gradient steps and wall-clock at the first evaluation reaching ``threshold`` (inf if never)."""
+        hits = np.flatnonzero(self.evals[metric] >= threshold)
+        if hits.size == 0:
+            return {axis: math.inf for axis in AXES}
+        return {axis: float(self.evals[axis][hits[0]]) for axis in AXES}
+
+    def value_at(self, axis: str, points: np.ndarray, metric: str) -> np.ndarray:
+        """``metric`` of the last evaluation at or before each point of ``axis`` (NaN before the first)."""
+        x, y = self.evals[axis], self.evals[metric]
+        index = np.searchsorted(x, points, side="right") - 1
+        return np.where(index >= 0, y[np.clip(index, 0, None)], np.nan)
+
+    def final(self, metric: str) -> float:
+        return float(self.evals[metric][-1])
+
+
+def load_run(path: str | Path) -> RunRecord:
+    path = Path(path)
+    config = TrainConfig.load(path / "config.yaml")
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "eval_success_rate" in r]
+    if not rows:
+        raise ValueError(f"{path}: no evaluation rows in metrics.jsonl")
+    keys = (*AXES, "eval_return", "eval_success_rate")
+    return RunRecord(path, config, {k: np.array([float(r[k]) for r in rows]) for k in keys})
+
+
+def group(runs: Iterable[RunRecord], key: Callable[[RunRecord], str] = lambda r: r.label) -> dict[str, list[RunRecord]]:
+    groups: dict[str, list[RunRecord]] = {}
+    for run in runs:
+        groups.setdefault(key(run), []).append(run)
+    return groups
+
+
+def iqm_with_ci(scores: dict[str, np.ndarray], reps: int = 2000, seed: int = 0):
+    """rliable's IQM across runs, per column: ``scores[label]`` is ``(runs, columns)``.
+
+    Returns ``{label: (iqm (columns,), lower (columns,), upper (columns,))}``.
+    """
+    import warnings
+
+    from rliable import library as rly
+    from scipy.stats import trim_mean
+
+    def per_column(matrix: np.ndarray) -> np.ndarray:
+        # rliable's IQM (25 % trimmed mean over runs) of each column, vectorized over columns
+        return trim_mean(matrix, proportiontocut=0.25, axis=0)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # arch's RandomState deprecation, inside rliable
+        point, interval = rly.get_interval_estimates(scores, per_column, reps=reps,
+                                                     random_state=np.random.RandomState(seed))
+    return {k: (point[k], interval[k][0], interval[k][1]) for k in scores}
+
+
+def curves(groups: dict[str, list[RunRecord]], axis: str, metric: str, num_points: int = 40):
+    """IQM curve with 95 % CI per group on a common grid of ``axis`` (up to the shortest run's end)."""
+    end = min(min(r.evals[axis][-1] for r in runs) for runs in groups.values())
+    start = max(max(r.evals[axis][0] for r in runs) for runs in groups.values())
+    grid = np.linspace(start, end, num_points) if end > start else np.array([end])
+    scores = {label: np.stack([r.value_at(axis, grid, metric) for r in runs]) for label, runs in groups.items()}
+    return grid, iqm_with_ci(scores)
+
+
+def plot_curves(groups: dict[str, list[RunRecord]], axis: str, metric: str, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid, stats = curves(groups, axis, metric)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for label, (iqm, lower, upper) in stats.items():
+        ax.plot(grid, iqm, label=f"{label} (n={len(groups[label])})")
+        ax.fill_between(grid, lower, upper, alpha=0.25)
+    ax.set_xlabel(AXIS_LABELS[axis])
+    ax.set_ylabel(metric.replace("_", " ") + " (IQM, 95% CI)")
+    ax.set_title(title)
+    if axis != "wall_time":
+        ax.set_xscale("log") if grid[0] > 0 and grid[-1] / grid[0] > 100 else None
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _fmt(value: float) -> str:
+    if math.isinf(value):
+        return "not reached"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def threshold_table(groups: dict[str, list[RunRecord]], threshold: float = SUCCESS_THRESHOLD,
+                    baseline: str | None = "ppo", contender: str | None = "apg") -> tuple[str, dict]:
+    """Markdown table: per group, runs reaching the threshold, median env/grad steps and wall-clock to it,
+    final success and return (IQM [95 % CI]); plus baseline/contender ratios of the medians."""
+    summary: dict[str, dict] = {}
+    finals = iqm_with_ci({k: np.array([[r.final("eval_success_rate")] for r in v]) for k, v in groups.items()})
+    returns = iqm_with_ci({k: np.array([[r.final("eval_return")] for r in v]) for k, v in groups.items()})
+    for label, runs in groups.items():
+        hits = [r.steps_to(threshold) for r in runs]
+        summary[label] = {
+            "runs": len(runs),
+            "reached": sum(not math.isinf(h["env_steps"]) for h in hits),
+            **{f"median_{axis}_to_threshold": float(np.median([h[axis] for h in hits])) for axis in AXES},
+            "final_success_iqm": float(finals[label][0][0]),
+            "final_success_ci": [float(finals[label][1][0]), float(finals[label][2][0])],
+            "final_return_iqm": float(returns[label][0][0]),
+            "final_return_ci": [float(returns[label][1][0]), float(returns[label][2][0])],
+        }
+    lines = [f"| algorithm | runs reaching {threshold:.0%} success | env steps to it | gradient steps to it | "
+             "wall-clock to it (s) | final success, IQM [95% CI] | final return, IQM [95% CI] |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, s in summary.items():
+        lines.append(
+            f"| {label} | {s['reached']}/{s['runs']} | {_fmt(s['median_env_steps_to_threshold'])} | "
+            f"{_fmt(s['median_grad_steps_to_threshold'])} | {_fmt(s['median_wall_time_to_threshold'])} | "
+            f"{s['final_success_iqm']:.2f} [{s['final_success_ci'][0]:.2f}, {s['final_success_ci'][1]:.2f}] | "
+            f"{s['final_return_iqm']:.2f} [{s['final_return_ci'][0]:.2f}, {s['final_return_ci'][1]:.2f}] |")
+    ratios = {}
+    if baseline in summary and contender in summary:
+        for axis in AXES:
+            b = summary[baseline][f"median_{axis}_to_threshold"]
+            c = summary[contender][f"median_{axis}_to_threshold"]
+            ratios[axis] = b / c if math.isfinite(b) and math.isfinite(c) and c > 0 else None
+        shown = ", ".join(f"{AXIS_LABELS[a]} {'n/a' if r is None else f'{r:.1f}x'}" for a, r in ratios.items())
+        lines.append("")
+        lines.append(f"Ratio {baseline}/{contender} of the median cost to reach {threshold:.0%} success: {shown}.")
+    summary["ratios"] = ratios
+    return "\n".join(lines), summary
+
+
+def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, title: str,
+                 key: Callable[[RunRecord], str] = lambda r: r.label, threshold: float = SUCCESS_THRESHOLD) -> Path:
+    """Curves against env steps and gradient steps (PNG), the threshold table (Markdown) and a JSON summary."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = group((load_run(p) for p in run_dirs), key)
+    for axis in ("env_steps", "grad_steps"):
+        for metric in ("eval_success_rate", "eval_return"):
+            plot_curves(groups, axis, metric, out / f"{metric}_vs_{axis}.png", title)
+    table, summary = threshold_table(groups, threshold)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    report = out / "report.md"
+    images = "\n".join(f"![{m} vs {a}]({m}_vs_{a}.png)" for a in ("env_steps", "grad_steps")
+                       for m in ("eval_success_rate", "eval_return"))
+    report.write_text(f"# {title}\n\n{table}\n\n{images}\n")
+    return report

@@ -1,0 +1,79 @@
+"""Sweeps are plain lists of independent runs (``TrainConfig``s), executed behind one small interface.
+
+A sweep file is JSON Lines, one config per line, so the same sweep can be sent to a cluster: anything
+that calls ``diffgym.experiments.sweep.train_one`` (or ``diffgym train --config``) on each line runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Protocol, Sequence
+
+from diffgym.training.spec import TrainConfig
+
+
+def save_sweep(configs: Sequence[TrainConfig], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(c.to_dict()) + "\n" for c in configs))
+    return path
+
+
+def load_sweep(path: str | Path) -> list[TrainConfig]:
+    return [TrainConfig.from_dict(json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def is_finished(config: TrainConfig) -> bool:
+    """A run is finished when its last evaluation row reached the env-step budget."""
+    metrics = Path(config.run_dir or "") / "metrics.jsonl"
+    if not config.run_dir or not metrics.exists():
+        return False
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    evals = [r for r in rows if "eval_success_rate" in r]
+    return bool(evals) and evals[-1]["env_steps"] >= config.total_env_steps
+
+
+def train_one(config_dict: dict) -> str:
+    """Run one config in this process; the unit of work of every runner."""
+    import torch
+
+    from diffgym.plugins import load_trainer
+
+    torch.set_num_threads(1)  # parallel runs share the cores; one thread each avoids oversubscription
+    config = TrainConfig.from_dict(config_dict)
+    return str(load_trainer(config.algo).train(config))
+
+
+class Runner(Protocol):
+    """Executes independent runs; returns their run directories in the order given."""
+
+    def run(self, configs: Sequence[TrainConfig]) -> list[Path]: ...
+
+
+class LocalRunner:
+    """Runs configs in ``workers`` parallel processes on this machine; finished runs are skipped."""
+
+    def __init__(self, workers: int | None = None, skip_finished: bool = True):
+        self.workers = max(1, workers or os.cpu_count() or 1)
+        self.skip_finished = skip_finished
+
+    def run(self, configs: Sequence[TrainConfig]) -> list[Path]:
+        for config in configs:
+            if not config.run_dir:
+                raise ValueError("every config of a sweep needs an explicit run_dir")
+        todo = [c for c in configs if not (self.skip_finished and is_finished(c))]
+        print(f"sweep: {len(configs)} runs, {len(configs) - len(todo)} already finished, "
+              f"{len(todo)} to run in {min(self.workers, max(1, len(todo)))} process(es)", flush=True)
+        if self.workers == 1 or len(todo) <= 1:
+            for config in todo:
+                train_one(config.to_dict())
+        else:
+            context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked Warp/torch state
+            with ProcessPoolExecutor(self.workers, mp_context=context) as pool:
+                for future in [pool.submit(train_one, c.to_dict()) for c in todo]:
+                    future.result()  # re-raise a failed run's exception here
+        return [Path(c.run_dir) for c in configs]
