@@ -1,0 +1,161 @@
+"""The ``diffgym`` console script.
+
+``diffgym trainers`` lists installed trainer plugins; ``diffgym train --algo NAME --env ID`` trains one.
+Each subcommand is one ``(add_arguments, run)`` pair in ``COMMANDS``; later commands (``compare``,
+``ablate``, ``validate-urdf``) register the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+
+def _parse_value(text: str) -> Any:
+    """A YAML scalar/list (``32``, ``[64, 64]``, ``true``, ``null``); numbers such as ``1e-3`` that
+    YAML 1.1 leaves as strings become floats."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _key_values(pairs: list[str], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"expected KEY=VALUE, got {pair!r}")
+        out[prefix + key.strip()] = _parse_value(value)
+    return out
+
+
+# ------------------------------------------------------------------------------------ trainers
+def _add_trainers(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", "-v", action="store_true", help="also show each trainer's entry point")
+
+
+def _run_trainers(args: argparse.Namespace) -> int:
+    from diffgym.plugins import available_trainers, load_trainer, trainer_names
+
+    installed = available_trainers()
+    names = trainer_names()
+    if not names:
+        print("no trainer plugins installed (entry-point group 'diffgym.trainers'); try `make install`")
+        return 1
+    for name in names:
+        try:
+            description = getattr(load_trainer(name), "description", "")
+        except Exception as error:  # a broken plugin must not hide the others
+            description = f"[failed to load: {type(error).__name__}: {error}]"
+        line = f"{name:<12} {description}"
+        if args.verbose and name in installed:
+            ep = installed[name]
+            dist = f" ({ep.dist.name} {ep.dist.version})" if ep.dist else ""
+            line += f"\n{'':<12} entry point {ep.value}{dist}"
+        print(line)
+    return 0
+
+
+# --------------------------------------------------------------------------------------- train
+_TOP_LEVEL = {  # CLI flag -> TrainConfig field
+    "seed": "seed", "num_envs": "num_envs", "total_env_steps": "total_env_steps",
+    "eval_every_env_steps": "eval_every_env_steps", "eval_episodes": "eval_episodes",
+    "device": "device", "run_dir": "run_dir",
+}
+
+
+def _add_train(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--algo", required=True, help="trainer plugin name (see `diffgym trainers`)")
+    parser.add_argument("--env", required=True, help="task id, e.g. DiffGym/PointMass1D-v0")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--num-envs", type=int)
+    parser.add_argument("--total-env-steps", type=lambda s: int(float(s)), help="e.g. 1e6")
+    parser.add_argument("--eval-every-env-steps", type=lambda s: int(float(s)))
+    parser.add_argument("--eval-episodes", type=int)
+    parser.add_argument("--device", help="cpu or cuda[:N]")
+    parser.add_argument("--run-dir", help="output directory (default runs/<algo>__<task>__s<seed>__<time>)")
+    parser.add_argument("--config", type=Path, help="a config.yaml (e.g. from an earlier run) to start from")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config field by dotted key, e.g. optimizer.lr=1e-3 "
+                             "policy.hidden_sizes=[128,128] (repeatable)")
+    parser.add_argument("--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
+                        help="override an algorithm hyperparameter, same as --set algo_params.KEY=VALUE")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import diffgym  # noqa: F401  (registers the tasks)
+    from diffgym.plugins import load_trainer, resolve_config
+    from diffgym.training import TrainConfig
+
+    overrides = {field: getattr(args, flag) for flag, field in _TOP_LEVEL.items() if getattr(args, flag) is not None}
+    overrides.update(_key_values(args.sets))
+    overrides.update(_key_values(args.params, prefix="algo_params."))
+    base = TrainConfig.load(args.config) if args.config else None
+    try:
+        config = resolve_config(args.algo, args.env, overrides, base=base)
+    except (KeyError, ValueError) as error:
+        print(f"diffgym train: {error.args[0] if error.args else error}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+    trainer = load_trainer(args.algo)
+    train: Callable[..., Path] = trainer.train
+    run_dir = train(config, progress=False) if args.no_progress and _accepts_progress(train) else train(config)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _accepts_progress(train: Callable[..., Any]) -> bool:
+    import inspect
+
+    try:
+        return "progress" in inspect.signature(train).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _experiment(name: str):
+    import importlib
+
+    return importlib.import_module(f"diffgym.experiments.{name}")
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "trainers": ("list installed trainer plugins", _add_trainers, _run_trainers),
+    "train": ("train a policy with a trainer plugin", _add_train, _run_train),
+    "compare": ("train algorithms on one task over seeds and report them under the evaluation protocol",
+                lambda p: _experiment("compare").add_arguments(p), lambda a: _experiment("compare").main(a)),
+    "ablate": ("APG segment length x bootstrap mode grid on one task",
+               lambda p: _experiment("ablate").add_arguments(p), lambda a: _experiment("ablate").main(a)),
+}
+"""Subcommand name -> (help, add_arguments, run). Register new subcommands here."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffgym", description="DiffGym: differentiable Warp environments")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_arguments, run) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(command)
+        command.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
