@@ -136,6 +136,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "train": ("train a policy with a trainer plugin", _add_train, _run_train),
     "compare": ("train algorithms on one task over seeds and report them under the evaluation protocol",
                 lambda p: _experiment("compare").add_arguments(p), lambda a: _experiment("compare").main(a)),
+    "validate-urdf": ("check a URDF's Warp kinematics against PyBullet (link frames, TCP, joint limits)",
+                      lambda p: p.add_argument("argv", nargs=argparse.REMAINDER, help="PATH [--tcp-link L] [--samples N] [--seed S]"),
+                      lambda a: __import__("diffgym.urdf", fromlist=["validate_cli"]).validate_cli(a.argv, prog="diffgym validate-urdf")),
     "ablate": ("APG segment length x bootstrap mode grid on one task",
                lambda p: _experiment("ablate").add_arguments(p), lambda a: _experiment("ablate").main(a)),
 }

@@ -125,6 +125,7 @@ def test_vector_env_matches_single_envs(env_id):
             np.testing.assert_array_equal(vobs[i], obs)
             assert np.float32(vrew[i]) == np.float32(rew) and vterm[i] == term and vtrunc[i] == trunc
             assert vinfo["is_success"][i] == succ
+            assert vinfo["_is_success"][i] == (not done[i])  # a resetting env has no step info
         done = vterm | vtrunc
     assert venv.get_state().batch_size == n
 

@@ -209,7 +209,8 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
                     obs = torch.where(resetting[:, None], self.sim.observe(fresh_state), obs)
                     reward = reward.masked_fill(resetting, 0.0)
                     terminated, truncated = terminated & ~resetting, truncated & ~resetting
-                    infos["is_success"][resetting.cpu().numpy()] = False
+                    for value in infos.values():  # a resetting env reports no step info
+                        value[resetting.cpu().numpy()] = 0
                 self._needs_reset = terminated | truncated
             else:  # SAME_STEP
                 done = terminated | truncated
@@ -226,8 +227,11 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
                     out.state = out.state.where(done, fresh_state)
                     obs = torch.where(done[:, None], self.sim.observe(fresh_state), obs)
         self._state = out.state
+        has_info = np.ones(self.num_envs, dtype=bool)
+        if self.autoreset_mode == AutoresetMode.NEXT_STEP:
+            has_info = ~resetting.cpu().numpy()
         for key in [k for k in infos if not k.startswith("_") and k not in ("final_obs", "final_info")]:
-            infos[f"_{key}"] = np.ones(self.num_envs, dtype=bool)
+            infos[f"_{key}"] = has_info.copy()
         return (obs.cpu().numpy(), reward.cpu().numpy(), terminated.cpu().numpy(),
                 truncated.cpu().numpy(), infos)
 
