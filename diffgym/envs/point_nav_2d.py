@@ -1,0 +1,396 @@
+"""DiffGym/PointNav2D-v0: steer a 1 kg point mass around disc obstacles to a goal in a walled arena.
+
+Contact with the obstacles and walls is a smooth penalty (a spring-damper on the penetration depth), so
+the dynamics stay differentiable everywhere and the step kernel's Warp adjoint is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import numpy as np
+import torch
+import warp as wp
+
+from diffgym.core.env import DiffGymEnv
+from diffgym.core.render import Canvas
+from diffgym.core.sim import DiffSim
+from diffgym.core.state import SimState
+
+# ----------------------------------------------------------------------------------------- fixed layout
+ARENA_HALF_WIDTH = 2.0
+"""The arena is the square [-2, 2]^2 m, bounded by four walls."""
+BODY_RADIUS = 0.05
+"""Contact radius of the point mass [m]: contact starts when its centre is this close to a surface."""
+OBSTACLES = np.array([
+    # x [m], y [m], radius [m]
+    [0.00, 0.00, 0.50],    # centre: blocks the straight diagonal from start to goal
+    [-1.00, 0.40, 0.35],   # upper left of the centre
+    [0.40, -1.00, 0.35],   # lower right of the centre
+    [-0.90, -0.90, 0.25],  # cuts into the start region
+    [0.95, 0.95, 0.25],    # cuts into the goal region
+], dtype=np.float32)
+"""The fixed obstacle layout, one disc per row."""
+NUM_OBSTACLES = len(OBSTACLES)
+START_REGION = (-1.8, -0.8)
+"""Start positions are drawn from [-1.8, -0.8]^2 (lower left) ..."""
+GOAL_REGION = (0.8, 1.8)
+"""... and goals from [0.8, 1.8]^2 (upper right), both rejecting points near an obstacle."""
+RESET_CLEARANCE = 0.05
+"""Start and goal keep at least this gap [m] between the body and every obstacle surface."""
+MAX_RESET_TRIES = 64
+"""Rejection-sampling budget; a draw rejected that often falls back to the region's free far corner."""
+
+STIFFNESS = 4000.0
+"""Contact spring [N/m]: a mass at the top speed of 5.66 m/s stops within v / sqrt(k/m) = 0.09 m (< every radius)."""
+DAMPING = 40.0
+"""Contact damper [N s/m] (damping ratio ~0.32 at 1 kg): impacts lose energy."""
+SUBSTEPS = 8
+"""Semi-implicit Euler substeps per 0.05 s control step (h = 6.25 ms; omega h = 0.4 for the contact spring)."""
+
+_NUM_OBSTACLES = wp.constant(NUM_OBSTACLES)  # compile-time trip counts so the adjoint replays every loop
+_SUBSTEPS = wp.constant(SUBSTEPS)
+_MAX_RESET_TRIES = wp.constant(MAX_RESET_TRIES)
+_ObstacleMatrix = wp.types.matrix(shape=(NUM_OBSTACLES, 3), dtype=wp.float32)
+
+OBS_DIM = 6 + 3 * NUM_OBSTACLES
+
+
+@dataclasses.dataclass(eq=False)
+class PointNav2DState(SimState):
+    pos: torch.Tensor
+    """(B, 2) position [m]."""
+    vel: torch.Tensor
+    """(B, 2) velocity [m/s]."""
+    goal: torch.Tensor
+    """(B, 2) goal position [m]."""
+    step: torch.Tensor
+    """(B,) int32 control steps taken this episode."""
+
+    shapes: ClassVar = {"pos": (2,), "vel": (2,), "goal": (2,), "step": ()}
+
+
+@wp.struct
+class PointNav2DParams:
+    dt: float
+    mass: float
+    max_force: float
+    drag: float
+    stiffness: float
+    damping: float
+    contact_smoothing: float
+    body_radius: float
+    arena_half_width: float
+    obstacles: _ObstacleMatrix
+    penetration_weight: float
+    success_distance: float
+    start_low: float
+    start_high: float
+    goal_low: float
+    goal_high: float
+    reset_clearance: float
+
+
+# ----------------------------------------------------------------------------------------- contact model
+@wp.func
+def soft_depth(depth: float, smoothing: float):
+    """Penetration with a C1 onset: 0 below 0, depth^2/(2 s) on [0, s], depth - s/2 beyond.
+
+    Its derivative is the ramp clamp(depth / s, 0, 1), so contact forces and their gradients are
+    continuous as the body touches a surface.
+    """
+    inner = wp.clamp(depth, 0.0, smoothing)
+    return inner * inner / (2.0 * smoothing) + wp.max(depth - smoothing, 0.0)
+
+
+@wp.func
+def penalty_force(depth: float, normal: wp.vec2, vel: wp.vec2, p: PointNav2DParams):
+    """Spring-damper force along the outward unit ``normal`` for a body penetrating ``depth`` [m].
+
+    The damper fades in with a smoothstep over the same band as the spring's onset, so the force is
+    C1 in the state (finite differences converge) and exactly zero out of contact (no force, no gradient).
+    """
+    t = wp.clamp(depth / p.contact_smoothing, 0.0, 1.0)
+    damper_gate = t * t * (3.0 - 2.0 * t)
+    magnitude = p.stiffness * soft_depth(depth, p.contact_smoothing) - p.damping * damper_gate * wp.dot(vel, normal)
+    return magnitude * normal
+
+
+@wp.func
+def obstacle_center(p: PointNav2DParams, k: int):
+    return wp.vec2(p.obstacles[k, 0], p.obstacles[k, 1])
+
+
+@wp.func
+def contact_force(pos: wp.vec2, vel: wp.vec2, p: PointNav2DParams):
+    """Total penalty force of the obstacles and the four walls on a body at ``pos`` moving at ``vel``."""
+    force = wp.vec2(0.0, 0.0)
+    for k in range(_NUM_OBSTACLES):
+        offset = pos - obstacle_center(p, k)
+        distance = wp.length(offset)
+        normal = offset / wp.max(distance, 1.0e-6)  # guards 0/0 at the centre, unreachable in contact
+        force = force + penalty_force(p.obstacles[k, 2] + p.body_radius - distance, normal, vel, p)
+    limit = p.arena_half_width - p.body_radius
+    force = force + penalty_force(pos[0] - limit, wp.vec2(-1.0, 0.0), vel, p)
+    force = force + penalty_force(-limit - pos[0], wp.vec2(1.0, 0.0), vel, p)
+    force = force + penalty_force(pos[1] - limit, wp.vec2(0.0, -1.0), vel, p)
+    force = force + penalty_force(-limit - pos[1], wp.vec2(0.0, 1.0), vel, p)
+    return force
+
+
+@wp.func
+def total_soft_penetration(pos: wp.vec2, p: PointNav2DParams):
+    """Sum of ``soft_depth`` over every obstacle and wall [m]: the reward's penetration term."""
+    total = float(0.0)
+    for k in range(_NUM_OBSTACLES):
+        distance = wp.length(pos - obstacle_center(p, k))
+        total = total + soft_depth(p.obstacles[k, 2] + p.body_radius - distance, p.contact_smoothing)
+    limit = p.arena_half_width - p.body_radius
+    total = total + soft_depth(pos[0] - limit, p.contact_smoothing) + soft_depth(-limit - pos[0], p.contact_smoothing)
+    total = total + soft_depth(pos[1] - limit, p.contact_smoothing) + soft_depth(-limit - pos[1], p.contact_smoothing)
+    return total
+
+
+@wp.func
+def obstacle_clearance(pos: wp.vec2, p: PointNav2DParams):
+    """Smallest gap [m] between the body's surface and an obstacle surface (negative when penetrating)."""
+    clearance = float(1.0e9)
+    for k in range(_NUM_OBSTACLES):
+        gap = wp.length(pos - obstacle_center(p, k)) - p.obstacles[k, 2] - p.body_radius
+        clearance = wp.min(clearance, gap)
+    return clearance
+
+
+@wp.func
+def _write_observation(i: int, pos: wp.vec2, vel: wp.vec2, goal: wp.vec2, p: PointNav2DParams,
+                       obs: wp.array2d(dtype=float)):
+    obs[i, 0] = pos[0]
+    obs[i, 1] = pos[1]
+    obs[i, 2] = vel[0]
+    obs[i, 3] = vel[1]
+    obs[i, 4] = goal[0] - pos[0]
+    obs[i, 5] = goal[1] - pos[1]
+    for k in range(_NUM_OBSTACLES):
+        offset = obstacle_center(p, k) - pos
+        obs[i, 6 + 3 * k] = offset[0]
+        obs[i, 7 + 3 * k] = offset[1]
+        obs[i, 8 + 3 * k] = wp.length(offset) - p.obstacles[k, 2] - p.body_radius
+
+
+# ----------------------------------------------------------------------------------------- kernels
+@wp.kernel
+def point_nav_2d_reset(
+    seed: wp.array(dtype=wp.int32),
+    episode: wp.array(dtype=wp.int32),
+    p: PointNav2DParams,
+    # outputs
+    pos: wp.array(dtype=wp.vec2),
+    vel: wp.array(dtype=wp.vec2),
+    goal: wp.array(dtype=wp.vec2),
+    step: wp.array(dtype=wp.int32),
+):
+    i = wp.tid()
+    rng = wp.rand_init(seed[i], episode[i])
+    # rejection sampling (never differentiated, so a dynamic loop is fine here)
+    start = wp.vec2(wp.randf(rng, p.start_low, p.start_high), wp.randf(rng, p.start_low, p.start_high))
+    tries = int(1)
+    while obstacle_clearance(start, p) < p.reset_clearance and tries < _MAX_RESET_TRIES:
+        start = wp.vec2(wp.randf(rng, p.start_low, p.start_high), wp.randf(rng, p.start_low, p.start_high))
+        tries = tries + 1
+    if obstacle_clearance(start, p) < p.reset_clearance:
+        start = wp.vec2(p.start_low, p.start_low)
+    target = wp.vec2(wp.randf(rng, p.goal_low, p.goal_high), wp.randf(rng, p.goal_low, p.goal_high))
+    tries = int(1)
+    while obstacle_clearance(target, p) < p.reset_clearance and tries < _MAX_RESET_TRIES:
+        target = wp.vec2(wp.randf(rng, p.goal_low, p.goal_high), wp.randf(rng, p.goal_low, p.goal_high))
+        tries = tries + 1
+    if obstacle_clearance(target, p) < p.reset_clearance:
+        target = wp.vec2(p.goal_high, p.goal_high)
+    pos[i] = start
+    vel[i] = wp.vec2(0.0, 0.0)
+    goal[i] = target
+    step[i] = 0
+
+
+@wp.kernel
+def point_nav_2d_observe(
+    pos: wp.array(dtype=wp.vec2),
+    vel: wp.array(dtype=wp.vec2),
+    goal: wp.array(dtype=wp.vec2),
+    step: wp.array(dtype=wp.int32),
+    p: PointNav2DParams,
+    # outputs
+    obs: wp.array2d(dtype=float),
+):
+    i = wp.tid()
+    _write_observation(i, pos[i], vel[i], goal[i], p, obs)
+
+
+@wp.kernel
+def point_nav_2d_step(
+    pos: wp.array(dtype=wp.vec2),
+    vel: wp.array(dtype=wp.vec2),
+    goal: wp.array(dtype=wp.vec2),
+    step: wp.array(dtype=wp.int32),
+    action: wp.array2d(dtype=float),
+    p: PointNav2DParams,
+    # outputs
+    pos_next: wp.array(dtype=wp.vec2),
+    vel_next: wp.array(dtype=wp.vec2),
+    goal_next: wp.array(dtype=wp.vec2),
+    step_next: wp.array(dtype=wp.int32),
+    obs: wp.array2d(dtype=float),
+    reward: wp.array(dtype=float),
+    terminated: wp.array(dtype=wp.int32),
+    success: wp.array(dtype=wp.int32),
+):
+    i = wp.tid()
+    applied = p.max_force * wp.vec2(action[i, 0], action[i, 1])
+    h = p.dt / float(_SUBSTEPS)
+    x = pos[i]
+    v = vel[i]
+    for _substep in range(_SUBSTEPS):
+        force = applied - p.drag * v + contact_force(x, v, p)
+        # semi-implicit Euler: velocity first, then position with the new velocity
+        v = v + force * (h / p.mass)
+        x = x + v * h
+    g = goal[i]
+    pos_next[i] = x
+    vel_next[i] = v
+    goal_next[i] = g
+    step_next[i] = step[i] + 1
+    _write_observation(i, x, v, g, p, obs)
+    distance = wp.length(x - g)
+    reward[i] = -distance - p.penetration_weight * total_soft_penetration(x, p)
+    terminated[i] = 0
+    success[i] = 0
+    if distance < p.success_distance:
+        success[i] = 1
+
+
+# ----------------------------------------------------------------------------------------- sim and env
+class PointNav2D(DiffSim):
+    """Functional twin of :class:`PointNav2DEnv` (pure ``reset``/``step`` on batched states)."""
+
+    state_type = PointNav2DState
+    obs_dim = OBS_DIM
+    act_dim = 2
+    dt = 0.05
+    default_max_episode_steps = 200
+    reset_kernel = point_nav_2d_reset
+    observe_kernel = point_nav_2d_observe
+    step_kernel = point_nav_2d_step
+
+    def __init__(self, device: str = "cpu", max_episode_steps: int | None = None, drag: float = 0.25,
+                 contact_smoothing: float = 0.01, penetration_weight: float = 10.0,
+                 success_distance: float = 0.1):
+        super().__init__(device, max_episode_steps)
+        if contact_smoothing <= 0 or success_distance <= 0:
+            raise ValueError(f"contact_smoothing and success_distance must be positive, got "
+                             f"{contact_smoothing} and {success_distance}")
+        if drag < 0 or penetration_weight < 0:
+            raise ValueError(f"drag and penetration_weight must be non-negative, got {drag} and {penetration_weight}")
+        self.params = PointNav2DParams()
+        self.params.dt = self.dt
+        self.params.mass = 1.0
+        self.params.max_force = 1.0
+        self.params.drag = drag
+        self.params.stiffness = STIFFNESS
+        self.params.damping = DAMPING
+        self.params.contact_smoothing = contact_smoothing
+        self.params.body_radius = BODY_RADIUS
+        self.params.arena_half_width = ARENA_HALF_WIDTH
+        self.params.obstacles = _ObstacleMatrix(*OBSTACLES.flatten().tolist())
+        self.params.penetration_weight = penetration_weight
+        self.params.success_distance = success_distance
+        self.params.start_low, self.params.start_high = START_REGION
+        self.params.goal_low, self.params.goal_high = GOAL_REGION
+        self.params.reset_clearance = RESET_CLEARANCE
+
+    def render_state(self, state: PointNav2DState, index: int = 0) -> np.ndarray:
+        pos = state.pos[index].detach().cpu().numpy()
+        vel = state.vel[index].detach().cpu().numpy()
+        goal = state.goal[index].detach().cpu().numpy()
+        wall = 0.1
+        lim = ARENA_HALF_WIDTH + wall
+        canvas = Canvas(400, 400, xlim=(-lim, lim), ylim=(-lim, lim), background=(70, 70, 80))  # walls
+        a = ARENA_HALF_WIDTH
+        canvas.polygon([(-a, -a), (a, -a), (a, a), (-a, a)], (245, 245, 240))  # floor
+        for low, high, color in ((*START_REGION, (225, 232, 250)), (*GOAL_REGION, (225, 245, 228))):
+            canvas.polygon([(low, low), (high, low), (high, high), (low, high)], color)
+        for x, y, radius in OBSTACLES:
+            canvas.circle((x, y), radius, (120, 120, 130))
+        success_distance = float(self.params.success_distance)
+        canvas.circle(goal, success_distance, (120, 210, 130))
+        canvas.ring(goal, success_distance, 0.02, (30, 140, 50))
+        canvas.line(pos, pos + 0.25 * vel, 0.02, (220, 70, 50))  # velocity, 0.25 s ahead
+        canvas.circle(pos, BODY_RADIUS, (40, 90, 220))
+        return canvas.image
+
+
+class PointNav2DEnv(DiffGymEnv):
+    """
+    ## Description
+    A 1 kg point mass moves in the walled arena [-2, 2]^2 m. The agent pushes it with a bounded 2D
+    force and must bring it from the lower-left start region to a goal in the upper-right region,
+    around a fixed field of five disc obstacles. Walls and obstacles push back with a smooth
+    spring-damper penalty, so every step is differentiable and contacts carry exact gradients.
+
+    ## Layout (fixed; `diffgym.envs.point_nav_2d.OBSTACLES`)
+    | obstacle | centre [m] | radius [m] |
+    |---|---|---|
+    | 0 | (0.00, 0.00) | 0.50 |
+    | 1 | (-1.00, 0.40) | 0.35 |
+    | 2 | (0.40, -1.00) | 0.35 |
+    | 3 | (-0.90, -0.90) | 0.25 |
+    | 4 | (0.95, 0.95) | 0.25 |
+
+    The body has contact radius 0.05 m, so its centre stays in [-1.95, 1.95]^2 and at least
+    `radius + 0.05` from each obstacle centre when not in contact.
+
+    ## Action Space
+    `Box(-1, 1, (2,), float32)`: the force `(F_x, F_y)` in N. Out-of-range actions are clipped to
+    [-1, 1]; the clip's gradient is 1 inside the box and 0 outside.
+
+    ## Observation Space
+    `Box(-inf, inf, (21,), float32)`: `[p (2), v (2), g - p (2)]` then, for each obstacle k in layout
+    order, `[c_k - p (2), ||c_k - p|| - r_k - 0.05 (1)]` (relative centre and surface clearance, negative
+    when penetrating). Position, velocity and goal are the full state, so the observation is Markov.
+
+    ## Dynamics
+    Per 0.05 s control step, 8 semi-implicit Euler substeps of h = 6.25 ms:
+    `F = a - drag v + F_contact(p, v)`, `v' = v + F/m h`, `p' = p + v' h` with m = 1 kg and
+    drag = 0.25 N s/m (top speed sqrt(2)/0.25 = 5.7 m/s). Each obstacle and wall with penetration
+    depth `d` (along its outward normal `n`) adds `F = (k soft(d) - c gate(d) (v . n)) n` with
+    k = 4000 N/m, c = 40 N s/m, `soft(d)` = 0 for d <= 0, d^2/(2s) for 0 < d < s, d - s/2 beyond,
+    `gate(d) = 3t^2 - 2t^3` with `t = clamp(d/s, 0, 1)` (a smoothstep, so the force is C1 in the state);
+    s = `contact_smoothing` = 0.01 m. Nothing tunnels: at
+    top speed the spring stops the body within v/sqrt(k/m) = 0.09 m, under the smallest obstacle
+    radius plus body radius (0.30 m), and the walls are half-planes.
+
+    ## Rewards
+    `r = -||p' - g|| - penetration_weight * sum_contacts soft(d(p'))` with `penetration_weight = 10`
+    (per metre of penetration) over the five obstacles and four walls.
+
+    ## Starting State
+    `p ~ U([-1.8, -0.8]^2)`, `g ~ U([0.8, 1.8]^2)`, both rejection-sampled until the body clears every
+    obstacle by 0.05 m (after 64 rejections, the region's far corner, which is free); `v = 0`. Drawn from
+    Warp's RNG stream `(seed, episode)`.
+
+    ## Episode End
+    No termination. Truncation after 200 steps (10 s).
+
+    ## Success
+    `info["is_success"]`: `||p' - g|| < 0.1` m after the step.
+
+    ## Arguments
+    `gym.make("DiffGym/PointNav2D-v0", device="cpu", render_mode=None, drag=0.25,
+    contact_smoothing=0.01, penetration_weight=10.0, success_distance=0.1)`;
+    `gym.make_vec(..., num_envs=N)` gives the native batched vector env.
+
+    ## Version History
+    * v0: initial version.
+    """
+
+    sim_class = PointNav2D
