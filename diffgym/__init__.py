@@ -23,12 +23,15 @@ __version__ = "0.1.0"
 __all__ = ["DiffGymEnv", "DiffGymVectorEnv", "DiffSim", "Out", "SimState", "StepOutput",
            "register_task", "warp_call", "TASK_IDS"]
 
-# One line per task.
+# One line per task, in rising dynamical complexity.
 register_task("DiffGym/PointMass1D-v0", "diffgym.envs.point_mass_1d:PointMass1DEnv",
               max_episode_steps=100, reward_threshold=-6.0)
-register_task("DiffGym/FrankaReach-v0", "diffgym.envs.franka_reach:FrankaReachEnv", max_episode_steps=100, reward_threshold=-5.0)
-register_task("DiffGym/PointNav2D-v0", "diffgym.envs.point_nav_2d:PointNav2DEnv", max_episode_steps=200, reward_threshold=-210.0)
-register_task("DiffGym/TPush-v0", "diffgym.envs.t_push:TPushEnv", max_episode_steps=200, reward_threshold=-20.0)
+register_task("DiffGym/PointNav2D-v0", "diffgym.envs.point_nav_2d:PointNav2DEnv",
+              max_episode_steps=200, reward_threshold=-210.0)
+register_task("DiffGym/TPush-v0", "diffgym.envs.t_push:TPushEnv",
+              max_episode_steps=200, reward_threshold=-20.0)
+register_task("DiffGym/FrankaReach-v0", "diffgym.envs.franka_reach:FrankaReachEnv",
+              max_episode_steps=100, reward_threshold=-5.0)
 
 TASK_IDS = tuple(env_id for env_id in gym.registry if env_id.startswith("DiffGym/"))
 """Every registered DiffGym task, in registration order."""
