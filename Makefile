@@ -10,8 +10,10 @@ STAMP  := $(VENV)/.installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) setup.cfg pyproject.toml constraints.txt
-	$(PIP) -e '.[test]'
+TRAINERS := trainers/ppo trainers/apg  # the bundled trainer plugins (separate packages)
+
+$(STAMP): $(PY) setup.cfg pyproject.toml constraints.txt $(wildcard trainers/*/setup.cfg)
+	$(PIP) -e '.[test]' $(addprefix -e ,$(TRAINERS))
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,92 @@
+"""Trainer plugins: separately installable packages that train policies on DiffGym tasks.
+
+A trainer is an object (or a class with a no-argument constructor) exposed through the entry-point
+group ``diffgym.trainers``, e.g. in the plugin's ``setup.cfg``::
+
+    [options.entry_points]
+    diffgym.trainers =
+        ppo = diffgym_ppo:PPOTrainer
+
+It implements :class:`Trainer`; ``diffgym train --algo NAME`` resolves a :class:`TrainConfig` with
+:func:`resolve_config` and calls ``train``. See ``docs/plugins.md`` for a complete minimal plugin.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+from diffgym.training.spec import TrainConfig
+
+ENTRY_POINT_GROUP = "diffgym.trainers"
+
+_registered: dict[str, Any] = {}
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """What a trainer plugin provides."""
+
+    name: str
+    """The algorithm name (``--algo NAME``); equal to the entry-point name."""
+
+    def default_config(self, env_id: str) -> dict[str, Any]:
+        """Per-task defaults as a (nested) mapping of :class:`TrainConfig` fields, applied on top of
+        the dataclass defaults, e.g. ``{"num_envs": 32, "algo_params": {"n_steps": 16}}``. Every
+        hyperparameter the trainer reads from ``config.algo_params`` should appear here, so that
+        ``diffgym train --print-config`` lists them and ``--param KEY=VALUE`` can override them."""
+        ...
+
+    def train(self, config: TrainConfig) -> Path:
+        """Train as ``config`` says, write outputs through :class:`diffgym.training.Run`, and return
+        the run directory."""
+        ...
+
+
+def available_trainers() -> dict[str, EntryPoint]:
+    """Installed trainer plugins by name (entry points of the ``diffgym.trainers`` group)."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def register_trainer(name: str, trainer: Any) -> None:
+    """Make a trainer loadable by ``name`` in this process without installing it (notebooks, tests).
+    Takes precedence over an installed plugin of the same name."""
+    _registered[name] = trainer
+
+
+def trainer_names() -> list[str]:
+    """Names of every loadable trainer: installed plugins and in-process registrations."""
+    return sorted(set(available_trainers()) | set(_registered))
+
+
+def load_trainer(name: str) -> Trainer:
+    """Load, instantiate (when the entry point is a class) and check the trainer called ``name``."""
+    if name in _registered:
+        obj = _registered[name]
+    else:
+        found = available_trainers()
+        if name not in found:
+            installed = ", ".join(trainer_names()) or "none"
+            raise KeyError(f"no trainer plugin named {name!r} (installed: {installed}); trainers are "
+                           f"packages with an entry point in the {ENTRY_POINT_GROUP!r} group")
+        obj = found[name].load()
+    trainer = obj() if isinstance(obj, type) else obj
+    if not isinstance(trainer, Trainer):
+        missing = [a for a in ("name", "default_config", "train") if not hasattr(trainer, a)]
+        raise TypeError(f"trainer {name!r} ({obj!r}) does not implement diffgym.plugins.Trainer: "
+                        f"missing {missing}")
+    return trainer
+
+
+def resolve_config(algo: str, env_id: str, overrides: Mapping[str, Any] | None = None,
+                   base: TrainConfig | None = None) -> TrainConfig:
+    """The config ``diffgym train`` runs: ``TrainConfig`` defaults, then the trainer's per-task
+    defaults, then ``base`` (e.g. a ``--config`` file) when given, then dotted-key ``overrides``."""
+    trainer = load_trainer(algo)
+    if base is None:
+        defaults = dict(trainer.default_config(env_id) or {})
+        config = TrainConfig.from_dict({**defaults, "algo": algo, "env_id": env_id})
+    else:
+        config = base.replace(algo=algo, env_id=env_id)
+    return config.with_overrides(overrides or {})

@@ -1,0 +1,53 @@
+"""The single evaluation routine every trainer calls, so all algorithms are scored identically."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+EVAL_SEED_OFFSET = 10_000
+"""Evaluation env ``i`` of a run with seed ``s`` is seeded ``EVAL_SEED_OFFSET + s + i``: disjoint from
+the training envs (seeded ``s + i``, ``i < num_envs <= EVAL_SEED_OFFSET``)."""
+
+
+def evaluate_policy(act: Callable[[np.ndarray], np.ndarray], env_id: str, episodes: int, seed: int,
+                    env_kwargs: dict[str, Any] | None = None) -> dict[str, float]:
+    """Run ``episodes`` held-out episodes of ``act`` on the native vector env and summarize them.
+
+    ``act`` maps a ``(episodes, obs_dim)`` float32 observation batch to ``(episodes, act_dim)`` actions in
+    [-1, 1]; pass the *deterministic* policy (the squashed mean). One vector env with ``episodes`` envs
+    runs every env to the end of its first episode (terminated or truncated).
+
+    Returns ``eval_return`` (mean undiscounted return), ``eval_return_std``, ``eval_success_rate``
+    (fraction of episodes whose *last* step has ``info["is_success"]``) and ``eval_episode_length``.
+    """
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    venv = gym.make_vec(env_id, num_envs=episodes, vectorization_mode="vector_entry_point",
+                        **(env_kwargs or {}))
+    try:
+        obs, _ = venv.reset(seed=EVAL_SEED_OFFSET + int(seed))
+        returns = np.zeros(episodes, dtype=np.float64)
+        lengths = np.zeros(episodes, dtype=np.int64)
+        success = np.zeros(episodes, dtype=bool)
+        running = np.ones(episodes, dtype=bool)
+        while running.any():
+            with torch.no_grad():
+                actions = np.asarray(act(obs), dtype=np.float32).reshape(venv.action_space.shape)
+            obs, reward, terminated, truncated, info = venv.step(actions)
+            returns[running] += reward[running]
+            lengths[running] += 1
+            ended = running & (terminated | truncated)
+            success[ended] = np.asarray(info.get("is_success", np.zeros(episodes, dtype=bool)))[ended]
+            running &= ~ended
+    finally:
+        venv.close()
+    return {
+        "eval_return": float(returns.mean()),
+        "eval_return_std": float(returns.std()),
+        "eval_success_rate": float(success.mean()),
+        "eval_episode_length": float(lengths.mean()),
+    }

@@ -1,0 +1,123 @@
+"""Run outputs, identical for every trainer: ``runs/<run-name>/`` holds
+
+* ``config.yaml``: the :class:`~diffgym.training.spec.TrainConfig` (with the resolved ``run_dir``);
+* TensorBoard event files (every logged scalar, x-axis = env steps);
+* ``metrics.jsonl``: one JSON object per :meth:`Run.log` call with ``env_steps``, ``grad_steps``,
+  ``wall_time`` (seconds since the run started) and the logged scalars (evaluation rows carry
+  ``eval_return`` and ``eval_success_rate``);
+* ``checkpoints/step_<env_steps>.pt``: whatever dict the trainer saves.
+
+While training, a tqdm progress bar counts env steps and shows env steps per second.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from diffgym.training.spec import TrainConfig
+
+_CHECKPOINT = re.compile(r"step_(\d+)\.pt$")
+
+
+def default_run_dir(config: TrainConfig, root: str | Path = "runs") -> Path:
+    """``runs/<algo>__<task>__s<seed>__<YYYYmmdd-HHMMSS>``."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(root) / f"{config.algo}__{config.task_name}__s{config.seed}__{stamp}"
+
+
+class Run:
+    """The output directory of one training run; use as a context manager or call :meth:`close`.
+
+    An existing ``run_dir`` is reused (metrics are appended), so a trainer can resume from
+    :meth:`load_latest_checkpoint`.
+    """
+
+    def __init__(self, config: TrainConfig, progress: bool = True):
+        run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
+        self.config = config.replace(run_dir=str(run_dir))
+        self.dir = run_dir
+        self.checkpoint_dir = run_dir / "checkpoints"
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self.config.save(run_dir / "config.yaml")
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self._metrics = self.metrics_path.open("a")
+        from torch.utils.tensorboard import SummaryWriter  # imported late: it pulls in TensorBoard
+
+        self.writer = SummaryWriter(log_dir=str(run_dir))
+        self._start = time.perf_counter()
+        self._bar = tqdm(total=config.total_env_steps, unit="step", unit_scale=True, dynamic_ncols=True,
+                         desc=f"{config.algo} {config.task_name}", disable=not progress)
+        self._closed = False
+
+    @property
+    def wall_time(self) -> float:
+        """Seconds since the run started."""
+        return time.perf_counter() - self._start
+
+    def progress(self, env_steps: int) -> None:
+        """Advance the progress bar to ``env_steps`` without logging anything."""
+        if self._bar.total is not None and env_steps > self._bar.total:  # trainers may overshoot by a rollout
+            self._bar.total = int(env_steps)
+        self._bar.update(max(0, int(env_steps) - self._bar.n))
+
+    def log(self, env_steps: int, grad_steps: int, **scalars: float) -> None:
+        """Record scalars at ``env_steps``: a ``metrics.jsonl`` row, TensorBoard scalars, the progress bar."""
+        row: dict[str, Any] = {"env_steps": int(env_steps), "grad_steps": int(grad_steps),
+                               "wall_time": round(self.wall_time, 3)}
+        for name, value in scalars.items():
+            value = float(value)
+            row[name] = value if math.isfinite(value) else str(value)  # JSON has no NaN/inf
+            self.writer.add_scalar(name, value, global_step=int(env_steps), walltime=time.time())
+        self.writer.add_scalar("grad_steps", int(grad_steps), global_step=int(env_steps))
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        self.progress(env_steps)
+        shown = {k: f"{v:.3g}" for k, v in scalars.items() if k in ("eval_return", "eval_success_rate")}
+        if shown:
+            self._bar.set_postfix(shown, refresh=False)
+
+    def save_checkpoint(self, obj: dict[str, Any], env_steps: int) -> Path:
+        """Save ``obj`` with ``torch.save`` as ``checkpoints/step_<env_steps>.pt`` (atomic replace)."""
+        path = self.checkpoint_dir / f"step_{int(env_steps):012d}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load_latest_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint with the most env steps, or ``None`` when there is none. Checkpoints are
+        full pickles (optimizer state, configs), so only load run directories you trust."""
+        found = [(int(m.group(1)), p) for p in self.checkpoint_dir.glob("step_*.pt")
+                 if (m := _CHECKPOINT.search(p.name))]
+        if not found:
+            return None
+        return torch.load(max(found)[1], map_location="cpu", weights_only=False)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """Every row of ``metrics.jsonl`` so far."""
+        self._metrics.flush()
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._bar.close()
+        self.writer.close()
+        self._metrics.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

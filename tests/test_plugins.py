@@ -1,0 +1,121 @@
+"""Plugin discovery through the ``diffgym.trainers`` entry-point group, and the ``diffgym`` CLI."""
+
+import configparser
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import diffgym  # noqa: F401
+from diffgym import cli, plugins
+from diffgym.training import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV_ID = "DiffGym/PointMass1D-v0"
+
+
+@pytest.fixture
+def doc_plugin(tmp_path, monkeypatch):
+    """The minimal trainer of docs/plugins.md, made importable with real entry-point metadata."""
+    blocks = re.findall(r"```(?:ini|python)\n# my_trainer/(\S+)\n(.*?)```", (ROOT / "docs/plugins.md").read_text(), re.S)
+    files = dict(blocks)
+    assert set(files) == {"setup.cfg", "my_diffgym_trainer.py"}
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "my_diffgym_trainer.py").write_text(files["my_diffgym_trainer.py"])
+    setup = configparser.ConfigParser()
+    setup.read_string(files["setup.cfg"])
+    dist_info = site / "my_diffgym_trainer-0.1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-diffgym-trainer\nVersion: 0.1.0\n")
+    (dist_info / "entry_points.txt").write_text(
+        "[diffgym.trainers]\n" + setup["options.entry_points"]["diffgym.trainers"].strip() + "\n")
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    return site
+
+
+def test_bundled_ppo_plugin_is_discovered():
+    found = plugins.available_trainers()
+    assert "ppo" in found and found["ppo"].value == "diffgym_ppo:PPOTrainer"
+    trainer = plugins.load_trainer("ppo")
+    assert trainer.name == "ppo" and isinstance(trainer, plugins.Trainer)
+
+
+def test_doc_plugin_is_discovered_and_trains_through_the_cli(doc_plugin, tmp_path, capsys):
+    assert plugins.available_trainers()["short-horizon"].value == "my_diffgym_trainer:ShortHorizonTrainer"
+    run_dir = tmp_path / "run"
+    code = cli.main(["train", "--algo", "short-horizon", "--env", ENV_ID, "--total-env-steps", "640",
+                     "--eval-every-env-steps", "320", "--eval-episodes", "4", "--num-envs", "8",
+                     "--param", "horizon=20", "--run-dir", str(run_dir), "--no-progress"])
+    assert code == 0 and f"run directory: {run_dir}" in capsys.readouterr().out
+    config = TrainConfig.load(run_dir / "config.yaml")
+    assert (config.algo, config.algo_params, config.num_envs) == ("short-horizon", {"horizon": 20}, 8)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_return" in r]
+    assert [r["env_steps"] for r in evals] == [0, 320, 640]
+    assert rows[-1]["grad_steps"] == 4 and any(f.name.startswith("events.out.tfevents") for f in run_dir.iterdir())
+    assert len(list((run_dir / "checkpoints").glob("step_*.pt"))) == 3
+
+
+def test_cli_lists_installed_plugins_in_a_fresh_process(doc_plugin):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(doc_plugin), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-m", "diffgym.cli", "trainers", "-v"], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=120, check=True).stdout
+    assert re.search(r"^ppo\s", out, re.M) and re.search(r"^short-horizon\s+minimal example", out, re.M)
+    assert "my_diffgym_trainer:ShortHorizonTrainer (my-diffgym-trainer 0.1.0)" in out
+
+
+class _EchoTrainer:
+    name = "echo"
+
+    def default_config(self, env_id):
+        return {"num_envs": 4, "algo_params": {"alpha": 1, "beta": "x"}}
+
+    def train(self, config):
+        return Path(config.run_dir or ".")
+
+
+def test_register_trainer_and_config_precedence(monkeypatch, tmp_path):
+    monkeypatch.setattr(plugins, "_registered", {})
+    plugins.register_trainer("echo", _EchoTrainer)  # a class: instantiated on load
+    assert "echo" in plugins.trainer_names()
+    config = plugins.resolve_config("echo", ENV_ID, {"algo_params.alpha": 2, "seed": 5})
+    assert (config.num_envs, config.seed, config.algo_params) == (4, 5, {"alpha": 2, "beta": "x"})
+    base = TrainConfig(algo="other", env_id="x", num_envs=9, algo_params={"alpha": 3})
+    config = plugins.resolve_config("echo", ENV_ID, {"optimizer.lr": 0.01}, base=base)
+    assert (config.algo, config.env_id, config.num_envs, config.algo_params["alpha"], config.optimizer.lr) == \
+        ("echo", ENV_ID, 9, 3, 0.01)
+
+
+def test_load_trainer_errors(monkeypatch):
+    monkeypatch.setattr(plugins, "_registered", {})
+    with pytest.raises(KeyError, match="no trainer plugin named 'nope'.*installed: .*ppo"):
+        plugins.load_trainer("nope")
+    plugins.register_trainer("broken", object())
+    with pytest.raises(TypeError, match="missing \\['name', 'default_config', 'train'\\]"):
+        plugins.load_trainer("broken")
+
+
+def test_cli_print_config_applies_flags_sets_and_params(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(plugins, "_registered", {})
+    plugins.register_trainer("echo", _EchoTrainer())
+    assert cli.main(["train", "--algo", "echo", "--env", ENV_ID, "--seed", "3", "--total-env-steps", "2e5",
+                     "--set", "optimizer.lr=1e-3", "--set", "policy.hidden_sizes=[32, 32]",
+                     "--param", "alpha=0.5", "--param", "gamma=null", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["seed"] == 3 and printed["total_env_steps"] == 200_000
+    assert printed["optimizer"]["lr"] == 1e-3 and printed["policy"]["hidden_sizes"] == [32, 32]
+    assert printed["algo_params"] == {"alpha": 0.5, "beta": "x", "gamma": None}
+    saved = tmp_path / "c.yaml"
+    TrainConfig.from_dict(printed).save(saved)
+    assert cli.main(["train", "--algo", "echo", "--env", ENV_ID, "--config", str(saved), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == printed
+    assert cli.main(["train", "--algo", "echo", "--env", ENV_ID, "--set", "optimizer.lrr=1", "--print-config"]) == 2
+    assert "unknown config key 'optimizer.lrr'" in capsys.readouterr().err

@@ -1,0 +1,197 @@
+"""The PPO plugin: the SB3 VecEnv adapter, the spec-built policy, tiny learns on every task, and the
+marked learning check."""
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+
+import diffgym
+from diffgym.plugins import load_trainer, resolve_config
+from diffgym.training import ActorCritic, ObservationNormalizer, OptimizerSpec, PolicySpec
+
+pytest.importorskip("diffgym_ppo")
+from diffgym_ppo import DiffGymVecEnv, SpecActorCriticPolicy, SpecPPO  # noqa: E402
+
+ENV_ID = "DiffGym/PointMass1D-v0"
+
+
+# ------------------------------------------------------------------------------ VecEnv adapter
+def test_adapter_auto_resets_with_terminal_observations_and_truncation_flags():
+    num_envs, horizon, seed = 3, 5, 11
+    venv = DiffGymVecEnv.make(ENV_ID, num_envs, max_episode_steps=horizon)
+    singles = [gym.make(ENV_ID, max_episode_steps=horizon) for _ in range(num_envs)]
+    venv.seed(seed)
+    obs = venv.reset()
+    expected = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(singles)])
+    np.testing.assert_allclose(obs, expected, atol=1e-6)
+    rng = np.random.default_rng(0)
+    for t in range(2 * horizon + 2):
+        actions = rng.uniform(-1, 1, (num_envs, 1)).astype(np.float32)
+        venv.step_async(actions)
+        obs, rewards, dones, infos = venv.step_wait()
+        assert obs.shape == (num_envs, 3) and rewards.shape == dones.shape == (num_envs,)
+        assert isinstance(infos, list) and len(infos) == num_envs
+        for i, env in enumerate(singles):
+            single_obs, single_reward, terminated, truncated, single_info = env.step(actions[i])
+            assert rewards[i] == pytest.approx(single_reward, abs=1e-5)
+            assert dones[i] == (terminated or truncated) == ((t + 1) % horizon == 0)
+            assert isinstance(infos[i]["is_success"], bool) and infos[i]["is_success"] == single_info["is_success"]
+            if dones[i]:
+                np.testing.assert_allclose(infos[i]["terminal_observation"], single_obs, atol=1e-6)
+                assert infos[i]["TimeLimit.truncated"] is True
+                single_obs, _ = env.reset()  # the next episode of the same stream: already returned
+            else:
+                assert "terminal_observation" not in infos[i]
+            np.testing.assert_allclose(obs[i], single_obs, atol=1e-6)
+
+
+class _TerminatingVectorEnv(VectorEnv):
+    """Env 0 terminates at step 2, env 1 truncates at step 2 (Gymnasium SAME_STEP info layout)."""
+
+    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
+
+    def __init__(self):
+        self.num_envs = 2
+        self.single_observation_space = spaces.Box(-np.inf, np.inf, (1,), np.float32)
+        self.single_action_space = spaces.Box(-1, 1, (1,), np.float32)
+        self.t = 0
+
+    def reset(self, *, seed=None, options=None):
+        self.t = 0
+        return np.zeros((2, 1), np.float32), {}
+
+    def step(self, actions):
+        self.t += 1
+        done = self.t == 2
+        terminated, truncated = np.array([done, False]), np.array([False, done])
+        info = {"is_success": np.array([True, False]), "_is_success": np.ones(2, bool)}
+        obs = np.full((2, 1), self.t, np.float32)
+        if done:
+            info["final_obs"] = np.array([obs[0], obs[1]], dtype=object)
+            info["_final_obs"] = np.ones(2, bool)
+            info["final_info"] = {**info, "_is_success": np.ones(2, bool)}
+            info["_final_info"] = np.ones(2, bool)
+            obs, self.t = np.zeros((2, 1), np.float32), 0
+        return obs, np.ones(2, np.float32), terminated, truncated, info
+
+
+def test_adapter_distinguishes_termination_from_truncation():
+    venv = DiffGymVecEnv(_TerminatingVectorEnv())
+    venv.reset()
+    venv.step(np.zeros((2, 1), np.float32))
+    obs, _, dones, infos = venv.step(np.zeros((2, 1), np.float32))
+    assert dones.tolist() == [True, True] and obs.tolist() == [[0.0], [0.0]]
+    assert [info["TimeLimit.truncated"] for info in infos] == [False, True]
+    assert [info["terminal_observation"].tolist() for info in infos] == [[2.0], [2.0]]
+    assert [info["is_success"] for info in infos] == [True, False]
+
+
+def test_adapter_requires_same_step_autoreset_and_whole_batch_attributes():
+    with pytest.raises(ValueError, match="SAME_STEP"):
+        DiffGymVecEnv(gym.make_vec(ENV_ID, num_envs=2, vectorization_mode="vector_entry_point"))
+    venv = DiffGymVecEnv.make(ENV_ID, 2)
+    assert venv.get_attr("num_envs") == [2, 2] and venv.env_is_wrapped(gym.Wrapper) == [False, False]
+    with pytest.raises(ValueError, match="whole batched env"):
+        venv.set_attr("render_mode", None, indices=[0])
+    venv.reset()
+    state = venv.env_method("get_state")[0]
+    assert state.batch_size == 2
+
+
+# --------------------------------------------------------------------------- spec-built policy
+def _tiny_model(env, **kwargs):
+    return SpecPPO(SpecActorCriticPolicy, env, n_steps=8, batch_size=16, n_epochs=2, seed=0, verbose=0,
+                   learning_rate=1e-3, policy_kwargs=dict(policy_spec=PolicySpec(hidden_sizes=(16,)),
+                                                          optimizer_spec=OptimizerSpec(betas=(0.8, 0.9), eps=1e-7)),
+                   **kwargs)
+
+
+def test_policy_network_is_the_shared_actor_critic():
+    model = _tiny_model(DiffGymVecEnv.make(ENV_ID, 4))
+    policy = model.policy
+    assert isinstance(policy.actor_critic, ActorCritic) and isinstance(policy.normalizer, ObservationNormalizer)
+    assert {id(p) for p in policy.parameters()} == {id(p) for p in policy.actor_critic.parameters()}
+    group = policy.optimizer.param_groups[0]
+    assert isinstance(policy.optimizer, torch.optim.Adam)
+    assert (group["lr"], group["betas"], group["eps"]) == (1e-3, (0.8, 0.9), 1e-7)
+    obs = torch.randn(5, 3)
+    u, values, log_prob = policy(obs)
+    values2, log_prob2, entropy = policy.evaluate_actions(obs, u)
+    assert torch.allclose(values.squeeze(-1), values2) and torch.allclose(log_prob, log_prob2)
+    dist = policy.actor_critic.distribution(policy.normalizer(obs))
+    assert torch.allclose(log_prob, dist.log_prob(u).sum(-1)) and torch.allclose(entropy, dist.entropy().sum(-1))
+    # the buffer holds pre-squash samples; the env and predict() get squash(u) in [-1, 1]
+    np.testing.assert_allclose(policy.unscale_action(np.array([[-30.0], [0.3]])), np.tanh([[-30.0], [0.3]]), rtol=1e-6)
+    action, _ = model.predict(obs.numpy(), deterministic=True)
+    np.testing.assert_allclose(action, policy.act_deterministic(obs.numpy()), rtol=1e-5, atol=1e-7)
+
+
+def test_normalizer_updates_once_per_rollout_after_training():
+    num_envs = 4
+    model = _tiny_model(DiffGymVecEnv.make(ENV_ID, num_envs))
+    seen = []
+
+    def record_stats(*_):
+        seen.append(float(model.policy.normalizer.count))
+
+    model.policy.optimizer.register_step_pre_hook(record_stats)
+    model.learn(total_timesteps=2 * 8 * num_envs)
+    per_rollout = 8 * num_envs
+    # first rollout: trained with the reset statistics only; second: with the first rollout added
+    assert set(seen[: len(seen) // 2]) == {num_envs} and set(seen[len(seen) // 2:]) == {num_envs + per_rollout}
+    assert float(model.policy.normalizer.count) == num_envs + 2 * per_rollout
+    assert model.grad_steps == len(seen) == 2 * 2 * (per_rollout // 16)
+
+
+# ------------------------------------------------------------------------- tiny learn per task
+@pytest.mark.parametrize("env_id", diffgym.TASK_IDS)
+def test_tiny_learn_writes_run_outputs(env_id, tmp_path):
+    config = resolve_config("ppo", env_id, {
+        "num_envs": 4, "total_env_steps": 64, "eval_every_env_steps": 32, "eval_episodes": 2,
+        "run_dir": str(tmp_path / "run"), "algo_params.n_steps": 8, "algo_params.batch_size": 16,
+        "algo_params.n_epochs": 1})
+    run_dir = load_trainer("ppo").train(config, progress=False)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_success_rate" in r]
+    assert [r["env_steps"] for r in evals] == [0, 32, 64]
+    assert all(np.isfinite(r["eval_return"]) for r in evals)
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert train_rows and train_rows[-1]["grad_steps"] == 2 and np.isfinite(train_rows[-1]["train/loss"])
+    checkpoint = torch.load(sorted((run_dir / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    assert checkpoint["env_steps"] == 64 and {"actor_critic", "normalizer", "config"} <= set(checkpoint)
+    assert (run_dir / "config.yaml").exists() and (run_dir / "sb3_model.zip").exists()
+    assert any(f.name.startswith("events.out.tfevents") for f in run_dir.iterdir())
+
+
+def test_unknown_ppo_params_are_rejected(tmp_path):
+    config = resolve_config("ppo", ENV_ID, {"algo_params.n_step": 8, "run_dir": str(tmp_path / "r")})
+    with pytest.raises(ValueError, match="unknown PPO algo_params \\['n_step'\\]"):
+        load_trainer("ppo").train(config, progress=False)
+
+
+# ------------------------------------------------------------------------------ learning check
+@pytest.mark.slow
+def test_ppo_reaches_90_percent_success_on_point_mass(tmp_path):
+    """Budget: the PointMass1D entry of hyperparams/ppo.yml (see trainers/README.md for its run time)."""
+    config = resolve_config("ppo", ENV_ID, {"run_dir": str(tmp_path / "run"), "seed": 0})
+    run_dir = load_trainer("ppo").train(config, progress=False)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in rows if "eval_success_rate" in r][-1]
+    assert final["env_steps"] <= config.total_env_steps + config.num_envs * config.algo_params["n_steps"]
+    assert final["eval_success_rate"] >= 0.9, final
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tiny_learn_on_cuda(tmp_path):
+    config = resolve_config("ppo", ENV_ID, {
+        "device": "cuda", "num_envs": 8, "total_env_steps": 128, "eval_every_env_steps": 64, "eval_episodes": 4,
+        "run_dir": str(tmp_path / "run"), "algo_params.n_steps": 8, "algo_params.batch_size": 32})
+    run_dir = load_trainer("ppo").train(config, progress=False)
+    checkpoint = torch.load(sorted((run_dir / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    assert checkpoint["actor_critic"]["log_std"].device.type == "cuda"
+    assert float(checkpoint["normalizer"]["count"]) == 8 + 128
