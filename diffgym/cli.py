@@ -88,6 +88,10 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
                              "policy.hidden_sizes=[128,128] (repeatable)")
     parser.add_argument("--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
                         help="override an algorithm hyperparameter, same as --set algo_params.KEY=VALUE")
+    parser.add_argument("--segment-length", type=int, metavar="K",
+                        help="segmented-backpropagation length (apg); same as --param segment_length=K")
+    parser.add_argument("--bootstrap", choices=("none", "mc", "critic"),
+                        help="segment tail bootstrap (apg); same as --param bootstrap=MODE")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -100,6 +104,9 @@ def _run_train(args: argparse.Namespace) -> int:
     overrides = {field: getattr(args, flag) for flag, field in _TOP_LEVEL.items() if getattr(args, flag) is not None}
     overrides.update(_key_values(args.sets))
     overrides.update(_key_values(args.params, prefix="algo_params."))
+    for flag in ("segment_length", "bootstrap"):
+        if getattr(args, flag) is not None:
+            overrides[f"algo_params.{flag}"] = getattr(args, flag)
     base = TrainConfig.load(args.config) if args.config else None
     try:
         config = resolve_config(args.algo, args.env, overrides, base=base)

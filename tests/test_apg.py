@@ -1,0 +1,364 @@
+"""The APG trainer plugin (trainers/apg): its loss and value targets against brute force, every bootstrap
+mode on every registered task, exact resume, NaN robustness, the CLI, and (slow) the learning check."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import gymnasium as gym
+import pytest
+import torch
+import yaml
+
+import diffgym
+from diffgym.cli import main as diffgym_main
+from diffgym.plugins import load_trainer, resolve_config
+from diffgym.training import TrainConfig
+
+from diffgym_apg import BOOTSTRAP_MODES, MonteCarloReturns, segment_actor_loss, td_lambda_targets
+from diffgym_apg.train import APGParams, EnvBatch, Learner, apg_update, train, unroll
+
+POINT_MASS = "DiffGym/PointMass1D-v0"
+
+
+def random_segment(seed: int, steps: int = 7, envs: int = 5):
+    gen = torch.Generator().manual_seed(seed)
+    rewards = torch.randn(steps, envs, generator=gen, dtype=torch.float64)
+    values = torch.randn(steps, envs, generator=gen, dtype=torch.float64)
+    ends = torch.rand(steps, envs, generator=gen)
+    terminated, truncated = ends < 0.15, (ends >= 0.15) & (ends < 0.3)
+    return rewards, values, terminated, truncated
+
+
+def pieces(terminated, truncated, env):
+    """(first step, last step) of each piece of one env's segment: split after every episode end."""
+    steps, start, out = terminated.shape[0], 0, []
+    for t in range(steps):
+        if terminated[t, env] or truncated[t, env] or t == steps - 1:
+            out.append((start, t))
+            start = t + 1
+    return out
+
+
+# ------------------------------------------------------------------------------------ losses
+@pytest.mark.parametrize("seed", range(4))
+def test_segment_actor_loss_matches_piecewise_definition(seed):
+    rewards, values, terminated, truncated = random_segment(seed)
+    values.requires_grad_(True)
+    gamma = 0.9
+    loss = segment_actor_loss(rewards, values, terminated, truncated, gamma)
+    steps, envs = rewards.shape
+    expected, expected_grad = 0.0, torch.zeros_like(values)
+    for env in range(envs):
+        for start, end in pieces(terminated, truncated, env):
+            expected += sum(gamma ** (t - start) * float(rewards[t, env]) for t in range(start, end + 1))
+            if not terminated[end, env]:  # a terminated piece gets no tail; truncated and cut ones do
+                expected += gamma ** (end - start + 1) * float(values[end, env].detach())
+                expected_grad[end, env] = -gamma ** (end - start + 1) / (envs * steps)
+    assert float(loss.detach()) == pytest.approx(-expected / (envs * steps), rel=1e-12)
+    (grad,) = torch.autograd.grad(loss, values)
+    torch.testing.assert_close(grad, expected_grad)  # the tail's gradient reaches exactly the boundaries
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.6, 1.0])
+def test_td_lambda_targets_match_weighted_n_step_returns(lam):
+    rewards, values, terminated, truncated = random_segment(7)
+    gamma = 0.9
+    targets = td_lambda_targets(rewards, values, terminated, truncated, gamma, lam)
+    steps, envs = rewards.shape
+    for env in range(envs):
+        for start, end in pieces(terminated, truncated, env):
+            tail = 0.0 if terminated[end, env] else float(values[end, env])
+            for t in range(start, end + 1):
+                # n-step returns G_t^(n) closed by V(s_{t+n}); the lambda-return weights them
+                # (1 - lam) lam^(n-1) and gives the rest of the weight to the return closed at the piece end
+                def n_step(n):
+                    last = t + n - 1
+                    closing = tail if last == end else float(values[last, env])
+                    return sum(gamma ** k * float(rewards[t + k, env]) for k in range(n)) + gamma ** n * closing
+                horizon = end - t + 1
+                expected = sum((1 - lam) * lam ** (n - 1) * n_step(n) for n in range(1, horizon)) \
+                    + lam ** (horizon - 1) * n_step(horizon)
+                assert float(targets[t, env]) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_monte_carlo_returns_are_emitted_once_when_episodes_end():
+    gamma, envs, obs_dim = 0.9, 3, 2
+    gen = torch.Generator().manual_seed(0)
+    lengths = [5, 9, 4]  # env e runs episodes of lengths[e] steps back to back
+    total_steps, segment = 24, 4
+    rewards = torch.randn(total_steps, envs, generator=gen, dtype=torch.float64)
+    obs = torch.randn(total_steps, envs, obs_dim, generator=gen, dtype=torch.float64)
+    done = torch.zeros(total_steps, envs, dtype=torch.bool)
+    for env, length in enumerate(lengths):
+        done[length - 1::length, env] = True
+    expected = {}  # (t, env) -> return-to-go, for every step whose episode ends within total_steps
+    for env in range(envs):
+        for t in range(total_steps):
+            ends = [u for u in range(t, total_steps) if done[u, env]]
+            if ends:
+                expected[(t, env)] = sum(gamma ** (u - t) * float(rewards[u, env]) for u in range(t, ends[0] + 1))
+    mc = MonteCarloReturns(gamma)
+    got_obs, got_returns = [], []
+    for start in range(0, total_steps, segment):
+        chunk = slice(start, start + segment)
+        o, g = mc.add(obs[chunk], rewards[chunk], done[chunk])
+        got_obs.append(o)
+        got_returns.append(g)
+        assert mc.rewards.shape[0] <= max(lengths) + segment  # only unfinished episodes stay pending
+    got_obs, got_returns = torch.cat(got_obs), torch.cat(got_returns)
+    assert got_returns.shape[0] == len(expected)  # every known return exactly once
+    for (t, env), value in expected.items():
+        match = (got_obs == obs[t, env]).all(dim=1).nonzero()
+        assert match.numel() == 1
+        assert float(got_returns[match[0, 0]]) == pytest.approx(value, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def small_config(tmp_path: Path, env_id: str, bootstrap: str, name: str = "run", **changes) -> TrainConfig:
+    overrides = {"num_envs": 4, "total_env_steps": 2 * 4 * 4, "eval_every_env_steps": 10**6, "eval_episodes": 2,
+                 "algo_params.segment_length": 4, "algo_params.bootstrap": bootstrap,
+                 "algo_params.critic_epochs": 1, "algo_params.critic_minibatches": 2,
+                 "run_dir": str(tmp_path / name), **changes}
+    return resolve_config("apg", env_id, overrides)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def latest_checkpoint(run_dir: Path) -> dict:
+    path = max((run_dir / "checkpoints").glob("step_*.pt"))
+    return torch.load(path, weights_only=False)
+
+
+def make_learner(config: TrainConfig, seed: int = 0) -> tuple[Learner, EnvBatch, APGParams]:
+    params = APGParams.from_config(config)
+    venv = gym.make_vec(config.env_id, num_envs=config.num_envs, vectorization_mode="vector_entry_point")
+    envs = EnvBatch(venv, seed, torch.device("cpu"))
+    torch.manual_seed(seed)
+    learner = Learner.create(venv.single_observation_space.shape[0], venv.single_action_space.shape[0],
+                             config, params, torch.device("cpu"))
+    return learner, envs, params
+
+
+@pytest.mark.parametrize("bootstrap", BOOTSTRAP_MODES)
+def test_actor_gradient_through_the_simulator_matches_finite_differences(tmp_path, bootstrap):
+    """The segment loss's gradient (through policy, normalizer, simulator, in-batch resets and the tail
+    value) along a random direction in actor-parameter space, against central differences. 4-step
+    episodes in a 6-step segment: pieces end by truncation and by the segment end."""
+    config = small_config(tmp_path, POINT_MASS, bootstrap, **{"algo_params.gamma": 0.9})
+    torch.manual_seed(0)
+    params = APGParams.from_config(config)
+    venv = gym.make_vec(POINT_MASS, num_envs=3, vectorization_mode="vector_entry_point", max_episode_steps=4)
+    envs = EnvBatch(venv, 0, torch.device("cpu"))
+    learner = Learner.create(3, 1, config, params, torch.device("cpu"))
+    learner.normalizer.update(torch.randn(64, 3) * 0.7 + 0.1)  # a non-trivial normalization
+    with torch.no_grad():  # a non-trivial policy mean and value, so every path carries gradient
+        for p in [*learner.actor_params, *learner.critic_params]:
+            p.add_(0.3 * torch.randn_like(p))
+    start = (envs.state, envs.obs, dict(envs.seeds.bit_generator.state))
+
+    def loss() -> torch.Tensor:
+        envs.state, envs.obs, envs.seeds.bit_generator.state = start
+        torch.manual_seed(1)  # the same action noise every time
+        segment, _, _ = unroll(learner.model, learner.normalizer, envs, 6)
+        assert segment.truncated[3].all() and not segment.truncated[:3].any()
+        values = learner.tail_value(segment.next_obs, bootstrap)
+        return segment_actor_loss(segment.rewards, values, segment.terminated, segment.truncated, params.gamma)
+
+    direction = [torch.randn_like(p) for p in learner.actor_params]
+    grads = torch.autograd.grad(loss(), learner.actor_params)
+    analytic = sum(float((g * d).sum()) for g, d in zip(grads, direction))
+    eps = 1e-3
+    with torch.no_grad():
+        def shifted(scale: float) -> float:
+            for p, d in zip(learner.actor_params, direction):
+                p.add_(scale * eps * d)
+            value = float(loss())
+            for p, d in zip(learner.actor_params, direction):
+                p.sub_(scale * eps * d)
+            return value
+        numeric = (shifted(1.0) - shifted(-1.0)) / (2 * eps)
+    assert abs(analytic) > 1e-3
+    assert numeric == pytest.approx(analytic, rel=2e-2, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------ training
+def test_plugin_is_registered_with_every_hyperparameter():
+    trainer = load_trainer("apg")
+    assert trainer.name == "apg"
+    config = resolve_config("apg", POINT_MASS)
+    assert set(config.algo_params) == set(APGParams.__dataclass_fields__)
+    with pytest.raises(ValueError, match="bootstrap"):
+        APGParams.from_config(config.with_overrides({"algo_params.bootstrap": "td"}))
+
+
+@pytest.mark.parametrize("bootstrap", BOOTSTRAP_MODES)
+@pytest.mark.parametrize("env_id", diffgym.TASK_IDS)
+def test_every_bootstrap_mode_trains_on_every_task(tmp_path, env_id, bootstrap):
+    config = small_config(tmp_path, env_id, bootstrap)
+    torch.manual_seed(config.seed)
+    initial = [p.detach().clone() for p in Learner.create(
+        *_dims(env_id), config, APGParams.from_config(config), torch.device("cpu")).actor_params]
+    run_dir = train(config, progress=False)
+    rows = read_metrics(run_dir)
+    updates = [r for r in rows if "grad_norm" in r]
+    evals = [r for r in rows if "eval_return" in r]
+    assert [r["grad_steps"] for r in updates] == [1, 2]
+    assert [r["env_steps"] for r in updates] == [16, 32]
+    assert [r["env_steps"] for r in evals] == [0, 32]
+    assert all(math.isfinite(r["actor_loss"]) and math.isfinite(r["grad_norm"]) for r in updates)
+    assert updates[-1]["skipped_updates"] == 0
+    assert ("critic_loss" in updates[-1]) == (bootstrap == "critic")  # mc fits once an episode has ended
+    saved = latest_checkpoint(run_dir)
+    assert saved["env_steps"] == 32 and saved["grad_steps"] == 2
+    actor = [saved["actor_critic"][k] for k in saved["actor_critic"] if k.startswith("actor.")] + \
+        [saved["actor_critic"]["log_std"]]
+    assert all(torch.isfinite(p).all() for p in actor)
+    assert any(not torch.equal(a, b) for a, b in zip(actor, initial))  # the policy was updated
+
+
+def _dims(env_id: str) -> tuple[int, int]:
+    env = gym.make(env_id)
+    return env.observation_space.shape[0], env.action_space.shape[0]
+
+
+def test_mc_value_network_is_fitted_once_episodes_end(tmp_path):
+    # 2 envs x 50 steps per segment, 100-step episodes: the first returns are known after 2 segments
+    config = small_config(tmp_path, POINT_MASS, "mc", num_envs=2, total_env_steps=300,
+                          **{"algo_params.segment_length": 50})
+    rows = [r for r in read_metrics(train(config, progress=False)) if "grad_norm" in r]
+    assert ["critic_loss" in r for r in rows] == [False, True, False]
+
+
+@pytest.mark.parametrize("bootstrap", ["mc", "critic"])
+def test_resume_from_checkpoint_continues_identically(tmp_path, bootstrap):
+    # 2 envs x 30-step segments over 100-step episodes; the checkpoint at 120 steps per env lies after
+    # the first in-batch resets (the seed generator has moved) and inside the second episodes (pending
+    # Monte-Carlo steps), and the run goes on past the second resets at 200
+    changes = {"num_envs": 2, "eval_every_env_steps": 4 * 60, "total_env_steps": 8 * 60,
+               "algo_params.segment_length": 30}
+    straight = train(small_config(tmp_path, POINT_MASS, bootstrap, "straight", **changes), progress=False)
+    train(small_config(tmp_path, POINT_MASS, bootstrap, "resumed", **{**changes, "total_env_steps": 4 * 60}),
+          progress=False)
+    resumed = train(small_config(tmp_path, POINT_MASS, bootstrap, "resumed", **changes), progress=False)
+
+    def updates(run_dir):
+        return [{k: v for k, v in r.items() if k != "wall_time"} for r in read_metrics(run_dir) if "grad_norm" in r]
+
+    assert updates(resumed) == updates(straight)
+    a, b = latest_checkpoint(straight), latest_checkpoint(resumed)
+    assert a["env_steps"] == b["env_steps"] == 8 * 60
+    for key in ("actor_critic", "normalizer", "target_critic"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
+
+
+class PoisonedEnv:
+    """Delegates to a real vector env; ``poison`` decides what goes wrong in ``differentiable_step``."""
+
+    def __init__(self, venv, poison: str | None):
+        self.venv, self.poison, self.num_envs = venv, poison, venv.num_envs
+
+    def __getattr__(self, name):
+        return getattr(self.venv, name)
+
+    def differentiable_step(self, state, action):
+        out = self.venv.differentiable_step(state, action)
+        if self.poison == "nan_gradient":
+            out.reward = _NaNGradient.apply(out.reward)
+        elif self.poison == "nan_reward":
+            out.reward = out.reward + torch.where(torch.arange(self.num_envs) == 1, math.nan, 0.0)
+        elif self.poison == "nan_obs":  # env 0 diverges: NaN observation and reward
+            bad = (torch.arange(self.num_envs) == 0)[:, None]
+            out.obs = torch.where(bad, math.nan, out.obs)
+            out.reward = torch.where(bad[:, 0], math.nan, out.reward)
+        return out
+
+
+class _NaNGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, math.nan)
+
+
+@pytest.mark.parametrize("poison", ["nan_gradient", "nan_reward", "nan_obs"])
+@pytest.mark.parametrize("bootstrap", BOOTSTRAP_MODES)
+def test_non_finite_loss_or_gradient_skips_the_update(tmp_path, poison, bootstrap):
+    config = small_config(tmp_path, POINT_MASS, bootstrap)
+    learner, envs, params = make_learner(config)
+    clean_venv = envs.venv
+    envs.venv = PoisonedEnv(clean_venv, poison)
+    before = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    actor_before = [p.detach().clone() for p in learner.actor_params]
+    stats = apg_update(learner, envs, params, config)
+    assert stats["skipped_updates"] == learner.skipped_updates == 1
+    assert not math.isfinite(stats["grad_norm"])
+    assert all(torch.equal(p, q) for p, q in zip(learner.actor_params, actor_before))  # actor untouched
+    assert not learner.actor_optimizer.state  # Adam's moments never saw the NaN
+    assert all(torch.isfinite(v).all() for v in learner.model.state_dict().values())
+    assert all(torch.isfinite(t).all() for t in envs.state.tensors() if t.is_floating_point())
+    assert torch.isfinite(envs.obs).all()  # a diverged env restarted
+    # the next, clean update goes through
+    envs.venv = clean_venv
+    stats = apg_update(learner, envs, params, config)
+    assert stats["skipped_updates"] == 1 and math.isfinite(stats["grad_norm"])
+    assert any(not torch.equal(before[k], v) for k, v in learner.model.state_dict().items() if k.startswith("actor."))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bootstrap", BOOTSTRAP_MODES)
+def test_trains_on_cuda(tmp_path, bootstrap):
+    config = small_config(tmp_path, POINT_MASS, bootstrap, device="cuda")
+    saved = latest_checkpoint(train(config, progress=False))
+    assert saved["grad_steps"] == 2 and "cuda_rng" in saved
+    assert all(torch.isfinite(v).all() for v in saved["actor_critic"].values())
+
+
+def test_diffgym_train_cli_writes_every_output(tmp_path):
+    run_dir = tmp_path / "cli"
+    code = diffgym_main(["train", "--algo", "apg", "--env", POINT_MASS, "--num-envs", "4",
+                         "--total-env-steps", "80", "--eval-every-env-steps", "40", "--eval-episodes", "2",
+                         "--param", "segment_length=10", "--param", "bootstrap=critic",
+                         "--run-dir", str(run_dir), "--no-progress"])
+    assert code == 0
+    config = TrainConfig.load(run_dir / "config.yaml")
+    assert config.algo == "apg" and config.algo_params["segment_length"] == 10
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    rows = read_metrics(run_dir)
+    assert {"actor_loss", "grad_norm", "skipped_updates", "critic_loss", "policy_std", "segment_reward"} <= set(rows[1])
+    assert all({"env_steps", "grad_steps", "wall_time"} <= set(r) for r in rows)
+    assert [r["env_steps"] for r in rows if "eval_success_rate" in r] == [0, 40, 80]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == \
+        [f"step_{n:012d}.pt" for n in (0, 40, 80)]
+
+
+# ------------------------------------------------------------------------------------ learning
+@pytest.mark.slow
+def test_apg_solves_point_mass_within_20k_env_steps(tmp_path):
+    """Issue 6's learning check: 90 % deterministic-policy success on held-out seeds within 20,000 env
+    steps, with the task's default APG hyperparameters (hyperparams/apg.yml), seed 0."""
+    config = resolve_config("apg", POINT_MASS, {"seed": 0, "total_env_steps": 20_000,
+                                                "run_dir": str(tmp_path / "learn")})
+    rows = read_metrics(train(config, progress=False))
+    evals = [(r["env_steps"], r["eval_success_rate"]) for r in rows if "eval_success_rate" in r]
+    print("APG PointMass1D evaluations (env steps, success rate):", evals)
+    solved = [steps for steps, success in evals if success >= 0.9 and steps <= 20_000]
+    assert solved, f"no evaluation reached 90 % success within 20,000 env steps: {evals}"
+
+
+def test_cli_segment_flags_reach_the_config(capsys):
+    from diffgym.cli import main
+
+    assert main(["train", "--algo", "apg", "--env", "DiffGym/PointMass1D-v0", "--segment-length", "16",
+                 "--bootstrap", "mc", "--print-config"]) == 0
+    algo_params = yaml.safe_load(capsys.readouterr().out)["algo_params"]
+    assert algo_params["segment_length"] == 16 and algo_params["bootstrap"] == "mc"

@@ -1,0 +1,43 @@
+"""DiffGym's Analytic Policy Gradient trainer plugin (``diffgym train --algo apg``).
+
+Backpropagates returns through ``differentiable_step`` in segments whose tails are bootstrapped by
+nothing, a Monte-Carlo value network, or a TD(lambda) critic (``docs/apg.md``).
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diffgym.training import TrainConfig
+
+from diffgym_apg.losses import MonteCarloReturns, segment_actor_loss, td_lambda_targets
+from diffgym_apg.train import BOOTSTRAP_MODES, APGParams, apg_update, train
+
+__all__ = ["APGParams", "APGTrainer", "BOOTSTRAP_MODES", "MonteCarloReturns", "apg_update",
+           "default_config", "segment_actor_loss", "td_lambda_targets", "train"]
+
+
+def default_config(env_id: str) -> dict[str, Any]:
+    """Per-task defaults from ``hyperparams/apg.yml`` (the ``default`` entry for unlisted tasks), with
+    every :class:`APGParams` field filled in so ``--print-config`` shows them all."""
+    table = yaml.safe_load(files("diffgym_apg").joinpath("hyperparams", "apg.yml").read_text())
+    entry = dict(table.get(env_id, table["default"]))
+    entry["algo_params"] = APGParams(**entry.get("algo_params", {})).__dict__.copy()
+    return entry
+
+
+class APGTrainer:
+    """The ``apg`` entry point of the ``diffgym.trainers`` group."""
+
+    name = "apg"
+    description = "Analytic Policy Gradients: segmented backpropagation through the simulator (none/mc/critic bootstrap)"
+
+    def default_config(self, env_id: str) -> dict[str, Any]:
+        return default_config(env_id)
+
+    def train(self, config: TrainConfig, progress: bool = True) -> Path:
+        return train(config, progress=progress)
