@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo demo-open-loop test test-slow bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,12 @@ $(STAMP): $(PY) setup.cfg pyproject.toml constraints.txt $(wildcard trainers/*/s
 
 install: $(STAMP)
 
+# The main job: APG vs PPO on PointMass1D under the evaluation protocol (~5 min on 2 CPU cores).
 demo: install
+	$(VENV)/bin/diffgym compare --env DiffGym/PointMass1D-v0 --algos apg,ppo --seeds 3 \
+		--env-steps 300000 --eval-every 5000 --out runs/demo
+
+demo-open-loop: install
 	$(PY) -m diffgym.demos.open_loop
 
 test: install
