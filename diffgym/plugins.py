@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol, runtime_checkable
 
 from diffgym.training.spec import TrainConfig
+from diffgym.training.task_specs import SHARED_SECTIONS, shared_specs
 
 ENTRY_POINT_GROUP = "diffgym.trainers"
 
@@ -82,11 +83,15 @@ def load_trainer(name: str) -> Trainer:
 def resolve_config(algo: str, env_id: str, overrides: Mapping[str, Any] | None = None,
                    base: TrainConfig | None = None) -> TrainConfig:
     """The config ``diffgym train`` runs: ``TrainConfig`` defaults, then the trainer's per-task
-    defaults, then ``base`` (e.g. a ``--config`` file) when given, then dotted-key ``overrides``."""
+    defaults (its budgets and ``algo_params``), the task's shared specs (``task_specs``), then ``base`` (e.g. a ``--config`` file) when given, then dotted-key ``overrides``."""
     trainer = load_trainer(algo)
     if base is None:
         defaults = dict(trainer.default_config(env_id) or {})
-        config = TrainConfig.from_dict({**defaults, "algo": algo, "env_id": env_id})
+        owned = [section for section in SHARED_SECTIONS if section in defaults]
+        if owned:
+            raise ValueError(f"trainer {algo!r} sets {owned} in its defaults; policy, normalizer and optimizer "
+                             "are shared by every trainer and come from diffgym.training.task_specs")
+        config = TrainConfig.from_dict({**defaults, **shared_specs(env_id), "algo": algo, "env_id": env_id})
     else:
         config = base.replace(algo=algo, env_id=env_id)
     return config.with_overrides(overrides or {})

@@ -230,3 +230,16 @@ def test_render_rgb_array(env_id):
     frames = gym.make_vec(env_id, num_envs=2, render_mode="rgb_array")
     frames.reset(seed=0)
     assert len(frames.render()) == 2
+
+
+@pytest.mark.parametrize("env_id", TASKS)
+def test_info_arrays_do_not_alias_the_state(env_id):
+    venv = gym.make_vec(env_id, num_envs=2)
+    venv.reset(seed=0)
+    *_, info = venv.step(np.zeros(venv.action_space.shape, np.float32))
+    before = venv.get_state()
+    for key, value in info.items():
+        if isinstance(value, np.ndarray) and value.dtype != object:
+            value[...] = 0
+    for x, y in zip(before.tensors(), venv.get_state().tensors()):
+        assert torch.equal(x, y)

@@ -119,3 +119,25 @@ def test_cli_print_config_applies_flags_sets_and_params(monkeypatch, capsys, tmp
     assert yaml.safe_load(capsys.readouterr().out) == printed
     assert cli.main(["train", "--algo", "echo", "--env", ENV_ID, "--set", "optimizer.lrr=1", "--print-config"]) == 2
     assert "unknown config key 'optimizer.lrr'" in capsys.readouterr().err
+
+
+def test_shared_specs_come_from_diffgym_for_every_trainer(monkeypatch):
+    from diffgym.training.task_specs import shared_specs
+
+    shared = shared_specs("DiffGym/PointMass1D-v0")["optimizer"]
+    for algo in ("ppo", "apg"):
+        config = plugins.resolve_config(algo, "DiffGym/PointMass1D-v0")
+        assert (config.optimizer.lr, config.optimizer.max_grad_norm) == (shared["lr"], shared["max_grad_norm"])
+
+    class Greedy:
+        name = "greedy"
+
+        def default_config(self, env_id):
+            return {"optimizer": {"lr": 1.0}}
+
+        def train(self, config):
+            raise AssertionError("not reached")
+
+    plugins.register_trainer("greedy", Greedy())
+    with pytest.raises(ValueError, match="shared by every trainer"):
+        plugins.resolve_config("greedy", "DiffGym/PointMass1D-v0")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import diffgym  # noqa: F401
+from diffgym.training.evaluation import SEED_STRIDE
 from diffgym.training import (EVAL_SEED_OFFSET, ActorCritic, NormalizerSpec, ObservationNormalizer,
                               OptimizerSpec, PolicySpec, Run, TrainConfig, clip_gradients, evaluate_policy,
                               make_optimizer)
@@ -204,7 +205,7 @@ def test_evaluate_policy_matches_single_env_episodes_on_held_out_seeds():
     returns, successes = [], []
     for i in range(episodes):
         env = gym.make(ENV_ID)
-        obs, _ = env.reset(seed=EVAL_SEED_OFFSET + seed + i)
+        obs, _ = env.reset(seed=EVAL_SEED_OFFSET + SEED_STRIDE * seed + i)
         total, done = 0.0, False
         while not done:
             obs, reward, terminated, truncated, info = env.step(_pd_controller(obs[None])[0])
@@ -234,3 +235,27 @@ def test_spec_modules_on_cuda():
     result = evaluate_policy(lambda o: model.act(norm(torch.as_tensor(o, device="cuda")), True).cpu().numpy(),
                              ENV_ID, 4, 0, env_kwargs={"device": "cuda"})
     assert np.isfinite(result["eval_return"])
+
+
+def test_rerun_starts_metrics_afresh_and_resume_keeps_rows_up_to_the_checkpoint(tmp_path):
+    from diffgym.training import Run
+
+    config = TrainConfig(algo="x", env_id=ENV_ID, total_env_steps=300, eval_every_env_steps=100,
+                         run_dir=str(tmp_path / "run"))
+    with Run(config, progress=False) as run:
+        for steps in (0, 100, 200):
+            run.log(steps, steps // 10, eval_success_rate=0.5)
+    with Run(config, progress=False) as run:  # an attempt that cannot resume: no stale rows
+        run.log(0, 0, eval_success_rate=0.0)
+        assert [r["env_steps"] for r in run.read_metrics()] == [0]
+    with Run(config, progress=False) as run:
+        run.log(0, 0, eval_success_rate=0.1)
+        run.log(100, 10, eval_success_rate=0.2)
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        last_wall = [json.loads(line)["wall_time"] for line in f][-1]
+    with Run(config, progress=False) as run:  # resuming from a checkpoint at 100 env steps
+        run.resume_from(100)
+        run.log(200, 20, eval_success_rate=0.3)
+        rows = run.read_metrics()
+    assert [r["env_steps"] for r in rows] == [0, 100, 200]
+    assert rows[-1]["wall_time"] >= last_wall  # the clock continues

@@ -73,8 +73,9 @@ def _spaces(sim: DiffSim) -> tuple[spaces.Box, spaces.Box]:
 
 
 def _info_numpy(sim: DiffSim, out: StepOutput) -> dict[str, np.ndarray]:
-    info = {"is_success": out.success.cpu().numpy()}
-    info.update({k: v.detach().cpu().numpy() for k, v in sim.info(out).items()})
+    # copies: on CPU .numpy() shares memory, and editing info (e.g. goal relabelling) must not edit the state
+    info = {"is_success": out.success.cpu().numpy().copy()}
+    info.update({k: v.detach().cpu().numpy().copy() for k, v in sim.info(out).items()})
     return info
 
 
@@ -97,8 +98,6 @@ class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        if self.spec is not None and self.spec.max_episode_steps:
-            self.sim.max_episode_steps = self.spec.max_episode_steps  # honour gym.make(max_episode_steps=)
         if seed is not None or self._seed is None:
             value = seed if seed is not None else int(self.np_random.integers(_SEED_MASK))
             self._seed = torch.tensor([value & _SEED_MASK], dtype=torch.int32, device=self.sim.device)

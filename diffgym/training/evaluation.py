@@ -8,9 +8,17 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+SEED_STRIDE = 100_000
+"""Runs with seeds ``s`` and ``s + 1`` draw env seeds this far apart, so they never share an episode
+(Gymnasium's ``seed + i`` convention alone would make env ``i + 1`` of one run env ``i`` of the next)."""
 EVAL_SEED_OFFSET = 10_000
-"""Evaluation env ``i`` of a run with seed ``s`` is seeded ``EVAL_SEED_OFFSET + s + i``: disjoint from
-the training envs (seeded ``s + i``, ``i < num_envs <= EVAL_SEED_OFFSET``)."""
+"""Evaluation env ``i`` of a run with seed ``s`` is seeded ``EVAL_SEED_OFFSET + SEED_STRIDE * s + i``:
+disjoint from the training envs (``train_env_seed(s) + i`` with ``i < num_envs <= EVAL_SEED_OFFSET``)."""
+
+
+def train_env_seed(seed: int) -> int:
+    """The base seed a trainer gives its training vector env (env ``i`` gets ``train_env_seed(seed) + i``)."""
+    return SEED_STRIDE * int(seed)
 
 
 def evaluate_policy(act: Callable[[np.ndarray], np.ndarray], env_id: str, episodes: int, seed: int,
@@ -24,12 +32,14 @@ def evaluate_policy(act: Callable[[np.ndarray], np.ndarray], env_id: str, episod
     Returns ``eval_return`` (mean undiscounted return), ``eval_return_std``, ``eval_success_rate``
     (fraction of episodes whose *last* step has ``info["is_success"]``) and ``eval_episode_length``.
     """
+    if episodes > SEED_STRIDE - EVAL_SEED_OFFSET:
+        raise ValueError(f"at most {SEED_STRIDE - EVAL_SEED_OFFSET} evaluation episodes, got {episodes}")
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     venv = gym.make_vec(env_id, num_envs=episodes, vectorization_mode="vector_entry_point",
                         **(env_kwargs or {}))
     try:
-        obs, _ = venv.reset(seed=EVAL_SEED_OFFSET + int(seed))
+        obs, _ = venv.reset(seed=EVAL_SEED_OFFSET + SEED_STRIDE * int(seed))
         returns = np.zeros(episodes, dtype=np.float64)
         lengths = np.zeros(episodes, dtype=np.int64)
         success = np.zeros(episodes, dtype=bool)

@@ -38,8 +38,8 @@ def default_run_dir(config: TrainConfig, root: str | Path = "runs") -> Path:
 class Run:
     """The output directory of one training run; use as a context manager or call :meth:`close`.
 
-    An existing ``run_dir`` is reused (metrics are appended), so a trainer can resume from
-    :meth:`load_latest_checkpoint`.
+    An existing ``run_dir`` is reused: a trainer that resumes from :meth:`load_latest_checkpoint` calls
+    :meth:`resume_from`; otherwise the run's metrics start afresh.
     """
 
     def __init__(self, config: TrainConfig, progress: bool = True):
@@ -50,7 +50,10 @@ class Run:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.config.save(run_dir / "config.yaml")
         self.metrics_path = run_dir / "metrics.jsonl"
-        self._metrics = self.metrics_path.open("a")
+        # An earlier attempt's rows are set aside: a trainer that resumes from a checkpoint keeps those up
+        # to it (resume_from); any other run starts its metrics afresh, so env_steps only ever increase.
+        self._earlier_rows = self._read_rows() if self.metrics_path.exists() else []
+        self._metrics = self.metrics_path.open("w")
         from torch.utils.tensorboard import SummaryWriter  # imported late: it pulls in TensorBoard
 
         self.writer = SummaryWriter(log_dir=str(run_dir))
@@ -103,10 +106,23 @@ class Run:
             return None
         return torch.load(max(found)[1], map_location="cpu", weights_only=False)
 
+    def resume_from(self, env_steps: int) -> None:
+        """Continue an earlier attempt from its checkpoint at ``env_steps``: keep its metrics rows up to
+        there and continue its wall-clock, so a resumed run records the same axes as an uninterrupted one."""
+        kept = [row for row in self._earlier_rows if row["env_steps"] <= env_steps]
+        self._metrics.writelines(json.dumps(row) + "\n" for row in kept)
+        self._metrics.flush()
+        if kept:
+            self._start -= float(kept[-1]["wall_time"])
+        self.progress(env_steps)
+
+    def _read_rows(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every row of ``metrics.jsonl`` so far."""
         self._metrics.flush()
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return self._read_rows()
 
     def close(self) -> None:
         if self._closed:

@@ -94,7 +94,8 @@ class TrainConfig:
     env_id: str
     """Gymnasium id of the task, e.g. ``DiffGym/PointMass1D-v0``."""
     seed: int = 0
-    """Seeds torch, the training envs (env ``i`` gets ``seed + i``) and the evaluation envs."""
+    """Seeds torch, the training envs (env ``i`` gets ``100000 * seed + i``, see
+    ``diffgym.training.evaluation.train_env_seed``) and the evaluation envs."""
     num_envs: int = 64
     """Number of parallel envs in the native batched vector env."""
     total_env_steps: int = 1_000_000

@@ -26,6 +26,7 @@ from torch import nn
 from diffgym import SimState
 from diffgym.training import (ActorCritic, ObservationNormalizer, Run, TrainConfig, clip_gradients,
                               evaluate_policy, make_optimizer)
+from diffgym.training.evaluation import train_env_seed
 from diffgym.training.spec import from_dict
 
 from diffgym_apg.losses import MonteCarloReturns, segment_actor_loss, td_lambda_targets
@@ -35,8 +36,7 @@ BOOTSTRAP_MODES = ("none", "mc", "critic")
 
 _RESET_SEED_LOW = 2**30
 """Episodes after the first draw their reset seeds from [2^30, 2^31): disjoint from the evaluation
-seeds (``EVAL_SEED_OFFSET + seed + i``) and the first episodes' seeds (``seed + i``) of any run whose
-seed is below 2^30 - 10^5."""
+seeds and the first episodes' seeds (``diffgym.training.evaluation``) of any run seed below ~10^4."""
 
 
 @dataclasses.dataclass
@@ -89,7 +89,7 @@ class EnvBatch:
         self.venv, self.device = venv, device
         self.num_envs = venv.num_envs
         self.seeds = np.random.default_rng(seed)
-        obs, _ = venv.reset(seed=seed)  # env i starts from seed + i, as TrainConfig documents
+        obs, _ = venv.reset(seed=seed)  # env i starts from seed + i (seed = train_env_seed(config.seed))
         self.state: SimState = venv.get_state()
         self.obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
         self.episode_return = torch.zeros(self.num_envs, dtype=torch.float64, device=device)
@@ -142,6 +142,7 @@ class Learner:
     actor_params: list[nn.Parameter]
     critic_params: list[nn.Parameter]
     skipped_updates: int = 0
+    critic_grad_steps: int = 0
 
     @classmethod
     def create(cls, obs_dim: int, act_dim: int, config: TrainConfig, params: APGParams, device: torch.device
@@ -168,7 +169,7 @@ class Learner:
                 "actor_optimizer": self.actor_optimizer.state_dict(),
                 "critic_optimizer": self.critic_optimizer.state_dict(),
                 "target_critic": self.target_critic.state_dict(), "mc_returns": self.mc_returns.state_dict(),
-                "skipped_updates": self.skipped_updates}
+                "skipped_updates": self.skipped_updates, "critic_grad_steps": self.critic_grad_steps}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.model.load_state_dict(saved["actor_critic"])
@@ -178,6 +179,7 @@ class Learner:
         self.target_critic.load_state_dict(saved["target_critic"])
         self.mc_returns.load_state_dict(saved["mc_returns"])
         self.skipped_updates = int(saved["skipped_updates"])
+        self.critic_grad_steps = int(saved.get("critic_grad_steps", 0))
 
 
 @dataclasses.dataclass
@@ -276,6 +278,7 @@ def apg_update(learner: Learner, envs: EnvBatch, params: APGParams, config: Trai
 
     return {"actor_loss": float(actor_loss.detach()), "grad_norm": grad_norm,
             "skipped_updates": float(learner.skipped_updates),
+            "critic_grad_steps": float(learner.critic_grad_steps),  # value-network-only Adam steps (protocol.md)
             **({"critic_loss": critic_loss} if critic_loss is not None else {}),
             "segment_reward": float(rewards.mean()),
             "policy_std": float(model.log_std.detach().exp().mean()),
@@ -304,6 +307,7 @@ def fit_value(learner: Learner, obs: torch.Tensor | None, targets: torch.Tensor 
             loss.backward()
             if math.isfinite(clip_gradients(learner.critic_params, config.optimizer)):
                 learner.critic_optimizer.step()
+                learner.critic_grad_steps += 1
             losses.append(float(loss.detach()))
     learner.critic_optimizer.zero_grad(set_to_none=True)
     return float(np.mean(losses))
@@ -325,7 +329,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
             raise TypeError(f"{config.env_id}'s vector env has no {method}(): APG needs DiffGym's tensor API")
     obs_dim = int(np.prod(venv.single_observation_space.shape))
     act_dim = int(np.prod(venv.single_action_space.shape))
-    envs = EnvBatch(venv, config.seed, device)
+    envs = EnvBatch(venv, train_env_seed(config.seed), device)
     learner = Learner.create(obs_dim, act_dim, config, params, device)
     env_steps = grad_steps = 0
     steps_per_update = config.num_envs * params.segment_length
@@ -339,6 +343,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
             if device.type == "cuda":
                 torch.cuda.set_rng_state(saved["cuda_rng"], device)
             env_steps, grad_steps = int(saved["env_steps"]), int(saved["grad_steps"])
+            run.resume_from(env_steps)
         next_eval = (env_steps // config.eval_every_env_steps + 1) * config.eval_every_env_steps
 
         def evaluate() -> None:

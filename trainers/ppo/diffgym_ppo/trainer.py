@@ -15,6 +15,7 @@ from stable_baselines3.common.logger import KVWriter, Logger
 from stable_baselines3.common.vec_env import VecMonitor, VecNormalize
 
 from diffgym.training import Run, TrainConfig, evaluate_policy
+from diffgym.training.evaluation import train_env_seed
 from diffgym_ppo.policy import SpecActorCriticPolicy, SpecPPO
 from diffgym_ppo.vec_env import DiffGymVecEnv
 
@@ -73,7 +74,8 @@ class PPOTrainer:
                 SpecActorCriticPolicy, env,
                 learning_rate=config.optimizer.lr,
                 max_grad_norm=config.optimizer.max_grad_norm if config.optimizer.max_grad_norm > 0 else math.inf,
-                seed=config.seed, device=config.device, verbose=0,
+                seed=train_env_seed(config.seed),  # SB3 seeds env i with this + i
+                device=config.device, verbose=0,
                 policy_kwargs=dict(policy_spec=config.policy, normalizer_spec=config.normalizer,
                                    optimizer_spec=config.optimizer),
                 **{k: v for k, v in params.items() if k != "normalize_reward"},
@@ -123,18 +125,22 @@ class _RunCallback(BaseCallback):
         super().__init__()
         self.run, self.config, self.ppo = run, config, model
         self.next_eval = 0
+        self.last_eval = -1
 
     def _on_training_start(self) -> None:
         self._evaluate()
 
     def _on_step(self) -> bool:
         self.run.progress(self.num_timesteps)
-        if self.num_timesteps >= self.next_eval:
-            self._evaluate()
         return True
 
+    def _on_rollout_start(self) -> None:
+        # The policy has now been trained on every collected step: an update boundary (protocol.md).
+        if self.num_timesteps >= self.next_eval:
+            self._evaluate()
+
     def _on_training_end(self) -> None:
-        if self.ppo.num_timesteps > self.next_eval - self.config.eval_every_env_steps:
+        if self.ppo.num_timesteps != self.last_eval:
             self._evaluate()
 
     def _evaluate(self) -> None:
@@ -145,4 +151,6 @@ class _RunCallback(BaseCallback):
         env_steps = int(self.ppo.num_timesteps)
         self.run.log(env_steps, self.ppo.grad_steps, **result)
         self.run.save_checkpoint(checkpoint(self.ppo, self.config), env_steps)
-        self.next_eval = env_steps + self.config.eval_every_env_steps
+        self.last_eval = env_steps
+        every = self.config.eval_every_env_steps
+        self.next_eval = (env_steps // every + 1) * every
