@@ -145,8 +145,9 @@ class DiffSim:
             if not isinstance(tensor, torch.Tensor) or tensor.dtype != want:
                 got = getattr(tensor, "dtype", type(tensor).__name__)
                 raise ValueError(f"state.{name} must be a {want} tensor, got {got}")
-            if tensor.shape[:1] != (batch,):
-                raise ValueError(f"state.{name} must have batch size {batch}, got shape {tuple(tensor.shape)}")
+            if tensor.shape != (batch, *self.state_type.shapes[name]):
+                raise ValueError(f"state.{name} must have shape {(batch, *self.state_type.shapes[name])}, "
+                                 f"got {tuple(tensor.shape)}")
             if tensor.device != self.device:
                 raise ValueError(f"state.{name} must be on {self.device}, got {tensor.device}")
 

@@ -45,8 +45,6 @@ T_OUTLINE = np.array([  # body frame, counter-clockwise; also the reward keypoin
     [-0.10, 0.05], [-0.10, 0.0], [-0.025, 0.0], [-0.025, -0.15],
     [0.025, -0.15], [0.025, 0.0], [0.10, 0.0], [0.10, 0.05],
 ]) - _COM_DRAW
-HULL_VERTICES = (0, 1, 3, 4, 6, 7)
-"""Indices of the outline vertices on the T's convex hull (the only ones that can touch a wall)."""
 
 
 def t_inertia_per_mass() -> float:
@@ -325,7 +323,7 @@ def substep(p: TPushParams, h: float, command: wp.vec2, xp: wp.vec2, vp: wp.vec2
         gap_p = wp.dot(xp, wall_n) + p.arena_half - p.pusher_radius
         force_p = force_p + normal_force(p, gap_p, wp.dot(vp, wall_n)) * wall_n
         for k in range(8):
-            if k != 2 and k != 5:  # the concave corners never touch a wall first
+            if k != 2 and k != 5:  # only the six convex-hull corners (not the concave 2, 5) can touch a wall
                 r = rotate(theta, outline_vertex(p, k))
                 gap_v = wp.dot(xb + r, wall_n) + p.arena_half
                 fw = normal_force(p, gap_v, wp.dot(vb + omega * perp(r), wall_n)) * wall_n

@@ -17,11 +17,10 @@ from typing import Sequence
 import gymnasium as gym
 import numpy as np
 
-from diffgym.experiments.compare import task_name
 from diffgym.experiments.report import SUCCESS_THRESHOLD, group, load_run, threshold_table
 from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
 from diffgym.plugins import resolve_config
-from diffgym.training.spec import TrainConfig
+from diffgym.training.spec import TrainConfig, task_name
 
 
 def parse_segments(text: str, env_id: str) -> list[int]:

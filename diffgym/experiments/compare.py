@@ -15,11 +15,7 @@ from typing import Any, Mapping, Sequence
 from diffgym.experiments.report import SUCCESS_THRESHOLD, write_report
 from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
 from diffgym.plugins import resolve_config
-from diffgym.training.spec import TrainConfig
-
-
-def task_name(env_id: str) -> str:
-    return env_id.split("/")[-1].rsplit("-v", 1)[0]
+from diffgym.training.spec import TrainConfig, task_name
 
 
 def compare_configs(env_id: str, algos: Sequence[str], seeds: int, env_steps: int, out_dir: str | Path,

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from diffgym.training.run import read_metrics
 from diffgym.training.spec import TrainConfig
 
 AXES = ("env_steps", "grad_steps", "wall_time")
@@ -54,8 +55,7 @@ class RunRecord:
 def load_run(path: str | Path) -> RunRecord:
     path = Path(path)
     config = TrainConfig.load(path / "config.yaml")
-    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "eval_success_rate" in r]
+    rows = [r for r in read_metrics(path) if "eval_success_rate" in r]
     if not rows:
         raise ValueError(f"{path}: no evaluation rows in metrics.jsonl")
     keys = (*AXES, "eval_return", "eval_success_rate")

@@ -13,6 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from diffgym.training.run import read_metrics
 from diffgym.training.spec import TrainConfig
 
 
@@ -32,8 +33,7 @@ def is_finished(config: TrainConfig) -> bool:
     metrics = Path(config.run_dir or "") / "metrics.jsonl"
     if not config.run_dir or not metrics.exists():
         return False
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    evals = [r for r in rows if "eval_success_rate" in r]
+    evals = [r for r in read_metrics(metrics) if "eval_success_rate" in r]
     return bool(evals) and evals[-1]["env_steps"] >= config.total_env_steps
 
 

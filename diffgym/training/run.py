@@ -29,6 +29,14 @@ from diffgym.training.spec import TrainConfig
 _CHECKPOINT = re.compile(r"step_(\d+)\.pt$")
 
 
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl`` (``path`` is the file or the run directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def default_run_dir(config: TrainConfig, root: str | Path = "runs") -> Path:
     """``runs/<algo>__<task>__s<seed>__<YYYYmmdd-HHMMSS>``."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -117,7 +125,7 @@ class Run:
         self.progress(env_steps)
 
     def _read_rows(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return read_metrics(self.metrics_path)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every row of ``metrics.jsonl`` so far."""

@@ -178,7 +178,12 @@ class TrainConfig:
     @property
     def task_name(self) -> str:
         """The task part of ``env_id`` without namespace and version, e.g. ``PointMass1D``."""
-        return self.env_id.split("/")[-1].rsplit("-v", 1)[0]
+        return task_name(self.env_id)
+
+
+def task_name(env_id: str) -> str:
+    """``DiffGym/PointMass1D-v0`` -> ``PointMass1D``."""
+    return env_id.split("/")[-1].rsplit("-v", 1)[0]
 
 
 # ---------------------------------------------------------------------------------- helpers

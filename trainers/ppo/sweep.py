@@ -20,6 +20,7 @@ import torch
 
 import diffgym  # noqa: F401  (registers the tasks)
 from diffgym.plugins import load_trainer, resolve_config
+from diffgym.training.run import read_metrics
 
 
 def main() -> None:
@@ -42,7 +43,7 @@ def main() -> None:
                 **overrides, "seed": seed, "total_env_steps": args.steps,
                 "eval_every_env_steps": args.eval_every, "run_dir": str(out / f"{name}_s{seed}")})
             run_dir = trainer.train(config, progress=False)
-            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            rows = read_metrics(run_dir)
             evals = [r for r in rows if "eval_success_rate" in r]
             final = evals[-1]
             first = next((r["env_steps"] for r in evals if r["eval_success_rate"] >= 0.9), "never")
