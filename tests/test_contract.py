@@ -243,3 +243,15 @@ def test_info_arrays_do_not_alias_the_state(env_id):
             value[...] = 0
     for x, y in zip(before.tensors(), venv.get_state().tensors()):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("env_id", TASKS)
+def test_same_step_info_of_reset_envs_is_in_final_info(env_id):
+    venv = gym.make_vec(env_id, num_envs=2, max_episode_steps=2, autoreset_mode=AutoresetMode.SAME_STEP)
+    venv.reset(seed=0)
+    zeros = np.zeros(venv.action_space.shape, np.float32)
+    *_, info = venv.step(zeros)
+    assert info["_is_success"].all() and "final_info" not in info
+    *_, trunc, info = venv.step(zeros)
+    assert trunc.all() and not info["_is_success"].any()  # top level: the new episodes' (empty) reset info
+    assert info["final_info"]["_is_success"].all()

@@ -208,8 +208,6 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
                     obs = torch.where(resetting[:, None], self.sim.observe(fresh_state), obs)
                     reward = reward.masked_fill(resetting, 0.0)
                     terminated, truncated = terminated & ~resetting, truncated & ~resetting
-                    for value in infos.values():  # a resetting env reports no step info
-                        value[resetting.cpu().numpy()] = 0
                 self._needs_reset = terminated | truncated
             else:  # SAME_STEP
                 done = terminated | truncated
@@ -226,11 +224,11 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
                     out.state = out.state.where(done, fresh_state)
                     obs = torch.where(done[:, None], self.sim.observe(fresh_state), obs)
         self._state = out.state
-        has_info = np.ones(self.num_envs, dtype=bool)
-        if self.autoreset_mode == AutoresetMode.NEXT_STEP:
-            has_info = ~resetting.cpu().numpy()
+        # As in Gymnasium: an env that was reset this step reports its (empty) reset info at the top level
+        reset_now = (resetting if self.autoreset_mode == AutoresetMode.NEXT_STEP else done).cpu().numpy()
         for key in [k for k in infos if not k.startswith("_") and k not in ("final_obs", "final_info")]:
-            infos[f"_{key}"] = has_info.copy()
+            infos[key][reset_now] = 0
+            infos[f"_{key}"] = ~reset_now
         return (obs.cpu().numpy(), reward.cpu().numpy(), terminated.cpu().numpy(),
                 truncated.cpu().numpy(), infos)
 
