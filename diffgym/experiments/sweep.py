@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -37,15 +37,28 @@ def is_finished(config: TrainConfig) -> bool:
     return bool(evals) and evals[-1]["env_steps"] >= config.total_env_steps
 
 
-def train_one(config_dict: dict) -> str:
+def train_one(config_dict: dict, progress: bool = True) -> str:
     """Run one config in this process; the unit of work of every runner."""
+    import inspect
+
     import torch
 
     from diffgym.plugins import load_trainer
 
     torch.set_num_threads(1)  # parallel runs share the cores; one thread each avoids oversubscription
     config = TrainConfig.from_dict(config_dict)
-    return str(load_trainer(config.algo).train(config))
+    train = load_trainer(config.algo).train
+    if not progress and "progress" in inspect.signature(train).parameters:
+        return str(train(config, progress=False))
+    return str(train(config))
+
+
+def _summary(config: TrainConfig) -> str:
+    evals = [r for r in read_metrics(Path(config.run_dir)) if "eval_success_rate" in r]
+    last = evals[-1] if evals else {}
+    return (f"{config.algo} seed {config.seed}: success {last.get('eval_success_rate', float('nan')):.2f}, "
+            f"return {last.get('eval_return', float('nan')):.2f} after {last.get('env_steps', 0):,} env steps "
+            f"({last.get('wall_time', 0):.0f} s)")
 
 
 class Runner(Protocol):
@@ -74,6 +87,9 @@ class LocalRunner:
         else:
             context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked Warp/torch state
             with ProcessPoolExecutor(self.workers, mp_context=context) as pool:
-                for future in [pool.submit(train_one, c.to_dict()) for c in todo]:
+                # parallel progress bars would garble the terminal: one line per finished run instead
+                futures = {pool.submit(train_one, c.to_dict(), False): c for c in todo}
+                for done, future in enumerate(as_completed(futures), 1):
                     future.result()  # re-raise a failed run's exception here
+                    print(f"[{done}/{len(todo)}] {_summary(futures[future])}", flush=True)
         return [Path(c.run_dir) for c in configs]
