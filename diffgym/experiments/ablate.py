@@ -57,9 +57,13 @@ def heatmap(values: np.ndarray, segments: Sequence[int], bootstraps: Sequence[st
     ax.set_yticks(range(len(segments)), [str(k) for k in segments])
     ax.set_xlabel("bootstrap")
     ax.set_ylabel("segment length K")
+    finite = values[np.isfinite(values)]
+    low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
     for i in range(len(segments)):
         for j in range(len(bootstraps)):
-            ax.text(j, i, fmt(values[i, j]), ha="center", va="center", color="w", fontsize=8)
+            v = values[i, j]
+            bright = not np.isfinite(v) or (high > low and (v - low) / (high - low) > 0.6)  # viridis is light at the top
+            ax.text(j, i, fmt(v), ha="center", va="center", color="black" if bright else "white", fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
