@@ -8,7 +8,7 @@ Prints Markdown tables (paste them into docs/benchmarks.md with the machine):
   2. per task and batch size N: env-steps/s for the Gymnasium vector `step` (NumPy in/out),
      `differentiable_step` forward, and forward+backward through a 32-step rollout;
   3. per task, the single-env `gym.make(...).step` rate.
-Times are the median of --repeats runs after one warm-up run (which also compiles the kernels).
+Times are the median of --repeats runs after three warm-up runs (the first compiles the kernels).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def _sync(device: str) -> None:
 
 
 def timed(fn, device: str, repeats: int) -> float:
-    fn()  # warm-up: kernel compilation, allocator
+    for _ in range(3):  # warm-up: kernel compilation, allocator, caches and CPU clocks
+        fn()
     times = []
     for _ in range(repeats):
         _sync(device)
