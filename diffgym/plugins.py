@@ -36,7 +36,9 @@ class Trainer(Protocol):
         """Per-task defaults as a (nested) mapping of :class:`TrainConfig` fields, applied on top of
         the dataclass defaults, e.g. ``{"num_envs": 32, "algo_params": {"n_steps": 16}}``. Every
         hyperparameter the trainer reads from ``config.algo_params`` should appear here, so that
-        ``diffgym train --print-config`` lists them and ``--param KEY=VALUE`` can override them."""
+        ``diffgym train --print-config`` lists them and ``--param KEY=VALUE`` can override them.
+        ``policy``, ``normalizer`` and ``optimizer`` are not the trainer's to set: they come from
+        :mod:`diffgym.training.task_specs`, identical for every trainer."""
         ...
 
     def train(self, config: TrainConfig) -> Path:
