@@ -88,8 +88,8 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
                              "policy.hidden_sizes=[128,128] (repeatable)")
     parser.add_argument("--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
                         help="override an algorithm hyperparameter, same as --set algo_params.KEY=VALUE")
-    parser.add_argument("--segment-length", type=int, metavar="K",
-                        help="segmented-backpropagation length (apg); same as --param segment_length=K")
+    parser.add_argument("--segment-length", type=_parse_value, metavar="K",
+                        help="segmented-backpropagation length or 'adaptive' (apg); same as --param segment_length=K")
     parser.add_argument("--bootstrap", choices=("none", "mc", "critic"),
                         help="segment tail bootstrap (apg); same as --param bootstrap=MODE")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -146,7 +146,14 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "validate-urdf": ("check a URDF's Warp kinematics against PyBullet (link frames, TCP, joint limits)",
                       lambda p: p.add_argument("argv", nargs=argparse.REMAINDER, help="PATH [--tcp-link L] [--samples N] [--seed S]"),
                       lambda a: __import__("diffgym.urdf", fromlist=["validate_cli"]).validate_cli(a.argv, prog="diffgym validate-urdf")),
-    "ablate": ("APG segment length x bootstrap mode grid on one task",
+    "grad-stats": ("analytic vs likelihood-ratio policy gradients per horizon: norm, variance, cosine, bias",
+                   lambda p: __import__("diffgym.diagnostics", fromlist=["add_arguments"]).add_arguments(p),
+                   lambda a: __import__("diffgym.diagnostics", fromlist=["main"]).main(a)),
+    "tune": ("Optuna search over a trainer's own hyperparameters on one task (TPE, median pruner)",
+             lambda p: _experiment("tune").add_arguments(p), lambda a: _experiment("tune").main(a)),
+    "feasibility": ("a sampling planner (MPPI) on the exact simulator: is the success criterion reachable?",
+                    lambda p: _experiment("feasibility").add_arguments(p), lambda a: _experiment("feasibility").main(a)),
+    "ablate": ("a grid over a trainer's algo_params on one task (default: APG segment length x bootstrap)",
                lambda p: _experiment("ablate").add_arguments(p), lambda a: _experiment("ablate").main(a)),
 }
 """Subcommand name -> (help, add_arguments, run). Register new subcommands here."""

@@ -18,7 +18,8 @@ from diffgym.plugins import load_trainer, resolve_config
 from diffgym.training import TrainConfig
 
 from diffgym_apg import BOOTSTRAP_MODES, MonteCarloReturns, segment_actor_loss, td_lambda_targets
-from diffgym_apg.train import APGParams, EnvBatch, Learner, apg_update, train, unroll
+from diffgym_apg.train import (AdaptiveSegmentLength, APGParams, EnvBatch, Learner, apg_update, policy_gradient,
+                               train, unroll)
 
 POINT_MASS = "DiffGym/PointMass1D-v0"
 
@@ -234,13 +235,14 @@ def test_mc_value_network_is_fitted_once_episodes_end(tmp_path):
     assert ["critic_loss" in r for r in rows] == [False, True, False]
 
 
-@pytest.mark.parametrize("bootstrap", ["mc", "critic"])
-def test_resume_from_checkpoint_continues_identically(tmp_path, bootstrap):
+@pytest.mark.parametrize("bootstrap, extra", [("mc", {}), ("critic", {}),
+                                              ("critic", {"algo_params.estimator": "hybrid"})])
+def test_resume_from_checkpoint_continues_identically(tmp_path, bootstrap, extra):
     # 2 envs x 30-step segments over 100-step episodes; the checkpoint at 120 steps per env lies after
     # the first in-batch resets (the seed generator has moved) and inside the second episodes (pending
     # Monte-Carlo steps), and the run goes on past the second resets at 200
     changes = {"num_envs": 2, "eval_every_env_steps": 4 * 60, "total_env_steps": 8 * 60,
-               "algo_params.segment_length": 30}
+               "algo_params.segment_length": 30, **extra}
     straight = train(small_config(tmp_path, POINT_MASS, bootstrap, "straight", **changes), progress=False)
     train(small_config(tmp_path, POINT_MASS, bootstrap, "resumed", **{**changes, "total_env_steps": 4 * 60}),
           progress=False)
@@ -289,28 +291,148 @@ class _NaNGradient(torch.autograd.Function):
         return torch.full_like(grad, math.nan)
 
 
-@pytest.mark.parametrize("poison", ["nan_gradient", "nan_reward", "nan_obs"])
 @pytest.mark.parametrize("bootstrap", BOOTSTRAP_MODES)
-def test_non_finite_loss_or_gradient_skips_the_update(tmp_path, poison, bootstrap):
+def test_non_finite_gradient_everywhere_skips_the_update(tmp_path, bootstrap):
     config = small_config(tmp_path, POINT_MASS, bootstrap)
     learner, envs, params = make_learner(config)
     clean_venv = envs.venv
-    envs.venv = PoisonedEnv(clean_venv, poison)
+    envs.venv = PoisonedEnv(clean_venv, "nan_gradient")
     before = {k: v.clone() for k, v in learner.model.state_dict().items()}
     actor_before = [p.detach().clone() for p in learner.actor_params]
     stats = apg_update(learner, envs, params, config)
     assert stats["skipped_updates"] == learner.skipped_updates == 1
+    assert stats["masked_envs"] == config.num_envs  # no env had a finite gradient
     assert not math.isfinite(stats["grad_norm"])
     assert all(torch.equal(p, q) for p, q in zip(learner.actor_params, actor_before))  # actor untouched
     assert not learner.actor_optimizer.state  # Adam's moments never saw the NaN
     assert all(torch.isfinite(v).all() for v in learner.model.state_dict().values())
-    assert all(torch.isfinite(t).all() for t in envs.state.tensors() if t.is_floating_point())
-    assert torch.isfinite(envs.obs).all()  # a diverged env restarted
     # the next, clean update goes through
     envs.venv = clean_venv
     stats = apg_update(learner, envs, params, config)
-    assert stats["skipped_updates"] == 1 and math.isfinite(stats["grad_norm"])
+    assert stats["skipped_updates"] == 1 and math.isfinite(stats["grad_norm"]) and stats["masked_envs"] == 0
     assert any(not torch.equal(before[k], v) for k, v in learner.model.state_dict().items() if k.startswith("actor."))
+
+
+@pytest.mark.parametrize("poison", ["nan_reward", "nan_obs"])
+@pytest.mark.parametrize("estimator", ["analytic", "hybrid"])
+@pytest.mark.parametrize("bootstrap", BOOTSTRAP_MODES)
+def test_a_diverged_env_is_masked_not_the_whole_update(tmp_path, poison, estimator, bootstrap):
+    """One env's NaN (reward, or observation and reward) leaves that env out of the update; the others'
+    gradient is applied, the env restarts, and nothing non-finite reaches the parameters or Adam."""
+    config = small_config(tmp_path, POINT_MASS, bootstrap, **{"algo_params.estimator": estimator})
+    learner, envs, params = make_learner(config)
+    envs.venv = PoisonedEnv(envs.venv, poison)
+    actor_before = [p.detach().clone() for p in learner.actor_params]
+    stats = apg_update(learner, envs, params, config)
+    assert stats["skipped_updates"] == 0 and math.isfinite(stats["grad_norm"]) and stats["grad_norm"] > 0
+    assert stats["masked_envs"] == 1 and stats["masked_envs_total"] == 1
+    assert math.isfinite(stats["actor_loss"]) and math.isfinite(stats["segment_reward"])
+    assert any(not torch.equal(p, q) for p, q in zip(learner.actor_params, actor_before))
+    assert all(torch.isfinite(v).all() for v in learner.model.state_dict().values())
+    assert all(torch.isfinite(v).all() for state in learner.actor_optimizer.state.values() for v in state.values()
+               if torch.is_tensor(v))
+    assert all(torch.isfinite(t).all() for t in envs.state.tensors() if t.is_floating_point())
+    assert torch.isfinite(envs.obs).all()  # the diverged env restarted
+
+
+def test_masked_update_equals_the_update_of_the_other_envs(tmp_path):
+    """Masking is exact: with env 1 poisoned, the gradient is the mean over the others."""
+    config = small_config(tmp_path, POINT_MASS, "none", num_envs=3)
+    grads = {}
+    for name, poison in (("masked", "nan_reward"), ("clean", None)):
+        learner, envs, params = make_learner(config)
+        envs.venv = PoisonedEnv(envs.venv, poison)
+        torch.manual_seed(5)
+        segment, _, _ = unroll(learner.model, learner.normalizer, envs, 4)
+        if poison is None:  # what the masked update should see: env 1's loss terms removed, mean of 2
+            segment.diverged = torch.tensor([False, True, False])
+        learner.actor_optimizer.zero_grad()
+        policy_gradient(learner, segment, params)
+        grads[name] = torch.cat([p.grad.flatten() for p in learner.actor_params])
+    torch.testing.assert_close(grads["masked"], grads["clean"])
+
+
+# ------------------------------------------------------------------------------------ estimators
+@pytest.mark.parametrize("estimator, segment_length", [("likelihood", 4), ("hybrid", 4), ("analytic", "adaptive"),
+                                                       ("hybrid", "adaptive")])
+@pytest.mark.parametrize("env_id", diffgym.TASK_IDS)
+def test_every_estimator_and_adaptive_length_train_on_every_task(tmp_path, env_id, estimator, segment_length):
+    config = small_config(tmp_path, env_id, "critic", **{
+        "algo_params.estimator": estimator, "algo_params.segment_length": segment_length,
+        "algo_params.min_segment_length": 4, "algo_params.max_segment_length": 8})
+    rows = [r for r in read_metrics(train(config, progress=False)) if "grad_norm" in r]
+    assert [r["segment_length"] for r in rows] == [4, 4]  # adaptive starts at its lower bound
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 and r["masked_envs"] == 0 for r in rows)
+    assert ("hybrid_alpha" in rows[0]) == (estimator == "hybrid")
+    assert ("variance_ratio" in rows[0]) == (segment_length == "adaptive")
+    if estimator == "hybrid":
+        assert all(0.0 <= r["hybrid_alpha"] <= 1.0 for r in rows)
+
+
+def test_estimator_and_segment_length_are_validated():
+    config = resolve_config("apg", POINT_MASS)
+    for change, match in (({"algo_params.estimator": "reinforce"}, "estimator"),
+                          ({"algo_params.segment_length": "auto"}, "adaptive"),
+                          ({"algo_params.segment_length": 0}, "segment_length"),
+                          ({"algo_params.segment_length": "adaptive", "algo_params.estimator": "likelihood"}, "likelihood"),
+                          ({"algo_params.segment_length": "adaptive", "algo_params.min_segment_length": 40,
+                            "algo_params.max_segment_length": 20}, "min_segment_length")):
+        with pytest.raises(ValueError, match=match):
+            APGParams.from_config(config.with_overrides(change))
+
+
+def test_adaptive_length_halves_on_exploding_and_doubles_on_precise_analytic_gradients():
+    params = APGParams(segment_length="adaptive", min_segment_length=4, max_segment_length=16)
+    schedule = AdaptiveSegmentLength(params, patience=2)
+    gen = torch.Generator().manual_seed(0)
+    likelihood = torch.randn(32, 10, generator=gen)
+    precise, exploding = 0.01 * likelihood.flip(0), 100.0 * likelihood.flip(0)
+    lengths = []
+    for samples in [precise] * 6 + [exploding] * 6:
+        schedule.observe(samples, likelihood)
+        lengths.append(schedule.length)
+    assert lengths == [4, 8, 8, 16, 16, 16, 8, 8, 4, 4, 4, 4]  # an explosion acts at once
+    restored = AdaptiveSegmentLength(params, patience=2)
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.state_dict() == schedule.state_dict()
+
+
+def test_hybrid_weight_moves_to_the_likelihood_path_on_a_step_reward(tmp_path):
+    """On a reward that is a step function of the state, the analytic gradient is zero and the
+    likelihood ratio is not: the hybrid's alpha falls (towards the likelihood path), and the policy
+    learns to push right; on PointMass1D (smooth) the same estimator keeps alpha near 1."""
+    from tests import toy_step_reward  # registers DiffGymTest/StepReward-v0
+
+    def alphas(env_id, **changes):
+        config = resolve_config("apg", env_id, {
+            "num_envs": 256, "total_env_steps": 256 * 20 * 6, "eval_every_env_steps": 10**6, "eval_episodes": 64,
+            "optimizer.lr": 1e-2, "algo_params.segment_length": 20, "algo_params.bootstrap": "none",
+            "algo_params.estimator": "hybrid", "run_dir": str(tmp_path / env_id.replace("/", "_")), **changes})
+        rows = read_metrics(train(config, progress=False))
+        # where the likelihood ratio sees nothing (every env already right of the origin: equal
+        # returns, zero advantages) there is nothing to weigh; look at the updates where it does
+        return ([r["hybrid_alpha"] for r in rows if r.get("likelihood_mean_variance", 0.0) > 1e-12],
+                [r for r in rows if "eval_return" in r])
+
+    step_alphas, evals = alphas(toy_step_reward.ENV_ID)
+    assert step_alphas and max(step_alphas) < 0.3, step_alphas
+    assert evals[-1]["eval_return"] > evals[0]["eval_return"] + 2.0, evals  # it learned from the likelihood path
+    smooth_alphas, _ = alphas(POINT_MASS, num_envs=64, total_env_steps=64 * 20 * 6)
+    assert sum(smooth_alphas) / len(smooth_alphas) > 0.8, smooth_alphas
+
+
+@pytest.mark.parametrize("changes", [{"algo_params.estimator": "hybrid"},
+                                     {"algo_params.segment_length": "adaptive", "algo_params.max_segment_length": 32}])
+def test_point_mass_still_learns_with_the_hybrid_and_the_adaptive_length(tmp_path, changes):
+    """The learning check (90 % held-out success within 20k env steps, seed 0) with each new option."""
+    config = resolve_config("apg", POINT_MASS, {"seed": 0, "total_env_steps": 20_000, "run_dir": str(tmp_path / "run"),
+                                                **changes})
+    rows = read_metrics(train(config, progress=False))
+    evals = [(r["env_steps"], r["eval_success_rate"]) for r in rows if "eval_success_rate" in r]
+    assert any(success >= 0.9 for _, success in evals), evals
+    lengths = {r["segment_length"] for r in rows if "segment_length" in r}
+    if "algo_params.max_segment_length" in changes:
+        assert {8, 16, 32} <= lengths  # it grew from the lower bound to the upper on this smooth task
 
 
 @pytest.mark.cuda

@@ -10,7 +10,7 @@ from diffgym.experiments.compare import compare
 from diffgym.experiments.report import load_run, threshold_table, group
 from diffgym.experiments.sweep import LocalRunner, is_finished, load_sweep, save_sweep
 from diffgym.plugins import register_trainer
-from diffgym.training.run import Run
+from diffgym.training.run import Run, read_metrics
 
 ENV = "DiffGym/PointMass1D-v0"
 
@@ -85,15 +85,83 @@ def test_ablate_grid(tmp_path, trainers):
         (8, "none"), (8, "mc"), (100, "none"), (100, "mc")}
     LocalRunner(workers=1).run(configs)
     runs = [load_run(c.run_dir) for c in configs]
-    _, summary = threshold_table(group(runs, ablate_mod.cell), baseline=None, contender=None)
-    assert summary["K=8 none"]["median_env_steps_to_threshold"] == 5_000
-    assert summary["K=100 mc"]["median_env_steps_to_threshold"] == 1_000  # solved by the first eval (budget/20)
+    keys = ["segment_length", "bootstrap"]
+    _, summary = threshold_table(group(runs, lambda r: ablate_mod.cell_label(r.config.algo_params, keys)),
+                                 baseline=None, contender=None)
+    assert summary["segment_length=8 bootstrap=none"]["median_env_steps_to_threshold"] == 5_000
+    # solved by the first eval (budget/20)
+    assert summary["segment_length=100 bootstrap=mc"]["median_env_steps_to_threshold"] == 1_000
 
 
-def test_ablate_writes_heatmaps(tmp_path, trainers, monkeypatch):
-    original = ablate_mod.ablation_configs
-    monkeypatch.setattr(ablate_mod, "ablation_configs", lambda *a, **kw: original(*a, **kw, algo="slow_algo"))
-    report = ablate_mod.ablate(ENV, [8, 16], ["none", "critic"], 1, 20_000, tmp_path, LocalRunner(workers=1))
+def test_ablate_writes_heatmaps(tmp_path, trainers):
+    report = ablate_mod.ablate(ENV, {"segment_length": [8, 16], "bootstrap": ["none", "critic"]}, 1, 20_000,
+                               tmp_path, LocalRunner(workers=1), algo="slow_algo")
     text = report.read_text()
-    assert "K=8 none" in text and "K=16 critic" in text
+    assert "segment_length=8 bootstrap=none" in text and "segment_length=16 bootstrap=critic" in text
     assert (tmp_path / "heatmap_final_success.png").exists() and (tmp_path / "heatmap_steps_to_threshold.png").exists()
+
+
+def test_ablate_any_algo_params_from_the_command_line(tmp_path, trainers):
+    """--grid sweeps any algo_params key (strings included); one key still gets its heatmaps."""
+    from diffgym.cli import main
+
+    assert main(["ablate", "--env", ENV, "--algo", "fast_algo", "--grid", "bootstrap=none,critic",
+                 "--seeds", "1", "--env-steps", "20000", "--workers", "1", "--out", str(tmp_path)]) == 0
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["bootstrapcritic__s0", "bootstrapnone__s0"]
+    assert (tmp_path / "heatmap_final_success.png").exists()
+    with pytest.raises(SystemExit, match="KEY=V1,V2"):
+        main(["ablate", "--env", ENV, "--grid", "segment_length", "--env-steps", "1000"])
+
+
+class TunableTrainer(ScriptedTrainer):
+    """Its evaluation curve solves sooner the larger ``speed`` is: the tuner should find that."""
+
+    def suggest_hyperparams(self, trial, env_id):
+        return {"algo_params.speed": trial.suggest_float("speed", 0.1, 10.0, log=True)}
+
+    def default_config(self, env_id):
+        return {"num_envs": 4, "algo_params": {"segment_length": 8, "speed": 1.0}}
+
+    def train(self, config, progress=True):
+        solve_at = 50_000 / config.algo_params["speed"]
+        with Run(config, progress=False) as run:
+            for i in range(0, config.total_env_steps // config.eval_every_env_steps + 1):
+                steps = i * config.eval_every_env_steps
+                run.log(steps, i, eval_return=-solve_at, eval_success_rate=float(steps >= solve_at))
+        return run.dir
+
+
+def test_tune_finds_the_fast_setting_prunes_and_continues(tmp_path):
+    import yaml
+
+    from diffgym.experiments.tune import tune
+
+    register_trainer("tunable", TunableTrainer("tunable", solve_at=0, grad_steps_per_eval=1))
+    report = tune(ENV, "tunable", trials=12, env_steps=100_000, out_dir=tmp_path, runner=LocalRunner(workers=1))
+    text = report.read_text()
+    assert text.count("| complete |") + text.count("| pruned |") == 12
+    assert "| pruned |" in text  # the median pruner stopped some slow settings early
+    best = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    assert best["overrides"]["algo_params.speed"] > 2.0 and best["value"] > 0.5
+    pruned = [p for p in (tmp_path / "runs").iterdir()
+              if f"| {int(p.name.split('_')[1])} | pruned |" in text]
+    assert all(max(r["env_steps"] for r in read_metrics(p)) < 100_000 for p in pruned)
+    # re-running continues the same study
+    tune(ENV, "tunable", trials=14, env_steps=100_000, out_dir=tmp_path, runner=LocalRunner(workers=1))
+    assert len(list((tmp_path / "runs").iterdir())) == 14
+
+
+def test_tune_needs_a_search_space(tmp_path, trainers):
+    from diffgym.experiments.tune import tune
+
+    with pytest.raises(TypeError, match="suggest_hyperparams"):
+        tune(ENV, "slow_algo", trials=1, env_steps=1000, out_dir=tmp_path, runner=LocalRunner(workers=1))
+
+
+def test_feasibility_planner_solves_point_mass(tmp_path):
+    from diffgym.experiments.feasibility import mppi_episodes
+
+    result = mppi_episodes(ENV, episodes=8, samples=32, horizon=20, seed=0)
+    assert result["success_rate"] == 1.0 and result["reached_rate"] == 1.0
+    assert result["mean_return"] > -30.0  # zero actions score about -60

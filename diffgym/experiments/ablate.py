@@ -1,18 +1,21 @@
-"""``diffgym ablate``: APG's segment length x bootstrap mode grid on one task.
+"""``diffgym ablate``: a grid over a trainer's ``algo_params`` on one task.
 
-Every cell trains APG with ``algo_params.segment_length = K`` (``full`` = the episode length, i.e. full
-backpropagation through the episode) and ``algo_params.bootstrap = mode`` on seeds 0..S-1, all else at
-the task's APG defaults. The report is the grid as a table and heatmaps of final success (IQM) and
-median env steps to the success threshold.
+Every cell trains the algorithm (``--algo``, default ``apg``) with one combination of the grid's values
+(``--grid KEY=V1,V2,...``, repeatable; the value ``full`` stands for the task's episode length) on seeds
+0..S-1, all else at the task's defaults for that algorithm. ``--segments`` and ``--bootstrap`` are
+shorthands for ``--grid segment_length=...`` and ``--grid bootstrap=...``. The report is the grid as a
+table and, for a one- or two-key grid, heatmaps of final success (IQM) and median env steps to the
+success threshold.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -22,45 +25,85 @@ from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
 from diffgym.plugins import resolve_config
 from diffgym.training.spec import TrainConfig, task_name
 
+DEFAULT_GRID = {"segment_length": "4,8,16,32,64,full", "bootstrap": "none,mc,critic"}
+"""The grid when none is given: APG's segment length x bootstrap mode."""
 
-def parse_segments(text: str, env_id: str) -> list[int]:
+
+def parse_values(text: str, env_id: str) -> list[Any]:
+    """``"8,full,adaptive"`` -> ``[8, <episode length>, "adaptive"]`` (YAML scalars)."""
+    import yaml
+
     horizon = gym.spec(env_id).max_episode_steps
-    return [horizon if s.strip() == "full" else int(s) for s in text.split(",") if s.strip()]
+    values = []
+    for item in (s.strip() for s in str(text).split(",")):
+        if item:
+            values.append(horizon if item == "full" else yaml.safe_load(item))
+    return values
 
 
-def ablation_configs(env_id: str, segments: Sequence[int], bootstraps: Sequence[str], seeds: int,
-                     env_steps: int, out_dir: str | Path, algo: str = "apg") -> list[TrainConfig]:
+def parse_segments(text: str, env_id: str) -> list[Any]:
+    return parse_values(text, env_id)
+
+
+def parse_grid(pairs: Sequence[str], env_id: str) -> dict[str, list[Any]]:
+    grid = {}
+    for pair in pairs:
+        key, sep, values = pair.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise SystemExit(f"diffgym ablate: expected --grid KEY=V1,V2,..., got {pair!r}")
+        grid[key.strip()] = parse_values(values, env_id)
+    return grid
+
+
+def cell_label(params: dict[str, Any], keys: Sequence[str]) -> str:
+    return " ".join(f"{key}={params[key]}" for key in keys)
+
+
+def _dir_name(params: dict[str, Any], keys: Sequence[str]) -> str:
+    return "__".join(f"{key}{params[key]}" for key in keys)
+
+
+def grid_configs(env_id: str, grid: dict[str, Sequence[Any]], seeds: int, env_steps: int, out_dir: str | Path,
+                 algo: str = "apg") -> list[TrainConfig]:
+    """One config per grid cell and seed, run directories ``<out>/runs/<cell>__s<seed>``."""
     eval_every = max(1, env_steps // 20)
-    return [resolve_config(algo, env_id, {
+    keys = list(grid)
+    configs = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        params = dict(zip(keys, values))
+        for seed in range(seeds):
+            configs.append(resolve_config(algo, env_id, {
                 "seed": seed, "total_env_steps": env_steps, "eval_every_env_steps": eval_every,
-                "algo_params.segment_length": k, "algo_params.bootstrap": mode,
-                "run_dir": str(Path(out_dir) / "runs" / f"K{k}__{mode}__s{seed}")})
-            for k in segments for mode in bootstraps for seed in range(seeds)]
+                **{f"algo_params.{k}": v for k, v in params.items()},
+                "run_dir": str(Path(out_dir) / "runs" / f"{_dir_name(params, keys)}__s{seed}")}))
+    return configs
 
 
-def cell(run) -> str:
-    params = run.config.algo_params
-    return f"K={params['segment_length']} {params['bootstrap']}"
+def ablation_configs(env_id: str, segments: Sequence[Any], bootstraps: Sequence[str], seeds: int,
+                     env_steps: int, out_dir: str | Path, algo: str = "apg") -> list[TrainConfig]:
+    """The segment length x bootstrap grid (the shorthand of :func:`grid_configs`)."""
+    return grid_configs(env_id, {"segment_length": list(segments), "bootstrap": list(bootstraps)}, seeds,
+                        env_steps, out_dir, algo)
 
 
-def heatmap(values: np.ndarray, segments: Sequence[int], bootstraps: Sequence[str], title: str, path: Path,
-            fmt) -> None:
+def heatmap(values: np.ndarray, rows: Sequence[Any], columns: Sequence[str], title: str, path: Path,
+            fmt, row_key: str, column_key: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(bootstraps), 1.2 + 0.5 * len(segments)), dpi=120)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(columns), 1.2 + 0.5 * len(rows)), dpi=120)
     shown = np.where(np.isfinite(values), values, np.nan)
     ax.imshow(shown, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(bootstraps)), bootstraps)
-    ax.set_yticks(range(len(segments)), [str(k) for k in segments])
-    ax.set_xlabel("bootstrap")
-    ax.set_ylabel("segment length K")
+    ax.set_xticks(range(len(columns)), columns)
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+    ax.set_xlabel(column_key)
+    ax.set_ylabel(row_key)
     finite = values[np.isfinite(values)]
     low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
-    for i in range(len(segments)):
-        for j in range(len(bootstraps)):
+    for i in range(len(rows)):
+        for j in range(len(columns)):
             v = values[i, j]
             bright = not np.isfinite(v) or (high > low and (v - low) / (high - low) > 0.6)  # viridis is light at the top
             ax.text(j, i, fmt(v), ha="center", va="center", color="black" if bright else "white", fontsize=8)
@@ -70,46 +113,70 @@ def heatmap(values: np.ndarray, segments: Sequence[int], bootstraps: Sequence[st
     plt.close(fig)
 
 
-def ablate(env_id: str, segments: Sequence[int], bootstraps: Sequence[str], seeds: int, env_steps: int,
-           out_dir: str | Path, runner: Runner | None = None, threshold: float = SUCCESS_THRESHOLD) -> Path:
+def ablate(env_id: str, grid: dict[str, Sequence[Any]], seeds: int, env_steps: int, out_dir: str | Path,
+           runner: Runner | None = None, threshold: float = SUCCESS_THRESHOLD, algo: str = "apg") -> Path:
     out = Path(out_dir)
-    configs = ablation_configs(env_id, segments, bootstraps, seeds, env_steps, out)
+    keys = list(grid)
+    configs = grid_configs(env_id, grid, seeds, env_steps, out, algo)
     save_sweep(configs, out / "sweep.jsonl")
     run_dirs = (runner or LocalRunner()).run(configs)
-    groups = group((load_run(p) for p in run_dirs), cell)
+    groups = group((load_run(p) for p in run_dirs), lambda run: cell_label(run.config.algo_params, keys))
     table, summary = threshold_table(groups, threshold, baseline=None, contender=None)
-    success = np.array([[summary[f"K={k} {b}"]["final_success_iqm"] for b in bootstraps] for k in segments])
-    steps = np.array([[summary[f"K={k} {b}"]["median_env_steps_to_threshold"] for b in bootstraps]
-                      for k in segments])
     name = task_name(env_id)
-    heatmap(success, segments, bootstraps, f"{name}: final success (IQM, {seeds} seeds)",
-            out / "heatmap_final_success.png", lambda v: f"{v:.2f}")
-    heatmap(np.log10(steps), segments, bootstraps, f"{name}: env steps to {threshold:.0%} success (log10)",
-            out / "heatmap_steps_to_threshold.png", lambda v: "n/r" if not math.isfinite(v) else f"{10 ** v:,.0f}")
+    figures = ""
+    if 1 <= len(keys) <= 2:
+        rows = grid[keys[0]]
+        columns = grid[keys[1]] if len(keys) == 2 else [None]
+
+        def at(row, column, field):
+            params = {keys[0]: row, **({keys[1]: column} if len(keys) == 2 else {})}
+            return summary[cell_label(params, keys)][field]
+
+        success = np.array([[at(r, c, "final_success_iqm") for c in columns] for r in rows])
+        steps = np.array([[at(r, c, "median_env_steps_to_threshold") for c in columns] for r in rows])
+        column_names = [str(c) for c in columns] if len(keys) == 2 else [""]
+        column_key = keys[1] if len(keys) == 2 else ""
+        heatmap(success, rows, column_names, f"{name}: final success (IQM, {seeds} seeds)",
+                out / "heatmap_final_success.png", lambda v: f"{v:.2f}", keys[0], column_key)
+        heatmap(np.log10(steps), rows, column_names, f"{name}: env steps to {threshold:.0%} success (log10)",
+                out / "heatmap_steps_to_threshold.png", lambda v: "n/r" if not math.isfinite(v) else f"{10 ** v:,.0f}",
+                keys[0], column_key)
+        figures = "\n![final success](heatmap_final_success.png)\n![steps to threshold](heatmap_steps_to_threshold.png)\n"
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     report = out / "report.md"
-    report.write_text(f"# {name}: APG segment length x bootstrap ({seeds} seeds, {env_steps:,} env steps)\n\n"
-                      f"{table}\n\n![final success](heatmap_final_success.png)\n"
-                      f"![steps to threshold](heatmap_steps_to_threshold.png)\n")
+    report.write_text(f"# {name}: {algo} grid over {' x '.join(keys)} ({seeds} seeds, {env_steps:,} env steps)\n\n"
+                      f"{table}\n{figures}")
     return report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", required=True, help="task id, e.g. DiffGym/PointMass1D-v0")
-    parser.add_argument("--segments", default="4,8,16,32,64,full", help="segment lengths K; 'full' = episode length")
-    parser.add_argument("--bootstrap", default="none,mc,critic", help="bootstrap modes")
+    parser.add_argument("--algo", default="apg", help="trainer plugin whose algo_params the grid sets")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                        help="an algo_params key and its values (repeatable; 'full' = episode length), "
+                             "e.g. --grid estimator=analytic,hybrid --grid segment_length=32,adaptive")
+    parser.add_argument("--segments", default=None, help="shorthand for --grid segment_length=...")
+    parser.add_argument("--bootstrap", default=None, help="shorthand for --grid bootstrap=...")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (0..S-1)")
-    parser.add_argument("--env-steps", type=int, required=True, help="env-step budget of every run")
+    parser.add_argument("--env-steps", type=lambda s: int(float(s)), required=True,
+                        help="env-step budget of every run (e.g. 1e6)")
     parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPU count)")
     parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")
     parser.add_argument("--out", default=None, help="output directory (default runs/ablate/<task>)")
 
 
 def main(args: argparse.Namespace) -> int:
+    pairs = list(args.grid)
+    if args.segments:
+        pairs.append(f"segment_length={args.segments}")
+    if args.bootstrap:
+        pairs.append(f"bootstrap={args.bootstrap}")
+    if not pairs:
+        pairs = [f"{key}={values}" for key, values in DEFAULT_GRID.items()]
+    grid = parse_grid(pairs, args.env)
     out = Path(args.out or Path("runs") / "ablate" / task_name(args.env))
-    report = ablate(args.env, parse_segments(args.segments, args.env),
-                    [b for b in args.bootstrap.split(",") if b], args.seeds, args.env_steps, out,
-                    LocalRunner(args.workers), args.threshold)
+    report = ablate(args.env, grid, args.seeds, args.env_steps, out, LocalRunner(args.workers), args.threshold,
+                    args.algo)
     print(report.read_text().split("\n![")[0])
     print(f"\nreport: {report}")
     return 0

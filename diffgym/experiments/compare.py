@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", required=True, help="task id, e.g. DiffGym/PointMass1D-v0")
     parser.add_argument("--algos", default="apg,ppo", help="comma-separated trainer names")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per algorithm (0..S-1)")
-    parser.add_argument("--env-steps", type=int, required=True, help="env-step budget of every run")
+    parser.add_argument("--env-steps", type=lambda s: int(float(s)), required=True,
+                        help="env-step budget of every run (e.g. 1e6)")
     parser.add_argument("--eval-every", type=int, default=None, help="env steps between evaluations (budget/20)")
     parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPU count)")
     parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")

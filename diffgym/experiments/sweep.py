@@ -11,7 +11,7 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from diffgym.training.run import read_metrics
 from diffgym.training.spec import TrainConfig
@@ -62,9 +62,18 @@ def _summary(config: TrainConfig) -> str:
 
 
 class Runner(Protocol):
-    """Executes independent runs; returns their run directories in the order given."""
+    """Executes independent units of work: training runs (``run``) or any picklable function applied
+    to a list of arguments (``map``, e.g. ``diffgym tune``'s trials)."""
 
-    def run(self, configs: Sequence[TrainConfig]) -> list[Path]: ...
+    def run(self, configs: Sequence[TrainConfig]) -> list[Path]:
+        """Train every config (skipping finished ones); their run directories in the order given."""
+        ...
+
+    def map(self, work: Callable[..., Any], items: Sequence[tuple],
+            report: Callable[[int, Any], str] | None = None) -> list[Any]:
+        """``[work(*item) for item in items]``, possibly in parallel; results in the order given.
+        ``report(i, result)`` formats a progress line for each finished item."""
+        ...
 
 
 class LocalRunner:
@@ -85,11 +94,35 @@ class LocalRunner:
             for config in todo:
                 train_one(config.to_dict())
         else:
-            context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked Warp/torch state
-            with ProcessPoolExecutor(self.workers, mp_context=context) as pool:
-                # parallel progress bars would garble the terminal: one line per finished run instead
-                futures = {pool.submit(train_one, c.to_dict(), False): c for c in todo}
-                for done, future in enumerate(as_completed(futures), 1):
-                    future.result()  # re-raise a failed run's exception here
-                    print(f"[{done}/{len(todo)}] {_summary(futures[future])}", flush=True)
+            # parallel progress bars would garble the terminal: one line per finished run instead
+            self.map(train_one, [(c.to_dict(), False) for c in todo],
+                     lambda i, _: f"[{{done}}/{len(todo)}] {_summary(todo[i])}")
         return [Path(c.run_dir) for c in configs]
+
+    def map(self, work: Callable[..., Any], items: Sequence[tuple],
+            report: Callable[[int, Any], str] | None = None) -> list[Any]:
+        """``work(*item)`` for every item in ``workers`` fresh processes (one torch thread each); ``report``
+        formats a line printed as each item finishes (``{done}`` is replaced by the count so far)."""
+        results: list[Any] = [None] * len(items)
+        if self.workers == 1 or len(items) <= 1:
+            for i, item in enumerate(items):
+                results[i] = _single_threaded(work, *item)
+                if report:
+                    print(report(i, results[i]).replace("{done}", str(i + 1)), flush=True)
+            return results
+        context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked Warp/torch state
+        with ProcessPoolExecutor(min(self.workers, len(items)), mp_context=context) as pool:
+            futures = {pool.submit(_single_threaded, work, *item): i for i, item in enumerate(items)}
+            for done, future in enumerate(as_completed(futures), 1):
+                i = futures[future]
+                results[i] = future.result()  # re-raise a failed item's exception here
+                if report:
+                    print(report(i, results[i]).replace("{done}", str(done)), flush=True)
+        return results
+
+
+def _single_threaded(work: Callable[..., Any], *args: Any) -> Any:
+    import torch
+
+    torch.set_num_threads(1)  # parallel work shares the cores; one thread each avoids oversubscription
+    return work(*args)

@@ -71,6 +71,15 @@ class ActorCritic(nn.Module):
             return self.squash(self.actor(obs_normalized))
         return self.squash(self.distribution(obs_normalized).rsample())
 
+    def sample(self, obs_normalized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(action, pre_squash, noise)``: ``action = squash(pre_squash)``, ``pre_squash = mean + std *
+        noise`` with ``noise ~ N(0, I)``; the same reparameterized sample as :meth:`act`, with the pieces
+        gradient estimators need (``diffgym.training.gradients``)."""
+        mean = self.actor(obs_normalized)
+        noise = torch.randn_like(mean)
+        pre_squash = mean + self.log_std.exp() * noise
+        return self.squash(pre_squash), pre_squash, noise
+
     def value(self, obs_normalized: torch.Tensor) -> torch.Tensor:
         """State values, shape ``(B,)``."""
         return self.critic(obs_normalized).squeeze(-1)

@@ -12,6 +12,7 @@ While training, a tqdm progress bar counts env steps and shows env steps per sec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import re
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +28,20 @@ from tqdm.auto import tqdm
 from diffgym.training.spec import TrainConfig
 
 _CHECKPOINT = re.compile(r"step_(\d+)\.pt$")
+
+_LOG_HOOKS: list[Callable[[int, dict[str, float]], None]] = []
+
+
+@contextlib.contextmanager
+def log_hook(hook: Callable[[int, dict[str, float]], None]) -> Iterator[None]:
+    """Call ``hook(env_steps, scalars)`` after every :meth:`Run.log` row written in this process while
+    the context is open, whatever the trainer. An exception raised by the hook propagates out of the
+    trainer's ``train`` (after the row is on disk): ``diffgym tune`` stops pruned trials this way."""
+    _LOG_HOOKS.append(hook)
+    try:
+        yield
+    finally:
+        _LOG_HOOKS.remove(hook)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -96,6 +111,8 @@ class Run:
         shown = {k: f"{v:.3g}" for k, v in scalars.items() if k in ("eval_return", "eval_success_rate")}
         if shown:
             self._bar.set_postfix(shown, refresh=False)
+        for hook in list(_LOG_HOOKS):
+            hook(int(env_steps), {k: float(v) for k, v in scalars.items()})
 
     def save_checkpoint(self, obj: dict[str, Any], env_steps: int) -> Path:
         """Save ``obj`` with ``torch.save`` as ``checkpoints/step_<env_steps>.pt`` (atomic replace)."""

@@ -39,5 +39,17 @@ class APGTrainer:
     def default_config(self, env_id: str) -> dict[str, Any]:
         return default_config(env_id)
 
+    def suggest_hyperparams(self, trial: Any, env_id: str) -> dict[str, Any]:
+        """``diffgym tune``'s search space: APG's own settings and the number of envs as dotted
+        overrides (the shared policy, normalizer and optimizer specs are not searched)."""
+        segment = trial.suggest_categorical("segment_length", ["8", "16", "32", "64", "adaptive"])
+        return {
+            "num_envs": trial.suggest_categorical("num_envs", [4, 8, 16, 32, 64, 128]),
+            "algo_params.segment_length": segment if segment == "adaptive" else int(segment),
+            "algo_params.bootstrap": trial.suggest_categorical("bootstrap", list(BOOTSTRAP_MODES)),
+            "algo_params.estimator": trial.suggest_categorical("estimator", ["analytic", "hybrid"]),
+            "algo_params.gamma": trial.suggest_categorical("gamma", [0.97, 0.99, 0.995]),
+        }
+
     def train(self, config: TrainConfig, progress: bool = True) -> Path:
         return train(config, progress=progress)

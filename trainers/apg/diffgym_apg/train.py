@@ -27,12 +27,18 @@ from diffgym import SimState
 from diffgym.training import (ActorCritic, ObservationNormalizer, Run, TrainConfig, clip_gradients,
                               evaluate_policy, make_optimizer)
 from diffgym.training.evaluation import train_env_seed
+from diffgym.training.gradients import (hybrid_weight, leave_one_out_baseline, per_env_analytic_gradients,
+                                        per_env_likelihood_gradients, returns_to_go, sample_statistics,
+                                        surrogate_for_adjoints)
 from diffgym.training.spec import from_dict
 
 from diffgym_apg.losses import MonteCarloReturns, segment_actor_loss, td_lambda_targets
 
 BOOTSTRAP_MODES = ("none", "mc", "critic")
 """How a segment's tail is estimated: nothing, a Monte-Carlo value network, or a TD(lambda) critic."""
+ESTIMATORS = ("analytic", "likelihood", "hybrid")
+"""How the policy gradient is estimated from a segment: through the simulator (first order), by the
+likelihood ratio (zeroth order, REINFORCE with a baseline), or their alpha-order combination."""
 
 _RESET_SEED_LOW = 2**30
 """Episodes after the first draw their reset seeds from [2^30, 2^31): disjoint from the evaluation
@@ -43,10 +49,14 @@ seeds and the first episodes' seeds (``diffgym.training.evaluation``) of any run
 class APGParams:
     """APG's ``algo_params`` (everything else comes from the shared :class:`TrainConfig`)."""
 
-    segment_length: int = 32
-    """K, steps backpropagated through per update; the episode length means full backpropagation."""
+    segment_length: int | str = 32
+    """K, steps backpropagated through per update; the episode length means full backpropagation.
+    ``adaptive``: chosen every update between ``min_segment_length`` and ``max_segment_length`` from the
+    analytic gradient's variance relative to the likelihood ratio's (:class:`AdaptiveSegmentLength`)."""
     bootstrap: str = "critic"
     """Tail estimate closing each segment and each truncated episode: ``none``, ``mc`` or ``critic``."""
+    estimator: str = "analytic"
+    """Policy-gradient estimator: ``analytic``, ``likelihood`` or ``hybrid`` (``ESTIMATORS``)."""
     gamma: float = 0.99
     """Discount factor of the return (in the actor loss and in the value targets)."""
     td_lambda: float = 0.95
@@ -60,20 +70,106 @@ class APGParams:
     target_tau: float = 0.2
     """Polyak rate of the ``critic`` mode's target network: ``target <- (1 - tau) target + tau critic``
     once per segment."""
+    min_segment_length: int = 8
+    """Lower bound of the adaptive segment length (and where it starts)."""
+    max_segment_length: int = 64
+    """Upper bound of the adaptive segment length."""
+    noise_high: float = 1.0
+    """Adaptive K halves when the analytic gradient's variance exceeds this times the likelihood
+    ratio's (per-sample variance traces over the envs) ..."""
+    noise_low: float = 0.1
+    """... and doubles when it stays below this times it."""
 
     def __post_init__(self) -> None:
         if self.bootstrap not in BOOTSTRAP_MODES:
             raise ValueError(f"bootstrap must be one of {BOOTSTRAP_MODES}, got {self.bootstrap!r}")
-        if self.segment_length < 1 or self.critic_epochs < 1 or self.critic_minibatches < 1:
-            raise ValueError("segment_length, critic_epochs and critic_minibatches must be >= 1")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if isinstance(self.segment_length, str) and self.segment_length != "adaptive":
+            raise ValueError(f"segment_length must be a positive integer or 'adaptive', got {self.segment_length!r}")
+        if self.adaptive and not 1 <= self.min_segment_length <= self.max_segment_length:
+            raise ValueError(f"need 1 <= min_segment_length <= max_segment_length, got "
+                             f"{self.min_segment_length} and {self.max_segment_length}")
+        if self.adaptive and self.estimator == "likelihood":
+            raise ValueError("segment_length 'adaptive' compares the analytic gradient with the likelihood ratio: "
+                             "it needs estimator 'analytic' or 'hybrid'")
+        if not self.adaptive and self.segment_length < 1:
+            raise ValueError(f"segment_length must be a positive integer or 'adaptive', got {self.segment_length!r}")
+        if self.critic_epochs < 1 or self.critic_minibatches < 1:
+            raise ValueError("critic_epochs and critic_minibatches must be >= 1")
         if not (0.0 < self.gamma <= 1.0 and 0.0 <= self.td_lambda <= 1.0 and 0.0 < self.target_tau <= 1.0):
             raise ValueError(f"need 0 < gamma <= 1, 0 <= td_lambda <= 1, 0 < target_tau <= 1; got {self}")
         if self.critic_lr <= 0:
             raise ValueError(f"critic_lr must be > 0, got {self.critic_lr}")
+        if not 0.0 < self.noise_low < self.noise_high:
+            raise ValueError(f"need 0 < noise_low < noise_high, got {self.noise_low} and {self.noise_high}")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.segment_length == "adaptive"
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> APGParams:
         return from_dict(cls, config.algo_params)
+
+
+class AdaptiveSegmentLength:
+    """Segment length K chosen by comparing the analytic gradient's variance with the likelihood ratio's.
+
+    Long segments give an exact gradient of a long-horizon objective, until the dynamics make it
+    explode: through stiff contacts or chaotic stretches the per-env gradients grow exponentially with
+    the horizon (Metz et al. 2021, "Gradients are not all you need"; AHAC, Georgiev et al. 2024, cuts
+    horizons at stiff contacts for this reason). The analytic estimate is worth backpropagating only
+    while it is less noisy than the likelihood-ratio estimate of the same rollouts, which needs no
+    simulator gradient and whose variance grows only with the return's scale (Suh et al. 2022; see
+    ``diffgym grad-stats``, where the two variance curves cross on the contact tasks). Every update
+    measures ``rho = tr Cov(g_analytic) / tr Cov(g_likelihood)`` over the envs: ``rho > noise_high``
+    halves K, ``rho < noise_low`` doubles it, within ``[min_segment_length, max_segment_length]``. Both
+    variances are exponential moving averages (weight ``smoothing``), K changes at most every
+    ``patience`` updates, and the averages restart after a change (they belong to the previous K).
+    K starts at the lower bound.
+    """
+
+    def __init__(self, params: APGParams, smoothing: float = 0.7, patience: int = 4):
+        self.minimum, self.maximum = params.min_segment_length, params.max_segment_length
+        self.high, self.low = params.noise_high, params.noise_low
+        self.smoothing, self.patience = smoothing, patience
+        self.length = self.minimum
+        self.analytic_variance = self.likelihood_variance = None
+        self.updates = 0
+
+    def observe(self, analytic: torch.Tensor, likelihood: torch.Tensor) -> float:
+        """Fold one update's per-env gradients ``(N, P)`` of both estimators into the averages; maybe
+        change K. Returns the smoothed variance ratio ``rho``."""
+        a = sample_statistics(analytic).variance_trace
+        z = sample_statistics(likelihood).variance_trace
+        if not math.isfinite(a):
+            a = math.inf
+        if self.analytic_variance is None:
+            self.analytic_variance, self.likelihood_variance = a, z
+        else:
+            w = self.smoothing
+            self.analytic_variance = w * self.analytic_variance + (1 - w) * a
+            self.likelihood_variance = w * self.likelihood_variance + (1 - w) * z
+        self.updates += 1
+        ratio = self.analytic_variance / self.likelihood_variance if self.likelihood_variance > 0 else math.inf
+        if self.updates >= self.patience:
+            changed = self.length
+            if ratio > self.high:
+                changed = max(self.minimum, self.length // 2)
+            elif ratio < self.low:
+                changed = min(self.maximum, self.length * 2)
+            if changed != self.length:
+                self.length, self.analytic_variance, self.likelihood_variance, self.updates = changed, None, None, 0
+        return ratio
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"length": self.length, "analytic_variance": self.analytic_variance,
+                "likelihood_variance": self.likelihood_variance, "updates": self.updates}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.length, self.updates = saved["length"], saved["updates"]
+        self.analytic_variance, self.likelihood_variance = saved["analytic_variance"], saved["likelihood_variance"]
 
 
 class EnvBatch:
@@ -141,7 +237,11 @@ class Learner:
     mc_returns: MonteCarloReturns
     actor_params: list[nn.Parameter]
     critic_params: list[nn.Parameter]
+    segment_schedule: AdaptiveSegmentLength | None = None
+    """The adaptive segment length's state (``segment_length: adaptive``), else None."""
     skipped_updates: int = 0
+    masked_envs: int = 0
+    """Env segments left out of an update because their gradient was not finite (cumulative)."""
     critic_grad_steps: int = 0
 
     @classmethod
@@ -154,7 +254,12 @@ class Learner:
         target_critic = copy.deepcopy(model.critic).requires_grad_(False)
         return cls(model, ObservationNormalizer(obs_dim, config.normalizer).to(device),
                    make_optimizer(actor_params, config.optimizer), make_optimizer(critic_params, critic_spec),
-                   target_critic, MonteCarloReturns(params.gamma), actor_params, critic_params)
+                   target_critic, MonteCarloReturns(params.gamma), actor_params, critic_params,
+                   AdaptiveSegmentLength(params) if params.adaptive else None)
+
+    def segment_length(self, params: APGParams) -> int:
+        """K for the next update."""
+        return self.segment_schedule.length if self.segment_schedule is not None else int(params.segment_length)
 
     def tail_value(self, obs: torch.Tensor, bootstrap: str) -> torch.Tensor:
         """V of (unnormalized, differentiable) observations ``(..., D)`` as the bootstrap mode says."""
@@ -169,7 +274,9 @@ class Learner:
                 "actor_optimizer": self.actor_optimizer.state_dict(),
                 "critic_optimizer": self.critic_optimizer.state_dict(),
                 "target_critic": self.target_critic.state_dict(), "mc_returns": self.mc_returns.state_dict(),
-                "skipped_updates": self.skipped_updates, "critic_grad_steps": self.critic_grad_steps}
+                "skipped_updates": self.skipped_updates, "critic_grad_steps": self.critic_grad_steps,
+                "masked_envs": self.masked_envs,
+                "segment_schedule": self.segment_schedule.state_dict() if self.segment_schedule else None}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.model.load_state_dict(saved["actor_critic"])
@@ -180,6 +287,9 @@ class Learner:
         self.mc_returns.load_state_dict(saved["mc_returns"])
         self.skipped_updates = int(saved["skipped_updates"])
         self.critic_grad_steps = int(saved.get("critic_grad_steps", 0))
+        self.masked_envs = int(saved.get("masked_envs", 0))
+        if self.segment_schedule is not None and saved.get("segment_schedule"):
+            self.segment_schedule.load_state_dict(saved["segment_schedule"])
 
 
 @dataclasses.dataclass
@@ -194,8 +304,18 @@ class Segment:
     """Differentiable observations each step led to, before any reset (where tails are evaluated)."""
     terminated: torch.Tensor
     truncated: torch.Tensor
+    diverged: torch.Tensor
+    """(N,) bool: the env's state stopped being finite somewhere in the segment."""
     finished_returns: list[float]
     """Undiscounted returns of the episodes that ended in this segment."""
+    actions: list[torch.Tensor]
+    """The K differentiable action tensors (N, A): where the action adjoints are read."""
+    obs_normalized: torch.Tensor
+    """Detached normalized observations the actions were drawn on."""
+    noise: torch.Tensor
+    """The standard-normal draws of the reparameterized actions."""
+    pre_squash: torch.Tensor
+    """Detached Gaussian samples before the squash (the likelihood ratio's ``u``)."""
 
 
 def unroll(model: ActorCritic, normalizer: ObservationNormalizer, envs: EnvBatch, steps: int
@@ -204,45 +324,126 @@ def unroll(model: ActorCritic, normalizer: ObservationNormalizer, envs: EnvBatch
     episodes; return the segment and the (still differentiable) state and observation it ends in."""
     state, obs = envs.state, envs.obs
     start_obs, rewards, next_obs, terminated, truncated, finished = [], [], [], [], [], []
+    actions, obs_normalized, noises, pre_squashes = [], [], [], []
+    diverged_any = torch.zeros(envs.num_envs, dtype=torch.bool, device=envs.device)
     for _ in range(steps):
-        action = model.act(normalizer(obs))
+        obs_norm = normalizer(obs)
+        action, pre_squash, noise = model.sample(obs_norm)
         out = envs.venv.differentiable_step(state, action)
         # An env whose observation is no longer finite has diverged: it ends like a termination (no
-        # tail) and restarts; its reward still enters the loss, so a NaN there skips the update.
-        diverged = ~torch.isfinite(out.obs).all(dim=1)
+        # tail) and restarts; the update leaves the env's whole segment out (apg_update).
+        diverged = ~torch.isfinite(out.obs).all(dim=1) | ~torch.isfinite(out.reward)
+        diverged_any |= diverged
         step_obs = torch.where(diverged[:, None], torch.zeros_like(out.obs), out.obs)
         start_obs.append(obs.detach())
         rewards.append(out.reward)
         next_obs.append(step_obs)  # before any reset: the tail value of a truncated episode uses it
         terminated.append(out.terminated | diverged)
         truncated.append(out.truncated & ~terminated[-1])
+        actions.append(action)
+        obs_normalized.append(obs_norm.detach())
+        noises.append(noise)
+        pre_squashes.append(pre_squash.detach())
         done = terminated[-1] | truncated[-1]
-        finished += envs.record(out.reward, done)
+        finished += envs.record(torch.where(diverged, torch.zeros_like(out.reward), out.reward), done)
         state, obs = envs.restart_finished(out.state, step_obs, done)
     segment = Segment(torch.stack(start_obs), torch.stack(rewards), torch.stack(next_obs),
-                      torch.stack(terminated), torch.stack(truncated), finished)
+                      torch.stack(terminated), torch.stack(truncated), diverged_any, finished, actions,
+                      torch.stack(obs_normalized), torch.stack(noises), torch.stack(pre_squashes))
     return segment, state, obs
 
 
+def policy_gradient(learner: Learner, segment: Segment, params: APGParams) -> dict[str, float]:
+    """Write the segment's policy gradient into the actor's ``.grad`` as ``params.estimator`` says;
+    return the loss and the estimator's statistics.
+
+    The objective is the segment's (SHAC) return, ``-segment_actor_loss``. Envs whose segment is not
+    finite, in the forward pass or in their action adjoints, are left out, and the gradient is the mean
+    over the others (``masked_envs``); with none left the update is skipped (``loss`` NaN).
+    """
+    num_steps, num_envs = segment.rewards.shape
+    valid = ~segment.diverged & torch.isfinite(segment.rewards).all(dim=0)
+    # masked envs contribute zeros to the loss; their gradients are dropped below as well
+    rewards = torch.where(valid[None, :], segment.rewards, torch.zeros_like(segment.rewards))
+    next_values = learner.tail_value(segment.next_obs, params.bootstrap)
+    next_values = torch.where(valid[None, :] & torch.isfinite(next_values), next_values, torch.zeros_like(next_values))
+    actor_loss = segment_actor_loss(rewards, next_values, segment.terminated, segment.truncated, params.gamma)
+    stats: dict[str, float] = {"actor_loss": float(actor_loss.detach())}
+
+    analytic = likelihood = None
+    if params.estimator != "likelihood":
+        # lambda_t = dLoss/da_t: the total derivative through the simulator, later observations and actions
+        adjoints = torch.autograd.grad(actor_loss, segment.actions, allow_unused=True)
+        adjoints = torch.stack([torch.zeros_like(a) if g is None else g for a, g in zip(segment.actions, adjoints)])
+        valid &= torch.isfinite(adjoints).all(dim=2).all(dim=0)
+        analytic = torch.where(valid[None, :, None], adjoints, torch.zeros_like(adjoints))
+    needs_samples = params.estimator == "hybrid" or learner.segment_schedule is not None
+    if params.estimator != "analytic" or needs_samples:
+        with torch.no_grad():
+            future, piece_discount = returns_to_go(rewards.detach(), next_values.detach(), segment.terminated,
+                                                   segment.truncated, params.gamma)
+            if params.bootstrap == "none":
+                baseline = leave_one_out_baseline(future)
+            else:
+                baseline = learner.model.value(segment.obs_normalized)
+            # d(loss)/d(log pi_t) = -(advantage) / (N K), as the actor loss is scaled
+            likelihood = -(piece_discount * (future - baseline)) / (num_envs * num_steps)
+            likelihood = torch.where(valid[None, :], likelihood, torch.zeros_like(likelihood))
+
+    kept = int(valid.sum())
+    stats["masked_envs"] = float(num_envs - kept)
+    learner.masked_envs += num_envs - kept
+    if kept == 0:
+        stats["actor_loss"] = math.nan
+        return stats
+    rescale = num_envs / kept  # the mean over the envs that are left
+    model = learner.model
+    if needs_samples:
+        g0 = per_env_likelihood_gradients(model, segment.obs_normalized, segment.pre_squash, likelihood)[valid] * num_envs
+        if analytic is not None:
+            g1 = per_env_analytic_gradients(model, segment.obs_normalized, segment.noise, analytic)[valid] * num_envs
+            if learner.segment_schedule is not None:
+                stats["variance_ratio"] = learner.segment_schedule.observe(g1, g0)
+    if params.estimator == "hybrid":
+        alpha, parts = hybrid_weight(g1, g0)
+        stats.update(hybrid_alpha=alpha, **parts)
+        combined = (alpha * g1.mean(dim=0) + (1.0 - alpha) * g0.mean(dim=0)).to(g1.dtype)
+        offset = 0
+        for p in learner.actor_params:
+            p.grad = combined[offset:offset + p.numel()].view_as(p).to(p.dtype).clone()
+            offset += p.numel()
+        return stats
+    if params.estimator == "analytic":
+        surrogate = surrogate_for_adjoints(model, segment.obs_normalized, segment.noise, analytic)
+    else:
+        surrogate = _likelihood_surrogate(model, segment, likelihood)
+    (surrogate * rescale).backward(inputs=learner.actor_params)
+    return stats
+
+
+def _likelihood_surrogate(model: ActorCritic, segment: Segment, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_{t,i} weights * log pi(u | o)``: its gradient is the likelihood-ratio estimate."""
+    dist = model.distribution(segment.obs_normalized)
+    return (dist.log_prob(segment.pre_squash).sum(-1) * weights).sum()
+
+
 def apg_update(learner: Learner, envs: EnvBatch, params: APGParams, config: TrainConfig) -> dict[str, float]:
-    """One APG update: unroll a segment, step the policy on its exact gradient, fit the value network."""
+    """One APG update: unroll a segment, step the policy on its gradient, fit the value network."""
     model, normalizer = learner.model, learner.normalizer
     # 1. Unroll K steps through the simulator. Actions are reparameterized samples, so the segment's
     #    rewards and its last observations are differentiable functions of the policy parameters.
-    segment, state, obs = unroll(model, normalizer, envs, params.segment_length)
+    #    (The likelihood-ratio estimator needs no simulator gradient: no graph is recorded.)
+    num_steps = learner.segment_length(params)
+    with torch.set_grad_enabled(params.estimator != "likelihood"):
+        segment, state, obs = unroll(model, normalizer, envs, num_steps)
 
-    # 2. The actor loss: -(discounted rewards + gamma^len * V(boundary obs)) / (N K). The tail's gradient
-    #    with respect to the boundary observation flows into the segment; terminated pieces get none.
-    next_values = learner.tail_value(segment.next_obs, params.bootstrap)
-    actor_loss = segment_actor_loss(segment.rewards, next_values, segment.terminated, segment.truncated,
-                                    params.gamma)
-
-    # 3. Step the actor on the exact gradient, unless the loss or gradient is not finite (then the
-    #    update is skipped and counted: no NaN ever reaches the parameters or Adam's moments).
+    # 2-3. The actor loss -(discounted rewards + gamma^len * V(boundary obs)) / (N K) and its gradient as
+    #    the estimator says (exact through the simulator, likelihood ratio, or their mix); diverged envs
+    #    are left out. The step is skipped if the gradient is not finite (nothing reaches Adam).
     learner.actor_optimizer.zero_grad(set_to_none=True)
+    stats = policy_gradient(learner, segment, params)
     grad_norm = math.nan
-    if torch.isfinite(actor_loss):
-        actor_loss.backward(inputs=learner.actor_params)  # the value network is not moved by this loss
+    if math.isfinite(stats["actor_loss"]):
         grad_norm = clip_gradients(learner.actor_params, config.optimizer)
     if math.isfinite(grad_norm):
         learner.actor_optimizer.step()
@@ -274,13 +475,15 @@ def apg_update(learner: Learner, envs: EnvBatch, params: APGParams, config: Trai
                 target.lerp_(online, params.target_tau)
 
     # 6. Update the observation statistics from the segment's detached observations.
-    normalizer.update(segment.start_obs.flatten(0, 1))
+    normalizer.update(segment.start_obs.flatten(0, 1)[torch.isfinite(segment.start_obs.flatten(0, 1)).all(dim=1)])
 
-    return {"actor_loss": float(actor_loss.detach()), "grad_norm": grad_norm,
+    finite_rewards = rewards[torch.isfinite(rewards)]
+    return {**stats, "grad_norm": grad_norm, "segment_length": float(num_steps),
             "skipped_updates": float(learner.skipped_updates),
+            "masked_envs_total": float(learner.masked_envs),
             "critic_grad_steps": float(learner.critic_grad_steps),  # value-network-only Adam steps (protocol.md)
             **({"critic_loss": critic_loss} if critic_loss is not None else {}),
-            "segment_reward": float(rewards.mean()),
+            "segment_reward": float(finite_rewards.mean()) if finite_rewards.numel() else math.nan,
             "policy_std": float(model.log_std.detach().exp().mean()),
             "episodes_finished": float(len(segment.finished_returns)),
             **({"train_episode_return": float(np.mean(segment.finished_returns))} if segment.finished_returns else {})}
@@ -332,7 +535,6 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     envs = EnvBatch(venv, train_env_seed(config.seed), device)
     learner = Learner.create(obs_dim, act_dim, config, params, device)
     env_steps = grad_steps = 0
-    steps_per_update = config.num_envs * params.segment_length
 
     with Run(config, progress=progress) as run:
         saved = run.load_latest_checkpoint()
@@ -362,7 +564,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
             evaluate()  # the untrained policy: the first point of every learning curve
         while env_steps < config.total_env_steps:
             stats = apg_update(learner, envs, params, config)
-            env_steps += steps_per_update
+            env_steps += config.num_envs * int(stats["segment_length"])
             grad_steps += 1
             run.log(env_steps, grad_steps, **stats)
             if env_steps >= next_eval or env_steps >= config.total_env_steps:

@@ -54,6 +54,24 @@ class PPOTrainer:
         entry["algo_params"] = {**PPO_PARAMS, **entry.get("algo_params", {})}
         return entry
 
+    def suggest_hyperparams(self, trial: Any, env_id: str) -> dict[str, Any]:
+        """``diffgym tune``'s search space (rl-zoo's PPO space, sized for these tasks): PPO's own settings
+        and the number of envs as dotted overrides; the shared specs are not searched."""
+        num_envs = trial.suggest_categorical("num_envs", [16, 32, 64, 128])
+        n_steps = trial.suggest_categorical("n_steps", [16, 32, 64, 128, 256])
+        minibatches = trial.suggest_categorical("minibatches", [1, 2, 4, 8, 16])
+        return {
+            "num_envs": num_envs,
+            "algo_params.n_steps": n_steps,
+            "algo_params.batch_size": max(32, num_envs * n_steps // minibatches),
+            "algo_params.n_epochs": trial.suggest_categorical("n_epochs", [3, 5, 10, 20]),
+            "algo_params.gamma": trial.suggest_categorical("gamma", [0.95, 0.98, 0.99, 0.995, 0.999]),
+            "algo_params.gae_lambda": trial.suggest_categorical("gae_lambda", [0.8, 0.9, 0.92, 0.95, 0.98]),
+            "algo_params.clip_range": trial.suggest_categorical("clip_range", [0.1, 0.2, 0.3]),
+            "algo_params.ent_coef": trial.suggest_float("ent_coef", 1e-8, 1e-2, log=True),
+            "algo_params.normalize_reward": trial.suggest_categorical("normalize_reward", [False, True]),
+        }
+
     def train(self, config: TrainConfig, progress: bool = True) -> Path:
         params = {**PPO_PARAMS, **config.algo_params}
         unknown = sorted(set(params) - set(PPO_PARAMS))

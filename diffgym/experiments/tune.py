@@ -1,0 +1,192 @@
+"""``diffgym tune``: Optuna hyperparameter search over a trainer's own settings on one task.
+
+What is searched is the trainer plugin's business: it exposes ``suggest_hyperparams(trial, env_id)``,
+returning dotted :class:`TrainConfig` overrides drawn with Optuna's ``trial.suggest_*`` (its
+``algo_params`` and ``num_envs``; the shared policy, normalizer and optimizer specs stay shared). The
+search is rl-zoo's: a TPE sampler and a median pruner on the evaluation curve. Each trial is an ordinary
+run (``<out>/runs/trial_<n>``) executed through the sweep :class:`~diffgym.experiments.sweep.Runner`, so
+trials run in parallel like compare/ablate runs; inside the worker a :func:`~diffgym.training.run.log_hook`
+reports every evaluation to the trial and stops the run when the pruner says so.
+
+The objective is the area under the evaluation curve: the mean of ``eval_success_rate`` over the
+run's evaluations (``--metric success``; rewards solving early and staying solved), or of
+``eval_return`` (``--metric return``, for tasks where nothing succeeds yet). The study lives in
+``<out>/study.log`` (Optuna's journal storage), so re-running the command continues it. Outputs:
+``trials.md`` (every trial), ``best.yaml`` (the winner's overrides and value) and the table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diffgym.experiments.sweep import LocalRunner, Runner
+from diffgym.plugins import load_trainer, resolve_config
+from diffgym.training.run import read_metrics
+from diffgym.training.spec import task_name
+
+METRICS = {"success": "eval_success_rate", "return": "eval_return"}
+
+
+class _Pruned(Exception):
+    """Raised inside a trial's run by the log hook; ends the run early."""
+
+
+def _storage(path: Path):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def run_trial(config_dict: dict, storage_path: str, study_name: str, trial_id: int, metric: str) -> dict[str, Any]:
+    """The unit of work of a tuning sweep (runs in a worker): train, reporting the running mean of
+    the metric at every evaluation; stop when the pruner says so."""
+    import optuna
+
+    from diffgym.training.run import log_hook
+    from diffgym.training.spec import TrainConfig
+
+    config = TrainConfig.from_dict(config_dict)
+    study = optuna.load_study(study_name=study_name, storage=_storage(Path(storage_path)))
+    trial = optuna.trial.Trial(study, trial_id)
+    key = METRICS[metric]
+    seen: list[float] = []
+
+    def report(env_steps: int, scalars: dict[str, float]) -> None:
+        if key not in scalars:
+            return
+        seen.append(scalars[key])
+        trial.report(sum(seen) / len(seen), env_steps)
+        if trial.should_prune():
+            raise _Pruned(f"pruned at {env_steps} env steps")
+
+    trainer = load_trainer(config.algo)
+    pruned = False
+    with log_hook(report):
+        try:
+            trainer.train(config, progress=False) if _accepts_progress(trainer.train) else trainer.train(config)
+        except _Pruned:
+            pruned = True
+    return {"pruned": pruned, "value": sum(seen) / len(seen) if seen else math.nan,
+            "env_steps": _last_env_steps(config.run_dir)}
+
+
+def _accepts_progress(train) -> bool:
+    import inspect
+
+    try:
+        return "progress" in inspect.signature(train).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _last_env_steps(run_dir: str | None) -> int:
+    try:
+        rows = read_metrics(Path(run_dir))
+    except (OSError, ValueError, TypeError):
+        return 0
+    return int(rows[-1]["env_steps"]) if rows else 0
+
+
+def tune(env_id: str, algo: str, trials: int, env_steps: int, out_dir: str | Path, runner: Runner | None = None,
+         metric: str = "success", seed: int = 0, eval_every: int | None = None, workers: int = 2) -> Path:
+    """Run (or continue) the study until it holds ``trials`` finished trials; write the reports."""
+    import optuna
+
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+    trainer = load_trainer(algo)
+    if not hasattr(trainer, "suggest_hyperparams"):
+        raise TypeError(f"trainer {algo!r} has no suggest_hyperparams(trial, env_id): it does not define a "
+                        "search space for diffgym tune")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runner = runner or LocalRunner(workers)
+    batch = max(1, getattr(runner, "workers", workers))
+    evaluations = 10
+    eval_every = eval_every or max(1, env_steps // evaluations)
+    study_name = f"{algo}__{task_name(env_id)}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=study_name, storage=_storage(out / "study.log"), load_if_exists=True, direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(8, max(1, trials // 3))),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=env_steps // 3))
+    for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # an interrupted earlier invocation
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    while (done := len(study.get_trials(deepcopy=False, states=finished))) < trials:
+        asked = [study.ask() for _ in range(min(batch, trials - done))]
+        items = []
+        for trial in asked:
+            overrides = trainer.suggest_hyperparams(trial, env_id)
+            config = resolve_config(algo, env_id, {
+                **overrides, "seed": seed, "total_env_steps": env_steps, "eval_every_env_steps": eval_every,
+                "run_dir": str(out / "runs" / f"trial_{trial.number:03d}")})
+            trial.set_user_attr("overrides", overrides)
+            items.append((config.to_dict(), str(out / "study.log"), study_name, trial._trial_id, metric))
+        results = runner.map(run_trial, items, lambda i, r: (
+            f"trial {asked[i].number}: {'pruned' if r['pruned'] else 'done'} at {r['env_steps']:,} env steps, "
+            f"{metric} AUC {r['value']:.3f}"))
+        for trial, result in zip(asked, results):
+            if result["pruned"]:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            elif math.isfinite(result["value"]):
+                study.tell(trial, result["value"])
+            else:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    return write_reports(study, out, env_id, algo, env_steps, metric, seed)
+
+
+def write_reports(study, out: Path, env_id: str, algo: str, env_steps: int, metric: str, seed: int) -> Path:
+    import optuna
+
+    rows = ["| trial | state | value | env steps | overrides |", "|---:|---|---:|---:|---|"]
+    for t in sorted(study.get_trials(deepcopy=True), key=lambda t: t.number):
+        value = f"{t.value:.3f}" if t.value is not None else "-"
+        steps = _last_env_steps(str(out / "runs" / f"trial_{t.number:03d}"))
+        rows.append(f"| {t.number} | {t.state.name.lower()} | {value} | {steps:,} | "
+                    f"{json.dumps(t.user_attrs.get('overrides', {}), sort_keys=True)} |")
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    header = (f"# {task_name(env_id)}: tuning {algo} ({len(study.trials)} trials, {env_steps:,} env steps each, "
+              f"seed {seed}, objective: mean {METRICS[metric]} over the evaluations)\n\n")
+    report = out / "trials.md"
+    report.write_text(header + "\n".join(rows) + "\n")
+    if complete:
+        best = study.best_trial
+        (out / "best.yaml").write_text(yaml.safe_dump({
+            "env_id": env_id, "algo": algo, "objective": f"mean {METRICS[metric]} over evaluations",
+            "value": float(best.value), "trial": best.number, "trials": len(study.trials),
+            "env_steps": env_steps, "seed": seed, "overrides": best.user_attrs.get("overrides", {})}, sort_keys=False))
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--env", required=True, help="task id, e.g. DiffGym/PointNav2D-v0")
+    parser.add_argument("--algo", required=True, help="trainer plugin with a search space (ppo, apg)")
+    parser.add_argument("--trials", type=int, required=True, help="finished trials the study should hold")
+    parser.add_argument("--env-steps", type=lambda s: int(float(s)), required=True, help="budget of every trial")
+    parser.add_argument("--eval-every", type=lambda s: int(float(s)), default=None, help="default budget/10")
+    parser.add_argument("--metric", choices=sorted(METRICS), default="success",
+                        help="objective: mean eval success (default) or mean eval return over the run")
+    parser.add_argument("--seed", type=int, default=0, help="training seed of every trial and the sampler's seed")
+    parser.add_argument("--workers", type=int, default=None, help="parallel trials (default: CPU count)")
+    parser.add_argument("--out", default=None, help="output directory (default runs/tune/<algo>__<task>)")
+
+
+def main(args: argparse.Namespace) -> int:
+    out = Path(args.out or Path("runs") / "tune" / f"{args.algo}__{task_name(args.env)}")
+    runner = LocalRunner(args.workers)
+    report = tune(args.env, args.algo, args.trials, args.env_steps, out, runner, args.metric, args.seed,
+                  args.eval_every)
+    print(report.read_text())
+    best = out / "best.yaml"
+    if best.exists():
+        print(best.read_text())
+    print(f"report: {report}")
+    return 0
