@@ -17,11 +17,12 @@ from diffgym.core.env import DiffGymEnv, DiffGymVectorEnv
 from diffgym.core.registration import register_task
 from diffgym.core.sim import DiffSim, StepOutput
 from diffgym.core.state import SimState
+from diffgym.policy import Policy, load_policy
 
 __version__ = "0.1.0"
 
-__all__ = ["DiffGymEnv", "DiffGymVectorEnv", "DiffSim", "Out", "SimState", "StepOutput",
-           "register_task", "warp_call", "TASK_IDS"]
+__all__ = ["DiffGymEnv", "DiffGymVectorEnv", "DiffSim", "Out", "Policy", "SimState", "StepOutput",
+           "load_policy", "register_task", "warp_call", "TASK_IDS"]
 
 # One line per task, in rising dynamical complexity.
 register_task("DiffGym/PointMass1D-v0", "diffgym.envs.point_mass_1d:PointMass1DEnv",

@@ -32,7 +32,7 @@ from diffgym.training.gradients import (compare_estimators, hybrid_weight, leave
                                         sample_statistics)
 from diffgym.training.networks import ActorCritic
 from diffgym.training.normalization import ObservationNormalizer
-from diffgym.training.spec import NormalizerSpec, PolicySpec, TrainConfig, task_name
+from diffgym.training.spec import NormalizerSpec, PolicySpec, task_name
 
 DIAGNOSTICS_SEED_OFFSET = 7_000_000
 """Start states of the diagnostics are drawn from seeds ``DIAGNOSTICS_SEED_OFFSET + 1000 * seed + i``,
@@ -47,28 +47,6 @@ def default_horizons(env_id: str) -> list[int]:
         out.append(h)
         h *= 2
     return out + [horizon]
-
-
-def load_policy(run_dir: str | Path, device: str = "cpu") -> tuple[ActorCritic, ObservationNormalizer, TrainConfig]:
-    """The actor-critic and normalizer of a run's latest checkpoint (the keys every trainer saves)."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.yaml")
-    config = TrainConfig.load(config_path)
-    checkpoints = sorted((run_dir / "checkpoints").glob("step_*.pt"))
-    if not checkpoints:
-        raise FileNotFoundError(f"{run_dir} has no checkpoints/step_*.pt")
-    saved = torch.load(checkpoints[-1], map_location=device, weights_only=False)
-    env = gym.make(config.env_id)
-    obs_dim = int(np.prod(env.observation_space.shape))
-    act_dim = int(np.prod(env.action_space.shape))
-    env.close()
-    model = ActorCritic(obs_dim, act_dim, config.policy).to(device)
-    model.load_state_dict(saved["actor_critic"])
-    normalizer = ObservationNormalizer(obs_dim, config.normalizer).to(device)
-    normalizer.load_state_dict(saved["normalizer"])
-    return model, normalizer, config
 
 
 def _rollout_gradients(venv, model: ActorCritic, normalizer: ObservationNormalizer, seeds: list[int],
@@ -109,7 +87,7 @@ def _rollout_gradients(venv, model: ActorCritic, normalizer: ObservationNormaliz
     obs_norm, noises, pre_squash = torch.stack(obs_norm), torch.stack(noises), torch.stack(pre_squash)
     analytic = per_env_analytic_gradients(model, obs_norm, noises, adjoints)[finite]
     likelihood = per_env_likelihood_gradients(model, obs_norm, pre_squash, weights)[finite]
-    info = {"mean_return": float(returns[finite].mean()) if bool(finite.any()) else math.nan,
+    info = {"mean_return": float(returns.detach()[finite].mean()) if bool(finite.any()) else math.nan,
             "nonfinite": int((~finite).sum())}
     return analytic, likelihood, info
 
@@ -141,7 +119,10 @@ def gradient_stats(env_id: str, horizons: Sequence[int] | None = None, num_envs:
             obs, _ = venv.reset(seed=DIAGNOSTICS_SEED_OFFSET - 1)
             normalizer.update(torch.as_tensor(obs))
         else:
-            model, normalizer, _ = load_policy(policy)
+            from diffgym.policy import load_policy
+
+            loaded = load_policy(policy)
+            model, normalizer = loaded.model, loaded.normalizer
         starts = [DIAGNOSTICS_SEED_OFFSET + 1000 * seed + i for i in range(num_envs)]
         seeds = [s for s in starts for _ in range(samples)]
         rows = []

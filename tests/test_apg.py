@@ -484,3 +484,12 @@ def test_cli_segment_flags_reach_the_config(capsys):
                  "--bootstrap", "mc", "--print-config"]) == 0
     algo_params = yaml.safe_load(capsys.readouterr().out)["algo_params"]
     assert algo_params["segment_length"] == 16 and algo_params["bootstrap"] == "mc"
+
+
+def test_cli_segment_length_accepts_adaptive(capsys):
+    from diffgym.cli import main
+
+    assert main(["train", "--algo", "apg", "--env", "DiffGym/PointNav2D-v0", "--segment-length", "adaptive",
+                 "--param", "estimator=hybrid", "--print-config"]) == 0
+    algo_params = yaml.safe_load(capsys.readouterr().out)["algo_params"]
+    assert algo_params["segment_length"] == "adaptive" and algo_params["estimator"] == "hybrid"

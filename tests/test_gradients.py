@@ -141,7 +141,8 @@ def test_grad_stats_shows_analytic_variance_far_below_likelihood_on_point_mass(t
 
 
 def test_grad_stats_loads_a_run_and_names_a_bad_one(tmp_path):
-    from diffgym.diagnostics import gradient_stats, load_policy
+    from diffgym import load_policy
+    from diffgym.diagnostics import gradient_stats
     from diffgym.plugins import resolve_config
     from diffgym_apg.train import train
 
@@ -149,8 +150,8 @@ def test_grad_stats_loads_a_run_and_names_a_bad_one(tmp_path):
         "num_envs": 2, "total_env_steps": 16, "eval_every_env_steps": 16, "eval_episodes": 2,
         "algo_params.segment_length": 8, "run_dir": str(tmp_path / "run")})
     run_dir = train(config, progress=False)
-    model, normalizer, loaded = load_policy(run_dir)
-    assert loaded.env_id == "DiffGym/PointMass1D-v0" and float(normalizer.count) > 0
+    policy = load_policy(run_dir)
+    assert policy.config.env_id == "DiffGym/PointMass1D-v0" and float(policy.normalizer.count) > 0
     rows = gradient_stats("DiffGym/PointMass1D-v0", [4], num_envs=4, samples=1, policy=run_dir)
     assert rows[0]["analytic_norm"] > 0
     with pytest.raises(FileNotFoundError, match="config.yaml"):

@@ -44,6 +44,12 @@ def _storage(path: Path):
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
+def _pruner(warmup_steps: int):
+    import optuna
+
+    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=warmup_steps)
+
+
 def run_trial(config_dict: dict, storage_path: str, study_name: str, trial_id: int, metric: str) -> dict[str, Any]:
     """The unit of work of a tuning sweep (runs in a worker): train, reporting the running mean of
     the metric at every evaluation; stop when the pruner says so."""
@@ -53,7 +59,9 @@ def run_trial(config_dict: dict, storage_path: str, study_name: str, trial_id: i
     from diffgym.training.spec import TrainConfig
 
     config = TrainConfig.from_dict(config_dict)
-    study = optuna.load_study(study_name=study_name, storage=_storage(Path(storage_path)))
+    # the pruner is not stored with the study: the worker's must be the driver's
+    study = optuna.load_study(study_name=study_name, storage=_storage(Path(storage_path)),
+                              pruner=_pruner(config.total_env_steps // 3))
     trial = optuna.trial.Trial(study, trial_id)
     key = METRICS[metric]
     seen: list[float] = []
@@ -115,8 +123,10 @@ def tune(env_id: str, algo: str, trials: int, env_steps: int, out_dir: str | Pat
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=study_name, storage=_storage(out / "study.log"), load_if_exists=True, direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(8, max(1, trials // 3))),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=env_steps // 3))
+        pruner=_pruner(env_steps // 3))
+    # seeded by what the study already holds, so a continued study does not redraw its first settings
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials),
+                                               n_startup_trials=min(8, max(1, trials // 3)))
     for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # an interrupted earlier invocation
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)

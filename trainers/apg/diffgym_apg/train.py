@@ -331,7 +331,7 @@ def unroll(model: ActorCritic, normalizer: ObservationNormalizer, envs: EnvBatch
         action, pre_squash, noise = model.sample(obs_norm)
         out = envs.venv.differentiable_step(state, action)
         # An env whose observation is no longer finite has diverged: it ends like a termination (no
-        # tail) and restarts; the update leaves the env's whole segment out (apg_update).
+        # tail) and restarts; policy_gradient leaves the env's whole segment out of the update.
         diverged = ~torch.isfinite(out.obs).all(dim=1) | ~torch.isfinite(out.reward)
         diverged_any |= diverged
         step_obs = torch.where(diverged[:, None], torch.zeros_like(out.obs), out.obs)

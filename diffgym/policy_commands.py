@@ -1,0 +1,194 @@
+"""``diffgym eval`` and ``diffgym export``: use a trained policy from the command line.
+
+``diffgym eval RUN_DIR`` scores the run's policy twice with the shared ``evaluate_policy``: on the run's
+own evaluation seeds (reproducing its last evaluation row when the checkpoint is the final one) and on
+fresh seeds the run never used; ``--video FILE`` records a few episodes (``.mp4`` or ``.gif``).
+``diffgym export RUN_DIR --format torchscript|onnx --out FILE`` writes a self-contained module
+(normalizer + actor + squash, deterministic) that maps observations ``(B, obs_dim)`` to actions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffgym.policy import Policy, load_policy
+
+FRESH_SEED_OFFSET = 1000
+"""``diffgym eval`` scores fresh episodes as if the run's seed were ``seed + FRESH_SEED_OFFSET``: seeds
+``EVAL_SEED_OFFSET + SEED_STRIDE * (seed + 1000) + i``, which neither the run's training envs
+(``SEED_STRIDE * seed + i`` and reset seeds >= 2^30) nor its evaluations used."""
+
+
+def evaluate(policy: Policy, episodes: int, seed: int, env_id: str | None = None,
+             deterministic: bool = True) -> dict[str, float]:
+    """``evaluate_policy`` of ``policy`` plus a 95 % normal confidence interval of the mean return."""
+    from diffgym.training.evaluation import evaluate_policy
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        return policy.predict(obs, deterministic=deterministic)[0]
+
+    result = evaluate_policy(act, env_id or policy.config.env_id, episodes, seed)
+    half = 1.96 * result["eval_return_std"] / math.sqrt(episodes)
+    return {**result, "eval_return_ci_low": result["eval_return"] - half, "eval_return_ci_high": result["eval_return"] + half}
+
+
+def record_video(policy: Policy, path: str | Path, episodes: int = 2, seed: int = 0, env_id: str | None = None,
+                 deterministic: bool = True, fps: int | None = None) -> Path:
+    """Roll out ``episodes`` episodes with ``render_mode="rgb_array"`` and write the frames to ``path``
+    (``.mp4`` through imageio-ffmpeg, ``.gif`` through imageio). Returns the path."""
+    import gymnasium as gym
+
+    try:
+        import imageio.v2 as imageio
+    except ImportError as error:  # the optional extra
+        raise ImportError("recording needs imageio (pip install 'diffgym[video]', installed by make)") from error
+    env = gym.make(env_id or policy.config.env_id, render_mode="rgb_array")
+    frames = []
+    try:
+        for episode in range(episodes):
+            obs, _ = env.reset(seed=seed + episode)
+            frames.append(env.render())
+            done = False
+            while not done:
+                action = policy.predict(obs, deterministic=deterministic)[0]
+                obs, _, terminated, truncated, _ = env.step(action)
+                frames.append(env.render())
+                done = terminated or truncated
+        fps = fps or int(env.metadata.get("render_fps") or 20)
+    finally:
+        env.close()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gif":
+        imageio.mimsave(path, frames, duration=1000 / fps, loop=0)
+    else:
+        imageio.mimsave(path, frames, fps=fps, macro_block_size=1)
+    return path
+
+
+class ExportedPolicy(nn.Module):
+    """``squash(actor(clip((obs - mean) / sqrt(var + eps), -clip, clip)))`` with everything as float32
+    buffers and parameters: no DiffGym or training code needed to run it."""
+
+    def __init__(self, policy: Policy):
+        super().__init__()
+        normalizer, model = policy.normalizer, policy.model
+        self.normalize = bool(normalizer.spec.enabled)
+        self.register_buffer("mean", normalizer.mean.detach().float().cpu().clone())
+        self.register_buffer("std", torch.sqrt(normalizer.var + normalizer.spec.epsilon).detach().float().cpu().clone())
+        self.clip = float(normalizer.spec.clip)
+        self.tanh = model.spec.squash == "tanh"
+        self.actor = _copy_module(model.actor).cpu().float().eval()
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = obs
+        if self.normalize:
+            x = ((obs - self.mean) / self.std).clamp(-self.clip, self.clip)
+        u = self.actor(x)
+        return torch.tanh(u) if self.tanh else u.clamp(-1.0, 1.0)
+
+
+def _copy_module(module: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(module).requires_grad_(False)
+
+
+def export_policy(policy: Policy, path: str | Path, fmt: str = "torchscript") -> Path:
+    """Write ``policy`` as a self-contained TorchScript (``.pt``) or ONNX (``.onnx``) module whose
+    output for observations ``(B, obs_dim)`` float32 is ``policy.predict(obs, deterministic=True)``."""
+    module = ExportedPolicy(policy).eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros(2, policy.model.obs_dim)
+    if fmt == "torchscript":
+        torch.jit.script(module).save(str(path))
+    elif fmt == "onnx":
+        try:
+            import onnxscript  # noqa: F401  (the exporter's dependency)
+        except ImportError as error:
+            raise ImportError("ONNX export needs onnx and onnxscript (pip install 'diffgym[export]', "
+                              "installed by make)") from error
+        program = torch.onnx.export(module, (example,), input_names=["obs"], output_names=["action"],
+                                    dynamic_shapes={"obs": {0: torch.export.Dim("batch")}}, dynamo=True,
+                                    verbose=False)
+        program.save(str(path))
+    else:
+        raise ValueError(f"format must be 'torchscript' or 'onnx', got {fmt!r}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run directory (or one checkpoint file)")
+    parser.add_argument("--episodes", type=int, default=None, help="fresh episodes (default: the run's eval_episodes)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help=f"evaluation seed of the fresh episodes (default: the run's seed + {FRESH_SEED_OFFSET})")
+    parser.add_argument("--env", default=None, help="evaluate on another registered task id (same spaces)")
+    parser.add_argument("--step", type=int, default=None, help="the checkpoint at this many env steps (default: latest)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--deterministic", dest="deterministic", action="store_true", default=True,
+                      help="the squashed mean action (default; what training evaluates)")
+    mode.add_argument("--stochastic", dest="deterministic", action="store_false", help="sample actions")
+    parser.add_argument("--video", default=None, help="record episodes to this .mp4 or .gif")
+    parser.add_argument("--video-episodes", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write the results here")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import diffgym  # noqa: F401  (registers the tasks)
+
+    torch.set_num_threads(1)
+    try:
+        policy = load_policy(args.run_dir, step=args.step)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"diffgym eval: {error}") from None
+    config = policy.config
+    results: dict[str, Any] = {"checkpoint": str(policy.checkpoint), "env_steps": policy.env_steps,
+                               "env_id": args.env or config.env_id, "deterministic": args.deterministic}
+    if args.env is None and args.deterministic:
+        results["run_seeds"] = evaluate(policy, config.eval_episodes, config.seed)
+    fresh_seed = config.seed + FRESH_SEED_OFFSET if args.seed is None else args.seed
+    results["fresh_seeds"] = {"seed": fresh_seed, **evaluate(policy, args.episodes or config.eval_episodes, fresh_seed,
+                                                              args.env, args.deterministic)}
+    print(f"{config.algo} on {results['env_id']}, checkpoint {Path(results['checkpoint']).name} "
+          f"({policy.env_steps:,} env steps)")
+    for name, label in (("run_seeds", "the run's evaluation seeds"), ("fresh_seeds", f"fresh seeds (seed {fresh_seed})")):
+        if name in results:
+            r = results[name]
+            print(f"  {label}: success {r['eval_success_rate']:.3f}, return {r['eval_return']:.2f} "
+                  f"[95% CI {r['eval_return_ci_low']:.2f}, {r['eval_return_ci_high']:.2f}], "
+                  f"episode length {r['eval_episode_length']:.1f}")
+    if args.video:
+        path = record_video(policy, args.video, args.video_episodes, fresh_seed, args.env, args.deterministic)
+        results["video"] = str(path)
+        print(f"  video: {path}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run directory (or one checkpoint file)")
+    parser.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript")
+    parser.add_argument("--out", required=True, help="output file (.pt for TorchScript, .onnx for ONNX)")
+    parser.add_argument("--step", type=int, default=None, help="the checkpoint at this many env steps (default: latest)")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    try:
+        policy = load_policy(args.run_dir, step=args.step)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"diffgym export: {error}") from None
+    path = export_policy(policy, args.out, args.format)
+    print(f"wrote {path} ({args.format}): observations (B, {policy.model.obs_dim}) float32 -> actions "
+          f"(B, {policy.model.act_dim}) in [-1, 1]")
+    return 0

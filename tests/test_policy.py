@@ -1,0 +1,124 @@
+"""Using a trained policy: diffgym.load_policy for every bundled trainer, diffgym eval (reproduces the
+run's own last evaluation, scores fresh seeds, records a video), diffgym export (TorchScript and ONNX
+equal to Policy.predict), and clear errors for what is not a run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import diffgym
+from diffgym.cli import main
+from diffgym.plugins import load_trainer, resolve_config
+from diffgym.training.run import read_metrics
+
+POINT_MASS = "DiffGym/PointMass1D-v0"
+SMALL = {"apg": {"num_envs": 4, "total_env_steps": 64, "eval_every_env_steps": 32, "eval_episodes": 4,
+                 "algo_params.segment_length": 8},
+         "ppo": {"num_envs": 4, "total_env_steps": 64, "eval_every_env_steps": 32, "eval_episodes": 4,
+                 "algo_params.n_steps": 8, "algo_params.batch_size": 16, "algo_params.n_epochs": 1}}
+
+
+@pytest.fixture(scope="module", params=["apg", "ppo"])
+def run(request, tmp_path_factory):
+    algo = request.param
+    config = resolve_config(algo, POINT_MASS, {**SMALL[algo], "run_dir": str(tmp_path_factory.mktemp(algo) / "run")})
+    return load_trainer(algo).train(config, progress=False)
+
+
+def test_every_bundled_trainer_saves_what_load_policy_needs(run):
+    for path in sorted((run / "checkpoints").glob("step_*.pt")):
+        saved = torch.load(path, weights_only=False)
+        assert {"actor_critic", "normalizer", "config", "env_steps", "grad_steps"} <= set(saved)
+
+
+def test_load_policy_predicts_like_sb3_and_acts_differentiably(run):
+    policy = diffgym.load_policy(run)
+    assert policy.config.env_id == POINT_MASS and policy.env_steps == 64
+    single, state = policy.predict(np.zeros(3, dtype=np.float32))
+    batch, _ = policy.predict(np.zeros((5, 3)))
+    assert state is None and single.shape == (1,) and batch.shape == (5, 1) and batch.dtype == np.float32
+    np.testing.assert_allclose(batch[0], single, rtol=0, atol=1e-6)
+    obs = torch.randn(4, 3, requires_grad=True)
+    policy.act(obs).sum().backward()
+    assert obs.grad is not None and torch.isfinite(obs.grad).all()
+    earlier = diffgym.load_policy(run, step=32)
+    assert earlier.env_steps == 32 and earlier.checkpoint.name == "step_000000000032.pt"
+    with pytest.raises(ValueError, match="observation must have shape"):
+        policy.predict(np.zeros(4))
+
+
+def test_eval_reproduces_the_last_evaluation_and_scores_fresh_seeds(run, tmp_path):
+    out = tmp_path / "eval.json"
+    video = tmp_path / "episodes.gif"
+    assert main(["eval", str(run), "--video", str(video), "--video-episodes", "1", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    last = [r for r in read_metrics(run) if "eval_return" in r][-1]
+    assert results["run_seeds"]["eval_return"] == pytest.approx(last["eval_return"], rel=1e-6)
+    assert results["run_seeds"]["eval_success_rate"] == last["eval_success_rate"]
+    fresh = results["fresh_seeds"]
+    assert fresh["seed"] == 1000 and fresh["eval_return"] != results["run_seeds"]["eval_return"]
+    assert fresh["eval_return_ci_low"] <= fresh["eval_return"] <= fresh["eval_return_ci_high"]
+    assert video.stat().st_size > 1000
+
+
+def test_mp4_video(run, tmp_path):
+    from diffgym.policy_commands import record_video
+
+    path = record_video(diffgym.load_policy(run), tmp_path / "episode.mp4", episodes=1)
+    assert path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_matches_predict(run, tmp_path, fmt):
+    out = tmp_path / ("policy.pt" if fmt == "torchscript" else "policy.onnx")
+    assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 0
+    policy = diffgym.load_policy(run)
+    with torch.no_grad():  # a non-trivial normalization, so the export must carry it
+        policy.normalizer.mean.copy_(torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64))
+        policy.normalizer.var.copy_(torch.tensor([0.5, 2.0, 0.25], dtype=torch.float64))
+    from diffgym.policy_commands import export_policy
+
+    export_policy(policy, out, fmt)
+    obs = np.random.default_rng(0).normal(size=(7, 3)).astype(np.float32) * 3
+    expected, _ = policy.predict(obs)
+    if fmt == "torchscript":
+        got = torch.jit.load(str(out))(torch.as_tensor(obs)).numpy()
+    else:
+        import onnxruntime
+
+        got = onnxruntime.InferenceSession(str(out)).run(None, {"obs": obs})[0]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+def test_clear_errors_for_what_is_not_a_run(run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.yaml"):
+        diffgym.load_policy(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        diffgym.load_policy(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="no checkpoint at 5 env steps"):
+        diffgym.load_policy(run, step=5)
+    with pytest.raises(SystemExit, match="diffgym eval: .*config.yaml"):
+        main(["eval", str(tmp_path)])
+    # a checkpoint from another task in this run's directory
+    other = resolve_config("apg", "DiffGym/FrankaReach-v0", {**SMALL["apg"], "run_dir": str(tmp_path / "franka")})
+    franka = load_trainer("apg").train(other, progress=False)
+    copied = tmp_path / "mixed"
+    shutil.copytree(run, copied)
+    shutil.copy(sorted((franka / "checkpoints").glob("*.pt"))[-1], copied / "checkpoints" / "step_000000009999.pt")
+    with pytest.raises(ValueError, match="trained on task DiffGym/FrankaReach-v0"):
+        diffgym.load_policy(copied)
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(run, tmp_path):
+    copied = tmp_path / "run"
+    shutil.copytree(run, copied)
+    latest = sorted((copied / "checkpoints").glob("*.pt"))[-1]
+    latest.write_bytes(latest.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="skipped unreadable checkpoint"):
+        policy = diffgym.load_policy(copied)
+    assert policy.env_steps == 32
