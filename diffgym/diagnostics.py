@@ -93,7 +93,7 @@ def _rollout_gradients(venv, model: ActorCritic, normalizer: ObservationNormaliz
 
 
 def gradient_stats(env_id: str, horizons: Sequence[int] | None = None, num_envs: int = 64, samples: int = 4,
-                   policy: str | Path | None = None, seed: int = 0, gamma: float = 0.99,
+                   policy: str | Path | None = None, seed: int = 0, gamma: float | None = None,
                    env_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per horizon: both estimators' statistics and their comparison.
 
@@ -101,7 +101,8 @@ def gradient_stats(env_id: str, horizons: Sequence[int] | None = None, num_envs:
     independent action noise, so every statistic is over ``num_envs * samples`` rollouts. ``policy`` is
     a run directory (its latest checkpoint) or ``None`` for the freshly initialised shared actor-critic
     (``PolicySpec`` defaults, seeded by ``seed``). Gradients are with respect to the actor's parameters
-    (MLP and log-std) of the ``h``-step discounted return ``sum_{t<h} gamma^t r_t``.
+    (MLP and log-std) of the ``h``-step discounted return ``sum_{t<h} gamma^t r_t`` (``gamma``: the
+    policy's own ``algo_params.gamma`` when it has one, else 0.99).
     """
     import diffgym  # noqa: F401  (registers the tasks)
 
@@ -123,6 +124,9 @@ def gradient_stats(env_id: str, horizons: Sequence[int] | None = None, num_envs:
 
             loaded = load_policy(policy)
             model, normalizer = loaded.model, loaded.normalizer
+            if gamma is None:  # the discount the policy was trained with, when its trainer has one
+                gamma = float(loaded.config.algo_params.get("gamma", 0.99))
+        gamma = 0.99 if gamma is None else gamma
         starts = [DIAGNOSTICS_SEED_OFFSET + 1000 * seed + i for i in range(num_envs)]
         seeds = [s for s in starts for _ in range(samples)]
         rows = []
@@ -131,7 +135,7 @@ def gradient_stats(env_id: str, horizons: Sequence[int] | None = None, num_envs:
             a, z = sample_statistics(analytic), sample_statistics(likelihood)
             comparison = compare_estimators(analytic, likelihood)
             alpha, _ = hybrid_weight(analytic, likelihood)
-            rows.append({"horizon": h, "rollouts": analytic.shape[0], **info,
+            rows.append({"horizon": h, "rollouts": analytic.shape[0], "gamma": gamma, **info,
                          "analytic_norm": a.norm, "analytic_variance": a.variance_trace,
                          "analytic_noise_to_signal": a.noise_to_signal,
                          "likelihood_norm": z.norm, "likelihood_variance": z.variance_trace,
@@ -200,7 +204,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--envs", type=int, default=64, help="start states")
     parser.add_argument("--samples", type=int, default=4, help="rollouts (action-noise draws) per start state")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--gamma", type=float, default=0.99)
+    parser.add_argument("--gamma", type=float, default=None,
+                        help="discount of the h-step return (default: the policy's algo_params.gamma, else 0.99)")
     parser.add_argument("--out", default=None, help="output directory (default runs/grad_stats/<task>)")
 
 
@@ -213,7 +218,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / "grad_stats" / task_name(args.env))
     out.mkdir(parents=True, exist_ok=True)
     meta = {"env_id": args.env, "policy": args.policy or "fresh", "envs": args.envs, "samples": args.samples,
-            "seed": args.seed, "gamma": args.gamma}
+            "seed": args.seed, "gamma": rows[0]["gamma"] if rows else args.gamma}
     (out / "grad_stats.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     title = f"{task_name(args.env)}: {args.policy or 'fresh policy'}, {args.envs} x {args.samples} rollouts"
     plot(rows, title, out / "grad_stats.png")

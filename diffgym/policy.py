@@ -32,6 +32,10 @@ _CHECKPOINT = re.compile(r"step_(\d+)\.pt$")
 _REQUIRED_KEYS = ("actor_critic", "normalizer", "config", "env_steps")
 
 
+class TaskMismatchError(ValueError):
+    """A checkpoint trained on another task than the run directory it lies in."""
+
+
 class Policy(nn.Module):
     """A trained policy: normalizer + actor (+ the critic, for fine-tuning), with its training config."""
 
@@ -85,6 +89,8 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", step: int 
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: expected a run directory or a checkpoint file")
     if path.is_file():
+        if step is not None:
+            raise ValueError(f"step={step} selects a checkpoint of a run directory; {path} is one checkpoint file")
         return _load_checkpoint(path, device, expected=None)
     if not (path / "config.yaml").exists():
         raise FileNotFoundError(f"{path} is not a run directory: it has no config.yaml")
@@ -102,9 +108,9 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", step: int 
     for _, candidate in reversed(found):  # the latest one that loads; a truncated file falls back
         try:
             policy = _load_checkpoint(candidate, device, run_config)
+        except TaskMismatchError:
+            raise
         except (OSError, RuntimeError, EOFError, ValueError, KeyError) as error:
-            if isinstance(error, ValueError) and "task" in str(error):
-                raise
             errors.append(f"{candidate.name}: {type(error).__name__}: {error}")
             continue
         if errors:
@@ -120,8 +126,8 @@ def _load_checkpoint(path: Path, device: str | torch.device, expected: TrainConf
         raise ValueError(f"{path} is not a DiffGym checkpoint: it needs the keys {list(_REQUIRED_KEYS)}, has {have}")
     config = TrainConfig.from_dict(saved["config"])
     if expected is not None and config.env_id != expected.env_id:
-        raise ValueError(f"{path} was trained on task {config.env_id}, but its run directory is for "
-                         f"{expected.env_id}")
+        raise TaskMismatchError(f"{path} was trained on task {config.env_id}, but its run directory is for "
+                                f"{expected.env_id}")
     weights = saved["actor_critic"]
     obs_dim, act_dim = int(weights["actor.0.weight"].shape[1]), int(weights["log_std"].shape[0])
     model = ActorCritic(obs_dim, act_dim, config.policy).to(device)

@@ -42,19 +42,22 @@ def evaluate(policy: Policy, episodes: int, seed: int, env_id: str | None = None
 
 def record_video(policy: Policy, path: str | Path, episodes: int = 2, seed: int = 0, env_id: str | None = None,
                  deterministic: bool = True, fps: int | None = None) -> Path:
-    """Roll out ``episodes`` episodes with ``render_mode="rgb_array"`` and write the frames to ``path``
-    (``.mp4`` through imageio-ffmpeg, ``.gif`` through imageio). Returns the path."""
+    """Roll out the first ``episodes`` evaluation episodes of evaluation seed ``seed`` with
+    ``render_mode="rgb_array"`` and write the frames to ``path`` (``.mp4`` through imageio-ffmpeg,
+    ``.gif`` through imageio). Returns the path."""
     import gymnasium as gym
 
     try:
         import imageio.v2 as imageio
     except ImportError as error:  # the optional extra
         raise ImportError("recording needs imageio (pip install 'diffgym[video]', installed by make)") from error
+    from diffgym.training.evaluation import EVAL_SEED_OFFSET, SEED_STRIDE
+
     env = gym.make(env_id or policy.config.env_id, render_mode="rgb_array")
     frames = []
     try:
-        for episode in range(episodes):
-            obs, _ = env.reset(seed=seed + episode)
+        for episode in range(episodes):  # the first episodes evaluate_policy scores for this seed
+            obs, _ = env.reset(seed=EVAL_SEED_OFFSET + SEED_STRIDE * seed + episode)
             frames.append(env.render())
             done = False
             while not done:

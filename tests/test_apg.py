@@ -235,8 +235,14 @@ def test_mc_value_network_is_fitted_once_episodes_end(tmp_path):
     assert ["critic_loss" in r for r in rows] == [False, True, False]
 
 
-@pytest.mark.parametrize("bootstrap, extra", [("mc", {}), ("critic", {}),
-                                              ("critic", {"algo_params.estimator": "hybrid"})])
+@pytest.mark.parametrize("bootstrap, extra", [
+    ("mc", {}), ("critic", {}),
+    ("critic", {"num_envs": 3, "algo_params.estimator": "hybrid"}),
+    # the adaptive schedule changes K mid-run (patience 4 updates): its state must resume too
+    ("none", {"num_envs": 3, "algo_params.segment_length": "adaptive", "algo_params.min_segment_length": 4,
+              "algo_params.max_segment_length": 16, "eval_every_env_steps": 3 * 4 * 6,
+              "total_env_steps": 3 * 4 * 6 * 4}),
+])
 def test_resume_from_checkpoint_continues_identically(tmp_path, bootstrap, extra):
     # 2 envs x 30-step segments over 100-step episodes; the checkpoint at 120 steps per env lies after
     # the first in-batch resets (the seed generator has moved) and inside the second episodes (pending
@@ -244,7 +250,8 @@ def test_resume_from_checkpoint_continues_identically(tmp_path, bootstrap, extra
     changes = {"num_envs": 2, "eval_every_env_steps": 4 * 60, "total_env_steps": 8 * 60,
                "algo_params.segment_length": 30, **extra}
     straight = train(small_config(tmp_path, POINT_MASS, bootstrap, "straight", **changes), progress=False)
-    train(small_config(tmp_path, POINT_MASS, bootstrap, "resumed", **{**changes, "total_env_steps": 4 * 60}),
+    halfway = straight_checkpoints(straight)[len(straight_checkpoints(straight)) // 2]
+    train(small_config(tmp_path, POINT_MASS, bootstrap, "resumed", **{**changes, "total_env_steps": halfway}),
           progress=False)
     resumed = train(small_config(tmp_path, POINT_MASS, bootstrap, "resumed", **changes), progress=False)
 
@@ -253,10 +260,18 @@ def test_resume_from_checkpoint_continues_identically(tmp_path, bootstrap, extra
 
     assert updates(resumed) == updates(straight)
     a, b = latest_checkpoint(straight), latest_checkpoint(resumed)
-    assert a["env_steps"] == b["env_steps"] == 8 * 60
+    assert a["env_steps"] == b["env_steps"] == updates(straight)[-1]["env_steps"]
+    if "algo_params.segment_length" in extra:  # K changed before and after the resume point
+        lengths = [r["segment_length"] for r in updates(straight)]
+        assert len(set(lengths)) > 1 and a["segment_schedule"] == b["segment_schedule"]
     for key in ("actor_critic", "normalizer", "target_critic"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
+
+
+def straight_checkpoints(run_dir: Path) -> list[int]:
+    """Env steps of a run's evaluations (each followed by a checkpoint)."""
+    return [r["env_steps"] for r in read_metrics(run_dir) if "eval_return" in r]
 
 
 class PoisonedEnv:
@@ -336,20 +351,36 @@ def test_a_diverged_env_is_masked_not_the_whole_update(tmp_path, poison, estimat
 
 
 def test_masked_update_equals_the_update_of_the_other_envs(tmp_path):
-    """Masking is exact: with env 1 poisoned, the gradient is the mean over the others."""
+    """Masking is exact: with env 1 poisoned, the gradient is plain autograd of the segment loss of envs
+    0 and 2 alone (a reference that shares no code with the masking or the action adjoints)."""
     config = small_config(tmp_path, POINT_MASS, "none", num_envs=3)
-    grads = {}
-    for name, poison in (("masked", "nan_reward"), ("clean", None)):
-        learner, envs, params = make_learner(config)
-        envs.venv = PoisonedEnv(envs.venv, poison)
-        torch.manual_seed(5)
-        segment, _, _ = unroll(learner.model, learner.normalizer, envs, 4)
-        if poison is None:  # what the masked update should see: env 1's loss terms removed, mean of 2
-            segment.diverged = torch.tensor([False, True, False])
-        learner.actor_optimizer.zero_grad()
-        policy_gradient(learner, segment, params)
-        grads[name] = torch.cat([p.grad.flatten() for p in learner.actor_params])
-    torch.testing.assert_close(grads["masked"], grads["clean"])
+    learner, envs, params = make_learner(config)
+    start = (envs.state, envs.obs, dict(envs.seeds.bit_generator.state))
+    envs.venv = PoisonedEnv(envs.venv, "nan_reward")
+    torch.manual_seed(5)
+    segment, _, _ = unroll(learner.model, learner.normalizer, envs, 4)
+    learner.actor_optimizer.zero_grad()
+    stats = policy_gradient(learner, segment, params)
+    assert stats["masked_envs"] == 1
+    masked = torch.cat([p.grad.flatten() for p in learner.actor_params])
+
+    envs.venv = envs.venv.venv  # the clean env, replayed from the same start with the same noise
+    envs.state, envs.obs, envs.seeds.bit_generator.state = start
+    torch.manual_seed(5)
+    clean, _, _ = unroll(learner.model, learner.normalizer, envs, 4)
+    kept = [0, 2]
+    loss = segment_actor_loss(clean.rewards[:, kept], torch.zeros(4, 2), clean.terminated[:, kept],
+                              clean.truncated[:, kept], params.gamma)
+    reference = torch.cat([g.flatten() for g in torch.autograd.grad(loss, learner.actor_params)])
+    assert float(reference.norm()) > 1e-4
+    torch.testing.assert_close(masked, reference, rtol=1e-4, atol=1e-7)
+
+
+def test_per_env_estimators_need_three_envs(tmp_path):
+    for change in ({"algo_params.estimator": "hybrid"}, {"algo_params.segment_length": "adaptive"}):
+        config = small_config(tmp_path, POINT_MASS, "none", num_envs=2, **change)
+        with pytest.raises(ValueError, match="num_envs >= 3"):
+            train(config, progress=False)
 
 
 # ------------------------------------------------------------------------------------ estimators
@@ -433,6 +464,17 @@ def test_point_mass_still_learns_with_the_hybrid_and_the_adaptive_length(tmp_pat
     lengths = {r["segment_length"] for r in rows if "segment_length" in r}
     if "algo_params.max_segment_length" in changes:
         assert {8, 16, 32} <= lengths  # it grew from the lower bound to the upper on this smooth task
+
+
+def test_point_mass_learns_from_the_likelihood_ratio_alone(tmp_path):
+    """estimator: likelihood (REINFORCE with the critic's baseline, no simulator gradient) improves the
+    policy too, only more slowly: the untrained policy scores about -61."""
+    config = resolve_config("apg", POINT_MASS, {
+        "seed": 0, "num_envs": 64, "total_env_steps": 50_000, "eval_every_env_steps": 10_000,
+        "algo_params.estimator": "likelihood", "algo_params.bootstrap": "critic",
+        "run_dir": str(tmp_path / "run")})
+    evals = [r["eval_return"] for r in read_metrics(train(config, progress=False)) if "eval_return" in r]
+    assert max(evals[1:]) > evals[0] + 25.0, evals
 
 
 @pytest.mark.cuda

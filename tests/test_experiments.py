@@ -146,8 +146,8 @@ def test_tune_finds_the_fast_setting_prunes_and_continues(tmp_path):
     assert best["overrides"]["algo_params.speed"] > 2.0 and best["value"] > 0.5
     pruned = [p for p in (tmp_path / "runs").iterdir()
               if f"| {int(p.name.split('_')[1])} | pruned |" in text]
-    # stopped early, but never inside the warm-up (the first third of the budget)
-    assert all(100_000 // 3 <= max(r["env_steps"] for r in read_metrics(p)) < 100_000 for p in pruned)
+    # stopped early, but never inside the warm-up (the first third of the 11 evaluations, every 10k)
+    assert all(3 * 10_000 <= max(r["env_steps"] for r in read_metrics(p)) < 100_000 for p in pruned)
     # re-running continues the same study
     tune(ENV, "tunable", trials=14, env_steps=100_000, out_dir=tmp_path, runner=LocalRunner(workers=1))
     assert len(list((tmp_path / "runs").iterdir())) == 14
@@ -172,3 +172,33 @@ def test_feasibility_planner_solves_point_mass(tmp_path):
     result = mppi_episodes(ENV, episodes=8, samples=32, horizon=20, seed=0)
     assert result["success_rate"] == 1.0 and result["reached_rate"] == 1.0
     assert result["mean_return"] > -30.0  # zero actions score about -60
+
+
+def test_tune_runs_real_trials_in_worker_processes(tmp_path):
+    """The process-pool path: trials of the installed APG trainer run in spawned workers that load the
+    study from the journal file and report to it."""
+    from diffgym.experiments.tune import tune
+
+    report = tune(ENV, "apg", trials=2, env_steps=256, out_dir=tmp_path, runner=LocalRunner(workers=2),
+                  eval_every=128)
+    text = report.read_text()
+    assert text.count("| complete |") == 2
+    for trial in ("trial_000", "trial_001"):
+        evals = [r for r in read_metrics(tmp_path / "runs" / trial) if "eval_success_rate" in r]
+        assert [r["env_steps"] for r in evals][0] == 0 and evals[-1]["env_steps"] >= 256
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path):
+    from diffgym.experiments.tune import tune
+
+    class Failing(TunableTrainer):
+        def train(self, config, progress=True):
+            if config.algo_params["speed"] < 1.0:
+                raise RuntimeError("diverged")
+            return super().train(config, progress)
+
+    register_trainer("failing", Failing("failing", solve_at=0, grad_steps_per_eval=1))
+    report = tune(ENV, "failing", trials=6, env_steps=100_000, out_dir=tmp_path, runner=LocalRunner(workers=1))
+    text = report.read_text()
+    assert "| fail |" in text and "| complete |" in text
+    assert text.count("| complete |") + text.count("| pruned |") + text.count("| fail |") == 6

@@ -122,3 +122,10 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(run, tmp_p
     with pytest.warns(UserWarning, match="skipped unreadable checkpoint"):
         policy = diffgym.load_policy(copied)
     assert policy.env_steps == 32
+
+
+def test_step_selects_within_a_run_directory_only(run):
+    checkpoint = sorted((run / "checkpoints").glob("*.pt"))[-1]
+    assert diffgym.load_policy(checkpoint).env_steps == 64
+    with pytest.raises(ValueError, match="one checkpoint file"):
+        diffgym.load_policy(checkpoint, step=32)

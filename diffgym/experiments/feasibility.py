@@ -76,6 +76,7 @@ def mppi_episodes(env_id: str, episodes: int, samples: int = 64, horizon: int = 
     returns = np.zeros(episodes)
     first_success = np.full(episodes, -1)
     success = np.zeros(episodes, dtype=bool)
+    ended = np.zeros(episodes, dtype=bool)
     start = time.perf_counter()
     for t in range(max_steps):
         if t % replan_every == 0:
@@ -85,11 +86,16 @@ def mppi_episodes(env_id: str, episodes: int, samples: int = 64, horizon: int = 
             candidates = (nominal[:, None] + noise).clamp(-1.0, 1.0)
             rollout_state = _repeat(state, samples)
             value = torch.zeros(episodes * samples, device=sim.device)
+            alive = torch.ones(episodes * samples, dtype=torch.bool, device=sim.device)
+            last = torch.zeros(episodes * samples, device=sim.device)
             for k in range(horizon):
                 out = sim.step(rollout_state, candidates[:, :, k // knot_steps].reshape(-1, sim.act_dim))
-                value = value + discount[k] * torch.nan_to_num(out.reward, nan=-1e6)
+                reward = torch.nan_to_num(out.reward, nan=-1e6)
+                value = value + torch.where(alive, discount[k] * reward, torch.zeros_like(reward))
+                last = torch.where(alive, reward, last)
+                alive = alive & ~out.terminated  # nothing is earned after a terminal state
                 rollout_state = out.state
-            value = value + terminal_weight * discount[-1] * torch.nan_to_num(out.reward, nan=-1e6)
+            value = value + terminal_weight * discount[-1] * last
             cost = -value.view(episodes, samples)
             low, high = cost.min(dim=1, keepdim=True).values, cost.max(dim=1, keepdim=True).values
             weights = torch.softmax(-(cost - low) / ((high - low).clamp_min(1e-9) * temperature), dim=1)
@@ -98,10 +104,12 @@ def mppi_episodes(env_id: str, episodes: int, samples: int = 64, horizon: int = 
         out = sim.step(state, nominal[:, executed // knot_steps])
         executed += 1
         state = out.state
-        returns += out.reward.double().cpu().numpy()
+        running = ~ended
+        returns[running] += out.reward.double().cpu().numpy()[running]
         is_success = out.success.bool().cpu().numpy()
-        first_success[(first_success < 0) & is_success] = t + 1
-        success = is_success
+        first_success[(first_success < 0) & is_success & running] = t + 1
+        success = np.where(running, is_success, success)  # an ended episode keeps its last step's success
+        ended |= out.terminated.cpu().numpy()
         if executed == replan_every:  # receding horizon: drop what was executed, repeat the last knot
             shift = replan_every // knot_steps
             nominal = torch.cat([nominal[:, shift:], nominal[:, -1:].expand(-1, shift, -1)], dim=1)

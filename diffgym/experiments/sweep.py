@@ -95,20 +95,24 @@ class LocalRunner:
                 train_one(config.to_dict())
         else:
             # parallel progress bars would garble the terminal: one line per finished run instead
-            self.map(train_one, [(c.to_dict(), False) for c in todo],
-                     lambda i, _: f"[{{done}}/{len(todo)}] {_summary(todo[i])}")
+            self.map(train_one, [(c.to_dict(), False) for c in todo], lambda i, _: _summary(todo[i]))
         return [Path(c.run_dir) for c in configs]
 
     def map(self, work: Callable[..., Any], items: Sequence[tuple],
             report: Callable[[int, Any], str] | None = None) -> list[Any]:
-        """``work(*item)`` for every item in ``workers`` fresh processes (one torch thread each); ``report``
-        formats a line printed as each item finishes (``{done}`` is replaced by the count so far)."""
+        """``work(*item)`` for every item; with several workers in fresh processes with one torch thread
+        each (in this process when there is one worker or one item). ``report(i, result)`` formats a
+        line printed, after a ``[done/total]`` count, as each item finishes."""
         results: list[Any] = [None] * len(items)
+
+        def finished(done: int, i: int) -> None:
+            if report:
+                print(f"[{done}/{len(items)}] {report(i, results[i])}", flush=True)
+
         if self.workers == 1 or len(items) <= 1:
             for i, item in enumerate(items):
-                results[i] = _single_threaded(work, *item)
-                if report:
-                    print(report(i, results[i]).replace("{done}", str(i + 1)), flush=True)
+                results[i] = work(*item)
+                finished(i + 1, i)
             return results
         context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked Warp/torch state
         with ProcessPoolExecutor(min(self.workers, len(items)), mp_context=context) as pool:
@@ -116,13 +120,13 @@ class LocalRunner:
             for done, future in enumerate(as_completed(futures), 1):
                 i = futures[future]
                 results[i] = future.result()  # re-raise a failed item's exception here
-                if report:
-                    print(report(i, results[i]).replace("{done}", str(done)), flush=True)
+                finished(done, i)
         return results
 
 
 def _single_threaded(work: Callable[..., Any], *args: Any) -> Any:
+    """In a worker process: parallel work shares the cores, one thread each avoids oversubscription."""
     import torch
 
-    torch.set_num_threads(1)  # parallel work shares the cores; one thread each avoids oversubscription
+    torch.set_num_threads(1)
     return work(*args)

@@ -3,7 +3,8 @@
 What is searched is the trainer plugin's business: it exposes ``suggest_hyperparams(trial, env_id)``,
 returning dotted :class:`TrainConfig` overrides drawn with Optuna's ``trial.suggest_*`` (its
 ``algo_params`` and ``num_envs``; the shared policy, normalizer and optimizer specs stay shared). The
-search is rl-zoo's: a TPE sampler and a median pruner on the evaluation curve. Each trial is an ordinary
+search is rl-zoo's: a TPE sampler and a median pruner on the evaluation curve (compared evaluation by evaluation,
+pruning after the first third of them once five trials have finished). Each trial is an ordinary
 run (``<out>/runs/trial_<n>``) executed through the sweep :class:`~diffgym.experiments.sweep.Runner`, so
 trials run in parallel like compare/ablate runs; inside the worker a :func:`~diffgym.training.run.log_hook`
 reports every evaluation to the trial and stops the run when the pruner says so.
@@ -61,7 +62,7 @@ def run_trial(config_dict: dict, storage_path: str, study_name: str, trial_id: i
     config = TrainConfig.from_dict(config_dict)
     # the pruner is not stored with the study: the worker's must be the driver's
     study = optuna.load_study(study_name=study_name, storage=_storage(Path(storage_path)),
-                              pruner=_pruner(config.total_env_steps // 3))
+                              pruner=_pruner(_evaluations(config) // 3))
     trial = optuna.trial.Trial(study, trial_id)
     key = METRICS[metric]
     seen: list[float] = []
@@ -70,19 +71,28 @@ def run_trial(config_dict: dict, storage_path: str, study_name: str, trial_id: i
         if key not in scalars:
             return
         seen.append(scalars[key])
-        trial.report(sum(seen) / len(seen), env_steps)
-        if trial.should_prune():
+        # the step is the evaluation's index: trials with other rollout sizes evaluate at slightly
+        # different env steps, and the median pruner only compares values reported at equal steps
+        trial.report(sum(seen) / len(seen), len(seen) - 1)
+        if env_steps < config.total_env_steps and trial.should_prune():  # a finished run stays finished
             raise _Pruned(f"pruned at {env_steps} env steps")
 
     trainer = load_trainer(config.algo)
-    pruned = False
+    pruned, error = False, None
     with log_hook(report):
         try:
             trainer.train(config, progress=False) if _accepts_progress(trainer.train) else trainer.train(config)
         except _Pruned:
             pruned = True
-    return {"pruned": pruned, "value": sum(seen) / len(seen) if seen else math.nan,
-            "env_steps": _last_env_steps(config.run_dir)}
+        except Exception as failure:  # one failing trial must not stop the study: it is recorded as failed
+            error = f"{type(failure).__name__}: {failure}"
+    value = sum(seen) / len(seen) if seen and error is None else math.nan
+    return {"pruned": pruned, "value": value, "env_steps": _last_env_steps(config.run_dir), "error": error}
+
+
+def _evaluations(config) -> int:
+    """Evaluations of a full run: at env step 0, every ``eval_every_env_steps``, and at the end."""
+    return config.total_env_steps // config.eval_every_env_steps + 1
 
 
 def _accepts_progress(train) -> bool:
@@ -104,7 +114,8 @@ def _last_env_steps(run_dir: str | None) -> int:
 
 def tune(env_id: str, algo: str, trials: int, env_steps: int, out_dir: str | Path, runner: Runner | None = None,
          metric: str = "success", seed: int = 0, eval_every: int | None = None, workers: int = 2) -> Path:
-    """Run (or continue) the study until it holds ``trials`` finished trials; write the reports."""
+    """Run (or continue) the study until it holds ``trials`` finished (complete, pruned or failed)
+    trials; write the reports."""
     import optuna
 
     if metric not in METRICS:
@@ -123,13 +134,15 @@ def tune(env_id: str, algo: str, trials: int, env_steps: int, out_dir: str | Pat
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=study_name, storage=_storage(out / "study.log"), load_if_exists=True, direction="maximize",
-        pruner=_pruner(env_steps // 3))
+        pruner=_pruner((env_steps // eval_every + 1) // 3))
     # seeded by what the study already holds, so a continued study does not redraw its first settings
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials),
                                                n_startup_trials=min(8, max(1, trials // 3)))
     for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # an interrupted earlier invocation
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    # failed trials count too (as in Optuna's own optimize(n_trials)): a region of the search space that
+    # always fails must not keep the study asking forever
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
     while (done := len(study.get_trials(deepcopy=False, states=finished))) < trials:
         asked = [study.ask() for _ in range(min(batch, trials - done))]
         items = []
@@ -141,6 +154,7 @@ def tune(env_id: str, algo: str, trials: int, env_steps: int, out_dir: str | Pat
             trial.set_user_attr("overrides", overrides)
             items.append((config.to_dict(), str(out / "study.log"), study_name, trial._trial_id, metric))
         results = runner.map(run_trial, items, lambda i, r: (
+            f"trial {asked[i].number}: failed: {r['error']}" if r["error"] else
             f"trial {asked[i].number}: {'pruned' if r['pruned'] else 'done'} at {r['env_steps']:,} env steps, "
             f"{metric} AUC {r['value']:.3f}"))
         for trial, result in zip(asked, results):
@@ -179,7 +193,8 @@ def write_reports(study, out: Path, env_id: str, algo: str, env_steps: int, metr
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", required=True, help="task id, e.g. DiffGym/PointNav2D-v0")
     parser.add_argument("--algo", required=True, help="trainer plugin with a search space (ppo, apg)")
-    parser.add_argument("--trials", type=int, required=True, help="finished trials the study should hold")
+    parser.add_argument("--trials", type=int, required=True,
+                        help="trials the study should hold (complete, pruned or failed)")
     parser.add_argument("--env-steps", type=lambda s: int(float(s)), required=True, help="budget of every trial")
     parser.add_argument("--eval-every", type=lambda s: int(float(s)), default=None, help="default budget/10")
     parser.add_argument("--metric", choices=sorted(METRICS), default="success",

@@ -240,9 +240,13 @@ def hybrid_weight(analytic: torch.Tensor, likelihood: torch.Tensor) -> tuple[flo
     comparison = compare_estimators(analytic, likelihood)
     vd = comparison.difference_standard_error ** 2
     covariance = 0.5 * (v1 + v0 - vd)
-    # only a disagreement beyond the noise counts: the lower confidence bound of ||b||^2 (U - 2 se)
-    bias_sq = comparison.bias_sq - 2.0 * comparison.bias_sq_se
-    bias_sq = max(bias_sq, 0.0) if math.isfinite(bias_sq) else math.inf
+    # only a disagreement beyond the noise counts: the lower confidence bound of ||b||^2 (U - 2 se);
+    # with fewer than 3 samples there is no standard error, hence no evidence of a bias
+    if n < 3 or math.isnan(comparison.bias_sq_se):
+        bias_sq = 0.0
+    else:
+        bias_sq = comparison.bias_sq - 2.0 * comparison.bias_sq_se
+        bias_sq = max(bias_sq, 0.0) if math.isfinite(bias_sq) else math.inf
     denominator = bias_sq + vd
     if not (math.isfinite(v1) and math.isfinite(denominator)):
         alpha = 0.0  # a non-finite analytic spread: nothing to trust on the analytic side

@@ -141,10 +141,15 @@ class AdaptiveSegmentLength:
     def observe(self, analytic: torch.Tensor, likelihood: torch.Tensor) -> float:
         """Fold one update's per-env gradients ``(N, P)`` of both estimators into the averages; maybe
         change K. Returns the smoothed variance ratio ``rho``."""
+        if analytic.shape[0] < 2:
+            return math.nan  # no spread to measure (too few envs kept this update): nothing learned
         a = sample_statistics(analytic).variance_trace
         z = sample_statistics(likelihood).variance_trace
         if not math.isfinite(a):
-            a = math.inf
+            a = math.inf  # exploding analytic gradients: the ratio below is inf and K halves
+        if not math.isfinite(z) or (math.isinf(a) and self.analytic_variance is not None and
+                                    math.isinf(self.analytic_variance)):
+            return math.nan  # nothing comparable this update
         if self.analytic_variance is None:
             self.analytic_variance, self.likelihood_variance = a, z
         else:
@@ -398,6 +403,8 @@ def policy_gradient(learner: Learner, segment: Segment, params: APGParams) -> di
         return stats
     rescale = num_envs / kept  # the mean over the envs that are left
     model = learner.model
+    # per-env samples are computed for every env and the masked rows dropped: a masked env's inputs are
+    # finite (its observations were zeroed, its adjoints and weights set to zero), so nothing leaks
     if needs_samples:
         g0 = per_env_likelihood_gradients(model, segment.obs_normalized, segment.pre_squash, likelihood)[valid] * num_envs
         if analytic is not None:
@@ -532,6 +539,9 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
             raise TypeError(f"{config.env_id}'s vector env has no {method}(): APG needs DiffGym's tensor API")
     obs_dim = int(np.prod(venv.single_observation_space.shape))
     act_dim = int(np.prod(venv.single_action_space.shape))
+    if (params.adaptive or params.estimator == "hybrid") and config.num_envs < 3:
+        raise ValueError(f"segment_length 'adaptive' and estimator 'hybrid' compare per-env gradient samples: "
+                         f"they need num_envs >= 3, got {config.num_envs}")
     envs = EnvBatch(venv, train_env_seed(config.seed), device)
     learner = Learner.create(obs_dim, act_dim, config, params, device)
     env_steps = grad_steps = 0
