@@ -200,7 +200,8 @@ def plot(rows: list[dict[str, Any]], title: str, path: str | Path) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", required=True, help="task id, e.g. DiffGym/PointNav2D-v0")
     parser.add_argument("--policy", default=None, help="a run directory (latest checkpoint); default: a fresh policy")
-    parser.add_argument("--horizons", default=None, help="comma-separated h (default 1,2,4,... up to the episode length)")
+    parser.add_argument("--horizons", default=None,
+                        help="comma-separated h (default 1,2,4,... up to the episode length)")
     parser.add_argument("--envs", type=int, default=64, help="start states")
     parser.add_argument("--samples", type=int, default=4, help="rollouts (action-noise draws) per start state")
     parser.add_argument("--seed", type=int, default=0)

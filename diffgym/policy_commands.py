@@ -37,7 +37,8 @@ def evaluate(policy: Policy, episodes: int, seed: int, env_id: str | None = None
 
     result = evaluate_policy(act, env_id or policy.config.env_id, episodes, seed)
     half = 1.96 * result["eval_return_std"] / math.sqrt(episodes)
-    return {**result, "eval_return_ci_low": result["eval_return"] - half, "eval_return_ci_high": result["eval_return"] + half}
+    return {**result, "eval_return_ci_low": result["eval_return"] - half,
+            "eval_return_ci_high": result["eval_return"] + half}
 
 
 def record_video(policy: Policy, path: str | Path, episodes: int = 2, seed: int = 0, env_id: str | None = None,
@@ -136,7 +137,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None,
                         help=f"evaluation seed of the fresh episodes (default: the run's seed + {FRESH_SEED_OFFSET})")
     parser.add_argument("--env", default=None, help="evaluate on another registered task id (same spaces)")
-    parser.add_argument("--step", type=int, default=None, help="the checkpoint at this many env steps (default: latest)")
+    parser.add_argument("--step", type=int, default=None,
+                        help="the checkpoint at this many env steps (default: latest)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--deterministic", dest="deterministic", action="store_true", default=True,
                       help="the squashed mean action (default; what training evaluates)")
@@ -183,7 +185,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run directory (or one checkpoint file)")
     parser.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript")
     parser.add_argument("--out", required=True, help="output file (.pt for TorchScript, .onnx for ONNX)")
-    parser.add_argument("--step", type=int, default=None, help="the checkpoint at this many env steps (default: latest)")
+    parser.add_argument("--step", type=int, default=None,
+                        help="the checkpoint at this many env steps (default: latest)")
 
 
 def run_export(args: argparse.Namespace) -> int:

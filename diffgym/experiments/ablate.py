@@ -141,7 +141,8 @@ def ablate(env_id: str, grid: dict[str, Sequence[Any]], seeds: int, env_steps: i
         heatmap(np.log10(steps), rows, column_names, f"{name}: env steps to {threshold:.0%} success (log10)",
                 out / "heatmap_steps_to_threshold.png", lambda v: "n/r" if not math.isfinite(v) else f"{10 ** v:,.0f}",
                 keys[0], column_key)
-        figures = "\n![final success](heatmap_final_success.png)\n![steps to threshold](heatmap_steps_to_threshold.png)\n"
+        figures = ("\n![final success](heatmap_final_success.png)\n"
+                   "![steps to threshold](heatmap_steps_to_threshold.png)\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     report = out / "report.md"
     report.write_text(f"# {name}: {algo} grid over {' x '.join(keys)} ({seeds} seeds, {env_steps:,} env steps)\n\n"

@@ -51,9 +51,10 @@ def mppi_episodes(env_id: str, episodes: int, samples: int = 64, horizon: int = 
     steps and executes the plan in between. ``temperature`` is relative: costs are rescaled per
     episode to [0, 1] before the softmax, so it is the fraction of the candidates' cost spread that
     separates weights by a factor e. Half the candidates are drawn with ``fine_noise_std`` when given
-    (small corrections near the goal, large detours far from it). ``terminal_weight`` adds that many copies of the last step's
-    reward to each candidate's return, a crude cost-to-go: it lets a plan pay for a detour (walking
-    around an object) that ends in a better state than the horizon's reward sum alone would credit.
+    (small corrections near the goal, large detours far from it). ``terminal_weight`` adds that many
+    copies of the last step's reward to each candidate's return, a crude cost-to-go: it lets a plan
+    pay for a detour (walking around an object) that ends in a better state than the horizon's reward
+    sum alone would credit.
     """
     import diffgym  # noqa: F401  (registers the tasks)
 
@@ -127,7 +128,8 @@ def mppi_episodes(env_id: str, episodes: int, samples: int = 64, horizon: int = 
         "mean_return": float(returns.mean()), "return_std": float(returns.std()),
         "returns": returns.round(3).tolist(), "first_success_steps": first_success.tolist(),
         "wall_time": time.perf_counter() - start,
-        "env_steps_simulated": int(math.ceil(max_steps / replan_every) * episodes * samples * horizon + max_steps * episodes),
+        "env_steps_simulated": int(math.ceil(max_steps / replan_every) * episodes * samples * horizon
+                                   + max_steps * episodes),
     }
 
 
