@@ -15,7 +15,6 @@ a squashed Gaussian sample otherwise.
 
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,9 @@ from torch import nn
 
 from diffgym.training.networks import ActorCritic
 from diffgym.training.normalization import ObservationNormalizer
+from diffgym.training.run import list_checkpoints
 from diffgym.training.spec import TrainConfig
 
-_CHECKPOINT = re.compile(r"step_(\d+)\.pt$")
 _REQUIRED_KEYS = ("actor_critic", "normalizer", "config", "env_steps")
 
 
@@ -71,13 +70,6 @@ class Policy(nn.Module):
         return f"env_id={self.config.env_id!r}, algo={self.config.algo!r}, env_steps={self.env_steps}"
 
 
-def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """``(env_steps, path)`` of a run's checkpoints, oldest first."""
-    found = [(int(m.group(1)), p) for p in (Path(run_dir) / "checkpoints").glob("step_*.pt")
-             if (m := _CHECKPOINT.search(p.name))]
-    return sorted(found)
-
-
 def load_policy(path: str | Path, device: str | torch.device = "cpu", step: int | None = None) -> Policy:
     """The policy saved in a run directory (its latest valid checkpoint, or the one at ``step`` env
     steps) or in one checkpoint file. Checkpoints are pickles: load only runs you trust.
@@ -95,7 +87,7 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", step: int 
     if not (path / "config.yaml").exists():
         raise FileNotFoundError(f"{path} is not a run directory: it has no config.yaml")
     run_config = TrainConfig.load(path / "config.yaml")
-    found = checkpoints(path)
+    found = list_checkpoints(path)
     if step is not None:
         chosen = [p for s, p in found if s == int(step)]
         if not chosen:

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from diffgym.experiments.sweep import LocalRunner, Runner
+from diffgym.experiments.sweep import LocalRunner, Runner, train_one
 from diffgym.plugins import load_trainer, resolve_config
 from diffgym.training.run import read_metrics
 from diffgym.training.spec import task_name
@@ -77,11 +77,10 @@ def run_trial(config_dict: dict, storage_path: str, study_name: str, trial_id: i
         if env_steps < config.total_env_steps and trial.should_prune():  # a finished run stays finished
             raise _Pruned(f"pruned at {env_steps} env steps")
 
-    trainer = load_trainer(config.algo)
     pruned, error = False, None
     with log_hook(report):
         try:
-            trainer.train(config, progress=False) if _accepts_progress(trainer.train) else trainer.train(config)
+            train_one(config_dict, progress=False)
         except _Pruned:
             pruned = True
         except Exception as failure:  # one failing trial must not stop the study: it is recorded as failed
@@ -93,15 +92,6 @@ def run_trial(config_dict: dict, storage_path: str, study_name: str, trial_id: i
 def _evaluations(config) -> int:
     """Evaluations of a full run: at env step 0, every ``eval_every_env_steps``, and at the end."""
     return config.total_env_steps // config.eval_every_env_steps + 1
-
-
-def _accepts_progress(train) -> bool:
-    import inspect
-
-    try:
-        return "progress" in inspect.signature(train).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _last_env_steps(run_dir: str | None) -> int:

@@ -42,6 +42,20 @@ def _flatten(grads: tuple[torch.Tensor, ...], num_envs: int) -> torch.Tensor:
     return torch.cat([g.reshape(num_envs, -1) for g in grads], dim=1)
 
 
+def _per_env(model: ActorCritic, summand, *time_major: torch.Tensor) -> torch.Tensor:
+    """``(N, P)``: for each env ``i`` the gradient with respect to the actor's parameters of
+    ``summand(actor_params, log_std, *(x[:, i] for x in time_major))``, vectorized over envs."""
+    params = tuple(p.detach() for p in actor_parameters(model))
+
+    def env_value(flat, *env_tensors):
+        actor_params, log_std = _split(model, flat)
+        return summand(actor_params, log_std, *env_tensors)
+
+    grads = torch.func.vmap(torch.func.grad(env_value), in_dims=(None, *([1] * len(time_major))))(
+        params, *(x.detach() for x in time_major))
+    return _flatten(grads, time_major[0].shape[1])
+
+
 def per_env_analytic_gradients(model: ActorCritic, obs_normalized: torch.Tensor, noise: torch.Tensor,
                                action_adjoints: torch.Tensor) -> torch.Tensor:
     """``(N, P)``: env i's ``sum_t (da_t/dtheta)^T lambda_t`` (observations held fixed).
@@ -50,16 +64,11 @@ def per_env_analytic_gradients(model: ActorCritic, obs_normalized: torch.Tensor,
     ``action_adjoints`` (K, N, A) the total derivatives of the objective with respect to the actions.
     Rows must be finite (mask diverged envs before calling).
     """
-    params = tuple(p.detach() for p in actor_parameters(model))
-
-    def env_dot(flat, obs, eps, adjoint):
-        actor_params, log_std = _split(model, flat)
+    def env_dot(actor_params, log_std, obs, eps, adjoint):
         mean = torch.func.functional_call(model.actor, actor_params, (obs,))
         return (model.squash(mean + log_std.exp() * eps) * adjoint).sum()
 
-    grads = torch.func.vmap(torch.func.grad(env_dot), in_dims=(None, 1, 1, 1))(
-        params, obs_normalized.detach(), noise.detach(), action_adjoints.detach())
-    return _flatten(grads, obs_normalized.shape[1])
+    return _per_env(model, env_dot, obs_normalized, noise, action_adjoints)
 
 
 def per_env_likelihood_gradients(model: ActorCritic, obs_normalized: torch.Tensor, pre_squash: torch.Tensor,
@@ -69,17 +78,12 @@ def per_env_likelihood_gradients(model: ActorCritic, obs_normalized: torch.Tenso
     ``weights`` (K, N) are the (already scaled, signed) advantages; ``pre_squash`` (K, N, A) the
     Gaussian samples ``u`` (the squash does not depend on the parameters, so its Jacobian drops out).
     """
-    params = tuple(p.detach() for p in actor_parameters(model))
-
-    def env_score(flat, obs, u, w):
-        actor_params, log_std = _split(model, flat)
+    def env_score(actor_params, log_std, obs, u, w):
         mean = torch.func.functional_call(model.actor, actor_params, (obs,))
         log_prob = (-0.5 * ((u - mean) / log_std.exp()).square() - log_std).sum(-1)  # + const
         return (log_prob * w).sum()
 
-    grads = torch.func.vmap(torch.func.grad(env_score), in_dims=(None, 1, 1, 1))(
-        params, obs_normalized.detach(), pre_squash.detach(), weights.detach())
-    return _flatten(grads, obs_normalized.shape[1])
+    return _per_env(model, env_score, obs_normalized, pre_squash, weights)
 
 
 def surrogate_for_adjoints(model: ActorCritic, obs_normalized: torch.Tensor, noise: torch.Tensor,

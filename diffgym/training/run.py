@@ -29,6 +29,13 @@ from diffgym.training.spec import TrainConfig
 
 _CHECKPOINT = re.compile(r"step_(\d+)\.pt$")
 
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(env_steps, path)`` of a run directory's ``checkpoints/step_<env_steps>.pt``, oldest first."""
+    found = [(int(m.group(1)), p) for p in (Path(run_dir) / "checkpoints").glob("step_*.pt")
+             if (m := _CHECKPOINT.search(p.name))]
+    return sorted(found)
+
+
 _LOG_HOOKS: list[Callable[[int, dict[str, float]], None]] = []
 
 
@@ -125,11 +132,10 @@ class Run:
     def load_latest_checkpoint(self) -> dict[str, Any] | None:
         """The checkpoint with the most env steps, or ``None`` when there is none. Checkpoints are
         full pickles (optimizer state, configs), so only load run directories you trust."""
-        found = [(int(m.group(1)), p) for p in self.checkpoint_dir.glob("step_*.pt")
-                 if (m := _CHECKPOINT.search(p.name))]
+        found = list_checkpoints(self.dir)
         if not found:
             return None
-        return torch.load(max(found)[1], map_location="cpu", weights_only=False)
+        return torch.load(found[-1][1], map_location="cpu", weights_only=False)
 
     def resume_from(self, env_steps: int) -> None:
         """Continue an earlier attempt from its checkpoint at ``env_steps``: keep its metrics rows up to

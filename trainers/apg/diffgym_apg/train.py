@@ -414,11 +414,10 @@ def policy_gradient(learner: Learner, segment: Segment, params: APGParams) -> di
     if params.estimator == "hybrid":
         alpha, parts = hybrid_weight(g1, g0)
         stats.update(hybrid_alpha=alpha, **parts)
-        combined = (alpha * g1.mean(dim=0) + (1.0 - alpha) * g0.mean(dim=0)).to(g1.dtype)
-        offset = 0
-        for p in learner.actor_params:
-            p.grad = combined[offset:offset + p.numel()].view_as(p).to(p.dtype).clone()
-            offset += p.numel()
+        _set_gradient(learner.actor_params, alpha * g1.mean(dim=0) + (1.0 - alpha) * g0.mean(dim=0))
+        return stats
+    if needs_samples:  # the per-env samples are there already: their mean is the batch gradient
+        _set_gradient(learner.actor_params, (g1 if params.estimator == "analytic" else g0).mean(dim=0))
         return stats
     if params.estimator == "analytic":
         surrogate = surrogate_for_adjoints(model, segment.obs_normalized, segment.noise, analytic)
@@ -426,6 +425,14 @@ def policy_gradient(learner: Learner, segment: Segment, params: APGParams) -> di
         surrogate = _likelihood_surrogate(model, segment, likelihood)
     (surrogate * rescale).backward(inputs=learner.actor_params)
     return stats
+
+
+def _set_gradient(parameters: list[nn.Parameter], flat: torch.Tensor) -> None:
+    """Write a flat gradient (in ``parameters`` order) into their ``.grad``."""
+    offset = 0
+    for p in parameters:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype).clone()
+        offset += p.numel()
 
 
 def _likelihood_surrogate(model: ActorCritic, segment: Segment, weights: torch.Tensor) -> torch.Tensor:
