@@ -19,12 +19,16 @@ def make_vector_env(env_entry_point: str, num_envs: int = 1, **kwargs: Any) -> D
 
 def register_task(env_id: str, entry_point: str, *, max_episode_steps: int, reward_threshold: float,
                   **kwargs: Any) -> None:
-    """Register ``gym.make(env_id)`` and ``gym.make_vec(env_id, num_envs=N)`` (native, batched)."""
+    """Register ``gym.make(env_id)`` and ``gym.make_vec(env_id, num_envs=N)`` (native, batched).
+
+    ``max_episode_steps`` is both the spec's horizon (Gymnasium's ``TimeLimit``) and the simulator's
+    (its ``truncated`` flag, which ``differentiable_step`` and the vector env report), so a task version
+    that only changes the horizon is one line. ``kwargs`` are the task's constructor arguments."""
     gym.register(
         id=env_id,
         entry_point=entry_point,
         vector_entry_point=functools.partial(make_vector_env, entry_point),
         max_episode_steps=max_episode_steps,
         reward_threshold=reward_threshold,
-        kwargs=kwargs,
+        kwargs={"max_episode_steps": max_episode_steps, **kwargs},
     )
