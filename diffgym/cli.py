@@ -60,6 +60,15 @@ def _run_trainers(args: argparse.Namespace) -> int:
             ep = installed[name]
             dist = f" ({ep.dist.name} {ep.dist.version})" if ep.dist else ""
             line += f"\n{'':<12} entry point {ep.value}{dist}"
+        if args.verbose:
+            from diffgym.plugins import trainer_flags
+
+            try:
+                flags = trainer_flags(load_trainer(name))
+            except Exception:  # reported on the description line already
+                flags = {}
+            for flag, help_text in flags.items():
+                line += f"\n{'':<12} --{flag}: {help_text}"
         print(line)
     return 0
 
@@ -88,12 +97,33 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
                              "policy.hidden_sizes=[128,128] (repeatable)")
     parser.add_argument("--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
                         help="override an algorithm hyperparameter, same as --set algo_params.KEY=VALUE")
-    parser.add_argument("--segment-length", type=_parse_value, metavar="K",
-                        help="segmented-backpropagation length or 'adaptive' (apg); same as --param segment_length=K")
-    parser.add_argument("--bootstrap", choices=("none", "mc", "critic"),
-                        help="segment tail bootstrap (apg); same as --param bootstrap=MODE")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.epilog = ("A trainer adds its own flags (e.g. `--segment-length K` for apg), each the same as "
+                     "--param; `diffgym trainers -v` lists them.")
+    parser.set_defaults(plugin_flags="single")
+
+
+def parse_trainer_flags(command: str, algo: str, extra: list[str], values: str = "single") -> dict[str, Any]:
+    """Parse the command-line words argparse did not know as the trainer's own flags (``cli_flags``):
+    ``{algo_params key: value}``; ``values="list"`` keeps each value as text (a grid axis, ``V1,V2``).
+    Anything that is not one of the trainer's flags is a one-line error."""
+    from diffgym.plugins import flag_parameter, load_trainer, trainer_flags
+
+    try:
+        flags = trainer_flags(load_trainer(algo))
+    except (KeyError, TypeError) as error:
+        raise SystemExit(f"diffgym {command}: {error.args[0] if error.args else error}")
+    parser = argparse.ArgumentParser(prog=f"diffgym {command} --algo {algo}", add_help=False)
+    for flag, help_text in flags.items():
+        parser.add_argument(f"--{flag}", dest=flag_parameter(flag), help=help_text,
+                            type=str if values == "list" else _parse_value)
+    known, unknown = parser.parse_known_args(extra)
+    if unknown:
+        own = ", ".join(f"--{flag}" for flag in flags) or "none"
+        raise SystemExit(f"diffgym {command}: unrecognized arguments: {' '.join(unknown)} "
+                         f"(trainer {algo!r} adds the flags: {own})")
+    return {key: value for key, value in vars(known).items() if value is not None}
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -104,9 +134,7 @@ def _run_train(args: argparse.Namespace) -> int:
     overrides = {field: getattr(args, flag) for flag, field in _TOP_LEVEL.items() if getattr(args, flag) is not None}
     overrides.update(_key_values(args.sets))
     overrides.update(_key_values(args.params, prefix="algo_params."))
-    for flag in ("segment_length", "bootstrap"):
-        if getattr(args, flag) is not None:
-            overrides[f"algo_params.{flag}"] = getattr(args, flag)
+    overrides.update({f"algo_params.{key}": value for key, value in args.plugin_params.items()})
     base = TrainConfig.load(args.config) if args.config else None
     try:
         config = resolve_config(args.algo, args.env, overrides, base=base)
@@ -159,7 +187,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
              lambda p: _experiment("tune").add_arguments(p), lambda a: _experiment("tune").main(a)),
     "feasibility": ("a sampling planner (MPPI) on the exact simulator: is the success criterion reachable?",
                     lambda p: _experiment("feasibility").add_arguments(p), lambda a: _experiment("feasibility").main(a)),
-    "ablate": ("a grid over a trainer's algo_params on one task (default: APG segment length x bootstrap)",
+    "ablate": ("a grid over a trainer's algo_params on one task (default: the trainer's ablation_grid)",
                lambda p: _experiment("ablate").add_arguments(p), lambda a: _experiment("ablate").main(a)),
 }
 """Subcommand name -> (help, add_arguments, run). Register new subcommands here."""
@@ -176,7 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    mode = getattr(args, "plugin_flags", None)  # commands that take the chosen trainer's own flags
+    if extra and mode is None:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.plugin_params = parse_trainer_flags(args.command, args.algo, extra, mode) if extra else {}
     return int(args.run(args) or 0)
 
 

@@ -41,10 +41,31 @@ class Trainer(Protocol):
         :mod:`diffgym.training.task_specs`, identical for every trainer."""
         ...
 
-    def train(self, config: TrainConfig) -> Path:
+    def train(self, config: TrainConfig, progress: bool = True) -> Path:
         """Train as ``config`` says, write outputs through :class:`diffgym.training.Run`, and return
-        the run directory."""
+        the run directory; ``progress`` shows a progress bar."""
         ...
+
+
+OPTIONAL_TRAINER_ATTRIBUTES = {
+    "description": "one line for `diffgym trainers`",
+    "cli_flags": "{flag: help}: `--flag VALUE` sets algo_params.<flag with _ for -> in `diffgym train`, "
+                 "and `--flag V1,V2` is a grid axis in `diffgym ablate`",
+    "ablation_grid": "{algo_params key: 'V1,V2,...'}: what `diffgym ablate --algo NAME` runs without --grid",
+    "suggest_hyperparams": "(optuna trial, env_id) -> dotted overrides: the search space of `diffgym tune`",
+}
+"""What a trainer may add to :class:`Trainer`; the core knows no trainer by name, so everything
+algorithm-specific on the command line comes from these."""
+
+
+def flag_parameter(flag: str) -> str:
+    """The ``algo_params`` key a trainer's CLI flag sets: ``segment-length`` -> ``segment_length``."""
+    return flag.lstrip("-").replace("-", "_")
+
+
+def trainer_flags(trainer: Trainer) -> dict[str, str]:
+    """The trainer's own CLI flags (``cli_flags``), ``{flag without dashes: help}``."""
+    return {flag.lstrip("-"): help_text for flag, help_text in dict(getattr(trainer, "cli_flags", {}) or {}).items()}
 
 
 def available_trainers() -> dict[str, EntryPoint]:

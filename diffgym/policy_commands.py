@@ -27,6 +27,12 @@ FRESH_SEED_OFFSET = 1000
 (``SEED_STRIDE * seed + i`` and reset seeds >= 2^30) nor its evaluations used."""
 
 
+def _task_arguments(policy: Policy, env_id: str | None) -> dict[str, Any]:
+    """The task arguments the policy was trained with (``TrainConfig.env_kwargs``), when it is run on
+    its own task; another task gets its defaults."""
+    return dict(policy.config.env_kwargs) if env_id in (None, policy.config.env_id) else {}
+
+
 def evaluate(policy: Policy, episodes: int, seed: int, env_id: str | None = None,
              deterministic: bool = True) -> dict[str, float]:
     """``evaluate_policy`` of ``policy`` plus a 95 % normal confidence interval of the mean return."""
@@ -35,7 +41,7 @@ def evaluate(policy: Policy, episodes: int, seed: int, env_id: str | None = None
     def act(obs: np.ndarray) -> np.ndarray:
         return policy.predict(obs, deterministic=deterministic)[0]
 
-    result = evaluate_policy(act, env_id or policy.config.env_id, episodes, seed)
+    result = evaluate_policy(act, env_id or policy.config.env_id, episodes, seed, _task_arguments(policy, env_id))
     half = 1.96 * result["eval_return_std"] / math.sqrt(episodes)
     return {**result, "eval_return_ci_low": result["eval_return"] - half,
             "eval_return_ci_high": result["eval_return"] + half}
@@ -54,7 +60,7 @@ def record_video(policy: Policy, path: str | Path, episodes: int = 2, seed: int 
         raise ImportError("recording needs imageio (pip install 'diffgym[video]', installed by make)") from error
     from diffgym.training.evaluation import EVAL_SEED_OFFSET, SEED_STRIDE
 
-    env = gym.make(env_id or policy.config.env_id, render_mode="rgb_array")
+    env = gym.make(env_id or policy.config.env_id, render_mode="rgb_array", **_task_arguments(policy, env_id))
     frames = []
     try:
         for episode in range(episodes):  # the first episodes evaluate_policy scores for this seed

@@ -42,8 +42,10 @@ def trainers():
 
 
 def test_compare_report_and_ratios(tmp_path, trainers):
-    report = compare(ENV, ["slow_algo", "fast_algo"], seeds=2, env_steps=100_000, out_dir=tmp_path,
+    # the contender is the first algorithm, the baseline the last: ratios are baseline / contender
+    report = compare(ENV, ["fast_algo", "slow_algo"], seeds=2, env_steps=100_000, out_dir=tmp_path,
                      runner=LocalRunner(workers=1), eval_every=5_000)
+    assert "Ratio slow_algo/fast_algo" in report.read_text()
     assert report.exists()
     for name in ("eval_success_rate_vs_env_steps.png", "eval_success_rate_vs_grad_steps.png"):
         assert (tmp_path / name).stat().st_size > 10_000
@@ -55,7 +57,10 @@ def test_compare_report_and_ratios(tmp_path, trainers):
     assert summary["fast_algo"]["median_env_steps_to_threshold"] == 7_500
     assert summary["ratios"]["env_steps"] == pytest.approx(10.0)
     assert summary["ratios"]["grad_steps"] == pytest.approx(150 / 150)  # 10 per 5k vs 100 per 5k steps
-    assert json.loads((tmp_path / "summary.json").read_text())["fast_algo"]["reached"] == 2
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["fast_algo"]["reached"] == 2 and written["ratios"]["env_steps"] == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="baseline 'ppo' is not one of"):
+        compare(ENV, ["fast_algo"], seeds=1, env_steps=10_000, out_dir=tmp_path / "x", baseline="ppo")
 
 
 def test_unreached_threshold_is_reported(tmp_path, trainers):
@@ -78,9 +83,10 @@ def test_sweep_round_trip_and_skip_finished(tmp_path, trainers):
 
 
 def test_ablate_grid(tmp_path, trainers):
-    segments = ablate_mod.parse_segments("8,full", ENV)
+    segments = ablate_mod.parse_values("8,full", ENV)
     assert segments == [8, 100]
-    configs = ablate_mod.ablation_configs(ENV, segments, ["none", "mc"], 1, 20_000, tmp_path, algo="fast_algo")
+    configs = ablate_mod.grid_configs(ENV, {"segment_length": segments, "bootstrap": ["none", "mc"]}, 1, 20_000,
+                                      tmp_path, algo="fast_algo")
     assert {(c.algo_params["segment_length"], c.algo_params["bootstrap"]) for c in configs} == {
         (8, "none"), (8, "mc"), (100, "none"), (100, "mc")}
     LocalRunner(workers=1).run(configs)
@@ -95,7 +101,7 @@ def test_ablate_grid(tmp_path, trainers):
 
 def test_ablate_writes_heatmaps(tmp_path, trainers):
     report = ablate_mod.ablate(ENV, {"segment_length": [8, 16], "bootstrap": ["none", "critic"]}, 1, 20_000,
-                               tmp_path, LocalRunner(workers=1), algo="slow_algo")
+                               tmp_path, "slow_algo", LocalRunner(workers=1))
     text = report.read_text()
     assert "segment_length=8 bootstrap=none" in text and "segment_length=16 bootstrap=critic" in text
     assert (tmp_path / "heatmap_final_success.png").exists() and (tmp_path / "heatmap_steps_to_threshold.png").exists()
@@ -111,7 +117,7 @@ def test_ablate_any_algo_params_from_the_command_line(tmp_path, trainers):
     assert runs == ["bootstrapcritic__s0", "bootstrapnone__s0"]
     assert (tmp_path / "heatmap_final_success.png").exists()
     with pytest.raises(SystemExit, match="KEY=V1,V2"):
-        main(["ablate", "--env", ENV, "--grid", "segment_length", "--env-steps", "1000"])
+        main(["ablate", "--env", ENV, "--algo", "fast_algo", "--grid", "segment_length", "--env-steps", "1000"])
 
 
 class TunableTrainer(ScriptedTrainer):
@@ -202,3 +208,31 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path):
     text = report.read_text()
     assert "| fail |" in text and "| complete |" in text
     assert text.count("| complete |") + text.count("| pruned |") + text.count("| fail |") == 6
+
+
+class FlaggedTrainer(ScriptedTrainer):
+    """A third-party trainer that brings its own command-line flags and default ablation grid."""
+
+    cli_flags = {"segment-length": "K", "bootstrap": "tail"}
+    ablation_grid = {"segment_length": "8,16"}
+
+
+def test_trainer_flags_belong_to_their_trainer(tmp_path, trainers, capsys):
+    """A trainer's own flags set its algo_params in `train` and are grid axes in `ablate`; the same flag
+    given to a trainer that does not declare it is a one-line error, and so is an ablation with no grid."""
+    from diffgym.cli import main
+
+    register_trainer("flagged", FlaggedTrainer("flagged", solve_at=5_000, grad_steps_per_eval=10))
+    assert main(["train", "--algo", "flagged", "--env", ENV, "--segment-length", "16", "--print-config"]) == 0
+    assert "segment_length: 16" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="trainer 'fast_algo' adds the flags: none"):
+        main(["train", "--algo", "fast_algo", "--env", ENV, "--segment-length", "16", "--print-config"])
+    assert main(["ablate", "--env", ENV, "--algo", "flagged", "--bootstrap", "none,mc", "--seeds", "1",
+                 "--env-steps", "10000", "--workers", "1", "--out", str(tmp_path / "flags")]) == 0
+    assert sorted(p.name for p in (tmp_path / "flags" / "runs").iterdir()) == ["bootstrapmc__s0", "bootstrapnone__s0"]
+    assert main(["ablate", "--env", ENV, "--algo", "flagged", "--seeds", "1", "--env-steps", "10000",
+                 "--workers", "1", "--out", str(tmp_path / "default")]) == 0
+    assert sorted(p.name for p in (tmp_path / "default" / "runs").iterdir()) == ["segment_length16__s0",
+                                                                                 "segment_length8__s0"]
+    with pytest.raises(SystemExit, match="has no ablation_grid"):
+        main(["ablate", "--env", ENV, "--algo", "fast_algo", "--seeds", "1", "--env-steps", "10000"])

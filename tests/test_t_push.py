@@ -2,6 +2,7 @@
 including states in contact. The generic contract (check_env, determinism, vector env, bad inputs,
 rendering) comes from tests/test_contract.py."""
 
+import dataclasses
 import math
 
 import gymnasium as gym
@@ -334,3 +335,28 @@ def test_open_loop_optimisation_reduces_cost():
     with torch.no_grad():
         after = float(ret())
     assert after > before + 0.1 * abs(before), (before, after)
+
+
+def test_v1_is_v0_with_a_longer_horizon_and_a_wider_tolerance():
+    """TPush-v1 keeps v0's dynamics and reward; only the horizon (400 steps) and the success tolerance
+    (3 cm) change, and both reach the simulator (truncation and ``success``), single and vectorized."""
+    env0, env1 = gym.make("DiffGym/TPush-v0"), gym.make("DiffGym/TPush-v1")
+    vec1 = gym.make_vec("DiffGym/TPush-v1", num_envs=2)
+    try:
+        assert (env0.spec.max_episode_steps, env1.spec.max_episode_steps) == (200, 400)
+        sim0, sim1 = env0.unwrapped.sim, env1.unwrapped.sim
+        assert (sim1.max_episode_steps, vec1.sim.max_episode_steps) == (400, 400)
+        # the block 2.5 cm off its goal position (D = 0.025 m for a pure translation), pusher far away
+        state = make_state([[0.35, -0.35]], [[0.025, 0.0]], [GOAL_ANGLE])
+        assert keypoint_distance(np.array([0.025, 0.0]), GOAL_ANGLE) == pytest.approx(0.025)
+        out0, out1 = sim0.step(state, torch.zeros(1, 2)), sim1.step(state, torch.zeros(1, 2))
+        assert (bool(out0.success), bool(out1.success)) == (False, True)
+        torch.testing.assert_close(out0.reward, out1.reward)
+        torch.testing.assert_close(out0.obs, out1.obs)
+        late = dataclasses.replace(state, step=torch.tensor([398], dtype=torch.int32))
+        assert not bool(sim1.step(late, torch.zeros(1, 2)).truncated)
+        assert bool(sim1.step(sim1.step(late, torch.zeros(1, 2)).state, torch.zeros(1, 2)).truncated)
+        assert bool(sim0.step(dataclasses.replace(state, step=torch.tensor([199], dtype=torch.int32)),
+                              torch.zeros(1, 2)).truncated)
+    finally:
+        env0.close(), env1.close(), vec1.close()

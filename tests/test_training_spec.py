@@ -259,3 +259,43 @@ def test_rerun_starts_metrics_afresh_and_resume_keeps_rows_up_to_the_checkpoint(
         rows = run.read_metrics()
     assert [r["env_steps"] for r in rows] == [0, 100, 200]
     assert rows[-1]["wall_time"] >= last_wall  # the clock continues
+
+
+def test_task_names_keep_later_versions():
+    from diffgym.training.spec import task_name
+    assert task_name("DiffGym/PointMass1D-v0") == "PointMass1D"
+    assert task_name("DiffGym/TPush-v1") == "TPush-v1"
+    assert task_name("MyTask") == "MyTask"
+
+
+def test_env_kwargs_reach_training_and_evaluation_envs(tmp_path, monkeypatch):
+    """A task argument set in the config (here TPush's success tolerance) holds in the training envs
+    and in the evaluator's, for both trainers."""
+    import gymnasium as gym
+
+    made = []
+    real_make_vec = gym.make_vec
+
+    def recording_make_vec(env_id, *args, **kwargs):
+        made.append((env_id, kwargs.get("success_distance"), kwargs.get("device")))
+        return real_make_vec(env_id, *args, **kwargs)
+
+    monkeypatch.setattr(gym, "make_vec", recording_make_vec)
+    from diffgym.plugins import load_trainer
+    for algo in ("apg", "ppo"):
+        made.clear()
+        config = TrainConfig(algo=algo, env_id="DiffGym/TPush-v0", num_envs=4, total_env_steps=64,
+                             eval_every_env_steps=64, eval_episodes=2, run_dir=str(tmp_path / algo),
+                             algo_params={"segment_length": 8, "bootstrap": "none"} if algo == "apg" else
+                             {"n_steps": 16, "batch_size": 32},
+                             env_kwargs={"success_distance": 0.05})
+        load_trainer(algo).train(config, progress=False)
+        assert len(made) >= 2 and all(entry == ("DiffGym/TPush-v0", 0.05, "cpu") for entry in made), made
+        assert TrainConfig.load(tmp_path / algo / "config.yaml").env_kwargs == {"success_distance": 0.05}
+
+
+def test_env_kwargs_overrides_and_reserved_keys():
+    config = TrainConfig(algo="apg", env_id="DiffGym/TPush-v0")
+    assert config.with_overrides({"env_kwargs.contact_stiffness": 2000.0}).env_kwargs == {"contact_stiffness": 2000.0}
+    with pytest.raises(ValueError, match="may not set 'device'"):
+        TrainConfig(algo="apg", env_id="DiffGym/TPush-v0", env_kwargs={"device": "cpu"})

@@ -1,9 +1,10 @@
 """``diffgym ablate``: a grid over a trainer's ``algo_params`` on one task.
 
-Every cell trains the algorithm (``--algo``, default ``apg``) with one combination of the grid's values
-(``--grid KEY=V1,V2,...``, repeatable; the value ``full`` stands for the task's episode length) on seeds
-0..S-1, all else at the task's defaults for that algorithm. ``--segments`` and ``--bootstrap`` are
-shorthands for ``--grid segment_length=...`` and ``--grid bootstrap=...``. The report is the grid as a
+Every cell trains the algorithm (``--algo``) with one combination of the grid's values (``--grid
+KEY=V1,V2,...``, repeatable; the value ``full`` stands for the task's episode length) on seeds 0..S-1,
+all else at the task's defaults for that algorithm. A trainer's own flags (its ``cli_flags``) are grid
+axes too (``--algo apg --segment-length 8,32 --bootstrap none,critic``); with no axis given, the grid is
+the trainer's ``ablation_grid``. The report is the grid as a
 table and, for a one- or two-key grid, heatmaps of final success (IQM) and median env steps to the
 success threshold.
 """
@@ -25,10 +26,6 @@ from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
 from diffgym.plugins import resolve_config
 from diffgym.training.spec import TrainConfig, task_name
 
-DEFAULT_GRID = {"segment_length": "4,8,16,32,64,full", "bootstrap": "none,mc,critic"}
-"""The grid when none is given: APG's segment length x bootstrap mode."""
-
-
 def parse_values(text: str, env_id: str) -> list[Any]:
     """``"8,full,adaptive"`` -> ``[8, <episode length>, "adaptive"]`` (YAML scalars)."""
     import yaml
@@ -39,10 +36,6 @@ def parse_values(text: str, env_id: str) -> list[Any]:
         if item:
             values.append(horizon if item == "full" else yaml.safe_load(item))
     return values
-
-
-def parse_segments(text: str, env_id: str) -> list[Any]:
-    return parse_values(text, env_id)
 
 
 def parse_grid(pairs: Sequence[str], env_id: str) -> dict[str, list[Any]]:
@@ -64,7 +57,7 @@ def _dir_name(params: dict[str, Any], keys: Sequence[str]) -> str:
 
 
 def grid_configs(env_id: str, grid: dict[str, Sequence[Any]], seeds: int, env_steps: int, out_dir: str | Path,
-                 algo: str = "apg") -> list[TrainConfig]:
+                 algo: str) -> list[TrainConfig]:
     """One config per grid cell and seed, run directories ``<out>/runs/<cell>__s<seed>``."""
     eval_every = max(1, env_steps // 20)
     keys = list(grid)
@@ -77,13 +70,6 @@ def grid_configs(env_id: str, grid: dict[str, Sequence[Any]], seeds: int, env_st
                 **{f"algo_params.{k}": v for k, v in params.items()},
                 "run_dir": str(Path(out_dir) / "runs" / f"{_dir_name(params, keys)}__s{seed}")}))
     return configs
-
-
-def ablation_configs(env_id: str, segments: Sequence[Any], bootstraps: Sequence[str], seeds: int,
-                     env_steps: int, out_dir: str | Path, algo: str = "apg") -> list[TrainConfig]:
-    """The segment length x bootstrap grid (the shorthand of :func:`grid_configs`)."""
-    return grid_configs(env_id, {"segment_length": list(segments), "bootstrap": list(bootstraps)}, seeds,
-                        env_steps, out_dir, algo)
 
 
 def heatmap(values: np.ndarray, rows: Sequence[Any], columns: Sequence[str], title: str, path: Path,
@@ -114,7 +100,7 @@ def heatmap(values: np.ndarray, rows: Sequence[Any], columns: Sequence[str], tit
 
 
 def ablate(env_id: str, grid: dict[str, Sequence[Any]], seeds: int, env_steps: int, out_dir: str | Path,
-           runner: Runner | None = None, threshold: float = SUCCESS_THRESHOLD, algo: str = "apg") -> Path:
+           algo: str, runner: Runner | None = None, threshold: float = SUCCESS_THRESHOLD) -> Path:
     out = Path(out_dir)
     keys = list(grid)
     configs = grid_configs(env_id, grid, seeds, env_steps, out, algo)
@@ -152,32 +138,36 @@ def ablate(env_id: str, grid: dict[str, Sequence[Any]], seeds: int, env_steps: i
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", required=True, help="task id, e.g. DiffGym/PointMass1D-v0")
-    parser.add_argument("--algo", default="apg", help="trainer plugin whose algo_params the grid sets")
+    parser.add_argument("--algo", required=True, help="trainer plugin whose algo_params the grid sets")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                         help="an algo_params key and its values (repeatable; 'full' = episode length), "
                              "e.g. --grid estimator=analytic,hybrid --grid segment_length=32,adaptive")
-    parser.add_argument("--segments", default=None, help="shorthand for --grid segment_length=...")
-    parser.add_argument("--bootstrap", default=None, help="shorthand for --grid bootstrap=...")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (0..S-1)")
     parser.add_argument("--env-steps", type=lambda s: int(float(s)), required=True,
                         help="env-step budget of every run (e.g. 1e6)")
     parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPU count)")
     parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")
     parser.add_argument("--out", default=None, help="output directory (default runs/ablate/<task>)")
+    parser.epilog = "The trainer's own flags (`diffgym trainers -v`) are grid axes too: --FLAG V1,V2."
+    parser.set_defaults(plugin_flags="list")
 
 
 def main(args: argparse.Namespace) -> int:
-    pairs = list(args.grid)
-    if args.segments:
-        pairs.append(f"segment_length={args.segments}")
-    if args.bootstrap:
-        pairs.append(f"bootstrap={args.bootstrap}")
+    from diffgym.plugins import load_trainer
+
+    pairs = list(args.grid) + [f"{key}={values}" for key, values in getattr(args, "plugin_params", {}).items()]
     if not pairs:
-        pairs = [f"{key}={values}" for key, values in DEFAULT_GRID.items()]
+        try:
+            default = dict(getattr(load_trainer(args.algo), "ablation_grid", {}) or {})
+        except (KeyError, TypeError) as error:
+            raise SystemExit(f"diffgym ablate: {error.args[0] if error.args else error}")
+        if not default:
+            raise SystemExit(f"diffgym ablate: trainer {args.algo!r} has no ablation_grid; give --grid KEY=V1,V2")
+        pairs = [f"{key}={values}" for key, values in default.items()]
     grid = parse_grid(pairs, args.env)
     out = Path(args.out or Path("runs") / "ablate" / task_name(args.env))
-    report = ablate(args.env, grid, args.seeds, args.env_steps, out, LocalRunner(args.workers), args.threshold,
-                    args.algo)
+    report = ablate(args.env, grid, args.seeds, args.env_steps, out, args.algo, LocalRunner(args.workers),
+                    args.threshold)
     print(report.read_text().split("\n![")[0])
     print(f"\nreport: {report}")
     return 0

@@ -34,17 +34,27 @@ def compare_configs(env_id: str, algos: Sequence[str], seeds: int, env_steps: in
 
 def compare(env_id: str, algos: Sequence[str], seeds: int, env_steps: int, out_dir: str | Path,
             runner: Runner | None = None, eval_every: int | None = None,
-            threshold: float = SUCCESS_THRESHOLD) -> Path:
+            threshold: float = SUCCESS_THRESHOLD, baseline: str | None = None, contender: str | None = None) -> Path:
+    """Every algorithm x seed through ``runner``, then the report; ratios ``baseline/contender`` (by
+    default the last and the first of ``algos``)."""
+    if not algos:
+        raise ValueError("compare needs at least one algorithm")
+    baseline, contender = baseline or algos[-1], contender or algos[0]
+    for role, name in (("baseline", baseline), ("contender", contender)):
+        if name not in algos:
+            raise ValueError(f"the {role} {name!r} is not one of the compared algorithms {list(algos)}")
     configs = compare_configs(env_id, algos, seeds, env_steps, out_dir, eval_every)
     save_sweep(configs, Path(out_dir) / "sweep.jsonl")
     run_dirs = (runner or LocalRunner()).run(configs)
     title = f"{task_name(env_id)}: {' vs '.join(algos)} ({seeds} seeds, {env_steps:,} env steps)"
-    return write_report(run_dirs, out_dir, title, threshold=threshold)
+    return write_report(run_dirs, out_dir, title, threshold=threshold, baseline=baseline, contender=contender)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", required=True, help="task id, e.g. DiffGym/PointMass1D-v0")
-    parser.add_argument("--algos", default="apg,ppo", help="comma-separated trainer names")
+    parser.add_argument("--algos", required=True, help="comma-separated trainer names, e.g. apg,ppo")
+    parser.add_argument("--baseline", default=None, help="algorithm in the ratios' numerator (default: the last)")
+    parser.add_argument("--contender", default=None, help="algorithm in the ratios' denominator (default: the first)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per algorithm (0..S-1)")
     parser.add_argument("--env-steps", type=lambda s: int(float(s)), required=True,
                         help="env-step budget of every run (e.g. 1e6)")
@@ -56,8 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / "compare" / task_name(args.env))
-    report = compare(args.env, [a for a in args.algos.split(",") if a], args.seeds, args.env_steps, out,
-                     LocalRunner(args.workers), args.eval_every, args.threshold)
+    try:
+        report = compare(args.env, [a for a in args.algos.split(",") if a], args.seeds, args.env_steps, out,
+                         LocalRunner(args.workers), args.eval_every, args.threshold, args.baseline, args.contender)
+    except ValueError as error:
+        raise SystemExit(f"diffgym compare: {error}")
     print(report.read_text().split("\n![")[0])
     print(f"\nreport: {report}\nplots:  {sorted(str(p) for p in report.parent.glob('*.png'))}")
     return 0

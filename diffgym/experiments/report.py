@@ -129,7 +129,7 @@ def _fmt(value: float) -> str:
 
 
 def threshold_table(groups: dict[str, list[RunRecord]], threshold: float = SUCCESS_THRESHOLD,
-                    baseline: str | None = "ppo", contender: str | None = "apg") -> tuple[str, dict]:
+                    baseline: str | None = None, contender: str | None = None) -> tuple[str, dict]:
     """Markdown table: per group, runs reaching the threshold, median env/grad steps and wall-clock to it,
     final success and return (IQM [95 % CI]); plus baseline/contender ratios of the medians."""
     summary: dict[str, dict] = {}
@@ -169,15 +169,17 @@ def threshold_table(groups: dict[str, list[RunRecord]], threshold: float = SUCCE
 
 
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, title: str,
-                 key: Callable[[RunRecord], str] = lambda r: r.label, threshold: float = SUCCESS_THRESHOLD) -> Path:
-    """Curves against env steps and gradient steps (PNG), the threshold table (Markdown) and a JSON summary."""
+                 key: Callable[[RunRecord], str] = lambda r: r.label, threshold: float = SUCCESS_THRESHOLD,
+                 baseline: str | None = None, contender: str | None = None) -> Path:
+    """Curves against env steps and gradient steps (PNG), the threshold table (Markdown) and a JSON
+    summary; with ``baseline`` and ``contender`` (group labels) also their cost ratios."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     groups = group((load_run(p) for p in run_dirs), key)
     for axis in ("env_steps", "grad_steps"):
         for metric in ("eval_success_rate", "eval_return"):
             plot_curves(groups, axis, metric, out / f"{metric}_vs_{axis}.png", title)
-    table, summary = threshold_table(groups, threshold)
+    table, summary = threshold_table(groups, threshold, baseline, contender)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     report = out / "report.md"
     images = "\n".join(f"![{m} vs {a}]({m}_vs_{a}.png)" for a in ("env_steps", "grad_steps")

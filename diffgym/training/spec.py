@@ -116,6 +116,9 @@ class TrainConfig:
     """Shared optimizer settings."""
     algo_params: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Algorithm-specific hyperparameters (e.g. PPO's ``n_steps``, APG's ``segment_length``)."""
+    env_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Task constructor arguments (the ``Arguments`` of its docs, e.g. TPush's ``contact_stiffness``)
+    for every env the run makes, training and evaluation alike; see :meth:`env_options`."""
 
     def __post_init__(self) -> None:
         for name in ("policy", "normalizer", "optimizer"):  # accept plain mappings, e.g. from kwargs
@@ -126,6 +129,11 @@ class TrainConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.algo_params = dict(self.algo_params)
+        self.env_kwargs = dict(self.env_kwargs)
+        for reserved in ("device", "num_envs", "render_mode"):
+            if reserved in self.env_kwargs:
+                raise ValueError(f"env_kwargs may not set {reserved!r}: the run sets it "
+                                 f"({'the device field' if reserved == 'device' else 'per env it makes'})")
 
     # ------------------------------------------------------------------------------ round trip
     def to_dict(self) -> dict[str, Any]:
@@ -161,7 +169,8 @@ class TrainConfig:
         return self.from_dict({**self.to_dict(), **_to_builtin(changes)})
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> TrainConfig:
-        """A copy with dotted-key overrides applied, e.g. ``{"optimizer.lr": 1e-3, "algo_params.n_steps": 32}``."""
+        """A copy with dotted-key overrides applied, e.g. ``{"optimizer.lr": 1e-3, "algo_params.n_steps": 32,
+        "env_kwargs.contact_stiffness": 2000.0}``."""
         data = self.to_dict()
         for dotted, value in overrides.items():
             *parents, leaf = dotted.split(".")
@@ -170,20 +179,32 @@ class TrainConfig:
                 if not isinstance(node.get(key), dict):
                     raise ValueError(f"unknown config key {dotted!r}: {key!r} is not a section")
                 node = node[key]
-            if node is not data.get("algo_params") and leaf not in node:
+            open_sections = (data.get("algo_params"), data.get("env_kwargs"))  # free-form: any key
+            if not any(node is section for section in open_sections) and leaf not in node:
                 raise ValueError(f"unknown config key {dotted!r}")
             node[leaf] = _to_builtin(value)
         return self.from_dict(data)
 
+    def env_options(self) -> dict[str, Any]:
+        """Keyword arguments of every ``gym.make``/``gym.make_vec`` of this run: the device and
+        :attr:`env_kwargs`. Trainers and the evaluator pass these, so a task argument set in the config
+        holds for training and evaluation alike."""
+        return {"device": self.device, **self.env_kwargs}
+
     @property
     def task_name(self) -> str:
-        """The task part of ``env_id`` without namespace and version, e.g. ``PointMass1D``."""
+        """The task part of ``env_id`` (see :func:`task_name`), e.g. ``PointMass1D``."""
         return task_name(self.env_id)
 
 
 def task_name(env_id: str) -> str:
-    """``DiffGym/PointMass1D-v0`` -> ``PointMass1D``."""
-    return env_id.split("/")[-1].rsplit("-v", 1)[0]
+    """The task part of an id for file names: ``DiffGym/PointMass1D-v0`` -> ``PointMass1D``; later
+    versions keep their suffix, ``DiffGym/TPush-v1`` -> ``TPush-v1``, so their runs and reports never
+    overwrite the first version's."""
+    name, _, version = env_id.split("/")[-1].rpartition("-v")
+    if not name or not version.isdigit():
+        return env_id.split("/")[-1]
+    return name if version == "0" else f"{name}-v{version}"
 
 
 # ---------------------------------------------------------------------------------- helpers

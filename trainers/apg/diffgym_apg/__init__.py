@@ -35,6 +35,12 @@ class APGTrainer:
 
     name = "apg"
     description = "Analytic Policy Gradients: segmented backpropagation through the simulator (none/mc/critic bootstrap)"
+    cli_flags = {
+        "segment-length": "K, steps backpropagated per update, or 'adaptive' (same as --param segment_length=K)",
+        "bootstrap": "segment tail: none, mc or critic (same as --param bootstrap=MODE)",
+        "estimator": "policy gradient: analytic, likelihood or hybrid (same as --param estimator=NAME)",
+    }
+    ablation_grid = {"segment_length": "4,8,16,32,64,full", "bootstrap": "none,mc,critic"}
 
     def default_config(self, env_id: str) -> dict[str, Any]:
         return default_config(env_id)

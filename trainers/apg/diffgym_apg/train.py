@@ -538,9 +538,8 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     params = APGParams.from_config(config)
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
-    env_kwargs = {} if device.type == "cpu" else {"device": config.device}
     venv = gym.make_vec(config.env_id, num_envs=config.num_envs, vectorization_mode="vector_entry_point",
-                        **env_kwargs)
+                        **config.env_options())
     for method in ("get_state", "differentiable_step"):
         if not hasattr(venv, method):
             raise TypeError(f"{config.env_id}'s vector env has no {method}(): APG needs DiffGym's tensor API")
@@ -571,7 +570,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
                 return learner.model.act(learner.normalizer(obs_t), deterministic=True).cpu().numpy()
 
             run.log(env_steps, grad_steps, **evaluate_policy(act, config.env_id, config.eval_episodes,
-                                                             config.seed, env_kwargs))
+                                                             config.seed, config.env_options()))
             run.save_checkpoint({**learner.state_dict(), "envs": envs.state_dict(),
                                  "torch_rng": torch.get_rng_state(), "env_steps": env_steps,
                                  **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),

@@ -81,7 +81,7 @@ class PPOTrainer:
         np.random.seed(config.seed)
         with Run(config.replace(algo_params=params), progress=progress) as run:
             config = run.config
-            venv = DiffGymVecEnv.make(config.env_id, config.num_envs, device=config.device)
+            venv = DiffGymVecEnv.make(config.env_id, config.num_envs, **config.env_options())
             env: Any = VecMonitor(venv)
             if params["normalize_reward"]:
                 env = VecNormalize(env, norm_obs=False, norm_reward=True, gamma=params["gamma"])
@@ -165,7 +165,7 @@ class _RunCallback(BaseCallback):
         policy = self.ppo.policy
         policy.set_training_mode(False)
         result = evaluate_policy(policy.act_deterministic, self.config.env_id, self.config.eval_episodes,
-                                 self.config.seed, env_kwargs={"device": self.config.device})
+                                 self.config.seed, env_kwargs=self.config.env_options())
         env_steps = int(self.ppo.num_timesteps)
         self.run.log(env_steps, self.ppo.grad_steps, **result)
         self.run.save_checkpoint(checkpoint(self.ppo, self.config), env_steps)
