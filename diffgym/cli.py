@@ -90,8 +90,10 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every-env-steps", type=lambda s: int(float(s)))
     parser.add_argument("--eval-episodes", type=int)
     parser.add_argument("--device", help="cpu or cuda[:N]")
-    parser.add_argument("--run-dir", help="output directory (default runs/<algo>__<task>__s<seed>__<time>)")
-    parser.add_argument("--config", type=Path, help="a config.yaml (e.g. from an earlier run) to start from")
+    parser.add_argument("--run-dir", help="output directory (default runs/<algo>__<task>__s<seed>__<time>); an "
+                                          "existing one is continued from its latest checkpoint")
+    parser.add_argument("--config", type=Path, help="a config.yaml (e.g. from an earlier run) to start from; "
+                                                    "the run goes to a new run directory unless --run-dir is given")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field by dotted key, e.g. optimizer.lr=1e-3 "
                              "policy.hidden_sizes=[128,128] (repeatable)")
@@ -136,6 +138,9 @@ def _run_train(args: argparse.Namespace) -> int:
     overrides.update(_key_values(args.params, prefix="algo_params."))
     overrides.update({f"algo_params.{key}": value for key, value in args.plugin_params.items()})
     base = TrainConfig.load(args.config) if args.config else None
+    if base is not None and args.run_dir is None:
+        # an earlier run's config.yaml names its run_dir: repeating that run must not write into it
+        overrides["run_dir"] = None
     try:
         config = resolve_config(args.algo, args.env, overrides, base=base)
     except (KeyError, ValueError) as error:
@@ -144,9 +149,15 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
+    from diffgym.training.run import RunDirError
+
     trainer = load_trainer(args.algo)
     train: Callable[..., Path] = trainer.train
-    run_dir = train(config, progress=False) if args.no_progress and _accepts_progress(train) else train(config)
+    try:
+        run_dir = train(config, progress=False) if args.no_progress and _accepts_progress(train) else train(config)
+    except RunDirError as error:  # in use, another config, no readable checkpoint: one line, no traceback
+        print(f"diffgym train: {error}", file=sys.stderr)
+        return 2
     print(f"run directory: {run_dir}")
     return 0
 

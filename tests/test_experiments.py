@@ -2,6 +2,12 @@
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -236,3 +242,56 @@ def test_trainer_flags_belong_to_their_trainer(tmp_path, trainers, capsys):
                                                                                  "segment_length8__s0"]
     with pytest.raises(SystemExit, match="has no ablation_grid"):
         main(["ablate", "--env", ENV, "--algo", "fast_algo", "--seeds", "1", "--env-steps", "10000"])
+
+
+_PARENT = """
+import time
+from diffgym.experiments.sweep import LocalRunner
+LocalRunner(workers=2).map(time.sleep, [(300,), (300,), (300,)])
+"""
+
+
+def _worker_pids(parent: int) -> list[int]:
+    """The parent's spawned pool workers (not the resource tracker), from /proc."""
+    pids = []
+    for task in Path(f"/proc/{parent}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            if b"spawn_main" in cmdline:
+                pids.append(int(child))
+    return pids
+
+
+def _exited(pid: int) -> bool:
+    try:  # reparented workers may stay zombies when the container's init does not reap them
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads worker pids from /proc")
+def test_sweep_workers_exit_when_their_parent_dies():
+    """Killing only the parent of `diffgym compare` used to leave its workers running the queued runs
+    (behind a re-run's back), then idling forever."""
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT],
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            workers = _worker_pids(parent.pid)
+        assert len(workers) == 2
+        time.sleep(1.0)  # let them start their work
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 15
+        while not all(map(_exited, workers)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert all(map(_exited, workers)), "pool workers outlived their parent"
+    finally:
+        parent.kill()
+        parent.wait()
+        for pid in workers:  # on failure, do not leave them behind
+            if not _exited(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -13,6 +13,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 import diffgym
 from diffgym.plugins import load_trainer, resolve_config
 from diffgym.training import ActorCritic, ObservationNormalizer, OptimizerSpec, PolicySpec
+from diffgym.training.run import log_hook
 
 pytest.importorskip("diffgym_ppo")
 from diffgym_ppo import DiffGymVecEnv, SpecActorCriticPolicy, SpecPPO  # noqa: E402
@@ -172,6 +173,69 @@ def test_unknown_ppo_params_are_rejected(tmp_path):
     config = resolve_config("ppo", ENV_ID, {"algo_params.n_step": 8, "run_dir": str(tmp_path / "r")})
     with pytest.raises(ValueError, match="unknown PPO algo_params \\['n_step'\\]"):
         load_trainer("ppo").train(config, progress=False)
+
+
+# ------------------------------------------------------------------------------ exact resume
+def _resume_config(tmp_path, name, **changes):
+    # 2 envs x 25-step rollouts (50 env steps) over 100-step episodes; evaluations every 60 env steps fall
+    # inside rollouts, and the budget (620) ends with a partial rollout of 10 env steps
+    return resolve_config("ppo", ENV_ID, {
+        "num_envs": 2, "total_env_steps": 620, "eval_every_env_steps": 60, "eval_episodes": 2,
+        "run_dir": str(tmp_path / name), "algo_params.n_steps": 25, "algo_params.batch_size": 25,
+        "algo_params.n_epochs": 2, **changes})
+
+
+def _rows(run_dir):
+    """Every metrics row without the wall-clock columns."""
+    return [{k: v for k, v in r.items() if k not in ("wall_time", "time/fps")}
+            for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+def _latest(run_dir):
+    return torch.load(sorted((run_dir / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+
+
+@pytest.mark.parametrize("normalize_reward", [False, True])
+def test_resume_from_checkpoint_continues_identically(tmp_path, normalize_reward):
+    # The checkpoint at 300 env steps (150 per env) lies after the first episode ends (the monitor's
+    # episode buffer and the envs' reset streams have moved) and inside the second episodes; the run
+    # goes on past the second episode ends at 400.
+    extra = {"algo_params.normalize_reward": normalize_reward}
+    train = load_trainer("ppo").train
+    straight = train(_resume_config(tmp_path, "straight", **extra), progress=False)
+    train(_resume_config(tmp_path, "resumed", total_env_steps=300, **extra), progress=False)
+    logged: list[int] = []
+    with log_hook(lambda env_steps, _: logged.append(env_steps)):
+        resumed = train(_resume_config(tmp_path, "resumed", **extra), progress=False)
+
+    assert min(logged) > 300  # it continued from its checkpoint (a restart would repeat the same rows)
+
+    assert _rows(resumed) == _rows(straight)
+    assert any("rollout/ep_rew_mean" in r for r in _rows(straight) if r["env_steps"] > 300)
+    a, b = _latest(straight), _latest(resumed)
+    assert a["env_steps"] == b["env_steps"] == 620
+    for key in ("actor_critic", "normalizer"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
+    for group_a, group_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(group_a[k], group_b[k]) for k in group_a)
+
+
+def test_final_partial_rollout_and_mid_rollout_evaluations(tmp_path):
+    run_dir = load_trainer("ppo").train(_resume_config(tmp_path, "run"), progress=False)
+    rows = _rows(run_dir)
+    assert [r["env_steps"] for r in rows if "eval_return" in r] == [0, *range(60, 601, 60), 620]
+    # 12 full rollouts of 50 env steps (2 minibatches x 2 epochs each), then one of 10 (1 x 2)
+    assert _latest(run_dir)["grad_steps"] == 12 * 4 + 2
+    # an evaluation inside a rollout scores the policy of the update before it and saves it (policy
+    # only); the resumable checkpoint follows at the next update boundary
+    saved = {int(p.stem.split("_")[1]): torch.load(p, weights_only=False)
+             for p in (run_dir / "checkpoints").glob("*.pt")}
+    assert sorted(saved) == sorted({0, *range(60, 601, 60), 620, 100, 150, 200, 250, 400, 450, 500, 550})
+    resumable = sorted(step for step, s in saved.items() if "sb3" in s)
+    assert resumable == [0, 100, 150, 200, 250, 300, 400, 450, 500, 550, 600, 620]
+    # the snapshot at 60 holds the parameters of the update at 50, unchanged until the one at 100
+    assert saved[60]["grad_steps"] == 4 and saved[100]["grad_steps"] == 8
 
 
 # ------------------------------------------------------------------------------ learning check

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
+import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -115,7 +117,8 @@ class LocalRunner:
                 finished(i + 1, i)
             return results
         context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked Warp/torch state
-        with ProcessPoolExecutor(min(self.workers, len(items)), mp_context=context) as pool:
+        with ProcessPoolExecutor(min(self.workers, len(items)), mp_context=context,
+                                 initializer=_exit_with_parent) as pool:
             futures = {pool.submit(_single_threaded, work, *item): i for i, item in enumerate(items)}
             for done, future in enumerate(as_completed(futures), 1):
                 i = futures[future]
@@ -130,3 +133,24 @@ def _single_threaded(work: Callable[..., Any], *args: Any) -> Any:
 
     torch.set_num_threads(1)
     return work(*args)
+
+
+def _exit_with_parent() -> None:
+    """Pool-worker initializer: end this worker as soon as the process that started it dies.
+
+    Workers block on the pool's call queue, whose pipe they also hold open for writing, so they never
+    see the parent go: killed alone, the parent of ``diffgym compare`` left its workers running the
+    queued runs (behind a re-run's back, into the same run directories), then idling forever. The
+    parent's sentinel (a pipe only the parent writes to) becomes readable when it dies, whatever killed
+    it; a daemon thread waits on it and exits the worker. Its runs stop like killed ones: their
+    directories stay resumable (atomic checkpoints and metrics, the lock released by the OS).
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)  # no cleanup can be trusted with the parent gone; everything on disk is consistent
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

@@ -5,7 +5,23 @@
 * ``metrics.jsonl``: one JSON object per :meth:`Run.log` call with ``env_steps``, ``grad_steps``,
   ``wall_time`` (seconds since the run started) and the logged scalars (evaluation rows carry
   ``eval_return`` and ``eval_success_rate``);
-* ``checkpoints/step_<env_steps>.pt``: whatever dict the trainer saves.
+* ``checkpoints/step_<env_steps>.pt``: whatever dict the trainer saves;
+* ``.lock``: the pid of the process that has the directory open.
+
+A run directory is safe to re-run into:
+
+* **One writer.** :class:`Run` holds an exclusive advisory lock (``flock``) on ``.lock`` while open; a
+  second ``Run`` on the directory fails with :class:`RunDirLocked` naming the holder's pid. The OS drops
+  the lock when its process dies, however it dies, so a dead run's lock is simply taken over.
+* **Same run.** A directory that holds results is only continued with the config it was started with;
+  the budget (``total_env_steps``), the evaluation cadence and episodes may change
+  (:data:`RESUMABLE_CHANGES`). Anything else raises :class:`ConfigMismatch` listing the differences.
+* **Nothing lost.** ``config.yaml``, ``metrics.jsonl`` and checkpoints are replaced atomically (a
+  uniquely named temp file, then a rename). ``metrics.jsonl`` is left alone until the trainer either
+  resumes (:meth:`Run.resume_from` keeps the rows up to its checkpoint) or logs its first row of a fresh
+  start, so a resume that fails or is killed leaves the earlier rows in place.
+* **Corrupt checkpoints.** :meth:`Run.load_latest_checkpoint` skips an unreadable checkpoint with a
+  :class:`CheckpointWarning` naming it, sets it aside as ``*.pt.corrupt`` and loads the previous one.
 
 While training, a tqdm progress bar counts env steps and shows env steps per second.
 """
@@ -13,19 +29,49 @@ While training, a tqdm progress bar counts env steps and shows env steps per sec
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
 import re
+import tempfile
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from diffgym.training.spec import TrainConfig
+
+try:
+    import fcntl
+except ImportError:  # Windows: the standard library has no advisory whole-file lock
+    fcntl = None  # type: ignore[assignment]
+
+RESUMABLE_CHANGES = frozenset({"total_env_steps", "eval_every_env_steps", "eval_episodes", "run_dir"})
+"""Top-level config fields a run may change when it continues in its run directory."""
+_LOCK = ".lock"
+_TMP_SUFFIX = ".tmp"
+
+
+class RunDirError(RuntimeError):
+    """A run directory cannot be used as asked; the message is one line that says why."""
+
+
+class RunDirLocked(RunDirError):
+    """Another live process has the run directory open."""
+
+
+class ConfigMismatch(RunDirError):
+    """The run directory holds a run with another config."""
+
+
+class CheckpointWarning(UserWarning):
+    """An unreadable checkpoint was skipped."""
+
 
 _CHECKPOINT = re.compile(r"step_(\d+)\.pt$")
 
@@ -65,28 +111,50 @@ def default_run_dir(config: TrainConfig, root: str | Path = "runs") -> Path:
     return Path(root) / f"{config.algo}__{config.task_name}__s{config.seed}__{stamp}"
 
 
+def config_differences(saved: Mapping[str, Any], requested: Mapping[str, Any],
+                       ignore: frozenset[str] = RESUMABLE_CHANGES) -> list[str]:
+    """``"key (old -> new)"`` for every dotted config key whose value differs (top-level ``ignore`` keys
+    excepted), in the config's field order; both sides are ``TrainConfig.to_dict()`` mappings."""
+    old, new = _flatten(saved), _flatten(requested)
+    keys = list(dict.fromkeys([*new, *old]))
+    missing = "<unset>"
+    return [f"{key} ({old.get(key, missing)!r} -> {new.get(key, missing)!r})" for key in keys
+            if key.split(".")[0] not in ignore and old.get(key, missing) != new.get(key, missing)]
+
+
 class Run:
     """The output directory of one training run; use as a context manager or call :meth:`close`.
 
-    An existing ``run_dir`` is reused: a trainer that resumes from :meth:`load_latest_checkpoint` calls
-    :meth:`resume_from`; otherwise the run's metrics start afresh.
+    Opening it locks the directory and checks an earlier run's config there (see the module doc). A
+    trainer that continues from :meth:`load_latest_checkpoint` calls :meth:`resume_from` before logging;
+    otherwise its first :meth:`log` starts the metrics afresh.
     """
 
     def __init__(self, config: TrainConfig, progress: bool = True):
-        run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(config)
+        if config.run_dir:
+            run_dir = Path(config.run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            run_dir = _new_run_dir(config)
         self.config = config.replace(run_dir=str(run_dir))
         self.dir = run_dir
         self.checkpoint_dir = run_dir / "checkpoints"
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        self.config.save(run_dir / "config.yaml")
         self.metrics_path = run_dir / "metrics.jsonl"
-        # An earlier attempt's rows are set aside: a trainer that resumes from a checkpoint keeps those up
-        # to it (resume_from); any other run starts its metrics afresh, so env_steps only ever increase.
-        self._earlier_rows = self._read_rows() if self.metrics_path.exists() else []
-        self._metrics = self.metrics_path.open("w")
-        from torch.utils.tensorboard import SummaryWriter  # imported late: it pulls in TensorBoard
-
-        self.writer = SummaryWriter(log_dir=str(run_dir))
+        self._lock = _lock(run_dir)
+        try:
+            self._check_saved_config()
+            self.checkpoint_dir.mkdir(exist_ok=True)
+            # temp files of a process killed mid-write; nobody else writes here while we hold the lock
+            for stale in [*run_dir.glob(f".*{_TMP_SUFFIX}"), *self.checkpoint_dir.glob(f".*{_TMP_SUFFIX}")]:
+                stale.unlink(missing_ok=True)
+            _replace_atomically(run_dir / "config.yaml", self.config.save)
+        except BaseException:
+            self._lock.close()
+            raise
+        # metrics.jsonl and the TensorBoard writer are opened by resume_from() or the first log(): until
+        # then an earlier attempt's rows stay on disk untouched
+        self._metrics: IO[str] | None = None
+        self.writer: Any = None
         self._start = time.perf_counter()
         self._bar = tqdm(total=config.total_env_steps, unit="step", unit_scale=True, dynamic_ncols=True,
                          desc=f"{config.algo} {config.task_name}", disable=not progress)
@@ -99,12 +167,15 @@ class Run:
 
     def progress(self, env_steps: int) -> None:
         """Advance the progress bar to ``env_steps`` without logging anything."""
-        if self._bar.total is not None and env_steps > self._bar.total:  # trainers may overshoot by a rollout
+        if self._bar.total is not None and env_steps > self._bar.total:  # the last vector step may overshoot
             self._bar.total = int(env_steps)
         self._bar.update(max(0, int(env_steps) - self._bar.n))
 
     def log(self, env_steps: int, grad_steps: int, **scalars: float) -> None:
         """Record scalars at ``env_steps``: a ``metrics.jsonl`` row, TensorBoard scalars, the progress bar."""
+        if self._metrics is None:  # no resume_from(): a fresh start replaces any earlier attempt's records
+            self._open_records([], purge_step=0)
+        assert self._metrics is not None and self.writer is not None
         row: dict[str, Any] = {"env_steps": int(env_steps), "grad_steps": int(grad_steps),
                                "wall_time": round(self.wall_time, 3)}
         for name, value in scalars.items():
@@ -124,47 +195,196 @@ class Run:
     def save_checkpoint(self, obj: dict[str, Any], env_steps: int) -> Path:
         """Save ``obj`` with ``torch.save`` as ``checkpoints/step_<env_steps>.pt`` (atomic replace)."""
         path = self.checkpoint_dir / f"step_{int(env_steps):012d}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        _replace_atomically(path, lambda tmp: torch.save(obj, tmp))
         return path
 
-    def load_latest_checkpoint(self) -> dict[str, Any] | None:
-        """The checkpoint with the most env steps, or ``None`` when there is none. Checkpoints are
-        full pickles (optimizer state, configs), so only load run directories you trust."""
+    def load_latest_checkpoint(self, require: Sequence[str] = ()) -> dict[str, Any] | None:
+        """The readable checkpoint with the most env steps that has every key in ``require``, or ``None``
+        when there is none. (``require`` passes over snapshots a trainer cannot resume from, e.g. PPO's
+        policy-only ones taken mid-rollout.)
+
+        Unreadable ones after it are reported (:class:`CheckpointWarning`) and set aside as
+        ``*.pt.corrupt``; when none is readable, :class:`RunDirError` is raised and nothing is moved. A
+        checkpoint saved under another config (its ``config`` entry) raises :class:`ConfigMismatch`.
+        Checkpoints are full pickles (optimizer state, configs), so only load run directories you trust.
+        """
         found = list_checkpoints(self.dir)
-        if not found:
-            return None
-        return torch.load(found[-1][1], map_location="cpu", weights_only=False)
+        unreadable: list[Path] = []
+        for _, path in reversed(found):
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=False)
+                if not isinstance(saved, dict):
+                    raise TypeError(f"expected a dict, got {type(saved).__name__}")
+            except Exception as error:  # truncated zip, bad pickle, ...: whatever torch.load raises
+                warnings.warn(f"{path}: unreadable checkpoint ({type(error).__name__}: {_one_line(error)}); "
+                              "trying the previous one", CheckpointWarning, stacklevel=2)
+                unreadable.append(path)
+                continue
+            if not all(key in saved for key in require):
+                continue
+            for bad in unreadable:
+                os.replace(bad, bad.with_name(bad.name + ".corrupt"))
+            if "config" in saved:
+                self._refuse_other_config(saved["config"], path)
+            return saved
+        if unreadable:
+            raise RunDirError(f"{self.checkpoint_dir}: no readable checkpoint to resume from ({len(unreadable)} "
+                              "unreadable); delete them (or the run directory) to start this run afresh")
+        return None
 
     def resume_from(self, env_steps: int) -> None:
         """Continue an earlier attempt from its checkpoint at ``env_steps``: keep its metrics rows up to
-        there and continue its wall-clock, so a resumed run records the same axes as an uninterrupted one."""
-        kept = [row for row in self._earlier_rows if row["env_steps"] <= env_steps]
-        self._metrics.writelines(json.dumps(row) + "\n" for row in kept)
-        self._metrics.flush()
+        there (rewritten atomically), hide its later TensorBoard points, and continue its wall-clock, so a
+        resumed run records the same axes as an uninterrupted one. Call it before the first :meth:`log`."""
+        if self._metrics is not None:
+            raise RuntimeError("resume_from() must be called before the first log()")
+        kept = [row for row in self._earlier_rows() if row["env_steps"] <= env_steps]
+        self._open_records(kept, purge_step=int(env_steps) + 1)
         if kept:
             self._start -= float(kept[-1]["wall_time"])
         self.progress(env_steps)
 
-    def _read_rows(self) -> list[dict[str, Any]]:
-        return read_metrics(self.metrics_path)
-
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every row of ``metrics.jsonl`` so far."""
-        self._metrics.flush()
-        return self._read_rows()
+        if self._metrics is not None:
+            self._metrics.flush()
+        return read_metrics(self.metrics_path) if self.metrics_path.exists() else []
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._bar.close()
-        self.writer.close()
-        self._metrics.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self._metrics is not None:
+            self._metrics.close()
+        self._lock.close()  # releases the flock
 
     def __enter__(self) -> Run:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # --------------------------------------------------------------------------------- internals
+    def _holds_results(self) -> bool:
+        return bool(list_checkpoints(self.dir)) or (self.metrics_path.exists() and self.metrics_path.stat().st_size > 0)
+
+    def _check_saved_config(self) -> None:
+        saved_path = self.dir / "config.yaml"
+        if not saved_path.exists() or not self._holds_results():
+            return  # nothing to continue (the checkpoints' own configs are checked when one is loaded)
+        try:
+            saved = TrainConfig.load(saved_path).to_dict()
+        except Exception as error:
+            raise RunDirError(f"{saved_path}: cannot read the run's saved config ({_one_line(error)}); "
+                              "choose another run_dir") from None
+        self._refuse_other_config(saved, saved_path)
+
+    def _refuse_other_config(self, saved: Mapping[str, Any], source: Path) -> None:
+        differences = config_differences(saved, self.config.to_dict())
+        if differences:
+            raise ConfigMismatch(f"{self.dir} holds a run with another config ({source.name} differs in "
+                                 f"{', '.join(differences)}); continue it with its own config or choose "
+                                 "another run_dir")
+
+    def _earlier_rows(self) -> list[dict[str, Any]]:
+        """An earlier attempt's rows; a line it was killed while writing is dropped with a warning."""
+        if not self.metrics_path.exists():
+            return []
+        rows = []
+        for number, line in enumerate(self.metrics_path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                int(row["env_steps"])
+            except (ValueError, TypeError, KeyError):
+                warnings.warn(f"{self.metrics_path}:{number}: unreadable metrics row dropped", CheckpointWarning,
+                              stacklevel=3)
+                continue
+            rows.append(row)
+        return rows
+
+    def _open_records(self, rows: list[dict[str, Any]], purge_step: int) -> None:
+        """Atomically replace ``metrics.jsonl`` by ``rows`` and open it for appending; open TensorBoard.
+
+        ``purge_step``: an earlier attempt's TensorBoard points at or after it are hidden (TensorBoard
+        drops them when it reads the restart marker), so no point is shown twice."""
+        _replace_atomically(self.metrics_path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+        self._metrics = self.metrics_path.open("a")
+        from torch.utils.tensorboard import SummaryWriter  # imported late: it pulls in TensorBoard
+
+        earlier = any(self.dir.glob("events.out.tfevents.*"))
+        self.writer = SummaryWriter(log_dir=str(self.dir), purge_step=purge_step if earlier else None)
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _new_run_dir(config: TrainConfig) -> Path:
+    """Create ``default_run_dir(config)``, or ``<it>-2``, ``-3``, ... when runs start within one second
+    (``mkdir`` is atomic: two processes never get the same directory)."""
+    base = default_run_dir(config)
+    for attempt in itertools.count(1):
+        candidate = base if attempt == 1 else base.with_name(f"{base.name}-{attempt}")
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+class _NoLock:
+    """Stands in for the lock where ``fcntl`` is missing (Windows): runs are not protected there."""
+
+    def close(self) -> None:
+        pass
+
+
+def _lock(run_dir: Path) -> IO[str] | _NoLock:
+    """Take the run directory's exclusive lock and write our pid into it, or raise RunDirLocked."""
+    if fcntl is None:
+        warnings.warn("run directories are not locked on this platform (no fcntl): do not run two trainers "
+                      f"on {run_dir}", RuntimeWarning, stacklevel=3)
+        return _NoLock()
+    handle = os.fdopen(os.open(run_dir / _LOCK, os.O_RDWR | os.O_CREAT, 0o644), "r+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise RunDirLocked(f"{run_dir} is in use by another run (pid {holder}); wait for it to end or choose "
+                           "another run_dir") from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def _replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` a uniquely named temp file next to ``path``, then rename it over ``path``: readers
+    and a crash see the old file or the new one, never a partial one, and no two writers share a temp
+    file. The temp file is removed if writing fails."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

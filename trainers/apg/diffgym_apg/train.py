@@ -441,13 +441,18 @@ def _likelihood_surrogate(model: ActorCritic, segment: Segment, weights: torch.T
     return (dist.log_prob(segment.pre_squash).sum(-1) * weights).sum()
 
 
-def apg_update(learner: Learner, envs: EnvBatch, params: APGParams, config: TrainConfig) -> dict[str, float]:
-    """One APG update: unroll a segment, step the policy on its gradient, fit the value network."""
+def apg_update(learner: Learner, envs: EnvBatch, params: APGParams, config: TrainConfig,
+               max_steps: int | None = None) -> dict[str, float]:
+    """One APG update: unroll a segment, step the policy on its gradient, fit the value network.
+
+    ``max_steps`` caps the segment (the trainer ends segments at evaluation points and at the budget)."""
     model, normalizer = learner.model, learner.normalizer
     # 1. Unroll K steps through the simulator. Actions are reparameterized samples, so the segment's
     #    rewards and its last observations are differentiable functions of the policy parameters.
     #    (The likelihood-ratio estimator needs no simulator gradient: no graph is recorded.)
     num_steps = learner.segment_length(params)
+    if max_steps is not None:
+        num_steps = max(1, min(num_steps, int(max_steps)))
     with torch.set_grad_enabled(params.estimator != "likelihood"):
         segment, state, obs = unroll(model, normalizer, envs, num_steps)
 
@@ -579,7 +584,11 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
         if saved is None:
             evaluate()  # the untrained policy: the first point of every learning curve
         while env_steps < config.total_env_steps:
-            stats = apg_update(learner, envs, params, config)
+            # A segment ends at the next evaluation point or the budget, whichever comes first, so the run
+            # evaluates on the requested interval and stops at the budget (in whole vector steps: past it
+            # by fewer than num_envs env steps when num_envs does not divide it).
+            stop = min(next_eval, config.total_env_steps)
+            stats = apg_update(learner, envs, params, config, max_steps=-(-(stop - env_steps) // config.num_envs))
             env_steps += config.num_envs * int(stats["segment_length"])
             grad_steps += 1
             run.log(env_steps, grad_steps, **stats)

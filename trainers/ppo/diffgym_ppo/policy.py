@@ -10,6 +10,10 @@ the spec's squash. ``predict`` therefore returns env actions in [-1, 1].
 Normalization: statistics are updated once per rollout, *after* PPO's update on it (and once on the
 first reset observations), so a rollout is collected and trained on with the same statistics and the
 first PPO ratio of every update is exactly 1.
+
+Budget: the last rollout is shortened to what is left of ``total_timesteps`` (rounded up to whole
+vector steps) and trained on like any other, so training stops at the budget instead of after a whole
+extra rollout.
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ import numpy as np
 import torch
 from gymnasium import spaces
 from stable_baselines3 import PPO
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import Schedule
+from stable_baselines3.common.vec_env import VecEnv
 
 from diffgym.training import ActorCritic, NormalizerSpec, ObservationNormalizer, OptimizerSpec, PolicySpec
 from diffgym.training import make_optimizer
@@ -115,6 +122,16 @@ class SpecPPO(PPO):
         if float(self.policy.normalizer.count) == 0 and self._last_obs is not None:
             self.policy.normalizer.update(np.asarray(self._last_obs))
         return result
+
+    def collect_rollouts(self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer,
+                         n_rollout_steps: int) -> bool:
+        """SB3's rollout, shortened to the steps left of the budget when fewer than ``n_rollout_steps``
+        remain (``rollout_buffer.reset()`` sizes the buffer to it; PPO then trains on the shorter
+        rollout, with a smaller last minibatch when ``batch_size`` does not divide it)."""
+        left = -(-(self._total_timesteps - self.num_timesteps) // env.num_envs)
+        n_rollout_steps = max(1, min(n_rollout_steps, left))
+        rollout_buffer.buffer_size = n_rollout_steps
+        return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
 
     def train(self) -> None:
         super().train()

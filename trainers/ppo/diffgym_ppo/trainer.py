@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import random
+from collections import deque
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -73,10 +76,14 @@ class PPOTrainer:
         }
 
     def train(self, config: TrainConfig, progress: bool = True) -> Path:
+        """Train as ``config`` says; resume exactly from the run directory's latest checkpoint if it has one."""
         params = {**PPO_PARAMS, **config.algo_params}
         unknown = sorted(set(params) - set(PPO_PARAMS))
         if unknown:
             raise ValueError(f"unknown PPO algo_params {unknown}; valid: {sorted(PPO_PARAMS)}")
+        rollout = params["n_steps"] * config.num_envs
+        if rollout % params["batch_size"]:
+            raise ValueError(f"batch_size {params['batch_size']} must divide n_steps * num_envs = {rollout}")
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         with Run(config.replace(algo_params=params), progress=progress) as run:
@@ -85,9 +92,6 @@ class PPOTrainer:
             env: Any = VecMonitor(venv)
             if params["normalize_reward"]:
                 env = VecNormalize(env, norm_obs=False, norm_reward=True, gamma=params["gamma"])
-            rollout = params["n_steps"] * config.num_envs
-            if rollout % params["batch_size"]:
-                raise ValueError(f"batch_size {params['batch_size']} must divide n_steps * num_envs = {rollout}")
             model = SpecPPO(
                 SpecActorCriticPolicy, env,
                 learning_rate=config.optimizer.lr,
@@ -99,8 +103,13 @@ class PPOTrainer:
                 **{k: v for k, v in params.items() if k != "normalize_reward"},
             )
             model.set_logger(Logger(folder=None, output_formats=[_RunWriter(run, model)]))
-            callback = _RunCallback(run, config, model)
-            model.learn(total_timesteps=config.total_env_steps, callback=callback, log_interval=1)
+            saved = run.load_latest_checkpoint(require=RESUME_KEYS)
+            if saved is not None:
+                restore(model, env, saved)
+                run.resume_from(model.num_timesteps)
+            callback = _RunCallback(run, config, model, resumed=saved is not None)
+            model.learn(total_timesteps=max(0, config.total_env_steps - model.num_timesteps), callback=callback,
+                        log_interval=1, reset_num_timesteps=saved is None)
             model.save(run.dir / "sb3_model.zip")
             if isinstance(env, VecNormalize):
                 env.save(str(run.dir / "vec_normalize.pkl"))
@@ -108,16 +117,110 @@ class PPOTrainer:
             return run.dir
 
 
-def checkpoint(model: SpecPPO, config: TrainConfig) -> dict[str, Any]:
-    """The shared checkpoint keys (``actor_critic``, ``normalizer``, ``config``, step counts) + PPO's optimizer."""
+def policy_snapshot(model: SpecPPO, config: TrainConfig) -> dict[str, Any]:
+    """The shared checkpoint keys every trainer saves (``actor_critic``, ``normalizer``, ``config``, step
+    counts): what ``diffgym.load_policy`` needs, not enough to resume training."""
     return {
         "actor_critic": model.policy.actor_critic.state_dict(),
         "normalizer": model.policy.normalizer.state_dict(),
-        "optimizer": model.policy.optimizer.state_dict(),
         "config": config.to_dict(),
         "env_steps": int(model.num_timesteps),
         "grad_steps": int(model.grad_steps),
     }
+
+
+RESUME_KEYS = ("optimizer", "sb3", "envs", "rng")
+"""What a checkpoint holds beyond :func:`policy_snapshot` when training can resume from it."""
+
+
+def checkpoint(model: SpecPPO, config: TrainConfig) -> dict[str, Any]:
+    """:func:`policy_snapshot`, PPO's optimizer, and everything else an exact resume needs (see
+    :func:`restore`). Taken at an update boundary: the rollout buffer is empty then."""
+    env = model.get_env()
+    logger = model.logger
+    return {
+        **policy_snapshot(model, config),
+        "optimizer": model.policy.optimizer.state_dict(),
+        "sb3": {
+            "n_updates": model._n_updates,
+            "episode_num": model._episode_num,
+            "last_obs": np.array(model._last_obs, copy=True),
+            "last_episode_starts": np.array(model._last_episode_starts, copy=True),
+            "ep_info_buffer": list(model.ep_info_buffer or []),
+            "ep_success_buffer": list(model.ep_success_buffer or []),
+            # the last update's train/* values: SB3 logs them with the next rollout's statistics
+            "pending_log": (dict(logger.name_to_value), dict(logger.name_to_count), dict(logger.name_to_excluded)),
+        },
+        "envs": _wrapper_states(env),
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                **({"cuda": torch.cuda.get_rng_state(model.device)} if model.device.type == "cuda" else {})},
+    }
+
+
+def restore(model: SpecPPO, env: Any, saved: dict[str, Any]) -> None:
+    """Put a freshly built ``model`` (and its ``env`` stack) into the state of a :func:`checkpoint`, so
+    that ``model.learn(..., reset_num_timesteps=False)`` continues exactly as the saved run would have:
+    the policy, normalizer and Adam state, the step and update counts, SB3's current observations and
+    episode statistics, the pending log values, the envs (simulator state, reset streams, monitor and
+    reward-normalization statistics) and the torch, NumPy and Python RNGs (action noise, minibatches)."""
+    policy = model.policy
+    policy.actor_critic.load_state_dict(saved["actor_critic"])
+    policy.normalizer.load_state_dict(saved["normalizer"])
+    policy.optimizer.load_state_dict(saved["optimizer"])
+    model.num_timesteps, model.grad_steps = int(saved["env_steps"]), int(saved["grad_steps"])
+    sb3 = saved["sb3"]
+    model._n_updates, model._episode_num = int(sb3["n_updates"]), int(sb3["episode_num"])
+    model._last_obs = np.array(sb3["last_obs"], copy=True)
+    model._last_episode_starts = np.array(sb3["last_episode_starts"], copy=True)
+    # learn(reset_num_timesteps=False) keeps existing episode buffers and does not reset the envs
+    model.ep_info_buffer = deque(sb3["ep_info_buffer"], maxlen=model._stats_window_size)
+    model.ep_success_buffer = deque(sb3["ep_success_buffer"], maxlen=model._stats_window_size)
+    values, counts, excluded = sb3["pending_log"]
+    model.logger.name_to_value.update(values)
+    model.logger.name_to_count.update(counts)
+    model.logger.name_to_excluded.update(excluded)
+    _load_wrapper_states(env, saved["envs"])
+    if isinstance(env, VecNormalize):
+        model._last_original_obs = env.get_original_obs()
+    rng = saved["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if model.device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], model.device)
+
+
+def _wrapper_states(env: Any) -> dict[str, Any]:
+    """The state of each layer of the env stack: VecNormalize's return statistics, VecMonitor's running
+    episodes, the native envs."""
+    states: dict[str, Any] = {}
+    while True:
+        if isinstance(env, VecNormalize):
+            states["vec_normalize"] = {"ret_rms": copy.deepcopy(env.ret_rms), "returns": env.returns.copy(),
+                                       "old_obs": np.array(env.old_obs, copy=True)}
+        elif isinstance(env, VecMonitor):
+            states["monitor"] = {"returns": env.episode_returns.copy(), "lengths": env.episode_lengths.copy(),
+                                 "count": env.episode_count}
+        elif isinstance(env, DiffGymVecEnv):
+            states["native"] = env.state_dict()
+            return states
+        env = env.venv
+
+
+def _load_wrapper_states(env: Any, states: dict[str, Any]) -> None:
+    while True:
+        if isinstance(env, VecNormalize):
+            saved = states["vec_normalize"]
+            env.ret_rms = copy.deepcopy(saved["ret_rms"])
+            env.returns, env.old_obs = saved["returns"].copy(), np.array(saved["old_obs"], copy=True)
+        elif isinstance(env, VecMonitor):
+            saved = states["monitor"]
+            env.episode_returns, env.episode_lengths = saved["returns"].copy(), saved["lengths"].copy()
+            env.episode_count = saved["count"]
+        elif isinstance(env, DiffGymVecEnv):
+            env.load_state_dict(states["native"])
+            return
+        env = env.venv
 
 
 class _RunWriter(KVWriter):
@@ -137,29 +240,51 @@ class _RunWriter(KVWriter):
 
 
 class _RunCallback(BaseCallback):
-    """Progress bar every step; deterministic evaluation + checkpoint every ``eval_every_env_steps``."""
+    """Progress bar every step; deterministic evaluations on the requested interval; checkpoints.
 
-    def __init__(self, run: Run, config: TrainConfig, model: SpecPPO):
+    Evaluations happen at env step 0, at every multiple of ``eval_every_env_steps`` (at the first vector
+    step at or past it), and at the end. A multiple reached inside a rollout is evaluated there, with the
+    policy of the last update (the one acting at that env step), and its parameters are saved as a
+    :func:`policy_snapshot`; one reached by a rollout's last step is evaluated after the update on that
+    rollout. PPO's full state can only be saved between rollouts, so each evaluation is also followed by
+    a resumable checkpoint at the next update boundary (and at the end).
+    """
+
+    def __init__(self, run: Run, config: TrainConfig, model: SpecPPO, resumed: bool):
         super().__init__()
         self.run, self.config, self.ppo = run, config, model
-        self.next_eval = 0
-        self.last_eval = -1
+        steps = int(model.num_timesteps)
+        # a resumed run's checkpoint follows every evaluation up to its env steps
+        self.last_eval = self.last_checkpoint = steps if resumed else -1
+        self.next_eval = (steps // config.eval_every_env_steps + 1) * config.eval_every_env_steps if resumed else 0
 
     def _on_training_start(self) -> None:
-        self._evaluate()
+        if self.last_eval < 0:
+            self._evaluate()
+            self._checkpoint()
 
     def _on_step(self) -> bool:
-        self.run.progress(self.num_timesteps)
+        steps = self.ppo.num_timesteps
+        self.run.progress(steps)
+        last_step_of_rollout = self.locals["n_steps"] + 1 >= self.locals["n_rollout_steps"]
+        if steps >= self.next_eval and not last_step_of_rollout:
+            self._evaluate()
+            # the evaluated parameters, for diffgym eval / load_policy; a resume passes over this snapshot
+            self.run.save_checkpoint(policy_snapshot(self.ppo, self.config), steps)
         return True
 
     def _on_rollout_start(self) -> None:
         # The policy has now been trained on every collected step: an update boundary (protocol.md).
-        if self.num_timesteps >= self.next_eval:
+        if self.ppo.num_timesteps >= self.next_eval:
             self._evaluate()
+        if self.last_eval > self.last_checkpoint:
+            self._checkpoint()
 
     def _on_training_end(self) -> None:
         if self.ppo.num_timesteps != self.last_eval:
             self._evaluate()
+        if self.ppo.num_timesteps != self.last_checkpoint:
+            self._checkpoint()
 
     def _evaluate(self) -> None:
         policy = self.ppo.policy
@@ -168,7 +293,10 @@ class _RunCallback(BaseCallback):
                                  self.config.seed, env_kwargs=self.config.env_options())
         env_steps = int(self.ppo.num_timesteps)
         self.run.log(env_steps, self.ppo.grad_steps, **result)
-        self.run.save_checkpoint(checkpoint(self.ppo, self.config), env_steps)
         self.last_eval = env_steps
         every = self.config.eval_every_env_steps
         self.next_eval = (env_steps // every + 1) * every
+
+    def _checkpoint(self) -> None:
+        self.run.save_checkpoint(checkpoint(self.ppo, self.config), self.ppo.num_timesteps)
+        self.last_checkpoint = int(self.ppo.num_timesteps)

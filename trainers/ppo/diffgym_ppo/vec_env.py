@@ -71,6 +71,39 @@ class DiffGymVecEnv(VecEnv):
     def close(self) -> None:
         self.venv.close()
 
+    # ------------------------------------------------------------------------- checkpoint / resume
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that decides the envs' future: the simulator state (step counters included) and,
+        per env, the seed and episode index its next automatic reset draws its start state from."""
+        venv = self._native()
+        if venv._seed is None:
+            raise RuntimeError("reset() the envs before saving their state")
+        return {"state": venv.get_state().tensors(), "seed": venv._seed.clone(), "episode": venv._episode.clone(),
+                "needs_reset": venv._needs_reset.clone()}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Put the envs back where :meth:`state_dict` found them; seeds passed to ``seed()`` are dropped
+        (they would restart the episodes on the next reset)."""
+        venv = self._native()
+        device = venv.sim.device
+        venv.set_state(venv.sim.state_type(*(t.to(device) for t in saved["state"])))
+        venv._seed = saved["seed"].to(device)
+        venv._episode = saved["episode"].to(device)
+        venv._needs_reset = saved["needs_reset"].to(device)
+        self._reset_seeds()
+        self._reset_options()
+
+    def _native(self) -> Any:
+        # The reset seeds and episode counters are the native vector env's own (no public accessor), and
+        # it reseeds per env from them on every automatic reset: without them a resumed run would
+        # start other episodes than an uninterrupted one.
+        venv = self.venv.unwrapped
+        if not all(hasattr(venv, name) for name in ("get_state", "set_state", "sim", "_seed", "_episode",
+                                                    "_needs_reset")):
+            raise TypeError("saving and restoring the envs needs DiffGym's native vector env, got "
+                            f"{type(venv).__name__}")
+        return venv
+
     # ------------------------------------------------------------- attributes (shared by all envs)
     def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
         """The batched env has one Python object for all envs: every index sees the same attribute."""
