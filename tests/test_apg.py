@@ -18,8 +18,8 @@ from diffgym.plugins import load_trainer, resolve_config
 from diffgym.training import TrainConfig
 
 from diffgym_apg import BOOTSTRAP_MODES, MonteCarloReturns, segment_actor_loss, td_lambda_targets
-from diffgym_apg.train import (AdaptiveSegmentLength, APGParams, EnvBatch, Learner, apg_update, policy_gradient,
-                               train, unroll)
+from diffgym.training.rollout import EnvBatch, unroll
+from diffgym_apg.train import AdaptiveSegmentLength, APGParams, Learner, apg_update, policy_gradient, train
 
 POINT_MASS = "DiffGym/PointMass1D-v0"
 

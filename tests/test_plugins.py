@@ -53,7 +53,7 @@ def test_doc_plugin_is_discovered_and_trains_through_the_cli(doc_plugin, tmp_pat
     run_dir = tmp_path / "run"
     code = cli.main(["train", "--algo", "short-horizon", "--env", ENV_ID, "--total-env-steps", "640",
                      "--eval-every-env-steps", "320", "--eval-episodes", "4", "--num-envs", "8",
-                     "--param", "horizon=20", "--run-dir", str(run_dir), "--no-progress"])
+                     "--horizon", "20", "--run-dir", str(run_dir), "--no-progress"])
     assert code == 0 and f"run directory: {run_dir}" in capsys.readouterr().out
     config = TrainConfig.load(run_dir / "config.yaml")
     assert (config.algo, config.algo_params, config.num_envs) == ("short-horizon", {"horizon": 20}, 8)

@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffgym import SimState
-from diffgym.training import (ActorCritic, ObservationNormalizer, Run, TrainConfig, clip_gradients,
-                              evaluate_policy, make_optimizer)
+from diffgym.training import ActorCritic, ObservationNormalizer, Run, TrainConfig, clip_gradients, make_optimizer
 from diffgym.training.evaluation import train_env_seed
 from diffgym.training.gradients import (hybrid_weight, leave_one_out_baseline, per_env_analytic_gradients,
                                         per_env_likelihood_gradients, returns_to_go, sample_statistics,
                                         surrogate_for_adjoints)
+from diffgym.training.rollout import EnvBatch, EvaluationCadence, evaluate_and_checkpoint, unroll
+from diffgym.training.rollout import Rollout as Segment  # APG's rollouts are its segments
 from diffgym.training.spec import from_dict
 
 from diffgym_apg.losses import MonteCarloReturns, segment_actor_loss, td_lambda_targets
@@ -39,11 +39,6 @@ BOOTSTRAP_MODES = ("none", "mc", "critic")
 ESTIMATORS = ("analytic", "likelihood", "hybrid")
 """How the policy gradient is estimated from a segment: through the simulator (first order), by the
 likelihood ratio (zeroth order, REINFORCE with a baseline), or their alpha-order combination."""
-
-_RESET_SEED_LOW = 2**30
-"""Episodes after the first draw their reset seeds from [2^30, 2^31): disjoint from the evaluation
-seeds and the first episodes' seeds (``diffgym.training.evaluation``) of any run seed below ~10^4."""
-
 
 @dataclasses.dataclass
 class APGParams:
@@ -177,58 +172,6 @@ class AdaptiveSegmentLength:
         self.analytic_variance, self.likelihood_variance = saved["analytic_variance"], saved["likelihood_variance"]
 
 
-class EnvBatch:
-    """The N training envs as a tensor state, advanced with ``differentiable_step``.
-
-    Finished episodes restart in the batch through the vector env's masked reset
-    (``reset(seed=..., options={"reset_mask": done})``), spliced in with :meth:`SimState.where`. The
-    trainer draws every new episode's seed from its own generator, so the batch (state, observations,
-    seed generator) is saved in checkpoints and a resumed run restarts exactly the same episodes.
-    """
-
-    def __init__(self, venv: gym.vector.VectorEnv, seed: int, device: torch.device):
-        self.venv, self.device = venv, device
-        self.num_envs = venv.num_envs
-        self.seeds = np.random.default_rng(seed)
-        obs, _ = venv.reset(seed=seed)  # env i starts from seed + i (seed = train_env_seed(config.seed))
-        self.state: SimState = venv.get_state()
-        self.obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
-        self.episode_return = torch.zeros(self.num_envs, dtype=torch.float64, device=device)
-        self.episode_length = torch.zeros(self.num_envs, dtype=torch.int64, device=device)
-
-    def restart_finished(self, state: SimState, obs: torch.Tensor, done: torch.Tensor
-                         ) -> tuple[SimState, torch.Tensor]:
-        """``(state, obs)`` with every ``done`` env replaced by a fresh episode (no gradient there)."""
-        if not bool(done.any()):
-            return state, obs
-        done_np = done.cpu().numpy()
-        new_seeds = iter(self.seeds.integers(_RESET_SEED_LOW, 2**31, size=int(done_np.sum())).tolist())
-        seeds = [next(new_seeds) if d else None for d in done_np]
-        fresh_obs, _ = self.venv.reset(seed=seeds, options={"reset_mask": done_np})
-        fresh_obs = torch.as_tensor(fresh_obs, dtype=obs.dtype, device=obs.device)
-        return state.where(done, self.venv.get_state()), torch.where(done[:, None], fresh_obs, obs)
-
-    def record(self, reward: torch.Tensor, done: torch.Tensor) -> list[float]:
-        """Accumulate undiscounted episode returns; return those of the episodes that just ended."""
-        self.episode_return += reward.detach().double()
-        self.episode_length += 1
-        finished = self.episode_return[done].tolist()
-        self.episode_return[done] = 0.0
-        self.episode_length[done] = 0
-        return finished
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"state": self.state.detach().tensors(), "obs": self.obs, "seeds": self.seeds.bit_generator.state,
-                "episode_return": self.episode_return, "episode_length": self.episode_length}
-
-    def load_state_dict(self, saved: dict[str, Any]) -> None:
-        self.state = type(self.state)(*(t.to(self.device) for t in saved["state"]))
-        self.obs = saved["obs"].to(self.device)
-        self.seeds.bit_generator.state = saved["seeds"]
-        self.episode_return = saved["episode_return"].to(self.device)
-        self.episode_length = saved["episode_length"].to(self.device)
-
-
 @dataclasses.dataclass
 class Learner:
     """Everything APG optimizes: the shared actor-critic and normalizer, their optimizers, the target
@@ -295,67 +238,6 @@ class Learner:
         self.masked_envs = int(saved.get("masked_envs", 0))
         if self.segment_schedule is not None and saved.get("segment_schedule"):
             self.segment_schedule.load_state_dict(saved["segment_schedule"])
-
-
-@dataclasses.dataclass
-class Segment:
-    """What one unrolled segment leaves for the loss and the value targets; time-major ``(K, N, ...)``."""
-
-    start_obs: torch.Tensor
-    """Detached observations each step started from (the value network's inputs)."""
-    rewards: torch.Tensor
-    """Differentiable rewards."""
-    next_obs: torch.Tensor
-    """Differentiable observations each step led to, before any reset (where tails are evaluated)."""
-    terminated: torch.Tensor
-    truncated: torch.Tensor
-    diverged: torch.Tensor
-    """(N,) bool: the env's state stopped being finite somewhere in the segment."""
-    finished_returns: list[float]
-    """Undiscounted returns of the episodes that ended in this segment."""
-    actions: list[torch.Tensor]
-    """The K differentiable action tensors (N, A): where the action adjoints are read."""
-    obs_normalized: torch.Tensor
-    """Detached normalized observations the actions were drawn on."""
-    noise: torch.Tensor
-    """The standard-normal draws of the reparameterized actions."""
-    pre_squash: torch.Tensor
-    """Detached Gaussian samples before the squash (the likelihood ratio's ``u``)."""
-
-
-def unroll(model: ActorCritic, normalizer: ObservationNormalizer, envs: EnvBatch, steps: int
-           ) -> tuple[Segment, SimState, torch.Tensor]:
-    """Roll the batch forward ``steps`` steps with reparameterized actions, restarting finished
-    episodes; return the segment and the (still differentiable) state and observation it ends in."""
-    state, obs = envs.state, envs.obs
-    start_obs, rewards, next_obs, terminated, truncated, finished = [], [], [], [], [], []
-    actions, obs_normalized, noises, pre_squashes = [], [], [], []
-    diverged_any = torch.zeros(envs.num_envs, dtype=torch.bool, device=envs.device)
-    for _ in range(steps):
-        obs_norm = normalizer(obs)
-        action, pre_squash, noise = model.sample(obs_norm)
-        out = envs.venv.differentiable_step(state, action)
-        # An env whose observation is no longer finite has diverged: it ends like a termination (no
-        # tail) and restarts; policy_gradient leaves the env's whole segment out of the update.
-        diverged = ~torch.isfinite(out.obs).all(dim=1) | ~torch.isfinite(out.reward)
-        diverged_any |= diverged
-        step_obs = torch.where(diverged[:, None], torch.zeros_like(out.obs), out.obs)
-        start_obs.append(obs.detach())
-        rewards.append(out.reward)
-        next_obs.append(step_obs)  # before any reset: the tail value of a truncated episode uses it
-        terminated.append(out.terminated | diverged)
-        truncated.append(out.truncated & ~terminated[-1])
-        actions.append(action)
-        obs_normalized.append(obs_norm.detach())
-        noises.append(noise)
-        pre_squashes.append(pre_squash.detach())
-        done = terminated[-1] | truncated[-1]
-        finished += envs.record(torch.where(diverged, torch.zeros_like(out.reward), out.reward), done)
-        state, obs = envs.restart_finished(out.state, step_obs, done)
-    segment = Segment(torch.stack(start_obs), torch.stack(rewards), torch.stack(next_obs),
-                      torch.stack(terminated), torch.stack(truncated), diverged_any, finished, actions,
-                      torch.stack(obs_normalized), torch.stack(noises), torch.stack(pre_squashes))
-    return segment, state, obs
 
 
 def policy_gradient(learner: Learner, segment: Segment, params: APGParams) -> dict[str, float]:
@@ -545,9 +427,6 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     torch.manual_seed(config.seed)
     venv = gym.make_vec(config.env_id, num_envs=config.num_envs, vectorization_mode="vector_entry_point",
                         **config.env_options())
-    for method in ("get_state", "differentiable_step"):
-        if not hasattr(venv, method):
-            raise TypeError(f"{config.env_id}'s vector env has no {method}(): APG needs DiffGym's tensor API")
     obs_dim = int(np.prod(venv.single_observation_space.shape))
     act_dim = int(np.prod(venv.single_action_space.shape))
     if (params.adaptive or params.estimator == "hybrid") and config.num_envs < 3:
@@ -567,32 +446,25 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
                 torch.cuda.set_rng_state(saved["cuda_rng"], device)
             env_steps, grad_steps = int(saved["env_steps"]), int(saved["grad_steps"])
             run.resume_from(env_steps)
-        next_eval = (env_steps // config.eval_every_env_steps + 1) * config.eval_every_env_steps
+        cadence = EvaluationCadence(config, env_steps)
 
         def evaluate() -> None:
-            def act(obs: np.ndarray) -> np.ndarray:
-                obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
-                return learner.model.act(learner.normalizer(obs_t), deterministic=True).cpu().numpy()
-
-            run.log(env_steps, grad_steps, **evaluate_policy(act, config.env_id, config.eval_episodes,
-                                                             config.seed, config.env_options()))
-            run.save_checkpoint({**learner.state_dict(), "envs": envs.state_dict(),
-                                 "torch_rng": torch.get_rng_state(), "env_steps": env_steps,
-                                 **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-                                 "grad_steps": grad_steps, "config": run.config.to_dict()}, env_steps)
+            resume = {**learner.state_dict(), "envs": envs.state_dict(), "torch_rng": torch.get_rng_state(),
+                      **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+            evaluate_and_checkpoint(run, learner.model, learner.normalizer, env_steps, grad_steps, resume)
+            cadence.evaluated(env_steps)
 
         if saved is None:
             evaluate()  # the untrained policy: the first point of every learning curve
-        while env_steps < config.total_env_steps:
+        while not cadence.finished(env_steps):
             # A segment ends at the next evaluation point or the budget, whichever comes first, so the run
             # evaluates on the requested interval and stops at the budget (in whole vector steps: past it
             # by fewer than num_envs env steps when num_envs does not divide it).
-            stop = min(next_eval, config.total_env_steps)
-            stats = apg_update(learner, envs, params, config, max_steps=-(-(stop - env_steps) // config.num_envs))
+            stats = apg_update(learner, envs, params, config,
+                               max_steps=cadence.steps_to_next(env_steps, config.num_envs))
             env_steps += config.num_envs * int(stats["segment_length"])
             grad_steps += 1
             run.log(env_steps, grad_steps, **stats)
-            if env_steps >= next_eval or env_steps >= config.total_env_steps:
+            if cadence.due(env_steps):
                 evaluate()
-                next_eval = (env_steps // config.eval_every_env_steps + 1) * config.eval_every_env_steps
         return run.dir

@@ -1,0 +1,212 @@
+"""What every trainer that steps DiffGym's tensor API needs, written once.
+
+* :class:`EnvBatch`: the N training envs as a tensor state, with finished episodes restarted in the
+  batch (masked reset) from seeds the trainer draws, so checkpoints restart exactly the same episodes.
+* :func:`unroll`: K steps of reparameterized actions through ``differentiable_step``; the
+  :class:`Rollout` it returns holds the differentiable rewards, observations and actions (where
+  analytic gradients are read) and the detached inputs the likelihood ratio and value fits need.
+* :class:`EvaluationCadence` and :func:`evaluate_and_checkpoint`: evaluation at env step 0, at every
+  multiple of ``eval_every_env_steps`` and at the budget, each followed by a checkpoint with the keys
+  every tool reads (``docs/protocol.md``, ``docs/plugins.md``).
+
+APG (``trainers/apg``) and the minimal trainer of ``docs/plugins.md`` are built from these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from diffgym.core.state import SimState
+from diffgym.training.evaluation import evaluate_policy
+from diffgym.training.networks import ActorCritic
+from diffgym.training.normalization import ObservationNormalizer
+from diffgym.training.run import Run
+from diffgym.training.spec import TrainConfig
+
+RESET_SEED_LOW = 2**30
+"""Episodes after the first draw their reset seeds from [2^30, 2^31): disjoint from the evaluation
+seeds and the first episodes' seeds (``diffgym.training.evaluation``) of any run seed below ~10^4."""
+
+
+class EnvBatch:
+    """The N training envs as a tensor state, advanced with ``differentiable_step``.
+
+    Finished episodes restart in the batch through the vector env's masked reset
+    (``reset(seed=..., options={"reset_mask": done})``), spliced in with :meth:`SimState.where`. The
+    batch draws every new episode's seed from its own generator, so its :meth:`state_dict` (state,
+    observations, seed generator, running returns) is all a checkpoint needs to restart the same
+    episodes on resume.
+    """
+
+    def __init__(self, venv: gym.vector.VectorEnv, seed: int, device: torch.device):
+        for method in ("get_state", "differentiable_step"):
+            if not hasattr(venv, method):
+                raise TypeError(f"the vector env has no {method}(): EnvBatch needs DiffGym's tensor API "
+                                f"(gym.make_vec(..., vectorization_mode='vector_entry_point'))")
+        self.venv, self.device = venv, device
+        self.num_envs = venv.num_envs
+        self.seeds = np.random.default_rng(seed)
+        obs, _ = venv.reset(seed=seed)  # env i starts from seed + i (seed = train_env_seed(config.seed))
+        self.state: SimState = venv.get_state()
+        self.obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
+        self.episode_return = torch.zeros(self.num_envs, dtype=torch.float64, device=device)
+        self.episode_length = torch.zeros(self.num_envs, dtype=torch.int64, device=device)
+
+    def restart_finished(self, state: SimState, obs: torch.Tensor, done: torch.Tensor
+                         ) -> tuple[SimState, torch.Tensor]:
+        """``(state, obs)`` with every ``done`` env replaced by a fresh episode (no gradient there)."""
+        if not bool(done.any()):
+            return state, obs
+        done_np = done.cpu().numpy()
+        new_seeds = iter(self.seeds.integers(RESET_SEED_LOW, 2**31, size=int(done_np.sum())).tolist())
+        seeds = [next(new_seeds) if d else None for d in done_np]
+        fresh_obs, _ = self.venv.reset(seed=seeds, options={"reset_mask": done_np})
+        fresh_obs = torch.as_tensor(fresh_obs, dtype=obs.dtype, device=obs.device)
+        return state.where(done, self.venv.get_state()), torch.where(done[:, None], fresh_obs, obs)
+
+    def record(self, reward: torch.Tensor, done: torch.Tensor) -> list[float]:
+        """Accumulate undiscounted episode returns; return those of the episodes that just ended."""
+        self.episode_return += reward.detach().double()
+        self.episode_length += 1
+        finished = self.episode_return[done].tolist()
+        self.episode_return[done] = 0.0
+        self.episode_length[done] = 0
+        return finished
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": self.state.detach().tensors(), "obs": self.obs, "seeds": self.seeds.bit_generator.state,
+                "episode_return": self.episode_return, "episode_length": self.episode_length}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.state = type(self.state)(*(t.to(self.device) for t in saved["state"]))
+        self.obs = saved["obs"].to(self.device)
+        self.seeds.bit_generator.state = saved["seeds"]
+        self.episode_return = saved["episode_return"].to(self.device)
+        self.episode_length = saved["episode_length"].to(self.device)
+
+
+@dataclasses.dataclass
+class Rollout:
+    """What one unroll leaves for a loss and for value targets; time-major ``(K, N, ...)``."""
+
+    start_obs: torch.Tensor
+    """Detached observations each step started from (the value network's inputs)."""
+    rewards: torch.Tensor
+    """Differentiable rewards."""
+    next_obs: torch.Tensor
+    """Differentiable observations each step led to, before any reset (where tails are evaluated)."""
+    terminated: torch.Tensor
+    truncated: torch.Tensor
+    diverged: torch.Tensor
+    """(N,) bool: the env's state stopped being finite somewhere in the rollout."""
+    finished_returns: list[float]
+    """Undiscounted returns of the episodes that ended in this rollout."""
+    actions: list[torch.Tensor]
+    """The K differentiable action tensors (N, A): where the action adjoints are read."""
+    obs_normalized: torch.Tensor
+    """Detached normalized observations the actions were drawn on."""
+    noise: torch.Tensor
+    """The standard-normal draws of the reparameterized actions."""
+    pre_squash: torch.Tensor
+    """Detached Gaussian samples before the squash (the likelihood ratio's ``u``)."""
+
+    @property
+    def done(self) -> torch.Tensor:
+        """(K, N) bool: the step ended its episode (the next step belongs to a fresh one)."""
+        return self.terminated | self.truncated
+
+
+def unroll(model: ActorCritic, normalizer: ObservationNormalizer, envs: EnvBatch, steps: int
+           ) -> tuple[Rollout, SimState, torch.Tensor]:
+    """Roll the batch forward ``steps`` steps with reparameterized actions, restarting finished
+    episodes; return the rollout and the (still differentiable) state and observation it ends in.
+
+    The batch itself is not advanced: assign ``envs.state, envs.obs`` from the returned pair (detached
+    to cut the graph) when the update is done. An env whose observation or reward stops being finite
+    has diverged: its step counts as a termination (no tail), it restarts, and ``Rollout.diverged``
+    marks it so the trainer can leave it out of the update.
+    """
+    state, obs = envs.state, envs.obs
+    start_obs, rewards, next_obs, terminated, truncated, finished = [], [], [], [], [], []
+    actions, obs_normalized, noises, pre_squashes = [], [], [], []
+    diverged_any = torch.zeros(envs.num_envs, dtype=torch.bool, device=envs.device)
+    for _ in range(steps):
+        obs_norm = normalizer(obs)
+        action, pre_squash, noise = model.sample(obs_norm)
+        out = envs.venv.differentiable_step(state, action)
+        diverged = ~torch.isfinite(out.obs).all(dim=1) | ~torch.isfinite(out.reward)
+        diverged_any |= diverged
+        step_obs = torch.where(diverged[:, None], torch.zeros_like(out.obs), out.obs)
+        start_obs.append(obs.detach())
+        rewards.append(out.reward)
+        next_obs.append(step_obs)  # before any reset: the tail value of a truncated episode uses it
+        terminated.append(out.terminated | diverged)
+        truncated.append(out.truncated & ~terminated[-1])
+        actions.append(action)
+        obs_normalized.append(obs_norm.detach())
+        noises.append(noise)
+        pre_squashes.append(pre_squash.detach())
+        done = terminated[-1] | truncated[-1]
+        finished += envs.record(torch.where(diverged, torch.zeros_like(out.reward), out.reward), done)
+        state, obs = envs.restart_finished(out.state, step_obs, done)
+    rollout = Rollout(torch.stack(start_obs), torch.stack(rewards), torch.stack(next_obs),
+                      torch.stack(terminated), torch.stack(truncated), diverged_any, finished, actions,
+                      torch.stack(obs_normalized), torch.stack(noises), torch.stack(pre_squashes))
+    return rollout, state, obs
+
+
+class EvaluationCadence:
+    """When a trainer evaluates (and checkpoints): env step 0 of a fresh run, every multiple of
+    ``eval_every_env_steps`` and the budget (``docs/protocol.md``). Trainers end their updates at
+    these points (:meth:`steps_to_next`), so the curves of every trainer share their x values."""
+
+    def __init__(self, config: TrainConfig, env_steps: int = 0):
+        self.every, self.budget = config.eval_every_env_steps, config.total_env_steps
+        # a fresh run evaluates its untrained policy first; a resumed one continues after its checkpoint
+        self.next_eval = 0 if env_steps == 0 else self._after(env_steps)
+
+    def _after(self, env_steps: int) -> int:
+        return (env_steps // self.every + 1) * self.every
+
+    def steps_to_next(self, env_steps: int, num_envs: int) -> int:
+        """Vector steps (of ``num_envs`` env steps) until the next evaluation point or the budget,
+        rounded up: at least 1."""
+        return max(1, -(-(min(self.next_eval, self.budget) - env_steps) // num_envs))
+
+    def due(self, env_steps: int) -> bool:
+        """An evaluation point or the budget has been reached; call :meth:`evaluated` after it."""
+        return env_steps >= self.next_eval or env_steps >= self.budget
+
+    def evaluated(self, env_steps: int) -> None:
+        self.next_eval = self._after(env_steps)
+
+    def finished(self, env_steps: int) -> bool:
+        return env_steps >= self.budget
+
+
+def evaluate_and_checkpoint(run: Run, model: ActorCritic, normalizer: ObservationNormalizer, env_steps: int,
+                            grad_steps: int, extra: dict[str, Any] | None = None,
+                            act: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, float]:
+    """Evaluate the deterministic policy ``squash(actor(normalize(obs)))`` on the run's held-out seeds
+    (with the run's task arguments), log the row, and checkpoint the evaluated parameters with the keys
+    every tool reads (``actor_critic``, ``normalizer``, ``config``, ``env_steps``, ``grad_steps``) plus
+    ``extra`` (what the trainer needs to resume). ``act`` replaces the policy if given."""
+    config = run.config
+    device = next(model.parameters()).device
+
+    def deterministic(obs: np.ndarray) -> np.ndarray:
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
+        return model.act(normalizer(obs_t), deterministic=True).cpu().numpy()
+
+    result = evaluate_policy(act or deterministic, config.env_id, config.eval_episodes, config.seed,
+                             config.env_options())
+    run.log(env_steps, grad_steps, **result)
+    run.save_checkpoint({"actor_critic": model.state_dict(), "normalizer": normalizer.state_dict(),
+                         **(extra or {}), "config": config.to_dict(), "env_steps": env_steps,
+                         "grad_steps": grad_steps}, env_steps)
+    return result
