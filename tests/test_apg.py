@@ -3,6 +3,7 @@ mode on every registered task, exact resume, NaN robustness, the CLI, and (slow)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -286,13 +287,14 @@ class PoisonedEnv:
     def differentiable_step(self, state, action):
         out = self.venv.differentiable_step(state, action)
         if self.poison == "nan_gradient":
-            out.reward = _NaNGradient.apply(out.reward)
+            out = dataclasses.replace(out, reward=_NaNGradient.apply(out.reward))
         elif self.poison == "nan_reward":
-            out.reward = out.reward + torch.where(torch.arange(self.num_envs) == 1, math.nan, 0.0)
+            out = dataclasses.replace(
+                out, reward=out.reward + torch.where(torch.arange(self.num_envs) == 1, math.nan, 0.0))
         elif self.poison == "nan_obs":  # env 0 diverges: NaN observation and reward
             bad = (torch.arange(self.num_envs) == 0)[:, None]
-            out.obs = torch.where(bad, math.nan, out.obs)
-            out.reward = torch.where(bad[:, 0], math.nan, out.reward)
+            out = dataclasses.replace(out, obs=torch.where(bad, math.nan, out.obs),
+                                      reward=torch.where(bad[:, 0], math.nan, out.reward))
         return out
 
 

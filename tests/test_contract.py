@@ -10,8 +10,18 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import diffgym
 from diffgym import SimState, StepOutput
+from diffgym.core.bridge import debug_outputs
 
 TASKS = diffgym.TASK_IDS
+
+
+@pytest.fixture(autouse=True)
+def sentinel_filled_outputs():
+    """Every contract test runs in the bridge's debug mode: kernel outputs start as sentinels and each
+    launch checks they were all overwritten, so an output a task leaves unwritten on any path these
+    tests reach fails here (rather than returning whatever ``torch.empty`` held)."""
+    with debug_outputs():
+        yield
 
 
 def random_actions(env, steps, seed=0):
@@ -35,6 +45,9 @@ def test_spaces_and_registration(env_id):
     spec = gym.spec(env_id)
     assert spec.max_episode_steps and spec.reward_threshold is not None and spec.vector_entry_point
     env = gym.make(env_id)
+    # one horizon: Gymnasium's TimeLimit, the single env's sim and the vector env's sim
+    assert env.unwrapped.sim.max_episode_steps == spec.max_episode_steps
+    assert gym.make_vec(env_id, num_envs=2).sim.max_episode_steps == spec.max_episode_steps
     assert env.action_space.dtype == np.float32 and env.observation_space.dtype == np.float32
     assert np.all(env.action_space.low == -1) and np.all(env.action_space.high == 1)
     assert "rgb_array" in env.metadata["render_modes"] and env.metadata["render_fps"] > 0

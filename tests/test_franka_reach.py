@@ -82,8 +82,9 @@ def test_step_dynamics_observation_reward_and_info():
 def test_joint_limits_clip_positions_and_gradients():
     sim = FrankaReach()
     state = random_state(1, seed=3)
-    state = state.replace(q=state.q.clone())
-    state.q[0, 3] = UPPER[3] - 0.01  # joint 4 just below its upper limit, pushed further up
+    q = state.q.clone()
+    q[0, 3] = UPPER[3] - 0.01  # joint 4 just below its upper limit, pushed further up
+    state = state.replace(q=q)
     action = torch.full((1, 7), 0.5, requires_grad=True)
     out = sim.step(state, action)
     assert out.state.q[0, 3] == UPPER[3]

@@ -9,7 +9,6 @@ ratio sees that pushing right pays.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -24,12 +23,10 @@ from diffgym.core.state import SimState
 ENV_ID = "DiffGymTest/StepReward-v0"
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, frozen=True)
 class StepRewardState(SimState):
     x: torch.Tensor
     step: torch.Tensor
-
-    shapes: ClassVar = {"x": (), "step": ()}
 
 
 @wp.struct

@@ -12,14 +12,21 @@ kernel's Warp-generated adjoint. Warp's gradient-ownership rules are honoured by
 Kernel calling convention: ``kernel(*inputs, *params, *outputs)`` where inputs and outputs are
 arrays (torch tensors here; the Warp dtype comes from the kernel's annotation, so a ``(B, 2)`` tensor
 feeds a ``wp.array(dtype=wp.vec2)``) and params are scalars or Warp structs that carry no gradient.
+
+Debug mode (``DIFFGYM_DEBUG_OUTPUTS=1`` in the environment, or :func:`debug_outputs`): outputs are
+filled with a sentinel (a NaN with a DiffGym payload for float32, the int32 minimum for int32) instead
+of ``torch.empty``, and every launch checks that the kernel overwrote every element, raising
+:class:`UnwrittenOutputError` naming the kernel and the argument otherwise. Without it an output a
+kernel forgets to write comes back as whatever the allocator had in that memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import warp as wp
@@ -31,6 +38,65 @@ class Out:
 
     shape: tuple[int, ...]
     dtype: torch.dtype = torch.float32
+
+
+# A quiet NaN whose payload no arithmetic produces (Warp and torch produce the canonical 0x7FC00000),
+# so "still holds the sentinel" means "never written", not "computed NaN".
+_FLOAT32_SENTINEL_BITS = 0x7FC0D1FF
+
+_debug_outputs = os.environ.get("DIFFGYM_DEBUG_OUTPUTS", "") not in ("", "0")
+
+
+class UnwrittenOutputError(RuntimeError):
+    """Debug mode found an output element that a kernel launch did not write."""
+
+
+def debug_outputs_enabled() -> bool:
+    """Whether outputs are sentinel-filled and checked (see the module docstring)."""
+    return _debug_outputs
+
+
+@contextlib.contextmanager
+def debug_outputs(enabled: bool = True) -> Iterator[None]:
+    """Within the block, fill kernel outputs with sentinels and raise if a launch leaves any unwritten."""
+    global _debug_outputs
+    previous, _debug_outputs = _debug_outputs, enabled
+    try:
+        yield
+    finally:
+        _debug_outputs = previous
+
+
+def _allocate(spec: Out, device: torch.device, debug: bool) -> torch.Tensor:
+    if not debug:
+        return torch.empty(spec.shape, dtype=spec.dtype, device=device)
+    if spec.dtype == torch.float32:
+        return torch.full(spec.shape, _FLOAT32_SENTINEL_BITS, dtype=torch.int32, device=device).view(torch.float32)
+    if spec.dtype.is_floating_point:
+        return torch.full(spec.shape, float("nan"), dtype=spec.dtype, device=device)
+    return torch.full(spec.shape, torch.iinfo(spec.dtype).min, dtype=spec.dtype, device=device)
+
+
+def _unwritten(tensor: torch.Tensor) -> torch.Tensor:
+    """Per-element mask of sentinels left in a debug-mode output."""
+    if tensor.dtype == torch.float32:
+        return tensor.view(torch.int32) == _FLOAT32_SENTINEL_BITS
+    if tensor.is_floating_point():
+        return torch.isnan(tensor)
+    return tensor == torch.iinfo(tensor.dtype).min
+
+
+def _check_written(kernel, outputs: Sequence[torch.Tensor], first_output: int) -> None:
+    args = kernel.adj.args
+    for j, tensor in enumerate(outputs):
+        mask = _unwritten(tensor)
+        if bool(mask.any()):
+            rows = mask.reshape(mask.shape[0], -1).any(dim=1) if mask.dim() else mask.reshape(1)
+            bad = rows.nonzero().flatten().tolist()
+            raise UnwrittenOutputError(
+                f"kernel {kernel.key}: output argument {first_output + j} '{args[first_output + j].label}' was left "
+                f"unwritten in {len(bad)} of {rows.numel()} rows (batch entries {bad[:8]}); a kernel must write every "
+                f"output element on every path (DIFFGYM_DEBUG_OUTPUTS)")
 
 
 @lru_cache(maxsize=None)
@@ -62,7 +128,8 @@ class _KernelFunction(torch.autograd.Function):
     def forward(ctx, kernel, dim: int, params: tuple, out_specs: tuple[Out, ...], *inputs: torch.Tensor):
         device = inputs[0].device
         inputs = tuple(t.contiguous() for t in inputs)
-        outputs = tuple(torch.empty(s.shape, dtype=s.dtype, device=device) for s in out_specs)
+        debug = _debug_outputs
+        outputs = tuple(_allocate(s, device, debug) for s in out_specs)
         arg_types = [arg.type for arg in kernel.adj.args]
         n_in, n_params = len(inputs), len(params)
         wp_inputs = [_as_warp(t, arg_types[i]) for i, t in enumerate(inputs)]
@@ -70,6 +137,8 @@ class _KernelFunction(torch.autograd.Function):
         with _stream_scope(device):
             wp.launch(kernel, dim=dim, inputs=wp_inputs + list(params), outputs=wp_outputs,
                       device=warp_device(device))
+        if debug:
+            _check_written(kernel, outputs, n_in + n_params)
 
         ctx.kernel, ctx.dim, ctx.params, ctx.n_in = kernel, dim, params, n_in
         ctx.save_for_backward(*inputs, *outputs)  # also guards against in-place edits before backward

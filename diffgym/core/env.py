@@ -3,12 +3,14 @@ for all N envs). Both expose the tensor API ``get_state`` / ``set_state`` / ``di
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
+from gymnasium.envs.registration import EnvSpec
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
@@ -95,6 +97,25 @@ class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
         self._state = None
         self._seed: torch.Tensor | None = None
         self._episode = torch.zeros(1, dtype=torch.int32, device=self.sim.device)
+
+    @property
+    def spec(self) -> EnvSpec | None:  # type: ignore[override]
+        return self.__dict__.get("_spec")
+
+    @spec.setter
+    def spec(self, spec: EnvSpec | None) -> None:
+        # gym.make attaches the spec after construction. Gymnasium's TimeLimit truncates at the registered
+        # max_episode_steps and the sim at its own (differentiable_step's `truncated`): reject a
+        # registration whose two horizons differ rather than let the two faces of the task disagree.
+        registered = gym.registry.get(spec.id) if spec is not None else None
+        horizon = registered.max_episode_steps if registered is not None else None
+        if horizon is not None and horizon != self.sim.max_episode_steps:
+            raise ValueError(
+                f"{spec.id}: registered max_episode_steps={horizon} (Gymnasium's TimeLimit) but "
+                f"{type(self.sim).__name__} truncates at {self.sim.max_episode_steps}; register with "
+                f"diffgym.register_task, which passes the horizon to the simulator, or add "
+                f"kwargs={{'max_episode_steps': {horizon}}} to gym.register")
+        self.__dict__["_spec"] = spec
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
@@ -204,7 +225,7 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
                 resetting = self._needs_reset
                 if bool(resetting.any()):
                     fresh_state = self._reset_masked(resetting)
-                    out.state = out.state.where(resetting, fresh_state)
+                    out = dataclasses.replace(out, state=out.state.where(resetting, fresh_state))
                     obs = torch.where(resetting[:, None], self.sim.observe(fresh_state), obs)
                     reward = reward.masked_fill(resetting, 0.0)
                     terminated, truncated = terminated & ~resetting, truncated & ~resetting
@@ -221,7 +242,7 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
                     infos["_final_info"] = done_np
                     infos["final_obs"], infos["_final_obs"] = final_obs, done_np
                     fresh_state = self._reset_masked(done)
-                    out.state = out.state.where(done, fresh_state)
+                    out = dataclasses.replace(out, state=out.state.where(done, fresh_state))
                     obs = torch.where(done[:, None], self.sim.observe(fresh_state), obs)
         self._state = out.state
         # As in Gymnasium: an env that was reset this step reports its (empty) reset info at the top level

@@ -10,12 +10,15 @@ import numpy as np
 import torch
 
 from diffgym.core.bridge import Out, warp_call
+from diffgym.core.contract import FieldSpec, check_sim_class
 from diffgym.core.state import SimState
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, frozen=True)
 class StepOutput:
-    """What ``differentiable_step`` returns; every field is a batch-first torch tensor."""
+    """What ``differentiable_step`` returns; every field is a batch-first torch tensor.
+
+    Frozen like the state: derive a modified output with ``dataclasses.replace(out, reward=...)``."""
 
     state: SimState
     """The next state; its float fields are differentiable functions of the inputs."""
@@ -40,15 +43,19 @@ class DiffSim:
 
     A task subclass declares (see ``docs/adding_a_task.md``):
 
-    * ``state_type``: its :class:`SimState` dataclass, with per-env field ``shapes``; the last field is
-      ``step`` (the int32 step count), every other field is float32;
+    * ``state_type``: its frozen :class:`SimState` dataclass; the last field is ``step`` (the int32 step
+      count), every other field is float32;
     * ``obs_dim``, ``act_dim``, ``dt``, ``default_max_episode_steps``;
-    * three Warp kernels whose array arguments follow the state's field order:
+    * three Warp kernels whose array arguments are *named* after the state's fields, in its order:
       ``reset_kernel(seed, episode, params, *state_out)``,
       ``observe_kernel(*state, params, obs_out)`` and
       ``step_kernel(*state, action, params, *next_state_out, obs, reward, terminated, success)``,
-      where ``params`` is ``self.params`` (a ``wp.struct`` of the task's constants);
+      where ``params`` is ``self.params`` (a ``wp.struct`` of the task's constants) and ``next_state_out``
+      are the field names with ``_next`` appended;
     * ``render_state(state, index) -> np.ndarray`` (an RGB frame of one env).
+
+    Defining a subclass checks this contract (:mod:`diffgym.core.contract`) and derives each field's
+    per-env shape from the kernels' Warp types into ``state_type.shapes``.
 
     ``step`` clips actions to [-1, 1] (``torch.clamp``: gradient 1 inside the box, 0 outside).
     """
@@ -67,6 +74,17 @@ class DiffSim:
     params: Any
     """The ``wp.struct`` of constants passed to every kernel; set by the subclass's ``__init__``."""
 
+    _field_specs: ClassVar[dict[str, FieldSpec]]
+    """Per-env shape and dtype of each state field, derived from the kernels when the class is defined."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        specs = check_sim_class(cls)
+        if specs is not None:  # None: an intermediate class without kernels yet
+            cls._field_specs = specs
+            # check_state reads the shapes from the state type; a declared ``shapes`` was checked equal
+            cls.state_type.shapes = {name: spec.shape for name, spec in specs.items()}
+
     def __init__(self, device: str | torch.device = "cpu", max_episode_steps: int | None = None):
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
@@ -74,9 +92,7 @@ class DiffSim:
         self.max_episode_steps = int(max_episode_steps or self.default_max_episode_steps)
         if self.max_episode_steps <= 0:
             raise ValueError(f"max_episode_steps must be positive, got {self.max_episode_steps}")
-        self._fields = self.state_type.field_names()
-        if self._fields[-1] != "step":
-            raise TypeError(f"{self.state_type.__name__}'s last field must be the int32 'step' counter")
+        self._fields = self.state_type.field_names()  # the contract check ensured the last one is 'step'
 
     # ----------------------------------------------------------------------------- pure API
     def reset(self, seed: torch.Tensor, episode: torch.Tensor) -> SimState:
@@ -153,6 +169,4 @@ class DiffSim:
 
     # ----------------------------------------------------------------------------- helpers
     def _state_specs(self, batch: int) -> list[Out]:
-        shapes = self.state_type.shapes
-        return [Out((batch, *shapes[name]), torch.int32 if name == "step" else torch.float32)
-                for name in self._fields]
+        return [Out((batch, *self._field_specs[name].shape), self._field_specs[name].dtype) for name in self._fields]

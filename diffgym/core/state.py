@@ -10,18 +10,22 @@ import torch
 S = TypeVar("S", bound="SimState")
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, frozen=True)
 class SimState:
-    """Base class of every task's state (Brax-style, immutable by convention).
+    """Base class of every task's state (Brax-style, immutable).
 
-    A task subclasses it with one field per physical quantity, each a tensor whose first dimension is
-    the batch (``B``; 1 for a single env). Float fields carry gradients through
-    ``differentiable_step``; integer fields (step counters) do not. Methods return new states and
-    never modify ``self``.
+    A task subclasses it, declared ``@dataclasses.dataclass(eq=False, frozen=True)``, with one field per
+    physical quantity, each a tensor whose first dimension is the batch (``B``; 1 for a single env).
+    Float fields carry gradients through ``differentiable_step``; integer fields (step counters) do
+    not. Assigning a field raises ``dataclasses.FrozenInstanceError``: methods return new states
+    (``replace``, ``where``, ...), so a state recorded in an autograd graph or held by an env is never
+    changed behind its back. (Frozen covers the fields, not the tensors' contents: do not write into
+    a state's tensors in place either.)
     """
 
     shapes: ClassVar[dict[str, tuple[int, ...]]] = {}
-    """Per-env shape of each field, e.g. ``{"pos": (2,), "step": ()}``; set by every subclass."""
+    """Per-env shape of each field, e.g. ``{"pos": (2,), "step": ()}``; derived from the task's kernels
+    when its ``DiffSim`` subclass is defined (see ``diffgym.core.contract``)."""
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -43,6 +47,7 @@ class SimState:
         return type(self)(*(fn(t) for t in self.tensors()))
 
     def replace(self: S, **fields: torch.Tensor) -> S:
+        """A new state with the given fields swapped in (``dataclasses.replace``); ``self`` is unchanged."""
         return dataclasses.replace(self, **fields)
 
     def detach(self: S) -> S:

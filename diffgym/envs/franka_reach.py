@@ -50,7 +50,7 @@ GOAL_HIGH = (0.7, 0.3, 0.6)
 """The box [m, base frame] goals are drawn from uniformly."""
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, frozen=True)
 class FrankaReachState(SimState):
     q: torch.Tensor
     """(B, 7) joint positions [rad], within the FR3 position limits."""
@@ -58,8 +58,6 @@ class FrankaReachState(SimState):
     """(B, 3) goal position [m] in the robot base frame."""
     step: torch.Tensor
     """(B,) int32 control steps taken this episode."""
-
-    shapes: ClassVar = {"q": (7,), "goal": (3,), "step": ()}
 
 
 @wp.struct

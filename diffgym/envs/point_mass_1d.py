@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -15,7 +14,7 @@ from diffgym.core.sim import DiffSim
 from diffgym.core.state import SimState
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, frozen=True)
 class PointMass1DState(SimState):
     x: torch.Tensor
     """(B,) position [m]."""
@@ -25,8 +24,6 @@ class PointMass1DState(SimState):
     """(B,) goal position [m]."""
     step: torch.Tensor
     """(B,) int32 control steps taken this episode."""
-
-    shapes: ClassVar = {"x": (), "v": (), "goal": (), "step": ()}
 
 
 @wp.struct

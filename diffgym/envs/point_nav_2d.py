@@ -7,7 +7,6 @@ the dynamics stay differentiable everywhere and the step kernel's Warp adjoint i
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -57,7 +56,7 @@ _ObstacleMatrix = wp.types.matrix(shape=(NUM_OBSTACLES, 3), dtype=wp.float32)
 OBS_DIM = 6 + 3 * NUM_OBSTACLES
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, frozen=True)
 class PointNav2DState(SimState):
     pos: torch.Tensor
     """(B, 2) position [m]."""
@@ -67,8 +66,6 @@ class PointNav2DState(SimState):
     """(B, 2) goal position [m]."""
     step: torch.Tensor
     """(B,) int32 control steps taken this episode."""
-
-    shapes: ClassVar = {"pos": (2,), "vel": (2,), "goal": (2,), "step": ()}
 
 
 @wp.struct

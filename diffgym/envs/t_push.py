@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -72,7 +71,7 @@ GOAL_POSITION = (0.0, 0.0)
 GOAL_ANGLE = math.pi / 4
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, frozen=True)
 class TPushState(SimState):
     pusher_pos: torch.Tensor
     """(B, 2) pusher centre [m]."""
@@ -88,9 +87,6 @@ class TPushState(SimState):
     """(B,) block angular velocity [rad/s]."""
     step: torch.Tensor
     """(B,) int32 control steps taken this episode."""
-
-    shapes: ClassVar = {"pusher_pos": (2,), "pusher_vel": (2,), "block_pos": (2,), "block_angle": (),
-                        "block_vel": (2,), "block_angvel": (), "step": ()}
 
 
 @wp.struct
