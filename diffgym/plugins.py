@@ -103,11 +103,23 @@ def load_trainer(name: str) -> Trainer:
     return trainer
 
 
+def check_task(env_id: str) -> None:
+    """A one-line ``ValueError`` naming the registered DiffGym tasks if ``env_id`` is not registered."""
+    import gymnasium as gym
+
+    try:
+        gym.spec(env_id)
+    except gym.error.Error as error:
+        known = ", ".join(e for e in gym.registry if e.startswith("DiffGym/"))
+        raise ValueError(f"unknown task {env_id!r} ({error}); DiffGym tasks: {known}") from None
+
+
 def resolve_config(algo: str, env_id: str, overrides: Mapping[str, Any] | None = None,
                    base: TrainConfig | None = None) -> TrainConfig:
     """The config ``diffgym train`` runs: ``TrainConfig`` defaults, then the trainer's per-task
     defaults (its budgets and ``algo_params``), the task's shared specs (``task_specs``), then ``base`` (e.g. a ``--config`` file) when given, then dotted-key ``overrides``."""
     trainer = load_trainer(algo)
+    check_task(env_id)
     if base is None:
         defaults = dict(trainer.default_config(env_id) or {})
         owned = [section for section in SHARED_SECTIONS if section in defaults]
@@ -117,4 +129,24 @@ def resolve_config(algo: str, env_id: str, overrides: Mapping[str, Any] | None =
         config = TrainConfig.from_dict({**defaults, **shared_specs(env_id), "algo": algo, "env_id": env_id})
     else:
         config = base.replace(algo=algo, env_id=env_id)
-    return config.with_overrides(overrides or {})
+    config = config.with_overrides(overrides or {})
+    _check_algo_params(trainer, env_id, overrides or {})
+    if config.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {config.device!r} requested, but torch {torch.__version__} sees no CUDA GPU; "
+                             "use --device cpu")
+    return config
+
+
+def _check_algo_params(trainer: Trainer, env_id: str, overrides: Mapping[str, Any]) -> None:
+    """A misspelt hyperparameter is an error, not a silently ignored key: every ``algo_params`` key an
+    override sets must be one the trainer's per-task defaults list (as the protocol asks them to)."""
+    known = set(dict(trainer.default_config(env_id) or {}).get("algo_params", {}) or {})
+    if not known:
+        return  # a trainer that lists none: nothing to check against
+    unknown = sorted(key.split(".", 1)[1] for key in overrides
+                     if key.startswith("algo_params.") and key.split(".", 1)[1] not in known)
+    if unknown:
+        raise ValueError(f"unknown algo_params {unknown} for trainer {trainer.name!r}; it has: {', '.join(sorted(known))}")

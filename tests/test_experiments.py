@@ -295,3 +295,28 @@ def test_sweep_workers_exit_when_their_parent_dies():
         for pid in workers:  # on failure, do not leave them behind
             if not _exited(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--algo", "fast_algo", "--env", "Nope-v0"], "unknown task 'Nope-v0'"),
+    (["train", "--algo", "fast_algo", "--env", ENV, "--param", "segment_lenght=4"], "unknown algo_params"),
+    (["train", "--algo", "fast_algo", "--env", ENV, "--device", "banana"], "device must be 'cpu' or 'cuda"),
+    (["compare", "--env", ENV, "--algos", "fast_algo,nope", "--env-steps", "1e3"], "no trainer plugin named 'nope'"),
+    (["compare", "--env", ENV, "--algos", "fast_algo", "--env-steps", "1e3", "--baseline", "x"], "baseline 'x'"),
+    (["ablate", "--env", "Nope-v0", "--algo", "fast_algo", "--grid", "bootstrap=none", "--env-steps", "1e3"],
+     "unknown task"),
+    (["tune", "--env", ENV, "--algo", "fast_algo", "--trials", "1", "--env-steps", "1e3"], "no suggest_hyperparams"),
+])
+def test_user_errors_are_one_line_before_any_run(argv, message, trainers, tmp_path, monkeypatch, capsys):
+    """Wrong task, misspelt hyperparameter, bad device, unknown trainer or role: one line naming what was
+    expected (exit status 2 from `train`, SystemExit from the sweeps), and no run directory is made."""
+    from diffgym.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(argv + (["--no-progress"] if argv[0] == "train" else []))
+        text = capsys.readouterr().err
+    except SystemExit as stop:
+        code, text = 2, str(stop)
+    assert code == 2 and message in text and len(text.strip().splitlines()) == 1, text
+    assert not (tmp_path / "runs").exists()

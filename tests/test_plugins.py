@@ -108,17 +108,20 @@ def test_cli_print_config_applies_flags_sets_and_params(monkeypatch, capsys, tmp
     plugins.register_trainer("echo", _EchoTrainer())
     assert cli.main(["train", "--algo", "echo", "--env", ENV_ID, "--seed", "3", "--total-env-steps", "2e5",
                      "--set", "optimizer.lr=1e-3", "--set", "policy.hidden_sizes=[32, 32]",
-                     "--param", "alpha=0.5", "--param", "gamma=null", "--print-config"]) == 0
+                     "--param", "alpha=0.5", "--param", "beta=null", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["seed"] == 3 and printed["total_env_steps"] == 200_000
     assert printed["optimizer"]["lr"] == 1e-3 and printed["policy"]["hidden_sizes"] == [32, 32]
-    assert printed["algo_params"] == {"alpha": 0.5, "beta": "x", "gamma": None}
+    assert printed["algo_params"] == {"alpha": 0.5, "beta": None}
     saved = tmp_path / "c.yaml"
     TrainConfig.from_dict(printed).save(saved)
     assert cli.main(["train", "--algo", "echo", "--env", ENV_ID, "--config", str(saved), "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out) == printed
     assert cli.main(["train", "--algo", "echo", "--env", ENV_ID, "--set", "optimizer.lrr=1", "--print-config"]) == 2
     assert "unknown config key 'optimizer.lrr'" in capsys.readouterr().err
+    # a hyperparameter the trainer's defaults do not list is a typo, not a new setting
+    assert cli.main(["train", "--algo", "echo", "--env", ENV_ID, "--param", "gamma=0.9", "--print-config"]) == 2
+    assert "unknown algo_params ['gamma'] for trainer 'echo'; it has: alpha, beta" in capsys.readouterr().err
 
 
 def test_shared_specs_come_from_diffgym_for_every_trainer(monkeypatch):

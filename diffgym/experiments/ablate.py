@@ -23,7 +23,7 @@ import numpy as np
 
 from diffgym.experiments.report import SUCCESS_THRESHOLD, group, load_run, threshold_table
 from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
-from diffgym.plugins import resolve_config
+from diffgym.plugins import check_task, resolve_config
 from diffgym.training.spec import TrainConfig, task_name
 
 def parse_values(text: str, env_id: str) -> list[Any]:
@@ -164,8 +164,13 @@ def main(args: argparse.Namespace) -> int:
         if not default:
             raise SystemExit(f"diffgym ablate: trainer {args.algo!r} has no ablation_grid; give --grid KEY=V1,V2")
         pairs = [f"{key}={values}" for key, values in default.items()]
-    grid = parse_grid(pairs, args.env)
     out = Path(args.out or Path("runs") / "ablate" / task_name(args.env))
+    try:  # unknown task, trainer or setting: one line, before any run starts
+        check_task(args.env)
+        grid = parse_grid(pairs, args.env)
+        grid_configs(args.env, grid, args.seeds, args.env_steps, out, args.algo)
+    except (KeyError, ValueError) as error:
+        raise SystemExit(f"diffgym ablate: {error.args[0] if error.args else error}")
     report = ablate(args.env, grid, args.seeds, args.env_steps, out, args.algo, LocalRunner(args.workers),
                     args.threshold)
     print(report.read_text().split("\n![")[0])

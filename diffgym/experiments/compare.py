@@ -32,17 +32,23 @@ def compare_configs(env_id: str, algos: Sequence[str], seeds: int, env_steps: in
     return configs
 
 
-def compare(env_id: str, algos: Sequence[str], seeds: int, env_steps: int, out_dir: str | Path,
-            runner: Runner | None = None, eval_every: int | None = None,
-            threshold: float = SUCCESS_THRESHOLD, baseline: str | None = None, contender: str | None = None) -> Path:
-    """Every algorithm x seed through ``runner``, then the report; ratios ``baseline/contender`` (by
-    default the last and the first of ``algos``)."""
+def ratio_roles(algos: Sequence[str], baseline: str | None, contender: str | None) -> tuple[str, str]:
+    """``(baseline, contender)`` of the cost ratios: by default the last and the first algorithm."""
     if not algos:
         raise ValueError("compare needs at least one algorithm")
     baseline, contender = baseline or algos[-1], contender or algos[0]
     for role, name in (("baseline", baseline), ("contender", contender)):
         if name not in algos:
             raise ValueError(f"the {role} {name!r} is not one of the compared algorithms {list(algos)}")
+    return baseline, contender
+
+
+def compare(env_id: str, algos: Sequence[str], seeds: int, env_steps: int, out_dir: str | Path,
+            runner: Runner | None = None, eval_every: int | None = None,
+            threshold: float = SUCCESS_THRESHOLD, baseline: str | None = None, contender: str | None = None) -> Path:
+    """Every algorithm x seed through ``runner``, then the report; ratios ``baseline/contender`` (by
+    default the last and the first of ``algos``)."""
+    baseline, contender = ratio_roles(algos, baseline, contender)
     configs = compare_configs(env_id, algos, seeds, env_steps, out_dir, eval_every)
     save_sweep(configs, Path(out_dir) / "sweep.jsonl")
     run_dirs = (runner or LocalRunner()).run(configs)
@@ -58,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per algorithm (0..S-1)")
     parser.add_argument("--env-steps", type=lambda s: int(float(s)), required=True,
                         help="env-step budget of every run (e.g. 1e6)")
-    parser.add_argument("--eval-every", type=int, default=None, help="env steps between evaluations (budget/20)")
+    parser.add_argument("--eval-every", type=lambda s: int(float(s)), default=None,
+                        help="env steps between evaluations (default budget/20, e.g. 5e3)")
     parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPU count)")
     parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")
     parser.add_argument("--out", default=None, help="output directory (default runs/compare/<task>)")
@@ -66,11 +73,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / "compare" / task_name(args.env))
-    try:
-        report = compare(args.env, [a for a in args.algos.split(",") if a], args.seeds, args.env_steps, out,
-                         LocalRunner(args.workers), args.eval_every, args.threshold, args.baseline, args.contender)
-    except ValueError as error:
-        raise SystemExit(f"diffgym compare: {error}")
+    algos = [a for a in args.algos.split(",") if a]
+    try:  # unknown task or trainer, bad setting: one line, before any run starts
+        ratio_roles(algos, args.baseline, args.contender)
+        compare_configs(args.env, algos, args.seeds, args.env_steps, out, args.eval_every)
+    except (KeyError, ValueError) as error:
+        raise SystemExit(f"diffgym compare: {error.args[0] if error.args else error}")
+    report = compare(args.env, algos, args.seeds, args.env_steps, out, LocalRunner(args.workers), args.eval_every,
+                     args.threshold, args.baseline, args.contender)
     print(report.read_text().split("\n![")[0])
     print(f"\nreport: {report}\nplots:  {sorted(str(p) for p in report.parent.glob('*.png'))}")
     return 0

@@ -196,6 +196,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / "tune" / f"{args.algo}__{task_name(args.env)}")
+    try:  # unknown task or trainer, or a trainer without a search space: one line, before any trial
+        resolve_config(args.algo, args.env)
+        if not hasattr(load_trainer(args.algo), "suggest_hyperparams"):
+            raise ValueError(f"trainer {args.algo!r} has no suggest_hyperparams(trial, env_id): nothing to tune")
+    except (KeyError, TypeError, ValueError) as error:
+        raise SystemExit(f"diffgym tune: {error.args[0] if error.args else error}")
     runner = LocalRunner(args.workers)
     report = tune(args.env, args.algo, args.trials, args.env_steps, out, runner, args.metric, args.seed,
                   args.eval_every)

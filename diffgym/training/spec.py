@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
+import torch
 import yaml
 
 ACTIVATIONS = ("tanh", "relu", "elu", "gelu", "silu")
@@ -129,6 +130,12 @@ class TrainConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.algo_params = dict(self.algo_params)
+        try:
+            device_type = torch.device(self.device).type
+        except (RuntimeError, TypeError):
+            device_type = None
+        if device_type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         self.env_kwargs = dict(self.env_kwargs)
         for reserved in ("device", "num_envs", "render_mode"):
             if reserved in self.env_kwargs:
