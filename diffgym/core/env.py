@@ -80,7 +80,13 @@ def _info_numpy(sim: DiffSim, out: StepOutput) -> dict[str, np.ndarray]:
 
 
 class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
-    """Single-env Gymnasium face of a task (batch 1). Subclasses set ``sim_class`` and a docstring."""
+    """Single-env Gymnasium face of a task (batch 1). Subclasses set ``sim_class`` and a docstring.
+
+    Like every Gymnasium env, it leaves truncation to the ``TimeLimit`` wrapper that ``gym.make`` adds
+    (the registered horizon, or ``gym.make(id, max_episode_steps=H)``; ``-1`` for none). The sim's
+    ``max_episode_steps`` (the registered horizon unless passed to the constructor) only sets
+    ``differentiable_step``'s ``truncated``.
+    """
 
     sim_class: ClassVar[type[DiffSim]]
     metadata: ClassVar[dict[str, Any]] = {"render_modes": ["rgb_array"], "render_fps": 20}
@@ -117,8 +123,10 @@ class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
             out = self.sim.step(self._state, action)
         self._state = out.state
         info = {k: (v[0].item() if v.ndim == 1 else v[0]) for k, v in _info_numpy(self.sim, out).items()}
-        return (out.obs[0].cpu().numpy(), float(out.reward[0]), bool(out.terminated[0]),
-                bool(out.truncated[0]), info)
+        # Never truncated here: gym.make wraps the env in Gymnasium's TimeLimit and keeps a
+        # max_episode_steps override there without passing it on, so truncating at the sim's horizon too
+        # would cut every episode at the registered length whatever the override (issue 13).
+        return out.obs[0].cpu().numpy(), float(out.reward[0]), bool(out.terminated[0]), False, info
 
     def render(self):
         if self.render_mode != "rgb_array" or self._state is None:
