@@ -1,6 +1,6 @@
 """DiffGym/FrankaReach-v0: drive a Franka Research 3 arm's tool centre point to a goal by joint velocities.
 
-The arm's kinematics come from ``assets/fr3/fr3.urdf`` (Franka's published FR3 description), parsed at
+The arm's kinematics come from ``diffgym/assets/fr3/fr3.urdf`` (Franka's published FR3 description), parsed at
 import by :mod:`diffgym.urdf` and compiled into the step kernel; ``tests/test_urdf_pybullet.py`` checks
 them against PyBullet.
 """
@@ -25,13 +25,12 @@ FR3_TCP_LINK = "fr3_hand_tcp"
 
 
 def fr3_urdf_path() -> Path:
-    """``assets/fr3/fr3.urdf`` at the repository root (found from an editable install of DiffGym)."""
-    path = Path(__file__).resolve().parents[2] / "assets" / "fr3" / "fr3.urdf"
+    """``diffgym/assets/fr3/fr3.urdf``: package data, installed with DiffGym (wheel or editable)."""
+    path = Path(__file__).resolve().parents[1] / "assets" / "fr3" / "fr3.urdf"
     if not path.is_file():
         raise FileNotFoundError(
-            f"DiffGym/FrankaReach-v0 needs the FR3 description at {path}, which is missing. DiffGym reads "
-            f"assets/ from its source tree: install it from a checkout with `pip install -e .` and keep "
-            f"assets/fr3/fr3.urdf in place.")
+            f"DiffGym/FrankaReach-v0 needs the FR3 description at {path}, which is missing: this DiffGym "
+            f"install lacks its package data (reinstall it, or build the wheel with setuptools >= 70.1)")
     return path
 
 
@@ -256,7 +255,7 @@ class FrankaReach(DiffSim):
 class FrankaReachEnv(DiffGymEnv):
     """
     ## Description
-    A 7-DOF Franka Research 3 arm (kinematics from Franka's published URDF, `assets/fr3/fr3.urdf`) moves
+    A 7-DOF Franka Research 3 arm (kinematics from Franka's published URDF, `diffgym/assets/fr3/fr3.urdf`) moves
     its joints by velocity commands and must bring its tool centre point (TCP, 0.1034 m beyond the Franka
     Hand's flange) to a goal in front of it. The kinematics are a Warp kernel, so
     `differentiable_step` gives exact gradients of the TCP, observations and rewards with respect to the
