@@ -33,6 +33,8 @@ register_task("DiffGym/TPush-v0", "diffgym.envs.t_push:TPushEnv",
               max_episode_steps=200, reward_threshold=-20.0)
 register_task("DiffGym/FrankaReach-v0", "diffgym.envs.franka_reach:FrankaReachEnv",
               max_episode_steps=100, reward_threshold=-5.0)
+register_task("DiffGym/FrankaReachGoal-v0", "diffgym.envs.franka_reach_goal:FrankaReachGoalEnv",
+              max_episode_steps=100, reward_threshold=-15.0)  # sparse; a scripted reacher scores -8.3
 
 TASK_IDS = tuple(env_id for env_id in gym.registry if env_id.startswith("DiffGym/"))
 """Every registered DiffGym task, in registration order."""

@@ -73,6 +73,8 @@ class FrankaReachParams:
     goal_low: wp.vec3
     goal_high: wp.vec3
     distance_threshold: float
+    sparse_reward: int
+    """1: r = 0 at the goal (distance < distance_threshold), -1 elsewhere (FrankaReachGoal); 0: r = -distance."""
 
 
 @wp.func
@@ -154,7 +156,8 @@ def franka_reach_step(
     goal_next[i] = g
     step_next[i] = step[i] + 1
     _write_observation(i, qn, tcp, g, obs)
-    reward[i] = -distance
+    # sparse: -1 unless successful (distance < threshold), so r == 0 exactly when info["is_success"]
+    reward[i] = wp.where(p.sparse_reward != 0, wp.where(distance < p.distance_threshold, 0.0, -1.0), -distance)
     terminated[i] = 0
     success[i] = wp.where(distance < p.distance_threshold, 1, 0)
 
@@ -207,6 +210,7 @@ class FrankaReach(DiffSim):
         self.params.goal_low = wp.vec3(*GOAL_LOW)
         self.params.goal_high = wp.vec3(*GOAL_HIGH)
         self.params.distance_threshold = self.distance_threshold
+        self.params.sparse_reward = 0
 
     # ----------------------------------------------------------------------------- kinematics
     def forward_kinematics(self, q: torch.Tensor) -> torch.Tensor:
