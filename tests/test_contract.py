@@ -11,7 +11,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 import diffgym
 from diffgym import SimState, StepOutput
 
-TASKS = diffgym.TASK_IDS
+TASKS = diffgym.ALL_TASK_IDS
 
 
 def flat(obs) -> np.ndarray:

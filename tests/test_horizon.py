@@ -74,7 +74,7 @@ def test_no_time_limit_means_no_truncation():
 
 
 def test_every_task_honours_an_override():
-    for env_id in diffgym.TASK_IDS:
+    for env_id in diffgym.ALL_TASK_IDS:
         default = gym.spec(env_id).max_episode_steps
         env = gym.make(env_id, max_episode_steps=default + 3)
         assert episode_length(env) == default + 3, env_id

@@ -63,8 +63,8 @@ SMOKE = textwrap.dedent("""
     prefix = Path(sys.prefix).resolve()
     for module in (diffgym, diffgym_apg, diffgym_ppo):
         assert prefix in Path(module.__file__).resolve().parents, (module.__file__, prefix)
-    assert diffgym.TASK_IDS
-    for env_id in diffgym.TASK_IDS:
+    assert diffgym.ALL_TASK_IDS
+    for env_id in diffgym.ALL_TASK_IDS:
         env = gym.make(env_id)
         env.reset(seed=0)
         env.step(np.zeros(env.action_space.shape, np.float32))
@@ -107,6 +107,6 @@ def test_wheels_install_non_editable_and_make_every_task(tmp_path):
     env["OMP_NUM_THREADS"] = "1"
     output = run(python, "-c", SMOKE, cwd=outside, env=env)
     import diffgym
-    for env_id in diffgym.TASK_IDS:
+    for env_id in diffgym.ALL_TASK_IDS:
         assert f"made {env_id}" in output
     assert "trainer apg" in output and "trainer ppo" in output

@@ -11,7 +11,7 @@ import diffgym
 from diffgym.envs.point_nav_2d import OBSTACLES, PointNav2D
 from diffgym.envs.t_push import TPush
 
-TASKS = diffgym.TASK_IDS
+TASKS = diffgym.ALL_TASK_IDS
 
 
 def reset_state(sim, batch: int = 2):
