@@ -22,7 +22,7 @@ from diffgym.policy import Policy, load_policy
 __version__ = "0.1.0"
 
 __all__ = ["DiffGymEnv", "DiffGymVectorEnv", "DiffSim", "Out", "Policy", "SimState", "StepOutput",
-           "load_policy", "register_task", "warp_call", "TASK_IDS"]
+           "load_policy", "register_task", "warp_call", "TASK_IDS", "ALL_TASK_IDS", "GOAL_TASK_IDS"]
 
 # One line per task, in rising dynamical complexity.
 register_task("DiffGym/PointMass1D-v0", "diffgym.envs.point_mass_1d:PointMass1DEnv",
@@ -36,6 +36,12 @@ register_task("DiffGym/TPush-v1", "diffgym.envs.t_push:TPushEnv",
               max_episode_steps=400, reward_threshold=-40.0, success_distance=0.03)
 register_task("DiffGym/FrankaReach-v0", "diffgym.envs.franka_reach:FrankaReachEnv",
               max_episode_steps=100, reward_threshold=-5.0)
+register_task("DiffGym/FrankaReachGoal-v0", "diffgym.envs.franka_reach_goal:FrankaReachGoalEnv",
+              max_episode_steps=100, reward_threshold=-15.0)  # sparse; a scripted reacher scores -8.3
 
-TASK_IDS = tuple(env_id for env_id in gym.registry if env_id.startswith("DiffGym/"))
+ALL_TASK_IDS = tuple(env_id for env_id in gym.registry if env_id.startswith("DiffGym/"))
 """Every registered DiffGym task, in registration order."""
+GOAL_TASK_IDS = ("DiffGym/FrankaReachGoal-v0",)
+"""The goal-conditioned tasks: Dict observations and ``compute_reward`` (for HER), not trainer benchmarks."""
+TASK_IDS = tuple(env_id for env_id in ALL_TASK_IDS if env_id not in GOAL_TASK_IDS)
+"""The benchmark tasks (flat ``Box`` observations), which the bundled trainers and experiments run on."""

@@ -12,7 +12,14 @@ import diffgym
 from diffgym import SimState, StepOutput
 from diffgym.core.bridge import debug_outputs
 
-TASKS = diffgym.TASK_IDS
+TASKS = diffgym.ALL_TASK_IDS
+
+
+def flat(obs) -> np.ndarray:
+    """An observation as one array: a Dict observation's values concatenated in key order."""
+    if isinstance(obs, dict):
+        return np.concatenate([np.asarray(obs[key]) for key in sorted(obs)], axis=-1)
+    return np.asarray(obs)
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +55,9 @@ def test_spaces_and_registration(env_id):
     # one horizon: Gymnasium's TimeLimit, the single env's sim and the vector env's sim
     assert env.unwrapped.sim.max_episode_steps == spec.max_episode_steps
     assert gym.make_vec(env_id, num_envs=2).sim.max_episode_steps == spec.max_episode_steps
-    assert env.action_space.dtype == np.float32 and env.observation_space.dtype == np.float32
+    obs_spaces = env.observation_space.values() if isinstance(env.observation_space, gym.spaces.Dict) \
+        else [env.observation_space]
+    assert env.action_space.dtype == np.float32 and all(space.dtype == np.float32 for space in obs_spaces)
     assert np.all(env.action_space.low == -1) and np.all(env.action_space.high == 1)
     assert "rgb_array" in env.metadata["render_modes"] and env.metadata["render_fps"] > 0
 
@@ -58,11 +67,11 @@ def test_seeded_reset_and_rollout_are_deterministic(env_id):
     def rollout(seed):
         env = gym.make(env_id)
         obs, _ = env.reset(seed=seed)
-        trace = [obs]
+        trace = [flat(obs)]
         for a in random_actions(env, 20):
             obs, reward, *_ = env.step(a)
-            trace += [obs, np.float32(reward)]
-        trace.append(env.reset()[0])  # an unseeded reset continues the seeded stream
+            trace += [flat(obs), np.float32(reward)]
+        trace.append(flat(env.reset()[0]))  # an unseeded reset continues the seeded stream
         return trace
 
     a, b, c = rollout(7), rollout(7), rollout(8)
@@ -80,7 +89,7 @@ def test_step_equals_differentiable_step(env_id):
         out = sim.differentiable_step(state, torch.as_tensor(a)[None])
         obs, reward, terminated, truncated, info = env.step(a)
         assert isinstance(out, StepOutput) and isinstance(out.state, SimState)
-        np.testing.assert_array_equal(out.obs[0].numpy(), obs)
+        np.testing.assert_array_equal(flat(sim.to_gym_observation(out.obs, out.state))[0], flat(obs))
         assert out.reward[0].item() == np.float32(reward)
         assert bool(out.terminated[0]) == terminated and bool(out.success[0]) == info["is_success"]
         for x, y in zip(out.state.tensors(), sim.get_state().tensors()):
@@ -107,9 +116,9 @@ def test_set_state_round_trip(env_id):
     env.reset(seed=3)
     saved = sim.get_state()
     a = random_actions(env, 5, seed=3)
-    first = [env.step(x)[0] for x in a]
+    first = [flat(env.step(x)[0]) for x in a]
     sim.set_state(saved)
-    second = [env.step(x)[0] for x in a]
+    second = [flat(env.step(x)[0]) for x in a]
     assert all(np.array_equal(x, y) for x, y in zip(first, second))
 
 
@@ -121,13 +130,14 @@ def test_vector_env_matches_single_envs(env_id):
     assert venv.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
     envs = [gym.make(env_id, max_episode_steps=horizon) for _ in range(n)]
     vobs, _ = venv.reset(seed=10)
-    sobs = np.stack([e.reset(seed=10 + i)[0] for i, e in enumerate(envs)])
-    np.testing.assert_array_equal(vobs, sobs)
+    sobs = np.stack([flat(e.reset(seed=10 + i)[0]) for i, e in enumerate(envs)])
+    np.testing.assert_array_equal(flat(vobs), sobs)
     done = np.zeros(n, dtype=bool)
     rng = np.random.default_rng(0)
     for _ in range(steps):
         actions = rng.uniform(-1, 1, venv.action_space.shape).astype(np.float32)
         vobs, vrew, vterm, vtrunc, vinfo = venv.step(actions)
+        vobs = flat(vobs)
         for i, env in enumerate(envs):
             if done[i]:  # NEXT_STEP: this step resets the env and ignores its action
                 obs, _ = env.reset()
@@ -135,7 +145,7 @@ def test_vector_env_matches_single_envs(env_id):
             else:
                 obs, rew, term, trunc, info = env.step(actions[i])
                 succ = info["is_success"]
-            np.testing.assert_array_equal(vobs[i], obs)
+            np.testing.assert_array_equal(vobs[i], flat(obs))
             assert np.float32(vrew[i]) == np.float32(rew) and vterm[i] == term and vtrunc[i] == trunc
             assert vinfo["is_success"][i] == succ
             assert vinfo["_is_success"][i] == (not done[i])  # a resetting env has no step info
@@ -150,7 +160,7 @@ def test_vector_same_step_autoreset_and_reset_mask(env_id):
     for _ in range(3):
         obs, _, term, trunc, info = venv.step(np.zeros(venv.action_space.shape, np.float32))
     assert trunc.all() and info["_final_obs"].all()
-    assert not np.array_equal(info["final_obs"][0], obs[0])  # obs is already the next episode's
+    assert not np.array_equal(flat(info["final_obs"][0]), flat(obs)[0])  # obs is already the next episode's
     assert (venv.get_state().step == 0).all()
     venv.step(np.zeros(venv.action_space.shape, np.float32))
     before = venv.get_state()
@@ -192,7 +202,7 @@ def test_bad_actions_rejected_and_env_survives(env_id):
     # still usable, and the rejected calls changed nothing
     assert torch.equal(sim.get_state().tensors()[0], state.tensors()[0])
     obs, *_ = env.step(good)
-    assert np.isfinite(obs).all()
+    assert np.isfinite(flat(obs)).all()
 
 
 @pytest.mark.parametrize("env_id", TASKS)

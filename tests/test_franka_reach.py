@@ -155,7 +155,7 @@ def test_bad_configurations_rejected_with_clear_errors():
         sim.forward_kinematics(torch.zeros(1, 7, device="meta"))
     env.reset(seed=0)
     state = sim.get_state()
-    with pytest.raises(ValueError, match="state.q contains NaN"):
+    with pytest.raises(ValueError, match=r"^state\.q must be finite, got \[nan, .* in env 0$"):
         sim.set_state(state.replace(q=state.q.clone().fill_(math.nan)))
     with pytest.raises(ValueError, match=r"state.goal must have shape \(\d+, 3\)"):
         sim.differentiable_step(state.replace(goal=torch.zeros(1, 2)), torch.zeros(1, 7))

@@ -26,6 +26,7 @@ class _TensorAPI:
     sim: DiffSim
     _state: SimState | None
     _batch: int
+    _face: type[DiffGymEnv]
 
     def get_state(self) -> SimState:
         """A copy of the env's current state (batch 1 for the single env, N for the vector env)."""
@@ -48,6 +49,11 @@ class _TensorAPI:
         float32 tensor ``(B, act_dim)`` on the env's device, clipped to [-1, 1] (zero gradient outside).
         """
         return self.sim.step(state, action)
+
+    def to_gym_observation(self, obs: torch.Tensor, state: SimState) -> np.ndarray | dict[str, np.ndarray]:
+        """The batched Gymnasium observation (``(B, ...)`` arrays, a dict of them for a Dict space) of a
+        flat observation tensor, e.g. ``differentiable_step``'s ``out.obs`` with ``out.state``."""
+        return self._face.observations(self.sim, obs, state)
 
     def _after_set_state(self) -> None:
         pass
@@ -81,18 +87,45 @@ def _info_numpy(sim: DiffSim, out: StepOutput) -> dict[str, np.ndarray]:
     return info
 
 
+def _row(observations: np.ndarray | dict[str, np.ndarray], index: int) -> np.ndarray | dict[str, np.ndarray]:
+    """One env's observation out of a batched one."""
+    if isinstance(observations, dict):
+        return {key: value[index] for key, value in observations.items()}
+    return observations[index]
+
+
 class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
-    """Single-env Gymnasium face of a task (batch 1). Subclasses set ``sim_class`` and a docstring."""
+    """Single-env Gymnasium face of a task (batch 1). Subclasses set ``sim_class`` and a docstring.
+
+    Like every Gymnasium env, it leaves truncation to the ``TimeLimit`` wrapper that ``gym.make`` adds
+    (the registered horizon, or ``gym.make(id, max_episode_steps=H)``; ``-1`` for none). The sim's
+    ``max_episode_steps`` (the registered horizon unless passed to the constructor) only sets
+    ``differentiable_step``'s ``truncated``.
+    """
 
     sim_class: ClassVar[type[DiffSim]]
     metadata: ClassVar[dict[str, Any]] = {"render_modes": ["rgb_array"], "render_fps": 20}
+    vector_class: ClassVar[type[DiffGymVectorEnv]]
+    """The native vector env ``gym.make_vec`` builds for this task (``DiffGymVectorEnv`` by default)."""
+
+    # ------------------------------------------------------------------ observation hooks (per task face)
+    @classmethod
+    def observation_space_of(cls, sim: DiffSim) -> spaces.Space:
+        """The single-env observation space: a Box over the sim's flat observation by default."""
+        return _spaces(sim)[0]
+
+    @classmethod
+    def observations(cls, sim: DiffSim, obs: torch.Tensor, state: SimState) -> np.ndarray | dict[str, np.ndarray]:
+        """Batched Gymnasium observations of the sim's flat ``obs`` (B, obs_dim) in ``state``."""
+        return obs.detach().cpu().numpy()
 
     def __init__(self, render_mode: str | None = None, device: str = "cpu", **sim_kwargs: Any):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
         self.sim = self.sim_class(device=device, **sim_kwargs)
         self.render_mode = render_mode
-        self.observation_space, self.action_space = _spaces(self.sim)
+        self._face = type(self)
+        self.observation_space, self.action_space = self.observation_space_of(self.sim), _spaces(self.sim)[1]
         self._batch = 1
         self._state = None
         self._seed: torch.Tensor | None = None
@@ -128,7 +161,7 @@ class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
         self._state = self.sim.reset(self._seed, self._episode)
         with torch.no_grad():
             obs = self.sim.observe(self._state)
-        return obs[0].cpu().numpy(), {}
+        return _row(self.to_gym_observation(obs, self._state), 0), {}
 
     def step(self, action):
         if self._state is None:
@@ -138,8 +171,11 @@ class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
             out = self.sim.step(self._state, action)
         self._state = out.state
         info = {k: (v[0].item() if v.ndim == 1 else v[0]) for k, v in _info_numpy(self.sim, out).items()}
-        return (out.obs[0].cpu().numpy(), float(out.reward[0]), bool(out.terminated[0]),
-                bool(out.truncated[0]), info)
+        # Never truncated here: gym.make wraps the env in Gymnasium's TimeLimit and keeps a
+        # max_episode_steps override there without passing it on, so truncating at the sim's horizon too
+        # would cut every episode at the registered length whatever the override (issue 13).
+        obs = _row(self.to_gym_observation(out.obs, out.state), 0)
+        return obs, float(out.reward[0]), bool(out.terminated[0]), False, info
 
     def render(self):
         if self.render_mode != "rgb_array" or self._state is None:
@@ -158,7 +194,9 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
 
     def __init__(self, sim_class: type[DiffSim], num_envs: int, render_mode: str | None = None,
                  device: str = "cpu", autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
-                 metadata: dict | None = None, **sim_kwargs: Any):
+                 metadata: dict | None = None, face: type[DiffGymEnv] | None = None, **sim_kwargs: Any):
+        """``face`` is the task's single-env class, whose observation hooks (e.g. a Dict space) the
+        vector env shares; ``DiffGymEnv``'s flat Box by default."""
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         autoreset_mode = AutoresetMode(autoreset_mode)
@@ -170,7 +208,9 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
         self.sim = sim_class(device=device, **sim_kwargs)
         self.num_envs = self._batch = int(num_envs)
         self.render_mode = render_mode
-        self.single_observation_space, self.single_action_space = _spaces(self.sim)
+        self._face = face or DiffGymEnv
+        self.single_observation_space = self._face.observation_space_of(self.sim)
+        self.single_action_space = _spaces(self.sim)[1]
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self.autoreset_mode = autoreset_mode
@@ -210,7 +250,7 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
         self._needs_reset &= ~mask
         with torch.no_grad():
             obs = self.sim.observe(self._state)
-        return obs.cpu().numpy(), {}
+        return self.to_gym_observation(obs, self._state), {}
 
     def step(self, actions):
         if self._state is None:
@@ -235,8 +275,9 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
                 if bool(done.any()):
                     done_np = done.cpu().numpy()
                     final_obs = np.full(self.num_envs, None, dtype=object)
-                    for i, row in zip(np.flatnonzero(done_np), obs.cpu().numpy()[done_np]):
-                        final_obs[i] = row
+                    last_obs = self.to_gym_observation(obs, out.state)
+                    for i in np.flatnonzero(done_np):
+                        final_obs[i] = _row(last_obs, int(i))
                     infos["final_info"] = {**{k: v.copy() for k, v in infos.items()},
                                            **{f"_{k}": done_np.copy() for k in infos}}
                     infos["_final_info"] = done_np
@@ -250,7 +291,7 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
         for key in [k for k in infos if not k.startswith("_") and k not in ("final_obs", "final_info")]:
             infos[key][reset_now] = 0
             infos[f"_{key}"] = ~reset_now
-        return (obs.cpu().numpy(), reward.cpu().numpy(), terminated.cpu().numpy(),
+        return (self.to_gym_observation(obs, self._state), reward.cpu().numpy(), terminated.cpu().numpy(),
                 truncated.cpu().numpy(), infos)
 
     def render(self):
@@ -264,3 +305,6 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
 
     def _after_set_state(self) -> None:
         self._needs_reset.zero_()
+
+
+DiffGymEnv.vector_class = DiffGymVectorEnv

@@ -14,7 +14,8 @@ from diffgym.core.env import DiffGymVectorEnv
 def make_vector_env(env_entry_point: str, num_envs: int = 1, **kwargs: Any) -> DiffGymVectorEnv:
     """Vector entry point: the batched twin of the ``DiffGymEnv`` subclass at ``env_entry_point``."""
     env_class = load_env_creator(env_entry_point)
-    return DiffGymVectorEnv(env_class.sim_class, num_envs, metadata=env_class.metadata, **kwargs)
+    vector_class = getattr(env_class, "vector_class", DiffGymVectorEnv)
+    return vector_class(env_class.sim_class, num_envs, metadata=env_class.metadata, face=env_class, **kwargs)
 
 
 def register_task(env_id: str, entry_point: str, *, max_episode_steps: int, reward_threshold: float,

@@ -70,6 +70,10 @@ class DiffSim:
     step_kernel: ClassVar[Any]
     obs_low: ClassVar[float | np.ndarray] = -np.inf
     obs_high: ClassVar[float | np.ndarray] = np.inf
+    state_bounds: dict[str, float] = {}
+    """The task's valid domain, validated by ``check_state``: ``|x| <= bound`` for every element of each
+    named float field (every float field must also be finite). A task documents why these bounds hold
+    for every state its dynamics reach, and may check more in its own ``check_state``."""
 
     params: Any
     """The ``wp.struct`` of constants passed to every kernel; set by the subclass's ``__init__``."""
@@ -89,9 +93,11 @@ class DiffSim:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.max_episode_steps = int(max_episode_steps or self.default_max_episode_steps)
-        if self.max_episode_steps <= 0:
-            raise ValueError(f"max_episode_steps must be positive, got {self.max_episode_steps}")
+        horizon = self.default_max_episode_steps if max_episode_steps is None else max_episode_steps
+        # bool is an int subclass, and float/str horizons would silently round or parse: accept ints only
+        if isinstance(horizon, bool) or not isinstance(horizon, (int, np.integer)) or horizon <= 0:
+            raise ValueError(f"max_episode_steps must be a positive int, got {max_episode_steps!r}")
+        self.max_episode_steps = int(horizon)
         self._fields = self.state_type.field_names()  # the contract check ensured the last one is 'step'
 
     # ----------------------------------------------------------------------------- pure API
@@ -166,6 +172,27 @@ class DiffSim:
                                  f"got {tuple(tensor.shape)}")
             if tensor.device != self.device:
                 raise ValueError(f"state.{name} must be on {self.device}, got {tensor.device}")
+        self._check_domain(state)
+
+    def _check_domain(self, state: SimState) -> None:
+        """Reject non-finite float fields and fields beyond ``state_bounds`` with one line naming the
+        field and the first offending env. One host sync for the whole state when everything is valid."""
+        floats = [(name, t) for name, t in zip(self._fields, state.tensors()) if name != "step"]
+        bad = [~torch.isfinite(t) for _, t in floats]
+        bad += [t.abs() > self.state_bounds[name] for name, t in floats if name in self.state_bounds]
+        if not bad or not bool(torch.stack([b.any() for b in bad]).any()):
+            return
+        for name, tensor in floats:
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                env = int((~finite).reshape(len(tensor), -1).any(dim=1).nonzero()[0])
+                raise ValueError(f"state.{name} must be finite, got {tensor[env].tolist()} in env {env}")
+        for name, tensor in floats:
+            bound = self.state_bounds.get(name)
+            if bound is not None and bool((tensor.abs() > bound).any()):
+                env = int((tensor.abs() > bound).reshape(len(tensor), -1).any(dim=1).nonzero()[0])
+                raise ValueError(f"state.{name} must lie in [-{bound:g}, {bound:g}] (the task's valid domain), "
+                                 f"got {tensor[env].tolist()} in env {env}")
 
     # ----------------------------------------------------------------------------- helpers
     def _state_specs(self, batch: int) -> list[Out]:

@@ -1,6 +1,6 @@
 """DiffGym/FrankaReach-v0: drive a Franka Research 3 arm's tool centre point to a goal by joint velocities.
 
-The arm's kinematics come from ``assets/fr3/fr3.urdf`` (Franka's published FR3 description), parsed at
+The arm's kinematics come from ``diffgym/assets/fr3/fr3.urdf`` (Franka's published FR3 description), parsed at
 import by :mod:`diffgym.urdf` and compiled into the step kernel; ``tests/test_urdf_pybullet.py`` checks
 them against PyBullet.
 """
@@ -25,13 +25,12 @@ FR3_TCP_LINK = "fr3_hand_tcp"
 
 
 def fr3_urdf_path() -> Path:
-    """``assets/fr3/fr3.urdf`` at the repository root (found from an editable install of DiffGym)."""
-    path = Path(__file__).resolve().parents[2] / "assets" / "fr3" / "fr3.urdf"
+    """``diffgym/assets/fr3/fr3.urdf``: package data, installed with DiffGym (wheel or editable)."""
+    path = Path(__file__).resolve().parents[1] / "assets" / "fr3" / "fr3.urdf"
     if not path.is_file():
         raise FileNotFoundError(
-            f"DiffGym/FrankaReach-v0 needs the FR3 description at {path}, which is missing. DiffGym reads "
-            f"assets/ from its source tree: install it from a checkout with `pip install -e .` and keep "
-            f"assets/fr3/fr3.urdf in place.")
+            f"DiffGym/FrankaReach-v0 needs the FR3 description at {path}, which is missing: this DiffGym "
+            f"install lacks its package data (reinstall it, or build the wheel with setuptools >= 70.1)")
     return path
 
 
@@ -72,6 +71,8 @@ class FrankaReachParams:
     goal_low: wp.vec3
     goal_high: wp.vec3
     distance_threshold: float
+    sparse_reward: int
+    """1: r = 0 at the goal (distance < distance_threshold), -1 elsewhere (FrankaReachGoal); 0: r = -distance."""
 
 
 @wp.func
@@ -153,7 +154,8 @@ def franka_reach_step(
     goal_next[i] = g
     step_next[i] = step[i] + 1
     _write_observation(i, qn, tcp, g, obs)
-    reward[i] = -distance
+    # sparse: -1 unless successful (distance < threshold), so r == 0 exactly when info["is_success"]
+    reward[i] = wp.where(p.sparse_reward != 0, wp.where(distance < p.distance_threshold, 0.0, -1.0), -distance)
     terminated[i] = 0
     success[i] = wp.where(distance < p.distance_threshold, 1, 0)
 
@@ -173,6 +175,9 @@ class FrankaReach(DiffSim):
     reset_kernel = franka_reach_reset
     observe_kernel = franka_reach_observe
     step_kernel = franka_reach_step
+    # q beyond the joint limits is clamped back by the step (documented gradient); goals beyond 10 m are
+    # far outside the arm's ~1 m reach and keep every distance finite
+    state_bounds = {"q": 100.0, "goal": 10.0}
 
     chain: ClassVar[KinematicChain] = FR3
     joint_lower: ClassVar[np.ndarray] = FR3.lower.astype(np.float32)
@@ -203,6 +208,7 @@ class FrankaReach(DiffSim):
         self.params.goal_low = wp.vec3(*GOAL_LOW)
         self.params.goal_high = wp.vec3(*GOAL_HIGH)
         self.params.distance_threshold = self.distance_threshold
+        self.params.sparse_reward = 0
 
     # ----------------------------------------------------------------------------- kinematics
     def forward_kinematics(self, q: torch.Tensor) -> torch.Tensor:
@@ -217,13 +223,6 @@ class FrankaReach(DiffSim):
         return torch.cat([torch.zeros_like(frames[:, :1, :3]), frames[..., :3]], dim=1)
 
     # ----------------------------------------------------------------------------- contract hooks
-    def check_state(self, state) -> None:
-        super().check_state(state)  # types, shapes, device
-        for name in ("q", "goal"):
-            tensor = getattr(state, name)
-            if not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"state.{name} contains NaN or Inf; states must be finite")
-
     def info(self, out) -> dict[str, torch.Tensor]:
         return {"tcp": out.obs[:, 7:10], "goal": out.state.goal, "distance": -out.reward}
 
@@ -258,7 +257,7 @@ class FrankaReach(DiffSim):
 class FrankaReachEnv(DiffGymEnv):
     """
     ## Description
-    A 7-DOF Franka Research 3 arm (kinematics from Franka's published URDF, `assets/fr3/fr3.urdf`) moves
+    A 7-DOF Franka Research 3 arm (kinematics from Franka's published URDF, `diffgym/assets/fr3/fr3.urdf`) moves
     its joints by velocity commands and must bring its tool centre point (TCP, 0.1034 m beyond the Franka
     Hand's flange) to a goal in front of it. The kinematics are a Warp kernel, so
     `differentiable_step` gives exact gradients of the TCP, observations and rewards with respect to the
@@ -283,6 +282,11 @@ class FrankaReachEnv(DiffGymEnv):
     passes the gradient of `q + a v dt` unchanged when it lies within `[lower, upper]` (ends included) and
     passes none when it lies beyond, so a joint driven into its limit gets no gradient from that step
     (neither to its action nor to its earlier position). The goal does not move.
+
+    ## Valid states
+    `set_state` and `differentiable_step` accept finite states with `|q| <= 100` rad and `|goal| <= 10` m
+    per element and raise `ValueError` naming the field otherwise. A `q` outside the joint limits is
+    clamped into them by the next step, with the clip's gradient above (none beyond the limits).
 
     ## Rewards
     `r = -||tcp' - goal||` [m], the TCP position after the step.

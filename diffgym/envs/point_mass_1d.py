@@ -124,6 +124,9 @@ class PointMass1D(DiffSim):
     reset_kernel = point_mass_1d_reset
     observe_kernel = point_mass_1d_observe
     step_kernel = point_mass_1d_step
+    # Far beyond any reachable state (1e9 m takes ~9e5 steps at full force) and small enough that the
+    # squared error in the reward stays finite in float32.
+    state_bounds = {"x": 1.0e9, "v": 1.0e9, "goal": 1.0e9}
 
     def __init__(self, device: str = "cpu", max_episode_steps: int | None = None,
                  action_cost: float = 0.01, success_distance: float = 0.05, success_speed: float = 0.1):
@@ -167,6 +170,11 @@ class PointMass1DEnv(DiffGymEnv):
 
     ## Starting State
     `x ~ U(-1, 1)`, `v = 0`, `g ~ U(-1, 1)`, drawn from Warp's RNG stream `(seed, episode)`.
+
+    ## Valid states
+    `set_state` and `differentiable_step` accept finite states with `|x|, |v|, |g| <= 1e9` (beyond any
+    reachable state, and small enough that the reward stays finite in float32) and raise `ValueError`
+    naming the field otherwise.
 
     ## Episode End
     No termination. Truncation after 100 steps (5 s).

@@ -45,6 +45,16 @@ STIFFNESS = 4000.0
 """Contact spring [N/m]: a mass at the top speed of 5.66 m/s stops within v / sqrt(k/m) = 0.09 m (< every radius)."""
 DAMPING = 40.0
 """Contact damper [N s/m] (damping ratio ~0.32 at 1 kg): impacts lose energy."""
+NORMAL_CORE = 0.5
+"""Within ``NORMAL_CORE * (radius + BODY_RADIUS)`` of an obstacle's centre the contact normal shrinks
+linearly to zero instead of staying a unit vector, so its gradient is bounded there (a unit radial
+normal's grows like 1 / distance and is undefined at the centre). Unreachable from any physical state:
+the body gets there only after penetrating an obstacle by at least 0.15 m, and the spring stops it within
+0.09 m."""
+POSITION_BOUND = 10.0
+"""Valid domain: |pos|, |goal| <= 10 m per axis (the arena is [-2, 2]^2; contact keeps the body within 2.04 m)."""
+VELOCITY_BOUND = 100.0
+"""Valid domain: |vel| <= 100 m/s per axis (drag caps the speed at 5.7 m/s and contacts do not add energy)."""
 SUBSTEPS = 8
 """Semi-implicit Euler substeps per 0.05 s control step (h = 6.25 ms; omega h = 0.4 for the contact spring)."""
 
@@ -79,6 +89,7 @@ class PointNav2DParams:
     contact_smoothing: float
     body_radius: float
     arena_half_width: float
+    normal_core: float
     obstacles: _ObstacleMatrix
     penetration_weight: float
     success_distance: float
@@ -126,8 +137,10 @@ def contact_force(pos: wp.vec2, vel: wp.vec2, p: PointNav2DParams):
     for k in range(_NUM_OBSTACLES):
         offset = pos - obstacle_center(p, k)
         distance = wp.length(offset)
-        normal = offset / wp.max(distance, 1.0e-6)  # guards 0/0 at the centre, unreachable in contact
-        force = force + penalty_force(p.obstacles[k, 2] + p.body_radius - distance, normal, vel, p)
+        # the unit normal outside the (unreachable) core, shrinking to 0 at the centre: bounded gradient
+        reach = p.obstacles[k, 2] + p.body_radius
+        normal = offset / wp.max(distance, p.normal_core * reach)
+        force = force + penalty_force(reach - distance, normal, vel, p)
     limit = p.arena_half_width - p.body_radius
     force = force + penalty_force(pos[0] - limit, wp.vec2(-1.0, 0.0), vel, p)
     force = force + penalty_force(-limit - pos[0], wp.vec2(1.0, 0.0), vel, p)
@@ -278,6 +291,7 @@ class PointNav2D(DiffSim):
     reset_kernel = point_nav_2d_reset
     observe_kernel = point_nav_2d_observe
     step_kernel = point_nav_2d_step
+    state_bounds = {"pos": POSITION_BOUND, "vel": VELOCITY_BOUND, "goal": POSITION_BOUND}
 
     def __init__(self, device: str = "cpu", max_episode_steps: int | None = None, drag: float = 0.25,
                  contact_smoothing: float = 0.01, penetration_weight: float = 10.0,
@@ -298,6 +312,7 @@ class PointNav2D(DiffSim):
         self.params.contact_smoothing = contact_smoothing
         self.params.body_radius = BODY_RADIUS
         self.params.arena_half_width = ARENA_HALF_WIDTH
+        self.params.normal_core = NORMAL_CORE
         self.params.obstacles = _ObstacleMatrix(*OBSTACLES.flatten().tolist())
         self.params.penetration_weight = penetration_weight
         self.params.success_distance = success_distance
@@ -346,6 +361,12 @@ class PointNav2DEnv(DiffGymEnv):
     The body has contact radius 0.05 m, so its centre stays in [-1.95, 1.95]^2 and at least
     `radius + 0.05` from each obstacle centre when not in contact.
 
+    ## Valid states
+    `set_state` and `differentiable_step` accept finite states with `|pos|, |goal| <= 10` m and
+    `|vel| <= 100` m/s per axis and raise `ValueError` naming the field otherwise. Every state the dynamics
+    reach from a reset lies far inside (|pos| <= 2.04 m, speed <= 5.7 m/s), and from every valid state one
+    step gives finite outputs and gradients (deep penetrations are pushed out by the linear spring).
+
     ## Action Space
     `Box(-1, 1, (2,), float32)`: the force `(F_x, F_y)` in N. Out-of-range actions are clipped to
     [-1, 1]; the clip's gradient is 1 inside the box and 0 outside.
@@ -362,7 +383,11 @@ class PointNav2DEnv(DiffGymEnv):
     depth `d` (along its outward normal `n`) adds `F = (k soft(d) - c gate(d) (v . n)) n` with
     k = 4000 N/m, c = 40 N s/m, `soft(d)` = 0 for d <= 0, d^2/(2s) for 0 < d < s, d - s/2 beyond,
     `gate(d) = 3t^2 - 2t^3` with `t = clamp(d/s, 0, 1)` (a smoothstep, so the force is C1 in the state);
-    s = `contact_smoothing` = 0.01 m. Nothing tunnels: at
+    s = `contact_smoothing` = 0.01 m. An obstacle's normal is `(p - c) / max(||p - c||, (r + 0.05) / 2)`: the unit
+    normal everywhere the body can reach, shrinking to zero near the centre (reached only after a
+    0.15 m penetration or more), so the gradient stays bounded there: below 1e4 per step (the gradient of the velocity after one
+    step), the real sensitivity of being pushed off an unstable equilibrium, where dividing by a 1e-6
+    guard gave up to 8.9e9. Nothing tunnels: at
     top speed the spring stops the body within v/sqrt(k/m) = 0.09 m, under the smallest obstacle
     radius plus body radius (0.30 m), and the walls are half-planes.
 

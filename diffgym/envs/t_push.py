@@ -70,6 +70,18 @@ def t_mean_radius(resolution: int = 400) -> float:
 GOAL_POSITION = (0.0, 0.0)
 GOAL_ANGLE = math.pi / 4
 
+ARENA_HALF = 0.5
+"""The arena is the square [-0.5, 0.5]^2 m inside four walls."""
+WALL_SLACK = 0.03
+"""Valid domain: the T's hull vertices may lie up to 3 cm beyond a wall. The walls stop them within
+~7 mm (measured over full-speed rollouts), while a T started deep in a wall is flung out by the
+depth-proportional Hunt-Crossley damping, which turns explicit and unstable (NaN in one step)."""
+SPEED_BOUND_FACTOR = 5.0
+"""Valid domain: pusher and block speeds up to 5 max_speed per axis (rollouts reach ~1.5 max_speed) ..."""
+ANGULAR_SPEED_BOUND_FACTOR = 100.0
+"""... and block spins up to 100 max_speed rad/s (50 rad/s by default; rollouts reach ~8 rad/s)."""
+_HULL = T_OUTLINE[[0, 1, 3, 4, 6, 7]]  # the convex-hull corners (the concave 2 and 5 never touch a wall)
+
 
 @dataclasses.dataclass(eq=False, frozen=True)
 class TPushState(SimState):
@@ -509,9 +521,16 @@ class TPush(DiffSim):
                             ("table_friction", table_friction), ("shaping_weight", shaping_weight)):
             if not value >= 0:
                 raise ValueError(f"{name} must be non-negative, got {value}")
+        self.block_vertex_limit = ARENA_HALF + WALL_SLACK
+        """The T's hull vertices must satisfy ``|x|, |y| <= block_vertex_limit`` [m] (``check_state``)."""
+        speed_bound = SPEED_BOUND_FACTOR * max_speed
+        self.state_bounds = {"pusher_pos": ARENA_HALF, "pusher_vel": speed_bound,
+                             "block_pos": self.block_vertex_limit, "block_vel": speed_bound,
+                             "block_angvel": ANGULAR_SPEED_BOUND_FACTOR * max_speed}
+        self._hull = torch.tensor(_HULL, dtype=torch.float32, device=self.device)
         p = self.params = TPushParams()
         p.dt = self.dt
-        p.arena_half = 0.5
+        p.arena_half = ARENA_HALF
         p.pusher_radius = 0.025
         p.pusher_mass = pusher_mass
         p.max_speed = max_speed
@@ -539,6 +558,23 @@ class TPush(DiffSim):
         p.reset_pusher_range = 0.4
         p.reset_min_goal_distance = 0.1
         p.reset_min_clearance = 0.02
+
+    def hull_vertices(self, block_pos: torch.Tensor, block_angle: torch.Tensor) -> torch.Tensor:
+        """World positions ``(B, 6, 2)`` [m] of the T's six convex-hull corners at the given poses."""
+        c, s = torch.cos(block_angle)[:, None], torch.sin(block_angle)[:, None]
+        x, y = self._hull[None, :, 0], self._hull[None, :, 1]
+        return block_pos[:, None, :] + torch.stack([c * x - s * y, s * x + c * y], dim=-1)
+
+    def check_state(self, state) -> None:
+        super().check_state(state)  # types, shapes, device, finiteness and state_bounds
+        reach = self.hull_vertices(state.block_pos, state.block_angle).abs().amax(dim=(1, 2))
+        outside = reach > self.block_vertex_limit
+        if bool(outside.any()):
+            env = int(outside.nonzero()[0])
+            raise ValueError(
+                f"state.block_pos and block_angle must keep the T's corners within "
+                f"{self.block_vertex_limit:g} m of the arena centre per axis (at most {WALL_SLACK:g} m into a "
+                f"wall), got a corner at {float(reach[env]):.4g} m in env {env}")
 
     def render_state(self, state: TPushState, index: int = 0) -> np.ndarray:
         half = self.params.arena_half
@@ -602,6 +638,16 @@ class TPushEnv(DiffGymEnv):
     * The pusher servo is integrated implicitly. At full speed the pusher moves 1.25 mm per substep
       and the deepest penetration (stall force 20 N / k) is 4 mm, far below the 25 mm half
       thickness of the T, so nothing tunnels.
+
+    ## Valid states
+    `set_state` and `differentiable_step` accept finite states with the pusher centre in the arena
+    `[-0.5, 0.5]^2`, the T's six hull corners at most 0.03 m beyond a wall (`|x|, |y| <= 0.53` m),
+    pusher and block velocities up to `5 max_speed` (2.5 m/s) and the block's spin up to
+    `100 max_speed` (50 rad/s) per axis, and raise `ValueError` naming the field otherwise. The
+    dynamics keep every state reached from a reset well inside (corners within ~7 mm of a wall's
+    surface, speeds ~1.5 max_speed, spins ~8 rad/s). Outside, contacts deeper than the pusher's radius
+    make the depth-proportional damping unstable: a T started 0.3 m beyond a wall became NaN in one step.
+    Any finite `block_angle` is valid (it is unwrapped).
 
     ## Rewards
     `r = -D - 0.1 relu_s(gap)`, where D is the mean distance between the 8 outline vertices of the
