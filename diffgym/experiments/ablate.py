@@ -24,6 +24,7 @@ import numpy as np
 from diffgym.experiments.report import SUCCESS_THRESHOLD, group, load_run, threshold_table
 from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
 from diffgym.plugins import resolve_config
+from diffgym.threads import add_threads_argument
 from diffgym.training.spec import TrainConfig, task_name
 
 def parse_values(text: str, env_id: str) -> list[Any]:
@@ -146,6 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env-steps", type=lambda s: int(float(s)), required=True,
                         help="env-step budget of every run (e.g. 1e6)")
     parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPU count)")
+    add_threads_argument(parser, "each run")
     parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")
     parser.add_argument("--out", default=None, help="output directory (default runs/ablate/<task>)")
     parser.epilog = "The trainer's own flags (`diffgym trainers -v`) are grid axes too: --FLAG V1,V2."
@@ -166,7 +168,7 @@ def main(args: argparse.Namespace) -> int:
         pairs = [f"{key}={values}" for key, values in default.items()]
     grid = parse_grid(pairs, args.env)
     out = Path(args.out or Path("runs") / "ablate" / task_name(args.env))
-    report = ablate(args.env, grid, args.seeds, args.env_steps, out, args.algo, LocalRunner(args.workers),
+    report = ablate(args.env, grid, args.seeds, args.env_steps, out, args.algo, LocalRunner(args.workers, threads=args.threads),
                     args.threshold)
     print(report.read_text().split("\n![")[0])
     print(f"\nreport: {report}")

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 from diffgym.experiments.report import SUCCESS_THRESHOLD, write_report
 from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
 from diffgym.plugins import resolve_config
+from diffgym.threads import add_threads_argument
 from diffgym.training.spec import TrainConfig, task_name
 
 
@@ -60,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="env-step budget of every run (e.g. 1e6)")
     parser.add_argument("--eval-every", type=int, default=None, help="env steps between evaluations (budget/20)")
     parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPU count)")
+    add_threads_argument(parser, "each run")
     parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")
     parser.add_argument("--out", default=None, help="output directory (default runs/compare/<task>)")
 
@@ -68,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / "compare" / task_name(args.env))
     try:
         report = compare(args.env, [a for a in args.algos.split(",") if a], args.seeds, args.env_steps, out,
-                         LocalRunner(args.workers), args.eval_every, args.threshold, args.baseline, args.contender)
+                         LocalRunner(args.workers, threads=args.threads), args.eval_every, args.threshold, args.baseline, args.contender)
     except ValueError as error:
         raise SystemExit(f"diffgym compare: {error}")
     print(report.read_text().split("\n![")[0])
