@@ -145,7 +145,8 @@ def _child(tree: Path, args: argparse.Namespace) -> dict[str, dict[str, float]]:
 def _startup(tree: Path, code: str) -> float:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+    # cwd=tree: ``python -c`` puts the working directory ahead of PYTHONPATH on sys.path
+    subprocess.run([sys.executable, "-c", code], env=env, cwd=tree, check=True, capture_output=True)
     return time.perf_counter() - start
 
 
@@ -172,6 +173,7 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="a second source tree to compare against (before/after)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating child runs per tree (with --baseline)")
     parser.add_argument("--startup-runs", type=int, default=7, help="fresh processes per tree and start-up command")
+    parser.add_argument("--startup-only", action="store_true", help="with --baseline: only the start-up table")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.envs = [e for e in args.envs.split(",") if e]
@@ -189,6 +191,12 @@ def main() -> None:
         return
 
     trees = {"before": args.baseline.resolve(), "after": HERE}
+    if not args.startup_only:
+        compare_steps(trees, args)
+    compare_startup(trees, args.startup_runs)
+
+
+def compare_steps(trees: dict[str, Path], args: argparse.Namespace) -> None:
     rounds: dict[str, list[dict]] = {name: [] for name in trees}
     for _ in range(args.rounds):  # alternate the trees so load on a shared machine hits both alike
         for name, tree in trees.items():
@@ -209,11 +217,14 @@ def main() -> None:
         print(f"| {env_id} | {b['fwd'] / a['fwd']:.1f}x | {b['fwd+bwd'] / a['fwd+bwd']:.1f}x | "
               f"{b['env.step reference'] / step_after:.1f}x |")
 
+
+
+def compare_startup(trees: dict[str, Path], runs: int) -> None:
     commands = {"import diffgym": "import diffgym",
                 "diffgym --help": "import sys; sys.argv = ['diffgym', '--help']\n"
                                   "from diffgym.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass"}
     startup: dict[str, dict[str, list[float]]] = {c: {name: [] for name in trees} for c in commands}
-    for _ in range(args.startup_runs):
+    for _ in range(runs):
         for label, code in commands.items():
             for name, tree in trees.items():
                 startup[label][name].append(_startup(tree, code))
