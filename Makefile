@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo demo-open-loop test test-slow bench clean
+.PHONY: install demo demo-open-loop test test-slow bench bench-overhead clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test-slow: install
 
 bench: install
 	$(PY) benchmarks/bench_engine.py
+
+# Per-call overhead at N = 1 against Warp's recorded-launch floor, one thread (docs/benchmarks.md).
+bench-overhead: install
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_overhead.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -4,25 +4,46 @@
 ``env.unwrapped.differentiable_step(state, action)`` a pure batched step with exact gradients.
 """
 
-import os
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
-import warp as wp
 
-if not os.environ.get("DIFFGYM_WARP_VERBOSE"):
-    wp.config.log_level = wp.LOG_WARNING  # Warp's per-module load messages would drown training logs
-
-from diffgym.core.bridge import Out, warp_call
-from diffgym.core.env import DiffGymEnv, DiffGymVectorEnv
 from diffgym.core.registration import register_task
-from diffgym.core.sim import DiffSim, StepOutput
-from diffgym.core.state import SimState
-from diffgym.policy import Policy, load_policy
+
+if TYPE_CHECKING:  # imported on first use (see __getattr__): torch and Warp take seconds to import
+    from diffgym.core.bridge import Out, warp_call
+    from diffgym.core.env import DiffGymEnv, DiffGymVectorEnv
+    from diffgym.core.sim import DiffSim, StepOutput
+    from diffgym.core.state import SimState
+    from diffgym.policy import Policy, load_policy
 
 __version__ = "0.1.0"
 
+_LAZY = {"Out": "diffgym.core.bridge", "warp_call": "diffgym.core.bridge", "DiffGymEnv": "diffgym.core.env",
+         "DiffGymVectorEnv": "diffgym.core.env", "DiffSim": "diffgym.core.sim", "StepOutput": "diffgym.core.sim",
+         "SimState": "diffgym.core.state", "Policy": "diffgym.policy", "load_policy": "diffgym.policy"}
+
 __all__ = ["DiffGymEnv", "DiffGymVectorEnv", "DiffSim", "Out", "Policy", "SimState", "StepOutput",
            "load_policy", "register_task", "warp_call", "TASK_IDS", "ALL_TASK_IDS", "GOAL_TASK_IDS"]
+
+
+def __getattr__(name: str) -> Any:
+    # ``import diffgym`` only registers the tasks (Gymnasium entry points are strings); the torch/Warp
+    # API is imported when first touched, so the CLI and ``import diffgym`` start fast.
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'diffgym' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 # One line per task, in rising dynamical complexity.
 register_task("DiffGym/PointMass1D-v0", "diffgym.envs.point_mass_1d:PointMass1DEnv",

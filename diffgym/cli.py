@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 import yaml
 
+from diffgym.threads import add_threads_argument, configure_torch_threads
+
 
 def _parse_value(text: str) -> Any:
     """A YAML scalar/list (``32``, ``[64, 64]``, ``true``, ``null``); numbers such as ``1e-3`` that
@@ -101,6 +103,7 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
                         help="override an algorithm hyperparameter, same as --set algo_params.KEY=VALUE")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_threads_argument(parser, "training")
     parser.epilog = ("A trainer adds its own flags (e.g. `--segment-length K` for apg), each the same as "
                      "--param; `diffgym trainers -v` lists them.")
     parser.set_defaults(plugin_flags="single")
@@ -151,6 +154,11 @@ def _run_train(args: argparse.Namespace) -> int:
         return 0
     from diffgym.training.run import RunDirError
 
+    try:
+        configure_torch_threads(args.threads, config.device)
+    except ValueError as error:
+        print(f"diffgym train: {error}", file=sys.stderr)
+        return 2
     trainer = load_trainer(args.algo)
     train: Callable[..., Path] = trainer.train
     try:
@@ -204,18 +212,25 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 """Subcommand name -> (help, add_arguments, run). Register new subcommands here."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or with ``only`` the arguments of that one subcommand (the others are listed but
+    take no arguments): some subcommands' argument definitions import torch, which ``diffgym --help``
+    and every other subcommand should not wait for."""
     parser = argparse.ArgumentParser(prog="diffgym", description="DiffGym: differentiable Warp environments")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
-        add_arguments(command)
+        if only is None or name == only:
+            add_arguments(command)
         command.set_defaults(run=run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else argv
+    chosen = next((w for w in words if not w.startswith("-")), "")  # the subcommand: the first word
+    # no subcommand (``diffgym --help``): none's arguments; an unknown one: all, for argparse's error
+    parser = build_parser(only=chosen if chosen in COMMANDS or not chosen else None)
     args, extra = parser.parse_known_args(argv)
     mode = getattr(args, "plugin_flags", None)  # commands that take the chosen trainer's own flags
     if extra and mode is None:

@@ -9,6 +9,13 @@ kernel's Warp-generated adjoint. Warp's gradient-ownership rules are honoured by
 * input gradients are accumulated into freshly zeroed buffers and handed to autograd, which sums
   them with other uses of the same tensor. No ``wp.Tape`` is kept alive between calls.
 
+Per-call overhead is kept near Warp's launch floor: the first call of a kernel with a given launch dim,
+device, input shapes/dtypes and output specs builds a :class:`_LaunchPlan` (argument types looked up,
+Warp array descriptors built and launch parameters packed, i.e. a recorded ``wp.Launch``); later calls
+only write the tensors' data pointers into the recorded descriptors and replay the launch. Calls that
+need no gradient (``torch.no_grad()`` or no input requiring grad) skip the autograd function entirely.
+Only fresh tensors pass through a plan, so the ownership rules above are unchanged.
+
 Kernel calling convention: ``kernel(*inputs, *params, *outputs)`` where inputs and outputs are
 arrays (torch tensors here; the Warp dtype comes from the kernel's annotation, so a ``(B, 2)`` tensor
 feeds a ``wp.array(dtype=wp.vec2)``) and params are scalars or Warp structs that carry no gradient.
@@ -24,12 +31,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterator, Sequence
+from weakref import WeakKeyDictionary
 
 import torch
 import warp as wp
+
+if not os.environ.get("DIFFGYM_WARP_VERBOSE"):
+    wp.config.log_level = wp.LOG_WARNING  # Warp's per-module load messages would drown training logs
 
 
 @dataclass(frozen=True)
@@ -105,17 +117,12 @@ def warp_device(device: torch.device):
     return wp.device_from_torch(device)
 
 
-def _stream_scope(device: torch.device):
-    # Launch on torch's current stream so Warp kernels are ordered with the surrounding torch ops.
+def _warp_stream(device: torch.device):
+    # Launch on torch's current stream so Warp kernels are ordered with the surrounding torch ops;
+    # ``None`` on CPU (and the device's stream for a CUDA launch given none).
     if device.type == "cuda":
-        return wp.ScopedStream(wp.stream_from_torch(device))
-    return contextlib.nullcontext()
-
-
-def _as_warp(tensor: torch.Tensor | None, arg_type: Any):
-    if tensor is None:
-        return None
-    return wp.from_torch(tensor, dtype=arg_type.dtype, requires_grad=False, return_ctype=True)
+        return wp.stream_from_torch(device)
+    return None
 
 
 def _zero_param(param: Any) -> Any:
@@ -123,24 +130,175 @@ def _zero_param(param: Any) -> Any:
     return type(param)()
 
 
+class _ArgSlot:
+    """One array argument of a recorded launch: the ``array_t`` the launch reads, whose data pointer is
+    rewritten per call (shape and strides were fixed when the plan was built for this shape)."""
+
+    __slots__ = ("index", "real", "is_null")
+
+    def __init__(self, index: int, real: Any):
+        self.index = index  # position in the kernel's argument list
+        self.real = real  # the array_t with this plan's shape and strides
+        self.is_null = False  # adjoint slots switch to a null array when autograd wants no gradient
+
+
+class _LaunchPlan:
+    """Recorded launches of one kernel for one combination of launch dim, device, input shapes/dtypes and
+    output specs (the cache key). Built on the first call with that key: argument types are looked up,
+    Warp arrays are described and the launch parameters packed once; later calls only write data pointers
+    into the recorded ``array_t`` structs and replay ``wp.Launch``. The adjoint launch is recorded on the
+    first backward. A lock keeps pointer-writing and launching atomic, since the plan is shared."""
+
+    def __init__(self, kernel, dim: int, device: torch.device, inputs: Sequence[torch.Tensor],
+                 params: Sequence[Any], outputs: Sequence[torch.Tensor]):
+        self.kernel = kernel
+        self.dim = dim
+        self.device = device
+        self.wp_device = warp_device(device)
+        self.lock = threading.Lock()
+        self.n_in, self.n_params = len(inputs), len(params)
+        self.arg_types = [arg.type for arg in kernel.adj.args]
+        self.out_first = self.n_in + self.n_params
+        self.params = tuple(params)
+        # Struct params are passed by their ctype, shared with the struct instance (so later edits of a
+        # field are seen); scalars are re-packed on every call.
+        self.param_is_struct = tuple(hasattr(p, "__ctype__") for p in params)
+        self.forward = self._record(False, inputs, outputs)
+        self.in_slots = self._own_slots(self.forward, range(self.n_in), inputs, adjoint=False)
+        self.out_slots = self._own_slots(self.forward, range(self.out_first, self.out_first + len(outputs)),
+                                         outputs, adjoint=False)
+        self.adjoint: Any = None  # recorded lazily by ``launch_adjoint``, with the slots below
+        self.adj_fwd_slots: list[_ArgSlot] = []
+        self.adj_in_slots: list[_ArgSlot] = []
+        self.adj_out_slots: list[_ArgSlot] = []
+
+    # ----------------------------------------------------------------------------- building
+    def _warp(self, tensor: torch.Tensor, index: int):
+        return wp.from_torch(tensor, dtype=self.arg_types[index].dtype, requires_grad=False)
+
+    def _record(self, adjoint: bool, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]):
+        """Record the (adjoint) launch on template tensors; adjoint arrays start as null (no gradient)."""
+        out_first = self.out_first
+        launch = wp.launch(
+            self.kernel, dim=self.dim, device=self.wp_device, adjoint=adjoint, record_cmd=True,
+            inputs=[self._warp(t, i) for i, t in enumerate(inputs)] + list(self.params),
+            outputs=[self._warp(t, out_first + j) for j, t in enumerate(outputs)],
+            adj_inputs=[None] * len(inputs) + [_zero_param(p) for p in self.params] if adjoint else [],
+            adj_outputs=[None] * len(outputs) if adjoint else [],
+        )
+        # The recorded launch retains the first call's Warp arrays (for CPU graph capture); drop them so a
+        # plan does not keep that call's tensors alive. Capturing a bridge launch then fails loudly.
+        launch.fwd_args = None
+        launch.adj_args = None
+        return launch
+
+    @staticmethod
+    def _own_slots(launch, indices: Sequence[int], templates: Sequence[torch.Tensor], adjoint: bool) -> list[_ArgSlot]:
+        """Give each array argument at ``indices`` an ``array_t`` of its template's shape that the plan owns.
+
+        Forward slots are installed at once; adjoint slots stay null until a call passes a gradient."""
+        slots = []
+        for index, tensor in zip(indices, templates):
+            arg_type = launch.kernel.adj.args[index].type
+            real = wp.from_torch(tensor, dtype=arg_type.dtype, requires_grad=False, return_ctype=True)
+            slot = _ArgSlot(index, real)
+            if adjoint:
+                slot.is_null = True
+            else:
+                launch.set_param_at_index_from_ctype(index, real)
+            slots.append(slot)
+        return slots
+
+    # ----------------------------------------------------------------------------- replay
+    def _set_params(self, launch, params: Sequence[Any]) -> None:
+        for j, (p, is_struct) in enumerate(zip(params, self.param_is_struct)):
+            if is_struct:
+                launch.set_param_at_index_from_ctype(self.n_in + j, p.__ctype__())
+            else:
+                launch.set_param_at_index(self.n_in + j, p)
+
+    def launch_forward(self, inputs: Sequence[torch.Tensor], params: Sequence[Any],
+                       outputs: Sequence[torch.Tensor]) -> None:
+        with self.lock:
+            for slot, tensor in zip(self.in_slots, inputs):
+                slot.real.data = tensor.data_ptr()
+            for slot, tensor in zip(self.out_slots, outputs):
+                slot.real.data = tensor.data_ptr()
+            self._set_params(self.forward, params)
+            self.forward.launch(_warp_stream(self.device))
+
+    def launch_adjoint(self, inputs: Sequence[torch.Tensor], params: Sequence[Any],
+                       outputs: Sequence[torch.Tensor], adj_inputs: Sequence[torch.Tensor | None],
+                       adj_outputs: Sequence[torch.Tensor | None]) -> None:
+        with self.lock:
+            if self.adjoint is None:
+                launch = self._record(True, inputs, outputs)
+                out_indices = range(self.out_first, len(self.arg_types))
+                self.adj_fwd_slots = (self._own_slots(launch, range(self.n_in), inputs, adjoint=False)
+                                      + self._own_slots(launch, out_indices, outputs, adjoint=False))
+                # a gradient has its tensor's shape, so the forward tensors describe the adjoint arrays
+                self.adj_in_slots = self._own_slots(launch, range(self.n_in), inputs, adjoint=True)
+                self.adj_out_slots = self._own_slots(launch, out_indices, outputs, adjoint=True)
+                self.adjoint = launch
+            launch = self.adjoint
+            for slot, tensor in zip(self.adj_fwd_slots, (*inputs, *outputs)):
+                slot.real.data = tensor.data_ptr()
+            for slot, grad in zip((*self.adj_in_slots, *self.adj_out_slots), (*adj_inputs, *adj_outputs)):
+                if grad is None:
+                    if not slot.is_null:  # no gradient wanted: a null array, as Warp gets for ``None``
+                        launch.set_param_at_index_from_ctype(slot.index, type(slot.real)(), adjoint=True)
+                        slot.is_null = True
+                else:
+                    slot.real.data = grad.data_ptr()
+                    if slot.is_null:
+                        launch.set_param_at_index_from_ctype(slot.index, slot.real, adjoint=True)
+                        slot.is_null = False
+            self._set_params(launch, params)
+            launch.launch(_warp_stream(self.device))
+
+
+_PLANS_PER_KERNEL = 64  # distinct shapes per kernel kept; beyond that the kernel's plans are rebuilt
+_plans: WeakKeyDictionary[Any, dict[tuple, _LaunchPlan]] = WeakKeyDictionary()
+
+
+def _plan(kernel, dim: int, params: Sequence[Any], out_specs: tuple[Out, ...],
+          inputs: Sequence[torch.Tensor]) -> _LaunchPlan:
+    """The cached plan for this call's key, built on first use (see :class:`_LaunchPlan`)."""
+    device = inputs[0].device
+    key = (dim, device, out_specs, *[(t.shape, t.dtype) for t in inputs])
+    plans = _plans.get(kernel)
+    if plans is None:
+        plans = _plans[kernel] = {}
+    plan = plans.get(key)
+    if plan is None:
+        if len(plans) >= _PLANS_PER_KERNEL:
+            plans.clear()
+        # the first call's own tensors only describe shapes here; nothing is launched on them
+        outputs = [torch.empty(s.shape, dtype=s.dtype, device=device) for s in out_specs]
+        plan = plans[key] = _LaunchPlan(kernel, dim, device, inputs, params, outputs)
+    return plan
+
+
+def _launch(kernel, dim: int, params: tuple, out_specs: tuple[Out, ...],
+            inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Allocate fresh outputs and run the forward kernel (no autograd bookkeeping)."""
+    device = inputs[0].device
+    debug = _debug_outputs
+    if debug:
+        outputs = tuple(_allocate(s, device, debug) for s in out_specs)
+    else:
+        outputs = tuple(torch.empty(s.shape, dtype=s.dtype, device=device) for s in out_specs)
+    _plan(kernel, dim, params, out_specs, inputs).launch_forward(inputs, params, outputs)
+    if debug:
+        _check_written(kernel, outputs, len(inputs) + len(params))
+    return outputs
+
+
 class _KernelFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernel, dim: int, params: tuple, out_specs: tuple[Out, ...], *inputs: torch.Tensor):
-        device = inputs[0].device
-        inputs = tuple(t.contiguous() for t in inputs)
-        debug = _debug_outputs
-        outputs = tuple(_allocate(s, device, debug) for s in out_specs)
-        arg_types = [arg.type for arg in kernel.adj.args]
-        n_in, n_params = len(inputs), len(params)
-        wp_inputs = [_as_warp(t, arg_types[i]) for i, t in enumerate(inputs)]
-        wp_outputs = [_as_warp(t, arg_types[n_in + n_params + j]) for j, t in enumerate(outputs)]
-        with _stream_scope(device):
-            wp.launch(kernel, dim=dim, inputs=wp_inputs + list(params), outputs=wp_outputs,
-                      device=warp_device(device))
-        if debug:
-            _check_written(kernel, outputs, n_in + n_params)
-
-        ctx.kernel, ctx.dim, ctx.params, ctx.n_in = kernel, dim, params, n_in
+        outputs = _launch(kernel, dim, params, out_specs, inputs)
+        ctx.kernel, ctx.dim, ctx.params, ctx.out_specs, ctx.n_in = kernel, dim, params, out_specs, len(inputs)
         ctx.save_for_backward(*inputs, *outputs)  # also guards against in-place edits before backward
         ctx.mark_non_differentiable(*(o for o in outputs if not o.is_floating_point()))
         return outputs
@@ -149,26 +307,15 @@ class _KernelFunction(torch.autograd.Function):
     def backward(ctx, *grad_outputs: torch.Tensor):
         saved = ctx.saved_tensors
         inputs, outputs = saved[: ctx.n_in], saved[ctx.n_in:]
-        device = inputs[0].device
         wants = ctx.needs_input_grad[4:]
+        # fresh buffers: Warp adjoints accumulate into them, and autograd's grads must stay untouched
         adj_inputs = [torch.zeros_like(t) if want and t.is_floating_point() else None
                       for t, want in zip(inputs, wants)]
         adj_outputs = [g.contiguous().clone() if o.is_floating_point() and g is not None
                        else (torch.zeros_like(o) if o.is_floating_point() else None)
                        for o, g in zip(outputs, grad_outputs)]
-
-        arg_types = [arg.type for arg in ctx.kernel.adj.args]
-        n_in, n_params = ctx.n_in, len(ctx.params)
-        out_types = arg_types[n_in + n_params:]
-        with _stream_scope(device):
-            wp.launch(
-                ctx.kernel, dim=ctx.dim, device=warp_device(device), adjoint=True,
-                inputs=[_as_warp(t, arg_types[i]) for i, t in enumerate(inputs)] + list(ctx.params),
-                outputs=[_as_warp(t, out_types[j]) for j, t in enumerate(outputs)],
-                adj_inputs=[_as_warp(g, arg_types[i]) for i, g in enumerate(adj_inputs)]
-                + [_zero_param(p) for p in ctx.params],
-                adj_outputs=[_as_warp(g, out_types[j]) for j, g in enumerate(adj_outputs)],
-            )
+        plan = _plan(ctx.kernel, ctx.dim, ctx.params, ctx.out_specs, inputs)
+        plan.launch_adjoint(inputs, ctx.params, outputs, adj_inputs, adj_outputs)
         return (None, None, None, None, *adj_inputs)
 
 
@@ -178,4 +325,25 @@ def warp_call(kernel, dim: int, inputs: Sequence[torch.Tensor], params: Sequence
 
     Returns the freshly allocated outputs. Float outputs are differentiable; integer ones are not.
     """
-    return _KernelFunction.apply(kernel, dim, tuple(params), tuple(outputs), *inputs)
+    inputs = tuple(t.contiguous() for t in inputs)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _KernelFunction.apply(kernel, dim, tuple(params), tuple(outputs), *inputs)
+    # nothing to differentiate: the same launch without the autograd function's cost
+    return _launch(kernel, dim, tuple(params), tuple(outputs), inputs)
+
+
+def record_launch(kernel, dim: int, inputs: Sequence[torch.Tensor], params: Sequence[Any],
+                  outputs: Sequence[torch.Tensor]):
+    """A ``wp.Launch`` of ``kernel(*inputs, *params, *outputs)`` bound to these very tensors, for callers
+    that own persistent buffers (the envs' fast step path): replaying it rewrites ``outputs`` in place,
+    so it must never be used on tensors that autograd saved or a caller holds."""
+    device = inputs[0].device
+    arg_types = [arg.type for arg in kernel.adj.args]
+    first_out = len(inputs) + len(params)
+    return wp.launch(
+        kernel, dim=dim, device=warp_device(device), record_cmd=True,
+        inputs=[wp.from_torch(t, dtype=arg_types[i].dtype, requires_grad=False) for i, t in enumerate(inputs)]
+        + list(params),
+        outputs=[wp.from_torch(t, dtype=arg_types[first_out + j].dtype, requires_grad=False)
+                 for j, t in enumerate(outputs)],
+    )

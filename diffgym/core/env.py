@@ -14,6 +14,7 @@ from gymnasium.envs.registration import EnvSpec
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from diffgym.core.bridge import debug_outputs_enabled, record_launch
 from diffgym.core.sim import DiffSim, StepOutput
 from diffgym.core.state import SimState
 
@@ -60,16 +61,22 @@ class _TensorAPI:
 
     def _numpy_action(self, action: Any, shape: tuple[int, ...]) -> torch.Tensor:
         """Validate a NumPy/array-like action for ``step`` and move it to the sim's device."""
-        array = np.asarray(action)
-        if array.dtype.kind not in "fiu":
-            raise ValueError(f"action must be a real-valued array of shape {shape}, got dtype {array.dtype}")
-        if array.shape != shape:
-            raise ValueError(f"action must have shape {shape}, got {array.shape}")
-        finite = np.isfinite(array)
-        if not finite.all():
-            bad = [tuple(int(j) for j in i) for i in np.argwhere(~finite)[:8]]
-            raise ValueError(f"action contains NaN or Inf at index {bad}; actions must be finite")
+        array = _checked_array(action, shape)
         return torch.as_tensor(array, dtype=torch.float32, device=self.sim.device).reshape(-1, self.sim.act_dim)
+
+
+def _checked_array(action: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """``action`` as a NumPy array, after checking its dtype, shape and finiteness (``ValueError``)."""
+    array = np.asarray(action)
+    if array.dtype.kind not in "fiu":
+        raise ValueError(f"action must be a real-valued array of shape {shape}, got dtype {array.dtype}")
+    if array.shape != shape:
+        raise ValueError(f"action must have shape {shape}, got {array.shape}")
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = [tuple(int(j) for j in i) for i in np.argwhere(~finite)[:8]]
+        raise ValueError(f"action contains NaN or Inf at index {bad}; actions must be finite")
+    return array
 
 
 def _spaces(sim: DiffSim) -> tuple[spaces.Box, spaces.Box]:
@@ -92,6 +99,65 @@ def _row(observations: np.ndarray | dict[str, np.ndarray], index: int) -> np.nda
     if isinstance(observations, dict):
         return {key: value[index] for key, value in observations.items()}
     return observations[index]
+
+
+class _FastPath:
+    """Persistent CPU buffers and recorded launches for a single env's ``reset`` and ``step`` (batch 1).
+
+    The env's state lives in two preallocated buffer sets used in turn (a step reads one and writes the
+    other); actions are written into a buffer through its NumPy view; the reset, observe and step kernels
+    replay ``wp.Launch`` objects recorded on these buffers once. So a step allocates nothing, records no
+    autograd graph and runs no torch op. The buffers never leave the env (``get_state`` copies them), so
+    overwriting them breaks no gradient rule. It computes exactly what the reference path does: the same
+    kernels on the same inputs (the clip to [-1, 1] is exact in both NumPy and torch).
+    """
+
+    def __init__(self, sim: DiffSim):
+        specs = sim._state_specs(1)
+        self.states = [sim.state_type(*(torch.zeros(s.shape, dtype=s.dtype) for s in specs)) for _ in range(2)]
+        self.steps = [state.step.numpy() for state in self.states]  # NumPy views of the step counters
+        self.action = torch.zeros(1, sim.act_dim)
+        self.obs = torch.zeros(1, sim.obs_dim)
+        self.reward = torch.zeros(1)
+        self.terminated = torch.zeros(1, dtype=torch.int32)
+        self.success = torch.zeros(1, dtype=torch.int32)
+        self.seed = torch.zeros(1, dtype=torch.int32)
+        self.episode = torch.zeros(1, dtype=torch.int32)
+        # NumPy views of the same memory (CPU tensors share it), for reading and writing without torch ops
+        self.action_np, self.obs_np, self.reward_np = self.action.numpy(), self.obs.numpy(), self.reward.numpy()
+        self.terminated_np, self.success_np = self.terminated.numpy(), self.success.numpy()
+        params = [sim.params]
+        self.reset_launches = [record_launch(sim.reset_kernel, 1, [self.seed, self.episode], params,
+                                             state.tensors()) for state in self.states]
+        self.observe_launches = [record_launch(sim.observe_kernel, 1, state.tensors(), params, [self.obs])
+                                 for state in self.states]
+        self.step_launches = [record_launch(sim.step_kernel, 1, [*self.states[k].tensors(), self.action], params,
+                                            [*self.states[1 - k].tensors(), self.obs, self.reward,
+                                             self.terminated, self.success]) for k in (0, 1)]
+        self.current = 0  # index of the buffer set holding the env's state
+
+    @property
+    def state(self) -> SimState:
+        return self.states[self.current]
+
+    def load(self, state: SimState) -> None:
+        """Copy ``state`` (batch 1, e.g. from ``set_state`` or the reference path) into the current buffers."""
+        for buffer, tensor in zip(self.state.tensors(), state.tensors()):
+            buffer.copy_(tensor)
+
+    def reset(self, seed: torch.Tensor, episode: torch.Tensor) -> None:
+        """Reset the current buffers from RNG stream ``(seed, episode)`` and observe them into ``obs``."""
+        self.seed.copy_(seed)
+        self.episode.copy_(episode)
+        self.reset_launches[self.current].launch()
+        self.observe_launches[self.current].launch()
+
+    def step(self, action: np.ndarray) -> None:
+        """Clip ``action`` (validated by the caller) into the action buffer and step into the other buffers."""
+        np.copyto(self.action_np, action.reshape(self.action_np.shape), casting="unsafe")
+        np.clip(self.action_np, -1.0, 1.0, out=self.action_np)
+        self.step_launches[self.current].launch()
+        self.current = 1 - self.current
 
 
 class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
@@ -130,6 +196,11 @@ class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
         self._state = None
         self._seed: torch.Tensor | None = None
         self._episode = torch.zeros(1, dtype=torch.int32, device=self.sim.device)
+        self.use_fast_path: bool = self.sim.device.type == "cpu"
+        """Step through persistent buffers and recorded launches (CPU only, and not in the bridge's debug
+        mode; bit-identical to the reference path, which ``False`` selects)."""
+        self._fast: _FastPath | None = None
+        self._info_overridden = type(self.sim).info is not DiffSim.info
 
     @property
     def spec(self) -> EnvSpec | None:  # type: ignore[override]
@@ -158,17 +229,47 @@ class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
             self._episode.zero_()
         else:
             self._episode += 1
+        if self._fast_enabled():
+            fast = self._fast_path()
+            fast.reset(self._seed, self._episode)
+            self._state = fast.state
+            return self._fast_observation(fast), {}
         self._state = self.sim.reset(self._seed, self._episode)
         with torch.no_grad():
-            obs = self.sim.observe(self._state)
+            obs = self.sim._observe(self._state)
         return _row(self.to_gym_observation(obs, self._state), 0), {}
 
     def step(self, action):
         if self._state is None:
             raise RuntimeError("call reset() before step()")
+        if not self._fast_enabled():
+            return self._reference_step(action)
+        array = _checked_array(action, self.action_space.shape)
+        fast = self._fast_path()
+        if self._state is not fast.state:  # set by set_state or the reference path: adopt it
+            fast.load(self._state)
+        fast.step(array)
+        self._state = fast.state
+        if self._info_overridden:  # the task's extras are torch expressions of the step's outputs
+            truncated = torch.tensor([int(fast.steps[fast.current][0]) >= self.sim.max_episode_steps])
+            out = StepOutput(fast.state, fast.obs, fast.reward, fast.terminated.bool(), truncated,
+                             fast.success.bool())
+            info = {k: (v[0].item() if v.ndim == 1 else v[0]) for k, v in _info_numpy(self.sim, out).items()}
+        else:
+            info = {"is_success": bool(fast.success_np[0])}
+        # never truncated here, as on the reference path: Gymnasium's TimeLimit owns the single env's horizon
+        return self._fast_observation(fast), float(fast.reward_np[0]), bool(fast.terminated_np[0]), False, info
+
+    def _fast_observation(self, fast: _FastPath) -> np.ndarray | dict[str, np.ndarray]:
+        if type(self).observations.__func__ is DiffGymEnv.observations.__func__:  # a flat Box: no torch op
+            return fast.obs_np[0].copy()
+        return _row(self.to_gym_observation(fast.obs.clone(), fast.state.clone()), 0)
+
+    def _reference_step(self, action):
+        """The step through the functional sim on fresh tensors (CUDA, and the fast path's reference)."""
         action = self._numpy_action(action, self.action_space.shape)
         with torch.no_grad():
-            out = self.sim.step(self._state, action)
+            out = self.sim._step(self._state, action)
         self._state = out.state
         info = {k: (v[0].item() if v.ndim == 1 else v[0]) for k, v in _info_numpy(self.sim, out).items()}
         # Never truncated here: gym.make wraps the env in Gymnasium's TimeLimit and keeps a
@@ -176,6 +277,15 @@ class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
         # would cut every episode at the registered length whatever the override (issue 13).
         obs = _row(self.to_gym_observation(out.obs, out.state), 0)
         return obs, float(out.reward[0]), bool(out.terminated[0]), False, info
+
+    def _fast_enabled(self) -> bool:
+        # The bridge's debug mode checks every output of every launch, which the recorded launches skip
+        return self.use_fast_path and self.sim.device.type == "cpu" and not debug_outputs_enabled()
+
+    def _fast_path(self) -> _FastPath:
+        if self._fast is None:
+            self._fast = _FastPath(self.sim)
+        return self._fast
 
     def render(self):
         if self.render_mode != "rgb_array" or self._state is None:
@@ -249,7 +359,7 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
         self._state = fresh_state if self._state is None else self._state.where(mask, fresh_state)
         self._needs_reset &= ~mask
         with torch.no_grad():
-            obs = self.sim.observe(self._state)
+            obs = self.sim._observe(self._state)
         return self.to_gym_observation(obs, self._state), {}
 
     def step(self, actions):
@@ -257,7 +367,7 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
             raise RuntimeError("call reset() before step()")
         action = self._numpy_action(actions, self.action_space.shape)
         with torch.no_grad():
-            out = self.sim.step(self._state, action)
+            out = self.sim._step(self._state, action)
             infos = _info_numpy(self.sim, out)
             obs, reward = out.obs, out.reward
             terminated, truncated = out.terminated, out.truncated
@@ -266,7 +376,7 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
                 if bool(resetting.any()):
                     fresh_state = self._reset_masked(resetting)
                     out = dataclasses.replace(out, state=out.state.where(resetting, fresh_state))
-                    obs = torch.where(resetting[:, None], self.sim.observe(fresh_state), obs)
+                    obs = torch.where(resetting[:, None], self.sim._observe(fresh_state), obs)
                     reward = reward.masked_fill(resetting, 0.0)
                     terminated, truncated = terminated & ~resetting, truncated & ~resetting
                 self._needs_reset = terminated | truncated
@@ -284,7 +394,7 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
                     infos["final_obs"], infos["_final_obs"] = final_obs, done_np
                     fresh_state = self._reset_masked(done)
                     out = dataclasses.replace(out, state=out.state.where(done, fresh_state))
-                    obs = torch.where(done[:, None], self.sim.observe(fresh_state), obs)
+                    obs = torch.where(done[:, None], self.sim._observe(fresh_state), obs)
         self._state = out.state
         # As in Gymnasium: an env that was reset this step reports its (empty) reset info at the top level
         reset_now = (resetting if self.autoreset_mode == AutoresetMode.NEXT_STEP else done).cpu().numpy()

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 from gymnasium.envs.registration import load_env_creator
 
-from diffgym.core.env import DiffGymVectorEnv
+if TYPE_CHECKING:
+    from diffgym.core.env import DiffGymVectorEnv
 
 
 def make_vector_env(env_entry_point: str, num_envs: int = 1, **kwargs: Any) -> DiffGymVectorEnv:
     """Vector entry point: the batched twin of the ``DiffGymEnv`` subclass at ``env_entry_point``."""
+    # imported here, not at module level: registering the tasks must not import torch and Warp
+    from diffgym.core.env import DiffGymVectorEnv
+
     env_class = load_env_creator(env_entry_point)
     vector_class = getattr(env_class, "vector_class", DiffGymVectorEnv)
     return vector_class(env_class.sim_class, num_envs, metadata=env_class.metadata, face=env_class, **kwargs)

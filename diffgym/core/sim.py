@@ -99,6 +99,7 @@ class DiffSim:
             raise ValueError(f"max_episode_steps must be a positive int, got {max_episode_steps!r}")
         self.max_episode_steps = int(horizon)
         self._fields = self.state_type.field_names()  # the contract check ensured the last one is 'step'
+        self._step_specs_cache: dict[int, list[Out]] = {}
 
     # ----------------------------------------------------------------------------- pure API
     def reset(self, seed: torch.Tensor, episode: torch.Tensor) -> SimState:
@@ -113,20 +114,25 @@ class DiffSim:
     def observe(self, state: SimState) -> torch.Tensor:
         """The (B, obs_dim) observation of ``state``; differentiable."""
         self.check_state(state)
-        (obs,) = warp_call(self.observe_kernel, state.batch_size, state.tensors(), [self.params],
-                           [Out((state.batch_size, self.obs_dim))])
-        return obs
+        return self._observe(state)
 
     def step(self, state: SimState, action: torch.Tensor) -> StepOutput:
         """One control step for the whole batch; differentiable in ``action`` and the float state fields."""
         self.check_state(state)
+        return self._step(state, self.check_action(action, state.batch_size))
+
+    # Unchecked twins of the public methods, for callers that validated their arguments already (the
+    # envs check NumPy actions and own their states): validation runs once per call at the public API.
+    def _observe(self, state: SimState) -> torch.Tensor:
         batch = state.batch_size
-        action = self.check_action(action, batch).clamp(-1.0, 1.0)
-        outputs = warp_call(
-            self.step_kernel, batch, [*state.tensors(), action], [self.params],
-            [*self._state_specs(batch), Out((batch, self.obs_dim)), Out((batch,)),
-             Out((batch,), torch.int32), Out((batch,), torch.int32)],
-        )
+        (obs,) = warp_call(self.observe_kernel, batch, state.tensors(), [self.params],
+                           [Out((batch, self.obs_dim))])
+        return obs
+
+    def _step(self, state: SimState, action: torch.Tensor) -> StepOutput:
+        batch = state.batch_size
+        outputs = warp_call(self.step_kernel, batch, [*state.tensors(), action.clamp(-1.0, 1.0)], [self.params],
+                            self._step_specs(batch))
         n = len(self._fields)
         next_state = self.state_type(*outputs[:n])
         obs, reward, terminated, success = outputs[n:]
@@ -197,3 +203,12 @@ class DiffSim:
     # ----------------------------------------------------------------------------- helpers
     def _state_specs(self, batch: int) -> list[Out]:
         return [Out((batch, *self._field_specs[name].shape), self._field_specs[name].dtype) for name in self._fields]
+
+    def _step_specs(self, batch: int) -> list[Out]:
+        """The step kernel's output specs for ``batch`` envs, built once per batch size."""
+        specs = self._step_specs_cache.get(batch)
+        if specs is None:
+            specs = self._step_specs_cache[batch] = [
+                *self._state_specs(batch), Out((batch, self.obs_dim)), Out((batch,)),
+                Out((batch,), torch.int32), Out((batch,), torch.int32)]
+        return specs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, ClassVar, TypeVar
 
 import torch
@@ -29,18 +30,18 @@ class SimState:
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
+        return _field_names(cls)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return tuple(getattr(self, name) for name in self.field_names())
+        return tuple(getattr(self, name) for name in _field_names(type(self)))
 
     @property
     def batch_size(self) -> int:
-        return int(self.tensors()[0].shape[0])
+        return int(getattr(self, _field_names(type(self))[0]).shape[0])
 
     @property
     def device(self) -> torch.device:
-        return self.tensors()[0].device
+        return getattr(self, _field_names(type(self))[0]).device
 
     def map(self: S, fn: Callable[[torch.Tensor], torch.Tensor]) -> S:
         """A new state with ``fn`` applied to every field."""
@@ -85,3 +86,9 @@ class SimState:
         """Concatenate states along the batch dimension."""
         columns = zip(*(s.tensors() for s in states))
         return cls(*(torch.cat(c, dim=0) for c in columns))
+
+
+@functools.lru_cache(maxsize=None)
+def _field_names(cls: type) -> tuple[str, ...]:
+    # dataclasses.fields walks the class on every call; states ask for their fields on every step
+    return tuple(f.name for f in dataclasses.fields(cls))

@@ -24,6 +24,7 @@ import numpy as np
 from diffgym.experiments.report import SUCCESS_THRESHOLD, group, load_run, threshold_table
 from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
 from diffgym.plugins import check_task, resolve_config
+from diffgym.threads import add_threads_argument
 from diffgym.training.spec import TrainConfig, task_name
 
 def parse_values(text: str, env_id: str) -> list[Any]:
@@ -146,6 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env-steps", type=lambda s: int(float(s)), required=True,
                         help="env-step budget of every run (e.g. 1e6)")
     parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPU count)")
+    add_threads_argument(parser, "each run")
     parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")
     parser.add_argument("--out", default=None, help="output directory (default runs/ablate/<task>)")
     parser.epilog = "The trainer's own flags (`diffgym trainers -v`) are grid axes too: --FLAG V1,V2."
@@ -171,8 +173,8 @@ def main(args: argparse.Namespace) -> int:
         grid_configs(args.env, grid, args.seeds, args.env_steps, out, args.algo)
     except (KeyError, ValueError) as error:
         raise SystemExit(f"diffgym ablate: {error.args[0] if error.args else error}")
-    report = ablate(args.env, grid, args.seeds, args.env_steps, out, args.algo, LocalRunner(args.workers),
-                    args.threshold)
+    runner = LocalRunner(args.workers, threads=args.threads)
+    report = ablate(args.env, grid, args.seeds, args.env_steps, out, args.algo, runner, args.threshold)
     print(report.read_text().split("\n![")[0])
     print(f"\nreport: {report}")
     return 0

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 from diffgym.experiments.report import SUCCESS_THRESHOLD, write_report
 from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
 from diffgym.plugins import resolve_config
+from diffgym.threads import add_threads_argument
 from diffgym.training.spec import TrainConfig, task_name
 
 
@@ -67,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=lambda s: int(float(s)), default=None,
                         help="env steps between evaluations (default budget/20, e.g. 5e3)")
     parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPU count)")
+    add_threads_argument(parser, "each run")
     parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")
     parser.add_argument("--out", default=None, help="output directory (default runs/compare/<task>)")
 
@@ -79,8 +81,8 @@ def main(args: argparse.Namespace) -> int:
         compare_configs(args.env, algos, args.seeds, args.env_steps, out, args.eval_every)
     except (KeyError, ValueError) as error:
         raise SystemExit(f"diffgym compare: {error.args[0] if error.args else error}")
-    report = compare(args.env, algos, args.seeds, args.env_steps, out, LocalRunner(args.workers), args.eval_every,
-                     args.threshold, args.baseline, args.contender)
+    report = compare(args.env, algos, args.seeds, args.env_steps, out, LocalRunner(args.workers, threads=args.threads),
+                     args.eval_every, args.threshold, args.baseline, args.contender)
     print(report.read_text().split("\n![")[0])
     print(f"\nreport: {report}\nplots:  {sorted(str(p) for p in report.parent.glob('*.png'))}")
     return 0

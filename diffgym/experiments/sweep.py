@@ -39,15 +39,15 @@ def is_finished(config: TrainConfig) -> bool:
     return bool(evals) and evals[-1]["env_steps"] >= config.total_env_steps
 
 
-def train_one(config_dict: dict, progress: bool = True) -> str:
-    """Run one config in this process; the unit of work of every runner."""
+def train_one(config_dict: dict, progress: bool = True, threads: int | None = None) -> str:
+    """Run one config in this process; the unit of work of every runner. ``threads``: torch threads
+    (default 1 on CPU, see :mod:`diffgym.threads`): parallel runs share the cores."""
     import inspect
 
-    import torch
-
     from diffgym.plugins import load_trainer
+    from diffgym.threads import configure_torch_threads
 
-    torch.set_num_threads(1)  # parallel runs share the cores; one thread each avoids oversubscription
+    configure_torch_threads(threads, config_dict.get("device"))
     config = TrainConfig.from_dict(config_dict)
     train = load_trainer(config.algo).train
     if not progress and "progress" in inspect.signature(train).parameters:
@@ -81,9 +81,10 @@ class Runner(Protocol):
 class LocalRunner:
     """Runs configs in ``workers`` parallel processes on this machine; finished runs are skipped."""
 
-    def __init__(self, workers: int | None = None, skip_finished: bool = True):
+    def __init__(self, workers: int | None = None, skip_finished: bool = True, threads: int | None = None):
         self.workers = max(1, workers or os.cpu_count() or 1)
         self.skip_finished = skip_finished
+        self.threads = threads  # torch threads per run (None: diffgym.threads' default, 1 on CPU)
 
     def run(self, configs: Sequence[TrainConfig]) -> list[Path]:
         for config in configs:
@@ -94,16 +95,16 @@ class LocalRunner:
               f"{len(todo)} to run in {min(self.workers, max(1, len(todo)))} process(es)", flush=True)
         if self.workers == 1 or len(todo) <= 1:
             for config in todo:
-                train_one(config.to_dict())
+                train_one(config.to_dict(), threads=self.threads)
         else:
             # parallel progress bars would garble the terminal: one line per finished run instead
-            self.map(train_one, [(c.to_dict(), False) for c in todo], lambda i, _: _summary(todo[i]))
+            self.map(train_one, [(c.to_dict(), False, self.threads) for c in todo], lambda i, _: _summary(todo[i]))
         return [Path(c.run_dir) for c in configs]
 
     def map(self, work: Callable[..., Any], items: Sequence[tuple],
             report: Callable[[int, Any], str] | None = None) -> list[Any]:
-        """``work(*item)`` for every item; with several workers in fresh processes with one torch thread
-        each (in this process when there is one worker or one item). ``report(i, result)`` formats a
+        """``work(*item)`` for every item; with several workers in fresh processes with ``threads`` torch
+        threads each (default one; in this process when there is one worker or one item). ``report(i, result)`` formats a
         line printed, after a ``[done/total]`` count, as each item finishes."""
         results: list[Any] = [None] * len(items)
 
@@ -119,7 +120,7 @@ class LocalRunner:
         context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked Warp/torch state
         with ProcessPoolExecutor(min(self.workers, len(items)), mp_context=context,
                                  initializer=_exit_with_parent) as pool:
-            futures = {pool.submit(_single_threaded, work, *item): i for i, item in enumerate(items)}
+            futures = {pool.submit(_with_threads, self.threads, work, *item): i for i, item in enumerate(items)}
             for done, future in enumerate(as_completed(futures), 1):
                 i = futures[future]
                 results[i] = future.result()  # re-raise a failed item's exception here
@@ -127,11 +128,12 @@ class LocalRunner:
         return results
 
 
-def _single_threaded(work: Callable[..., Any], *args: Any) -> Any:
-    """In a worker process: parallel work shares the cores, one thread each avoids oversubscription."""
+def _with_threads(threads: int | None, work: Callable[..., Any], *args: Any) -> Any:
+    """In a worker process: parallel work shares the cores; one thread each (the default) avoids
+    oversubscription."""
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads or 1)
     return work(*args)
 
 

@@ -28,6 +28,7 @@ import yaml
 
 from diffgym.experiments.sweep import LocalRunner, Runner, train_one
 from diffgym.plugins import load_trainer, resolve_config
+from diffgym.threads import add_threads_argument
 from diffgym.training.run import read_metrics
 from diffgym.training.spec import task_name
 
@@ -191,6 +192,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="objective: mean eval success (default) or mean eval return over the run")
     parser.add_argument("--seed", type=int, default=0, help="training seed of every trial and the sampler's seed")
     parser.add_argument("--workers", type=int, default=None, help="parallel trials (default: CPU count)")
+    add_threads_argument(parser, "each run")
     parser.add_argument("--out", default=None, help="output directory (default runs/tune/<algo>__<task>)")
 
 
@@ -202,7 +204,7 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"trainer {args.algo!r} has no suggest_hyperparams(trial, env_id): nothing to tune")
     except (KeyError, TypeError, ValueError) as error:
         raise SystemExit(f"diffgym tune: {error.args[0] if error.args else error}")
-    runner = LocalRunner(args.workers)
+    runner = LocalRunner(args.workers, threads=args.threads)
     report = tune(args.env, args.algo, args.trials, args.env_steps, out, runner, args.metric, args.seed,
                   args.eval_every)
     print(report.read_text())
