@@ -33,3 +33,15 @@ def test_lazy_api_names_resolve():
     assert diffgym.DiffSim.__name__ == "DiffSim" and callable(diffgym.warp_call)
     with pytest.raises(AttributeError):
         diffgym.no_such_name
+
+
+def test_no_cuda_driver_warning_on_machines_without_a_driver():
+    """Warp's native "could not load the CUDA driver" line is not printed where no driver exists."""
+    import ctypes.util
+
+    if ctypes.util.find_library("cuda") is not None:
+        pytest.skip("a CUDA driver is installed: Warp's own messages apply")
+    code = ("import gymnasium as gym, diffgym; env = gym.make('DiffGym/PointMass1D-v0'); env.reset(seed=0); "
+            "env.step(env.action_space.sample())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert "CUDA" not in result.stderr, result.stderr

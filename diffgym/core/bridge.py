@@ -112,6 +112,32 @@ def _check_written(kernel, outputs: Sequence[torch.Tensor], first_output: int) -
 
 
 @lru_cache(maxsize=None)
+def init_warp() -> None:
+    """``wp.init()``, without Warp's native "Could not find or load the NVIDIA CUDA driver" warning on
+    machines that have no CUDA driver at all (it prints on every process start and says nothing the user
+    can act on). Where a driver is installed, or ``DIFFGYM_WARP_VERBOSE=1``, Warp prints what it prints.
+    Idempotent; called when the bridge is imported, before any kernel module loads."""
+    import ctypes.util
+    import sys
+
+    if ctypes.util.find_library("cuda") is not None or os.environ.get("DIFFGYM_WARP_VERBOSE") == "1":
+        wp.init()
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)  # the warning comes from native code: silence file descriptor 2, not sys.stderr
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        wp.init()  # a failure still raises, with Warp's own error message
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+init_warp()
+
+
 def warp_device(device: torch.device):
     wp.init()  # idempotent; device lookups need the runtime
     return wp.device_from_torch(device)

@@ -497,7 +497,6 @@ class TPush(DiffSim):
     obs_dim = 11
     act_dim = 2
     dt = 0.05
-    substeps = SUBSTEPS
     default_max_episode_steps = 200
     reset_kernel = t_push_reset
     observe_kernel = t_push_observe
