@@ -360,3 +360,32 @@ def test_v1_is_v0_with_a_longer_horizon_and_a_wider_tolerance():
                               torch.zeros(1, 2)).truncated)
     finally:
         env0.close(), env1.close(), vec1.close()
+
+
+def face_potential_reference(pusher: np.ndarray, block: np.ndarray) -> float:
+    rel, away = pusher - block, block - np.zeros(2)
+    r, g = math.sqrt(rel @ rel + 1e-6), math.sqrt(away @ away + 1e-6)
+    return math.tanh(g / 0.05) * float(rel @ away) / (r * g)
+
+
+def test_face_shaping_is_a_potential_difference_with_exact_gradients():
+    """face_shaping_weight adds w (Phi(s') - Phi(s)), Phi the pusher's bearing behind the block: the
+    reward equals v0's plus exactly that, sums to w (Phi(s_T) - Phi(s_0)) over a rollout, and its
+    gradients (in and out of contact) match central differences."""
+    plain, shaped = TPush(), TPush(face_shaping_weight=2.0)
+    state = plain.reset(torch.arange(8, dtype=torch.int32), torch.zeros(8, dtype=torch.int32))
+    actions = interior_actions(30, 8, 5)
+    extra = torch.zeros(8, dtype=torch.float64)
+    s = state
+    for action in actions:
+        out0, out1 = plain.step(s, action), shaped.step(s, action)
+        torch.testing.assert_close(out1.state.block_pos, out0.state.block_pos)  # dynamics untouched
+        extra += (out1.reward - out0.reward).double()
+        s = out0.state
+    phi = [face_potential_reference(x.pusher_pos[0].numpy().astype(float), x.block_pos[0].numpy().astype(float))
+           for x in (state, s)]
+    assert float(extra[0]) == pytest.approx(2.0 * (phi[1] - phi[0]), abs=1e-4)
+    check_entrywise(shaped, state, interior_actions(1, 8, 3), eps=1e-3).assert_close(rtol=2e-2, atol=5e-3)
+    pressed = contact_states(8, seed=4)
+    check_entrywise(TPush(face_shaping_weight=2.0), pressed, interior_actions(1, 8, 6),
+                    eps=1e-4).assert_close(rtol=3e-2, atol=5e-2)

@@ -672,7 +672,10 @@ class TPushEnv(DiffGymEnv):
     ## Rewards
     `r = -D - 0.1 relu_s(gap)`, where D is the mean distance between the 8 outline vertices of the
     T at its current and its goal pose [m], and the second term (a smoothed pusher-to-block
-    clearance, zero in contact) gives a gradient before first contact.
+    clearance, zero in contact) gives a gradient before first contact. With `face_shaping_weight=w`
+    (default 0) the reward also gets `w (Phi(s') - Phi(s))`, Phi the cosine of the pusher's bearing
+    from the block against the direction away from the goal (potential-based shaping: it telescopes
+    over an episode; its gradient walks the pusher round the block to the face that pushes it goalwards).
 
     ## Starting State
     Block centre ~ U([-0.3, 0.3]^2), theta ~ U(-pi, pi), resampled until D > 0.1 m; pusher centre ~
