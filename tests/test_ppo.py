@@ -170,7 +170,12 @@ def test_tiny_learn_writes_run_outputs(env_id, tmp_path):
 
 
 def test_unknown_ppo_params_are_rejected(tmp_path):
-    config = resolve_config("ppo", ENV_ID, {"algo_params.n_step": 8, "run_dir": str(tmp_path / "r")})
+    # by resolve_config (the CLI and sweeps), against the keys PPO's defaults list ...
+    with pytest.raises(ValueError, match="unknown algo_params \\['n_step'\\] for trainer 'ppo'"):
+        resolve_config("ppo", ENV_ID, {"algo_params.n_step": 8, "run_dir": str(tmp_path / "r")})
+    # ... and by the trainer itself, for a config built another way
+    config = resolve_config("ppo", ENV_ID, {"run_dir": str(tmp_path / "r")})
+    config = config.replace(algo_params={**config.algo_params, "n_step": 8})
     with pytest.raises(ValueError, match="unknown PPO algo_params \\['n_step'\\]"):
         load_trainer("ppo").train(config, progress=False)
 
