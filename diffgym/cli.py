@@ -14,34 +14,15 @@ from typing import Any, Callable
 
 import yaml
 
+from diffgym.experiments.options import add_budget_arguments, add_override_arguments, overrides
+from diffgym.experiments.options import parse_value as _parse_value
+
 from diffgym.threads import add_threads_argument, configure_torch_threads
-
-
-def _parse_value(text: str) -> Any:
-    """A YAML scalar/list (``32``, ``[64, 64]``, ``true``, ``null``); numbers such as ``1e-3`` that
-    YAML 1.1 leaves as strings become floats."""
-    value = yaml.safe_load(text)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def _key_values(pairs: list[str], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"expected KEY=VALUE, got {pair!r}")
-        out[prefix + key.strip()] = _parse_value(value)
-    return out
 
 
 # ------------------------------------------------------------------------------------ trainers
 def _add_trainers(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--verbose", "-v", action="store_true", help="also show each trainer's entry point")
+    parser.add_argument("--verbose", "-v", action="store_true", help="also show each trainer's entry point and its own flags")
 
 
 def _run_trainers(args: argparse.Namespace) -> int:
@@ -77,8 +58,8 @@ def _run_trainers(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------- train
 _TOP_LEVEL = {  # CLI flag -> TrainConfig field
-    "seed": "seed", "num_envs": "num_envs", "total_env_steps": "total_env_steps",
-    "eval_every_env_steps": "eval_every_env_steps", "eval_episodes": "eval_episodes",
+    "seed": "seed", "num_envs": "num_envs", "env_steps": "total_env_steps",
+    "eval_every": "eval_every_env_steps", "eval_episodes": "eval_episodes",
     "device": "device", "run_dir": "run_dir",
 }
 
@@ -88,19 +69,14 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", required=True, help="task id, e.g. DiffGym/PointMass1D-v0")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--num-envs", type=int)
-    parser.add_argument("--total-env-steps", type=lambda s: int(float(s)), help="e.g. 1e6")
-    parser.add_argument("--eval-every-env-steps", type=lambda s: int(float(s)))
+    add_budget_arguments(parser, required=False, eval_default="the trainer's per-task default")
     parser.add_argument("--eval-episodes", type=int)
     parser.add_argument("--device", help="cpu or cuda[:N]")
     parser.add_argument("--run-dir", help="output directory (default runs/<algo>__<task>__s<seed>__<time>); an "
                                           "existing one is continued from its latest checkpoint")
     parser.add_argument("--config", type=Path, help="a config.yaml (e.g. from an earlier run) to start from; "
                                                     "the run goes to a new run directory unless --run-dir is given")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config field by dotted key, e.g. optimizer.lr=1e-3 "
-                             "policy.hidden_sizes=[128,128] (repeatable)")
-    parser.add_argument("--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
-                        help="override an algorithm hyperparameter, same as --set algo_params.KEY=VALUE")
+    add_override_arguments(parser, "the run")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_threads_argument(parser, "training")
@@ -136,16 +112,15 @@ def _run_train(args: argparse.Namespace) -> int:
     from diffgym.plugins import load_trainer, resolve_config
     from diffgym.training import TrainConfig
 
-    overrides = {field: getattr(args, flag) for flag, field in _TOP_LEVEL.items() if getattr(args, flag) is not None}
-    overrides.update(_key_values(args.sets))
-    overrides.update(_key_values(args.params, prefix="algo_params."))
-    overrides.update({f"algo_params.{key}": value for key, value in args.plugin_params.items()})
+    changes = {field: getattr(args, flag) for flag, field in _TOP_LEVEL.items() if getattr(args, flag) is not None}
+    changes.update(overrides(args))
+    changes.update({f"algo_params.{key}": value for key, value in args.plugin_params.items()})
     base = TrainConfig.load(args.config) if args.config else None
     if base is not None and args.run_dir is None:
         # an earlier run's config.yaml names its run_dir: repeating that run must not write into it
-        overrides["run_dir"] = None
+        changes["run_dir"] = None
     try:
-        config = resolve_config(args.algo, args.env, overrides, base=base)
+        config = resolve_config(args.algo, args.env, changes, base=base)
     except (KeyError, ValueError) as error:
         print(f"diffgym train: {error.args[0] if error.args else error}", file=sys.stderr)
         return 2

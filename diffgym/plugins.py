@@ -146,7 +146,7 @@ def _check_algo_params(trainer: Trainer, env_id: str, overrides: Mapping[str, An
     known = set(dict(trainer.default_config(env_id) or {}).get("algo_params", {}) or {})
     if not known:
         return  # a trainer that lists none: nothing to check against
-    unknown = sorted(key.split(".", 1)[1] for key in overrides
-                     if key.startswith("algo_params.") and key.split(".", 1)[1] not in known)
+    unknown = sorted(key.split(".")[1] for key in overrides
+                     if key.startswith("algo_params.") and key.split(".")[1] not in known)
     if unknown:
         raise ValueError(f"unknown algo_params {unknown} for trainer {trainer.name!r}; it has: {', '.join(sorted(known))}")

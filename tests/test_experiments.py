@@ -320,3 +320,27 @@ def test_user_errors_are_one_line_before_any_run(argv, message, trainers, tmp_pa
         code, text = 2, str(stop)
     assert code == 2 and message in text and len(text.strip().splitlines()) == 1, text
     assert not (tmp_path / "runs").exists()
+
+
+def test_one_flag_vocabulary_across_commands(tmp_path, trainers, capsys):
+    """train, compare, ablate and tune share --env-steps/--total-env-steps, --eval-every/--eval-every-env-steps
+    (1e3 notation everywhere) and --set/--param, which a sweep applies to every run."""
+    import yaml
+
+    from diffgym.cli import main
+
+    for budget, every in (("--env-steps", "--eval-every"), ("--total-env-steps", "--eval-every-env-steps")):
+        assert main(["train", "--algo", "fast_algo", "--env", ENV, budget, "2e4", every, "5e3", "--print-config"]) == 0
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert (printed["total_env_steps"], printed["eval_every_env_steps"]) == (20_000, 5_000)
+    sweeps = {"compare": ["--algos", "fast_algo"], "ablate": ["--algo", "fast_algo", "--grid", "bootstrap=none"]}
+    for command, extra in sweeps.items():
+        out = tmp_path / command
+        assert main([command, "--env", ENV, *extra, "--total-env-steps", "1e4", "--eval-every-env-steps", "5e3",
+                     "--seeds", "1", "--workers", "1", "--set", "num_envs=2", "--param", "segment_length=16",
+                     "--out", str(out)]) == 0
+        (config,) = load_sweep(out / "sweep.jsonl")
+        assert (config.num_envs, config.algo_params["segment_length"]) == (2, 16)
+        assert (config.total_env_steps, config.eval_every_env_steps) == (10_000, 5_000)
+    with pytest.raises(SystemExit, match="unknown config key 'nope'"):
+        main(["compare", "--env", ENV, "--algos", "fast_algo", "--env-steps", "1e4", "--set", "nope=1"])

@@ -150,3 +150,20 @@ def test_point_nav_2d_gradient_is_bounded_at_and_near_obstacle_centres():
     assert torch.isfinite(grad).all()
     # ~3.5e3 at a centre: the velocity's real sensitivity after being pushed off an unstable equilibrium
     assert float(grad.abs().max()) < 1e4, float(grad.abs().max())
+
+
+def test_unroll_restarts_envs_that_leave_the_domain_instead_of_failing():
+    """A finite state outside the task's valid domain is rejected by the next step, so the shared
+    rollout marks such envs diverged and restarts them (here a velocity bound shrunk to 1 mm/s)."""
+    from diffgym.training import ActorCritic, NormalizerSpec, ObservationNormalizer, PolicySpec
+    from diffgym.training.rollout import EnvBatch, unroll
+
+    venv = gym.make_vec("DiffGym/PointMass1D-v0", num_envs=4, vectorization_mode="vector_entry_point")
+    venv.sim.state_bounds = {**venv.sim.state_bounds, "v": 1e-3}
+    envs = EnvBatch(venv, 0, torch.device("cpu"))
+    model = ActorCritic(venv.single_observation_space.shape[0], 1, PolicySpec())
+    normalizer = ObservationNormalizer(venv.single_observation_space.shape[0], NormalizerSpec())
+    rollout, state, _ = unroll(model, normalizer, envs, 5)
+    assert bool(rollout.diverged.all()) and bool(rollout.terminated.all())
+    assert not bool(venv.sim.outside_domain(state).any())
+    venv.close()

@@ -291,7 +291,8 @@ def _plan(kernel, dim: int, params: Sequence[Any], out_specs: tuple[Out, ...],
           inputs: Sequence[torch.Tensor]) -> _LaunchPlan:
     """The cached plan for this call's key, built on first use (see :class:`_LaunchPlan`)."""
     device = inputs[0].device
-    key = (dim, device, out_specs, *[(t.shape, t.dtype) for t in inputs])
+    # Out is public and its shape may be given as a list: key on tuples
+    key = (dim, device, tuple((tuple(o.shape), o.dtype) for o in out_specs), *[(t.shape, t.dtype) for t in inputs])
     plans = _plans.get(kernel)
     if plans is None:
         plans = _plans[kernel] = {}

@@ -180,6 +180,25 @@ class DiffSim:
                 raise ValueError(f"state.{name} must be on {self.device}, got {tensor.device}")
         self._check_domain(state)
 
+    def outside_domain(self, state: SimState) -> torch.Tensor:
+        """``(B,)`` bool: the envs whose state is not finite or lies outside the task's valid domain
+        (``state_bounds`` and the task's own :meth:`_outside_task_domain`). ``check_state`` rejects such a
+        state; trainers restart those envs instead of stepping them (``diffgym.training.rollout.unroll``)."""
+        outside = torch.zeros(state.batch_size, dtype=torch.bool, device=self.device)
+        for name, tensor in zip(self._fields, state.tensors()):
+            if name == "step":
+                continue
+            flat = tensor.detach().reshape(len(tensor), -1)
+            outside |= ~torch.isfinite(flat).all(dim=1)
+            bound = self.state_bounds.get(name)
+            if bound is not None:
+                outside |= (flat.abs() > bound).any(dim=1)
+        return outside | self._outside_task_domain(state)
+
+    def _outside_task_domain(self, state: SimState) -> torch.Tensor:
+        """Task-specific domain limits beyond ``state_bounds`` (``(B,)`` bool); none by default."""
+        return torch.zeros(state.batch_size, dtype=torch.bool, device=self.device)
+
     def _check_domain(self, state: SimState) -> None:
         """Reject non-finite float fields and fields beyond ``state_bounds`` with one line naming the
         field and the first offending env. One host sync for the whole state when everything is valid."""

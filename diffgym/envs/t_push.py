@@ -498,8 +498,9 @@ def t_push_step(
     distance = mean_keypoint_distance(p, xb, theta)
     # shaping: a smoothed max(gap, 0), so it is zero (and gradient-free) in contact
     approach = smooth_relu(pusher_gap(p, xp, xb, theta), p.contact_smoothing)
-    # optional potential-based shaping (Ng et al. 1999: it adds Phi(s') - Phi(s), which telescopes over an
-    # episode and leaves the optimal policies unchanged); off by default
+    # optional potential-based shaping (Ng et al. 1999) with gamma = 1: Phi(s') - Phi(s) telescopes to
+    # Phi(s_T) - Phi(s_0) over an episode, so it shifts the undiscounted return by a bounded amount and
+    # leaves its optimal policies unchanged (a discounted objective would need gamma Phi(s')); off by default
     face = face_potential(p, xp, xb) - face_potential(p, pusher_pos[i], block_pos[i])
     reward[i] = -distance - p.shaping_weight * approach + p.face_shaping_weight * face
     terminated[i] = 0
@@ -584,6 +585,10 @@ class TPush(DiffSim):
         c, s = torch.cos(block_angle)[:, None], torch.sin(block_angle)[:, None]
         x, y = self._hull[None, :, 0], self._hull[None, :, 1]
         return block_pos[:, None, :] + torch.stack([c * x - s * y, s * x + c * y], dim=-1)
+
+    def _outside_task_domain(self, state) -> torch.Tensor:
+        reach = self.hull_vertices(state.block_pos.detach(), state.block_angle.detach()).abs().amax(dim=(1, 2))
+        return reach > self.block_vertex_limit
 
     def check_state(self, state) -> None:
         super().check_state(state)  # types, shapes, device, finiteness and state_bounds
@@ -674,8 +679,9 @@ class TPushEnv(DiffGymEnv):
     T at its current and its goal pose [m], and the second term (a smoothed pusher-to-block
     clearance, zero in contact) gives a gradient before first contact. With `face_shaping_weight=w`
     (default 0) the reward also gets `w (Phi(s') - Phi(s))`, Phi the cosine of the pusher's bearing
-    from the block against the direction away from the goal (potential-based shaping: it telescopes
-    over an episode; its gradient walks the pusher round the block to the face that pushes it goalwards).
+    from the block against the direction away from the goal (potential-based shaping with gamma = 1:
+    it telescopes over an episode, shifting the undiscounted return by at most 2w; its gradient walks
+    the pusher round the block to the face that pushes it goalwards).
 
     ## Starting State
     Block centre ~ U([-0.3, 0.3]^2), theta ~ U(-pi, pi), resampled until D > 0.1 m; pusher centre ~

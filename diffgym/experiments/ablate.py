@@ -16,15 +16,16 @@ import itertools
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import gymnasium as gym
 import numpy as np
 
 from diffgym.experiments.report import SUCCESS_THRESHOLD, group, load_run, threshold_table
 from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
+from diffgym.experiments.options import add_budget_arguments, add_override_arguments, overrides
 from diffgym.plugins import check_task, resolve_config
-from diffgym.threads import add_threads_argument
+from diffgym.threads import add_threads_argument, resolve_threads
 from diffgym.training.spec import TrainConfig, task_name
 
 def parse_values(text: str, env_id: str) -> list[Any]:
@@ -58,16 +59,18 @@ def _dir_name(params: dict[str, Any], keys: Sequence[str]) -> str:
 
 
 def grid_configs(env_id: str, grid: dict[str, Sequence[Any]], seeds: int, env_steps: int, out_dir: str | Path,
-                 algo: str) -> list[TrainConfig]:
-    """One config per grid cell and seed, run directories ``<out>/runs/<cell>__s<seed>``."""
-    eval_every = max(1, env_steps // 20)
+                 algo: str, eval_every: int | None = None, overrides: Mapping[str, Any] | None = None
+                 ) -> list[TrainConfig]:
+    """One config per grid cell and seed, run directories ``<out>/runs/<cell>__s<seed>``; ``overrides``
+    (dotted keys) apply to every run, under the grid's values."""
+    eval_every = eval_every or max(1, env_steps // 20)
     keys = list(grid)
     configs = []
     for values in itertools.product(*(grid[k] for k in keys)):
         params = dict(zip(keys, values))
         for seed in range(seeds):
             configs.append(resolve_config(algo, env_id, {
-                "seed": seed, "total_env_steps": env_steps, "eval_every_env_steps": eval_every,
+                **(overrides or {}), "seed": seed, "total_env_steps": env_steps, "eval_every_env_steps": eval_every,
                 **{f"algo_params.{k}": v for k, v in params.items()},
                 "run_dir": str(Path(out_dir) / "runs" / f"{_dir_name(params, keys)}__s{seed}")}))
     return configs
@@ -101,10 +104,11 @@ def heatmap(values: np.ndarray, rows: Sequence[Any], columns: Sequence[str], tit
 
 
 def ablate(env_id: str, grid: dict[str, Sequence[Any]], seeds: int, env_steps: int, out_dir: str | Path,
-           algo: str, runner: Runner | None = None, threshold: float = SUCCESS_THRESHOLD) -> Path:
+           algo: str, runner: Runner | None = None, threshold: float = SUCCESS_THRESHOLD,
+           eval_every: int | None = None, overrides: Mapping[str, Any] | None = None) -> Path:
     out = Path(out_dir)
     keys = list(grid)
-    configs = grid_configs(env_id, grid, seeds, env_steps, out, algo)
+    configs = grid_configs(env_id, grid, seeds, env_steps, out, algo, eval_every, overrides)
     save_sweep(configs, out / "sweep.jsonl")
     run_dirs = (runner or LocalRunner()).run(configs)
     groups = group((load_run(p) for p in run_dirs), lambda run: cell_label(run.config.algo_params, keys))
@@ -144,8 +148,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an algo_params key and its values (repeatable; 'full' = episode length), "
                              "e.g. --grid estimator=analytic,hybrid --grid segment_length=32,adaptive")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (0..S-1)")
-    parser.add_argument("--env-steps", type=lambda s: int(float(s)), required=True,
-                        help="env-step budget of every run (e.g. 1e6)")
+    add_budget_arguments(parser, required=True, eval_default="budget/20")
+    add_override_arguments(parser, "every run (under the grid)")
     parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPU count)")
     add_threads_argument(parser, "each run")
     parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")
@@ -168,13 +172,15 @@ def main(args: argparse.Namespace) -> int:
         pairs = [f"{key}={values}" for key, values in default.items()]
     out = Path(args.out or Path("runs") / "ablate" / task_name(args.env))
     try:  # unknown task, trainer or setting: one line, before any run starts
+        resolve_threads(args.threads)
         check_task(args.env)
         grid = parse_grid(pairs, args.env)
-        grid_configs(args.env, grid, args.seeds, args.env_steps, out, args.algo)
+        grid_configs(args.env, grid, args.seeds, args.env_steps, out, args.algo, args.eval_every, overrides(args))
     except (KeyError, ValueError) as error:
         raise SystemExit(f"diffgym ablate: {error.args[0] if error.args else error}")
     runner = LocalRunner(args.workers, threads=args.threads)
-    report = ablate(args.env, grid, args.seeds, args.env_steps, out, args.algo, runner, args.threshold)
+    report = ablate(args.env, grid, args.seeds, args.env_steps, out, args.algo, runner, args.threshold,
+                    args.eval_every, overrides(args))
     print(report.read_text().split("\n![")[0])
     print(f"\nreport: {report}")
     return 0

@@ -15,7 +15,8 @@ from typing import Any, Mapping, Sequence
 from diffgym.experiments.report import SUCCESS_THRESHOLD, write_report
 from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
 from diffgym.plugins import resolve_config
-from diffgym.threads import add_threads_argument
+from diffgym.experiments.options import add_budget_arguments, add_override_arguments, overrides
+from diffgym.threads import add_threads_argument, resolve_threads
 from diffgym.training.spec import TrainConfig, task_name
 
 
@@ -46,11 +47,12 @@ def ratio_roles(algos: Sequence[str], baseline: str | None, contender: str | Non
 
 def compare(env_id: str, algos: Sequence[str], seeds: int, env_steps: int, out_dir: str | Path,
             runner: Runner | None = None, eval_every: int | None = None,
-            threshold: float = SUCCESS_THRESHOLD, baseline: str | None = None, contender: str | None = None) -> Path:
+            threshold: float = SUCCESS_THRESHOLD, baseline: str | None = None, contender: str | None = None,
+            overrides: Mapping[str, Any] | None = None) -> Path:
     """Every algorithm x seed through ``runner``, then the report; ratios ``baseline/contender`` (by
     default the last and the first of ``algos``)."""
     baseline, contender = ratio_roles(algos, baseline, contender)
-    configs = compare_configs(env_id, algos, seeds, env_steps, out_dir, eval_every)
+    configs = compare_configs(env_id, algos, seeds, env_steps, out_dir, eval_every, overrides)
     save_sweep(configs, Path(out_dir) / "sweep.jsonl")
     run_dirs = (runner or LocalRunner()).run(configs)
     title = f"{task_name(env_id)}: {' vs '.join(algos)} ({seeds} seeds, {env_steps:,} env steps)"
@@ -63,10 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", default=None, help="algorithm in the ratios' numerator (default: the last)")
     parser.add_argument("--contender", default=None, help="algorithm in the ratios' denominator (default: the first)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per algorithm (0..S-1)")
-    parser.add_argument("--env-steps", type=lambda s: int(float(s)), required=True,
-                        help="env-step budget of every run (e.g. 1e6)")
-    parser.add_argument("--eval-every", type=lambda s: int(float(s)), default=None,
-                        help="env steps between evaluations (default budget/20, e.g. 5e3)")
+    add_budget_arguments(parser, required=True, eval_default="budget/20")
+    add_override_arguments(parser, "every run")
     parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPU count)")
     add_threads_argument(parser, "each run")
     parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")
@@ -77,12 +77,13 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / "compare" / task_name(args.env))
     algos = [a for a in args.algos.split(",") if a]
     try:  # unknown task or trainer, bad setting: one line, before any run starts
+        resolve_threads(args.threads)
         ratio_roles(algos, args.baseline, args.contender)
-        compare_configs(args.env, algos, args.seeds, args.env_steps, out, args.eval_every)
+        compare_configs(args.env, algos, args.seeds, args.env_steps, out, args.eval_every, overrides(args))
     except (KeyError, ValueError) as error:
         raise SystemExit(f"diffgym compare: {error.args[0] if error.args else error}")
     report = compare(args.env, algos, args.seeds, args.env_steps, out, LocalRunner(args.workers, threads=args.threads),
-                     args.eval_every, args.threshold, args.baseline, args.contender)
+                     args.eval_every, args.threshold, args.baseline, args.contender, overrides(args))
     print(report.read_text().split("\n![")[0])
     print(f"\nreport: {report}\nplots:  {sorted(str(p) for p in report.parent.glob('*.png'))}")
     return 0

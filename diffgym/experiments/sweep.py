@@ -133,7 +133,7 @@ def _with_threads(threads: int | None, work: Callable[..., Any], *args: Any) -> 
     oversubscription."""
     import torch
 
-    torch.set_num_threads(threads or 1)
+    torch.set_num_threads(threads or 1)  # train_one then sets each run's own count (by its device)
     return work(*args)
 
 

@@ -22,13 +22,14 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
 from diffgym.experiments.sweep import LocalRunner, Runner, train_one
+from diffgym.experiments.options import add_budget_arguments, add_override_arguments, overrides
 from diffgym.plugins import load_trainer, resolve_config
-from diffgym.threads import add_threads_argument
+from diffgym.threads import add_threads_argument, resolve_threads
 from diffgym.training.run import read_metrics
 from diffgym.training.spec import task_name
 
@@ -52,9 +53,10 @@ def _pruner(warmup_steps: int):
     return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=warmup_steps)
 
 
-def run_trial(config_dict: dict, storage_path: str, study_name: str, trial_id: int, metric: str) -> dict[str, Any]:
-    """The unit of work of a tuning sweep (runs in a worker): train, reporting the running mean of
-    the metric at every evaluation; stop when the pruner says so."""
+def run_trial(config_dict: dict, storage_path: str, study_name: str, trial_id: int, metric: str,
+              threads: int | None = None) -> dict[str, Any]:
+    """The unit of work of a tuning sweep (runs in a worker): train (with ``threads`` torch threads),
+    reporting the running mean of the metric at every evaluation; stop when the pruner says so."""
     import optuna
 
     from diffgym.training.run import log_hook
@@ -81,7 +83,7 @@ def run_trial(config_dict: dict, storage_path: str, study_name: str, trial_id: i
     pruned, error = False, None
     with log_hook(report):
         try:
-            train_one(config_dict, progress=False)
+            train_one(config_dict, progress=False, threads=threads)
         except _Pruned:
             pruned = True
         except Exception as failure:  # one failing trial must not stop the study: it is recorded as failed
@@ -104,7 +106,8 @@ def _last_env_steps(run_dir: str | None) -> int:
 
 
 def tune(env_id: str, algo: str, trials: int, env_steps: int, out_dir: str | Path, runner: Runner | None = None,
-         metric: str = "success", seed: int = 0, eval_every: int | None = None, workers: int = 2) -> Path:
+         metric: str = "success", seed: int = 0, eval_every: int | None = None, workers: int = 2,
+         overrides: Mapping[str, Any] | None = None) -> Path:
     """Run (or continue) the study until it holds ``trials`` finished (complete, pruned or failed)
     trials; write the reports."""
     import optuna
@@ -138,12 +141,13 @@ def tune(env_id: str, algo: str, trials: int, env_steps: int, out_dir: str | Pat
         asked = [study.ask() for _ in range(min(batch, trials - done))]
         items = []
         for trial in asked:
-            overrides = trainer.suggest_hyperparams(trial, env_id)
+            suggested = trainer.suggest_hyperparams(trial, env_id)
             config = resolve_config(algo, env_id, {
-                **overrides, "seed": seed, "total_env_steps": env_steps, "eval_every_env_steps": eval_every,
+                **(overrides or {}), **suggested, "seed": seed, "total_env_steps": env_steps, "eval_every_env_steps": eval_every,
                 "run_dir": str(out / "runs" / f"trial_{trial.number:03d}")})
-            trial.set_user_attr("overrides", overrides)
-            items.append((config.to_dict(), str(out / "study.log"), study_name, trial._trial_id, metric))
+            trial.set_user_attr("overrides", suggested)
+            items.append((config.to_dict(), str(out / "study.log"), study_name, trial._trial_id, metric,
+                          getattr(runner, "threads", None)))
         results = runner.map(run_trial, items, lambda i, r: (
             f"trial {asked[i].number}: failed: {r['error']}" if r["error"] else
             f"trial {asked[i].number}: {'pruned' if r['pruned'] else 'done'} at {r['env_steps']:,} env steps, "
@@ -186,8 +190,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--algo", required=True, help="trainer plugin with a search space (ppo, apg)")
     parser.add_argument("--trials", type=int, required=True,
                         help="trials the study should hold (complete, pruned or failed)")
-    parser.add_argument("--env-steps", type=lambda s: int(float(s)), required=True, help="budget of every trial")
-    parser.add_argument("--eval-every", type=lambda s: int(float(s)), default=None, help="default budget/10")
+    add_budget_arguments(parser, required=True, eval_default="budget/10")
+    add_override_arguments(parser, "every trial (under the searched settings)")
     parser.add_argument("--metric", choices=sorted(METRICS), default="success",
                         help="objective: mean eval success (default) or mean eval return over the run")
     parser.add_argument("--seed", type=int, default=0, help="training seed of every trial and the sampler's seed")
@@ -198,15 +202,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / "tune" / f"{args.algo}__{task_name(args.env)}")
-    try:  # unknown task or trainer, or a trainer without a search space: one line, before any trial
-        resolve_config(args.algo, args.env)
+    try:  # unknown task or trainer, bad setting, no search space: one line, before any trial
+        resolve_threads(args.threads)
+        resolve_config(args.algo, args.env, overrides(args))
         if not hasattr(load_trainer(args.algo), "suggest_hyperparams"):
             raise ValueError(f"trainer {args.algo!r} has no suggest_hyperparams(trial, env_id): nothing to tune")
     except (KeyError, TypeError, ValueError) as error:
         raise SystemExit(f"diffgym tune: {error.args[0] if error.args else error}")
     runner = LocalRunner(args.workers, threads=args.threads)
     report = tune(args.env, args.algo, args.trials, args.env_steps, out, runner, args.metric, args.seed,
-                  args.eval_every)
+                  args.eval_every, overrides=overrides(args))
     print(report.read_text())
     best = out / "best.yaml"
     if best.exists():

@@ -129,9 +129,11 @@ def unroll(model: ActorCritic, normalizer: ObservationNormalizer, envs: EnvBatch
     The batch itself is not advanced: assign ``envs.state, envs.obs`` from the returned pair (detached
     to cut the graph) when the update is done. An env whose observation or reward stops being finite
     has diverged: its step counts as a termination (no tail), it restarts, and ``Rollout.diverged``
-    marks it so the trainer can leave it out of the update.
+    marks it so the trainer can leave it out of the update. So does an env whose state leaves the task's
+    valid domain (``DiffSim.outside_domain``) while still finite: stepping it again would be an error.
     """
     state, obs = envs.state, envs.obs
+    sim = getattr(envs.venv, "sim", None)
     start_obs, rewards, next_obs, terminated, truncated, finished = [], [], [], [], [], []
     actions, obs_normalized, noises, pre_squashes = [], [], [], []
     diverged_any = torch.zeros(envs.num_envs, dtype=torch.bool, device=envs.device)
@@ -140,6 +142,8 @@ def unroll(model: ActorCritic, normalizer: ObservationNormalizer, envs: EnvBatch
         action, pre_squash, noise = model.sample(obs_norm)
         out = envs.venv.differentiable_step(state, action)
         diverged = ~torch.isfinite(out.obs).all(dim=1) | ~torch.isfinite(out.reward)
+        if sim is not None:  # finite but outside the task's valid domain: the next step would reject it
+            diverged = diverged | sim.outside_domain(out.state)
         diverged_any |= diverged
         step_obs = torch.where(diverged[:, None], torch.zeros_like(out.obs), out.obs)
         start_obs.append(obs.detach())

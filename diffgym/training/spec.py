@@ -15,7 +15,6 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
-import torch
 import yaml
 
 ACTIVATIONS = ("tanh", "relu", "elu", "gelu", "silu")
@@ -130,6 +129,8 @@ class TrainConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.algo_params = dict(self.algo_params)
+        import torch  # here, not at the top: the CLI and sweep drivers import this module and start fast
+
         try:
             device_type = torch.device(self.device).type
         except (RuntimeError, TypeError):
