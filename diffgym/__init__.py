@@ -47,7 +47,7 @@ def __dir__() -> list[str]:
 
 # One line per task, in rising dynamical complexity.
 register_task("DiffGym/PointMass1D-v0", "diffgym.envs.point_mass_1d:PointMass1DEnv",
-              max_episode_steps=100, reward_threshold=-6.0)
+              max_episode_steps=100, reward_threshold=-12.0)
 register_task("DiffGym/PointNav2D-v0", "diffgym.envs.point_nav_2d:PointNav2DEnv",
               max_episode_steps=200, reward_threshold=-210.0)
 register_task("DiffGym/TPush-v0", "diffgym.envs.t_push:TPushEnv",

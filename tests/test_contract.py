@@ -278,3 +278,24 @@ def test_same_step_info_of_reset_envs_is_in_final_info(env_id):
     *_, trunc, info = venv.step(zeros)
     assert trunc.all() and not info["_is_success"].any()  # top level: the new episodes' (empty) reset info
     assert info["final_info"]["_is_success"].all()
+
+
+@pytest.mark.parametrize("env_id", TASKS)
+def test_single_env_pickles_mid_episode_and_the_vector_env_says_why_not(env_id):
+    """A pickled single env (SB3's SubprocVecEnv, multiprocessing) continues exactly where it was; the
+    vector env refuses with a TypeError that says what to do instead."""
+    import pickle
+
+    env = gym.make(env_id)
+    env.reset(seed=3)
+    actions = random_actions(env, 8, seed=1)
+    for action in actions[:3]:
+        env.step(action)
+    copy = pickle.loads(pickle.dumps(env))
+    for action in actions[3:]:
+        a, b = env.step(action), copy.step(action)
+        np.testing.assert_array_equal(flat(a[0]), flat(b[0]))
+        assert a[1:4] == b[1:4]
+    venv = gym.make_vec(env_id, num_envs=2)
+    with pytest.raises(TypeError, match="cannot be pickled.*gym.make_vec"):
+        pickle.dumps(venv)

@@ -171,8 +171,8 @@ def test_tensorboard_shows_each_point_once_after_a_resume(tmp_path):
         run.log(30, 3, eval_return=-30.0, eval_success_rate=1.0)
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    assert [e.step for e in events.Scalars("eval_success_rate")] == [0, 10, 20, 30]
-    assert events.Scalars("eval_success_rate")[-1].value == 1.0
+    assert [e.step for e in events.Scalars("eval/success_rate")] == [0, 10, 20, 30]
+    assert events.Scalars("eval/success_rate")[-1].value == 1.0
 
 
 # ---------------------------------------------------------------------------------- config drift

@@ -180,7 +180,7 @@ def test_run_writes_config_metrics_tensorboard_and_checkpoints(tmp_path):
 
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("eval_return")] == [(200, -3.0)]
+    assert [(e.step, e.value) for e in events.Scalars("eval/return")] == [(200, -3.0)]
     assert [e.step for e in events.Scalars("loss")] == [100]
 
 
@@ -299,3 +299,23 @@ def test_env_kwargs_overrides_and_reserved_keys():
     assert config.with_overrides({"env_kwargs.contact_stiffness": 2000.0}).env_kwargs == {"contact_stiffness": 2000.0}
     with pytest.raises(ValueError, match="may not set 'device'"):
         TrainConfig(algo="apg", env_id="DiffGym/TPush-v0", env_kwargs={"device": "cpu"})
+
+
+def test_both_trainers_write_shared_tensorboard_tags(tmp_path):
+    """What APG and PPO both log (policy std, evaluation, episode returns) has one TensorBoard tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from diffgym.plugins import load_trainer, resolve_config
+
+    tags = {}
+    for algo, params in (("apg", {"algo_params.segment_length": 8, "algo_params.bootstrap": "none"}),
+                         ("ppo", {"algo_params.n_steps": 16, "algo_params.batch_size": 32})):
+        config = resolve_config(algo, "DiffGym/PointMass1D-v0", {
+            **params, "num_envs": 4, "total_env_steps": 128, "eval_every_env_steps": 128, "eval_episodes": 2,
+            "run_dir": str(tmp_path / algo)})
+        load_trainer(algo).train(config, progress=False)
+        events = EventAccumulator(str(tmp_path / algo))
+        events.Reload()
+        tags[algo] = set(events.Tags()["scalars"])
+    shared = {"policy/std", "eval/return", "eval/success_rate", "progress/grad_steps"}
+    assert shared <= tags["apg"] and shared <= tags["ppo"], tags

@@ -201,6 +201,19 @@ class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
         mode; bit-identical to the reference path, which ``False`` selects)."""
         self._fast: _FastPath | None = None
         self._info_overridden = type(self.sim).info is not DiffSim.info
+        self._init_kwargs = {"render_mode": render_mode, "device": device, **sim_kwargs}
+
+    # Pickling (SB3's SubprocVecEnv, multiprocessing, Ray) rebuilds the env from its constructor arguments:
+    # the sim holds Warp kernels and launch plans, which do not pickle, but a state is just tensors.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"init": self._init_kwargs, "spec": self.spec, "use_fast_path": self.use_fast_path,
+                "state": None if self._state is None else self._state.clone(), "seed": self._seed,
+                "episode": self._episode.clone(), "np_random": self._np_random}
+
+    def __setstate__(self, saved: dict[str, Any]) -> None:
+        type(self).__init__(self, **saved["init"])
+        self.spec, self.use_fast_path, self._np_random = saved["spec"], saved["use_fast_path"], saved["np_random"]
+        self._state, self._seed, self._episode = saved["state"], saved["seed"], saved["episode"]
 
     @property
     def spec(self) -> EnvSpec | None:  # type: ignore[override]
@@ -301,6 +314,11 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
     observation and info are in ``info["final_obs"]`` / ``info["final_info"]``).
     ``reset(options={"reset_mask": mask})`` resets only the masked envs.
     """
+
+    def __reduce__(self):
+        raise TypeError(f"a {type(self).__name__} cannot be pickled: it holds N envs' Warp kernels and device "
+                        "state. Make it in each process with gym.make_vec(env_id, num_envs=N), and move states "
+                        "between processes with get_state() / set_state() (tensors pickle)")
 
     def __init__(self, sim_class: type[DiffSim], num_envs: int, render_mode: str | None = None,
                  device: str = "cpu", autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,

@@ -40,7 +40,7 @@ PPO_PARAMS: dict[str, Any] = {
 
 
 def load_hyperparams() -> dict[str, Any]:
-    """The bundled per-task table ``hyperparams/ppo.yml`` (rl-zoo style: env id -> TrainConfig fields)."""
+    """The bundled per-task table ``hyperparams/ppo.yml`` (env id -> TrainConfig fields; not rl-zoo's format)."""
     text = resources.files("diffgym_ppo").joinpath("hyperparams/ppo.yml").read_text()
     return yaml.safe_load(text) or {}
 
