@@ -115,7 +115,12 @@ def _run_train(args: argparse.Namespace) -> int:
     changes = {field: getattr(args, flag) for flag, field in _TOP_LEVEL.items() if getattr(args, flag) is not None}
     changes.update(overrides(args))
     changes.update({f"algo_params.{key}": value for key, value in args.plugin_params.items()})
-    base = TrainConfig.load(args.config) if args.config else None
+    try:
+        base = TrainConfig.load(args.config) if args.config else None
+    except (OSError, ValueError, yaml.YAMLError) as error:  # missing, unreadable, not YAML, not a config
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+        print(f"diffgym train: --config {args.config}: {reason}", file=sys.stderr)
+        return 2
     if base is not None and args.run_dir is None:
         # an earlier run's config.yaml names its run_dir: repeating that run must not write into it
         changes["run_dir"] = None

@@ -306,6 +306,9 @@ def test_sweep_workers_exit_when_their_parent_dies():
     (["ablate", "--env", "Nope-v0", "--algo", "fast_algo", "--grid", "bootstrap=none", "--env-steps", "1e3"],
      "unknown task"),
     (["tune", "--env", ENV, "--algo", "fast_algo", "--trials", "1", "--env-steps", "1e3"], "no suggest_hyperparams"),
+    (["train", "--algo", "fast_algo", "--env", ENV, "--config", "missing.yaml"], "No such file"),
+    (["train", "--algo", "fast_algo", "--env", ENV, "--config", "list.yaml"], "expected a mapping"),
+    (["train", "--algo", "fast_algo", "--env", ENV, "--config", "broken.yaml"], "--config broken.yaml"),
 ])
 def test_user_errors_are_one_line_before_any_run(argv, message, trainers, tmp_path, monkeypatch, capsys):
     """Wrong task, misspelt hyperparameter, bad device, unknown trainer or role: one line naming what was
@@ -313,6 +316,8 @@ def test_user_errors_are_one_line_before_any_run(argv, message, trainers, tmp_pa
     from diffgym.cli import main
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    (tmp_path / "broken.yaml").write_text("seed: [1, 2\n")
     try:
         code = main(argv + (["--no-progress"] if argv[0] == "train" else []))
         text = capsys.readouterr().err
