@@ -22,7 +22,7 @@ import gymnasium as gym
 import numpy as np
 
 from diffgym.experiments.report import SUCCESS_THRESHOLD, group, load_run, threshold_table
-from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
+from diffgym.experiments.sweep import LocalRunner, Runner, SweepFailed, add_runner_arguments, make_runner, save_sweep
 from diffgym.plugins import resolve_config
 from diffgym.training.spec import TrainConfig, task_name
 
@@ -148,6 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPU count)")
     parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")
     parser.add_argument("--out", default=None, help="output directory (default runs/ablate/<task>)")
+    add_runner_arguments(parser)
     parser.epilog = "The trainer's own flags (`diffgym trainers -v`) are grid axes too: --FLAG V1,V2."
     parser.set_defaults(plugin_flags="list")
 
@@ -166,8 +167,11 @@ def main(args: argparse.Namespace) -> int:
         pairs = [f"{key}={values}" for key, values in default.items()]
     grid = parse_grid(pairs, args.env)
     out = Path(args.out or Path("runs") / "ablate" / task_name(args.env))
-    report = ablate(args.env, grid, args.seeds, args.env_steps, out, args.algo, LocalRunner(args.workers),
-                    args.threshold)
+    try:
+        report = ablate(args.env, grid, args.seeds, args.env_steps, out, args.algo, make_runner(args, "ablate"),
+                        args.threshold)
+    except SweepFailed as error:
+        raise SystemExit(f"diffgym ablate: {error}")
     print(report.read_text().split("\n![")[0])
     print(f"\nreport: {report}")
     return 0

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from diffgym.experiments.report import SUCCESS_THRESHOLD, write_report
-from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
+from diffgym.experiments.sweep import LocalRunner, Runner, SweepFailed, add_runner_arguments, make_runner, save_sweep
 from diffgym.plugins import resolve_config
 from diffgym.training.spec import TrainConfig, task_name
 
@@ -62,14 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPU count)")
     parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")
     parser.add_argument("--out", default=None, help="output directory (default runs/compare/<task>)")
+    add_runner_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / "compare" / task_name(args.env))
     try:
         report = compare(args.env, [a for a in args.algos.split(",") if a], args.seeds, args.env_steps, out,
-                         LocalRunner(args.workers), args.eval_every, args.threshold, args.baseline, args.contender)
-    except ValueError as error:
+                         make_runner(args, "compare"), args.eval_every, args.threshold, args.baseline, args.contender)
+    except (ValueError, SweepFailed) as error:
         raise SystemExit(f"diffgym compare: {error}")
     print(report.read_text().split("\n![")[0])
     print(f"\nreport: {report}\nplots:  {sorted(str(p) for p in report.parent.glob('*.png'))}")
