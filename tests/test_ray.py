@@ -119,7 +119,7 @@ def test_a_killed_worker_is_retried_and_resumes_from_its_checkpoint(tmp_path, lo
     register_trainer("checkpointing", CheckpointingTrainer())
     config = _config(tmp_path, die_at=30)
     RayRunner(sync_every=0.1).run([config])
-    assert "(2 attempts: its worker died)" in capsys.readouterr().out
+    assert "checkpointing__s0: its worker died" in capsys.readouterr().err
     assert json.loads((Path(config.run_dir) / "starts.json").read_text()) == [0, 30]
     # every evaluation exactly once, as in an uninterrupted run
     reference = _config(tmp_path / "reference")
@@ -130,12 +130,13 @@ def test_a_killed_worker_is_retried_and_resumes_from_its_checkpoint(tmp_path, lo
 
 def test_a_failing_run_is_reported_by_name_and_the_sweep_goes_on(tmp_path, local_ray, capsys):
     register_trainer("checkpointing", CheckpointingTrainer())
-    configs = [_config(tmp_path, seed, fail_seeds=[1]) for seed in (0, 1, 2)]
-    with pytest.raises(SweepFailed, match=r"1 of 3 runs failed: checkpointing__s1 \(RuntimeError: diverged\)") as failed:
+    configs = [_config(tmp_path, seed, fail_seeds=[1]) for seed in (0, 1)]
+    expected = r"1 of 2 runs failed: checkpointing__s1 \(RuntimeError: diverged\)"
+    with pytest.raises(SweepFailed, match=expected) as failed:
         RayRunner(sync_every=0.1).run(configs)
     assert failed.value.failures == [("checkpointing__s1", "RuntimeError: diverged")]
     assert "checkpointing__s1 failed: RuntimeError: diverged" in capsys.readouterr().out
-    assert [is_finished(c) for c in configs] == [True, False, True]
+    assert [is_finished(c) for c in configs] == [True, False]
 
 
 def _busy(seconds: float) -> None:

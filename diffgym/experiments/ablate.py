@@ -22,7 +22,8 @@ import gymnasium as gym
 import numpy as np
 
 from diffgym.experiments.report import SUCCESS_THRESHOLD, group, load_run, threshold_table
-from diffgym.experiments.sweep import LocalRunner, Runner, SweepFailed, add_runner_arguments, make_runner, save_sweep
+from diffgym.experiments.sweep import (LocalRunner, Runner, SweepFailed, add_runner_arguments, make_runner,
+                                       save_sweep)
 from diffgym.plugins import resolve_config
 from diffgym.training.spec import TrainConfig, task_name
 

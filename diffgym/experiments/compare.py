@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from diffgym.experiments.report import SUCCESS_THRESHOLD, write_report
-from diffgym.experiments.sweep import LocalRunner, Runner, SweepFailed, add_runner_arguments, make_runner, save_sweep
+from diffgym.experiments.sweep import (LocalRunner, Runner, SweepFailed, add_runner_arguments, make_runner,
+                                       save_sweep)
 from diffgym.plugins import resolve_config
 from diffgym.training.spec import TrainConfig, task_name
 

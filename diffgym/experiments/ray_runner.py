@@ -13,12 +13,19 @@ config names: the driver's ``--out`` holds every run as if it had trained there,
 detection, resuming and reports work as with the local runner. With ``shared_out`` (``--out`` on
 storage every node mounts at the same path), runs write there directly and nothing is copied.
 
-Faults. A run whose worker dies (killed, out of memory, node lost) is retried by Ray (``max_retries``);
-the retry starts from the driver's copy of the run directory, so the trainer resumes from the last
-checkpoint that reached it. A run that raises is not retried: it is reported by name with its error,
-the other runs go on, and :class:`~diffgym.experiments.sweep.SweepFailed` lists the failures at the end.
-Ctrl-C cancels the outstanding runs (running ones get a KeyboardInterrupt, copy their outputs back and
-stop; runs that do not stop within a few seconds are killed); re-running the command resumes them.
+Tasks do not wait on Ray while they train (a task blocked in ``ray.get`` lends its CPU to a queued
+task, and the machine would run more runs than it has CPUs): the driver hands each task the run
+directory's contents, the mirror's periodic copies are sent without waiting (an actor runs one caller's
+calls in order), and only the final copy, after training, is waited for (a queued run may then start
+a moment early).
+
+Faults. A run whose worker dies (killed, out of memory, node lost) is started again by the driver, up
+to ``max_retries`` times, from the driver's copy of its run directory, so the trainer resumes from the
+last checkpoint that reached it (copies still in flight from the dead attempt are dropped). A run that
+raises is not retried: it is reported by name with its error, the other runs go on, and
+:class:`~diffgym.experiments.sweep.SweepFailed` lists the failures at the end. Ctrl-C cancels the
+outstanding runs (running ones get a KeyboardInterrupt, copy their outputs back and stop; runs that do
+not stop within a few seconds are killed); re-running the command resumes them.
 
 Trainers registered in the driver process only (``diffgym.plugins.register_trainer``: notebooks,
 tests) do not exist in Ray's worker processes: the runner sends them along with the runs.
@@ -26,6 +33,7 @@ tests) do not exist in Ray's worker processes: the runner sends them along with 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 import shutil
@@ -44,6 +52,7 @@ from diffgym.training.spec import TrainConfig
 Change = tuple[str, int | None, bytes]
 
 _CANCEL_GRACE_S = 10.0  # how long cancelled runs get to copy their outputs back before they are killed
+_SINKS: dict[tuple[str, str], Any] = {}  # (Ray job, node) -> the RunDirSink actor of this driver process
 
 
 class RayRunner:
@@ -55,10 +64,8 @@ class RayRunner:
         """``address``: the cluster to join (``None``: ``$RAY_ADDRESS``, else a local instance sized for
         ``local_runs`` concurrent runs, all CPUs by default). A Ray already initialized in this process
         is used as it is. ``max_retries``: how often a run whose worker died is started again."""
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise ImportError("--runner ray needs Ray: pip install 'diffgym[ray]'") from None
+        if importlib.util.find_spec("ray") is None:
+            raise ImportError("--runner ray needs Ray: pip install 'diffgym[ray]'")
         if cpus_per_run <= 0:
             raise ValueError(f"cpus_per_run must be > 0, got {cpus_per_run}")
         if gpus_per_run < 0:
@@ -72,8 +79,7 @@ class RayRunner:
         self.threads = max(1, int(self.cpus_per_run))
         # Ray makes the assigned GPUs the only visible ones, so inside the task the run's GPU is "cuda"
         self.run_device: str | None = "cuda" if self.gpus_per_run > 0 else None
-        self._sink: Any = None
-        self._started_local = False
+        self._local: bool | None = None  # whether we started a local instance (None: Ray was running already)
 
     # -- the Runner interface -------------------------------------------------------------------------
 
@@ -94,22 +100,26 @@ class RayRunner:
         print(f"sweep: {len(configs)} runs, {len(configs) - len(todo)} already finished, {len(todo)} to run on "
               f"Ray, {self.workers} at a time ({self._per_run()} each); outputs {where}", flush=True)
         sink = None if self.shared_out else self._driver_sink()
-        trainers = {algo: _put_trainer(algo) for algo in sorted({c.algo for c in todo})}
+        trainers = ray.put(_pickled_registrations({c.algo for c in todo}))
         task = ray.remote(_train_task)
-        refs = {}
-        for i, config in enumerate(todo):
-            run_dir = str(Path(config.run_dir).resolve())  # workers and the sink do not share our cwd
+        run_dirs = [str(Path(c.run_dir).resolve()) for c in todo]  # workers and the sink do not share our cwd
+
+        def submit(i: int, attempt: int) -> Any:
+            config = todo[i]
             config_dict = {**config.to_dict(), **({"device": self.run_device} if self.run_device else {})}
-            refs[task.options(**self._task_options(), name=f"train {_name(config)}").remote(
-                config_dict, run_dir, trainers[config.algo], sink, self.threads, self.sync_every)] = i
+            # the driver's copy, read by the sink after every copy it already received; from now on it
+            # drops those of earlier attempts
+            seeded = ray.get(sink.begin.remote(run_dirs[i], config.run_dir, attempt)) if sink is not None else {}
+            return task.options(**self._task_options(), name=f"train {_name(config)}").remote(
+                config_dict, run_dirs[i], attempt, seeded, trainers, sink, self.threads, self.sync_every)
 
         def settle(done: int, i: int, error: str | None) -> None:
-            attempts = ray.get(sink.end.remote(str(Path(todo[i].run_dir).resolve()))) if sink is not None else 1
-            retried = f" ({attempts} attempts: its worker died)" if attempts > 1 else ""
+            if sink is not None:
+                ray.get(sink.end.remote(run_dirs[i]))
             line = f"{_name(todo[i])} failed: {error}" if error else _summary(todo[i])
-            print(f"[{done}/{len(todo)}] {line}{retried}", flush=True)
+            print(f"[{done}/{len(todo)}] {line}", flush=True)
 
-        failures = self._gather(refs, [_name(c) for c in todo], settle)
+        failures = self._gather(submit, [_name(c) for c in todo], settle)
         if failures:
             raise SweepFailed(failures, len(configs))
         return [Path(c.run_dir) for c in configs]
@@ -123,10 +133,12 @@ class RayRunner:
         from diffgym.plugins import _registered
 
         self._connect()
-        registered = {name: _put_trainer(name) for name in _registered}
+        trainers = ray.put(_pickled_registrations(set(_registered)))  # which ones ``work`` uses is unknown
         task = ray.remote(_call_task).options(**self._task_options())
-        refs = {task.remote(work, item, registered, self.threads): i for i, item in enumerate(items)}
         results: list[Any] = [None] * len(items)
+
+        def submit(i: int, attempt: int) -> Any:
+            return task.remote(work, items[i], trainers, self.threads)
 
         def settle(done: int, i: int, error: str | None) -> None:
             if report and error is None:
@@ -134,7 +146,7 @@ class RayRunner:
             elif error:
                 print(f"[{done}/{len(items)}] item {i} failed: {error}", flush=True)
 
-        failures = self._gather(refs, [f"item {i}" for i in range(len(items))], settle, results)
+        failures = self._gather(submit, [f"item {i}" for i in range(len(items))], settle, results)
         if failures:
             raise SweepFailed(failures, len(items))
         return results
@@ -154,11 +166,14 @@ class RayRunner:
 
     @property
     def files_shared_with_workers(self) -> bool:
-        """Whether workers see this machine's files: ``--shared-out``, or a one-node (local) cluster."""
+        """Whether workers see this machine's files: ``--shared-out``, or a local instance (a cluster's
+        autoscaler may add nodes at any time)."""
         import ray
 
         self._connect()
-        return self.shared_out or sum(1 for node in ray.nodes() if node.get("Alive")) <= 1
+        if self._local is None:  # a Ray this process had initialized already: judge by its nodes now
+            return self.shared_out or sum(1 for node in ray.nodes() if node.get("Alive")) <= 1
+        return self.shared_out or self._local
 
     # -- internals --------------------------------------------------------------------------------------
 
@@ -167,12 +182,11 @@ class RayRunner:
 
         if ray.is_initialized():
             return
-        local = self.address is None and not os.environ.get("RAY_ADDRESS")
+        local = self._local = self.address is None and not os.environ.get("RAY_ADDRESS")
         if local:
             cpus = self.local_runs * self.cpus_per_run if self.local_runs else None
             # a worker process per run: without a dashboard and its agents a local instance stays small
             ray.init(num_cpus=cpus and max(1, int(round(cpus))), include_dashboard=False, log_to_driver=True)
-            self._started_local = True
         else:
             ray.init(address=self.address, log_to_driver=True)
         available = ray.cluster_resources()
@@ -188,43 +202,75 @@ class RayRunner:
         return f"{self.cpus_per_run:g} CPU" + (f", {self.gpus_per_run:g} GPU" if self.gpus_per_run else "")
 
     def _task_options(self) -> dict[str, Any]:
-        # worker deaths are retried (resuming from the run's checkpoint); exceptions are the run's own
-        # failure and would fail again
-        return {"num_cpus": self.cpus_per_run, "num_gpus": self.gpus_per_run, "max_retries": self.max_retries,
+        # the driver retries worker deaths itself (each attempt needs the run directory as it is then);
+        # exceptions are the run's own failure and would fail again
+        return {"num_cpus": self.cpus_per_run, "num_gpus": self.gpus_per_run, "max_retries": 0,
                 "retry_exceptions": False}
 
     def _driver_sink(self) -> Any:
-        """The actor that writes run directories on the driver's node (one per runner)."""
+        """The actor that writes run directories on the driver's node: one per driver process and Ray
+        session, shared by its runners (an actor is a Python process to start; it ends with the driver)."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        if self._sink is None:
-            here = ray.get_runtime_context().get_node_id()
-            self._sink = ray.remote(RunDirSink).options(
-                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
-        return self._sink
+        context = ray.get_runtime_context()
+        key = (context.get_job_id(), context.get_node_id())
+        if key not in _SINKS:
+            # the handle is kept here: Ray ends an actor once no handle to it is left
+            _SINKS[key] = ray.remote(RunDirSink).options(
+                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(key[1], soft=False)).remote()
+        return _SINKS[key]
 
-    def _gather(self, refs: dict[Any, int], names: Sequence[str], settle: Callable[[int, int, str | None], None],
-                results: list[Any] | None = None) -> list[tuple[str, str]]:
-        """Wait for every task; a failed one is recorded, not raised. Ctrl-C cancels the outstanding ones."""
+    def _gather(self, submit: Callable[[int, int], Any], names: Sequence[str],
+                settle: Callable[[int, int, str | None], None], results: list[Any] | None = None
+                ) -> list[tuple[str, str]]:
+        """Submit every item (``submit(i, attempt)`` -> ObjectRef) and wait for them all. A worker's death
+        starts the item again (``max_retries`` times); an item that raises is recorded, not raised.
+        Ctrl-C cancels the outstanding ones."""
         import ray
 
-        pending, failures, done = list(refs), [], 0
+        refs: dict[Any, tuple[int, int]] = {}
+        failures: list[tuple[str, str]] = []
+        done = 0
+
+        def start(i: int, attempt: int) -> None:
+            nonlocal done
+            try:
+                refs[submit(i, attempt)] = (i, attempt)
+            except ray.exceptions.RayTaskError as failure:  # e.g. its run directory is in use elsewhere
+                failures.append((names[i], _one_line(failure)))
+                done += 1
+                settle(done, i, failures[-1][1])
+
         try:
-            while pending:
+            for i in range(len(names)):
+                start(i, 1)
+            while refs:
                 # a timeout keeps the wait short enough for Ctrl-C to be handled promptly
-                ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+                ready, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
                 for ref in ready:
-                    i, done, error = refs[ref], done + 1, None
+                    i, attempt = refs.pop(ref)
+                    error = None
                     try:
                         value = ray.get(ref)
                         if results is not None:
                             results[i] = value
-                    except ray.exceptions.RayError as failure:
-                        error = _one_line(failure)
+                    except (ray.exceptions.RayTaskError, ray.exceptions.TaskCancelledError) as failure:
+                        error = _one_line(failure)  # the item's own exception, or cancelled from outside
+                    except ray.exceptions.RayError as failure:  # its worker or node died
+                        if attempt <= self.max_retries:
+                            print(f"{names[i]}: its worker died ({_one_line(failure)}); starting it again from "
+                                  f"its last checkpoint (attempt {attempt + 1} of {self.max_retries + 1})",
+                                  file=sys.stderr, flush=True)
+                            start(i, attempt + 1)
+                            continue
+                        error = f"its worker died {attempt} times, last: {_one_line(failure)}"
+                    if error is not None:
                         failures.append((names[i], error))
+                    done += 1
                     settle(done, i, error)
         except KeyboardInterrupt:
+            pending = list(refs)
             print(f"\ninterrupted: cancelling {len(pending)} outstanding run(s); running the command again resumes "
                   "them", file=sys.stderr, flush=True)
             for ref in pending:
@@ -253,60 +299,78 @@ def _one_line(failure: BaseException) -> str:
     return lines[0] if lines else type(failure).__name__
 
 
-def _put_trainer(algo: str) -> Any:
-    """An in-process registration of ``algo`` put in Ray's object store (``None`` for installed plugins)."""
-    import ray
+def _pickled_registrations(names: set[str]) -> dict[str, bytes]:
+    """The in-process registrations among ``names`` (installed plugins need none), pickled: each is
+    unpickled on its own in the worker, so one that cannot be does not take the others with it."""
+    from ray import cloudpickle
 
     from diffgym.plugins import _registered
 
-    if algo not in _registered:
-        return None
-    try:
-        return ray.put(_registered[algo])
-    except (pickle.PicklingError, TypeError, AttributeError) as error:
-        raise ValueError(f"trainer {algo!r} is registered in this process only and cannot be sent to Ray "
-                         f"workers ({error}); install it as a plugin package") from None
+    pickled = {}
+    for name in sorted(names & set(_registered)):
+        try:
+            pickled[name] = cloudpickle.dumps(_registered[name])
+        except (pickle.PicklingError, TypeError, AttributeError) as error:
+            raise ValueError(f"trainer {name!r} is registered in this process only and cannot be sent to Ray "
+                             f"workers ({error}); install it as a plugin package") from None
+    return pickled
+
+
+def _register(pickled: dict[str, bytes], needed: str | None = None) -> None:
+    """In a worker: register the driver's in-process trainers. One that cannot be unpickled here (its
+    class lives in a module the worker cannot import) fails the run that needs it, and is skipped with a
+    warning otherwise."""
+    from ray import cloudpickle
+
+    from diffgym.plugins import register_trainer
+
+    for name, data in pickled.items():
+        try:
+            register_trainer(name, cloudpickle.loads(data))
+        except Exception as error:
+            message = (f"trainer {name!r}, registered in the driver process, cannot be loaded on this worker "
+                       f"({type(error).__name__}: {error}); install it as a plugin package")
+            if name == needed:
+                raise RuntimeError(message) from None
+            print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 # -- in the worker ---------------------------------------------------------------------------------------
 
 
-def _call_task(work: Callable[..., Any], item: tuple, registered: dict[str, Any], threads: int) -> Any:
+def _call_task(work: Callable[..., Any], item: tuple, trainers: dict[str, bytes], threads: int) -> Any:
     """A Ray task running ``work(*item)`` with the driver's in-process trainer registrations."""
     import torch
 
-    from diffgym.plugins import register_trainer
-
-    for name, trainer in registered.items():
-        if trainer is not None:
-            register_trainer(name, trainer)
+    _register(trainers)
     torch.set_num_threads(threads)
     return work(*item)
 
 
-def _train_task(config_dict: dict, run_dir: str, trainer: Any, sink: Any, threads: int, sync_every: float) -> None:
+def _train_task(config_dict: dict, run_dir: str, attempt: int, seeded: dict[str, bytes], trainers: dict[str, bytes],
+                sink: Any, threads: int, sync_every: float) -> None:
     """A Ray task training one config: in ``run_dir`` itself (``sink`` None: shared storage), or in a
-    scratch copy of the driver's run directory whose outputs the mirror copies back."""
+    scratch directory seeded with the driver's copy (``seeded``), whose outputs the mirror copies back."""
     import ray
 
-    from diffgym.plugins import register_trainer
-
-    if trainer is not None:
-        register_trainer(config_dict["algo"], trainer)
+    _register(trainers, needed=config_dict["algo"])
     if sink is None:
         train_one({**config_dict, "run_dir": run_dir}, progress=False, threads=threads)
         return
     scratch = Path(tempfile.mkdtemp(prefix=f"diffgym-{Path(run_dir).name}-"))
     try:
-        seeded = ray.get(sink.begin.remote(run_dir, config_dict["run_dir"]))
         for relative, data in seeded.items():
             (scratch / relative).parent.mkdir(parents=True, exist_ok=True)
             (scratch / relative).write_bytes(data)
         if list_checkpoints(scratch):
             print(f"{Path(run_dir).name}: resuming from {list_checkpoints(scratch)[-1][1].name}", flush=True)
-        mirror = _Mirror(scratch, lambda changes, deleted: ray.get(sink.write.remote(run_dir, changes, deleted)),
-                         sync_every)
-        with mirror:
+
+        def send(changes: list[Change], deleted: list[str], wait: bool) -> None:
+            sent = sink.write.remote(run_dir, attempt, changes, deleted)
+            if wait:  # the last copy: the sink has then applied every earlier one too (same caller, in order)
+                ray.get(sent)
+
+        with _Mirror(scratch, send, sync_every):
             train_one({**config_dict, "run_dir": str(scratch)}, progress=False, threads=threads)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -321,7 +385,7 @@ class _Mirror:
     """Copies a scratch run directory's changes to the driver every ``every`` seconds and when the run
     ends (also when it raises, so a failed run's metrics can be read). Checkpoints: only the newest."""
 
-    def __init__(self, root: Path, send: Callable[[list[Change], list[str]], Any], every: float):
+    def __init__(self, root: Path, send: Callable[[list[Change], list[str], bool], Any], every: float):
         self.root, self.send, self.every = root, send, every
         self._sent = {relative: key for relative, key in self._stats().items()}  # seeded from the driver's copy
         self._lock = threading.Lock()
@@ -335,7 +399,7 @@ class _Mirror:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.sync()
+        self.sync(last=True)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
@@ -353,7 +417,7 @@ class _Mirror:
                 continue
         return stats
 
-    def sync(self) -> None:
+    def sync(self, last: bool = False) -> None:
         with self._lock:
             stats = self._stats()
             checkpoints = [p.relative_to(self.root).as_posix() for _, p in list_checkpoints(self.root)]
@@ -362,7 +426,7 @@ class _Mirror:
             order = checkpoints[-1:] + sorted(r for r in stats if r not in checkpoints)
             changes, keys = [], {}
             for relative in order:
-                if stats[relative] == self._sent.get(relative):
+                if relative not in stats or stats[relative] == self._sent.get(relative):
                     continue
                 previous = self._sent.get(relative)
                 # same file grown: send the tail; a new or replaced (atomically renamed) file: all of it
@@ -378,8 +442,8 @@ class _Mirror:
                 changes.append((relative, offset, data))
                 keys[relative] = (st.st_ino, (offset or 0) + len(data), st.st_mtime_ns)
             deleted = [relative for relative in self._sent if relative not in stats]
-            if changes or deleted:
-                self.send(changes, deleted)
+            if changes or deleted or last:
+                self.send(changes, deleted, last)
             self._sent.update(keys)
             for relative in deleted:
                 del self._sent[relative]
@@ -387,27 +451,30 @@ class _Mirror:
 
 class RunDirSink:
     """A Ray actor on the driver's node that owns the driver's copies of the run directories being
-    trained elsewhere: it holds each one's lock (as a local run would), hands its contents to the
-    run's (re)started task and writes what the task's mirror sends."""
+    trained elsewhere: it holds each one's lock (as a local run would), reads its contents for each
+    attempt of the run and writes what that attempt's mirror sends."""
 
     def __init__(self) -> None:
         self._locks: dict[str, Any] = {}
         self._configured: dict[str, str] = {}
-        self._attempts: dict[str, int] = {}
+        self._attempt: dict[str, int] = {}
 
-    def begin(self, run_dir: str, configured: str) -> dict[str, bytes]:
-        """Lock ``run_dir`` (once per run, across retries) and return its files: an earlier attempt's
-        outputs to resume from. ``configured``: the run_dir its config.yaml should name."""
+    def begin(self, run_dir: str, configured: str, attempt: int) -> dict[str, bytes]:
+        """Lock ``run_dir`` (once per run, across attempts) and return its files: an earlier attempt's
+        outputs to resume from. Copies from earlier attempts are dropped from now on. ``configured``:
+        the run_dir its config.yaml should name."""
         path = Path(run_dir)
         if run_dir not in self._locks:
             path.mkdir(parents=True, exist_ok=True)
             self._locks[run_dir] = _lock(path)  # RunDirLocked: a local run or another sweep has it
         self._configured[run_dir] = configured
-        self._attempts[run_dir] = self._attempts.get(run_dir, 0) + 1
+        self._attempt[run_dir] = attempt
         return {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*")
                 if _is_output(p.relative_to(path)) and p.is_file()}
 
-    def write(self, run_dir: str, changes: list[Change], deleted: list[str]) -> None:
+    def write(self, run_dir: str, attempt: int, changes: list[Change], deleted: list[str]) -> None:
+        if self._attempt.get(run_dir) != attempt:
+            return  # a dead attempt's copy that arrived late, or one after the run ended
         root = Path(run_dir)
         for relative, offset, data in changes:
             path = root / relative
@@ -429,12 +496,12 @@ class RunDirSink:
         for relative in deleted:
             (root / relative).unlink(missing_ok=True)
 
-    def end(self, run_dir: str) -> int:
-        """The run ended (finished or failed): release its lock; how many attempts it took."""
+    def end(self, run_dir: str) -> None:
+        """The run ended (finished or failed): release its lock."""
+        self._attempt.pop(run_dir, None)
         lock = self._locks.pop(run_dir, None)
         if lock is not None:
             lock.close()
-        return self._attempts.pop(run_dir, 1)
 
 
 def _yaml_load(data: bytes) -> dict[str, Any]:

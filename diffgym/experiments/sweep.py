@@ -175,7 +175,8 @@ def add_runner_arguments(parser: argparse.ArgumentParser) -> None:
                        help="local: a process pool on this machine (--workers); ray: a Ray cluster (--ray-address) "
                             "or, without one, a local Ray instance of --workers runs (see docs/scaling.md)")
     group.add_argument("--ray-address", default=None,
-                       help="Ray cluster to join, e.g. auto or HOST:6379 (default: $RAY_ADDRESS, else a local instance)")
+                       help="Ray cluster to join, e.g. auto or HOST:6379 (default: $RAY_ADDRESS, else a local "
+                            "instance)")
     group.add_argument("--cpus-per-run", type=float, default=None,
                        help="CPUs Ray reserves for each run, which also sets its torch threads (default 1)")
     group.add_argument("--gpus-per-run", type=float, default=None,
@@ -202,6 +203,7 @@ def make_runner(args: argparse.Namespace, command: str) -> Runner:
 
         return RayRunner(address=args.ray_address,
                          cpus_per_run=1.0 if args.cpus_per_run is None else args.cpus_per_run,
-                         gpus_per_run=0.0 if args.gpus_per_run is None else args.gpus_per_run, shared_out=args.shared_out, local_runs=args.workers)
+                         gpus_per_run=0.0 if args.gpus_per_run is None else args.gpus_per_run,
+                         shared_out=args.shared_out, local_runs=args.workers)
     except (ImportError, ValueError) as error:
         raise SystemExit(f"diffgym {command}: {error}")
