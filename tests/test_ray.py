@@ -71,6 +71,20 @@ def test_compare_on_ray_equals_the_local_runner(tmp_path, local_ray, capsys, mon
     assert "all 2 runs already finished" in capsys.readouterr().out
 
 
+def test_tune_trials_run_as_ray_tasks(tmp_path, local_ray):
+    """`diffgym tune --runner ray`: the trials of the installed APG trainer run on Ray workers, which load
+    the study from its journal and report to it; two at a time, as the instance holds two runs."""
+    from diffgym.experiments.tune import tune
+
+    runner = RayRunner()
+    assert runner.workers == 2 and runner.files_shared_with_workers
+    report = tune(ENV, "apg", trials=2, env_steps=256, out_dir=tmp_path, runner=runner, eval_every=128)
+    assert report.read_text().count("| complete |") == 2
+    for trial in ("trial_000", "trial_001"):
+        evals = [r for r in read_metrics(tmp_path / "runs" / trial) if "eval_success_rate" in r]
+        assert evals[0]["env_steps"] == 0 and evals[-1]["env_steps"] >= 256
+
+
 class CheckpointingTrainer:
     """Evaluates every ``eval_every_env_steps`` and checkpoints each evaluation; resumes from the
     latest checkpoint. On its first attempt it kills its own process (like the OOM killer) once the
