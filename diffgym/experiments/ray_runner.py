@@ -469,8 +469,10 @@ class RunDirSink:
             self._locks[run_dir] = _lock(path)  # RunDirLocked: a local run or another sweep has it
         self._configured[run_dir] = configured
         self._attempt[run_dir] = attempt
+        # the newest checkpoint to resume from, and the one before in case it is unreadable
+        older = {checkpoint for _, checkpoint in list_checkpoints(path)[:-2]}
         return {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*")
-                if _is_output(p.relative_to(path)) and p.is_file()}
+                if _is_output(p.relative_to(path)) and p.is_file() and p not in older}
 
     def write(self, run_dir: str, attempt: int, changes: list[Change], deleted: list[str]) -> None:
         if self._attempt.get(run_dir) != attempt:
