@@ -22,8 +22,9 @@ import gymnasium as gym
 import numpy as np
 
 from diffgym.experiments.report import SUCCESS_THRESHOLD, group, load_run, threshold_table
-from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
 from diffgym.experiments.options import add_budget_arguments, add_override_arguments, overrides
+from diffgym.experiments.sweep import (LocalRunner, Runner, SweepFailed, add_runner_arguments, make_runner,
+                                       save_sweep)
 from diffgym.plugins import check_task, resolve_config
 from diffgym.threads import add_threads_argument, resolve_threads
 from diffgym.training.spec import TrainConfig, task_name
@@ -154,6 +155,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_threads_argument(parser, "each run")
     parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")
     parser.add_argument("--out", default=None, help="output directory (default runs/ablate/<task>)")
+    add_runner_arguments(parser)
     parser.epilog = "The trainer's own flags (`diffgym trainers -v`) are grid axes too: --FLAG V1,V2."
     parser.set_defaults(plugin_flags="list")
 
@@ -178,9 +180,11 @@ def main(args: argparse.Namespace) -> int:
         grid_configs(args.env, grid, args.seeds, args.env_steps, out, args.algo, args.eval_every, overrides(args))
     except (KeyError, ValueError) as error:
         raise SystemExit(f"diffgym ablate: {error.args[0] if error.args else error}")
-    runner = LocalRunner(args.workers, threads=args.threads)
-    report = ablate(args.env, grid, args.seeds, args.env_steps, out, args.algo, runner, args.threshold,
-                    args.eval_every, overrides(args))
+    try:
+        report = ablate(args.env, grid, args.seeds, args.env_steps, out, args.algo, make_runner(args, "ablate"),
+                        args.threshold, args.eval_every, overrides(args))
+    except SweepFailed as error:
+        raise SystemExit(f"diffgym ablate: {error}")
     print(report.read_text().split("\n![")[0])
     print(f"\nreport: {report}")
     return 0

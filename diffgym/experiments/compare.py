@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from diffgym.experiments.report import SUCCESS_THRESHOLD, write_report
-from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
+from diffgym.experiments.sweep import (LocalRunner, Runner, SweepFailed, add_runner_arguments, make_runner,
+                                       save_sweep)
 from diffgym.plugins import resolve_config
 from diffgym.experiments.options import add_budget_arguments, add_override_arguments, overrides
 from diffgym.threads import add_threads_argument, resolve_threads
@@ -71,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_threads_argument(parser, "each run")
     parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")
     parser.add_argument("--out", default=None, help="output directory (default runs/compare/<task>)")
+    add_runner_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -82,8 +84,11 @@ def main(args: argparse.Namespace) -> int:
         compare_configs(args.env, algos, args.seeds, args.env_steps, out, args.eval_every, overrides(args))
     except (KeyError, ValueError) as error:
         raise SystemExit(f"diffgym compare: {error.args[0] if error.args else error}")
-    report = compare(args.env, algos, args.seeds, args.env_steps, out, LocalRunner(args.workers, threads=args.threads),
-                     args.eval_every, args.threshold, args.baseline, args.contender, overrides(args))
+    try:
+        report = compare(args.env, algos, args.seeds, args.env_steps, out, make_runner(args, "compare"),
+                         args.eval_every, args.threshold, args.baseline, args.contender, overrides(args))
+    except SweepFailed as error:
+        raise SystemExit(f"diffgym compare: {error}")
     print(report.read_text().split("\n![")[0])
     print(f"\nreport: {report}\nplots:  {sorted(str(p) for p in report.parent.glob('*.png'))}")
     return 0

@@ -26,8 +26,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from diffgym.experiments.sweep import LocalRunner, Runner, train_one
 from diffgym.experiments.options import add_budget_arguments, add_override_arguments, overrides
+from diffgym.experiments.sweep import LocalRunner, Runner, SweepFailed, add_runner_arguments, make_runner, train_one
 from diffgym.plugins import load_trainer, resolve_config
 from diffgym.threads import add_threads_argument, resolve_threads
 from diffgym.training.run import read_metrics
@@ -118,9 +118,13 @@ def tune(env_id: str, algo: str, trials: int, env_steps: int, out_dir: str | Pat
     if not hasattr(trainer, "suggest_hyperparams"):
         raise TypeError(f"trainer {algo!r} has no suggest_hyperparams(trial, env_id): it does not define a "
                         "search space for diffgym tune")
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # trials may run in workers with another working directory
     out.mkdir(parents=True, exist_ok=True)
     runner = runner or LocalRunner(workers)
+    if not getattr(runner, "files_shared_with_workers", True):
+        raise ValueError("tune on a multi-node Ray cluster needs --shared-out: every trial reads and writes the "
+                         f"study journal {out / 'study.log'} and its run directory under {out / 'runs'}")
+    device = getattr(runner, "run_device", None)  # e.g. the GPU a Ray runner reserves for each trial
     batch = max(1, getattr(runner, "workers", workers))
     evaluations = 10
     eval_every = eval_every or max(1, env_steps // evaluations)
@@ -144,7 +148,7 @@ def tune(env_id: str, algo: str, trials: int, env_steps: int, out_dir: str | Pat
             suggested = trainer.suggest_hyperparams(trial, env_id)
             config = resolve_config(algo, env_id, {
                 **(overrides or {}), **suggested, "seed": seed, "total_env_steps": env_steps, "eval_every_env_steps": eval_every,
-                "run_dir": str(out / "runs" / f"trial_{trial.number:03d}")})
+                "run_dir": str(out / "runs" / f"trial_{trial.number:03d}"), **({"device": device} if device else {})})
             trial.set_user_attr("overrides", suggested)
             items.append((config.to_dict(), str(out / "study.log"), study_name, trial._trial_id, metric,
                           getattr(runner, "threads", None)))
@@ -198,6 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="parallel trials (default: CPU count)")
     add_threads_argument(parser, "each run")
     parser.add_argument("--out", default=None, help="output directory (default runs/tune/<algo>__<task>)")
+    add_runner_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -209,9 +214,11 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"trainer {args.algo!r} has no suggest_hyperparams(trial, env_id): nothing to tune")
     except (KeyError, TypeError, ValueError) as error:
         raise SystemExit(f"diffgym tune: {error.args[0] if error.args else error}")
-    runner = LocalRunner(args.workers, threads=args.threads)
-    report = tune(args.env, args.algo, args.trials, args.env_steps, out, runner, args.metric, args.seed,
-                  args.eval_every, overrides=overrides(args))
+    try:
+        report = tune(args.env, args.algo, args.trials, args.env_steps, out, make_runner(args, "tune"), args.metric,
+                      args.seed, args.eval_every, overrides=overrides(args))
+    except SweepFailed as error:
+        raise SystemExit(f"diffgym tune: {error}")
     print(report.read_text())
     best = out / "best.yaml"
     if best.exists():
