@@ -13,7 +13,7 @@ $(PY):
 TRAINERS := trainers/ppo trainers/apg  # the bundled trainer plugins (separate packages)
 
 $(STAMP): $(PY) setup.cfg pyproject.toml constraints.txt $(wildcard trainers/*/setup.cfg)
-	$(PIP) -e '.[test,tune,video,export,ray]' $(addprefix -e ,$(TRAINERS))
+	$(PIP) -e '.[test,tune,video,export,ray,newton]' $(addprefix -e ,$(TRAINERS))
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import diffgym.urdf as urdf
-from diffgym.envs.franka_reach import FR3, FrankaReach, fr3_urdf_path
+from diffgym.envs.franka_reach import FR3, FR3_TCP_LINK, FrankaReach, fr3_urdf_path
 from diffgym.urdf import load_urdf, main, validate_urdf
 
 pybullet = pytest.importorskip("pybullet")
@@ -48,7 +48,8 @@ TOY_URDF = """<?xml version="1.0"?>
 
 @pytest.fixture(scope="module")
 def fr3_report():
-    return validate_urdf(fr3_urdf_path(), samples=1000, seed=0)
+    # the hand branches into the TCP and the two fingers: the task chain ends at the TCP
+    return validate_urdf(fr3_urdf_path(), samples=1000, seed=0, tip_link=FR3_TCP_LINK)
 
 
 def test_fr3_urdf_encodes_franka_kinematics_and_limits():
@@ -89,6 +90,12 @@ def test_pybullet_reads_the_task_joint_limits(fr3_report):
     np.testing.assert_array_equal(FrankaReach.joint_lower, np.float32(FR3_LOWER))
     np.testing.assert_array_equal(FrankaReach.joint_upper, np.float32(FR3_UPPER))
     np.testing.assert_array_equal(FrankaReach.velocity_limits, np.float32(FR3_VELOCITY))
+
+
+@pytest.mark.parametrize("finger", ["fr3_leftfinger", "fr3_rightfinger"])
+def test_fr3_finger_frames_match_pybullet(finger: str):
+    report = validate_urdf(fr3_urdf_path(), samples=200, seed=2, tip_link=finger)
+    assert report.links[-1].link == finger and report.passed, str(report)
 
 
 @pytest.mark.parametrize("tip", ["tip_left", "tip_right"])
