@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol, runtime_checkable
 
 from diffgym.training.spec import TrainConfig
-from diffgym.training.task_specs import SHARED_SECTIONS, shared_specs
+from diffgym.training.shared_specs import SHARED_SECTIONS, shared_specs
 
 ENTRY_POINT_GROUP = "diffgym.trainers"
 
@@ -38,7 +38,7 @@ class Trainer(Protocol):
         hyperparameter the trainer reads from ``config.algo_params`` should appear here, so that
         ``diffgym train --print-config`` lists them and ``--param KEY=VALUE`` can override them.
         ``policy``, ``normalizer`` and ``optimizer`` are not the trainer's to set: they come from
-        :mod:`diffgym.training.task_specs`, identical for every trainer."""
+        :mod:`diffgym.training.shared_specs`, identical for every trainer."""
         ...
 
     def train(self, config: TrainConfig, progress: bool = True) -> Path:
@@ -117,7 +117,7 @@ def check_task(env_id: str) -> None:
 def resolve_config(algo: str, env_id: str, overrides: Mapping[str, Any] | None = None,
                    base: TrainConfig | None = None) -> TrainConfig:
     """The config ``diffgym train`` runs: ``TrainConfig`` defaults, then the trainer's per-task
-    defaults (its budgets and ``algo_params``), the task's shared specs (``task_specs``), then ``base`` (e.g. a ``--config`` file) when given, then dotted-key ``overrides``."""
+    defaults (its budgets and ``algo_params``), the task's shared specs (``shared_specs``), then ``base`` (e.g. a ``--config`` file) when given, then dotted-key ``overrides``."""
     trainer = load_trainer(algo)
     check_task(env_id)
     if base is None:
@@ -125,7 +125,7 @@ def resolve_config(algo: str, env_id: str, overrides: Mapping[str, Any] | None =
         owned = [section for section in SHARED_SECTIONS if section in defaults]
         if owned:
             raise ValueError(f"trainer {algo!r} sets {owned} in its defaults; policy, normalizer and optimizer "
-                             "are shared by every trainer and come from diffgym.training.task_specs")
+                             "are shared by every trainer and come from diffgym.training.shared_specs")
         config = TrainConfig.from_dict({**defaults, **shared_specs(env_id), "algo": algo, "env_id": env_id})
     else:
         config = base.replace(algo=algo, env_id=env_id)

@@ -125,7 +125,7 @@ def test_cli_print_config_applies_flags_sets_and_params(monkeypatch, capsys, tmp
 
 
 def test_shared_specs_come_from_diffgym_for_every_trainer(monkeypatch):
-    from diffgym.training.task_specs import shared_specs
+    from diffgym.training.shared_specs import shared_specs
 
     shared = shared_specs("DiffGym/PointMass1D-v0")["optimizer"]
     for algo in ("ppo", "apg"):

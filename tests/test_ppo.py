@@ -16,7 +16,7 @@ from diffgym.training import ActorCritic, ObservationNormalizer, OptimizerSpec, 
 from diffgym.training.run import log_hook
 
 pytest.importorskip("diffgym_ppo")
-from diffgym_ppo import DiffGymVecEnv, SpecActorCriticPolicy, SpecPPO  # noqa: E402
+from diffgym_ppo import SB3VecEnvAdapter, SpecActorCriticPolicy, SpecPPO  # noqa: E402
 
 ENV_ID = "DiffGym/PointMass1D-v0"
 
@@ -24,7 +24,7 @@ ENV_ID = "DiffGym/PointMass1D-v0"
 # ------------------------------------------------------------------------------ VecEnv adapter
 def test_adapter_auto_resets_with_terminal_observations_and_truncation_flags():
     num_envs, horizon, seed = 3, 5, 11
-    venv = DiffGymVecEnv.make(ENV_ID, num_envs, max_episode_steps=horizon)
+    venv = SB3VecEnvAdapter.make(ENV_ID, num_envs, max_episode_steps=horizon)
     singles = [gym.make(ENV_ID, max_episode_steps=horizon) for _ in range(num_envs)]
     venv.seed(seed)
     obs = venv.reset()
@@ -82,7 +82,7 @@ class _TerminatingVectorEnv(VectorEnv):
 
 
 def test_adapter_distinguishes_termination_from_truncation():
-    venv = DiffGymVecEnv(_TerminatingVectorEnv())
+    venv = SB3VecEnvAdapter(_TerminatingVectorEnv())
     venv.reset()
     venv.step(np.zeros((2, 1), np.float32))
     obs, _, dones, infos = venv.step(np.zeros((2, 1), np.float32))
@@ -94,8 +94,8 @@ def test_adapter_distinguishes_termination_from_truncation():
 
 def test_adapter_requires_same_step_autoreset_and_whole_batch_attributes():
     with pytest.raises(ValueError, match="SAME_STEP"):
-        DiffGymVecEnv(gym.make_vec(ENV_ID, num_envs=2, vectorization_mode="vector_entry_point"))
-    venv = DiffGymVecEnv.make(ENV_ID, 2)
+        SB3VecEnvAdapter(gym.make_vec(ENV_ID, num_envs=2, vectorization_mode="vector_entry_point"))
+    venv = SB3VecEnvAdapter.make(ENV_ID, 2)
     assert venv.get_attr("num_envs") == [2, 2] and venv.env_is_wrapped(gym.Wrapper) == [False, False]
     with pytest.raises(ValueError, match="whole batched env"):
         venv.set_attr("render_mode", None, indices=[0])
@@ -113,7 +113,7 @@ def _tiny_model(env, **kwargs):
 
 
 def test_policy_network_is_the_shared_actor_critic():
-    model = _tiny_model(DiffGymVecEnv.make(ENV_ID, 4))
+    model = _tiny_model(SB3VecEnvAdapter.make(ENV_ID, 4))
     policy = model.policy
     assert isinstance(policy.actor_critic, ActorCritic) and isinstance(policy.normalizer, ObservationNormalizer)
     assert {id(p) for p in policy.parameters()} == {id(p) for p in policy.actor_critic.parameters()}
@@ -134,7 +134,7 @@ def test_policy_network_is_the_shared_actor_critic():
 
 def test_normalizer_updates_once_per_rollout_after_training():
     num_envs = 4
-    model = _tiny_model(DiffGymVecEnv.make(ENV_ID, num_envs))
+    model = _tiny_model(SB3VecEnvAdapter.make(ENV_ID, num_envs))
     seen = []
 
     def record_stats(*_):

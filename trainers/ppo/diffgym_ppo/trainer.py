@@ -20,7 +20,7 @@ from stable_baselines3.common.vec_env import VecMonitor, VecNormalize
 from diffgym.training import Run, TrainConfig, evaluate_policy
 from diffgym.training.evaluation import train_env_seed
 from diffgym_ppo.policy import SpecActorCriticPolicy, SpecPPO
-from diffgym_ppo.vec_env import DiffGymVecEnv
+from diffgym_ppo.vec_env import SB3VecEnvAdapter
 
 PPO_PARAMS: dict[str, Any] = {
     "n_steps": 64,               # rollout length per env; a rollout is n_steps * num_envs transitions
@@ -88,7 +88,7 @@ class PPOTrainer:
         np.random.seed(config.seed)
         with Run(config.replace(algo_params=params), progress=progress) as run:
             config = run.config
-            venv = DiffGymVecEnv.make(config.env_id, config.num_envs, **config.env_options())
+            venv = SB3VecEnvAdapter.make(config.env_id, config.num_envs, **config.env_options())
             env: Any = VecMonitor(venv)
             if params["normalize_reward"]:
                 env = VecNormalize(env, norm_obs=False, norm_reward=True, gamma=params["gamma"])
@@ -201,7 +201,7 @@ def _wrapper_states(env: Any) -> dict[str, Any]:
         elif isinstance(env, VecMonitor):
             states["monitor"] = {"returns": env.episode_returns.copy(), "lengths": env.episode_lengths.copy(),
                                  "count": env.episode_count}
-        elif isinstance(env, DiffGymVecEnv):
+        elif isinstance(env, SB3VecEnvAdapter):
             states["native"] = env.state_dict()
             return states
         env = env.venv
@@ -217,7 +217,7 @@ def _load_wrapper_states(env: Any, states: dict[str, Any]) -> None:
             saved = states["monitor"]
             env.episode_returns, env.episode_lengths = saved["returns"].copy(), saved["lengths"].copy()
             env.episode_count = saved["count"]
-        elif isinstance(env, DiffGymVecEnv):
+        elif isinstance(env, SB3VecEnvAdapter):
             env.load_state_dict(states["native"])
             return
         env = env.venv

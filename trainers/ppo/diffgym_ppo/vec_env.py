@@ -20,7 +20,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices,
 _FINAL_KEYS = ("final_obs", "_final_obs", "final_info", "_final_info")
 
 
-class DiffGymVecEnv(VecEnv):
+class SB3VecEnvAdapter(VecEnv):
     """SB3 view of a Gymnasium vector env built with ``autoreset_mode=SAME_STEP``."""
 
     def __init__(self, venv: gym.vector.VectorEnv):
@@ -32,7 +32,7 @@ class DiffGymVecEnv(VecEnv):
         super().__init__(venv.num_envs, venv.single_observation_space, venv.single_action_space)
 
     @classmethod
-    def make(cls, env_id: str, num_envs: int, **env_kwargs: Any) -> DiffGymVecEnv:
+    def make(cls, env_id: str, num_envs: int, **env_kwargs: Any) -> SB3VecEnvAdapter:
         """``gym.make_vec(env_id, num_envs, vectorization_mode="vector_entry_point", autoreset_mode=SAME_STEP)``."""
         venv = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point",
                             autoreset_mode=AutoresetMode.SAME_STEP, **env_kwargs)
