@@ -399,3 +399,98 @@ def test_registered_horizon_must_equal_the_sims():
         assert truncated == [False] * 24 + [True]
     finally:
         gym.registry.pop(env_id, None)
+
+
+# ------------------------------------------------------------------- physical parameters
+# ToySim with its time step declared a per-env, differentiable physical parameter: the step kernel takes a
+# `dt` array right after `action`, and ToyParams.dt is the default.
+@wp.kernel
+def toy_step_per_env_dt(x: wp.array(dtype=float), v: wp.array(dtype=float), step: wp.array(dtype=wp.int32),
+                        action: wp.array2d(dtype=float), dt: wp.array(dtype=float), p: ToyParams,
+                        # outputs
+                        x_next: wp.array(dtype=float), v_next: wp.array(dtype=float),
+                        step_next: wp.array(dtype=wp.int32), obs: wp.array2d(dtype=float),
+                        reward: wp.array(dtype=float), terminated: wp.array(dtype=wp.int32),
+                        success: wp.array(dtype=wp.int32)):
+    i = wp.tid()
+    vel = v[i] + action[i, 0] * dt[i]
+    pos = x[i] + vel * dt[i]
+    x_next[i] = pos
+    v_next[i] = vel
+    step_next[i] = step[i] + 1
+    obs[i, 0] = pos
+    obs[i, 1] = vel
+    reward[i] = -pos * pos
+    terminated[i] = 0
+    success[i] = 0
+
+
+@wp.kernel
+def toy_step_reads_shared_dt(x: wp.array(dtype=float), v: wp.array(dtype=float), step: wp.array(dtype=wp.int32),
+                             action: wp.array2d(dtype=float), dt: wp.array(dtype=float), p: ToyParams,
+                             # outputs
+                             x_next: wp.array(dtype=float), v_next: wp.array(dtype=float),
+                             step_next: wp.array(dtype=wp.int32), obs: wp.array2d(dtype=float),
+                             reward: wp.array(dtype=float), terminated: wp.array(dtype=wp.int32),
+                             success: wp.array(dtype=wp.int32)):
+    i = wp.tid()
+    vel = v[i] + action[i, 0] * dt[i]
+    pos = x[i] + vel * p.dt  # the shared default: the per-env dt would get a wrong (partial) gradient
+    x_next[i] = pos
+    v_next[i] = vel
+    step_next[i] = step[i] + 1
+    obs[i, 0] = pos
+    obs[i, 1] = vel
+    reward[i] = 0.0
+    terminated[i] = 0
+    success[i] = 0
+
+
+@wp.kernel
+def toy_step_gain(x: wp.array(dtype=float), v: wp.array(dtype=float), step: wp.array(dtype=wp.int32),
+                  action: wp.array2d(dtype=float), gain: wp.array(dtype=float), p: ToyParams,
+                  # outputs
+                  x_next: wp.array(dtype=float), v_next: wp.array(dtype=float),
+                  step_next: wp.array(dtype=wp.int32), obs: wp.array2d(dtype=float),
+                  reward: wp.array(dtype=float), terminated: wp.array(dtype=wp.int32),
+                  success: wp.array(dtype=wp.int32)):
+    i = wp.tid()
+    x_next[i] = x[i]
+    v_next[i] = v[i] + gain[i] * action[i, 0]
+    step_next[i] = step[i] + 1
+    obs[i, 0] = x[i]
+    reward[i] = 0.0
+    terminated[i] = 0
+    success[i] = 0
+
+
+def test_declared_physical_parameter_is_a_per_env_differentiable_input():
+    sim = define_sim(physical_params=("dt",), step_kernel=toy_step_per_env_dt)()
+    state = sim.reset(torch.arange(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32))
+    action = torch.ones(3, 1)
+    default = sim.step(state, action)  # every env uses ToyParams.dt = 0.1
+    assert torch.allclose(default.state.v, state.v + 0.1)
+    dt = torch.tensor([0.1, 0.2, 0.3], requires_grad=True)
+    out = sim.step(state, action, physics={"dt": dt})
+    assert torch.equal(out.state.v[0], default.state.v[0]) and torch.allclose(out.state.v, state.v + dt)
+    out.state.x.sum().backward()  # x' = x + (v + a dt) dt: d/d dt = v + 2 a dt
+    torch.testing.assert_close(dt.grad, state.v + 2 * dt.detach())
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"physical_params": ("dt",)},  # declared, but the kernel has no `dt` array
+     r"BrokenSim.step_kernel \('toy_step'\) argument 4 is named 'p', expected 'dt' \(BrokenSim.physical_params "
+     r"\('dt',\) follow 'action': x, v, step, action, dt, <params>"),
+    ({"physical_params": (), "step_kernel": toy_step_per_env_dt},  # an array the task did not declare
+     r"BrokenSim.step_kernel \('toy_step_per_env_dt'\) argument 4 'dt' must be the task's wp.struct"),
+    ({"physical_params": ("dt",), "step_kernel": toy_step_reads_shared_dt},
+     r"BrokenSim.step_kernel \('toy_step_reads_shared_dt'\) reads 'p.dt', the shared default of the physical "
+     r"parameter 'dt'; read the per-env 'dt\[i\]'"),
+    ({"physical_params": ("gain",), "step_kernel": toy_step_gain},
+     r"physical parameter 'gain' needs a float field 'gain' in ToyParams \(its default value\), got no such field"),
+    ({"physical_params": ("v",)}, r"BrokenSim.physical_params 'v' clashes with a state field"),
+    ({"physical_params": "dt"}, r"BrokenSim.physical_params must be a tuple of names, got 'dt'"),
+])
+def test_wrong_physical_parameters_are_rejected(overrides, expected):
+    with pytest.raises(TaskContractError, match=expected):
+        define_sim(**overrides)

@@ -8,10 +8,14 @@ task in ``diffgym/envs`` follows (``F = f_1, ..., f_n, step`` are the state's fi
 
 * ``reset_kernel(seed, episode, <params>, # outputs: f_1, ..., f_n, step)``
 * ``observe_kernel(f_1, ..., f_n, step, <params>, # outputs: obs)``
-* ``step_kernel(f_1, ..., f_n, step, action, <params>,
+* ``step_kernel(f_1, ..., f_n, step, action, q_1, ..., q_m, <params>,
   # outputs: f_1_next, ..., f_n_next, step_next, obs, reward, terminated, success)``
 
-``<params>`` is one ``wp.struct`` (any name, the same struct type in all three kernels). A state field
+``<params>`` is one ``wp.struct`` (any name, the same struct type in all three kernels).
+``q_1, ..., q_m`` are the task's ``physical_params`` (none by default): per-env, differentiable physical
+parameters, each a ``wp.array(dtype=float)`` named after a float field of ``<params>`` that holds its
+default value. The step kernel reads ``q[i]``, never ``<params>.q`` (which would ignore the per-env
+value and give it a zero gradient). A state field
 is a 1-D ``wp.array`` whose dtype carries the per-env shape: ``float`` is ``()``, ``wp.vec2`` is
 ``(2,)``, a ``(3, 3)`` matrix is ``(3, 3)``; ``step`` is ``wp.array(dtype=wp.int32)`` and every other
 field is float32-based. The per-env shapes are derived from these types (the state dataclass does not
@@ -83,17 +87,20 @@ def check_sim_class(sim: type[DiffSim]) -> dict[str, FieldSpec] | None:
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
             raise TaskContractError(f"{sim.__name__}.{name} must be a positive int, got {value!r}")
 
+    physical = _check_physical_params(sim, fields)
     state_slots = [_Slot(f, field=f) for f in fields]
     layouts = {
         "reset_kernel": [_Slot("seed", kind=_INT32_ARRAY), _Slot("episode", kind=_INT32_ARRAY), _Slot(_PARAMS),
                          *state_slots],
         "observe_kernel": [*state_slots, _Slot(_PARAMS), _Slot("obs", kind=_FLOAT_ARRAY2D)],
-        "step_kernel": [*state_slots, _Slot("action"), _Slot(_PARAMS),
+        "step_kernel": [*state_slots, _Slot("action"), *(_Slot(q, kind=_FLOAT_ARRAY) for q in physical),
+                        _Slot(_PARAMS),
                         *(_Slot(f"{f}_next", field=f) for f in fields), _Slot("obs", kind=_FLOAT_ARRAY2D),
                         _Slot("reward", kind=_FLOAT_ARRAY), _Slot("terminated", kind=_INT32_ARRAY),
                         _Slot("success", kind=_INT32_ARRAY)],
     }
-    first_output = {"reset_kernel": 3, "observe_kernel": len(fields) + 1, "step_kernel": len(fields) + 2}
+    first_output = {"reset_kernel": 3, "observe_kernel": len(fields) + 1,
+                    "step_kernel": len(fields) + 2 + len(physical)}
 
     specs: dict[str, FieldSpec] = {}
     origin: dict[str, str] = {}  # the kernel that first gave each field its spec, for errors
@@ -121,8 +128,10 @@ def check_sim_class(sim: type[DiffSim]) -> dict[str, FieldSpec] | None:
                 params_type = params_type or (attr, arg.type)
                 continue
             if arg.label != slot.name:
+                order = (f"{sim.__name__}.physical_params {physical} follow 'action'" if slot.name in physical
+                         else f"arguments follow {state_type.__name__}'s field order")
                 raise TaskContractError(f"{where} argument {k} is named '{arg.label}', expected '{slot.name}' "
-                                        f"(arguments follow {state_type.__name__}'s field order: {expected})")
+                                        f"({order}: {expected})")
             if slot.field is not None:
                 spec = _field_spec(where, k, arg, slot.field)
                 first = origin.setdefault(slot.field, attr)
@@ -138,6 +147,10 @@ def check_sim_class(sim: type[DiffSim]) -> dict[str, FieldSpec] | None:
             raise TaskContractError(f"{where} has an unexpected argument {len(slots)} '{args[len(slots)].label}' "
                                     f"(expected: {expected})")
         _check_outputs_written(where, kernel, [a.label for a in args[first_output[attr]:]])
+        if attr == "step_kernel" and physical:
+            struct_arg = args[len(fields) + 1 + len(physical)]
+            _check_physical_defaults(where, struct_arg, physical)
+            _check_no_shared_reads(where, kernel, struct_arg.label, physical)
 
     declared = state_type.__dict__.get("shapes")
     derived = {f: specs[f].shape for f in fields}
@@ -145,6 +158,48 @@ def check_sim_class(sim: type[DiffSim]) -> dict[str, FieldSpec] | None:
         raise TaskContractError(f"{state_type.__name__}.shapes is {declared}, but {sim.__name__}'s kernels give "
                                 f"{derived}; drop 'shapes' (it is derived from the kernels) or make it agree")
     return specs
+
+
+_RESERVED = frozenset({"seed", "episode", "action", "obs", "reward", "terminated", "success"})
+
+
+def _check_physical_params(sim: type, fields: tuple[str, ...]) -> tuple[str, ...]:
+    """``sim.physical_params``: distinct identifiers that name no state field or fixed kernel argument."""
+    physical = getattr(sim, "physical_params", ())
+    if not isinstance(physical, tuple) or not all(isinstance(q, str) and q.isidentifier() for q in physical):
+        raise TaskContractError(f"{sim.__name__}.physical_params must be a tuple of names, got {physical!r}")
+    for q in physical:
+        if physical.count(q) > 1:
+            raise TaskContractError(f"{sim.__name__}.physical_params names '{q}' twice")
+        if q in fields or q.endswith("_next") or q in _RESERVED:
+            raise TaskContractError(f"{sim.__name__}.physical_params '{q}' clashes with a state field or a fixed "
+                                    f"kernel argument; name it after the physical quantity (e.g. 'mass')")
+    return physical
+
+
+def _check_physical_defaults(where: str, struct_arg: Any, physical: tuple[str, ...]) -> None:
+    """Each physical parameter's default is the float field of the same name in the params struct."""
+    struct_vars = getattr(struct_arg.type, "vars", {})
+    for q in physical:
+        var = struct_vars.get(q)
+        if var is None or var.type is not wp.float32:
+            got = "no such field" if var is None else f"a {wp.types.type_repr(var.type)}"
+            raise TaskContractError(f"{where}: physical parameter '{q}' needs a float field '{q}' in "
+                                    f"{struct_arg.type.key} (its default value), got {got}")
+
+
+def _check_no_shared_reads(where: str, kernel: Any, struct_label: str, physical: tuple[str, ...]) -> None:
+    """Reject ``p.mass`` in a step kernel that receives ``mass`` per env: it would run, ignoring the
+    per-env value and giving it a zero gradient."""
+    tree = getattr(kernel.adj, "tree", None)
+    if tree is None:
+        return
+    body = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)][:1]
+    for node in (sub for stmt in (body[0].body if body else []) for sub in ast.walk(stmt)):
+        if (isinstance(node, ast.Attribute) and node.attr in physical and isinstance(node.value, ast.Name)
+                and node.value.id == struct_label):
+            raise TaskContractError(f"{where} reads '{struct_label}.{node.attr}', the shared default of the "
+                                    f"physical parameter '{node.attr}'; read the per-env '{node.attr}[i]'")
 
 
 def _check_state_type(sim: type, state_type: Any) -> tuple[str, ...]:

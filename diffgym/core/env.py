@@ -4,7 +4,7 @@ for all N envs). Both expose the tensor API ``get_state`` / ``set_state`` / ``di
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import gymnasium as gym
 import numpy as np
@@ -28,6 +28,10 @@ class _TensorAPI:
     _state: SimState | None
     _batch: int
     _face: type[DiffGymEnv]
+    _physics: tuple[torch.Tensor, ...]
+    """The per-env physical parameters ``env.step`` uses, one ``(batch,)`` tensor per name in
+    ``sim.physical_params``; set by ``reset(options={"physics": ...})`` and updated in place (the fast
+    path's recorded launches read these very tensors). Never handed out: ``get_physics`` copies."""
 
     def get_state(self) -> SimState:
         """A copy of the env's current state (batch 1 for the single env, N for the vector env)."""
@@ -43,13 +47,53 @@ class _TensorAPI:
         self._state = state.detach().clone()
         self._after_set_state()
 
-    def differentiable_step(self, state: SimState, action: torch.Tensor) -> StepOutput:
+    def differentiable_step(self, state: SimState, action: torch.Tensor,
+                            physics: Mapping[str, torch.Tensor] | None = None) -> StepOutput:
         """Pure batched step with exact gradients; the env's own state is untouched.
 
         ``state`` is any batch of the task's :class:`SimState` (e.g. from ``get_state``), ``action`` a
         float32 tensor ``(B, act_dim)`` on the env's device, clipped to [-1, 1] (zero gradient outside).
+        ``physics`` maps names in ``sim.physical_params`` to ``(B,)`` float32 tensors (gradients flow into
+        them); a name left out, or ``None``, means the task's constructor value, not the values set by
+        ``reset`` options (pass ``physics=env.get_physics()`` for those).
         """
-        return self.sim.step(state, action)
+        return self.sim.step(state, action, physics)
+
+    def get_physics(self) -> dict[str, torch.Tensor]:
+        """A copy of the per-env physical parameters ``step`` uses: name -> ``(batch,)`` tensor."""
+        return {name: t.clone() for name, t in zip(self.sim.physical_params, self._physics)}
+
+    def _init_physics(self) -> None:
+        self._physics = tuple(self.sim.default_physics(self._batch).values())
+
+    def _apply_physics_option(self, options: dict | None, mask: torch.Tensor | None = None) -> None:
+        """Set the per-env physics from ``options["physics"]`` (name -> a number, or ``(batch,)`` values),
+        only where ``mask`` is true. Everything is validated before anything changes."""
+        given = (options or {}).get("physics")
+        if given is None:
+            return
+        if not isinstance(given, Mapping):
+            raise TypeError(f"options['physics'] must be a mapping of names in {self.sim.physical_params} to "
+                            f"values, got {type(given).__name__}")
+        shape = (self._batch,)
+        values: dict[str, torch.Tensor] = {}
+        for name, value in given.items():
+            if name not in self.sim.physical_params:
+                raise ValueError(f"options['physics'] names '{name}', which is not a physical parameter of "
+                                 f"{type(self.sim).__name__}; expected names in {self.sim.physical_params}")
+            tensor = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else np.asarray(value),
+                                     dtype=torch.float32, device=self.sim.device)
+            if tensor.shape not in ((), shape):
+                raise ValueError(f"options['physics']['{name}'] must be a number or have shape {shape}, "
+                                 f"got shape {tuple(tensor.shape)}")
+            values[name] = tensor.expand(shape)
+        current = dict(zip(self.sim.physical_params, self._physics))
+        merged = {name: values.get(name, current[name]) for name in self.sim.physical_params}
+        if mask is not None:
+            merged = {name: torch.where(mask, merged[name], current[name]) for name in merged}
+        self.sim.check_physics(merged, self._batch)
+        for buffer, name in zip(self._physics, self.sim.physical_params):
+            buffer.copy_(merged[name])
 
     def to_gym_observation(self, obs: torch.Tensor, state: SimState) -> np.ndarray | dict[str, np.ndarray]:
         """The batched Gymnasium observation (``(B, ...)`` arrays, a dict of them for a Dict space) of a
@@ -112,7 +156,8 @@ class _FastPath:
     kernels on the same inputs (the clip to [-1, 1] is exact in both NumPy and torch).
     """
 
-    def __init__(self, sim: DiffSim):
+    def __init__(self, sim: DiffSim, physics: tuple[torch.Tensor, ...]):
+        """``physics``: the env's ``(1,)`` physical-parameter tensors, read by every recorded step."""
         specs = sim._state_specs(1)
         self.states = [sim.state_type(*(torch.zeros(s.shape, dtype=s.dtype) for s in specs)) for _ in range(2)]
         self.steps = [state.step.numpy() for state in self.states]  # NumPy views of the step counters
@@ -131,7 +176,8 @@ class _FastPath:
                                              state.tensors()) for state in self.states]
         self.observe_launches = [record_launch(sim.observe_kernel, 1, state.tensors(), params, [self.obs])
                                  for state in self.states]
-        self.step_launches = [record_launch(sim.step_kernel, 1, [*self.states[k].tensors(), self.action], params,
+        self.step_launches = [record_launch(sim.step_kernel, 1, [*self.states[k].tensors(), self.action, *physics],
+                                            params,
                                             [*self.states[1 - k].tensors(), self.obs, self.reward,
                                              self.terminated, self.success]) for k in (0, 1)]
         self.current = 0  # index of the buffer set holding the env's state
@@ -196,6 +242,7 @@ class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
         self._state = None
         self._seed: torch.Tensor | None = None
         self._episode = torch.zeros(1, dtype=torch.int32, device=self.sim.device)
+        self._init_physics()
         self.use_fast_path: bool = self.sim.device.type == "cpu"
         """Step through persistent buffers and recorded launches (CPU only, and not in the bridge's debug
         mode; bit-identical to the reference path, which ``False`` selects)."""
@@ -208,12 +255,14 @@ class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
     def __getstate__(self) -> dict[str, Any]:
         return {"init": self._init_kwargs, "spec": self.spec, "use_fast_path": self.use_fast_path,
                 "state": None if self._state is None else self._state.clone(), "seed": self._seed,
-                "episode": self._episode.clone(), "np_random": self._np_random}
+                "episode": self._episode.clone(), "np_random": self._np_random, "physics": self.get_physics()}
 
     def __setstate__(self, saved: dict[str, Any]) -> None:
         type(self).__init__(self, **saved["init"])
         self.spec, self.use_fast_path, self._np_random = saved["spec"], saved["use_fast_path"], saved["np_random"]
         self._state, self._seed, self._episode = saved["state"], saved["seed"], saved["episode"]
+        for buffer, value in zip(self._physics, saved["physics"].values()):
+            buffer.copy_(value)
 
     @property
     def spec(self) -> EnvSpec | None:  # type: ignore[override]
@@ -235,6 +284,9 @@ class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
         self.__dict__["_spec"] = spec
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """``options={"physics": {"mass": 1.7}}`` sets the physical parameters of this and later episodes
+        (until another reset sets them); names left out keep their values."""
+        self._apply_physics_option(options)
         super().reset(seed=seed)
         if seed is not None or self._seed is None:
             value = seed if seed is not None else int(self.np_random.integers(_SEED_MASK))
@@ -282,7 +334,7 @@ class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
         """The step through the functional sim on fresh tensors (CUDA, and the fast path's reference)."""
         action = self._numpy_action(action, self.action_space.shape)
         with torch.no_grad():
-            out = self.sim._step(self._state, action)
+            out = self.sim._step(self._state, action, self._physics)
         self._state = out.state
         info = {k: (v[0].item() if v.ndim == 1 else v[0]) for k, v in _info_numpy(self.sim, out).items()}
         # Never truncated here: gym.make wraps the env in Gymnasium's TimeLimit and keeps a
@@ -297,7 +349,7 @@ class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
 
     def _fast_path(self) -> _FastPath:
         if self._fast is None:
-            self._fast = _FastPath(self.sim)
+            self._fast = _FastPath(self.sim, self._physics)
         return self._fast
 
     def render(self):
@@ -312,7 +364,9 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
     Env ``i`` behaves exactly like a single env seeded with ``seed + i``. ``autoreset_mode`` is
     ``NEXT_STEP`` (Gymnasium's default) or ``SAME_STEP`` (reset obs returned at once; the final
     observation and info are in ``info["final_obs"]`` / ``info["final_info"]``).
-    ``reset(options={"reset_mask": mask})`` resets only the masked envs.
+    ``reset(options={"reset_mask": mask})`` resets only the masked envs;
+    ``reset(options={"physics": {"mass": values}})`` sets the per-env physical parameters (a number or
+    ``(N,)`` values; only the reset envs' change under a ``reset_mask``), kept across autoresets.
     """
 
     def __reduce__(self):
@@ -346,6 +400,7 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
         self._seed: torch.Tensor | None = None
         self._episode = torch.full((self.num_envs,), -1, dtype=torch.int32, device=self.sim.device)
         self._needs_reset = torch.zeros(self.num_envs, dtype=torch.bool, device=self.sim.device)
+        self._init_physics()
 
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
         super().reset(seed=seed if isinstance(seed, int) else None)  # seeds self.np_random
@@ -363,6 +418,7 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
             mask = torch.as_tensor(reset_mask, device=device)
         if self._state is None:
             mask = torch.ones_like(mask)  # the first reset starts every env
+        self._apply_physics_option(options, mask)
         if self._seed is None:
             self._seed = torch.as_tensor(self.np_random.integers(_SEED_MASK, size=self.num_envs),
                                          dtype=torch.int32, device=device)
@@ -385,7 +441,7 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
             raise RuntimeError("call reset() before step()")
         action = self._numpy_action(actions, self.action_space.shape)
         with torch.no_grad():
-            out = self.sim._step(self._state, action)
+            out = self.sim._step(self._state, action, self._physics)
             infos = _info_numpy(self.sim, out)
             obs, reward = out.obs, out.reward
             terminated, truncated = out.terminated, out.truncated

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -49,9 +49,10 @@ class DiffSim:
     * three Warp kernels whose array arguments are *named* after the state's fields, in its order:
       ``reset_kernel(seed, episode, params, *state_out)``,
       ``observe_kernel(*state, params, obs_out)`` and
-      ``step_kernel(*state, action, params, *next_state_out, obs, reward, terminated, success)``,
-      where ``params`` is ``self.params`` (a ``wp.struct`` of the task's constants) and ``next_state_out``
-      are the field names with ``_next`` appended;
+      ``step_kernel(*state, action, *physical, params, *next_state_out, obs, reward, terminated, success)``,
+      where ``params`` is ``self.params`` (a ``wp.struct`` of the task's constants), ``physical`` one
+      ``wp.array(dtype=float)`` per name in ``physical_params`` and ``next_state_out`` the field names
+      with ``_next`` appended;
     * ``render_state(state, index) -> np.ndarray`` (an RGB frame of one env).
 
     Defining a subclass checks this contract (:mod:`diffgym.core.contract`) and derives each field's
@@ -74,6 +75,14 @@ class DiffSim:
     """The task's valid domain, validated by ``check_state``: ``|x| <= bound`` for every element of each
     named float field (every float field must also be finite). A task documents why these bounds hold
     for every state its dynamics reach, and may check more in its own ``check_state``."""
+
+    physical_params: ClassVar[tuple[str, ...]] = ()
+    """Names of the task's per-env, differentiable physical parameters (e.g. ``("mass",)``). The step kernel
+    takes one ``(B,)`` float array per name right after ``action``; the ``params`` struct field of the
+    same name holds the value every env uses unless ``step``'s ``physics`` says otherwise."""
+    physics_bounds: ClassVar[dict[str, tuple[float, float]]] = {}
+    """The valid range ``[low, high]`` of each physical parameter, checked by ``check_physics`` (values
+    must also be finite); the task documents why the dynamics stay finite inside it."""
 
     params: Any
     """The ``wp.struct`` of constants passed to every kernel; set by the subclass's ``__init__``."""
@@ -100,6 +109,8 @@ class DiffSim:
         self.max_episode_steps = int(horizon)
         self._fields = self.state_type.field_names()  # the contract check ensured the last one is 'step'
         self._step_specs_cache: dict[int, list[Out]] = {}
+        # the default physics per batch size, with the struct values it was filled from (rebuilt if edited)
+        self._default_physics_cache: dict[int, tuple[tuple[float, ...], tuple[torch.Tensor, ...]]] = {}
 
     # ----------------------------------------------------------------------------- pure API
     def reset(self, seed: torch.Tensor, episode: torch.Tensor) -> SimState:
@@ -116,10 +127,21 @@ class DiffSim:
         self.check_state(state)
         return self._observe(state)
 
-    def step(self, state: SimState, action: torch.Tensor) -> StepOutput:
-        """One control step for the whole batch; differentiable in ``action`` and the float state fields."""
+    def step(self, state: SimState, action: torch.Tensor,
+             physics: Mapping[str, torch.Tensor] | None = None) -> StepOutput:
+        """One control step for the whole batch; differentiable in ``action``, the float state fields and
+        the ``physics`` tensors.
+
+        ``physics`` maps names in ``physical_params`` to ``(B,)`` float32 tensors of per-env values;
+        a name left out (or ``None``, the default) means every env uses the task's constructor value.
+        """
         self.check_state(state)
-        return self._step(state, self.check_action(action, state.batch_size))
+        batch = state.batch_size
+        return self._step(state, self.check_action(action, batch), self.check_physics(physics, batch))
+
+    def default_physics(self, batch: int) -> dict[str, torch.Tensor]:
+        """The constructor's physical parameters as ``(batch,)`` tensors (new ones, safe to edit)."""
+        return {name: t.clone() for name, t in zip(self.physical_params, self._default_physics(batch))}
 
     # Unchecked twins of the public methods, for callers that validated their arguments already (the
     # envs check NumPy actions and own their states): validation runs once per call at the public API.
@@ -129,10 +151,14 @@ class DiffSim:
                            [Out((batch, self.obs_dim))])
         return obs
 
-    def _step(self, state: SimState, action: torch.Tensor) -> StepOutput:
+    def _step(self, state: SimState, action: torch.Tensor,
+              physics: Sequence[torch.Tensor] | None = None) -> StepOutput:
+        """``physics``: one checked ``(B,)`` tensor per name in ``physical_params``, in that order."""
         batch = state.batch_size
-        outputs = warp_call(self.step_kernel, batch, [*state.tensors(), action.clamp(-1.0, 1.0)], [self.params],
-                            self._step_specs(batch))
+        if physics is None:
+            physics = self._default_physics(batch)
+        outputs = warp_call(self.step_kernel, batch, [*state.tensors(), action.clamp(-1.0, 1.0), *physics],
+                            [self.params], self._step_specs(batch))
         n = len(self._fields)
         next_state = self.state_type(*outputs[:n])
         obs, reward, terminated, success = outputs[n:]
@@ -163,6 +189,46 @@ class DiffSim:
             bad = [tuple(i) for i in (~finite).nonzero().tolist()[:8]]
             raise ValueError(f"action contains NaN or Inf at (env, dim) {bad}; actions must be finite")
         return action
+
+    def check_physics(self, physics: Mapping[str, Any] | None, batch: int) -> tuple[torch.Tensor, ...]:
+        """Validate a ``physics`` mapping for ``batch`` envs; return one tensor per ``physical_params``
+        name, in order, the constructor value where a name is left out (``ValueError`` otherwise)."""
+        defaults = self._default_physics(batch)
+        if physics is None:
+            return defaults
+        if not isinstance(physics, Mapping):
+            raise TypeError(f"physics must be a mapping of names in {self.physical_params} to tensors, "
+                            f"got {type(physics).__name__}")
+        unknown = [name for name in physics if name not in self.physical_params]
+        if unknown:
+            raise ValueError(f"physics names {unknown} are not physical parameters of {type(self).__name__}; "
+                             f"expected names in {self.physical_params}")
+        tensors = []
+        for name, default in zip(self.physical_params, defaults):
+            value = physics.get(name)
+            if value is None:
+                tensors.append(default)
+                continue
+            expected = f"a torch.float32 tensor of shape ({batch},) on {self.device}"
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"physics['{name}'] must be {expected}, got {type(value).__name__}")
+            if value.shape != (batch,) or value.dtype != torch.float32 or value.device != self.device:
+                raise ValueError(f"physics['{name}'] must be {expected}, got shape {tuple(value.shape)}, "
+                                 f"dtype {value.dtype} on {value.device}")
+            tensors.append(value)
+        self._check_physics_domain(dict(zip(self.physical_params, tensors)))
+        return tuple(tensors)
+
+    def _check_physics_domain(self, physics: Mapping[str, torch.Tensor]) -> None:
+        """Finite values inside ``physics_bounds``, with one line naming the parameter and the first bad env."""
+        for name, value in physics.items():
+            low, high = self.physics_bounds.get(name, (-float("inf"), float("inf")))
+            detached = value.detach()
+            bad = ~torch.isfinite(detached) | (detached < low) | (detached > high)
+            if bool(bad.any()):
+                env = int(bad.nonzero()[0])
+                raise ValueError(f"physics['{name}'] must be finite and lie in [{low:g}, {high:g}], "
+                                 f"got {float(detached[env])} in env {env}")
 
     def check_state(self, state: Any) -> None:
         if not isinstance(state, self.state_type):
@@ -222,6 +288,16 @@ class DiffSim:
     # ----------------------------------------------------------------------------- helpers
     def _state_specs(self, batch: int) -> list[Out]:
         return [Out((batch, *self._field_specs[name].shape), self._field_specs[name].dtype) for name in self._fields]
+
+    def _default_physics(self, batch: int) -> tuple[torch.Tensor, ...]:
+        """Cached ``(batch,)`` tensors of the struct's values: never written, so safe to share between
+        calls (a kernel only reads its inputs) without a per-step allocation."""
+        values = tuple(float(getattr(self.params, name)) for name in self.physical_params)
+        cached = self._default_physics_cache.get(batch)
+        if cached is None or cached[0] != values:
+            tensors = tuple(torch.full((batch,), v, dtype=torch.float32, device=self.device) for v in values)
+            cached = self._default_physics_cache[batch] = (values, tensors)
+        return cached[1]
 
     def _step_specs(self, batch: int) -> list[Out]:
         """The step kernel's output specs for ``batch`` envs, built once per batch size."""

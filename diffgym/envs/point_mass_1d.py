@@ -1,4 +1,7 @@
-"""DiffGym/PointMass1D-v0: push a 1 kg point mass on a line to a goal and stop there."""
+"""DiffGym/PointMass1D-v0: push a 1 kg point mass on a line to a goal and stop there.
+
+The mass is a per-env, differentiable physical parameter (``physical_params``): the smallest example of
+system identification and domain randomisation in DiffGym (docs/api.md)."""
 
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ class PointMass1DState(SimState):
 @wp.struct
 class PointMass1DParams:
     dt: float
-    mass: float
+    mass: float  # the default of the per-env `mass` array the step kernel reads
     action_cost: float
     reset_range: float
     success_distance: float
@@ -83,6 +86,7 @@ def point_mass_1d_step(
     goal: wp.array(dtype=float),
     step: wp.array(dtype=wp.int32),
     action: wp.array2d(dtype=float),
+    mass: wp.array(dtype=float),
     p: PointMass1DParams,
     # outputs
     x_next: wp.array(dtype=float),
@@ -97,7 +101,7 @@ def point_mass_1d_step(
     i = wp.tid()
     force = action[i, 0]
     # semi-implicit Euler: velocity first, then position with the new velocity
-    vel = v[i] + force / p.mass * p.dt
+    vel = v[i] + force / mass[i] * p.dt
     pos = x[i] + vel * p.dt
     g = goal[i]
     x_next[i] = pos
@@ -124,16 +128,24 @@ class PointMass1D(DiffSim):
     reset_kernel = point_mass_1d_reset
     observe_kernel = point_mass_1d_observe
     step_kernel = point_mass_1d_step
+    physical_params = ("mass",)
+    # Down to 1 g a full push changes the speed by at most 50 m/s per step, so an episode's states stay
+    # far inside state_bounds and its rewards finite; above 1 t a push barely moves the mass at all.
+    physics_bounds = {"mass": (1.0e-3, 1.0e3)}
     # Far beyond any reachable state (1e9 m takes ~9e5 steps at full force) and small enough that the
     # squared error in the reward stays finite in float32.
     state_bounds = {"x": 1.0e9, "v": 1.0e9, "goal": 1.0e9}
 
     def __init__(self, device: str = "cpu", max_episode_steps: int | None = None,
-                 action_cost: float = 0.01, success_distance: float = 0.05, success_speed: float = 0.1):
+                 action_cost: float = 0.01, success_distance: float = 0.05, success_speed: float = 0.1,
+                 mass: float = 1.0):
         super().__init__(device, max_episode_steps)
+        low, high = self.physics_bounds["mass"]
+        if not low <= mass <= high:
+            raise ValueError(f"mass must lie in [{low:g}, {high:g}] kg, got {mass!r}")
         self.params = PointMass1DParams()
         self.params.dt = self.dt
-        self.params.mass = 1.0
+        self.params.mass = mass
         self.params.action_cost = action_cost
         self.params.reset_range = 1.0
         self.params.success_distance = success_distance
@@ -151,7 +163,7 @@ class PointMass1D(DiffSim):
 class PointMass1DEnv(DiffGymEnv):
     """
     ## Description
-    A 1 kg point mass slides without friction on a line. The agent pushes it with a bounded force and
+    A point mass (1 kg by default) slides without friction on a line. The agent pushes it with a bounded force and
     must bring it to rest at a randomly placed goal. The smallest DiffGym task: linear dynamics and a
     quadratic reward, so exact gradients through long horizons are well conditioned.
 
@@ -163,7 +175,13 @@ class PointMass1DEnv(DiffGymEnv):
     `Box(-inf, inf, (3,), float32)`: `[x, v, g]`, position [m], velocity [m/s], goal position [m].
 
     ## Dynamics
-    Semi-implicit Euler with dt = 0.05 s: `v' = v + a/m * dt`, `x' = x + v' * dt`, m = 1 kg.
+    Semi-implicit Euler with dt = 0.05 s: `v' = v + a/m * dt`, `x' = x + v' * dt`, m = `mass` = 1 kg.
+
+    ## Physical parameters
+    `mass` (kg, in [0.001, 1000]) is per env and differentiable: `differentiable_step(state, action,
+    physics={"mass": m})` with `m` a `(B,)` tensor (gradients flow into it), and
+    `reset(options={"physics": {"mass": m}})` sets the value later steps use (domain randomisation).
+    The constructor's `mass` is the default.
 
     ## Rewards
     `r = -(x' - g)^2 - action_cost * a^2` with `action_cost = 0.01` (a after clipping).
@@ -184,7 +202,7 @@ class PointMass1DEnv(DiffGymEnv):
 
     ## Arguments
     `gym.make("DiffGym/PointMass1D-v0", device="cpu", render_mode=None, action_cost=0.01,
-    success_distance=0.05, success_speed=0.1)`; `gym.make_vec(..., num_envs=N)` gives the native
+    success_distance=0.05, success_speed=0.1, mass=1.0)`; `gym.make_vec(..., num_envs=N)` gives the native
     batched vector env.
 
     ## Version History
