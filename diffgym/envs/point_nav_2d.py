@@ -189,6 +189,21 @@ def _write_observation(i: int, pos: wp.vec2, vel: wp.vec2, goal: wp.vec2, p: Poi
 
 
 # ----------------------------------------------------------------------------------------- kernels
+@wp.func
+def sample_clear_point(rng: wp.uint32, low: float, high: float, fallback: wp.vec2, p: PointNav2DParams):
+    """Rejection sampling of a point in ``[low, high]^2`` clear of every obstacle by ``reset_clearance``
+    (``fallback`` after ``MAX_RESET_TRIES`` draws); returns the point and the advanced RNG state (Warp
+    passes the state by value). Never differentiated, so a dynamic loop is fine."""
+    point = wp.vec2(wp.randf(rng, low, high), wp.randf(rng, low, high))
+    tries = int(1)
+    while obstacle_clearance(point, p) < p.reset_clearance and tries < _MAX_RESET_TRIES:
+        point = wp.vec2(wp.randf(rng, low, high), wp.randf(rng, low, high))
+        tries = tries + 1
+    if obstacle_clearance(point, p) < p.reset_clearance:
+        point = fallback
+    return point, rng
+
+
 @wp.kernel
 def point_nav_2d_reset(
     seed: wp.array(dtype=wp.int32),
@@ -202,21 +217,8 @@ def point_nav_2d_reset(
 ):
     i = wp.tid()
     rng = wp.rand_init(seed[i], episode[i])
-    # rejection sampling (never differentiated, so a dynamic loop is fine here)
-    start = wp.vec2(wp.randf(rng, p.start_low, p.start_high), wp.randf(rng, p.start_low, p.start_high))
-    tries = int(1)
-    while obstacle_clearance(start, p) < p.reset_clearance and tries < _MAX_RESET_TRIES:
-        start = wp.vec2(wp.randf(rng, p.start_low, p.start_high), wp.randf(rng, p.start_low, p.start_high))
-        tries = tries + 1
-    if obstacle_clearance(start, p) < p.reset_clearance:
-        start = wp.vec2(p.start_low, p.start_low)
-    target = wp.vec2(wp.randf(rng, p.goal_low, p.goal_high), wp.randf(rng, p.goal_low, p.goal_high))
-    tries = int(1)
-    while obstacle_clearance(target, p) < p.reset_clearance and tries < _MAX_RESET_TRIES:
-        target = wp.vec2(wp.randf(rng, p.goal_low, p.goal_high), wp.randf(rng, p.goal_low, p.goal_high))
-        tries = tries + 1
-    if obstacle_clearance(target, p) < p.reset_clearance:
-        target = wp.vec2(p.goal_high, p.goal_high)
+    start, rng = sample_clear_point(rng, p.start_low, p.start_high, wp.vec2(p.start_low, p.start_low), p)
+    target, rng = sample_clear_point(rng, p.goal_low, p.goal_high, wp.vec2(p.goal_high, p.goal_high), p)
     pos[i] = start
     vel[i] = wp.vec2(0.0, 0.0)
     goal[i] = target

@@ -85,23 +85,11 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 _LOG_HOOKS: list[Callable[[int, dict[str, float]], None]] = []
 
 
-TENSORBOARD_TAGS = {
-    # the same quantity under one tag whichever trainer logs it
-    "eval_return": "eval/return", "eval_return_std": "eval/return_std", "eval_success_rate": "eval/success_rate",
-    "eval_episode_length": "eval/episode_length", "train_episode_return": "rollout/episode_return",
-    "rollout/ep_rew_mean": "rollout/episode_return", "rollout/ep_len_mean": "rollout/episode_length",
-    "policy_std": "policy/std", "train/std": "policy/std", "grad_norm": "losses/grad_norm",
-    "actor_loss": "losses/actor_loss", "critic_loss": "losses/value_loss", "train/value_loss": "losses/value_loss",
-    "train/policy_gradient_loss": "losses/policy_gradient_loss", "train/entropy_loss": "losses/entropy_loss",
-    "train/approx_kl": "losses/approx_kl", "train/clip_fraction": "losses/clip_fraction",
-}
-"""TensorBoard tags of the scalars more than one trainer logs (``metrics.jsonl`` keeps the names the
-trainer gave). Anything else keeps its own name; ``docs/protocol.md`` lists the shared tags."""
-
-
-def tensorboard_tag(name: str) -> str:
-    """The TensorBoard tag of a logged scalar: the shared tag (:data:`TENSORBOARD_TAGS`) or the name."""
-    return TENSORBOARD_TAGS.get(name, name)
+EVALUATION_TAGS = {"eval_return": "eval/return", "eval_return_std": "eval/return_std",
+                   "eval_success_rate": "eval/success_rate", "eval_episode_length": "eval/episode_length"}
+"""TensorBoard tags of the evaluation protocol's scalars (``evaluate_policy``'s keys). A trainer maps its
+own names onto the shared tags of ``docs/protocol.md`` (``policy/std``, ``losses/*``, ``rollout/*``)
+through :attr:`Run.tensorboard_tags`; ``metrics.jsonl`` keeps every name as logged."""
 
 
 @contextlib.contextmanager
@@ -150,6 +138,8 @@ class Run:
     """
 
     def __init__(self, config: TrainConfig, progress: bool = True):
+        self.tensorboard_tags: dict[str, str] = dict(EVALUATION_TAGS)
+        """Logged name -> TensorBoard tag; trainers add their own names' shared tags (``docs/protocol.md``)."""
         if config.run_dir:
             run_dir = Path(config.run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +190,8 @@ class Run:
         for name, value in scalars.items():
             value = float(value)
             row[name] = value if math.isfinite(value) else str(value)  # JSON has no NaN/inf
-            self.writer.add_scalar(tensorboard_tag(name), value, global_step=int(env_steps), walltime=time.time())
+            self.writer.add_scalar(self.tensorboard_tags.get(name, name), value, global_step=int(env_steps),
+                                   walltime=time.time())
         self.writer.add_scalar("progress/grad_steps", int(grad_steps), global_step=int(env_steps))
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()

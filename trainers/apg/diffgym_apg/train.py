@@ -34,6 +34,10 @@ from diffgym.training.spec import from_dict
 
 from diffgym_apg.losses import MonteCarloReturns, segment_actor_loss, td_lambda_targets
 
+TENSORBOARD_TAGS = {"policy_std": "policy/std", "actor_loss": "losses/actor_loss", "critic_loss": "losses/value_loss",
+                    "grad_norm": "losses/grad_norm", "train_episode_return": "rollout/episode_return"}
+"""APG's logged names under the shared TensorBoard tags (``docs/protocol.md``)."""
+
 BOOTSTRAP_MODES = ("none", "mc", "critic")
 """How a segment's tail is estimated: nothing, a Monte-Carlo value network, or a TD(lambda) critic."""
 ESTIMATORS = ("analytic", "likelihood", "hybrid")
@@ -437,6 +441,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
     env_steps = grad_steps = 0
 
     with Run(config, progress=progress) as run:
+        run.tensorboard_tags.update(TENSORBOARD_TAGS)
         saved = run.load_latest_checkpoint()
         if saved is not None:
             learner.load_state_dict(saved)

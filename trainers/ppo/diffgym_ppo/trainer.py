@@ -38,6 +38,12 @@ PPO_PARAMS: dict[str, Any] = {
 }
 """Every PPO hyperparameter read from ``TrainConfig.algo_params`` and its default."""
 
+TENSORBOARD_TAGS = {"train/std": "policy/std", "train/value_loss": "losses/value_loss",
+                    "train/policy_gradient_loss": "losses/policy_gradient_loss", "train/entropy_loss": "losses/entropy_loss",
+                    "train/approx_kl": "losses/approx_kl", "train/clip_fraction": "losses/clip_fraction",
+                    "rollout/ep_rew_mean": "rollout/episode_return", "rollout/ep_len_mean": "rollout/episode_length"}
+"""SB3's logger keys under the shared TensorBoard tags (``docs/protocol.md``)."""
+
 
 def load_hyperparams() -> dict[str, Any]:
     """The bundled per-task table ``hyperparams/ppo.yml`` (env id -> TrainConfig fields; not rl-zoo's format)."""
@@ -87,6 +93,7 @@ class PPOTrainer:
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         with Run(config.replace(algo_params=params), progress=progress) as run:
+            run.tensorboard_tags.update(TENSORBOARD_TAGS)
             config = run.config
             venv = SB3VecEnvAdapter.make(config.env_id, config.num_envs, **config.env_options())
             env: Any = VecMonitor(venv)
