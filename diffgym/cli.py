@@ -16,13 +16,13 @@ import yaml
 
 from diffgym.experiments.options import add_budget_arguments, add_override_arguments, overrides
 from diffgym.experiments.options import parse_value as _parse_value
-
 from diffgym.threads import add_threads_argument, configure_torch_threads
 
 
 # ------------------------------------------------------------------------------------ trainers
 def _add_trainers(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--verbose", "-v", action="store_true", help="also show each trainer's entry point and its own flags")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="also show each trainer's entry point and its own flags")
 
 
 def _run_trainers(args: argparse.Namespace) -> int:
@@ -216,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     if extra and mode is None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.plugin_params = parse_trainer_flags(args.command, args.algo, extra, mode) if extra else {}
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: runs keep their last checkpoint and resume when started again
+        print(f"diffgym {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
