@@ -19,7 +19,7 @@ import time
 import numpy as np
 import warp as wp
 
-from diffgym.core.newton_sim import fr3_model, gravity_torques, require_newton, simulate
+from diffgym.core.newton_sim import fr3_model, gravity_torques, require_newton, simulate, weighted_state_sum
 
 READY = np.array([0.0, -math.pi / 4, 0.0, -3 * math.pi / 4, 0.0, math.pi / 2, math.pi / 4], dtype=np.float32)
 
@@ -47,15 +47,6 @@ def simulate_semi_implicit(model, joint_q, joint_qd, torques, dt, substeps, requ
     return state
 
 
-@wp.kernel
-def weighted_sum(q: wp.array(dtype=wp.float32), qd: wp.array(dtype=wp.float32), wq: wp.array(dtype=wp.float32),
-                 wqd: wp.array(dtype=wp.float32),
-                 # outputs
-                 total: wp.array(dtype=wp.float32)):
-    i = wp.tid()
-    wp.atomic_add(total, 0, wq[i] * q[i] + wqd[i] * qd[i])
-
-
 def measure(solver: str, substeps: int, steps: int, seed: int = 0, directions: int = 2) -> dict:
     rollout = simulate if solver == "featherstone" else simulate_semi_implicit
     model = fr3_model(1, requires_grad=True)
@@ -68,7 +59,7 @@ def measure(solver: str, substeps: int, steps: int, seed: int = 0, directions: i
     def loss(values: np.ndarray) -> tuple[float, np.ndarray]:
         final = rollout(model, q0, qd0, [wp.array(v) for v in values], 0.05, substeps)
         total = wp.zeros(1)
-        wp.launch(weighted_sum, 7, [final.joint_q, final.joint_qd, wq, wqd], [total])
+        wp.launch(weighted_state_sum, 7, [final.joint_q, final.joint_qd, wq, wqd], [total])
         return float(total.numpy()[0]), final.joint_q.numpy()
 
     loss(torques)  # compile and warm up
@@ -82,7 +73,7 @@ def measure(solver: str, substeps: int, steps: int, seed: int = 0, directions: i
         with tape:
             final = rollout(model, q0, qd0, inputs, 0.05, substeps, requires_grad=True)
             total = wp.zeros(1, requires_grad=True)
-            wp.launch(weighted_sum, 7, [final.joint_q, final.joint_qd, wq, wqd], [total])
+            wp.launch(weighted_state_sum, 7, [final.joint_q, final.joint_qd, wq, wqd], [total])
         tape.zero()  # the model's arrays keep gradients from earlier tapes
         tape.backward(loss=total)
         return np.stack([a.grad.numpy() for a in inputs])

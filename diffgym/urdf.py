@@ -12,7 +12,6 @@ from the shell. PyBullet is imported only there.
 
 # No ``from __future__ import annotations``: Warp reads the generated functions' annotations at run time.
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import math
@@ -21,13 +20,14 @@ import sys
 import xml.etree.ElementTree as ET
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import warp as wp
 
 from diffgym.core.bridge import Out, warp_call
+from diffgym.core.native import native_output_silenced
 
 FIXED, REVOLUTE, PRISMATIC = 0, 1, 2
 _KINDS = {"fixed": FIXED, "revolute": REVOLUTE, "continuous": REVOLUTE, "prismatic": PRISMATIC}
@@ -386,24 +386,6 @@ class UrdfValidationReport:
         return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def _native_output_silenced() -> Iterator[None]:
-    """Mute PyBullet's C-level warnings (e.g. 'No inertial data for link') for frame-only links."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    try:
-        with open(os.devnull, "wb") as devnull:
-            os.dup2(devnull.fileno(), 1)
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in saved:
-            os.close(fd)
-
-
 def _quat_multiply(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Hamilton product of quaternions ``(..., 4)`` stored (x, y, z, w)."""
     av, aw, bv, bw = a[..., :3], a[..., 3:], b[..., :3], b[..., 3:]
@@ -423,13 +405,13 @@ def pybullet_link_frames(chain: KinematicChain, path: str | os.PathLike, q: np.n
     """PyBullet's pose of every link of ``chain`` (root frame, ``(S, len(links), 7)``) at configurations
     ``q`` ``(S, dof)``, and the limits PyBullet read per movable joint (``{name: (lower, upper, velocity)}``)."""
     try:
-        with _native_output_silenced():  # its import prints a build banner
+        with native_output_silenced():  # its import prints a build banner
             import pybullet
     except ImportError:  # pragma: no cover - pybullet is a test extra
         raise ImportError("URDF validation needs PyBullet: pip install pybullet") from None
     client = pybullet.connect(pybullet.DIRECT)
     try:
-        with _native_output_silenced():
+        with native_output_silenced():
             body = pybullet.loadURDF(str(Path(path).resolve()), useFixedBase=True, physicsClientId=client)
         index, limits = {}, {}
         for i in range(pybullet.getNumJoints(body, physicsClientId=client)):

@@ -12,8 +12,9 @@ import warp as wp
 newton = pytest.importorskip("newton")
 pybullet = pytest.importorskip("pybullet")
 
-from diffgym.core.newton_sim import fr3_model, fr3_urdf_path, gravity_torques, simulate  # noqa: E402
-from diffgym.urdf import _native_output_silenced  # noqa: E402
+from diffgym.core.newton_sim import (fr3_model, fr3_urdf_path, gravity_torques, simulate,  # noqa: E402
+                                     weighted_state_sum)
+from diffgym.core.native import native_output_silenced  # noqa: E402
 
 READY = np.array([0.0, -math.pi / 4, 0.0, -3 * math.pi / 4, 0.0, math.pi / 2, math.pi / 4], dtype=np.float32)
 # Published FR3 values (franka_description 1.0.1), as ../shared/fr3-dynamics.md lists them.
@@ -31,7 +32,7 @@ def pybullet_gravity_torques(path: Path, q: np.ndarray) -> np.ndarray:
     """PyBullet's ``calculateInverseDynamics(q, 0, 0)`` under g = 9.81 m/s^2, inertias from the file."""
     client = pybullet.connect(pybullet.DIRECT)
     try:
-        with _native_output_silenced():
+        with native_output_silenced():
             body = pybullet.loadURDF(str(path), useFixedBase=True, flags=pybullet.URDF_USE_INERTIA_FROM_FILE,
                                      physicsClientId=client)
         pybullet.setGravity(0, 0, -9.81, physicsClientId=client)
@@ -84,15 +85,6 @@ def test_featherstone_holds_the_arm_still_under_gravity_compensation():
     assert np.isfinite(held.joint_qd.numpy()).all() and drift < 1e-3, drift
 
 
-@wp.kernel
-def weighted_sum(q: wp.array(dtype=wp.float32), qd: wp.array(dtype=wp.float32), wq: wp.array(dtype=wp.float32),
-                 wqd: wp.array(dtype=wp.float32),
-                 # outputs
-                 total: wp.array(dtype=wp.float32)):
-    i = wp.tid()
-    wp.atomic_add(total, 0, wq[i] * q[i] + wqd[i] * qd[i])
-
-
 @pytest.mark.parametrize("steps", [1])  # 20 chained steps do not agree yet: docs/newton.md
 def test_featherstone_gradients_match_central_differences(steps: int):
     """d(w . q_T + v . qd_T)/d(torques) through a taped rollout of ``steps`` control steps of 10 substeps,
@@ -107,7 +99,7 @@ def test_featherstone_gradients_match_central_differences(steps: int):
     def loss(values: list[np.ndarray]) -> float:
         final = simulate(model, q0, qd0, [wp.array(v) for v in values], dt=0.05, substeps=10)
         total = wp.zeros(1)
-        wp.launch(weighted_sum, 7, [final.joint_q, final.joint_qd, wq, wqd], [total])
+        wp.launch(weighted_state_sum, 7, [final.joint_q, final.joint_qd, wq, wqd], [total])
         return float(total.numpy()[0])
 
     inputs = [wp.array(v, requires_grad=True) for v in torques]
@@ -115,7 +107,7 @@ def test_featherstone_gradients_match_central_differences(steps: int):
     with tape:
         final = simulate(model, q0, qd0, inputs, dt=0.05, substeps=10, requires_grad=True)
         total = wp.zeros(1, requires_grad=True)
-        wp.launch(weighted_sum, 7, [final.joint_q, final.joint_qd, wq, wqd], [total])
+        wp.launch(weighted_state_sum, 7, [final.joint_q, final.joint_qd, wq, wqd], [total])
     tape.zero()  # the model's arrays keep gradients from earlier tapes
     tape.backward(loss=total)
     gradient = np.stack([a.grad.numpy() for a in inputs])
@@ -142,7 +134,7 @@ def test_repeated_taped_rollouts_on_one_model_give_the_same_gradient():
         with tape:
             final = simulate(model, wp.array(READY), wp.zeros(7), [tau], dt=0.05, substeps=10, requires_grad=True)
             total = wp.zeros(1, requires_grad=True)
-            wp.launch(weighted_sum, 7, [final.joint_q, final.joint_qd, weights, weights], [total])
+            wp.launch(weighted_state_sum, 7, [final.joint_q, final.joint_qd, weights, weights], [total])
         if zero:
             tape.zero()
         tape.backward(loss=total)

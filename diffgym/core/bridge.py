@@ -40,6 +40,8 @@ from weakref import WeakKeyDictionary
 import torch
 import warp as wp
 
+from diffgym.core.native import native_output_silenced
+
 if not os.environ.get("DIFFGYM_WARP_VERBOSE"):
     wp.config.log_level = wp.LOG_WARNING  # Warp's per-module load messages would drown training logs
 
@@ -118,21 +120,12 @@ def init_warp() -> None:
     can act on). Where a driver is installed, or ``DIFFGYM_WARP_VERBOSE=1``, Warp prints what it prints.
     Idempotent; called when the bridge is imported, before any kernel module loads."""
     import ctypes.util
-    import sys
 
     if ctypes.util.find_library("cuda") is not None or os.environ.get("DIFFGYM_WARP_VERBOSE") == "1":
         wp.init()
         return
-    sys.stderr.flush()
-    saved = os.dup(2)  # the warning comes from native code: silence file descriptor 2, not sys.stderr
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
-        wp.init()  # a failure still raises, with Warp's own error message
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    with native_output_silenced():  # a failure still raises, with Warp's own error message
+        wp.init()
 
 
 init_warp()

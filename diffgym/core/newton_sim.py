@@ -118,3 +118,14 @@ def simulate(model: "newton.Model", joint_q: wp.array, joint_qd: wp.array, torqu
             newton.solvers.SolverFeatherstone(model).step(state_in, state_out, control, None, dt / substeps)
             state = state_out
     return state
+
+
+@wp.kernel
+def weighted_state_sum(q: wp.array(dtype=wp.float32), qd: wp.array(dtype=wp.float32),
+                       wq: wp.array(dtype=wp.float32), wqd: wp.array(dtype=wp.float32),
+                       # outputs
+                       total: wp.array(dtype=wp.float32)):
+    """``total[0] += wq . q + wqd . qd``: a scalar objective of a rollout's final joint state, for
+    gradient checks (launch over the dofs; ``total`` zeroed and ``requires_grad`` when taped)."""
+    i = wp.tid()
+    wp.atomic_add(total, 0, wq[i] * q[i] + wqd[i] * qd[i])

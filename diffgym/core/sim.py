@@ -265,14 +265,19 @@ class DiffSim:
         """Task-specific domain limits beyond ``state_bounds`` (``(B,)`` bool); none by default."""
         return torch.zeros(state.batch_size, dtype=torch.bool, device=self.device)
 
+    def _task_domain_message(self, state: SimState, env: int) -> str:
+        """The one-line error for env ``env`` outside :meth:`_outside_task_domain` (tasks that add limits
+        say which)."""
+        return f"the state of env {env} lies outside {type(self).__name__}'s valid domain"
+
     def _check_domain(self, state: SimState) -> None:
-        """Reject non-finite float fields and fields beyond ``state_bounds`` with one line naming the
-        field and the first offending env. One host sync for the whole state when everything is valid."""
-        floats = [(name, t) for name, t in zip(self._fields, state.tensors()) if name != "step"]
-        bad = [~torch.isfinite(t) for _, t in floats]
-        bad += [t.abs() > self.state_bounds[name] for name, t in floats if name in self.state_bounds]
-        if not bad or not bool(torch.stack([b.any() for b in bad]).any()):
+        """Reject a state :meth:`outside_domain` flags, with one line naming the field (non-finite, beyond
+        ``state_bounds``, or the task's own limit) and the first offending env. One host sync for the whole
+        state when everything is valid."""
+        outside = self.outside_domain(state)
+        if not bool(outside.any()):
             return
+        floats = [(name, t) for name, t in zip(self._fields, state.tensors()) if name != "step"]
         for name, tensor in floats:
             finite = torch.isfinite(tensor)
             if not bool(finite.all()):
@@ -284,6 +289,7 @@ class DiffSim:
                 env = int((tensor.abs() > bound).reshape(len(tensor), -1).any(dim=1).nonzero()[0])
                 raise ValueError(f"state.{name} must lie in [-{bound:g}, {bound:g}] (the task's valid domain), "
                                  f"got {tensor[env].tolist()} in env {env}")
+        raise ValueError(self._task_domain_message(state, int(outside.nonzero()[0])))
 
     # ----------------------------------------------------------------------------- helpers
     def _state_specs(self, batch: int) -> list[Out]:

@@ -587,19 +587,16 @@ class TPush(DiffSim):
         return block_pos[:, None, :] + torch.stack([c * x - s * y, s * x + c * y], dim=-1)
 
     def _outside_task_domain(self, state) -> torch.Tensor:
-        reach = self.hull_vertices(state.block_pos.detach(), state.block_angle.detach()).abs().amax(dim=(1, 2))
-        return reach > self.block_vertex_limit
+        return self._corner_reach(state) > self.block_vertex_limit
 
-    def check_state(self, state) -> None:
-        super().check_state(state)  # types, shapes, device, finiteness and state_bounds
-        reach = self.hull_vertices(state.block_pos, state.block_angle).abs().amax(dim=(1, 2))
-        outside = reach > self.block_vertex_limit
-        if bool(outside.any()):
-            env = int(outside.nonzero()[0])
-            raise ValueError(
-                f"state.block_pos and block_angle must keep the T's corners within "
-                f"{self.block_vertex_limit:g} m of the arena centre per axis (at most {WALL_SLACK:g} m into a "
-                f"wall), got a corner at {float(reach[env]):.4g} m in env {env}")
+    def _task_domain_message(self, state, env: int) -> str:
+        return (f"state.block_pos and block_angle must keep the T's corners within {self.block_vertex_limit:g} m "
+                f"of the arena centre per axis (at most {WALL_SLACK:g} m into a wall), got a corner at "
+                f"{float(self._corner_reach(state)[env]):.4g} m in env {env}")
+
+    def _corner_reach(self, state) -> torch.Tensor:
+        """(B,) the largest |coordinate| of the T's hull vertices [m]."""
+        return self.hull_vertices(state.block_pos.detach(), state.block_angle.detach()).abs().amax(dim=(1, 2))
 
     def render_state(self, state: TPushState, index: int = 0) -> np.ndarray:
         half = self.params.arena_half
