@@ -130,6 +130,7 @@ class TPushParams:
     face_shaping_weight: float
     success_distance: float
     reset_block_range: float
+    reset_angle_range: float
     reset_pusher_range: float
     reset_min_goal_distance: float
     reset_min_clearance: float
@@ -413,6 +414,8 @@ def t_push_reset(
         xb = wp.vec2(wp.randf(rng, -p.reset_block_range, p.reset_block_range),
                      wp.randf(rng, -p.reset_block_range, p.reset_block_range))
         theta = wp.randf(rng, -wp.pi, wp.pi)
+        if p.reset_angle_range < wp.pi:  # a narrowed start (start_spread < 1): offsets around the goal angle
+            theta = p.goal_angle + theta * (p.reset_angle_range / wp.pi)
         if mean_keypoint_distance(p, xb, theta) > p.reset_min_goal_distance:
             far = 1
     # ... and a pusher clear of it
@@ -527,8 +530,10 @@ class TPush(DiffSim):
                  contact_smoothing: float = 1e-3, corner_smoothing: float = 2e-3, contact_friction: float = 0.3,
                  table_friction: float = 0.3,
                  friction_smoothing: float = 0.01, shaping_weight: float = 0.1, face_shaping_weight: float = 0.0,
-                 success_distance: float = 0.02):
+                 success_distance: float = 0.02, start_spread: float = 1.0):
         super().__init__(device, max_episode_steps)
+        if not 0.0 < start_spread <= 1.0:
+            raise ValueError(f"start_spread must be in (0, 1], got {start_spread}")
         for name, value in (("max_speed", max_speed), ("servo_gain", servo_gain), ("pusher_mass", pusher_mass),
                             ("block_mass", block_mass), ("contact_stiffness", contact_stiffness),
                             ("contact_smoothing", contact_smoothing),
@@ -575,9 +580,12 @@ class TPush(DiffSim):
         p.shaping_weight = shaping_weight
         p.face_shaping_weight = face_shaping_weight
         p.success_distance = success_distance
-        p.reset_block_range = 0.3
+        # start_spread scales the block's start around the goal pose (a start-state curriculum's knob);
+        # at 1 the draws are the registered start distribution's, number for number
+        p.reset_block_range = 0.3 * start_spread
+        p.reset_angle_range = math.pi * start_spread
         p.reset_pusher_range = 0.4
-        p.reset_min_goal_distance = 0.1
+        p.reset_min_goal_distance = max(0.1 * start_spread, 2.0 * success_distance)
         p.reset_min_clearance = 0.02
 
     def hull_vertices(self, block_pos: torch.Tensor, block_angle: torch.Tensor) -> torch.Tensor:
