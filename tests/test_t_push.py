@@ -389,3 +389,24 @@ def test_face_shaping_is_a_potential_difference_with_exact_gradients():
     pressed = contact_states(8, seed=4)
     check_entrywise(TPush(face_shaping_weight=2.0), pressed, interior_actions(1, 8, 6),
                     eps=1e-4).assert_close(rtol=3e-2, atol=5e-2)
+
+
+def test_start_spread_narrows_the_start_around_the_goal_pose():
+    """start_spread=1 draws the registered start distribution number for number; a smaller spread keeps
+    the block within 0.3 s m and pi s rad of the goal pose (still at least 2 success tolerances from it)
+    and leaves the pusher's draw unchanged; a spread outside (0, 1] is one clear error."""
+    seeds, episodes = torch.arange(256, dtype=torch.int32), torch.zeros(256, dtype=torch.int32)
+    reference = TPush().reset(seeds, episodes)
+    for name, value in dataclasses.asdict(TPush(start_spread=1.0).reset(seeds, episodes)).items():
+        assert torch.equal(value, getattr(reference, name)), name
+    narrow = TPush(start_spread=0.25, success_distance=0.03).reset(seeds, episodes)
+    assert narrow.block_pos.abs().max() <= 0.075
+    offset = torch.remainder(narrow.block_angle - GOAL_ANGLE + math.pi, 2 * math.pi) - math.pi
+    assert offset.abs().max() <= math.pi / 4 + 1e-5
+    for i in range(256):
+        block, theta = narrow.block_pos[i].numpy(), float(narrow.block_angle[i])
+        assert keypoint_distance(block, theta) > 0.06
+        assert t_signed_distance(narrow.pusher_pos[i].numpy(), block, theta) - PUSHER_RADIUS > 0.019
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(ValueError, match="start_spread must be in"):
+            TPush(start_spread=bad)

@@ -691,7 +691,9 @@ class TPushEnv(DiffGymEnv):
     ## Starting State
     Block centre ~ U([-0.3, 0.3]^2), theta ~ U(-pi, pi), resampled until D > 0.1 m; pusher centre ~
     U([-0.4, 0.4]^2) resampled until its rim is 0.02 m clear of the T; all velocities zero. Drawn
-    from Warp's RNG stream `(seed, episode)`.
+    from Warp's RNG stream `(seed, episode)`. `start_spread=s < 1` narrows the block's start around the goal
+    pose (centre `U([-0.3 s, 0.3 s]^2)`, theta the goal angle plus `U(-pi s, pi s)`, D > max(0.1 s,
+    2 success_distance)) for start-state curricula; s = 1 is the distribution above, draw for draw.
 
     ## Episode End
     No termination. Truncation after 200 steps (10 s; v1: 400 steps, 20 s).
@@ -703,7 +705,7 @@ class TPushEnv(DiffGymEnv):
     `gym.make("DiffGym/TPush-v0", device="cpu", render_mode=None, max_speed=0.5, servo_gain=40.0,
     pusher_mass=0.2, block_mass=1.0, contact_stiffness=5000.0, contact_damping=1.0,
     contact_smoothing=1e-3, corner_smoothing=2e-3, contact_friction=0.3, table_friction=0.3, friction_smoothing=0.01,
-    shaping_weight=0.1, face_shaping_weight=0.0, success_distance=0.02)`; `gym.make_vec(..., num_envs=N)` gives the native
+    shaping_weight=0.1, face_shaping_weight=0.0, success_distance=0.02, start_spread=1.0)`; `gym.make_vec(..., num_envs=N)` gives the native
     batched vector env. Stiffer contacts or smaller smoothing give crisper physics and worse
     conditioned gradients.
 
