@@ -344,6 +344,12 @@ def test_output_left_unwritten_on_some_paths_fails_in_debug_mode():
     assert not debug_outputs_enabled()
     assert str(error.value).startswith("kernel toy_step_sometimes_unwritten: output argument 6 'v_next' was left "
                                        "unwritten in 2 of 4 rows (batch entries [1, 3])")
+    # a fused rollout checks every step's outputs the same way (here the second step's)
+    with debug_outputs():
+        with pytest.raises(UnwrittenOutputError) as error:
+            sim.rollout(state, torch.stack([torch.ones(4, 1), action]))
+    assert str(error.value).startswith("kernel toy_step_sometimes_unwritten: output argument 6 'v_next' was left "
+                                       "unwritten in 2 of 4 rows (batch entries [1, 3])")
 
 
 def test_debug_mode_tells_computed_nan_from_unwritten():

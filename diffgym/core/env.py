@@ -15,6 +15,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from diffgym.core.bridge import debug_outputs_enabled, record_launch
+from diffgym.core.multistep import RolloutOutput
 from diffgym.core.sim import DiffSim, StepOutput
 from diffgym.core.state import SimState
 
@@ -58,6 +59,13 @@ class _TensorAPI:
         ``reset`` options (pass ``physics=env.get_physics()`` for those).
         """
         return self.sim.step(state, action, physics)
+
+    def differentiable_rollout(self, state: SimState, actions: torch.Tensor,
+                               physics: Mapping[str, torch.Tensor] | None = None) -> RolloutOutput:
+        """``differentiable_step`` over an action sequence ``(T, B, act_dim)`` in one fused call (same
+        numbers and gradients, no resets, outputs ``(T, B, ...)``; :meth:`DiffSim.rollout`). For open-loop
+        optimisation and replaying recorded actions; the env's own state is untouched."""
+        return self.sim.rollout(state, actions, physics)
 
     def get_physics(self) -> dict[str, torch.Tensor]:
         """A copy of the per-env physical parameters ``step`` uses: name -> ``(batch,)`` tensor."""

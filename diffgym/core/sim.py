@@ -11,6 +11,7 @@ import torch
 
 from diffgym.core.bridge import Out, warp_call
 from diffgym.core.contract import FieldSpec, check_sim_class
+from diffgym.core.multistep import RolloutOutput, fused_rollout
 from diffgym.core.state import SimState
 
 
@@ -138,6 +139,15 @@ class DiffSim:
         self.check_state(state)
         batch = state.batch_size
         return self._step(state, self.check_action(action, batch), self.check_physics(physics, batch))
+
+    def rollout(self, state: SimState, actions: torch.Tensor,
+                physics: Mapping[str, torch.Tensor] | None = None) -> RolloutOutput:
+        """``T`` steps from ``state`` under the action sequence ``actions`` ``(T, B, act_dim)`` as one fused
+        call: the same numbers, bit for bit, as ``step`` in a Python loop (no resets: a rollout past
+        ``max_episode_steps`` keeps counting steps and flags them ``truncated``), and the same gradients,
+        without per-step autograd and bridge overhead (:mod:`diffgym.core.multistep`). Differentiable in
+        ``actions``, the float state fields and ``physics``; every per-step output is time-major."""
+        return fused_rollout(self, state, actions, physics)
 
     def default_physics(self, batch: int) -> dict[str, torch.Tensor]:
         """The constructor's physical parameters as ``(batch,)`` tensors (new ones, safe to edit)."""

@@ -78,6 +78,7 @@ def mppi_episodes(env_id: str, episodes: int, samples: int = 64, horizon: int = 
     first_success = np.full(episodes, -1)
     success = np.zeros(episodes, dtype=bool)
     ended = np.zeros(episodes, dtype=bool)
+    knot_of_step = torch.arange(horizon, device=sim.device) // knot_steps
     start = time.perf_counter()
     for t in range(max_steps):
         if t % replan_every == 0:
@@ -85,17 +86,18 @@ def mppi_episodes(env_id: str, episodes: int, samples: int = 64, horizon: int = 
                                                               generator=generator, device=sim.device)
             noise[:, 0] = 0.0  # the nominal plan itself is always a candidate
             candidates = (nominal[:, None] + noise).clamp(-1.0, 1.0)
-            rollout_state = _repeat(state, samples)
+            # every candidate's whole horizon in one fused call: (horizon, episodes * samples, act_dim)
+            sequences = candidates[:, :, knot_of_step].reshape(episodes * samples, horizon, sim.act_dim)
+            with torch.no_grad():
+                rollout = sim.rollout(_repeat(state, samples), sequences.transpose(0, 1).contiguous())
             value = torch.zeros(episodes * samples, device=sim.device)
             alive = torch.ones(episodes * samples, dtype=torch.bool, device=sim.device)
             last = torch.zeros(episodes * samples, device=sim.device)
             for k in range(horizon):
-                out = sim.step(rollout_state, candidates[:, :, k // knot_steps].reshape(-1, sim.act_dim))
-                reward = torch.nan_to_num(out.reward, nan=-1e6)
+                reward = torch.nan_to_num(rollout.reward[k], nan=-1e6)
                 value = value + torch.where(alive, discount[k] * reward, torch.zeros_like(reward))
                 last = torch.where(alive, reward, last)
-                alive = alive & ~out.terminated  # nothing is earned after a terminal state
-                rollout_state = out.state
+                alive = alive & ~rollout.terminated[k]  # nothing is earned after a terminal state
             value = value + terminal_weight * discount[-1] * last
             cost = -value.view(episodes, samples)
             low, high = cost.min(dim=1, keepdim=True).values, cost.max(dim=1, keepdim=True).values
