@@ -275,6 +275,42 @@ def test_one_step_gradients_without_contact_match_finite_differences():
     check_entrywise(sim, state, interior_actions(1, 4, 3), eps=1e-3).assert_close(rtol=2e-2, atol=5e-3)
 
 
+def wall_contact_states(depth: float = 0.002) -> TPushState:
+    """The T pressed ``depth`` into each of the four walls by one hull corner (at four angles), the pusher
+    pressed ``depth`` into a wall too, both moving into it."""
+    sim = TPush()
+    angles = torch.tensor([0.3, 1.9, -2.4, 0.8])
+    normals = np.array([[-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]])  # outward, one wall per env
+    blocks, pushers = [], []
+    for theta, outward in zip(angles.tolist(), normals):
+        corners = sim.hull_vertices(torch.zeros(1, 2), torch.tensor([theta]))[0].numpy().astype(float)
+        reach = float((corners @ outward).max())  # the corner deepest towards that wall, from the centre
+        blocks.append(outward * (ARENA_HALF + depth - reach))
+        # the pusher against the next wall round, clear of the T
+        side = np.array([outward[1], -outward[0]])
+        pushers.append(side * (ARENA_HALF - PUSHER_RADIUS + depth))
+    blocks, pushers = np.array(blocks), np.array(pushers)
+    inward_block = -normals * 0.2
+    inward_pusher = np.array([[n[1], -n[0]] for n in normals]) * 0.2
+    return make_state(pushers, blocks, angles.numpy(), pusher_vel=inward_pusher, block_vel=inward_block,
+                      block_angvel=[0.5, -0.4, 0.3, -0.2])
+
+
+def test_one_step_gradients_in_wall_contact_match_finite_differences():
+    """Walls are contacts too (the broad phase skips only walls out of reach): in wall contact the
+    gradients of a step match central differences, and the wall force is in them."""
+    state = wall_contact_states()
+    sim = TPush()
+    reach = sim.hull_vertices(state.block_pos, state.block_angle).abs().amax(dim=(1, 2))
+    assert bool(((reach > ARENA_HALF + 0.0015) & (reach < ARENA_HALF + 0.0025)).all())  # 2 mm into a wall
+    assert bool((state.pusher_pos.abs().amax(dim=1) > ARENA_HALF - PUSHER_RADIUS + 0.0015).all())
+    check = check_entrywise(sim, state, interior_actions(1, 4, 11), eps=1e-4)
+    check.assert_close(rtol=0.03, atol=0.05, what="one step in wall contact")
+    free = check_entrywise(sim, state.replace(block_pos=state.block_pos * 0.5, pusher_pos=state.pusher_pos * 0.5),
+                           interior_actions(1, 4, 11), eps=1e-4)
+    assert float((check.analytic - free.analytic).abs().max()) > 1.0  # the wall force changes the gradient
+
+
 def test_chained_gradients_in_contact_match_finite_differences():
     sim = TPush()
     state = contact_states(2, 7, depth=0.001, speed=0.1)
