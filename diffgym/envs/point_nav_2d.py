@@ -133,19 +133,26 @@ def obstacle_center(p: PointNav2DParams, k: int):
 @wp.func
 def contact_force(pos: wp.vec2, vel: wp.vec2, p: PointNav2DParams):
     """Total penalty force of the obstacles and the four walls on a body at ``pos`` moving at ``vel``."""
+    # Broad phase: a surface the body does not penetrate (depth <= 0) exerts exactly zero force with
+    # exactly zero derivatives, so it is skipped, sparing the forward and above all the adjoint its terms.
     force = wp.vec2(0.0, 0.0)
     for k in range(_NUM_OBSTACLES):
         offset = pos - obstacle_center(p, k)
         distance = wp.length(offset)
-        # the unit normal outside the (unreachable) core, shrinking to 0 at the centre: bounded gradient
         reach = p.obstacles[k, 2] + p.body_radius
-        normal = offset / wp.max(distance, p.normal_core * reach)
-        force = force + penalty_force(reach - distance, normal, vel, p)
+        if distance < reach:
+            # the unit normal outside the (unreachable) core, shrinking to 0 at the centre: bounded gradient
+            normal = offset / wp.max(distance, p.normal_core * reach)
+            force = force + penalty_force(reach - distance, normal, vel, p)
     limit = p.arena_half_width - p.body_radius
-    force = force + penalty_force(pos[0] - limit, wp.vec2(-1.0, 0.0), vel, p)
-    force = force + penalty_force(-limit - pos[0], wp.vec2(1.0, 0.0), vel, p)
-    force = force + penalty_force(pos[1] - limit, wp.vec2(0.0, -1.0), vel, p)
-    force = force + penalty_force(-limit - pos[1], wp.vec2(0.0, 1.0), vel, p)
+    if pos[0] > limit:
+        force = force + penalty_force(pos[0] - limit, wp.vec2(-1.0, 0.0), vel, p)
+    if pos[0] < -limit:
+        force = force + penalty_force(-limit - pos[0], wp.vec2(1.0, 0.0), vel, p)
+    if pos[1] > limit:
+        force = force + penalty_force(pos[1] - limit, wp.vec2(0.0, -1.0), vel, p)
+    if pos[1] < -limit:
+        force = force + penalty_force(-limit - pos[1], wp.vec2(0.0, 1.0), vel, p)
     return force
 
 
