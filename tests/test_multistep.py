@@ -146,3 +146,28 @@ def test_debug_outputs_mode_runs_every_step():
     with debug_outputs():
         fused = venv.differentiable_rollout(venv.get_state(), torch.zeros(3, 2, 2))
     assert bool(torch.isfinite(fused.obs).all()) and bool(torch.isfinite(fused.states.block_pos).all())
+
+
+def test_a_task_with_its_own_step_is_rolled_out_step_by_step():
+    """A task whose ``_step`` is not the single kernel launch (a Newton task runs a solver) gets the same
+    API by looping its own ``_step``: same outputs and gradients as the fused path of the kernel it wraps."""
+    from diffgym.envs.point_mass_1d import PointMass1D
+
+    calls = []
+
+    class CountingPointMass(PointMass1D):
+        def _step(self, state, action, physics=None):
+            calls.append(1)
+            return super()._step(state, action, physics)
+
+    plain, counting = PointMass1D(), CountingPointMass()
+    start = plain.reset(torch.arange(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32))
+    actions = torch.linspace(-1.2, 1.2, 21).reshape(7, 3, 1).requires_grad_(True)
+    fused, looped_out = plain.rollout(start, actions), counting.rollout(start, actions)
+    assert len(calls) == 7
+    for a, b in zip(fused.states.tensors(), looped_out.states.tensors()):
+        assert torch.equal(a, b)
+    assert torch.equal(fused.obs, looped_out.obs) and torch.equal(fused.truncated, looped_out.truncated)
+    (g_fused,) = torch.autograd.grad(fused.reward.sum(), actions)
+    (g_looped,) = torch.autograd.grad(looped_out.reward.sum(), actions)
+    torch.testing.assert_close(g_fused, g_looped, rtol=1e-6, atol=1e-7)

@@ -139,6 +139,8 @@ def fused_rollout(sim: DiffSim, state: SimState, actions: torch.Tensor,
         bad = [tuple(i) for i in (~finite).nonzero().tolist()[:8]]
         raise ValueError(f"actions contain NaN or Inf at (step, env, dim) {bad}; actions must be finite")
     physics_tensors = sim.check_physics(physics, batch)
+    if not _single_kernel_step(sim):
+        return _looped_rollout(sim, state, actions.clamp(-1.0, 1.0), physics_tensors)
     n_state = len(state.tensors())
     inputs = (*(t.contiguous() for t in state.tensors()), actions.clamp(-1.0, 1.0).contiguous(),
               *(p.contiguous() for p in physics_tensors))
@@ -150,6 +152,28 @@ def fused_rollout(sim: DiffSim, state: SimState, actions: torch.Tensor,
     obs, reward, terminated, success = stacked[n_state:]
     truncated = states.step >= sim.max_episode_steps
     return RolloutOutput(states, obs, reward, terminated.bool(), truncated, success.bool())
+
+
+def _single_kernel_step(sim: DiffSim) -> bool:
+    """Whether ``sim``'s step is the single step-kernel launch of ``DiffSim._step`` (what the fused path
+    replays); a task that overrides ``_step`` (e.g. a Newton task, whose step runs a solver) is looped."""
+    from diffgym.core.sim import DiffSim
+
+    return type(sim)._step is DiffSim._step
+
+
+def _looped_rollout(sim: DiffSim, state: SimState, actions: torch.Tensor,
+                    physics: tuple[torch.Tensor, ...]) -> RolloutOutput:
+    """The same result for tasks whose step is not one kernel: ``_step`` in a loop, outputs stacked."""
+    outs = []
+    for action in actions:
+        out = sim._step(state, action, physics)
+        outs.append(out)
+        state = out.state
+    fields = zip(*(out.state.tensors() for out in outs))
+    stack = lambda name: torch.stack([getattr(out, name) for out in outs])  # noqa: E731
+    return RolloutOutput(type(state)(*(torch.stack(f) for f in fields)), stack("obs"), stack("reward"),
+                         stack("terminated"), stack("truncated"), stack("success"))
 
 
 class _NoGradContext:
