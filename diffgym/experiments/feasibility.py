@@ -11,6 +11,13 @@ learning and no task knowledge beyond the reward, so what it reaches is reachabl
 
 Success is the protocol's (``docs/protocol.md``): ``info["is_success"]`` on the episode's *last* step;
 the first step with ``is_success`` is reported as well.
+
+A second planner, ``--planner gradient``, measures what *first-order* optimisation reaches on the same
+episodes: each episode gets its own open-loop action sequence for the whole horizon, improved by Adam on
+the episode return through the exact gradient (one fused rollout per iteration, ``DiffSim.rollout``).
+No policy, no estimator and no segmenting stand between it and the true objective, so a task on which
+it stalls far below the sampling planner has a landscape that local gradient steps do not cross,
+whatever a gradient-based learner does with the gradient.
 """
 
 from __future__ import annotations
@@ -135,6 +142,54 @@ def mppi_episodes(env_id: str, episodes: int, samples: int = 64, horizon: int = 
     }
 
 
+def gradient_episodes(env_id: str, episodes: int, iterations: int = 200, lr: float = 0.05, seed: int = 0,
+                      progress: bool = False, env_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Open-loop trajectory optimisation with exact gradients on ``episodes`` seeded episodes (the same
+    starts as :func:`mppi_episodes`): one action sequence ``tanh(logits)`` per episode over the whole
+    horizon, from zero, ``iterations`` Adam steps on the episode return (each one fused rollout and its
+    backward). Reports the final sequences' statistics and the mean of each episode's best return."""
+    import diffgym  # noqa: F401  (registers the tasks)
+
+    env = gym.make(env_id, **(env_kwargs or {}))
+    sim = env.unwrapped.sim
+    max_steps = env.spec.max_episode_steps
+    env.close()
+    seeds = torch.arange(episodes, dtype=torch.int32) + FEASIBILITY_SEED_OFFSET + 1000 * seed
+    start_state = sim.reset(seeds.to(sim.device), torch.zeros(episodes, dtype=torch.int32, device=sim.device))
+    logits = torch.zeros(max_steps, episodes, sim.act_dim, device=sim.device, requires_grad=True)
+    optimizer = torch.optim.Adam([logits], lr=lr)
+    best = torch.full((episodes,), -math.inf, dtype=torch.float64)
+    start = time.perf_counter()
+    for iteration in range(iterations + 1):
+        rollout = sim.rollout(start_state, torch.tanh(logits))
+        episode_return = rollout.reward.sum(dim=0)
+        best = torch.maximum(best, episode_return.detach().double().cpu())
+        if iteration == iterations:  # this rollout scores the final sequences; no step after it
+            break
+        optimizer.zero_grad()
+        (-episode_return.sum()).backward()
+        optimizer.step()
+        if progress and (iteration + 1) % 20 == 0:
+            print(f"  iteration {iteration + 1}/{iterations}: return {float(episode_return.mean()):.2f}, success on "
+                  f"the last step {float(rollout.success[-1].float().mean()):.2f} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+    success = rollout.success.cpu().numpy()
+    first_success = np.where(success.any(axis=0), success.argmax(axis=0) + 1, -1)
+    reached = first_success[first_success > 0]
+    returns = episode_return.detach().double().cpu().numpy()
+    return {
+        "env_id": env_id, "planner": "gradient", "episodes": episodes, "iterations": iterations, "lr": lr,
+        "seed": seed, "env_kwargs": env_kwargs or {},
+        "success_rate": float(success[-1].mean()), "reached_rate": float((first_success > 0).mean()),
+        "median_first_success_step": float(np.median(reached)) if reached.size else math.nan,
+        "mean_return": float(returns.mean()), "return_std": float(returns.std()),
+        "mean_best_return": float(best.mean()),
+        "returns": returns.round(3).tolist(), "first_success_steps": first_success.tolist(),
+        "wall_time": time.perf_counter() - start,
+        "env_steps_simulated": int((iterations + 1) * max_steps * episodes),
+    }
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", required=True, help="task id, e.g. DiffGym/TPush-v0")
     parser.add_argument("--episodes", type=int, default=256, help="seeded episodes (one batch)")
@@ -149,23 +204,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--terminal-weight", type=float, default=0.0,
                         help="extra weight of the horizon's last reward (a crude cost-to-go)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--planner", choices=("mppi", "gradient"), default="mppi",
+                        help="mppi: the sampling planner (default); gradient: open-loop trajectory optimisation "
+                             "with exact gradients, what first-order optimisation reaches")
+    parser.add_argument("--iterations", type=int, default=200, help="gradient planner: Adam steps per episode")
+    parser.add_argument("--lr", type=float, default=0.05, help="gradient planner: Adam learning rate on the logits")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="a task constructor argument, e.g. start_spread=0.3 (repeatable)")
     parser.add_argument("--out", default=None, help="JSON output (default runs/feasibility/<task>.json)")
 
 
 def main(args: argparse.Namespace) -> int:
+    from diffgym.experiments.options import key_values
+
     torch.set_num_threads(1)
-    if args.episodes < 1 or args.samples < 2 or args.horizon < 1:
-        raise SystemExit("diffgym feasibility: need --episodes >= 1, --samples >= 2, --horizon >= 1")
+    if args.episodes < 1 or args.samples < 2 or args.horizon < 1 or args.iterations < 1 or not args.lr > 0:
+        raise SystemExit("diffgym feasibility: need --episodes >= 1, --samples >= 2, --horizon >= 1, "
+                         "--iterations >= 1 and --lr > 0")
+    env_kwargs = key_values(args.sets)
     try:
-        result = mppi_episodes(args.env, args.episodes, args.samples, args.horizon, args.noise_std, args.temperature,
-                               seed=args.seed, knot_steps=args.knot_steps, replan_every=args.replan_every,
-                               terminal_weight=args.terminal_weight, fine_noise_std=args.fine_noise_std,
-                               progress=True)
-    except ValueError as error:
+        if args.planner == "gradient":
+            result = gradient_episodes(args.env, args.episodes, args.iterations, args.lr, seed=args.seed,
+                                       progress=True, env_kwargs=env_kwargs)
+        else:
+            result = mppi_episodes(args.env, args.episodes, args.samples, args.horizon, args.noise_std,
+                                   args.temperature, seed=args.seed, knot_steps=args.knot_steps,
+                                   replan_every=args.replan_every, terminal_weight=args.terminal_weight,
+                                   fine_noise_std=args.fine_noise_std, progress=True, env_kwargs=env_kwargs)
+    except (TypeError, ValueError) as error:
         raise SystemExit(f"diffgym feasibility: {error}") from None
     out = Path(args.out or Path("runs") / "feasibility" / f"{task_name(args.env)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.planner == "gradient":
+        print(f"{task_name(args.env)}: open-loop gradient optimisation ({args.iterations} Adam steps, lr {args.lr}) "
+              f"over {args.episodes} episodes: success on the last step {result['success_rate']:.3f}, reached at "
+              f"least once {result['reached_rate']:.3f}, return {result['mean_return']:.2f} +- "
+              f"{result['return_std']:.2f} (best per episode {result['mean_best_return']:.2f}); "
+              f"{result['wall_time']:.0f} s")
+        print(f"wrote {out}")
+        return 0
     print(f"{task_name(args.env)}: MPPI ({args.samples} samples x {args.horizon} steps, knots of {args.knot_steps}, "
           f"replanning every {args.replan_every}) over {args.episodes} "
           f"episodes: success on the last step {result['success_rate']:.3f}, reached at least once "
