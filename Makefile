@@ -60,5 +60,16 @@ $(PEERS_STAMP): $(PEERS_PY) setup.cfg pyproject.toml constraints.txt benchmarks/
 bench-peers: $(PEERS_STAMP)
 	$(ONE_THREAD) $(PEERS_PY) benchmarks/bench_peers.py $(BENCH_PEERS_ARGS)
 
+# CUDA tests + engine and peer benchmarks on the GPU, tables in runs/gpu-check/report.md (~8 min at
+# most; benchmarks/gpu_check.py). Checked for a GPU before the peer venv is built, so a machine without
+# one gets one line at once. GPU_CHECK_ARGS="--device cpu --quick" runs the same path on the CPU.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	@case "$(GPU_CHECK_ARGS)" in *"--device cpu"*) ;; *) nvidia-smi -L >/dev/null 2>&1 || { \
+		echo "make gpu-check: no NVIDIA GPU on this machine (nvidia-smi lists none); run it where one is" >&2; \
+		exit 2; } ;; esac
+	@$(MAKE) --no-print-directory $(PEERS_STAMP)
+	$(ONE_THREAD) $(PEERS_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) build *.egg-info

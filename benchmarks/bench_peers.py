@@ -135,7 +135,10 @@ def make_single(env_id: str, device: str):
     if env_id == "PandaReach-v3":
         import panda_gym  # noqa: F401  (registers the Panda tasks)
 
-        return gym.make("PandaReach-v3")
+        from diffgym.core.native import native_output_silenced
+
+        with native_output_silenced():  # PyBullet's banner and renderer arguments, printed from C
+            return gym.make("PandaReach-v3")
     if env_id == "PushT-v0":
         import gym_pusht  # noqa: F401  (registers gym_pusht/PushT-v0)
 
@@ -190,7 +193,7 @@ def check_close(what: str, ours, reference, rtol: float, atol: float) -> None:
     error = np.abs(ours - reference)
     bound = atol + rtol * np.abs(reference)
     if not (error <= bound).all():
-        worst = np.unravel_index(np.argmax(error - bound), error.shape)
+        worst = tuple(int(i) for i in np.unravel_index(np.argmax(error - bound), error.shape))
         raise TwinMismatch(f"{what} differs from DiffGym's beyond float32 tolerance (rtol {rtol}, atol {atol}): "
                            f"max abs error {error.max():.3g} (at {worst}: {ours[worst]:.7g} vs {reference[worst]:.7g})")
 

@@ -29,7 +29,7 @@ def diffgym_rollout(env_id: str):
         rewards.append(out.reward)
     rewards = torch.stack(rewards)
     rewards.sum().backward()
-    return sim, start, actions.detach(), rewards.detach(), start_state(state), actions.grad
+    return sim, start, actions.detach(), rewards.detach(), tuple(t.detach() for t in start_state(state)), actions.grad
 
 
 @pytest.mark.parametrize("env_id", TASKS)
