@@ -174,7 +174,7 @@ def single_env_table(args, available: set[str]) -> list[str]:
         ours_rate = args.single_steps / t[ours]
         if peer in t:
             peer_rate = args.single_steps / t[peer]
-            lines.append(f"| {ours} | {ours_rate:,.0f} | {peer} | {peer_rate:,.0f} | {ours_rate / peer_rate:.1f}x |")
+            lines.append(f"| {ours} | {ours_rate:,.0f} | {peer} | {peer_rate:,.0f} | {ours_rate / peer_rate:.3g}x |")
         else:
             lines.append(f"| {ours} | {ours_rate:,.0f} | {peer} | n/a (not installed) | n/a |")
         print(lines[-1], file=sys.stderr)  # progress, while the table is printed at the end
@@ -305,7 +305,8 @@ def rate(seconds: float | None, work: int) -> str:
 
 
 def ratio(ours: float | None, theirs: float | None) -> str:
-    return "n/a" if ours is None or theirs is None else f"{theirs / ours:.2f}x"  # time ratio = rate ratio
+    # times in, rate ratio out; three significant digits, so that 0.031x does not read as 0.03x
+    return "n/a" if ours is None or theirs is None else f"{theirs / ours:.3g}x"
 
 
 def batched_tables(args, available: set[str]) -> list[str]:
