@@ -11,8 +11,9 @@
    FrankaReach. Before timing, every twin's rewards, final state and action gradient are checked against
    DiffGym's on the same start states and actions (float32 tolerance): a mismatch stops the run.
 
-Each figure is the median of --repeats timed runs, the implementations taking turns within every
-repeat, after three warm-up runs (the first compiles Warp kernels and XLA programs). Ratios are DiffGym's
+Each figure is the median of --repeats timed samples, the implementations taking turns within every
+repeat, after three warm-up calls (the first compiles Warp kernels and XLA programs); a sample repeats a
+call that is shorter than 20 ms until it lasts about 20 ms. Ratios are DiffGym's
 rate over the peer's: above 1, DiffGym is faster.
 
 Threads: torch runs one thread (torch.set_num_threads(1)); XLA gets XLA_FLAGS=
@@ -108,19 +109,29 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(fns: dict, device: str, repeats: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each function; every repeat calls each one in turn."""
-    for fn in fns.values():
+def interleaved(fns: dict, device: str, repeats: int, warmup: int = 3, sample_s: float = 0.02) -> dict[str, float]:
+    """Median seconds per call of each function; every repeat times each one in turn.
+
+    A timed sample is `calls` back-to-back calls, `calls` chosen from the last warm-up call so that a
+    sample lasts about `sample_s`: a JAX rollout of ~20 us timed alone is at the mercy of one scheduler
+    tick on a shared machine, while a 20 ms sample of a thousand of them is not."""
+    calls = {}
+    for name, fn in fns.items():
         for _ in range(warmup):
+            sync(device)
+            start = time.perf_counter()
             fn()
+            sync(device)
+        calls[name] = max(1, min(10_000, round(sample_s / max(time.perf_counter() - start, 1e-9))))
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             sync(device)
             start = time.perf_counter()
-            fn()
+            for _ in range(calls[name]):
+                fn()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append((time.perf_counter() - start) / calls[name])
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -377,7 +388,7 @@ def main(argv=None) -> int:
     available = {p for p in ("panda-gym", "gym-pusht", "jax") if p not in missing}
     print(machine_line(args, available))
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}; medians of {args.repeats} "
-          f"interleaved repeats after 3 warm-up runs\n")
+          f"interleaved samples (each >= ~20 ms) after 3 warm-up calls\n")
     try:
         if not args.skip_single:
             print("\n".join(single_env_table(args, available)) + "\n", flush=True)
