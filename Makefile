@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo demo-open-loop test test-slow bench bench-overhead clean
+.PHONY: install demo demo-open-loop test test-slow bench bench-overhead bench-peers gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,5 +39,37 @@ bench: install
 bench-overhead: install
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_overhead.py
 
+# DiffGym against its peers (panda-gym, gym-pusht, JAX and pure-torch twins; docs/benchmarks.md). The
+# peers live in their own venv so they never enter the project's; DiffGym is installed there editable,
+# with constraints.txt (CPU torch 2.13.0), and pytest for the twins' tests. BENCH_PEERS_ARGS=--quick for a smoke run.
+PEERS_VENV  := .venv-peers
+PEERS_PY    := $(PEERS_VENV)/bin/python
+PEERS_STAMP := $(PEERS_VENV)/.installed
+# one thread for torch, Warp's CPU kernels and XLA (its Eigen pool and intra-op parallelism)
+ONE_THREAD  := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+	XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+$(PEERS_PY):
+	$(PYTHON) -m venv $(PEERS_VENV)
+
+$(PEERS_STAMP): $(PEERS_PY) setup.cfg pyproject.toml constraints.txt benchmarks/peers-requirements.txt
+	$(PEERS_PY) -m pip install --disable-pip-version-check -q -c constraints.txt \
+		-r benchmarks/peers-requirements.txt -e . pytest
+	touch $(PEERS_STAMP)
+
+bench-peers: $(PEERS_STAMP)
+	$(ONE_THREAD) $(PEERS_PY) benchmarks/bench_peers.py $(BENCH_PEERS_ARGS)
+
+# CUDA tests + engine and peer benchmarks on the GPU, tables in runs/gpu-check/report.md (~8 min at
+# most; benchmarks/gpu_check.py). Checked for a GPU before the peer venv is built, so a machine without
+# one gets one line at once. GPU_CHECK_ARGS="--device cpu --quick" runs the same path on the CPU.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	@case "$(GPU_CHECK_ARGS)" in *"--device cpu"*) ;; *) nvidia-smi -L >/dev/null 2>&1 || { \
+		echo "make gpu-check: no NVIDIA GPU on this machine (nvidia-smi lists none); run it where one is" >&2; \
+		exit 2; } ;; esac
+	@$(MAKE) --no-print-directory $(PEERS_STAMP)
+	$(ONE_THREAD) $(PEERS_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(PEERS_VENV) build *.egg-info

@@ -29,7 +29,7 @@ def run(*args: str | Path, cwd: Path, env: dict[str, str] | None = None) -> str:
 
 def copy_project(source: Path, target: Path) -> Path:
     """The project's sources without build leftovers or the other projects nested in it."""
-    ignore = shutil.ignore_patterns(".git", ".venv", "runs", "build", "*.egg-info", "__pycache__", "tests",
+    ignore = shutil.ignore_patterns(".git", ".venv", ".venv-*", "runs", "build", "*.egg-info", "__pycache__", "tests",
                                     "docs", "benchmarks", "trainers", "shared")
     shutil.copytree(source, target, ignore=ignore)
     return target
