@@ -243,6 +243,15 @@ def batched_case(task: str, n: int, args, jax_twin_device):
         diffgym_rewards(leaf)[0].sum().backward()
         return leaf.grad
 
+    def fused_forward():
+        with torch.no_grad():
+            return venv.differentiable_rollout(start, actions).final_state
+
+    def fused_backward():
+        leaf = actions.clone().requires_grad_(True)
+        venv.differentiable_rollout(start, leaf).reward.sum().backward()
+        return leaf.grad
+
     torch_twin = TorchTwin(constants, device)
     twin_start = tuple(t.clone() for t in start_state(start))
 
@@ -273,9 +282,11 @@ def batched_case(task: str, n: int, args, jax_twin_device):
         check_close(f"{name} torch twin final state[{k}] (N={n})", ours.cpu(), ref, rtol, atol)
     check_close(f"{name} torch twin action gradient (N={n})", torch_backward().cpu(), ref_grad, rtol, atol)
 
-    fns = {"diffgym fwd": diffgym_forward, "torch fwd": torch_forward}
+    # the fused rollout is the stepped loop bit for bit (tests/test_multistep.py); checked here as well
+    check_close(f"{name} fused rollout action gradient (N={n})", fused_backward().cpu(), ref_grad, 0.0, 0.0)
+    fns = {"diffgym fwd": diffgym_forward, "fused fwd": fused_forward, "torch fwd": torch_forward}
     if not args.forward_only:
-        fns |= {"diffgym fwd+bwd": diffgym_backward, "torch fwd+bwd": torch_backward}
+        fns |= {"diffgym fwd+bwd": diffgym_backward, "fused fwd+bwd": fused_backward, "torch fwd+bwd": torch_backward}
 
     if jax_twin_device is not None:
         jax_twin = JaxTwin(constants, jax_twin_device)
@@ -325,20 +336,23 @@ def batched_tables(args, available: set[str]) -> list[str]:
     modes = ["fwd"] if args.forward_only else ["fwd", "fwd+bwd"]
     rates = [f"### Batched rollouts, env-steps/s ({args.steps}-step rollouts; DiffGym and torch twin on "
              f"{args.device}; {jax_note})", "",
-             "| task | N | " + " | ".join(f"{impl} {m}" for m in modes for impl in ("DiffGym", "JAX twin", "torch twin"))
-             + " |", "|---|---:|" + "---:|" * (3 * len(modes))]
-    ratios = ["### DiffGym / twin (rate ratio; above 1: DiffGym faster)", "",
-              "| task | N | " + " | ".join(f"vs {impl} {m}" for m in modes for impl in ("JAX", "torch")) + " |",
-              "|---|---:|" + "---:|" * (2 * len(modes))]
+             "| task | N | " + " | ".join(f"{impl} {m}" for m in modes
+                                         for impl in ("DiffGym step loop", "DiffGym fused", "JAX twin", "torch twin"))
+             + " |", "|---|---:|" + "---:|" * (4 * len(modes))]
+    ratios = ["### DiffGym / twin (rate ratio; above 1: DiffGym faster; loop: `differentiable_step` per step, "
+              "fused: `differentiable_rollout`)", "",
+              "| task | N | " + " | ".join(f"{ours} vs {impl} {m}" for m in modes for ours in ("loop", "fused")
+                                          for impl in ("JAX", "torch")) + " |",
+              "|---|---:|" + "---:|" * (4 * len(modes))]
     for task in args.tasks:
         for n in args.sizes:
             t = interleaved(batched_case(task, n, args, jax_dev), args.device, args.repeats)
             work = n * args.steps
             cells, ratio_cells = [], []
             for m in modes:
-                ours = t.get(f"diffgym {m}")
-                cells += [rate(t.get(f"{impl} {m}"), work) for impl in ("diffgym", "jax", "torch")]
-                ratio_cells += [ratio(ours, t.get(f"{impl} {m}")) for impl in ("jax", "torch")]
+                cells += [rate(t.get(f"{impl} {m}"), work) for impl in ("diffgym", "fused", "jax", "torch")]
+                for ours in ("diffgym", "fused"):
+                    ratio_cells += [ratio(t.get(f"{ours} {m}"), t.get(f"{impl} {m}")) for impl in ("jax", "torch")]
             rates.append(f"| {task} | {n} | " + " | ".join(cells) + " |")
             ratios.append(f"| {task} | {n} | " + " | ".join(ratio_cells) + " |")
             print(rates[-1], file=sys.stderr)
