@@ -54,7 +54,7 @@ def test_twin_that_differs_from_diffgym_stops_the_benchmark(bench_peers, monkeyp
 
     args = bench_peers.parse_args(["--sizes", "8", "--steps", "4", "--tasks", "DiffGym/PointMass1D-v0"])
     fns = bench_peers.batched_case("DiffGym/PointMass1D-v0", 8, args, None)  # the faithful twin passes
-    assert set(fns) == {"diffgym fwd", "torch fwd", "diffgym fwd+bwd", "torch fwd+bwd"}
+    assert set(fns) == {"diffgym fwd", "fused fwd", "torch fwd", "diffgym fwd+bwd", "fused fwd+bwd", "torch fwd+bwd"}
     wrong = classmethod(lambda cls, sim: cls(float(sim.params.dt), 1.1 * float(sim.params.mass),
                                              float(sim.params.action_cost)))
     monkeypatch.setattr(twins.PointMass1DConstants, "from_sim", wrong)
