@@ -30,8 +30,8 @@ hands clones of the input gradients to autograd. The kernel bridge's rules hold:
   after the input gradients are cloned out, so no gradient leaks from one backward into another.
 
 Without autograd (``torch.no_grad()``, ``env.step``, PPO) the substeps run on a cached solver and two
-cached states used in turn: nothing is recorded, so reusing them breaks no rule, and a step is about
-2x cheaper.
+cached states used in turn: nothing is recorded, so reusing them breaks no rule, and a step costs 1.5-3x
+less than a recorded one (docs/benchmarks.md).
 
 Newton is an optional extra: this module imports without it, and constructing a Newton task without it
 raises one line saying how to install it (:func:`diffgym.core.newton_sim.require_newton`).
