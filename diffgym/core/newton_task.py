@@ -102,7 +102,7 @@ class NewtonSim(DiffSim):
                 raise ValueError(f"{type(self).__name__}.build_model({batch}) must return a model with "
                                  f"requires_grad=True and {batch * self.dofs_per_env} dofs, got "
                                  f"requires_grad={model.requires_grad} and {model.joint_dof_count} dofs")
-            model = self._models[batch] = model
+            self._models[batch] = model
         return model
 
     # ----------------------------------------------------------------------------- the step
