@@ -318,3 +318,35 @@ def test_making_the_env_without_newton_raises_one_line():
     assert result.returncode == 0, result.stderr[-2000:]
     line = [x for x in result.stdout.splitlines() if x.startswith("ERROR:")]
     assert len(line) == 1 and "pip install 'diffgym[newton]'" in line[0]
+
+
+def test_every_state_of_the_domain_steps_to_finite_values_and_gradients():
+    """The domain's corners (every joint 0.1 rad beyond a limit, |qd| = 50 rad/s, full-effort torques), with
+    and without gravity compensation: one step gives finite outputs and gradients."""
+    for gravity_compensation in (True, False):
+        sim = _sim(gravity_compensation=gravity_compensation)
+        batch = 32
+        generator = torch.Generator().manual_seed(0)
+        slack = 0.999 * sim.limit_slack  # inside the domain after float32 rounding of limit + slack
+        lower = torch.as_tensor(sim.joint_lower) - slack
+        upper = torch.as_tensor(sim.joint_upper) + slack
+        q = torch.where(torch.rand(batch, 7, generator=generator) < 0.5, lower, upper).requires_grad_(True)
+        qd = (torch.randint(0, 2, (batch, 7), generator=generator) * 2.0 - 1.0).mul(50.0).requires_grad_(True)
+        action = torch.randint(0, 2, (batch, 7), generator=generator).mul(2.0).sub(1.0).requires_grad_(True)
+        start = sim.reset(torch.arange(batch, dtype=torch.int32), torch.zeros(batch, dtype=torch.int32))
+        out = sim.step(start.replace(q=q, qd=qd), action)
+        (out.reward.sum() + out.obs.sum()).backward()
+        for tensor in (out.obs, out.reward, *out.state.tensors(), q.grad, qd.grad, action.grad):
+            assert torch.isfinite(tensor).all()
+
+
+def test_states_beyond_the_joint_limits_slack_are_rejected_by_name():
+    sim = _sim()
+    state = _start(sim)
+    beyond = state.q.clone()
+    beyond[0, 3] = float(sim.joint_upper[3]) + 0.11
+    with pytest.raises(ValueError, match=r"^state\.q must lie within 0.1 rad of the FR3 joint limits .* of joint 4"):
+        sim.step(state.replace(q=beyond), torch.zeros(1, 7))
+    inside = state.q.clone()
+    inside[0, 3] = float(sim.joint_upper[3]) + 0.09
+    sim.step(state.replace(q=inside), torch.zeros(1, 7))

@@ -183,10 +183,15 @@ class FrankaTorqueReach(NewtonSim):
     dofs_per_env = FR3_DOF
     substeps = 10
     """Featherstone substeps of 5 ms per 0.05 s control step (see the env's docstring)."""
-    # The limit springs hold q within a few hundredths of a radian of the limits at full effort, and the
-    # speeds the efforts reach within an episode stay far below these bounds; a state beyond them (or
-    # non-finite) is rejected by set_state/differentiable_step and restarted by the trainers' rollouts.
-    state_bounds = {"q": 10.0, "qd": 100.0, "goal": 10.0}
+    # The valid domain: every joint within LIMIT_SLACK of its position limits and |qd| <= 50 rad/s. States
+    # reached from a reset stay well inside (at most 0.05 rad beyond a limit and 15 rad/s under full-effort
+    # random torques, see build_model), and every state inside steps to finite outputs and gradients
+    # (tests/test_franka_torque_reach.py, at the domain's corners); far beyond a limit the limit spring
+    # (1e4 N m/rad) is unstable at 5 ms substeps (0.5 rad beyond at 50 rad/s: 24,000 rad/s after one step;
+    # 1 rad beyond at 100 rad/s: NaN). |q| <= 10 rad and |goal| <= 10 m bound the rest coarsely.
+    state_bounds = {"q": 10.0, "qd": 50.0, "goal": 10.0}
+    limit_slack: ClassVar[float] = 0.1
+    """[rad] how far beyond its position limits a joint of a valid state may be."""
 
     chain = FR3
     joint_lower: ClassVar[np.ndarray] = FR3.lower.astype(np.float32)
@@ -245,6 +250,23 @@ class FrankaTorqueReach(NewtonSim):
     def info(self, out) -> dict[str, torch.Tensor]:
         return {"tcp": out.obs[:, 14:17], "goal": out.state.goal, "distance": -out.reward}
 
+    def _limit_excess(self, state) -> torch.Tensor:
+        """(B, 7) how far each joint lies beyond its position limits [rad] (<= 0 inside)."""
+        q = state.q.detach()
+        lower = torch.as_tensor(self.joint_lower, device=q.device)
+        upper = torch.as_tensor(self.joint_upper, device=q.device)
+        return torch.maximum(lower - q, q - upper)
+
+    def _outside_task_domain(self, state) -> torch.Tensor:
+        return (self._limit_excess(state) > self.limit_slack).any(dim=1)
+
+    def _task_domain_message(self, state, env: int) -> str:
+        excess = self._limit_excess(state)[env]
+        joint = int(excess.argmax())
+        return (f"state.q must lie within {self.limit_slack:g} rad of the FR3 joint limits "
+                f"[{self.joint_lower[joint]:.4f}, {self.joint_upper[joint]:.4f}] of joint {joint + 1}, got "
+                f"{float(state.q[env, joint]):.4f} in env {env}")
+
 
 class FrankaTorqueReachEnv(DiffGymEnv):
     """
@@ -292,8 +314,10 @@ class FrankaTorqueReachEnv(DiffGymEnv):
     its gradient is the spring's (no clip). No contacts or self-collisions. The goal does not move.
 
     ## Valid states
-    `set_state` and `differentiable_step` accept finite states with `|q| <= 10` rad, `|qd| <= 100` rad/s and
-    `|goal| <= 10` m per element and raise `ValueError` naming the field otherwise.
+    `set_state` and `differentiable_step` accept finite states with every joint within 0.1 rad of its
+    position limits, `|qd| <= 50` rad/s and `|goal| <= 10` m per element, and raise `ValueError` naming the
+    field otherwise. Rollouts from a reset stay well inside (at most 0.05 rad beyond a limit and 15 rad/s
+    under full-effort random torques); far beyond a limit the limit spring is unstable at 5 ms substeps.
 
     ## Rewards
     `r = -||tcp' - goal||` [m], the TCP position after the step (as FrankaReach's).
