@@ -102,7 +102,8 @@ def cpu_model() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--envs", default=",".join(diffgym.TASK_IDS))
+    # Newton tasks cost ~500x a kernel task per step: benchmarks/bench_newton_task.py measures them
+    parser.add_argument("--envs", default=",".join(e for e in diffgym.TASK_IDS if e not in diffgym.NEWTON_TASK_IDS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", default="1,64,4096")
     parser.add_argument("--steps", type=int, default=32)

@@ -27,7 +27,8 @@ _LAZY = {"Out": "diffgym.core.bridge", "warp_call": "diffgym.core.bridge", "Diff
          "SimState": "diffgym.core.state", "Policy": "diffgym.policy", "load_policy": "diffgym.policy"}
 
 __all__ = ["DiffGymEnv", "DiffGymVectorEnv", "DiffSim", "Out", "Policy", "SimState", "StepOutput",
-           "load_policy", "register_task", "warp_call", "TASK_IDS", "ALL_TASK_IDS", "GOAL_TASK_IDS"]
+           "load_policy", "register_task", "warp_call", "TASK_IDS", "ALL_TASK_IDS", "GOAL_TASK_IDS",
+           "NEWTON_TASK_IDS"]
 
 
 def __getattr__(name: str) -> Any:
@@ -59,6 +60,9 @@ register_task("DiffGym/FrankaReach-v0", "diffgym.envs.franka_reach:FrankaReachEn
               max_episode_steps=100, reward_threshold=-5.0)
 register_task("DiffGym/FrankaReachGoal-v0", "diffgym.envs.franka_reach_goal:FrankaReachGoalEnv",
               max_episode_steps=100, reward_threshold=-15.0)  # sparse; a scripted reacher scores -8.3
+# a Newton task (articulated dynamics; needs the optional newton extra to make, not to register)
+register_task("DiffGym/FrankaTorqueReach-v0", "diffgym.envs.franka_torque_reach:FrankaTorqueReachEnv",
+              max_episode_steps=100, reward_threshold=-5.0)
 
 ALL_TASK_IDS = tuple(env_id for env_id in gym.registry if env_id.startswith("DiffGym/"))
 """Every registered DiffGym task, in registration order."""
@@ -66,3 +70,6 @@ GOAL_TASK_IDS = ("DiffGym/FrankaReachGoal-v0",)
 """The goal-conditioned tasks: Dict observations and ``compute_reward`` (for HER), not trainer benchmarks."""
 TASK_IDS = tuple(env_id for env_id in ALL_TASK_IDS if env_id not in GOAL_TASK_IDS)
 """The benchmark tasks (flat ``Box`` observations), which the bundled trainers and experiments run on."""
+NEWTON_TASK_IDS = ("DiffGym/FrankaTorqueReach-v0",)
+"""The tasks whose dynamics are a Newton model (``diffgym.core.newton_task``): making one needs the optional
+``newton`` extra, and a step costs milliseconds rather than microseconds."""

@@ -17,3 +17,25 @@ def cuda_available() -> bool:
 
 
 requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU")
+
+
+def newton_available() -> bool:
+    try:
+        import newton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+requires_newton = pytest.mark.skipif(not newton_available(), reason="needs Newton (pip install 'diffgym[newton]')")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests parametrized over the registered tasks skip the Newton tasks where Newton is not installed
+    (they are registered, but making one needs the optional extra)."""
+    if newton_available():
+        return
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if any(value in diffgym.NEWTON_TASK_IDS for value in params.values() if isinstance(value, str)):
+            item.add_marker(pytest.mark.skip(reason="a Newton task: needs pip install 'diffgym[newton]'"))

@@ -72,7 +72,7 @@ class _Slot:
 
 
 def check_sim_class(sim: type[DiffSim]) -> dict[str, FieldSpec] | None:
-    """Check ``sim`` against the task contract; return the derived per-field specs.
+    """Check a kernel task ``sim`` against the task contract; return the derived per-field specs.
 
     Returns ``None`` for an intermediate class that does not yet name its state type and all three
     kernels (it is checked when a subclass completes it). Raises :class:`TaskContractError`.
@@ -80,28 +80,101 @@ def check_sim_class(sim: type[DiffSim]) -> dict[str, FieldSpec] | None:
     names = ("state_type", "reset_kernel", "observe_kernel", "step_kernel")
     if any(getattr(sim, name, None) is None for name in names):
         return None
-    state_type = sim.state_type
-    fields = _check_state_type(sim, state_type)
-    for name in ("obs_dim", "act_dim", "default_max_episode_steps"):
+    fields = _check_state_type(sim, sim.state_type)
+    _check_dimensions(sim)
+    physical = _check_physical_params(sim, fields)
+    state_slots = [_Slot(f, field=f) for f in fields]
+    layouts = {
+        **_reset_and_observe_layouts(state_slots),
+        "step_kernel": [*state_slots, _Slot("action"), *(_Slot(q, kind=_FLOAT_ARRAY) for q in physical),
+                        _Slot(_PARAMS), *_next_state_and_outcome_slots(fields)],
+    }
+    first_output = {"reset_kernel": 3, "observe_kernel": len(fields) + 1,
+                    "step_kernel": len(fields) + 2 + len(physical)}
+    return _check_kernels(sim, fields, layouts, first_output, physical)
+
+
+NEWTON_JOINT_ARGS = ("joint_q", "joint_qd")
+"""The outcome kernel's arguments that carry the articulation's joint state after the dynamics."""
+
+
+def check_newton_sim_class(sim: type) -> dict[str, FieldSpec] | None:
+    """Check a Newton task (:class:`~diffgym.core.newton_task.NewtonSim`) against its contract; return the
+    derived per-field specs (``None`` for an intermediate class without its state type and kernels).
+
+    A Newton task's step is ``control_kernel`` (state and action to joint torques), the Newton model
+    advanced by the solver, then ``outcome_kernel`` (state and the new joint state to the next state and
+    the step's outputs). With ``F = f_1, ..., f_n, step`` its state's fields in order:
+
+    * ``reset_kernel`` and ``observe_kernel``: as for kernel tasks;
+    * ``control_kernel(f_1, ..., f_n, step, action, <params>, # outputs: joint_f)``;
+    * ``outcome_kernel(f_1, ..., f_n, step, joint_q, joint_qd, <params>,
+      # outputs: f_1_next, ..., f_n_next, step_next, obs, reward, terminated, success)``;
+
+    ``joint_f``, ``joint_q`` and ``joint_qd`` are flat ``wp.array(dtype=float)`` of ``dofs_per_env`` entries
+    per env (env ``i``'s at ``[i * dofs_per_env, (i + 1) * dofs_per_env)``), Newton's own layout. The class
+    also declares ``dofs_per_env`` and ``substeps`` (positive ints), ``joint_fields`` (the names of the
+    state fields holding joint positions and velocities, each of per-env shape ``(dofs_per_env,)``) and
+    overrides ``build_model``. Per-env physical parameters are not supported (the model's are shared).
+    """
+    names = ("state_type", "reset_kernel", "observe_kernel", "control_kernel", "outcome_kernel")
+    if any(getattr(sim, name, None) is None for name in names):
+        return None
+    fields = _check_state_type(sim, sim.state_type)
+    _check_dimensions(sim, extra=("dofs_per_env", "substeps"))
+    if getattr(sim, "physical_params", ()) != ():
+        raise TaskContractError(f"{sim.__name__}.physical_params must be empty: a Newton task's physical "
+                                f"parameters live in its shared Newton model, got {sim.physical_params!r}")
+    joint_fields = getattr(sim, "joint_fields", None)
+    if (not isinstance(joint_fields, tuple) or len(joint_fields) != 2
+            or not all(isinstance(f, str) and f in fields and f != "step" for f in joint_fields)):
+        raise TaskContractError(f"{sim.__name__}.joint_fields must name the two float state fields holding joint "
+                                f"positions and velocities (fields: {fields}), got {joint_fields!r}")
+    build_model = getattr(sim, "build_model", None)
+    if build_model is None or getattr(build_model, "__isabstractmethod__", False):
+        raise TaskContractError(f"{sim.__name__} must override build_model(num_envs, device) -> newton.Model")
+    state_slots = [_Slot(f, field=f) for f in fields]
+    layouts = {
+        **_reset_and_observe_layouts(state_slots),
+        "control_kernel": [*state_slots, _Slot("action"), _Slot(_PARAMS), _Slot("joint_f", kind=_FLOAT_ARRAY)],
+        "outcome_kernel": [*state_slots, *(_Slot(a, kind=_FLOAT_ARRAY) for a in NEWTON_JOINT_ARGS),
+                           _Slot(_PARAMS), *_next_state_and_outcome_slots(fields)],
+    }
+    first_output = {"reset_kernel": 3, "observe_kernel": len(fields) + 1, "control_kernel": len(fields) + 2,
+                    "outcome_kernel": len(fields) + 3}
+    specs = _check_kernels(sim, fields, layouts, first_output, ())
+    for name in joint_fields:
+        if specs[name].shape != (sim.dofs_per_env,):
+            raise TaskContractError(f"{sim.__name__}: joint field '{name}' has per-env shape {specs[name].shape}, "
+                                    f"expected ({sim.dofs_per_env},) (dofs_per_env)")
+    return specs
+
+
+def _check_dimensions(sim: type, extra: tuple[str, ...] = ()) -> None:
+    for name in ("obs_dim", "act_dim", "default_max_episode_steps", *extra):
         value = getattr(sim, name, None)
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
             raise TaskContractError(f"{sim.__name__}.{name} must be a positive int, got {value!r}")
 
-    physical = _check_physical_params(sim, fields)
-    state_slots = [_Slot(f, field=f) for f in fields]
-    layouts = {
+
+def _reset_and_observe_layouts(state_slots: list[_Slot]) -> dict[str, list[_Slot]]:
+    return {
         "reset_kernel": [_Slot("seed", kind=_INT32_ARRAY), _Slot("episode", kind=_INT32_ARRAY), _Slot(_PARAMS),
                          *state_slots],
         "observe_kernel": [*state_slots, _Slot(_PARAMS), _Slot("obs", kind=_FLOAT_ARRAY2D)],
-        "step_kernel": [*state_slots, _Slot("action"), *(_Slot(q, kind=_FLOAT_ARRAY) for q in physical),
-                        _Slot(_PARAMS),
-                        *(_Slot(f"{f}_next", field=f) for f in fields), _Slot("obs", kind=_FLOAT_ARRAY2D),
-                        _Slot("reward", kind=_FLOAT_ARRAY), _Slot("terminated", kind=_INT32_ARRAY),
-                        _Slot("success", kind=_INT32_ARRAY)],
     }
-    first_output = {"reset_kernel": 3, "observe_kernel": len(fields) + 1,
-                    "step_kernel": len(fields) + 2 + len(physical)}
 
+
+def _next_state_and_outcome_slots(fields: tuple[str, ...]) -> list[_Slot]:
+    return [*(_Slot(f"{f}_next", field=f) for f in fields), _Slot("obs", kind=_FLOAT_ARRAY2D),
+            _Slot("reward", kind=_FLOAT_ARRAY), _Slot("terminated", kind=_INT32_ARRAY),
+            _Slot("success", kind=_INT32_ARRAY)]
+
+
+def _check_kernels(sim: type, fields: tuple[str, ...], layouts: dict[str, list[_Slot]],
+                   first_output: dict[str, int], physical: tuple[str, ...]) -> dict[str, FieldSpec]:
+    """Check every kernel named in ``layouts`` argument by argument; derive and cross-check field specs."""
+    state_type = sim.state_type
     specs: dict[str, FieldSpec] = {}
     origin: dict[str, str] = {}  # the kernel that first gave each field its spec, for errors
     params_type: tuple[str, Any] | None = None
@@ -123,8 +196,8 @@ def check_sim_class(sim: type[DiffSim]) -> dict[str, FieldSpec] | None:
                                             f"constants, got {wp.types.type_repr(arg.type)} (expected: {expected})")
                 if params_type is not None and arg.type is not params_type[1]:
                     raise TaskContractError(f"{where} argument {k} '{arg.label}' is a {arg.type.key}, but "
-                                            f"{params_type[0]} takes a {params_type[1].key}; all three kernels "
-                                            f"take the same wp.struct")
+                                            f"{params_type[0]} takes a {params_type[1].key}; all "
+                                            f"{len(layouts)} kernels take the same wp.struct")
                 params_type = params_type or (attr, arg.type)
                 continue
             if arg.label != slot.name:

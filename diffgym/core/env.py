@@ -251,7 +251,7 @@ class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
         self._seed: torch.Tensor | None = None
         self._episode = torch.zeros(1, dtype=torch.int32, device=self.sim.device)
         self._init_physics()
-        self.use_fast_path: bool = self.sim.device.type == "cpu"
+        self.use_fast_path: bool = self.sim.device.type == "cpu" and self.sim.has_fast_path
         """Step through persistent buffers and recorded launches (CPU only, and not in the bridge's debug
         mode; bit-identical to the reference path, which ``False`` selects)."""
         self._fast: _FastPath | None = None
@@ -353,7 +353,8 @@ class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
 
     def _fast_enabled(self) -> bool:
         # The bridge's debug mode checks every output of every launch, which the recorded launches skip
-        return self.use_fast_path and self.sim.device.type == "cpu" and not debug_outputs_enabled()
+        return (self.use_fast_path and self.sim.has_fast_path and self.sim.device.type == "cpu"
+                and not debug_outputs_enabled())
 
     def _fast_path(self) -> _FastPath:
         if self._fast is None:

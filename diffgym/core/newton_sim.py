@@ -1,8 +1,7 @@
 """Articulated FR3 dynamics on Newton (the optional ``newton`` extra): model, gravity torques, rollouts.
 
-This module is the groundwork for tasks whose step is a Newton model advanced by a differentiable solver
-(issue 16). It holds what has been measured and tested so far (``tests/test_newton_fr3.py``,
-``benchmarks/newton_solvers.py``, ``docs/newton.md``):
+The Newton tasks (:mod:`diffgym.core.newton_task`) build on it; what it holds is measured and tested in
+``tests/test_newton_fr3.py``, ``benchmarks/newton_solvers.py`` and ``docs/newton.md``:
 
 * :func:`fr3_model` imports ``diffgym/assets/fr3/fr3.urdf`` (inertials, damping, effort limits) with
   ``ModelBuilder.add_urdf``, one articulation per env, fixed joints collapsed so the flange, hand and

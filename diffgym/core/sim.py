@@ -91,13 +91,22 @@ class DiffSim:
     _field_specs: ClassVar[dict[str, FieldSpec]]
     """Per-env shape and dtype of each state field, derived from the kernels when the class is defined."""
 
+    has_fast_path: ClassVar[bool] = True
+    """Whether the single env may step through recorded launches of ``step_kernel`` on persistent
+    buffers (``diffgym.core.env``); a task whose step is not one kernel (a Newton task) says False."""
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        specs = check_sim_class(cls)
+        specs = cls._check_contract()
         if specs is not None:  # None: an intermediate class without kernels yet
             cls._field_specs = specs
             # check_state reads the shapes from the state type; a declared ``shapes`` was checked equal
             cls.state_type.shapes = {name: spec.shape for name, spec in specs.items()}
+
+    @classmethod
+    def _check_contract(cls) -> dict[str, FieldSpec] | None:
+        """The task contract of this kind of task (kernel tasks: :func:`check_sim_class`)."""
+        return check_sim_class(cls)
 
     def __init__(self, device: str | torch.device = "cpu", max_episode_steps: int | None = None):
         self.device = torch.device(device)
@@ -169,6 +178,11 @@ class DiffSim:
             physics = self._default_physics(batch)
         outputs = warp_call(self.step_kernel, batch, [*state.tensors(), action.clamp(-1.0, 1.0), *physics],
                             [self.params], self._step_specs(batch))
+        return self._step_output(outputs)
+
+    def _step_output(self, outputs: Sequence[torch.Tensor]) -> StepOutput:
+        """The :class:`StepOutput` of a step's outputs, in ``_step_specs`` order (next state, obs, reward,
+        terminated, success)."""
         n = len(self._fields)
         next_state = self.state_type(*outputs[:n])
         obs, reward, terminated, success = outputs[n:]
