@@ -283,6 +283,11 @@ def batched_case(task: str, n: int, args, jax_twin_device):
     check_close(f"{name} torch twin action gradient (N={n})", torch_backward().cpu(), ref_grad, rtol, atol)
 
     # the fused rollout is the stepped loop bit for bit (tests/test_multistep.py); checked here as well
+    with torch.no_grad():
+        fused = venv.differentiable_rollout(start, actions)
+    check_close(f"{name} fused rollout rewards (N={n})", fused.reward.cpu(), ref_rewards, 0.0, 0.0)
+    for k, (ours, ref) in enumerate(zip(start_state(fused.final_state), ref_final)):
+        check_close(f"{name} fused rollout final state[{k}] (N={n})", ours.cpu(), ref, 0.0, 0.0)
     check_close(f"{name} fused rollout action gradient (N={n})", fused_backward().cpu(), ref_grad, 0.0, 0.0)
     fns = {"diffgym fwd": diffgym_forward, "fused fwd": fused_forward, "torch fwd": torch_forward}
     if not args.forward_only:

@@ -205,6 +205,9 @@ def test_gradient_planner_solves_point_mass_from_the_same_starts(tmp_path):
     assert main(["feasibility", "--env", ENV, "--planner", "gradient", "--episodes", "2", "--iterations", "3",
                  "--set", "mass=2.0", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["env_kwargs"] == {"mass": 2.0}
+    light = gradient_episodes(ENV, episodes=4, iterations=5, lr=0.1, seed=0)
+    heavy = gradient_episodes(ENV, episodes=4, iterations=5, lr=0.1, seed=0, env_kwargs={"mass": 2.0})
+    assert heavy["returns"] != light["returns"]  # the argument reaches the sim: same pushes, other motion
 
 
 def test_tune_runs_real_trials_in_worker_processes(tmp_path):

@@ -324,6 +324,7 @@ class _KernelFunction(torch.autograd.Function):
         return outputs
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # an adjoint launch is not differentiable: raise, not zeros
     def backward(ctx, *grad_outputs: torch.Tensor):
         saved = ctx.saved_tensors
         inputs, outputs = saved[: ctx.n_in], saved[ctx.n_in:]

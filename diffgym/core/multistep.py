@@ -11,7 +11,12 @@ autograd node runs per step.
 
 Warp's gradient rules hold by construction: every step's outputs are a fresh slice (nothing a later
 launch reads is overwritten), incoming gradients are copied into buffers the adjoint owns, and input
-gradients accumulate into fresh zeros.
+gradients accumulate into fresh zeros. The start state is validated before the launches and every state
+a later step starts from after them, in one vectorised check: a rollout raises where the stepped loop
+would (``ValueError`` naming the step, the field and the env).
+
+A task whose step is not one kernel launch (it overrides ``_step``, e.g. a Newton task running a solver)
+gets the same API and results by looping its own ``_step``, without the fusion's speed.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Mapping
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from diffgym.core import bridge
 from diffgym.core.state import SimState
@@ -34,7 +40,8 @@ class RolloutOutput:
 
     states: SimState
     """The state after each step, as one state whose fields are ``(T, B, ...)`` (``state_at(t)`` gives
-    step ``t``'s batch-first state); float fields are differentiable."""
+    step ``t``'s batch-first state); float fields are differentiable. Its own ``batch_size`` reads the
+    leading dimension, T: use :attr:`batch_size` here."""
     obs: torch.Tensor
     """(T, B, obs_dim) float32, differentiable."""
     reward: torch.Tensor
@@ -50,6 +57,10 @@ class RolloutOutput:
     @property
     def horizon(self) -> int:
         return int(self.reward.shape[0])
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.reward.shape[1])
 
     def state_at(self, t: int) -> SimState:
         """The batch-first state after step ``t`` (negative ``t`` counts from the end)."""
@@ -90,6 +101,7 @@ class _FusedRollout(torch.autograd.Function):
         return tuple(stacked)
 
     @staticmethod
+    @once_differentiable  # the adjoint launches are not themselves differentiable: raise, not zeros
     def backward(ctx, *grad_stacked: torch.Tensor | None):
         n_state, plan, params = ctx.n_state, ctx.plan, (ctx.sim.params,)
         saved = ctx.saved_tensors
@@ -139,8 +151,10 @@ def fused_rollout(sim: DiffSim, state: SimState, actions: torch.Tensor,
         bad = [tuple(i) for i in (~finite).nonzero().tolist()[:8]]
         raise ValueError(f"actions contain NaN or Inf at (step, env, dim) {bad}; actions must be finite")
     physics_tensors = sim.check_physics(physics, batch)
-    if not _single_kernel_step(sim):
-        return _looped_rollout(sim, state, actions.clamp(-1.0, 1.0), physics_tensors)
+    if not single_kernel_step(sim):
+        rollout = _looped_rollout(sim, state, actions.clamp(-1.0, 1.0), physics_tensors)
+        _check_passed_states(sim, rollout.states)
+        return rollout
     n_state = len(state.tensors())
     inputs = (*(t.contiguous() for t in state.tensors()), actions.clamp(-1.0, 1.0).contiguous(),
               *(p.contiguous() for p in physics_tensors))
@@ -150,16 +164,37 @@ def fused_rollout(sim: DiffSim, state: SimState, actions: torch.Tensor,
         stacked = _FusedRollout.forward(_NoGradContext(), sim, n_state, *inputs)
     states = type(state)(*stacked[:n_state])
     obs, reward, terminated, success = stacked[n_state:]
+    _check_passed_states(sim, states)
     truncated = states.step >= sim.max_episode_steps
     return RolloutOutput(states, obs, reward, terminated.bool(), truncated, success.bool())
 
 
-def _single_kernel_step(sim: DiffSim) -> bool:
-    """Whether ``sim``'s step is the single step-kernel launch of ``DiffSim._step`` (what the fused path
-    replays); a task that overrides ``_step`` (e.g. a Newton task, whose step runs a solver) is looped."""
+def _check_passed_states(sim: DiffSim, states: SimState) -> None:
+    """What the stepped loop's ``check_state`` would reject, checked at once: every state a later step
+    starts from (all but the last) must be finite and inside the task's domain."""
+    horizon = int(states.step.shape[0])
+    if horizon < 2:
+        return
+    passed = type(states)(*(t[:-1].detach().reshape(-1, *t.shape[2:]) for t in states.tensors()))
+    outside = sim.outside_domain(passed)
+    if not bool(outside.any()):
+        return
+    batch = int(states.step.shape[1])
+    flat = int(outside.nonzero()[0])
+    t, env = divmod(flat, batch)
+    try:
+        sim.check_state(type(states)(*(x[t] for x in states.tensors())))
+    except ValueError as error:
+        raise ValueError(f"rollout step {t + 2} of {horizon} would start from an invalid state: {error}") from None
+
+
+def single_kernel_step(sim: DiffSim) -> bool:
+    """Whether ``sim``'s step is the single step-kernel launch of ``DiffSim._step``, which the fused
+    rollout (and the single env's fast path) replay; a task that overrides ``_step`` (e.g. a Newton task,
+    whose step runs a solver) or says ``has_fast_path = False`` is stepped through its own ``_step``."""
     from diffgym.core.sim import DiffSim
 
-    return type(sim)._step is DiffSim._step
+    return sim.has_fast_path and type(sim)._step is DiffSim._step
 
 
 def _looped_rollout(sim: DiffSim, state: SimState, actions: torch.Tensor,

@@ -30,8 +30,9 @@ hands clones of the input gradients to autograd. The kernel bridge's rules hold:
   after the input gradients are cloned out, so no gradient leaks from one backward into another.
 
 Without autograd (``torch.no_grad()``, ``env.step``, PPO) the substeps run on a cached solver and two
-cached states used in turn: nothing is recorded, so reusing them breaks no rule, and a step costs 1.5-3x
-less than a recorded one (docs/benchmarks.md).
+cached states used in turn: nothing is recorded, so reusing them breaks no rule, and a step costs 1.2-2.9x
+less than a recorded one (docs/benchmarks.md: 2.9x at one env, 1.2x at 4096). The cache is per sim and
+batch size and not locked: step one sim from one thread at a time.
 
 Newton is an optional extra: this module imports without it, and constructing a Newton task without it
 raises one line saying how to install it (:func:`diffgym.core.newton_sim.require_newton`).

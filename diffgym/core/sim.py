@@ -151,11 +151,12 @@ class DiffSim:
 
     def rollout(self, state: SimState, actions: torch.Tensor,
                 physics: Mapping[str, torch.Tensor] | None = None) -> RolloutOutput:
-        """``T`` steps from ``state`` under the action sequence ``actions`` ``(T, B, act_dim)`` as one fused
-        call: the same numbers, bit for bit, as ``step`` in a Python loop (no resets: a rollout past
-        ``max_episode_steps`` keeps counting steps and flags them ``truncated``), and the same gradients,
-        without per-step autograd and bridge overhead (:mod:`diffgym.core.multistep`). Differentiable in
-        ``actions``, the float state fields and ``physics``; every per-step output is time-major."""
+        """``T`` steps from ``state`` under the action sequence ``actions`` ``(T, B, act_dim)`` in one call:
+        the same numbers and gradients, bit for bit, and the same errors as ``step`` in a Python loop (no
+        resets: a rollout past ``max_episode_steps`` keeps counting steps and flags them ``truncated``).
+        For a kernel task the T steps are one autograd node without per-step autograd, torch and bridge
+        overhead; a task that overrides ``_step`` is looped (:mod:`diffgym.core.multistep`).
+        Differentiable in ``actions``, the float state fields and ``physics``; outputs are time-major."""
         return fused_rollout(self, state, actions, physics)
 
     def default_physics(self, batch: int) -> dict[str, torch.Tensor]:

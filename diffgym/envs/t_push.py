@@ -82,7 +82,7 @@ ANGULAR_SPEED_BOUND_FACTOR = 100.0
 """... and block spins up to 100 max_speed rad/s (50 rad/s by default; rollouts reach ~8 rad/s)."""
 MIN_START_SPREAD = 0.3
 """The narrowest ``start_spread``: the block's start is always at least D = 0.1 m from the goal pose, and
-below this spread too few poses are (at 0.3, about a quarter of the draws; at 0.25, 4 %)."""
+below this spread too few poses that far are drawn (at 0.3 about a quarter of the draws, at 0.25 4 %)."""
 _HULL = T_OUTLINE[[0, 1, 3, 4, 6, 7]]  # the convex-hull corners (the concave 2 and 5 never touch a wall)
 
 
@@ -431,8 +431,9 @@ def t_push_reset(
         xb = wp.vec2(wp.randf(rng, -p.reset_block_range, p.reset_block_range),
                      wp.randf(rng, -p.reset_block_range, p.reset_block_range))
         theta = wp.randf(rng, -wp.pi, wp.pi)
-        if p.reset_angle_range < wp.pi:  # a narrowed start (start_spread < 1): offsets around the goal angle
+        if p.reset_angle_range < wp.pi:  # a narrowed start (start_spread < 1): offsets around the goal pose
             theta = p.goal_angle + theta * (p.reset_angle_range / wp.pi)
+            xb = xb + p.goal_pos
         if mean_keypoint_distance(p, xb, theta) > p.reset_min_goal_distance:
             far = 1
     # ... and a pusher clear of it

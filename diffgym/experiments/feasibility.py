@@ -95,8 +95,7 @@ def mppi_episodes(env_id: str, episodes: int, samples: int = 64, horizon: int = 
             candidates = (nominal[:, None] + noise).clamp(-1.0, 1.0)
             # every candidate's whole horizon in one fused call: (horizon, episodes * samples, act_dim)
             sequences = candidates[:, :, knot_of_step].reshape(episodes * samples, horizon, sim.act_dim)
-            with torch.no_grad():
-                rollout = sim.rollout(_repeat(state, samples), sequences.transpose(0, 1).contiguous())
+            rollout = sim.rollout(_repeat(state, samples), sequences.transpose(0, 1).contiguous())
             value = torch.zeros(episodes * samples, device=sim.device)
             alive = torch.ones(episodes * samples, dtype=torch.bool, device=sim.device)
             last = torch.zeros(episodes * samples, device=sim.device)
