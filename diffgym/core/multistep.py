@@ -87,7 +87,7 @@ class _FusedRollout(torch.autograd.Function):
         debug = bridge.debug_outputs_enabled()
         stacked = _step_outputs(sim, horizon, batch, debug)
         plan = bridge._plan(sim.step_kernel, batch, (sim.params,), tuple(sim._step_specs(batch)),
-                     (*state, actions[0], *physics))
+                            (*state, actions[0], *physics))
         current = state
         for t in range(horizon):
             outputs = [out[t] for out in stacked]
