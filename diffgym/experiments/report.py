@@ -91,12 +91,17 @@ def iqm_with_ci(scores: dict[str, np.ndarray], reps: int = 2000, seed: int = 0):
 
 
 def curves(groups: dict[str, list[RunRecord]], axis: str, metric: str, num_points: int = 40):
-    """IQM curve with 95 % CI per group on a common grid of ``axis`` (up to the shortest run's end)."""
-    end = min(min(r.evals[axis][-1] for r in runs) for runs in groups.values())
-    start = max(max(r.evals[axis][0] for r in runs) for runs in groups.values())
-    grid = np.linspace(start, end, num_points) if end > start else np.array([end])
-    scores = {label: np.stack([r.value_at(axis, grid, metric) for r in runs]) for label, runs in groups.items()}
-    return grid, iqm_with_ci(scores)
+    """IQM curve with 95 % CI per group, each on its own grid of ``axis`` up to the end of that group's
+    shortest run (groups may have different budgets: each is drawn as far as all its runs go).
+    Returns ``{label: (grid, (iqm, lower, upper))}``."""
+    out = {}
+    for label, runs in groups.items():
+        end = min(r.evals[axis][-1] for r in runs)
+        start = max(r.evals[axis][0] for r in runs)
+        grid = np.linspace(start, end, num_points) if end > start else np.array([end])
+        scores = {label: np.stack([r.value_at(axis, grid, metric) for r in runs])}
+        out[label] = (grid, iqm_with_ci(scores)[label])
+    return out
 
 
 def plot_curves(groups: dict[str, list[RunRecord]], axis: str, metric: str, path: Path, title: str) -> None:
@@ -105,16 +110,18 @@ def plot_curves(groups: dict[str, list[RunRecord]], axis: str, metric: str, path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid, stats = curves(groups, axis, metric)
+    stats = curves(groups, axis, metric)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for label, (iqm, lower, upper) in stats.items():
+    for label, (grid, (iqm, lower, upper)) in stats.items():
         ax.plot(grid, iqm, label=f"{label} (n={len(groups[label])})")
         ax.fill_between(grid, lower, upper, alpha=0.25)
     ax.set_xlabel(AXIS_LABELS[axis])
     ax.set_ylabel(metric.replace("_", " ") + " (IQM, 95% CI)")
     ax.set_title(title)
-    if axis != "wall_time":
-        ax.set_xscale("log") if grid[0] > 0 and grid[-1] / grid[0] > 100 else None
+    low = min(grid[0] for grid, _ in stats.values())
+    high = max(grid[-1] for grid, _ in stats.values())
+    if axis != "wall_time" and low > 0 and high / low > 100:
+        ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
