@@ -85,6 +85,21 @@ def _clamp_joints(q: vec7, lower: vec7, upper: vec7) -> vec7:
 
 
 @wp.func
+def draw_reach_start(seed: int, episode: int, ready: vec7, lower: vec7, upper: vec7, noise_range: float,
+                     goal_low: wp.vec3, goal_high: wp.vec3):
+    """The FR3 reaching tasks' start, from Warp's RNG stream ``(seed, episode)``: joints at ``ready`` plus
+    ``U(-noise_range, noise_range)`` each (clamped to the limits), then a goal ``U(goal_low, goal_high)``.
+    Shared, so one seed starts the kinematic and the torque-controlled task alike."""
+    rng = wp.rand_init(seed, episode)
+    r = noise_range
+    noise = vec7(wp.randf(rng, -r, r), wp.randf(rng, -r, r), wp.randf(rng, -r, r), wp.randf(rng, -r, r),
+                 wp.randf(rng, -r, r), wp.randf(rng, -r, r), wp.randf(rng, -r, r))
+    goal = wp.vec3(wp.randf(rng, goal_low[0], goal_high[0]), wp.randf(rng, goal_low[1], goal_high[1]),
+                   wp.randf(rng, goal_low[2], goal_high[2]))
+    return _clamp_joints(ready + noise, lower, upper), goal
+
+
+@wp.func
 def _write_observation(i: int, q: vec7, tcp: wp.vec3, goal: wp.vec3, obs: wp.array2d(dtype=float)):
     for k in range(7):
         obs[i, k] = q[k]
@@ -104,14 +119,10 @@ def franka_reach_reset(
     step: wp.array(dtype=wp.int32),
 ):
     i = wp.tid()
-    rng = wp.rand_init(seed[i], episode[i])
-    r = p.reset_noise
-    noise = vec7(wp.randf(rng, -r, r), wp.randf(rng, -r, r), wp.randf(rng, -r, r), wp.randf(rng, -r, r),
-                 wp.randf(rng, -r, r), wp.randf(rng, -r, r), wp.randf(rng, -r, r))
-    q[i] = _clamp_joints(p.ready + noise, p.lower, p.upper)
-    goal[i] = wp.vec3(wp.randf(rng, p.goal_low[0], p.goal_high[0]),
-                      wp.randf(rng, p.goal_low[1], p.goal_high[1]),
-                      wp.randf(rng, p.goal_low[2], p.goal_high[2]))
+    q_start, goal_start = draw_reach_start(seed[i], episode[i], p.ready, p.lower, p.upper, p.reset_noise,
+                                           p.goal_low, p.goal_high)
+    q[i] = q_start
+    goal[i] = goal_start
     step[i] = 0
 
 

@@ -18,8 +18,8 @@ from diffgym.core.env import DiffGymEnv
 from diffgym.core.newton_sim import FR3_DOF, fr3_model
 from diffgym.core.newton_task import NewtonSim
 from diffgym.core.state import SimState
-from diffgym.envs.franka_reach import (FR3, GOAL_HIGH, GOAL_LOW, READY_POSE, FrankaReach, _clamp_joints, _fk_tcp,
-                                       _vec7, vec7)
+from diffgym.envs.franka_reach import (FR3, GOAL_HIGH, GOAL_LOW, READY_POSE, FrankaReach, _fk_tcp,
+                                       _vec7, draw_reach_start, vec7)
 
 EFFORT_LIMITS = (87.0, 87.0, 87.0, 87.0, 12.0, 12.0, 12.0)
 """FR3 joint torque limits [N m] (``franka_description`` ``joint_limits.yaml``; also the URDF's ``effort``)."""
@@ -88,16 +88,12 @@ def franka_torque_reach_reset(
     step: wp.array(dtype=wp.int32),
 ):
     i = wp.tid()
-    # the same draws, in the same order, as FrankaReach's reset: a seed starts both tasks alike
-    rng = wp.rand_init(seed[i], episode[i])
-    r = p.reset_noise
-    noise = vec7(wp.randf(rng, -r, r), wp.randf(rng, -r, r), wp.randf(rng, -r, r), wp.randf(rng, -r, r),
-                 wp.randf(rng, -r, r), wp.randf(rng, -r, r), wp.randf(rng, -r, r))
-    q[i] = _clamp_joints(p.ready + noise, p.lower, p.upper)
+    # FrankaReach's draws: a seed starts both tasks alike
+    q_start, goal_start = draw_reach_start(seed[i], episode[i], p.ready, p.lower, p.upper, p.reset_noise,
+                                           p.goal_low, p.goal_high)
+    q[i] = q_start
+    goal[i] = goal_start
     qd[i] = vec7()
-    goal[i] = wp.vec3(wp.randf(rng, p.goal_low[0], p.goal_high[0]),
-                      wp.randf(rng, p.goal_low[1], p.goal_high[1]),
-                      wp.randf(rng, p.goal_low[2], p.goal_high[2]))
     step[i] = 0
 
 
