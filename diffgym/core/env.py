@@ -15,7 +15,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from diffgym.core.bridge import debug_outputs_enabled, record_launch
-from diffgym.core.multistep import RolloutOutput, single_kernel_step
+from diffgym.core.multistep import RolloutOutput
 from diffgym.core.sim import DiffSim, StepOutput
 from diffgym.core.state import SimState
 
@@ -353,8 +353,8 @@ class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
 
     def _fast_enabled(self) -> bool:
         # The bridge's debug mode checks every output of every launch, which the recorded launches skip
-        # (single_kernel_step: a task that overrides _step must not be replayed as one kernel launch)
-        return (self.use_fast_path and single_kernel_step(self.sim) and self.sim.device.type == "cpu"
+        # (a task that overrides _step must not be replayed as one kernel launch)
+        return (self.use_fast_path and self.sim.steps_as_one_kernel and self.sim.device.type == "cpu"
                 and not debug_outputs_enabled())
 
     def _fast_path(self) -> _FastPath:

@@ -151,7 +151,7 @@ def fused_rollout(sim: DiffSim, state: SimState, actions: torch.Tensor,
         bad = [tuple(i) for i in (~finite).nonzero().tolist()[:8]]
         raise ValueError(f"actions contain NaN or Inf at (step, env, dim) {bad}; actions must be finite")
     physics_tensors = sim.check_physics(physics, batch)
-    if not single_kernel_step(sim):
+    if not sim.steps_as_one_kernel:
         rollout = _looped_rollout(sim, state, actions.clamp(-1.0, 1.0), physics_tensors)
         _check_passed_states(sim, rollout.states)
         return rollout
@@ -186,15 +186,6 @@ def _check_passed_states(sim: DiffSim, states: SimState) -> None:
         sim.check_state(type(states)(*(x[t] for x in states.tensors())))
     except ValueError as error:
         raise ValueError(f"rollout step {t + 2} of {horizon} would start from an invalid state: {error}") from None
-
-
-def single_kernel_step(sim: DiffSim) -> bool:
-    """Whether ``sim``'s step is the single step-kernel launch of ``DiffSim._step``, which the fused
-    rollout (and the single env's fast path) replay; a task that overrides ``_step`` (e.g. a Newton task,
-    whose step runs a solver) or says ``has_fast_path = False`` is stepped through its own ``_step``."""
-    from diffgym.core.sim import DiffSim
-
-    return sim.has_fast_path and type(sim)._step is DiffSim._step
 
 
 def _looped_rollout(sim: DiffSim, state: SimState, actions: torch.Tensor,

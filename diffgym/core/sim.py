@@ -95,8 +95,13 @@ class DiffSim:
     """Whether the single env may step through recorded launches of ``step_kernel`` on persistent
     buffers (``diffgym.core.env``); a task whose step is not one kernel (a Newton task) says False."""
 
+    steps_as_one_kernel: ClassVar[bool] = True
+    """Derived when a subclass is defined: ``has_fast_path`` and ``_step`` not overridden, i.e. a step is
+    the single step-kernel launch that the single env's fast path and the fused rollout replay."""
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        cls.steps_as_one_kernel = cls.has_fast_path and cls._step is DiffSim._step
         specs = cls._check_contract()
         if specs is not None:  # None: an intermediate class without kernels yet
             cls._field_specs = specs

@@ -40,6 +40,17 @@ FEASIBILITY_SEED_OFFSET = 9_000_000
 """Episode ``i`` starts from seed ``FEASIBILITY_SEED_OFFSET + i`` (disjoint from training and evaluation)."""
 
 
+def _planner_starts(env_id: str, episodes: int, seed: int, env_kwargs: dict[str, Any] | None):
+    """The task's sim, its horizon and the planners' ``episodes`` start states: episode ``i`` from the
+    stream ``(FEASIBILITY_SEED_OFFSET + 1000 seed + i, 0)``, the same for both planners."""
+    env = gym.make(env_id, **(env_kwargs or {}))
+    sim = env.unwrapped.sim
+    max_steps = env.spec.max_episode_steps
+    env.close()
+    seeds = torch.arange(episodes, dtype=torch.int32) + FEASIBILITY_SEED_OFFSET + 1000 * seed
+    return sim, max_steps, sim.reset(seeds.to(sim.device), torch.zeros(episodes, dtype=torch.int32, device=sim.device))
+
+
 def _repeat(state: SimState, times: int) -> SimState:
     return type(state)(*(t.repeat_interleave(times, dim=0) for t in state.tensors()))
 
@@ -68,13 +79,8 @@ def mppi_episodes(env_id: str, episodes: int, samples: int = 64, horizon: int = 
     if horizon % knot_steps or replan_every > horizon or replan_every % knot_steps:
         raise ValueError(f"need horizon ({horizon}) and replan_every ({replan_every}) multiples of knot_steps "
                          f"({knot_steps}) and replan_every <= horizon")
-    env = gym.make(env_id, **(env_kwargs or {}))
-    sim = env.unwrapped.sim
-    max_steps = env.spec.max_episode_steps
-    env.close()
+    sim, max_steps, state = _planner_starts(env_id, episodes, seed, env_kwargs)
     generator = torch.Generator(device=sim.device).manual_seed(seed)
-    seeds = torch.arange(episodes, dtype=torch.int32) + FEASIBILITY_SEED_OFFSET + 1000 * seed
-    state = sim.reset(seeds.to(sim.device), torch.zeros(episodes, dtype=torch.int32, device=sim.device))
     knots = horizon // knot_steps
     # half the candidates explore at noise_std, half refine at fine_noise_std (precise final adjustments)
     scales = torch.full((samples,), noise_std, device=sim.device)
@@ -149,12 +155,7 @@ def gradient_episodes(env_id: str, episodes: int, iterations: int = 200, lr: flo
     backward). Reports the final sequences' statistics and the mean of each episode's best return."""
     import diffgym  # noqa: F401  (registers the tasks)
 
-    env = gym.make(env_id, **(env_kwargs or {}))
-    sim = env.unwrapped.sim
-    max_steps = env.spec.max_episode_steps
-    env.close()
-    seeds = torch.arange(episodes, dtype=torch.int32) + FEASIBILITY_SEED_OFFSET + 1000 * seed
-    start_state = sim.reset(seeds.to(sim.device), torch.zeros(episodes, dtype=torch.int32, device=sim.device))
+    sim, max_steps, start_state = _planner_starts(env_id, episodes, seed, env_kwargs)
     logits = torch.zeros(max_steps, episodes, sim.act_dim, device=sim.device, requires_grad=True)
     optimizer = torch.optim.Adam([logits], lr=lr)
     best = torch.full((episodes,), -math.inf, dtype=torch.float64)
