@@ -33,6 +33,7 @@ from diffgym.training.rollout import Rollout as Segment  # APG's rollouts are it
 from diffgym.training.spec import from_dict
 
 from diffgym_apg.losses import MonteCarloReturns, segment_actor_loss, td_lambda_targets
+from diffgym_apg.proximal import ProximalBuffer, ReturnScale, proximal_update
 
 TENSORBOARD_TAGS = {"policy_std": "policy/std", "actor_loss": "losses/actor_loss", "critic_loss": "losses/value_loss",
                     "grad_norm": "losses/grad_norm", "train_episode_return": "rollout/episode_return"}
@@ -40,9 +41,10 @@ TENSORBOARD_TAGS = {"policy_std": "policy/std", "actor_loss": "losses/actor_loss
 
 BOOTSTRAP_MODES = ("none", "mc", "critic")
 """How a segment's tail is estimated: nothing, a Monte-Carlo value network, or a TD(lambda) critic."""
-ESTIMATORS = ("analytic", "likelihood", "hybrid")
+ESTIMATORS = ("analytic", "likelihood", "hybrid", "proximal")
 """How the policy gradient is estimated from a segment: through the simulator (first order), by the
-likelihood ratio (zeroth order, REINFORCE with a baseline), or their alpha-order combination."""
+likelihood ratio (zeroth order, REINFORCE with a baseline), or their alpha-order combination; ``proximal``
+takes no step per segment and learns from the clipped epochs alone (``proximal_epochs``, ``proximal.py``)."""
 
 @dataclasses.dataclass
 class APGParams:
@@ -78,6 +80,34 @@ class APGParams:
     ratio's (per-sample variance traces over the envs) ..."""
     noise_low: float = 0.1
     """... and doubles when it stays below this times it."""
+    proximal_epochs: int = 0
+    """Passes of clipped-surrogate (PPO) minibatch steps over the segments of every ``proximal_horizon``
+    steps, on top of each segment's own step (none with ``estimator: proximal``; ``proximal.py``); 0 turns
+    the proximal path off."""
+    proximal_horizon: int = 400
+    """Steps per env collected between proximal updates (the batch is ``num_envs`` times this)."""
+    proximal_minibatch_size: int = 512
+    """Samples per proximal gradient step."""
+    proximal_lr: float | None = None
+    """Adam learning rate of the proximal steps; None: the shared ``optimizer.lr`` (what PPO uses). They
+    have their own Adam: their gradients and the analytic ones differ in scale, so they must not share
+    Adam's moment estimates."""
+    proximal_value_coef: float = 0.5
+    """Weight of the value loss in the joint proximal step (``proximal_value_fit``; PPO's ``vf_coef``)."""
+    clip_range: float = 0.2
+    """epsilon of the clipped surrogate: the probability ratio is clipped to [1 - epsilon, 1 + epsilon]."""
+    gae_lambda: float = 0.95
+    """lambda of the GAE advantages of the proximal path."""
+    entropy_coef: float = 0.0
+    """Weight of the policy's entropy bonus in the proximal loss."""
+    proximal_value_fit: bool = False
+    """Fit the value network in the proximal steps as PPO does: each minibatch step minimizes
+    ``surrogate + proximal_value_coef * MSE(V, GAE return)`` under one gradient clip and one Adam over the
+    actor and the value network together."""
+    value_scaling: bool = False
+    """Let the value network predict values divided by a running std of the discounted return (SB3's
+    ``VecNormalize`` reward scaling, applied to the values instead of the env): its targets are divided
+    by it and its outputs multiplied by it wherever a value is used (tails, baselines, advantages)."""
 
     def __post_init__(self) -> None:
         if self.bootstrap not in BOOTSTRAP_MODES:
@@ -102,10 +132,30 @@ class APGParams:
             raise ValueError(f"critic_lr must be > 0, got {self.critic_lr}")
         if not 0.0 < self.noise_low < self.noise_high:
             raise ValueError(f"need 0 < noise_low < noise_high, got {self.noise_low} and {self.noise_high}")
+        if self.proximal_epochs < 0:
+            raise ValueError(f"proximal_epochs must be >= 0 (0: off), got {self.proximal_epochs}")
+        if self.estimator == "proximal" and self.proximal_epochs == 0:
+            raise ValueError("estimator 'proximal' learns from the clipped epochs alone: set proximal_epochs >= 1")
+        if self.adaptive and self.estimator == "proximal":
+            raise ValueError("segment_length 'adaptive' compares the analytic gradient with the likelihood ratio: "
+                             "it needs estimator 'analytic' or 'hybrid'")
+        if self.proximal_horizon < 1 or self.proximal_minibatch_size < 2:
+            raise ValueError(f"need proximal_horizon >= 1 and proximal_minibatch_size >= 2, got "
+                             f"{self.proximal_horizon} and {self.proximal_minibatch_size}")
+        if not ((self.proximal_lr is None or self.proximal_lr > 0) and self.clip_range > 0
+                and 0.0 <= self.gae_lambda <= 1.0 and self.entropy_coef >= 0 and self.proximal_value_coef >= 0):
+            raise ValueError(f"need proximal_lr > 0, clip_range > 0, 0 <= gae_lambda <= 1, entropy_coef >= 0 and "
+                             f"proximal_value_coef >= 0; got {self.proximal_lr}, {self.clip_range}, {self.gae_lambda}, "
+                             f"{self.entropy_coef} and {self.proximal_value_coef}")
 
     @property
     def adaptive(self) -> bool:
         return self.segment_length == "adaptive"
+
+    @property
+    def proximal(self) -> bool:
+        """Whether the clipped epochs run (``proximal_epochs >= 1``)."""
+        return self.proximal_epochs > 0
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> APGParams:
@@ -191,6 +241,12 @@ class Learner:
     critic_params: list[nn.Parameter]
     segment_schedule: AdaptiveSegmentLength | None = None
     """The adaptive segment length's state (``segment_length: adaptive``), else None."""
+    proximal_optimizer: torch.optim.Adam | None = None
+    """Adam of the proximal path's steps (``proximal_epochs >= 1``), else None."""
+    proximal_buffer: ProximalBuffer = dataclasses.field(default_factory=ProximalBuffer)
+    """Segments collected since the last proximal update."""
+    return_scale: ReturnScale | None = None
+    """The running return scale of the value network's units (``value_scaling``), else None."""
     skipped_updates: int = 0
     masked_envs: int = 0
     """Env segments left out of an update because their gradient was not finite (cumulative)."""
@@ -204,21 +260,34 @@ class Learner:
         critic_params = list(model.critic.parameters())
         critic_spec = dataclasses.replace(config.optimizer, lr=params.critic_lr)
         target_critic = copy.deepcopy(model.critic).requires_grad_(False)
+        proximal_spec = dataclasses.replace(config.optimizer, lr=params.proximal_lr or config.optimizer.lr)
+        proximal_params = actor_params + (critic_params if params.proximal_value_fit else [])
         return cls(model, ObservationNormalizer(obs_dim, config.normalizer).to(device),
                    make_optimizer(actor_params, config.optimizer), make_optimizer(critic_params, critic_spec),
                    target_critic, MonteCarloReturns(params.gamma), actor_params, critic_params,
-                   AdaptiveSegmentLength(params) if params.adaptive else None)
+                   AdaptiveSegmentLength(params) if params.adaptive else None,
+                   make_optimizer(proximal_params, proximal_spec) if params.proximal else None,
+                   return_scale=ReturnScale(config.num_envs, params.gamma) if params.value_scaling else None)
 
     def segment_length(self, params: APGParams) -> int:
         """K for the next update."""
         return self.segment_schedule.length if self.segment_schedule is not None else int(params.segment_length)
+
+    @property
+    def value_scale(self) -> float:
+        """Return units per value-network output unit (1 without ``value_scaling``)."""
+        return self.return_scale.scale if self.return_scale is not None else 1.0
+
+    def value(self, obs_normalized: torch.Tensor) -> torch.Tensor:
+        """The value network's V of normalized observations, in return units."""
+        return self.model.value(obs_normalized) * self.value_scale
 
     def tail_value(self, obs: torch.Tensor, bootstrap: str) -> torch.Tensor:
         """V of (unnormalized, differentiable) observations ``(..., D)`` as the bootstrap mode says."""
         if bootstrap == "none":
             return torch.zeros(obs.shape[:-1], dtype=obs.dtype, device=obs.device)
         critic = self.target_critic if bootstrap == "critic" else self.model.critic
-        return critic(self.normalizer(obs)).squeeze(-1)
+        return critic(self.normalizer(obs)).squeeze(-1) * self.value_scale
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpoint entries; ``actor_critic`` / ``normalizer`` are the keys every trainer's checkpoint has."""
@@ -228,7 +297,10 @@ class Learner:
                 "target_critic": self.target_critic.state_dict(), "mc_returns": self.mc_returns.state_dict(),
                 "skipped_updates": self.skipped_updates, "critic_grad_steps": self.critic_grad_steps,
                 "masked_envs": self.masked_envs,
-                "segment_schedule": self.segment_schedule.state_dict() if self.segment_schedule else None}
+                "segment_schedule": self.segment_schedule.state_dict() if self.segment_schedule else None,
+                "proximal_optimizer": self.proximal_optimizer.state_dict() if self.proximal_optimizer else None,
+                "proximal_buffer": self.proximal_buffer.state_dict(),
+                "return_scale": self.return_scale.state_dict() if self.return_scale else None}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.model.load_state_dict(saved["actor_critic"])
@@ -242,6 +314,11 @@ class Learner:
         self.masked_envs = int(saved.get("masked_envs", 0))
         if self.segment_schedule is not None and saved.get("segment_schedule"):
             self.segment_schedule.load_state_dict(saved["segment_schedule"])
+        if self.proximal_optimizer is not None and saved.get("proximal_optimizer"):
+            self.proximal_optimizer.load_state_dict(saved["proximal_optimizer"])
+        self.proximal_buffer.load_state_dict(saved.get("proximal_buffer", []))
+        if self.return_scale is not None and saved.get("return_scale"):
+            self.return_scale.load_state_dict(saved["return_scale"])
 
 
 def policy_gradient(learner: Learner, segment: Segment, params: APGParams) -> dict[str, float]:
@@ -276,7 +353,7 @@ def policy_gradient(learner: Learner, segment: Segment, params: APGParams) -> di
             if params.bootstrap == "none":
                 baseline = leave_one_out_baseline(future)
             else:
-                baseline = learner.model.value(segment.obs_normalized)
+                baseline = learner.value(segment.obs_normalized)
             # d(loss)/d(log pi_t) = -(advantage) / (N K), as the actor loss is scaled
             likelihood = -(piece_discount * (future - baseline)) / (num_envs * num_steps)
             likelihood = torch.where(valid[None, :], likelihood, torch.zeros_like(likelihood))
@@ -339,22 +416,32 @@ def apg_update(learner: Learner, envs: EnvBatch, params: APGParams, config: Trai
     num_steps = learner.segment_length(params)
     if max_steps is not None:
         num_steps = max(1, min(num_steps, int(max_steps)))
-    with torch.set_grad_enabled(params.estimator != "likelihood"):
+    with torch.set_grad_enabled(params.estimator not in ("likelihood", "proximal")):
         segment, state, obs = unroll(model, normalizer, envs, num_steps)
+    if learner.return_scale is not None:  # the value network's units follow the returns seen so far
+        learner.return_scale.update(segment.rewards.detach(), segment.done)
+    if params.proximal:  # kept with the log-probabilities of the policy that drew its actions
+        finite = ~segment.diverged & torch.isfinite(segment.rewards.detach()).all(dim=0)
+        learner.proximal_buffer.add(model, normalizer, segment, finite, learner.value_scale)
 
     # 2-3. The actor loss -(discounted rewards + gamma^len * V(boundary obs)) / (N K) and its gradient as
     #    the estimator says (exact through the simulator, likelihood ratio, or their mix); diverged envs
     #    are left out. The step is skipped if the gradient is not finite (nothing reaches Adam).
-    learner.actor_optimizer.zero_grad(set_to_none=True)
-    stats = policy_gradient(learner, segment, params)
+    #    (``proximal`` takes no step here: its policy learns in step 7 only.)
+    stats: dict[str, float] = {}
     grad_norm = math.nan
-    if math.isfinite(stats["actor_loss"]):
-        grad_norm = clip_gradients(learner.actor_params, config.optimizer)
-    if math.isfinite(grad_norm):
-        learner.actor_optimizer.step()
-    else:
-        learner.skipped_updates += 1
-    learner.actor_optimizer.zero_grad(set_to_none=True)
+    policy_steps = 0
+    if params.estimator != "proximal":
+        learner.actor_optimizer.zero_grad(set_to_none=True)
+        stats = policy_gradient(learner, segment, params)
+        if math.isfinite(stats["actor_loss"]):
+            grad_norm = clip_gradients(learner.actor_params, config.optimizer)
+        policy_steps += 1  # counted even when skipped, as every update is (docs/protocol.md)
+        if math.isfinite(grad_norm):
+            learner.actor_optimizer.step()
+        else:
+            learner.skipped_updates += 1
+        learner.actor_optimizer.zero_grad(set_to_none=True)
 
     # 4. Cut the graph at the segment boundary; the next segment carries on from the detached state.
     envs.state, envs.obs = state.detach(), obs.detach()
@@ -382,11 +469,26 @@ def apg_update(learner: Learner, envs: EnvBatch, params: APGParams, config: Trai
     # 6. Update the observation statistics from the segment's detached observations.
     normalizer.update(segment.start_obs.flatten(0, 1)[torch.isfinite(segment.start_obs.flatten(0, 1)).all(dim=1)])
 
+    # 7. Every proximal_horizon steps: clipped-surrogate epochs over the segments collected since the last
+    #    ones, with GAE advantages from the values recorded at collection (``proximal.py``).
+    if params.proximal and learner.proximal_buffer.steps >= params.proximal_horizon:
+        proximal = proximal_update(
+            model, normalizer, learner.proximal_optimizer, learner.actor_params, learner.proximal_buffer.take(),
+            gamma=params.gamma, lam=params.gae_lambda, epochs=params.proximal_epochs,
+            minibatch_size=params.proximal_minibatch_size, clip_range=params.clip_range,
+            entropy_coef=params.entropy_coef, optimizer_spec=config.optimizer,
+            critic_params=learner.critic_params if params.proximal_value_fit else None,
+            value_coef=params.proximal_value_coef)
+        stats.update(proximal)
+        policy_steps += int(proximal["proximal_grad_steps"])
+        if params.proximal_value_fit:  # the joint steps are value-network steps as well
+            learner.critic_grad_steps += int(proximal["proximal_grad_steps"])
+
     finite_rewards = rewards[torch.isfinite(rewards)]
-    return {**stats, "grad_norm": grad_norm, "segment_length": float(num_steps),
+    return {**stats, "grad_norm": grad_norm, "segment_length": float(num_steps), "policy_steps": float(policy_steps),
             "skipped_updates": float(learner.skipped_updates),
             "masked_envs_total": float(learner.masked_envs),
-            "critic_grad_steps": float(learner.critic_grad_steps),  # value-network-only Adam steps (protocol.md)
+            "critic_grad_steps": float(learner.critic_grad_steps),  # value-network Adam steps (protocol.md)
             **({"critic_loss": critic_loss} if critic_loss is not None else {}),
             "segment_reward": float(finite_rewards.mean()) if finite_rewards.numel() else math.nan,
             "policy_std": float(model.log_std.detach().exp().mean()),
@@ -406,11 +508,12 @@ def fit_value(learner: Learner, obs: torch.Tensor | None, targets: torch.Tensor 
     if targets.numel() == 0:
         return None
     inputs = learner.normalizer(obs)
+    targets = targets / learner.value_scale
     losses = []
     for _ in range(params.critic_epochs):
         order = torch.randperm(targets.numel(), device=targets.device)
         for batch in order.chunk(params.critic_minibatches):
-            loss = (learner.model.value(inputs[batch]) - targets[batch]).square().mean()
+            loss = (learner.model.value(inputs[batch]) - targets[batch]).square().mean()  # in value-network units
             learner.critic_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if math.isfinite(clip_gradients(learner.critic_params, config.optimizer)):
@@ -468,7 +571,7 @@ def train(config: TrainConfig, progress: bool = True) -> Path:
             stats = apg_update(learner, envs, params, config,
                                max_steps=cadence.steps_to_next(env_steps, config.num_envs))
             env_steps += config.num_envs * int(stats["segment_length"])
-            grad_steps += 1
+            grad_steps += int(stats["policy_steps"])  # the analytic step and any proximal steps
             run.log(env_steps, grad_steps, **stats)
             if cadence.due(env_steps):
                 evaluate()

@@ -1,0 +1,183 @@
+"""APG's proximal likelihood-ratio path (trainers/apg/diffgym_apg/proximal.py): GAE and the clipped
+surrogate against their definitions, what the buffer records, the path on every task, gradient-step
+accounting, validation and exact resume with a half-filled buffer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import diffgym
+from diffgym.plugins import resolve_config
+from diffgym.training.rollout import unroll
+
+from diffgym_apg.proximal import ProximalBuffer, ReturnScale, clipped_surrogate_loss, gae_advantages
+from diffgym_apg.train import APGParams, train
+
+from tests.test_apg import (POINT_MASS, latest_checkpoint, make_learner, pieces, random_segment, read_metrics,
+                            small_config, straight_checkpoints)
+
+PROXIMAL = {"algo_params.proximal_epochs": 2, "algo_params.proximal_horizon": 8,
+            "algo_params.proximal_minibatch_size": 8}
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.7, 1.0])
+def test_gae_matches_the_weighted_sum_of_td_errors(lam):
+    rewards, values, terminated, truncated = random_segment(3)
+    next_values = torch.randn(values.shape, dtype=values.dtype, generator=torch.Generator().manual_seed(4))
+    gamma = 0.9
+    advantages = gae_advantages(rewards, values, next_values, terminated, truncated, gamma, lam)
+    steps, envs = rewards.shape
+    for env in range(envs):
+        for start, end in pieces(terminated, truncated, env):
+            for t in range(start, end + 1):
+                # A_t = sum_k (gamma lam)^k delta_{t+k} over the rest of the piece; no value after a termination
+                expected = 0.0
+                for k in range(end - t + 1):
+                    u = t + k
+                    closing = 0.0 if terminated[u, env] else float(next_values[u, env])
+                    delta = float(rewards[u, env]) + gamma * closing - float(values[u, env])
+                    expected += (gamma * lam) ** k * delta
+                assert float(advantages[t, env]) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_clipped_surrogate_stops_the_gradient_beyond_the_clip_range():
+    old = torch.zeros(4, dtype=torch.float64)
+    log_prob = torch.log(torch.tensor([1.0, 1.05, 1.5, 0.5], dtype=torch.float64)).requires_grad_(True)
+    advantages = torch.tensor([1.0, 1.0, 1.0, -1.0], dtype=torch.float64)
+    loss, fraction = clipped_surrogate_loss(log_prob, old, advantages, clip_range=0.2)
+    ratio = log_prob.detach().exp()
+    # min(rho A, clip(rho) A): 1.5 with A > 0 and 0.5 with A < 0 are clipped (constant), the others are not
+    expected = -torch.tensor([1.0, 1.05, 1.2, -0.8], dtype=torch.float64).mean()
+    assert float(loss.detach()) == pytest.approx(float(expected))
+    assert float(fraction) == pytest.approx(0.5)
+    (grad,) = torch.autograd.grad(loss, log_prob)
+    # d(rho A)/d(log pi) = rho A where unclipped, 0 where clipped; the loss is minus the mean
+    unclipped = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(grad, -unclipped * ratio * advantages / 4)
+
+
+def test_buffer_keeps_the_log_probabilities_of_the_policy_that_acted():
+    config = resolve_config("apg", POINT_MASS, {"num_envs": 4, **PROXIMAL})
+    learner, envs, params = make_learner(config)
+    with torch.no_grad():
+        segment, _, _ = unroll(learner.model, learner.normalizer, envs, 5)
+    buffer = ProximalBuffer()
+    buffer.add(learner.model, learner.normalizer, segment, torch.tensor([True, True, False, True]))
+    with torch.no_grad():
+        learner.model.log_std.add_(1.0)  # a later policy step must not change what was stored
+    batch = buffer.take()
+    assert buffer.steps == 0 and batch["rewards"].shape == (5, 4)
+    learner.model.log_std.data.sub_(1.0)
+    expected = learner.model.distribution(segment.obs_normalized).log_prob(segment.pre_squash).sum(-1)
+    torch.testing.assert_close(batch["old_log_prob"], expected.detach())
+    # values of the value network before any fit on these returns: V(o_t) and V(o_{t+1}) (pre-reset)
+    with torch.no_grad():
+        torch.testing.assert_close(batch["values"], learner.model.value(segment.obs_normalized))
+        torch.testing.assert_close(batch["next_values"], learner.model.value(learner.normalizer(segment.next_obs)))
+    assert batch["valid"][:, 2].logical_not().all() and batch["valid"][:, [0, 1, 3]].all()
+
+
+@pytest.mark.parametrize("estimator", ["proximal", "analytic"])
+@pytest.mark.parametrize("env_id", diffgym.TASK_IDS)
+def test_proximal_path_trains_on_every_task(tmp_path, env_id, estimator):
+    # 4 envs x K = 4, horizon 8: one proximal update (2 epochs x 4 minibatches of 8) after every 2nd segment
+    config = small_config(tmp_path, env_id, "critic", total_env_steps=4 * 4 * 4,
+                          **{**PROXIMAL, "algo_params.estimator": estimator})
+    rows = [r for r in read_metrics(train(config, progress=False)) if "segment_length" in r]
+    assert ["proximal_loss" in r for r in rows] == [False, True, False, True]
+    per_segment = 1 if estimator == "analytic" else 0
+    assert [r["policy_steps"] for r in rows] == [per_segment, per_segment + 8] * 2
+    assert rows[-1]["grad_steps"] == 2 * (2 * per_segment + 8)
+    assert all(math.isfinite(r["proximal_loss"]) and 0.0 <= r["proximal_clip_fraction"] <= 1.0
+               for r in rows if "proximal_loss" in r)
+    # no analytic step: no gradient norm (metrics.jsonl writes non-finite numbers as strings)
+    assert all(r["grad_norm"] == "nan" for r in rows) == (estimator == "proximal")
+
+
+def test_value_fit_on_the_gae_returns_counts_its_critic_steps(tmp_path):
+    changes = {**PROXIMAL, "total_env_steps": 2 * 4 * 4}
+    plain = read_metrics(train(small_config(tmp_path, POINT_MASS, "critic", "plain", **changes), progress=False))
+    fitted = read_metrics(train(small_config(tmp_path, POINT_MASS, "critic", "fitted", **changes,
+                                             **{"algo_params.proximal_value_fit": True}), progress=False))
+    # small_config fits the critic in 1 epoch x 2 minibatches per segment; the value fit adds 8 steps
+    assert [r["critic_grad_steps"] for r in plain if "segment_length" in r] == [2, 4]
+    assert [r["critic_grad_steps"] for r in fitted if "segment_length" in r] == [2, 12]
+    assert [("proximal_value_loss" in r) for r in fitted if "segment_length" in r] == [False, True]
+    assert not any("proximal_value_loss" in r for r in plain)
+
+
+def test_proximal_options_are_validated():
+    config = resolve_config("apg", POINT_MASS)
+    for change, match in (({"algo_params.estimator": "proximal"}, "proximal_epochs >= 1"),
+                          ({"algo_params.proximal_epochs": -1}, "proximal_epochs"),
+                          ({"algo_params.proximal_epochs": 1, "algo_params.proximal_minibatch_size": 1}, "minibatch"),
+                          ({"algo_params.proximal_epochs": 1, "algo_params.clip_range": 0.0}, "clip_range"),
+                          ({"algo_params.estimator": "proximal", "algo_params.proximal_epochs": 1,
+                            "algo_params.segment_length": "adaptive"}, "adaptive")):
+        with pytest.raises(ValueError, match=match):
+            APGParams.from_config(config.with_overrides(change))
+
+
+@pytest.mark.parametrize("estimator", ["proximal", "analytic"])
+def test_resume_with_a_half_filled_buffer_continues_identically(tmp_path, estimator):
+    # 2 envs x K = 30, horizon 90: proximal updates after segments 3 and 6; the checkpoint after segment 4
+    # holds one segment in the buffer
+    changes = {"num_envs": 2, "eval_every_env_steps": 4 * 60, "total_env_steps": 8 * 60,
+               "algo_params.segment_length": 30, "algo_params.estimator": estimator,
+               "algo_params.proximal_epochs": 2, "algo_params.proximal_horizon": 90,
+               "algo_params.proximal_minibatch_size": 32, "algo_params.proximal_value_fit": True,
+               "algo_params.value_scaling": True}
+    straight = train(small_config(tmp_path, POINT_MASS, "critic", "straight", **changes), progress=False)
+    halfway = straight_checkpoints(straight)[1]
+    assert halfway == 4 * 60
+    train(small_config(tmp_path, POINT_MASS, "critic", "resumed", **{**changes, "total_env_steps": halfway}),
+          progress=False)
+    resumed = train(small_config(tmp_path, POINT_MASS, "critic", "resumed", **changes), progress=False)
+
+    def updates(run_dir):
+        return [{k: v for k, v in r.items() if k != "wall_time"} for r in read_metrics(run_dir)
+                if "segment_length" in r]
+
+    assert updates(resumed) == updates(straight)
+    assert sum("proximal_loss" in r for r in updates(straight)) == 2
+    a, b = latest_checkpoint(straight), latest_checkpoint(resumed)
+    for key in ("actor_critic", "normalizer", "target_critic"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
+
+
+def test_return_scale_is_the_std_of_every_running_discounted_return():
+    gamma, gen = 0.9, torch.Generator().manual_seed(1)
+    scale = ReturnScale(num_envs=3, gamma=gamma, epsilon=0.0)
+    seen, running = [], torch.zeros(3, dtype=torch.float64)
+    for _ in range(3):  # segments of 5 steps; episode ends restart the running return
+        rewards = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+        done = torch.rand(5, 3, generator=gen) < 0.3
+        scale.update(rewards, done)
+        for t in range(5):
+            running = gamma * running + rewards[t]
+            seen.append(running.clone())
+            running = torch.where(done[t], 0.0, running)
+    expected = torch.stack(seen).flatten().var(unbiased=False).sqrt()
+    # the parallel update starts from a prior of variance 1 with weight epsilon (0 here): exact
+    assert scale.scale == pytest.approx(float(expected), rel=1e-9)
+
+
+def test_value_scaling_keeps_every_value_in_return_units(tmp_path):
+    config = small_config(tmp_path, POINT_MASS, "critic", **{**PROXIMAL, "algo_params.value_scaling": True,
+                                                            "algo_params.proximal_value_fit": True})
+    learner, envs, params = make_learner(config)
+    learner.return_scale.var = 16.0 - learner.return_scale.epsilon  # scale 4
+    obs = envs.obs
+    network = learner.model.value(learner.normalizer(obs))
+    with torch.no_grad():
+        learner.target_critic.load_state_dict(learner.model.critic.state_dict())
+    torch.testing.assert_close(learner.value(learner.normalizer(obs)), 4.0 * network)
+    torch.testing.assert_close(learner.tail_value(obs, "critic"), 4.0 * network)
+    torch.testing.assert_close(learner.tail_value(obs, "mc"), 4.0 * network)
+    # and a run with it trains, its scale following the returns
+    rows = [r for r in read_metrics(train(config, progress=False)) if "segment_length" in r]
+    assert all(math.isfinite(r["proximal_value_loss"]) for r in rows if "proximal_loss" in r)
