@@ -13,8 +13,9 @@ import diffgym
 from diffgym.plugins import resolve_config
 from diffgym.training.rollout import unroll
 
-from diffgym_apg.proximal import ProximalBuffer, ReturnScale, clipped_surrogate_loss, gae_advantages
-from diffgym_apg.train import APGParams, train
+from diffgym.training import OptimizerSpec
+from diffgym_apg.proximal import ProximalBuffer, ReturnScale, clipped_surrogate_loss, gae_advantages, proximal_update
+from diffgym_apg.train import APGParams, fit_value, train
 
 from tests.test_apg import (POINT_MASS, latest_checkpoint, make_learner, pieces, random_segment, read_metrics,
                             small_config, straight_checkpoints)
@@ -60,12 +61,12 @@ def test_clipped_surrogate_stops_the_gradient_beyond_the_clip_range():
 
 
 def test_buffer_keeps_the_log_probabilities_of_the_policy_that_acted():
-    config = resolve_config("apg", POINT_MASS, {"num_envs": 4, **PROXIMAL})
+    config = resolve_config("apg", POINT_MASS, {"num_envs": 4, **PROXIMAL, "algo_params.proximal_value_fit": True})
     learner, envs, params = make_learner(config)
     with torch.no_grad():
         segment, _, _ = unroll(learner.model, learner.normalizer, envs, 5)
     buffer = ProximalBuffer()
-    buffer.add(learner.model, learner.normalizer, segment, torch.tensor([True, True, False, True]))
+    buffer.add(learner.model, learner.normalizer, segment, torch.tensor([True, True, False, True]), value_scale=2.0)
     with torch.no_grad():
         learner.model.log_std.add_(1.0)  # a later policy step must not change what was stored
     batch = buffer.take()
@@ -73,10 +74,13 @@ def test_buffer_keeps_the_log_probabilities_of_the_policy_that_acted():
     learner.model.log_std.data.sub_(1.0)
     expected = learner.model.distribution(segment.obs_normalized).log_prob(segment.pre_squash).sum(-1)
     torch.testing.assert_close(batch["old_log_prob"], expected.detach())
-    # values of the value network before any fit on these returns: V(o_t) and V(o_{t+1}) (pre-reset)
+    # values of the value network before any fit on these returns, in return units (x value_scale):
+    # V(o_t) and V(o_{t+1}) (pre-reset); rewards as they came
     with torch.no_grad():
-        torch.testing.assert_close(batch["values"], learner.model.value(segment.obs_normalized))
-        torch.testing.assert_close(batch["next_values"], learner.model.value(learner.normalizer(segment.next_obs)))
+        torch.testing.assert_close(batch["values"], 2.0 * learner.model.value(segment.obs_normalized))
+        torch.testing.assert_close(batch["next_values"],
+                                   2.0 * learner.model.value(learner.normalizer(segment.next_obs)))
+    torch.testing.assert_close(batch["rewards"], segment.rewards)
     assert batch["valid"][:, 2].logical_not().all() and batch["valid"][:, [0, 1, 3]].all()
 
 
@@ -110,15 +114,25 @@ def test_value_fit_on_the_gae_returns_counts_its_critic_steps(tmp_path):
 
 
 def test_proximal_options_are_validated():
-    config = resolve_config("apg", POINT_MASS)
-    for change, match in (({"algo_params.estimator": "proximal"}, "proximal_epochs >= 1"),
-                          ({"algo_params.proximal_epochs": -1}, "proximal_epochs"),
-                          ({"algo_params.proximal_epochs": 1, "algo_params.proximal_minibatch_size": 1}, "minibatch"),
-                          ({"algo_params.proximal_epochs": 1, "algo_params.clip_range": 0.0}, "clip_range"),
-                          ({"algo_params.estimator": "proximal", "algo_params.proximal_epochs": 1,
-                            "algo_params.segment_length": "adaptive"}, "adaptive")):
+    config = resolve_config("apg", POINT_MASS, {"algo_params.bootstrap": "critic"})
+    on = {"algo_params.proximal_epochs": 1}
+    for change, match in (({"algo_params.estimator": "proximal"}, "estimator 'proximal' learns"),
+                          ({"algo_params.proximal_epochs": -1}, "proximal_epochs must be >= 0"),
+                          ({"algo_params.proximal_value_fit": True}, "proximal_value_fit fits"),
+                          ({**on, "algo_params.bootstrap": "none"}, "need a fitted value network"),
+                          ({"algo_params.value_scaling": True, "algo_params.bootstrap": "none"}, "value_scaling"),
+                          ({**on, "algo_params.proximal_horizon": 0}, "proximal_horizon must be >= 1"),
+                          ({**on, "algo_params.proximal_minibatch_size": 1}, "proximal_minibatch_size must be >= 2"),
+                          ({**on, "algo_params.proximal_lr": 0.0}, "proximal_lr must be > 0"),
+                          ({**on, "algo_params.clip_range": 0.0}, "clip_range must be > 0"),
+                          ({**on, "algo_params.gae_lambda": 1.5}, "gae_lambda must be in"),
+                          ({**on, "algo_params.entropy_coef": -0.1}, "entropy_coef must be >= 0"),
+                          ({**on, "algo_params.proximal_value_coef": -1.0}, "proximal_value_coef must be >= 0"),
+                          ({**on, "algo_params.estimator": "proximal", "algo_params.segment_length": "adaptive"},
+                           "adaptive")):
         with pytest.raises(ValueError, match=match):
             APGParams.from_config(config.with_overrides(change))
+    APGParams.from_config(config.with_overrides({**on, "algo_params.value_scaling": True}))  # a valid one
 
 
 @pytest.mark.parametrize("estimator", ["proximal", "analytic"])
@@ -181,3 +195,69 @@ def test_value_scaling_keeps_every_value_in_return_units(tmp_path):
     # and a run with it trains, its scale following the returns
     rows = [r for r in read_metrics(train(config, progress=False)) if "segment_length" in r]
     assert all(math.isfinite(r["proximal_value_loss"]) for r in rows if "proximal_loss" in r)
+
+
+def _batch(seed: int = 0, value_scale: float = 1.0):
+    config = resolve_config("apg", POINT_MASS, {"num_envs": 4, **PROXIMAL, "algo_params.proximal_value_fit": True})
+    torch.manual_seed(seed)
+    learner, envs, params = make_learner(config)
+    buffer = ProximalBuffer()
+    with torch.no_grad():
+        for _ in range(2):
+            segment, state, obs = unroll(learner.model, learner.normalizer, envs, 5)
+            buffer.add(learner.model, learner.normalizer, segment, torch.ones(4, dtype=torch.bool), value_scale)
+            envs.state, envs.obs = state, obs
+    return learner, buffer.take()
+
+
+def test_the_joint_value_loss_targets_the_gae_returns_in_value_network_units():
+    learner, batch = _batch(value_scale=4.0)
+    advantages = gae_advantages(batch["rewards"], batch["values"], batch["next_values"], batch["terminated"],
+                                batch["truncated"], 0.99, 0.95)
+    targets = (advantages + batch["values"]) / 4.0
+    with torch.no_grad():
+        expected = (learner.model.value(learner.normalizer(batch["start_obs"])) - targets).square().mean()
+    optimizer = torch.optim.Adam(learner.actor_params + learner.critic_params, lr=1e-3)
+    # one epoch, one minibatch of all 40 samples: the logged value loss is the one before the step
+    stats = proximal_update(learner.model, learner.normalizer, optimizer, learner.actor_params, batch, gamma=0.99,
+                            lam=0.95, epochs=1, minibatch_size=40, clip_range=0.2, entropy_coef=0.0,
+                            optimizer_spec=OptimizerSpec(), critic_params=learner.critic_params, value_scale=4.0)
+    assert stats["proximal_value_loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert stats["proximal_grad_steps"] == 1 and stats["proximal_skipped_steps"] == 0
+
+
+def test_fit_value_divides_its_targets_by_the_value_scale(tmp_path):
+    config = small_config(tmp_path, POINT_MASS, "critic", **{"algo_params.value_scaling": True,
+                                                            "algo_params.critic_epochs": 1,
+                                                            "algo_params.critic_minibatches": 1})
+    learner, envs, params = make_learner(config)
+    learner.return_scale.var = 9.0 - learner.return_scale.epsilon  # scale 3
+    obs, targets = envs.obs, torch.tensor([3.0, -6.0, 9.0, 0.0])
+    with torch.no_grad():
+        expected = (learner.model.value(learner.normalizer(obs)) - targets / 3.0).square().mean()
+    assert fit_value(learner, obs, targets, params, config) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_an_env_left_out_passes_nothing_to_the_steps_before_it():
+    learner, batch = _batch()
+    clean = {k: v.clone() for k, v in batch.items()}
+    # env 1 diverges in the second segment (steps 5-9): NaN rewards there, and it is left out
+    batch["rewards"][5:, 1] = math.nan
+    batch["valid"][5:, 1] = False
+    # what its first segment's advantages must be: that segment alone, closed by its next value
+    alone = gae_advantages(clean["rewards"][:5], clean["values"][:5], clean["next_values"][:5], clean["terminated"][:5],
+                           clean["truncated"][:5] | (torch.arange(5) == 4)[:, None], 0.99, 0.95)
+    advantages = gae_advantages(clean["rewards"], clean["values"], clean["next_values"], clean["terminated"],
+                                clean["truncated"], 0.99, 0.95)
+    advantages[:5, 1] = alone[:, 1]
+    keep = batch["valid"]
+    targets = (advantages + clean["values"])[keep]
+    with torch.no_grad():
+        expected = (learner.model.value(learner.normalizer(clean["start_obs"][keep])) - targets).square().mean()
+    optimizer = torch.optim.Adam(learner.actor_params + learner.critic_params, lr=1e-3)
+    # one minibatch of the 35 kept samples: the logged value loss is the one before the step
+    stats = proximal_update(learner.model, learner.normalizer, optimizer, learner.actor_params, batch, gamma=0.99,
+                            lam=0.95, epochs=1, minibatch_size=64, clip_range=0.2, entropy_coef=0.0,
+                            optimizer_spec=OptimizerSpec(), critic_params=learner.critic_params)
+    assert math.isfinite(stats["proximal_loss"])
+    assert stats["proximal_value_loss"] == pytest.approx(float(expected), rel=1e-5)

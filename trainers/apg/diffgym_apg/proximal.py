@@ -112,11 +112,12 @@ class ProximalBuffer:
         return sum(int(s["rewards"].shape[0]) for s in self.segments)
 
     def add(self, model: ActorCritic, normalizer: ObservationNormalizer, segment: Any, valid: torch.Tensor,
-            reward_scale: float = 1.0) -> None:
+            value_scale: float = 1.0) -> None:
         """Keep a segment; call it right after the unroll, before any policy or value step, so the
         log-probabilities are those of the policy that drew the actions and the values those of a value
         network not yet fitted to these very returns (fitted first, it would explain part of every
-        advantage away). ``valid`` (N,) marks the envs whose segment is finite (the others are left out
+        advantage away). Rewards and values are kept in return units (the network's outputs times
+        ``value_scale``). ``valid`` (N,) marks the envs whose segment is finite (the others are left out
         of the clipped epochs)."""
         with torch.no_grad():
             old_log_prob = model.distribution(segment.obs_normalized).log_prob(segment.pre_squash).sum(-1)
@@ -124,9 +125,9 @@ class ProximalBuffer:
             next_values = model.value(normalizer(torch.where(torch.isfinite(next_obs), next_obs, 0.0)))
             self.segments.append({
                 "obs_normalized": segment.obs_normalized.detach(), "pre_squash": segment.pre_squash.detach(),
-                "old_log_prob": old_log_prob, "values": model.value(segment.obs_normalized),
-                "next_values": next_values, "start_obs": segment.start_obs.detach(),
-                "rewards": segment.rewards.detach() / reward_scale,
+                "old_log_prob": old_log_prob, "values": model.value(segment.obs_normalized) * value_scale,
+                "next_values": next_values * value_scale, "start_obs": segment.start_obs.detach(),
+                "rewards": segment.rewards.detach(),
                 "terminated": segment.terminated, "truncated": segment.truncated,
                 "valid": valid.expand_as(segment.terminated).clone()})
 
@@ -147,25 +148,33 @@ def proximal_update(model: ActorCritic, normalizer: ObservationNormalizer, optim
                     actor_params: list[nn.Parameter], batch: dict[str, torch.Tensor], *, gamma: float, lam: float,
                     epochs: int, minibatch_size: int, clip_range: float, entropy_coef: float,
                     optimizer_spec: OptimizerSpec, critic_params: list[nn.Parameter] | None = None,
-                    value_coef: float = 0.5) -> dict[str, float]:
+                    value_coef: float = 0.5, value_scale: float = 1.0) -> dict[str, float]:
     """Clipped-surrogate epochs on ``batch`` (from :meth:`ProximalBuffer.take`); returns the statistics.
 
     Advantages are GAE over the batch's contiguous steps, from the values recorded at collection (as SB3
     and CleanRL compute them), normalized per minibatch. With ``critic_params`` each minibatch step is
     PPO's joint step: ``surrogate + value_coef * MSE(V, GAE return)``, one gradient clip over actor and
-    critic together, one ``optimizer`` over both (it must hold both). Returns the mean losses, clip
-    fraction, approximate KL and the number of gradient steps taken (non-finite steps are skipped)."""
+    critic together, one ``optimizer`` over both (it must hold both); its targets are the returns divided
+    by the current ``value_scale`` (the batch holds return units). A step whose gradient is not finite is
+    skipped. Returns the mean losses, clip fraction, approximate KL, the minibatch steps taken and how
+    many of them were skipped.
+
+    Steps of envs left out (``valid`` false) neither get advantages nor pass anything to the steps
+    before them: their TD errors are zero, so the last kept step's advantage is closed by its own next
+    value, as at a truncation."""
     with torch.no_grad():
-        value_inputs = normalizer(batch["start_obs"])
-        values = batch["values"]
-        advantages = gae_advantages(batch["rewards"], values, batch["next_values"], batch["terminated"],
-                                    batch["truncated"], gamma, lam)
-        keep = batch["valid"] & torch.isfinite(advantages)
+        valid = batch["valid"]
+        values = torch.where(valid, batch["values"], 0.0)
+        rewards = torch.where(valid, batch["rewards"], 0.0)
+        next_values = torch.where(valid, batch["next_values"], 0.0)
+        advantages = gae_advantages(rewards, values, next_values, batch["terminated"], batch["truncated"], gamma, lam)
+        keep = valid & torch.isfinite(advantages)
         obs, pre_squash = batch["obs_normalized"][keep], batch["pre_squash"][keep]
         old_log_prob, advantages = batch["old_log_prob"][keep], advantages[keep]
-        value_inputs, returns = value_inputs[keep], advantages + values[keep]
+        value_inputs = normalizer(batch["start_obs"][keep])
+        returns = (advantages + values[keep]) / value_scale
     parameters = actor_params + (critic_params or [])
-    losses, value_losses, clip_fractions, kls, steps = [], [], [], [], 0
+    losses, value_losses, clip_fractions, kls, steps, skipped = [], [], [], [], 0, 0
     for _ in range(epochs):
         order = torch.randperm(advantages.numel(), device=advantages.device)
         for index in order.split(minibatch_size):
@@ -185,9 +194,11 @@ def proximal_update(model: ActorCritic, normalizer: ObservationNormalizer, optim
                 value_losses.append(float(value_loss.detach()))
             optimizer.zero_grad(set_to_none=True)
             total.backward(inputs=parameters)
+            steps += 1
             if math.isfinite(clip_gradients(parameters, optimizer_spec)):
                 optimizer.step()
-                steps += 1
+            else:
+                skipped += 1
             with torch.no_grad():
                 log_ratio = log_prob.detach() - old_log_prob[index]
                 kls.append(float(((log_ratio.exp() - 1.0) - log_ratio).mean()))  # the k3 estimator
@@ -200,4 +211,5 @@ def proximal_update(model: ActorCritic, normalizer: ObservationNormalizer, optim
 
     return {"proximal_loss": mean(losses), "proximal_clip_fraction": mean(clip_fractions),
             "proximal_approx_kl": mean(kls), "proximal_grad_steps": float(steps),
+            "proximal_skipped_steps": float(skipped),
             **({"proximal_value_loss": mean(value_losses)} if critic_params else {})}

@@ -57,7 +57,7 @@ class APGParams:
     bootstrap: str = "critic"
     """Tail estimate closing each segment and each truncated episode: ``none``, ``mc`` or ``critic``."""
     estimator: str = "analytic"
-    """Policy-gradient estimator: ``analytic``, ``likelihood`` or ``hybrid`` (``ESTIMATORS``)."""
+    """Policy-gradient estimator: ``analytic``, ``likelihood``, ``hybrid`` or ``proximal`` (``ESTIMATORS``)."""
     gamma: float = 0.99
     """Discount factor of the return (in the actor loss and in the value targets)."""
     td_lambda: float = 0.95
@@ -119,7 +119,7 @@ class APGParams:
         if self.adaptive and not 1 <= self.min_segment_length <= self.max_segment_length:
             raise ValueError(f"need 1 <= min_segment_length <= max_segment_length, got "
                              f"{self.min_segment_length} and {self.max_segment_length}")
-        if self.adaptive and self.estimator == "likelihood":
+        if self.adaptive and self.estimator in ("likelihood", "proximal"):
             raise ValueError("segment_length 'adaptive' compares the analytic gradient with the likelihood ratio: "
                              "it needs estimator 'analytic' or 'hybrid'")
         if not self.adaptive and self.segment_length < 1:
@@ -136,17 +136,27 @@ class APGParams:
             raise ValueError(f"proximal_epochs must be >= 0 (0: off), got {self.proximal_epochs}")
         if self.estimator == "proximal" and self.proximal_epochs == 0:
             raise ValueError("estimator 'proximal' learns from the clipped epochs alone: set proximal_epochs >= 1")
-        if self.adaptive and self.estimator == "proximal":
-            raise ValueError("segment_length 'adaptive' compares the analytic gradient with the likelihood ratio: "
-                             "it needs estimator 'analytic' or 'hybrid'")
-        if self.proximal_horizon < 1 or self.proximal_minibatch_size < 2:
-            raise ValueError(f"need proximal_horizon >= 1 and proximal_minibatch_size >= 2, got "
-                             f"{self.proximal_horizon} and {self.proximal_minibatch_size}")
-        if not ((self.proximal_lr is None or self.proximal_lr > 0) and self.clip_range > 0
-                and 0.0 <= self.gae_lambda <= 1.0 and self.entropy_coef >= 0 and self.proximal_value_coef >= 0):
-            raise ValueError(f"need proximal_lr > 0, clip_range > 0, 0 <= gae_lambda <= 1, entropy_coef >= 0 and "
-                             f"proximal_value_coef >= 0; got {self.proximal_lr}, {self.clip_range}, {self.gae_lambda}, "
-                             f"{self.entropy_coef} and {self.proximal_value_coef}")
+        if self.proximal_value_fit and self.proximal_epochs == 0:
+            raise ValueError("proximal_value_fit fits the value network in the proximal steps: set proximal_epochs >= 1")
+        if self.proximal and self.bootstrap == "none" and not self.proximal_value_fit:
+            raise ValueError("the proximal path's advantages need a fitted value network: set proximal_value_fit "
+                             "or bootstrap 'mc' or 'critic'")
+        if self.value_scaling and self.bootstrap == "none" and not self.proximal:
+            raise ValueError("value_scaling scales the value network, which bootstrap 'none' without the proximal "
+                             "path does not use")
+        for name, value, bound in (("proximal_horizon", self.proximal_horizon, 1),
+                                   ("proximal_minibatch_size", self.proximal_minibatch_size, 2)):
+            if value < bound:
+                raise ValueError(f"{name} must be >= {bound}, got {value}")
+        if self.proximal_lr is not None and self.proximal_lr <= 0:
+            raise ValueError(f"proximal_lr must be > 0 (or None: the shared optimizer.lr), got {self.proximal_lr}")
+        if self.clip_range <= 0:
+            raise ValueError(f"clip_range must be > 0, got {self.clip_range}")
+        if not 0.0 <= self.gae_lambda <= 1.0:
+            raise ValueError(f"gae_lambda must be in [0, 1], got {self.gae_lambda}")
+        for name, value in (("entropy_coef", self.entropy_coef), ("proximal_value_coef", self.proximal_value_coef)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
 
     @property
     def adaptive(self) -> bool:
@@ -423,6 +433,8 @@ def apg_update(learner: Learner, envs: EnvBatch, params: APGParams, config: Trai
     if params.proximal:  # kept with the log-probabilities of the policy that drew its actions
         finite = ~segment.diverged & torch.isfinite(segment.rewards.detach()).all(dim=0)
         learner.proximal_buffer.add(model, normalizer, segment, finite, learner.value_scale)
+        if params.estimator == "proximal":  # no segment step counts them (policy_gradient does otherwise)
+            learner.masked_envs += int((~finite).sum())
 
     # 2-3. The actor loss -(discounted rewards + gamma^len * V(boundary obs)) / (N K) and its gradient as
     #    the estimator says (exact through the simulator, likelihood ratio, or their mix); diverged envs
@@ -478,9 +490,10 @@ def apg_update(learner: Learner, envs: EnvBatch, params: APGParams, config: Trai
             minibatch_size=params.proximal_minibatch_size, clip_range=params.clip_range,
             entropy_coef=params.entropy_coef, optimizer_spec=config.optimizer,
             critic_params=learner.critic_params if params.proximal_value_fit else None,
-            value_coef=params.proximal_value_coef)
+            value_coef=params.proximal_value_coef, value_scale=learner.value_scale)
         stats.update(proximal)
-        policy_steps += int(proximal["proximal_grad_steps"])
+        policy_steps += int(proximal["proximal_grad_steps"])  # counted even when skipped, as above
+        learner.skipped_updates += int(proximal["proximal_skipped_steps"])
         if params.proximal_value_fit:  # the joint steps are value-network steps as well
             learner.critic_grad_steps += int(proximal["proximal_grad_steps"])
 
