@@ -74,13 +74,12 @@ def test_buffer_keeps_the_log_probabilities_of_the_policy_that_acted():
     learner.model.log_std.data.sub_(1.0)
     expected = learner.model.distribution(segment.obs_normalized).log_prob(segment.pre_squash).sum(-1)
     torch.testing.assert_close(batch["old_log_prob"], expected.detach())
-    # values of the value network before any fit on these returns, in return units (x value_scale):
-    # V(o_t) and V(o_{t+1}) (pre-reset); rewards as they came
+    # values of the value network before any fit on these returns, in its units: V(o_t) and V(o_{t+1})
+    # (pre-reset); rewards divided by the value scale at collection
     with torch.no_grad():
-        torch.testing.assert_close(batch["values"], 2.0 * learner.model.value(segment.obs_normalized))
-        torch.testing.assert_close(batch["next_values"],
-                                   2.0 * learner.model.value(learner.normalizer(segment.next_obs)))
-    torch.testing.assert_close(batch["rewards"], segment.rewards)
+        torch.testing.assert_close(batch["values"], learner.model.value(segment.obs_normalized))
+        torch.testing.assert_close(batch["next_values"], learner.model.value(learner.normalizer(segment.next_obs)))
+    torch.testing.assert_close(batch["rewards"], segment.rewards / 2.0)
     assert batch["valid"][:, 2].logical_not().all() and batch["valid"][:, [0, 1, 3]].all()
 
 
@@ -210,18 +209,18 @@ def _batch(seed: int = 0, value_scale: float = 1.0):
     return learner, buffer.take()
 
 
-def test_the_joint_value_loss_targets_the_gae_returns_in_value_network_units():
+def test_the_joint_value_loss_targets_the_gae_returns():
     learner, batch = _batch(value_scale=4.0)
     advantages = gae_advantages(batch["rewards"], batch["values"], batch["next_values"], batch["terminated"],
                                 batch["truncated"], 0.99, 0.95)
-    targets = (advantages + batch["values"]) / 4.0
+    targets = advantages + batch["values"]
     with torch.no_grad():
         expected = (learner.model.value(learner.normalizer(batch["start_obs"])) - targets).square().mean()
     optimizer = torch.optim.Adam(learner.actor_params + learner.critic_params, lr=1e-3)
     # one epoch, one minibatch of all 40 samples: the logged value loss is the one before the step
     stats = proximal_update(learner.model, learner.normalizer, optimizer, learner.actor_params, batch, gamma=0.99,
                             lam=0.95, epochs=1, minibatch_size=40, clip_range=0.2, entropy_coef=0.0,
-                            optimizer_spec=OptimizerSpec(), critic_params=learner.critic_params, value_scale=4.0)
+                            optimizer_spec=OptimizerSpec(), critic_params=learner.critic_params)
     assert stats["proximal_value_loss"] == pytest.approx(float(expected), rel=1e-5)
     assert stats["proximal_grad_steps"] == 1 and stats["proximal_skipped_steps"] == 0
 

@@ -116,18 +116,20 @@ class ProximalBuffer:
         """Keep a segment; call it right after the unroll, before any policy or value step, so the
         log-probabilities are those of the policy that drew the actions and the values those of a value
         network not yet fitted to these very returns (fitted first, it would explain part of every
-        advantage away). Rewards and values are kept in return units (the network's outputs times
-        ``value_scale``). ``valid`` (N,) marks the envs whose segment is finite (the others are left out
-        of the clipped epochs)."""
+        advantage away). Rewards are kept divided by ``value_scale`` as it is now, values as the network
+        gives them: both in the value network's units, as SB3's ``VecNormalize`` scales each reward when
+        it is collected (the alternative, dividing by the scale at the update, is measured in
+        ``docs/apg.md``). ``valid`` (N,) marks the envs whose segment is finite (the others are left out of the clipped
+        epochs)."""
         with torch.no_grad():
             old_log_prob = model.distribution(segment.obs_normalized).log_prob(segment.pre_squash).sum(-1)
             next_obs = segment.next_obs.detach()
             next_values = model.value(normalizer(torch.where(torch.isfinite(next_obs), next_obs, 0.0)))
             self.segments.append({
                 "obs_normalized": segment.obs_normalized.detach(), "pre_squash": segment.pre_squash.detach(),
-                "old_log_prob": old_log_prob, "values": model.value(segment.obs_normalized) * value_scale,
-                "next_values": next_values * value_scale, "start_obs": segment.start_obs.detach(),
-                "rewards": segment.rewards.detach(),
+                "old_log_prob": old_log_prob, "values": model.value(segment.obs_normalized),
+                "next_values": next_values, "start_obs": segment.start_obs.detach(),
+                "rewards": segment.rewards.detach() / value_scale,
                 "terminated": segment.terminated, "truncated": segment.truncated,
                 "valid": valid.expand_as(segment.terminated).clone()})
 
@@ -148,15 +150,14 @@ def proximal_update(model: ActorCritic, normalizer: ObservationNormalizer, optim
                     actor_params: list[nn.Parameter], batch: dict[str, torch.Tensor], *, gamma: float, lam: float,
                     epochs: int, minibatch_size: int, clip_range: float, entropy_coef: float,
                     optimizer_spec: OptimizerSpec, critic_params: list[nn.Parameter] | None = None,
-                    value_coef: float = 0.5, value_scale: float = 1.0) -> dict[str, float]:
+                    value_coef: float = 0.5) -> dict[str, float]:
     """Clipped-surrogate epochs on ``batch`` (from :meth:`ProximalBuffer.take`); returns the statistics.
 
     Advantages are GAE over the batch's contiguous steps, from the values recorded at collection (as SB3
     and CleanRL compute them), normalized per minibatch. With ``critic_params`` each minibatch step is
     PPO's joint step: ``surrogate + value_coef * MSE(V, GAE return)``, one gradient clip over actor and
-    critic together, one ``optimizer`` over both (it must hold both); its targets are the returns divided
-    by the current ``value_scale`` (the batch holds return units). A step whose gradient is not finite is
-    skipped. Returns the mean losses, clip fraction, approximate KL, the minibatch steps taken and how
+    critic together, one ``optimizer`` over both (it must hold both); the batch is in the value network's
+    units (``ProximalBuffer.add``). A step whose gradient is not finite is skipped. Returns the mean losses, clip fraction, approximate KL, the minibatch steps taken and how
     many of them were skipped.
 
     Steps of envs left out (``valid`` false) neither get advantages nor pass anything to the steps
@@ -172,7 +173,7 @@ def proximal_update(model: ActorCritic, normalizer: ObservationNormalizer, optim
         obs, pre_squash = batch["obs_normalized"][keep], batch["pre_squash"][keep]
         old_log_prob, advantages = batch["old_log_prob"][keep], advantages[keep]
         value_inputs = normalizer(batch["start_obs"][keep])
-        returns = (advantages + values[keep]) / value_scale
+        returns = advantages + values[keep]
     parameters = actor_params + (critic_params or [])
     losses, value_losses, clip_fractions, kls, steps, skipped = [], [], [], [], 0, 0
     for _ in range(epochs):

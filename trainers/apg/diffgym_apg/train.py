@@ -490,7 +490,7 @@ def apg_update(learner: Learner, envs: EnvBatch, params: APGParams, config: Trai
             minibatch_size=params.proximal_minibatch_size, clip_range=params.clip_range,
             entropy_coef=params.entropy_coef, optimizer_spec=config.optimizer,
             critic_params=learner.critic_params if params.proximal_value_fit else None,
-            value_coef=params.proximal_value_coef, value_scale=learner.value_scale)
+            value_coef=params.proximal_value_coef)
         stats.update(proximal)
         policy_steps += int(proximal["proximal_grad_steps"])  # counted even when skipped, as above
         learner.skipped_updates += int(proximal["proximal_skipped_steps"])
