@@ -157,8 +157,10 @@ def proximal_update(model: ActorCritic, normalizer: ObservationNormalizer, optim
     and CleanRL compute them), normalized per minibatch. With ``critic_params`` each minibatch step is
     PPO's joint step: ``surrogate + value_coef * MSE(V, GAE return)``, one gradient clip over actor and
     critic together, one ``optimizer`` over both (it must hold both); the batch is in the value network's
-    units (``ProximalBuffer.add``). A step whose gradient is not finite is skipped. Returns the mean losses, clip fraction, approximate KL, the minibatch steps taken and how
-    many of them were skipped.
+    units (``ProximalBuffer.add``); the value fit's inputs are normalized with the current statistics,
+    those the value network is used with next. A step whose gradient is not finite is skipped. Returns
+    the mean losses, clip fraction, approximate KL, the minibatch steps taken and how many of them were
+    skipped.
 
     Steps of envs left out (``valid`` false) neither get advantages nor pass anything to the steps
     before them: their TD errors are zero, so the last kept step's advantage is closed by its own next
