@@ -183,7 +183,7 @@ def test_value_scaling_keeps_every_value_in_return_units(tmp_path):
     config = small_config(tmp_path, POINT_MASS, "critic", **{**PROXIMAL, "algo_params.value_scaling": True,
                                                             "algo_params.proximal_value_fit": True})
     learner, envs, params = make_learner(config)
-    learner.return_scale.var = 16.0 - learner.return_scale.epsilon  # scale 4
+    learner.return_scale.stats.var.fill_(16.0 - learner.return_scale.stats.spec.epsilon)  # scale 4
     obs = envs.obs
     network = learner.model.value(learner.normalizer(obs))
     with torch.no_grad():
@@ -230,7 +230,7 @@ def test_fit_value_divides_its_targets_by_the_value_scale(tmp_path):
                                                             "algo_params.critic_epochs": 1,
                                                             "algo_params.critic_minibatches": 1})
     learner, envs, params = make_learner(config)
-    learner.return_scale.var = 9.0 - learner.return_scale.epsilon  # scale 3
+    learner.return_scale.stats.var.fill_(9.0 - learner.return_scale.stats.spec.epsilon)  # scale 3
     obs, targets = envs.obs, torch.tensor([3.0, -6.0, 9.0, 0.0])
     with torch.no_grad():
         expected = (learner.model.value(learner.normalizer(obs)) - targets / 3.0).square().mean()

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffgym.training import ActorCritic, ObservationNormalizer, OptimizerSpec, clip_gradients
+from diffgym.training import ActorCritic, NormalizerSpec, ObservationNormalizer, OptimizerSpec, clip_gradients
 
 BUFFER_FIELDS = ("obs_normalized", "pre_squash", "old_log_prob", "values", "next_values", "start_obs", "rewards",
                  "terminated", "truncated", "valid")
@@ -65,16 +65,18 @@ def clipped_surrogate_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, a
 class ReturnScale:
     """A running standard deviation of the discounted return, the scale SB3's ``VecNormalize`` divides
     rewards by: every env accumulates ``ret <- gamma * ret + r`` (restarted after an episode end), and
-    the variance of all ``ret`` values seen so far is kept with Chan et al.'s parallel update."""
+    the variance of all ``ret`` values seen so far is kept by the shared running statistics
+    (:class:`ObservationNormalizer`'s update, over a one-dimensional "observation")."""
 
     def __init__(self, num_envs: int, gamma: float, epsilon: float = 1e-8):
-        self.gamma, self.epsilon = gamma, epsilon
+        self.gamma = gamma
         self.returns = torch.zeros(num_envs, dtype=torch.float64)
-        self.mean, self.var, self.count = 0.0, 1.0, epsilon
+        self.stats = ObservationNormalizer(1, NormalizerSpec(epsilon=epsilon))
+        self.stats.count.fill_(epsilon)  # SB3's prior: variance 1 with weight epsilon
 
     @property
     def scale(self) -> float:
-        return math.sqrt(self.var + self.epsilon)
+        return math.sqrt(float(self.stats.var) + self.stats.spec.epsilon)
 
     def update(self, rewards: torch.Tensor, done: torch.Tensor) -> None:
         """Fold a segment's ``rewards`` / ``done`` ``(K, N)`` in (non-finite rewards count as zero)."""
@@ -85,19 +87,14 @@ class ReturnScale:
             self.returns = self.gamma * self.returns + rewards[t]
             seen.append(self.returns.clone())
             self.returns = torch.where(done[t], 0.0, self.returns)
-        batch = torch.stack(seen).flatten()
-        n, mean, var = batch.numel(), float(batch.mean()), float(batch.var(unbiased=False))
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean += delta * n / total
-        self.var = (self.var * self.count + var * n + delta ** 2 * self.count * n / total) / total
-        self.count = total
+        self.stats.update(torch.stack(seen).reshape(-1, 1))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"returns": self.returns, "mean": self.mean, "var": self.var, "count": self.count}
+        return {"returns": self.returns, "stats": self.stats.state_dict()}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
-        self.returns, self.mean, self.var, self.count = saved["returns"], saved["mean"], saved["var"], saved["count"]
+        self.returns = saved["returns"]
+        self.stats.load_state_dict(saved["stats"])
 
 
 class ProximalBuffer:
