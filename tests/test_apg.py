@@ -120,6 +120,8 @@ def test_monte_carlo_returns_are_emitted_once_when_episodes_end():
 
 # ------------------------------------------------------------------------------------ helpers
 def small_config(tmp_path: Path, env_id: str, bootstrap: str, name: str = "run", **changes) -> TrainConfig:
+    if bootstrap == "value":  # the value network the proximal path fits (no proximal update within 32 steps)
+        changes = {"algo_params.proximal_epochs": 1, "algo_params.proximal_value_fit": True, **changes}
     overrides = {"num_envs": 4, "total_env_steps": 2 * 4 * 4, "eval_every_env_steps": 10**6, "eval_episodes": 2,
                  "algo_params.segment_length": 4, "algo_params.bootstrap": bootstrap,
                  "algo_params.critic_epochs": 1, "algo_params.critic_minibatches": 2,

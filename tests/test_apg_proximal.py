@@ -15,7 +15,7 @@ from diffgym.training.rollout import unroll
 
 from diffgym.training import OptimizerSpec
 from diffgym_apg.proximal import ProximalBuffer, ReturnScale, clipped_surrogate_loss, gae_advantages, proximal_update
-from diffgym_apg.train import APGParams, fit_value, train
+from diffgym_apg.train import APGParams, apg_update, fit_value, train
 
 from tests.test_apg import (POINT_MASS, latest_checkpoint, make_learner, pieces, random_segment, read_metrics,
                             small_config, straight_checkpoints)
@@ -112,6 +112,25 @@ def test_value_fit_on_the_gae_returns_counts_its_critic_steps(tmp_path):
     assert not any("proximal_value_loss" in r for r in plain)
 
 
+def test_value_bootstrap_leaves_the_value_network_to_the_joint_steps(tmp_path):
+    """``bootstrap: value``: the tail comes from the online value network, which only the proximal
+    path's joint steps move (no TD or Monte-Carlo fit of its own), and whose gradient reaches the actor."""
+    config = small_config(tmp_path, POINT_MASS, "value", **PROXIMAL)
+    learner, envs, params = make_learner(config)
+    critic_before = [p.detach().clone() for p in learner.critic_params]
+    stats = apg_update(learner, envs, params, config)  # 4 steps: the buffer holds half a horizon
+    assert "critic_loss" not in stats and learner.critic_grad_steps == 0
+    assert all(torch.equal(p, q) for p, q in zip(learner.critic_params, critic_before))
+    assert not learner.critic_optimizer.state  # the bootstrap's own Adam is never used
+    stats = apg_update(learner, envs, params, config)  # the horizon is full: 2 epochs x 32 / 8 minibatch steps
+    assert stats["proximal_grad_steps"] == 8 and learner.critic_grad_steps == 8
+    assert any(not torch.equal(p, q) for p, q in zip(learner.critic_params, critic_before))
+    # the tail is differentiable in the observation it closes, so the analytic step sees dV/ds
+    obs = envs.obs.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(learner.tail_value(obs, "value").sum(), obs)
+    assert grad.abs().sum() > 0
+
+
 def test_proximal_options_are_validated():
     config = resolve_config("apg", POINT_MASS, {"algo_params.bootstrap": "critic"})
     on = {"algo_params.proximal_epochs": 1}
@@ -128,7 +147,8 @@ def test_proximal_options_are_validated():
                           ({**on, "algo_params.entropy_coef": -0.1}, "entropy_coef must be >= 0"),
                           ({**on, "algo_params.proximal_value_coef": -1.0}, "proximal_value_coef must be >= 0"),
                           ({**on, "algo_params.estimator": "proximal", "algo_params.segment_length": "adaptive"},
-                           "adaptive")):
+                           "adaptive"),
+                          ({**on, "algo_params.bootstrap": "value"}, "bootstrap 'value' takes the tail")):
         with pytest.raises(ValueError, match=match):
             APGParams.from_config(config.with_overrides(change))
     APGParams.from_config(config.with_overrides({**on, "algo_params.value_scaling": True}))  # a valid one
@@ -191,6 +211,7 @@ def test_value_scaling_keeps_every_value_in_return_units(tmp_path):
     torch.testing.assert_close(learner.value(learner.normalizer(obs)), 4.0 * network)
     torch.testing.assert_close(learner.tail_value(obs, "critic"), 4.0 * network)
     torch.testing.assert_close(learner.tail_value(obs, "mc"), 4.0 * network)
+    torch.testing.assert_close(learner.tail_value(obs, "value"), 4.0 * network)
     # and a run with it trains, its scale following the returns
     rows = [r for r in read_metrics(train(config, progress=False)) if "segment_length" in r]
     assert all(math.isfinite(r["proximal_value_loss"]) for r in rows if "proximal_loss" in r)

@@ -1,7 +1,8 @@
 """DiffGym's Analytic Policy Gradient trainer plugin (``diffgym train --algo apg``).
 
 Backpropagates returns through ``differentiable_step`` in segments whose tails are bootstrapped by
-nothing, a Monte-Carlo value network, or a TD(lambda) critic (``docs/apg.md``).
+nothing, a Monte-Carlo value network, a TD(lambda) critic, or the value network of the optional
+proximal (clipped-surrogate) path (``docs/apg.md``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class APGTrainer:
     description = "Analytic Policy Gradients: segmented backpropagation through the simulator (none/mc/critic bootstrap)"
     cli_flags = {
         "segment-length": "K, steps backpropagated per update, or 'adaptive' (same as --param segment_length=K)",
-        "bootstrap": "segment tail: none, mc or critic (same as --param bootstrap=MODE)",
+        "bootstrap": "segment tail: none, mc, critic or value (same as --param bootstrap=MODE)",
         "estimator": "policy gradient: analytic, likelihood or hybrid (same as --param estimator=NAME)",
     }
     ablation_grid = {"segment_length": "4,8,16,32,64,full", "bootstrap": "none,mc,critic"}
@@ -52,7 +53,7 @@ class APGTrainer:
         return {
             "num_envs": trial.suggest_categorical("num_envs", [4, 8, 16, 32, 64, 128]),
             "algo_params.segment_length": segment if segment == "adaptive" else int(segment),
-            "algo_params.bootstrap": trial.suggest_categorical("bootstrap", list(BOOTSTRAP_MODES)),
+            "algo_params.bootstrap": trial.suggest_categorical("bootstrap", ["none", "mc", "critic"]),  # value: proximal only
             "algo_params.estimator": trial.suggest_categorical("estimator", ["analytic", "hybrid"]),
             "algo_params.gamma": trial.suggest_categorical("gamma", [0.97, 0.99, 0.995]),
         }

@@ -39,8 +39,9 @@ TENSORBOARD_TAGS = {"policy_std": "policy/std", "actor_loss": "losses/actor_loss
                     "grad_norm": "losses/grad_norm", "train_episode_return": "rollout/episode_return"}
 """APG's logged names under the shared TensorBoard tags (``docs/protocol.md``)."""
 
-BOOTSTRAP_MODES = ("none", "mc", "critic")
-"""How a segment's tail is estimated: nothing, a Monte-Carlo value network, or a TD(lambda) critic."""
+BOOTSTRAP_MODES = ("none", "mc", "critic", "value")
+"""How a segment's tail is estimated: nothing, a Monte-Carlo value network, a TD(lambda) critic, or the
+value network as the proximal path's joint steps alone fit it (``value``: no fit of its own)."""
 ESTIMATORS = ("analytic", "likelihood", "hybrid", "proximal")
 """How the policy gradient is estimated from a segment: through the simulator (first order), by the
 likelihood ratio (zeroth order, REINFORCE with a baseline), or their alpha-order combination; ``proximal``
@@ -55,7 +56,9 @@ class APGParams:
     ``adaptive``: chosen every update between ``min_segment_length`` and ``max_segment_length`` from the
     analytic gradient's variance relative to the likelihood ratio's (:class:`AdaptiveSegmentLength`)."""
     bootstrap: str = "critic"
-    """Tail estimate closing each segment and each truncated episode: ``none``, ``mc`` or ``critic``."""
+    """Tail estimate closing each segment and each truncated episode: ``none``, ``mc``, ``critic`` or
+    ``value`` (the value network fitted only by the proximal path's joint steps; needs
+    ``proximal_value_fit``). ``mc`` and ``critic`` fit the value network themselves, after every segment."""
     estimator: str = "analytic"
     """Policy-gradient estimator: ``analytic``, ``likelihood``, ``hybrid`` or ``proximal`` (``ESTIMATORS``)."""
     gamma: float = 0.99
@@ -138,6 +141,9 @@ class APGParams:
             raise ValueError("estimator 'proximal' learns from the clipped epochs alone: set proximal_epochs >= 1")
         if self.proximal_value_fit and self.proximal_epochs == 0:
             raise ValueError("proximal_value_fit fits the value network in the proximal steps: set proximal_epochs >= 1")
+        if self.bootstrap == "value" and not self.proximal_value_fit:
+            raise ValueError("bootstrap 'value' takes the tail from the value network the proximal path fits: "
+                             "set proximal_epochs >= 1 and proximal_value_fit")
         if self.proximal and self.bootstrap == "none" and not self.proximal_value_fit:
             raise ValueError("the proximal path's advantages need a fitted value network: set proximal_value_fit "
                              "or bootstrap 'mc' or 'critic'")
@@ -296,7 +302,7 @@ class Learner:
         """V of (unnormalized, differentiable) observations ``(..., D)`` as the bootstrap mode says."""
         if bootstrap == "none":
             return torch.zeros(obs.shape[:-1], dtype=obs.dtype, device=obs.device)
-        critic = self.target_critic if bootstrap == "critic" else self.model.critic
+        critic = self.target_critic if bootstrap == "critic" else self.model.critic  # mc, value: the online net
         return critic(self.normalizer(obs)).squeeze(-1) * self.value_scale
 
     def state_dict(self) -> dict[str, Any]:
@@ -470,7 +476,7 @@ def apg_update(learner: Learner, envs: EnvBatch, params: APGParams, config: Trai
         elif params.bootstrap == "mc":
             value_obs, value_targets = learner.mc_returns.add(segment.start_obs, rewards,
                                                               segment.terminated | segment.truncated)
-        else:
+        else:  # none: no value network; value: the proximal path's joint steps fit it (step 7)
             value_obs = value_targets = None
     critic_loss = fit_value(learner, value_obs, value_targets, params, config)
     if params.bootstrap == "critic":
