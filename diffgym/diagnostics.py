@@ -50,11 +50,18 @@ def default_horizons(env_id: str) -> list[int]:
 
 
 def _rollout_gradients(venv, model: ActorCritic, normalizer: ObservationNormalizer, seeds: list[int],
-                       horizon: int, gamma: float) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Per-env analytic and likelihood-ratio gradients ``(M, P)`` of the ``horizon``-step return."""
+                       horizon: int, gamma: float, start_after: int = 0
+                       ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Per-env analytic and likelihood-ratio gradients ``(M, P)`` of the ``horizon``-step return, measured
+    from the reset state or, with ``start_after`` W, from where the policy's deterministic actions have
+    taken it after W steps (the same state for every rollout of one start: the dynamics are deterministic)."""
     obs, _ = venv.reset(seed=seeds)
     state = venv.get_state()
     obs = torch.as_tensor(obs, dtype=torch.float32)
+    with torch.no_grad():
+        for _ in range(start_after):
+            out = venv.differentiable_step(state, model.act(normalizer(obs), deterministic=True))
+            state, obs = out.state, out.obs
     num_envs = len(seeds)
     alive = torch.ones(num_envs, dtype=torch.bool)
     rewards, actions, obs_norm, noises, pre_squash = [], [], [], [], []
@@ -94,7 +101,7 @@ def _rollout_gradients(venv, model: ActorCritic, normalizer: ObservationNormaliz
 
 def gradient_stats(env_id: str, horizons: Sequence[int] | None = None, num_envs: int = 64, samples: int = 4,
                    policy: str | Path | None = None, seed: int = 0, gamma: float | None = None,
-                   env_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                   env_kwargs: dict[str, Any] | None = None, start_after: int = 0) -> list[dict[str, Any]]:
     """One row per horizon: both estimators' statistics and their comparison.
 
     ``num_envs`` start states (the task's reset distribution), each rolled out ``samples`` times with
@@ -102,11 +109,17 @@ def gradient_stats(env_id: str, horizons: Sequence[int] | None = None, num_envs:
     a run directory (its latest checkpoint) or ``None`` for the freshly initialised shared actor-critic
     (``PolicySpec`` defaults, seeded by ``seed``). Gradients are with respect to the actor's parameters
     (MLP and log-std) of the ``h``-step discounted return ``sum_{t<h} gamma^t r_t`` (``gamma``: the
-    policy's own ``algo_params.gamma`` when it has one, else 0.99).
+    policy's own ``algo_params.gamma`` when it has one, else 0.99). ``start_after`` W measures from the
+    states the policy's deterministic actions reach in W steps instead of the reset states (for a trained
+    policy: mid-task, e.g. in contact, rather than its first approach); ``W + h`` must fit in an episode.
     """
     import diffgym  # noqa: F401  (registers the tasks)
 
     horizons = list(horizons or default_horizons(env_id))
+    episode = gym.spec(env_id).max_episode_steps
+    if start_after < 0 or (episode is not None and start_after + max(horizons) > episode):
+        raise ValueError(f"start_after must be >= 0 and start_after + horizon <= the episode length {episode}, "
+                         f"got {start_after} + {max(horizons)}")
     torch.manual_seed(seed)
     venv = gym.make_vec(env_id, num_envs=num_envs * samples, vectorization_mode="vector_entry_point",
                         **(env_kwargs or {}))
@@ -131,11 +144,12 @@ def gradient_stats(env_id: str, horizons: Sequence[int] | None = None, num_envs:
         seeds = [s for s in starts for _ in range(samples)]
         rows = []
         for h in horizons:
-            analytic, likelihood, info = _rollout_gradients(venv, model, normalizer, seeds, h, gamma)
+            analytic, likelihood, info = _rollout_gradients(venv, model, normalizer, seeds, h, gamma, start_after)
             a, z = sample_statistics(analytic), sample_statistics(likelihood)
             comparison = compare_estimators(analytic, likelihood)
             alpha, _ = hybrid_weight(analytic, likelihood)
-            rows.append({"horizon": h, "rollouts": analytic.shape[0], "gamma": gamma, **info,
+            rows.append({"horizon": h, "start_after": start_after, "rollouts": analytic.shape[0], "gamma": gamma,
+                         **info,
                          "analytic_norm": a.norm, "analytic_variance": a.variance_trace,
                          "analytic_noise_to_signal": a.noise_to_signal,
                          "likelihood_norm": z.norm, "likelihood_variance": z.variance_trace,
@@ -207,6 +221,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gamma", type=float, default=None,
                         help="discount of the h-step return (default: the policy's algo_params.gamma, else 0.99)")
+    parser.add_argument("--start-after", type=int, default=0, metavar="W",
+                        help="measure from the states the policy's deterministic actions reach in W steps "
+                             "(default 0: the reset states)")
     parser.add_argument("--out", default=None, help="output directory (default runs/grad_stats/<task>)")
 
 
@@ -215,13 +232,19 @@ def main(args: argparse.Namespace) -> int:
     horizons = [int(h) for h in args.horizons.split(",")] if args.horizons else None
     if args.envs < 2 or args.samples < 1:
         raise SystemExit("diffgym grad-stats: need --envs >= 2 and --samples >= 1")
-    rows = gradient_stats(args.env, horizons, args.envs, args.samples, args.policy, args.seed, args.gamma)
+    try:
+        rows = gradient_stats(args.env, horizons, args.envs, args.samples, args.policy, args.seed, args.gamma,
+                              start_after=args.start_after)
+    except ValueError as error:
+        raise SystemExit(f"diffgym grad-stats: {error}") from None
     out = Path(args.out or Path("runs") / "grad_stats" / task_name(args.env))
     out.mkdir(parents=True, exist_ok=True)
     meta = {"env_id": args.env, "policy": args.policy or "fresh", "envs": args.envs, "samples": args.samples,
-            "seed": args.seed, "gamma": rows[0]["gamma"] if rows else args.gamma}
+            "seed": args.seed, "gamma": rows[0]["gamma"] if rows else args.gamma, "start_after": args.start_after}
     (out / "grad_stats.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     title = f"{task_name(args.env)}: {args.policy or 'fresh policy'}, {args.envs} x {args.samples} rollouts"
+    if args.start_after:
+        title += f", from step {args.start_after}"
     plot(rows, title, out / "grad_stats.png")
     print(format_table(rows))
     print(f"\nwrote {out / 'grad_stats.json'} and {out / 'grad_stats.png'}")

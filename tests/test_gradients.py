@@ -156,3 +156,33 @@ def test_grad_stats_loads_a_run_and_names_a_bad_one(tmp_path):
     assert rows[0]["analytic_norm"] > 0
     with pytest.raises(FileNotFoundError, match="config.yaml"):
         load_policy(tmp_path)
+
+
+def test_grad_stats_start_after_measures_from_where_the_deterministic_policy_is(tmp_path):
+    """``start_after`` W: the measured h-step return is the return of steps W..W+h-1 of the policy's own
+    deterministic rollout (here a policy with negligible noise, so the sampled rollout is that one)."""
+    from diffgym.cli import main
+    from diffgym.diagnostics import _rollout_gradients
+
+    env_id, seeds, start_after, horizon, gamma = "DiffGym/PointMass1D-v0", [3, 4, 5], 7, 5, 0.9
+    model, *_ = rollout(env_id)
+    with torch.no_grad():
+        model.log_std.fill_(-30.0)
+    venv = gym.make_vec(env_id, num_envs=len(seeds), vectorization_mode="vector_entry_point")
+    normalizer = ObservationNormalizer(venv.single_observation_space.shape[0], NormalizerSpec())
+    obs, _ = venv.reset(seed=seeds)
+    normalizer.update(torch.as_tensor(obs) * 2.0)
+    state, obs, rewards = venv.get_state(), torch.as_tensor(obs), []
+    with torch.no_grad():
+        for _ in range(start_after + horizon):
+            out = venv.differentiable_step(state, model.act(normalizer(obs), deterministic=True))
+            state, obs = out.state, out.obs
+            rewards.append(out.reward)
+    discount = gamma ** torch.arange(horizon, dtype=torch.float32)[:, None]
+    expected = (discount * torch.stack(rewards[start_after:])).sum(dim=0).mean()
+    _, _, info = _rollout_gradients(venv, model, normalizer, seeds, horizon, gamma, start_after=start_after)
+    _, _, from_reset = _rollout_gradients(venv, model, normalizer, seeds, horizon, gamma)
+    assert info["mean_return"] == pytest.approx(float(expected), rel=1e-5)
+    assert abs(from_reset["mean_return"] - info["mean_return"]) > 1e-3  # it did start somewhere else
+    with pytest.raises(SystemExit, match="start_after must be >= 0 and start_after \\+ horizon <= the episode"):
+        main(["grad-stats", "--env", env_id, "--horizons", "8", "--start-after", "95", "--out", str(tmp_path)])
