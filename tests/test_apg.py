@@ -20,7 +20,8 @@ from diffgym.training import TrainConfig
 
 from diffgym_apg import BOOTSTRAP_MODES, MonteCarloReturns, segment_actor_loss, td_lambda_targets
 from diffgym.training.rollout import EnvBatch, unroll
-from diffgym_apg.train import AdaptiveSegmentLength, APGParams, Learner, apg_update, policy_gradient, train
+from diffgym_apg.train import (AdaptiveSegmentLength, APGParams, Learner, apg_update, clip_env_gradients, policy_gradient,
+                              train)
 
 POINT_MASS = "DiffGym/PointMass1D-v0"
 
@@ -380,6 +381,52 @@ def test_masked_update_equals_the_update_of_the_other_envs(tmp_path):
     torch.testing.assert_close(masked, reference, rtol=1e-4, atol=1e-7)
 
 
+def test_clip_env_gradients_bounds_each_row_by_a_multiple_of_the_median_norm():
+    rows = torch.tensor([[3.0, 4.0], [0.0, 1.0], [0.0, -2.0], [30.0, 40.0], [1.0, 0.0]])  # norms 5, 1, 2, 50, 1
+    clipped, fraction = clip_env_gradients(rows, 2.0)  # median 2: bound 4
+    torch.testing.assert_close(clipped, torch.tensor([[2.4, 3.2], [0.0, 1.0], [0.0, -2.0], [2.4, 3.2], [1.0, 0.0]]))
+    assert fraction == pytest.approx(0.4)
+    unchanged, none = clip_env_gradients(rows, 100.0)
+    assert torch.equal(unchanged, rows) and none == 0.0
+
+
+def test_env_gradient_clip_steps_on_the_mean_of_the_clipped_per_env_gradients(tmp_path):
+    """With ``env_gradient_clip`` the actor's gradient is the mean of the per-env analytic gradients after
+    clipping, each env's row computed here by plain autograd of that env's own segment loss; with a
+    bound no env reaches it is the plain gradient."""
+    def step(multiple: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        config = small_config(tmp_path, POINT_MASS, "none", num_envs=5,
+                              **{"algo_params.env_gradient_clip": multiple})
+        learner, envs, params = make_learner(config)
+        start = (envs.state, envs.obs, dict(envs.seeds.bit_generator.state))
+        torch.manual_seed(5)
+        segment, _, _ = unroll(learner.model, learner.normalizer, envs, 4)
+        learner.actor_optimizer.zero_grad()
+        stats = policy_gradient(learner, segment, params)
+        gradient = torch.cat([p.grad.flatten() for p in learner.actor_params])
+        rows = []
+        for env in range(5):  # env i's share: the gradient of the loss with the other envs' rewards zeroed
+            envs.state, envs.obs, envs.seeds.bit_generator.state = start
+            torch.manual_seed(5)
+            clean, _, _ = unroll(learner.model, learner.normalizer, envs, 4)
+            only = torch.zeros_like(clean.rewards)
+            only[:, env] = 1.0
+            loss = segment_actor_loss(clean.rewards * only, torch.zeros(4, 5), clean.terminated, clean.truncated,
+                                      params.gamma) * 5
+            rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, learner.actor_params)]))
+        return gradient, torch.stack(rows), stats
+
+    gradient, rows, stats = step(1.0)
+    assert float(rows.norm(dim=1).min()) > 1e-4
+    reference, fraction = clip_env_gradients(rows, 1.0)
+    assert 0.0 < fraction < 1.0 and stats["env_gradients_clipped"] == pytest.approx(fraction)
+    torch.testing.assert_close(gradient, reference.mean(dim=0), rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(gradient, rows.mean(dim=0), rtol=1e-3, atol=1e-6)  # the clip changed it
+    plain, rows, stats = step(1e6)
+    assert stats["env_gradients_clipped"] == 0.0
+    torch.testing.assert_close(plain, rows.mean(dim=0), rtol=1e-4, atol=1e-7)
+
+
 def test_per_env_estimators_need_three_envs(tmp_path):
     for change in ({"algo_params.estimator": "hybrid"}, {"algo_params.segment_length": "adaptive"}):
         config = small_config(tmp_path, POINT_MASS, "none", num_envs=2, **change)
@@ -410,6 +457,9 @@ def test_estimator_and_segment_length_are_validated():
                           ({"algo_params.segment_length": "auto"}, "adaptive"),
                           ({"algo_params.segment_length": 0}, "segment_length"),
                           ({"algo_params.segment_length": "adaptive", "algo_params.estimator": "likelihood"}, "likelihood"),
+                          ({"algo_params.env_gradient_clip": -1.0}, "env_gradient_clip must be >= 0"),
+                          ({"algo_params.env_gradient_clip": 2.0, "algo_params.estimator": "likelihood"},
+                           "env_gradient_clip clips the per-env analytic gradients"),
                           ({"algo_params.segment_length": "adaptive", "algo_params.min_segment_length": 40,
                             "algo_params.max_segment_length": 20}, "min_segment_length")):
         with pytest.raises(ValueError, match=match):

@@ -107,6 +107,12 @@ class APGParams:
     """Fit the value network in the proximal steps as PPO does: each minibatch step minimizes
     ``surrogate + proximal_value_coef * MSE(V, GAE return)`` under one gradient clip and one Adam over the
     actor and the value network together."""
+    env_gradient_clip: float = 0.0
+    """A robust mean of the analytic gradient: each env's share of it (its row of the per-env
+    decomposition, ``diffgym.training.gradients.per_env_analytic_gradients``) is scaled down to at most
+    this multiple of the batch's median per-env norm before the mean; 0 (off) takes the plain mean.
+    Through sustained contact the per-env gradients are heavy-tailed (``docs/apg.md``), and one env
+    can set the direction of a whole batch."""
     value_scaling: bool = False
     """Let the value network predict values divided by a running std of the discounted return (SB3's
     ``VecNormalize`` reward scaling, applied to the values instead of the env): its targets are divided
@@ -122,6 +128,11 @@ class APGParams:
         if self.adaptive and not 1 <= self.min_segment_length <= self.max_segment_length:
             raise ValueError(f"need 1 <= min_segment_length <= max_segment_length, got "
                              f"{self.min_segment_length} and {self.max_segment_length}")
+        if self.env_gradient_clip < 0:
+            raise ValueError(f"env_gradient_clip must be >= 0 (0: off), got {self.env_gradient_clip}")
+        if self.env_gradient_clip > 0 and self.estimator in ("likelihood", "proximal"):
+            raise ValueError("env_gradient_clip clips the per-env analytic gradients: it needs estimator "
+                             "'analytic' or 'hybrid'")
         if self.adaptive and self.estimator in ("likelihood", "proximal"):
             raise ValueError("segment_length 'adaptive' compares the analytic gradient with the likelihood ratio: "
                              "it needs estimator 'analytic' or 'hybrid'")
@@ -361,7 +372,8 @@ def policy_gradient(learner: Learner, segment: Segment, params: APGParams) -> di
         adjoints = torch.stack([torch.zeros_like(a) if g is None else g for a, g in zip(segment.actions, adjoints)])
         valid &= torch.isfinite(adjoints).all(dim=2).all(dim=0)
         analytic = torch.where(valid[None, :, None], adjoints, torch.zeros_like(adjoints))
-    needs_samples = params.estimator == "hybrid" or learner.segment_schedule is not None
+    needs_samples = params.estimator == "hybrid" or learner.segment_schedule is not None  # both, per env
+    clips = params.env_gradient_clip > 0
     if params.estimator != "analytic" or needs_samples:
         with torch.no_grad():
             future, piece_discount = returns_to_go(rewards.detach(), next_values.detach(), segment.terminated,
@@ -386,16 +398,18 @@ def policy_gradient(learner: Learner, segment: Segment, params: APGParams) -> di
     # finite (its observations were zeroed, its adjoints and weights set to zero), so nothing leaks
     if needs_samples:
         g0 = per_env_likelihood_gradients(model, segment.obs_normalized, segment.pre_squash, likelihood)[valid] * num_envs
-        if analytic is not None:
-            g1 = per_env_analytic_gradients(model, segment.obs_normalized, segment.noise, analytic)[valid] * num_envs
-            if learner.segment_schedule is not None:
-                stats["variance_ratio"] = learner.segment_schedule.observe(g1, g0)
+    if analytic is not None and (needs_samples or clips):
+        g1 = per_env_analytic_gradients(model, segment.obs_normalized, segment.noise, analytic)[valid] * num_envs
+        if learner.segment_schedule is not None:
+            stats["variance_ratio"] = learner.segment_schedule.observe(g1, g0)  # the raw variance, before clipping
+        if clips:
+            g1, stats["env_gradients_clipped"] = clip_env_gradients(g1, params.env_gradient_clip)
     if params.estimator == "hybrid":
         alpha, parts = hybrid_weight(g1, g0)
         stats.update(hybrid_alpha=alpha, **parts)
         _set_gradient(learner.actor_params, alpha * g1.mean(dim=0) + (1.0 - alpha) * g0.mean(dim=0))
         return stats
-    if needs_samples:  # the per-env samples are there already: their mean is the batch gradient
+    if needs_samples or clips:  # the per-env samples are there already: their mean is the batch gradient
         _set_gradient(learner.actor_params, (g1 if params.estimator == "analytic" else g0).mean(dim=0))
         return stats
     if params.estimator == "analytic":
@@ -404,6 +418,15 @@ def policy_gradient(learner: Learner, segment: Segment, params: APGParams) -> di
         surrogate = _likelihood_surrogate(model, segment, likelihood)
     (surrogate * rescale).backward(inputs=learner.actor_params)
     return stats
+
+
+def clip_env_gradients(per_env: torch.Tensor, multiple: float) -> tuple[torch.Tensor, float]:
+    """Rows of ``per_env`` (N, P) scaled down to at most ``multiple`` times the median row norm; returns
+    them and the fraction of rows that were scaled."""
+    norms = per_env.norm(dim=1)
+    bound = multiple * norms.median()
+    scale = torch.where(norms > bound, bound / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.ones_like(norms))
+    return per_env * scale[:, None], float((norms > bound).float().mean())
 
 
 def _set_gradient(parameters: list[nn.Parameter], flat: torch.Tensor) -> None:
