@@ -39,9 +39,9 @@ DIAGNOSTICS_SEED_OFFSET = 7_000_000
 away from training and evaluation seeds."""
 
 
-def default_horizons(env_id: str) -> list[int]:
-    """1, 2, 4, ... up to the episode length (which is included)."""
-    horizon = gym.spec(env_id).max_episode_steps or 256
+def default_horizons(env_id: str, start_after: int = 0) -> list[int]:
+    """1, 2, 4, ... up to the episode length (which is included), less ``start_after`` steps."""
+    horizon = (gym.spec(env_id).max_episode_steps or 256 + start_after) - start_after
     out, h = [], 1
     while h < horizon:
         out.append(h)
@@ -115,11 +115,13 @@ def gradient_stats(env_id: str, horizons: Sequence[int] | None = None, num_envs:
     """
     import diffgym  # noqa: F401  (registers the tasks)
 
-    horizons = list(horizons or default_horizons(env_id))
     episode = gym.spec(env_id).max_episode_steps
-    if start_after < 0 or (episode is not None and start_after + max(horizons) > episode):
-        raise ValueError(f"start_after must be >= 0 and start_after + horizon <= the episode length {episode}, "
-                         f"got {start_after} + {max(horizons)}")
+    if start_after < 0 or (episode is not None and start_after >= episode):
+        raise ValueError(f"--start-after must be >= 0 and below the episode length {episode}, got {start_after}")
+    horizons = list(horizons or default_horizons(env_id, start_after))
+    if start_after and episode is not None and start_after + max(horizons) > episode:
+        raise ValueError(f"--start-after {start_after} plus the longest horizon {max(horizons)} must fit in the "
+                         f"episode ({episode} steps): pass --horizons up to {episode - start_after}")
     torch.manual_seed(seed)
     venv = gym.make_vec(env_id, num_envs=num_envs * samples, vectorization_mode="vector_entry_point",
                         **(env_kwargs or {}))

@@ -388,6 +388,14 @@ def test_clip_env_gradients_bounds_each_row_by_a_multiple_of_the_median_norm():
     assert fraction == pytest.approx(0.4)
     unchanged, none = clip_env_gradients(rows, 100.0)
     assert torch.equal(unchanged, rows) and none == 0.0
+    # envs without any gradient neither set the bound nor are counted: the median is over 5, 50 and 1
+    sparse = torch.cat([torch.zeros(4, 2), torch.tensor([[3.0, 4.0], [30.0, 40.0], [1.0, 0.0]])])
+    clipped, fraction = clip_env_gradients(sparse, 1.0)
+    torch.testing.assert_close(clipped[4:], torch.tensor([[3.0, 4.0], [3.0, 4.0], [1.0, 0.0]]))
+    assert torch.equal(clipped[:4], torch.zeros(4, 2)) and fraction == pytest.approx(1 / 7)
+    assert torch.equal(clip_env_gradients(torch.zeros(3, 2), 1.0)[0], torch.zeros(3, 2))
+    huge, _ = clip_env_gradients(torch.tensor([[3e30, 4e30], [0.0, 1.0], [0.0, 1.0]]), 2.0)  # norm > float32 max
+    torch.testing.assert_close(huge[0], torch.tensor([1.2, 1.6]))
 
 
 def test_env_gradient_clip_steps_on_the_mean_of_the_clipped_per_env_gradients(tmp_path):
@@ -422,9 +430,22 @@ def test_env_gradient_clip_steps_on_the_mean_of_the_clipped_per_env_gradients(tm
     assert 0.0 < fraction < 1.0 and stats["env_gradients_clipped"] == pytest.approx(fraction)
     torch.testing.assert_close(gradient, reference.mean(dim=0), rtol=1e-4, atol=1e-7)
     assert not torch.allclose(gradient, rows.mean(dim=0), rtol=1e-3, atol=1e-6)  # the clip changed it
-    plain, rows, stats = step(1e6)
+    unclipped, rows, stats = step(1e6)
     assert stats["env_gradients_clipped"] == 0.0
-    torch.testing.assert_close(plain, rows.mean(dim=0), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(unclipped, rows.mean(dim=0), rtol=1e-4, atol=1e-7)
+    plain, _, stats = step(0.0)  # off: the surrogate path, no per-env rows
+    assert "env_gradients_clipped" not in stats
+    torch.testing.assert_close(plain, unclipped, rtol=1e-4, atol=1e-7)
+
+
+def test_env_gradient_clip_leaves_a_diverged_env_out_before_it_takes_the_median(tmp_path):
+    config = small_config(tmp_path, POINT_MASS, "none", num_envs=5, **{"algo_params.env_gradient_clip": 1.0})
+    learner, envs, params = make_learner(config)
+    envs.venv = PoisonedEnv(envs.venv, "nan_reward")
+    stats = apg_update(learner, envs, params, config)
+    assert stats["masked_envs"] == 1 and math.isfinite(stats["grad_norm"]) and stats["grad_norm"] > 0
+    assert stats["env_gradients_clipped"] in (0.25, 0.5)  # of the 4 kept envs, those above their median
+    assert all(torch.isfinite(p).all() for p in learner.actor_params)
 
 
 def test_per_env_estimators_need_three_envs(tmp_path):
@@ -458,6 +479,7 @@ def test_estimator_and_segment_length_are_validated():
                           ({"algo_params.segment_length": 0}, "segment_length"),
                           ({"algo_params.segment_length": "adaptive", "algo_params.estimator": "likelihood"}, "likelihood"),
                           ({"algo_params.env_gradient_clip": -1.0}, "env_gradient_clip must be >= 0"),
+                          ({"algo_params.env_gradient_clip": math.nan}, "env_gradient_clip must be >= 0"),
                           ({"algo_params.env_gradient_clip": 2.0, "algo_params.estimator": "likelihood"},
                            "env_gradient_clip clips the per-env analytic gradients"),
                           ({"algo_params.segment_length": "adaptive", "algo_params.min_segment_length": 40,

@@ -125,6 +125,10 @@ def test_value_bootstrap_leaves_the_value_network_to_the_joint_steps(tmp_path):
     stats = apg_update(learner, envs, params, config)  # the horizon is full: 2 epochs x 32 / 8 minibatch steps
     assert stats["proximal_grad_steps"] == 8 and learner.critic_grad_steps == 8
     assert any(not torch.equal(p, q) for p, q in zip(learner.critic_params, critic_before))
+    # the tail is the online network the joint steps moved, not the (never updated) target network
+    obs = envs.obs
+    torch.testing.assert_close(learner.tail_value(obs, "value"), learner.value(learner.normalizer(obs)))
+    assert not torch.allclose(learner.tail_value(obs, "value"), learner.tail_value(obs, "critic"))
     # the tail is differentiable in the observation it closes, so the analytic step sees dV/ds
     obs = envs.obs.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(learner.tail_value(obs, "value").sum(), obs)

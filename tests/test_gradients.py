@@ -3,6 +3,7 @@ segment's returns-to-go against brute force, and the statistics behind grad-stat
 
 from __future__ import annotations
 
+import json
 import math
 
 import gymnasium as gym
@@ -184,5 +185,12 @@ def test_grad_stats_start_after_measures_from_where_the_deterministic_policy_is(
     _, _, from_reset = _rollout_gradients(venv, model, normalizer, seeds, horizon, gamma)
     assert info["mean_return"] == pytest.approx(float(expected), rel=1e-5)
     assert abs(from_reset["mean_return"] - info["mean_return"]) > 1e-3  # it did start somewhere else
-    with pytest.raises(SystemExit, match="start_after must be >= 0 and start_after \\+ horizon <= the episode"):
+    with pytest.raises(SystemExit, match="--start-after 95 plus the longest horizon 8 must fit in the episode "
+                                         "\\(100 steps\\): pass --horizons up to 5"):
         main(["grad-stats", "--env", env_id, "--horizons", "8", "--start-after", "95", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--start-after must be >= 0 and below the episode length 100, got -1"):
+        main(["grad-stats", "--env", env_id, "--start-after", "-1", "--out", str(tmp_path)])
+    # without --horizons the default ones end where the episode does
+    assert main(["grad-stats", "--env", env_id, "--start-after", "90", "--envs", "2", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "grad_stats.json").read_text())
+    assert [r["horizon"] for r in report["rows"]] == [1, 2, 4, 8, 10] and report["start_after"] == 90

@@ -35,11 +35,12 @@ class APGTrainer:
     """The ``apg`` entry point of the ``diffgym.trainers`` group."""
 
     name = "apg"
-    description = "Analytic Policy Gradients: segmented backpropagation through the simulator (none/mc/critic bootstrap)"
+    description = ("Analytic Policy Gradients: segmented backpropagation through the simulator (none/mc/critic/value "
+                   "bootstrap), optionally with a proximal likelihood-ratio path")
     cli_flags = {
         "segment-length": "K, steps backpropagated per update, or 'adaptive' (same as --param segment_length=K)",
-        "bootstrap": "segment tail: none, mc, critic or value (same as --param bootstrap=MODE)",
-        "estimator": "policy gradient: analytic, likelihood or hybrid (same as --param estimator=NAME)",
+        "bootstrap": "segment tail: none, mc, critic or value (value: needs proximal_value_fit; same as --param bootstrap=MODE)",
+        "estimator": "policy gradient: analytic, likelihood, hybrid or proximal (same as --param estimator=NAME)",
     }
     ablation_grid = {"segment_length": "4,8,16,32,64,full", "bootstrap": "none,mc,critic"}
 

@@ -128,7 +128,7 @@ class APGParams:
         if self.adaptive and not 1 <= self.min_segment_length <= self.max_segment_length:
             raise ValueError(f"need 1 <= min_segment_length <= max_segment_length, got "
                              f"{self.min_segment_length} and {self.max_segment_length}")
-        if self.env_gradient_clip < 0:
+        if not self.env_gradient_clip >= 0:  # NaN fails too
             raise ValueError(f"env_gradient_clip must be >= 0 (0: off), got {self.env_gradient_clip}")
         if self.env_gradient_clip > 0 and self.estimator in ("likelihood", "proximal"):
             raise ValueError("env_gradient_clip clips the per-env analytic gradients: it needs estimator "
@@ -421,12 +421,18 @@ def policy_gradient(learner: Learner, segment: Segment, params: APGParams) -> di
 
 
 def clip_env_gradients(per_env: torch.Tensor, multiple: float) -> tuple[torch.Tensor, float]:
-    """Rows of ``per_env`` (N, P) scaled down to at most ``multiple`` times the median row norm; returns
-    them and the fraction of rows that were scaled."""
-    norms = per_env.norm(dim=1)
-    bound = multiple * norms.median()
-    scale = torch.where(norms > bound, bound / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.ones_like(norms))
-    return per_env * scale[:, None], float((norms > bound).float().mean())
+    """Rows of ``per_env`` (N, P) scaled down to at most ``multiple`` times the median norm of the rows
+    that carry any gradient (zero rows, e.g. envs that never touched anything, neither set the bound nor
+    change); returns them and the fraction of rows that were scaled. Norms are taken in float64, so a
+    row too large for float32's norm is still scaled, not zeroed."""
+    norms = per_env.double().norm(dim=1)
+    carrying = norms[norms > 0]
+    if carrying.numel() == 0:
+        return per_env, 0.0
+    bound = multiple * carrying.median()
+    over = norms > bound
+    scale = torch.where(over, bound / norms, torch.ones_like(norms))
+    return (per_env.double() * scale[:, None]).to(per_env.dtype), float(over.double().mean())
 
 
 def _set_gradient(parameters: list[nn.Parameter], flat: torch.Tensor) -> None:
