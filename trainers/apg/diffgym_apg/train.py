@@ -423,16 +423,16 @@ def policy_gradient(learner: Learner, segment: Segment, params: APGParams) -> di
 def clip_env_gradients(per_env: torch.Tensor, multiple: float) -> tuple[torch.Tensor, float]:
     """Rows of ``per_env`` (N, P) scaled down to at most ``multiple`` times the median norm of the rows
     that carry any gradient (zero rows, e.g. envs that never touched anything, neither set the bound nor
-    change); returns them and the fraction of rows that were scaled. Norms are taken in float64, so a
-    row too large for float32's norm is still scaled, not zeroed."""
-    norms = per_env.double().norm(dim=1)
+    change); returns them and the fraction of rows that were scaled. A row whose norm overflows the
+    dtype is scaled to zero."""
+    norms = per_env.norm(dim=1)
     carrying = norms[norms > 0]
     if carrying.numel() == 0:
         return per_env, 0.0
     bound = multiple * carrying.median()
     over = norms > bound
     scale = torch.where(over, bound / norms, torch.ones_like(norms))
-    return (per_env.double() * scale[:, None]).to(per_env.dtype), float(over.double().mean())
+    return per_env * scale[:, None], float(over.float().mean())
 
 
 def _set_gradient(parameters: list[nn.Parameter], flat: torch.Tensor) -> None:
