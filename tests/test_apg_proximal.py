@@ -135,6 +135,15 @@ def test_value_bootstrap_leaves_the_value_network_to_the_joint_steps(tmp_path):
     assert grad.abs().sum() > 0
 
 
+def test_segment_lr_sets_the_segment_steps_rate_and_leaves_the_shared_spec_to_the_proximal_steps(tmp_path):
+    config = small_config(tmp_path, POINT_MASS, "value", **{**PROXIMAL, "algo_params.segment_lr": 3e-5})
+    learner, _, _ = make_learner(config)
+    assert config.optimizer.lr != 3e-5
+    assert [g["lr"] for g in learner.actor_optimizer.param_groups] == [3e-5]
+    assert [g["lr"] for g in learner.proximal_optimizer.param_groups] == [config.optimizer.lr]
+    assert learner.actor_optimizer.param_groups[0]["betas"] == tuple(config.optimizer.betas)
+
+
 def test_proximal_options_are_validated():
     config = resolve_config("apg", POINT_MASS, {"algo_params.bootstrap": "critic"})
     on = {"algo_params.proximal_epochs": 1}
@@ -146,6 +155,7 @@ def test_proximal_options_are_validated():
                           ({**on, "algo_params.proximal_horizon": 0}, "proximal_horizon must be >= 1"),
                           ({**on, "algo_params.proximal_minibatch_size": 1}, "proximal_minibatch_size must be >= 2"),
                           ({**on, "algo_params.proximal_lr": 0.0}, "proximal_lr must be > 0"),
+                          ({"algo_params.segment_lr": 0.0}, "segment_lr must be > 0"),
                           ({**on, "algo_params.clip_range": 0.0}, "clip_range must be > 0"),
                           ({**on, "algo_params.gae_lambda": 1.5}, "gae_lambda must be in"),
                           ({**on, "algo_params.entropy_coef": -0.1}, "entropy_coef must be >= 0"),

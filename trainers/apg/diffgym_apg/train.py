@@ -91,6 +91,10 @@ class APGParams:
     """Steps per env collected between proximal updates (the batch is ``num_envs`` times this)."""
     proximal_minibatch_size: int = 512
     """Samples per proximal gradient step."""
+    segment_lr: float | None = None
+    """Adam learning rate of each segment's own policy step (the analytic, likelihood or hybrid step);
+    None: the shared ``optimizer.lr``. Next to the proximal path the analytic steps need a far smaller
+    rate than the clipped epochs (``docs/apg.md``, TPush), and the shared optimizer spec is PPO's too."""
     proximal_lr: float | None = None
     """Adam learning rate of the proximal steps; None: the shared ``optimizer.lr`` (what PPO uses). They
     have their own Adam: their gradients and the analytic ones differ in scale, so they must not share
@@ -165,6 +169,8 @@ class APGParams:
                                    ("proximal_minibatch_size", self.proximal_minibatch_size, 2)):
             if value < bound:
                 raise ValueError(f"{name} must be >= {bound}, got {value}")
+        if self.segment_lr is not None and not self.segment_lr > 0:
+            raise ValueError(f"segment_lr must be > 0 (or None: the shared optimizer.lr), got {self.segment_lr}")
         if self.proximal_lr is not None and self.proximal_lr <= 0:
             raise ValueError(f"proximal_lr must be > 0 (or None: the shared optimizer.lr), got {self.proximal_lr}")
         if self.clip_range <= 0:
@@ -287,10 +293,11 @@ class Learner:
         critic_params = list(model.critic.parameters())
         critic_spec = dataclasses.replace(config.optimizer, lr=params.critic_lr)
         target_critic = copy.deepcopy(model.critic).requires_grad_(False)
+        segment_spec = dataclasses.replace(config.optimizer, lr=params.segment_lr or config.optimizer.lr)
         proximal_spec = dataclasses.replace(config.optimizer, lr=params.proximal_lr or config.optimizer.lr)
         proximal_params = actor_params + (critic_params if params.proximal_value_fit else [])
         return cls(model, ObservationNormalizer(obs_dim, config.normalizer).to(device),
-                   make_optimizer(actor_params, config.optimizer), make_optimizer(critic_params, critic_spec),
+                   make_optimizer(actor_params, segment_spec), make_optimizer(critic_params, critic_spec),
                    target_critic, MonteCarloReturns(params.gamma), actor_params, critic_params,
                    AdaptiveSegmentLength(params) if params.adaptive else None,
                    make_optimizer(proximal_params, proximal_spec) if params.proximal else None,
