@@ -135,8 +135,8 @@ class APGParams:
         if not self.env_gradient_clip >= 0:  # NaN fails too
             raise ValueError(f"env_gradient_clip must be >= 0 (0: off), got {self.env_gradient_clip}")
         if self.env_gradient_clip > 0 and self.estimator in ("likelihood", "proximal"):
-            raise ValueError("env_gradient_clip clips the per-env analytic gradients: it needs estimator "
-                             "'analytic' or 'hybrid'")
+            raise ValueError(f"env_gradient_clip ({self.env_gradient_clip}) clips the per-env analytic gradients: "
+                             f"set it to 0 with estimator {self.estimator!r}, or use 'analytic' or 'hybrid'")
         if self.adaptive and self.estimator in ("likelihood", "proximal"):
             raise ValueError("segment_length 'adaptive' compares the analytic gradient with the likelihood ratio: "
                              "it needs estimator 'analytic' or 'hybrid'")
