@@ -40,8 +40,9 @@ away from training and evaluation seeds."""
 
 
 def default_horizons(env_id: str, start_after: int = 0) -> list[int]:
-    """1, 2, 4, ... up to the episode length (which is included), less ``start_after`` steps."""
-    horizon = (gym.spec(env_id).max_episode_steps or 256 + start_after) - start_after
+    """1, 2, 4, ... up to the steps left in an episode after ``start_after`` (which is included)."""
+    episode = gym.spec(env_id).max_episode_steps
+    horizon = episode - start_after if episode else 256
     out, h = [], 1
     while h < horizon:
         out.append(h)
@@ -49,7 +50,7 @@ def default_horizons(env_id: str, start_after: int = 0) -> list[int]:
     return out + [horizon]
 
 
-def _rollout_gradients(venv, model: ActorCritic, normalizer: ObservationNormalizer, seeds: list[int],
+def rollout_gradients(venv, model: ActorCritic, normalizer: ObservationNormalizer, seeds: list[int],
                        horizon: int, gamma: float, start_after: int = 0
                        ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """Per-env analytic and likelihood-ratio gradients ``(M, P)`` of the ``horizon``-step return, measured
@@ -146,7 +147,7 @@ def gradient_stats(env_id: str, horizons: Sequence[int] | None = None, num_envs:
         seeds = [s for s in starts for _ in range(samples)]
         rows = []
         for h in horizons:
-            analytic, likelihood, info = _rollout_gradients(venv, model, normalizer, seeds, h, gamma, start_after)
+            analytic, likelihood, info = rollout_gradients(venv, model, normalizer, seeds, h, gamma, start_after)
             a, z = sample_statistics(analytic), sample_statistics(likelihood)
             comparison = compare_estimators(analytic, likelihood)
             alpha, _ = hybrid_weight(analytic, likelihood)

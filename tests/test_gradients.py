@@ -163,7 +163,7 @@ def test_grad_stats_start_after_measures_from_where_the_deterministic_policy_is(
     """``start_after`` W: the measured h-step return is the return of steps W..W+h-1 of the policy's own
     deterministic rollout (here a policy with negligible noise, so the sampled rollout is that one)."""
     from diffgym.cli import main
-    from diffgym.diagnostics import _rollout_gradients
+    from diffgym.diagnostics import rollout_gradients
 
     env_id, seeds, start_after, horizon, gamma = "DiffGym/PointMass1D-v0", [3, 4, 5], 7, 5, 0.9
     model, *_ = rollout(env_id)
@@ -181,8 +181,8 @@ def test_grad_stats_start_after_measures_from_where_the_deterministic_policy_is(
             rewards.append(out.reward)
     discount = gamma ** torch.arange(horizon, dtype=torch.float32)[:, None]
     expected = (discount * torch.stack(rewards[start_after:])).sum(dim=0).mean()
-    _, _, info = _rollout_gradients(venv, model, normalizer, seeds, horizon, gamma, start_after=start_after)
-    _, _, from_reset = _rollout_gradients(venv, model, normalizer, seeds, horizon, gamma)
+    _, _, info = rollout_gradients(venv, model, normalizer, seeds, horizon, gamma, start_after=start_after)
+    _, _, from_reset = rollout_gradients(venv, model, normalizer, seeds, horizon, gamma)
     assert info["mean_return"] == pytest.approx(float(expected), rel=1e-5)
     assert abs(from_reset["mean_return"] - info["mean_return"]) > 1e-3  # it did start somewhere else
     with pytest.raises(SystemExit, match="--start-after 95 plus the longest horizon 8 must fit in the episode "

@@ -58,6 +58,11 @@ class ActorCritic(nn.Module):
         mean = self.actor(obs_normalized)
         return torch.distributions.Normal(mean, self.log_std.exp().expand_as(mean))
 
+    def log_prob(self, obs_normalized: torch.Tensor, pre_squash: torch.Tensor) -> torch.Tensor:
+        """``log N(pre_squash; actor(obs), std)`` summed over the action dimensions, shape ``(B,)``. The
+        squash's Jacobian is left out: it has no parameters and cancels in every probability ratio."""
+        return self.distribution(obs_normalized).log_prob(pre_squash).sum(-1)
+
     def squash(self, pre_squash_action: torch.Tensor) -> torch.Tensor:
         """Map a Gaussian sample ``u`` into the action box [-1, 1] as the spec says (tanh or clip)."""
         if self.spec.squash == "tanh":

@@ -120,6 +120,11 @@ class Rollout:
         """(K, N) bool: the step ended its episode (the next step belongs to a fresh one)."""
         return self.terminated | self.truncated
 
+    @property
+    def finite(self) -> torch.Tensor:
+        """(N,) bool: the env neither diverged nor earned a non-finite reward in this rollout."""
+        return ~self.diverged & torch.isfinite(self.rewards.detach()).all(dim=0)
+
 
 def unroll(model: ActorCritic, normalizer: ObservationNormalizer, envs: EnvBatch, steps: int
            ) -> tuple[Rollout, SimState, torch.Tensor]:

@@ -23,7 +23,7 @@ import gymnasium as gym
 import torch
 
 import diffgym  # noqa: F401  (registers the tasks)
-from diffgym.diagnostics import DIAGNOSTICS_SEED_OFFSET, _rollout_gradients
+from diffgym.diagnostics import DIAGNOSTICS_SEED_OFFSET, rollout_gradients
 from diffgym.policy import load_policy
 
 
@@ -64,7 +64,7 @@ def main() -> None:
         gamma = float(loaded.config.algo_params.get("gamma", 0.99))
         for start_after in starts:
             torch.manual_seed(0)
-            analytic, _, info = _rollout_gradients(venv, loaded.model, loaded.normalizer, seeds, args.horizon,
+            analytic, _, info = rollout_gradients(venv, loaded.model, loaded.normalizer, seeds, args.horizon,
                                                    gamma, start_after)
             row = {"run": run, "start_after": start_after, "horizon": args.horizon, "rollouts": analytic.shape[0],
                    **tails(analytic, args.batch, torch.Generator().manual_seed(0)), "nonfinite": info["nonfinite"]}

@@ -119,7 +119,7 @@ class ProximalBuffer:
         ``docs/apg.md``). ``valid`` (N,) marks the envs whose segment is finite (the others are left out of the clipped
         epochs)."""
         with torch.no_grad():
-            old_log_prob = model.distribution(segment.obs_normalized).log_prob(segment.pre_squash).sum(-1)
+            old_log_prob = model.log_prob(segment.obs_normalized, segment.pre_squash)
             next_obs = segment.next_obs.detach()
             next_values = model.value(normalizer(torch.where(torch.isfinite(next_obs), next_obs, 0.0)))
             self.segments.append({

@@ -364,7 +364,7 @@ def policy_gradient(learner: Learner, segment: Segment, params: APGParams) -> di
     over the others (``masked_envs``); with none left the update is skipped (``loss`` NaN).
     """
     num_steps, num_envs = segment.rewards.shape
-    valid = ~segment.diverged & torch.isfinite(segment.rewards).all(dim=0)
+    valid = segment.finite
     # masked envs contribute zeros to the loss; their gradients are dropped below as well
     rewards = torch.where(valid[None, :], segment.rewards, torch.zeros_like(segment.rewards))
     next_values = learner.tail_value(segment.next_obs, params.bootstrap)
@@ -452,8 +452,7 @@ def _set_gradient(parameters: list[nn.Parameter], flat: torch.Tensor) -> None:
 
 def _likelihood_surrogate(model: ActorCritic, segment: Segment, weights: torch.Tensor) -> torch.Tensor:
     """``sum_{t,i} weights * log pi(u | o)``: its gradient is the likelihood-ratio estimate."""
-    dist = model.distribution(segment.obs_normalized)
-    return (dist.log_prob(segment.pre_squash).sum(-1) * weights).sum()
+    return (model.log_prob(segment.obs_normalized, segment.pre_squash) * weights).sum()
 
 
 def apg_update(learner: Learner, envs: EnvBatch, params: APGParams, config: TrainConfig,
@@ -473,10 +472,9 @@ def apg_update(learner: Learner, envs: EnvBatch, params: APGParams, config: Trai
     if learner.return_scale is not None:  # the value network's units follow the returns seen so far
         learner.return_scale.update(segment.rewards.detach(), segment.done)
     if params.proximal:  # kept with the log-probabilities of the policy that drew its actions
-        finite = ~segment.diverged & torch.isfinite(segment.rewards.detach()).all(dim=0)
-        learner.proximal_buffer.add(model, normalizer, segment, finite, learner.value_scale)
+        learner.proximal_buffer.add(model, normalizer, segment, segment.finite, learner.value_scale)
         if params.estimator == "proximal":  # no segment step counts them (policy_gradient does otherwise)
-            learner.masked_envs += int((~finite).sum())
+            learner.masked_envs += int((~segment.finite).sum())
 
     # 2-3. The actor loss -(discounted rewards + gamma^len * V(boundary obs)) / (N K) and its gradient as
     #    the estimator says (exact through the simulator, likelihood ratio, or their mix); diverged envs
