@@ -10,7 +10,7 @@ kernel's Warp-generated adjoint. Warp's gradient-ownership rules are honoured by
   them with other uses of the same tensor. No ``wp.Tape`` is kept alive between calls.
 
 Per-call overhead is kept near Warp's launch floor: the first call of a kernel with a given launch dim,
-device, input shapes/dtypes and output specs builds a :class:`_LaunchPlan` (argument types looked up,
+device, input shapes/dtypes and output specs builds a :class:`LaunchPlan` (argument types looked up,
 Warp array descriptors built and launch parameters packed, i.e. a recorded ``wp.Launch``); later calls
 only write the tensors' data pointers into the recorded descriptors and replay the launch. Calls that
 need no gradient (``torch.no_grad()`` or no input requiring grad) skip the autograd function entirely.
@@ -81,7 +81,9 @@ def debug_outputs(enabled: bool = True) -> Iterator[None]:
         _debug_outputs = previous
 
 
-def _allocate(spec: Out, device: torch.device, debug: bool) -> torch.Tensor:
+def allocate_output(spec: Out, device: torch.device, debug: bool) -> torch.Tensor:
+    """A fresh output tensor for ``spec``: uninitialised, or sentinel-filled when ``debug`` (the value of
+    :func:`debug_outputs_enabled` when the launch began, so one launch never mixes the two)."""
     if not debug:
         return torch.empty(spec.shape, dtype=spec.dtype, device=device)
     if spec.dtype == torch.float32:
@@ -100,7 +102,9 @@ def _unwritten(tensor: torch.Tensor) -> torch.Tensor:
     return tensor == torch.iinfo(tensor.dtype).min
 
 
-def _check_written(kernel, outputs: Sequence[torch.Tensor], first_output: int) -> None:
+def check_written(kernel, outputs: Sequence[torch.Tensor], first_output: int) -> None:
+    """Raise :class:`UnwrittenOutputError` if a debug-mode launch of ``kernel`` left a sentinel in
+    ``outputs`` (its arguments from index ``first_output`` on)."""
     args = kernel.adj.args
     for j, tensor in enumerate(outputs):
         mask = _unwritten(tensor)
@@ -161,7 +165,7 @@ class _ArgSlot:
         self.is_null = False  # adjoint slots switch to a null array when autograd wants no gradient
 
 
-class _LaunchPlan:
+class LaunchPlan:
     """Recorded launches of one kernel for one combination of launch dim, device, input shapes/dtypes and
     output specs (the cache key). Built on the first call with that key: argument types are looked up,
     Warp arrays are described and the launch parameters packed once; later calls only write data pointers
@@ -277,12 +281,12 @@ class _LaunchPlan:
 
 
 _PLANS_PER_KERNEL = 64  # distinct shapes per kernel kept; beyond that the kernel's plans are rebuilt
-_plans: WeakKeyDictionary[Any, dict[tuple, _LaunchPlan]] = WeakKeyDictionary()
+_plans: WeakKeyDictionary[Any, dict[tuple, LaunchPlan]] = WeakKeyDictionary()
 
 
-def _plan(kernel, dim: int, params: Sequence[Any], out_specs: tuple[Out, ...],
-          inputs: Sequence[torch.Tensor]) -> _LaunchPlan:
-    """The cached plan for this call's key, built on first use (see :class:`_LaunchPlan`)."""
+def launch_plan(kernel, dim: int, params: Sequence[Any], out_specs: tuple[Out, ...],
+                inputs: Sequence[torch.Tensor]) -> LaunchPlan:
+    """The cached plan for this call's key, built on first use (see :class:`LaunchPlan`)."""
     device = inputs[0].device
     # Out is public and its shape may be given as a list: key on tuples
     key = (dim, device, tuple((tuple(o.shape), o.dtype) for o in out_specs), *[(t.shape, t.dtype) for t in inputs])
@@ -295,7 +299,7 @@ def _plan(kernel, dim: int, params: Sequence[Any], out_specs: tuple[Out, ...],
             plans.clear()
         # the first call's own tensors only describe shapes here; nothing is launched on them
         outputs = [torch.empty(s.shape, dtype=s.dtype, device=device) for s in out_specs]
-        plan = plans[key] = _LaunchPlan(kernel, dim, device, inputs, params, outputs)
+        plan = plans[key] = LaunchPlan(kernel, dim, device, inputs, params, outputs)
     return plan
 
 
@@ -304,13 +308,10 @@ def _launch(kernel, dim: int, params: tuple, out_specs: tuple[Out, ...],
     """Allocate fresh outputs and run the forward kernel (no autograd bookkeeping)."""
     device = inputs[0].device
     debug = _debug_outputs
+    outputs = tuple(allocate_output(s, device, debug) for s in out_specs)
+    launch_plan(kernel, dim, params, out_specs, inputs).launch_forward(inputs, params, outputs)
     if debug:
-        outputs = tuple(_allocate(s, device, debug) for s in out_specs)
-    else:
-        outputs = tuple(torch.empty(s.shape, dtype=s.dtype, device=device) for s in out_specs)
-    _plan(kernel, dim, params, out_specs, inputs).launch_forward(inputs, params, outputs)
-    if debug:
-        _check_written(kernel, outputs, len(inputs) + len(params))
+        check_written(kernel, outputs, len(inputs) + len(params))
     return outputs
 
 
@@ -335,7 +336,7 @@ class _KernelFunction(torch.autograd.Function):
         adj_outputs = [g.contiguous().clone() if o.is_floating_point() and g is not None
                        else (torch.zeros_like(o) if o.is_floating_point() else None)
                        for o, g in zip(outputs, grad_outputs)]
-        plan = _plan(ctx.kernel, ctx.dim, ctx.params, ctx.out_specs, inputs)
+        plan = launch_plan(ctx.kernel, ctx.dim, ctx.params, ctx.out_specs, inputs)
         plan.launch_adjoint(inputs, ctx.params, outputs, adj_inputs, adj_outputs)
         return (None, None, None, None, *adj_inputs)
 

@@ -32,15 +32,12 @@ import ast
 import dataclasses
 import numbers
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import warp as wp
 
 from diffgym.core.state import SimState
-
-if TYPE_CHECKING:
-    from diffgym.core.sim import DiffSim
 
 
 class TaskContractError(TypeError):
@@ -71,8 +68,9 @@ class _Slot:
     kind: tuple[int, Any, str] | None = None  # for fixed arguments
 
 
-def check_sim_class(sim: type[DiffSim]) -> dict[str, FieldSpec] | None:
-    """Check a kernel task ``sim`` against the task contract; return the derived per-field specs.
+def check_sim_class(sim: type) -> dict[str, FieldSpec] | None:
+    """Check a kernel task ``sim`` (a :class:`~diffgym.core.sim.DiffSim` subclass) against the task
+    contract; return the derived per-field specs.
 
     Returns ``None`` for an intermediate class that does not yet name its state type and all three
     kernels (it is checked when a subclass completes it). Raises :class:`TaskContractError`.

@@ -11,18 +11,17 @@ autograd node runs per step.
 
 Warp's gradient rules hold by construction: every step's outputs are a fresh slice (nothing a later
 launch reads is overwritten), incoming gradients are copied into buffers the adjoint owns, and input
-gradients accumulate into fresh zeros. The start state is validated before the launches and every state
-a later step starts from after them, in one vectorised check: a rollout raises where the stepped loop
-would (``ValueError`` naming the step, the field and the env).
+gradients accumulate into fresh zeros.
 
-A task whose step is not one kernel launch (it overrides ``_step``, e.g. a Newton task running a solver)
-gets the same API and results by looping its own ``_step``, without the fusion's speed.
+This module knows kernels and tensors, not tasks: :meth:`diffgym.core.sim.DiffSim.rollout` validates the
+start state and the actions, calls :func:`fused_step_launches` (or loops a task whose step is not one
+kernel launch), and checks every state a later step starts from.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Mapping
+from typing import Any, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -30,13 +29,10 @@ from torch.autograd.function import once_differentiable
 from diffgym.core import bridge
 from diffgym.core.state import SimState
 
-if TYPE_CHECKING:  # pragma: no cover
-    from diffgym.core.sim import DiffSim
-
 
 @dataclasses.dataclass(eq=False, frozen=True)
 class RolloutOutput:
-    """What :meth:`DiffSim.rollout` returns: every per-step field is time-major, ``(T, B, ...)``."""
+    """What :meth:`~diffgym.core.sim.DiffSim.rollout` returns: every per-step field is time-major, ``(T, B, ...)``."""
 
     states: SimState
     """The state after each step, as one state whose fields are ``(T, B, ...)`` (``state_at(t)`` gives
@@ -71,31 +67,59 @@ class RolloutOutput:
         return self.state_at(-1)
 
 
-def _step_outputs(sim: DiffSim, horizon: int, batch: int, debug: bool) -> list[torch.Tensor]:
-    """Fresh stacked outputs ``(T, *spec.shape)``, one per step-kernel output (sentinel-filled in the
-    bridge's debug-outputs mode)."""
-    return [bridge._allocate(bridge.Out((horizon, *spec.shape), spec.dtype), sim.device, debug)
-            for spec in sim._step_specs(batch)]
+def check_action_sequence(actions: object, batch: int, act_dim: int, device: torch.device) -> torch.Tensor:
+    """Validate a rollout's actions ``(T, batch, act_dim)``; raise naming what was expected (and the first
+    non-finite entries as ``(step, env, dim)``)."""
+    expected = f"a torch.float32 tensor of shape (T, {batch}, {act_dim}) on {device} with T >= 1"
+    if not isinstance(actions, torch.Tensor):
+        raise TypeError(f"actions must be {expected}, got {type(actions).__name__}")
+    if actions.dim() != 3 or actions.shape[1:] != (batch, act_dim) or actions.shape[0] < 1:
+        raise ValueError(f"actions must be {expected}, got shape {tuple(actions.shape)}")
+    if actions.dtype != torch.float32 or actions.device != device:
+        raise ValueError(f"actions must be {expected}, got dtype {actions.dtype} on {actions.device}")
+    finite = torch.isfinite(actions)
+    if not bool(finite.all()):
+        bad = [tuple(i) for i in (~finite).nonzero().tolist()[:8]]
+        raise ValueError(f"actions contain NaN or Inf at (step, env, dim) {bad}; actions must be finite")
+    return actions
+
+
+def fused_step_launches(step_kernel: Any, params: tuple, step_specs: Sequence[bridge.Out],
+                        state: Sequence[torch.Tensor], actions: torch.Tensor,
+                        physics: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """``T = actions.shape[0]`` launches of ``step_kernel(*state, action, *physics, *params, *outputs)``,
+    each step starting from the previous one's next state, as one autograd node.
+
+    ``step_specs`` are one step's output specs (the next state's fields first, one per tensor of
+    ``state``); the result holds each output stacked over the steps, ``(T, *spec.shape)``. Differentiable
+    in the float ``state`` tensors, ``actions`` (already clipped) and ``physics``."""
+    n_state = len(state)
+    inputs = (*(t.contiguous() for t in state), actions.contiguous(), *(p.contiguous() for p in physics))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _FusedRollout.apply(step_kernel, params, tuple(step_specs), n_state, *inputs)
+    return _FusedRollout.forward(_NoGradContext(), step_kernel, params, tuple(step_specs), n_state, *inputs)
 
 
 class _FusedRollout(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, sim: DiffSim, n_state: int, *tensors: torch.Tensor):
+    def forward(ctx, kernel: Any, params: tuple, step_specs: tuple[bridge.Out, ...], n_state: int,
+                *tensors: torch.Tensor):
         # tensors: the initial state's fields, the clipped actions (T, B, A), the physics tensors (B,)
         state, actions, physics = tensors[:n_state], tensors[n_state], tensors[n_state + 1:]
         horizon, batch = int(actions.shape[0]), int(actions.shape[1])
         debug = bridge.debug_outputs_enabled()
-        stacked = _step_outputs(sim, horizon, batch, debug)
-        plan = bridge._plan(sim.step_kernel, batch, (sim.params,), tuple(sim._step_specs(batch)),
-                            (*state, actions[0], *physics))
+        # fresh stacked outputs, one per step-kernel output (sentinel-filled in debug mode)
+        stacked = [bridge.allocate_output(bridge.Out((horizon, *spec.shape), spec.dtype), actions.device, debug)
+                   for spec in step_specs]
+        plan = bridge.launch_plan(kernel, batch, params, step_specs, (*state, actions[0], *physics))
         current = state
         for t in range(horizon):
             outputs = [out[t] for out in stacked]
-            plan.launch_forward((*current, actions[t], *physics), (sim.params,), outputs)
+            plan.launch_forward((*current, actions[t], *physics), params, outputs)
             if debug:
-                bridge._check_written(sim.step_kernel, outputs, n_state + 1 + len(physics) + 1)
+                bridge.check_written(kernel, outputs, n_state + 1 + len(physics) + len(params))
             current = outputs[:n_state]
-        ctx.sim, ctx.n_state, ctx.plan = sim, n_state, plan
+        ctx.params, ctx.n_state, ctx.plan = params, n_state, plan
         ctx.save_for_backward(*state, actions, *physics, *stacked)
         ctx.mark_non_differentiable(*(out for out in stacked if not out.is_floating_point()))
         return tuple(stacked)
@@ -103,13 +127,13 @@ class _FusedRollout(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the adjoint launches are not themselves differentiable: raise, not zeros
     def backward(ctx, *grad_stacked: torch.Tensor | None):
-        n_state, plan, params = ctx.n_state, ctx.plan, (ctx.sim.params,)
+        n_state, plan, params = ctx.n_state, ctx.plan, ctx.params
         saved = ctx.saved_tensors
         state, actions = saved[:n_state], saved[n_state]
         n_physics = len(saved) - n_state - 1 - len(grad_stacked)
         physics = saved[n_state + 1:n_state + 1 + n_physics]
         stacked = saved[n_state + 1 + n_physics:]
-        wants = ctx.needs_input_grad[2:]
+        wants = ctx.needs_input_grad[4:]
         # Owned gradient buffers of the stacked outputs: the incoming gradient of each step's output, to
         # which the next step's adjoint adds its input gradient before this step's adjoint reads it.
         adj_stacked = [None if not out.is_floating_point()
@@ -130,76 +154,7 @@ class _FusedRollout(torch.autograd.Function):
             plan.launch_adjoint((*inputs, actions[t], *physics), params, outputs,
                                 (*adj_inputs, adj_actions[t], *adj_physics), adj_outputs)
         grads = [*adj_state, adj_actions, *adj_physics]
-        return (None, None, *(g if want else None for g, want in zip(grads, wants)))
-
-
-def fused_rollout(sim: DiffSim, state: SimState, actions: torch.Tensor,
-                  physics: Mapping[str, torch.Tensor] | None = None) -> RolloutOutput:
-    """``T = actions.shape[0]`` steps of ``sim`` from ``state`` under ``actions`` ``(T, B, act_dim)``,
-    equal (bit for bit) to ``sim.step`` in a loop without resets; see :meth:`DiffSim.rollout`."""
-    sim.check_state(state)
-    batch = state.batch_size
-    expected = f"a torch.float32 tensor of shape (T, {batch}, {sim.act_dim}) on {sim.device} with T >= 1"
-    if not isinstance(actions, torch.Tensor):
-        raise TypeError(f"actions must be {expected}, got {type(actions).__name__}")
-    if actions.dim() != 3 or actions.shape[1:] != (batch, sim.act_dim) or actions.shape[0] < 1:
-        raise ValueError(f"actions must be {expected}, got shape {tuple(actions.shape)}")
-    if actions.dtype != torch.float32 or actions.device != sim.device:
-        raise ValueError(f"actions must be {expected}, got dtype {actions.dtype} on {actions.device}")
-    finite = torch.isfinite(actions)
-    if not bool(finite.all()):
-        bad = [tuple(i) for i in (~finite).nonzero().tolist()[:8]]
-        raise ValueError(f"actions contain NaN or Inf at (step, env, dim) {bad}; actions must be finite")
-    physics_tensors = sim.check_physics(physics, batch)
-    if not sim.steps_as_one_kernel:
-        rollout = _looped_rollout(sim, state, actions.clamp(-1.0, 1.0), physics_tensors)
-        _check_passed_states(sim, rollout.states)
-        return rollout
-    n_state = len(state.tensors())
-    inputs = (*(t.contiguous() for t in state.tensors()), actions.clamp(-1.0, 1.0).contiguous(),
-              *(p.contiguous() for p in physics_tensors))
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        stacked = _FusedRollout.apply(sim, n_state, *inputs)
-    else:
-        stacked = _FusedRollout.forward(_NoGradContext(), sim, n_state, *inputs)
-    states = type(state)(*stacked[:n_state])
-    obs, reward, terminated, success = stacked[n_state:]
-    _check_passed_states(sim, states)
-    truncated = states.step >= sim.max_episode_steps
-    return RolloutOutput(states, obs, reward, terminated.bool(), truncated, success.bool())
-
-
-def _check_passed_states(sim: DiffSim, states: SimState) -> None:
-    """What the stepped loop's ``check_state`` would reject, checked at once: every state a later step
-    starts from (all but the last) must be finite and inside the task's domain."""
-    horizon = int(states.step.shape[0])
-    if horizon < 2:
-        return
-    passed = type(states)(*(t[:-1].detach().reshape(-1, *t.shape[2:]) for t in states.tensors()))
-    outside = sim.outside_domain(passed)
-    if not bool(outside.any()):
-        return
-    batch = int(states.step.shape[1])
-    flat = int(outside.nonzero()[0])
-    t, env = divmod(flat, batch)
-    try:
-        sim.check_state(type(states)(*(x[t] for x in states.tensors())))
-    except ValueError as error:
-        raise ValueError(f"rollout step {t + 2} of {horizon} would start from an invalid state: {error}") from None
-
-
-def _looped_rollout(sim: DiffSim, state: SimState, actions: torch.Tensor,
-                    physics: tuple[torch.Tensor, ...]) -> RolloutOutput:
-    """The same result for tasks whose step is not one kernel: ``_step`` in a loop, outputs stacked."""
-    outs = []
-    for action in actions:
-        out = sim._step(state, action, physics)
-        outs.append(out)
-        state = out.state
-    fields = zip(*(out.state.tensors() for out in outs))
-    stack = lambda name: torch.stack([getattr(out, name) for out in outs])  # noqa: E731
-    return RolloutOutput(type(state)(*(torch.stack(f) for f in fields)), stack("obs"), stack("reward"),
-                         stack("terminated"), stack("truncated"), stack("success"))
+        return (None, None, None, None, *(g if want else None for g, want in zip(grads, wants)))
 
 
 class _NoGradContext:

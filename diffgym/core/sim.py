@@ -11,7 +11,7 @@ import torch
 
 from diffgym.core.bridge import Out, warp_call
 from diffgym.core.contract import FieldSpec, check_sim_class
-from diffgym.core.multistep import RolloutOutput, fused_rollout
+from diffgym.core.multistep import RolloutOutput, check_action_sequence, fused_step_launches
 from diffgym.core.state import SimState
 
 
@@ -160,9 +160,29 @@ class DiffSim:
         the same numbers and gradients, bit for bit, and the same errors as ``step`` in a Python loop (no
         resets: a rollout past ``max_episode_steps`` keeps counting steps and flags them ``truncated``).
         For a kernel task the T steps are one autograd node without per-step autograd, torch and bridge
-        overhead; a task that overrides ``_step`` is looped (:mod:`diffgym.core.multistep`).
-        Differentiable in ``actions``, the float state fields and ``physics``; outputs are time-major."""
-        return fused_rollout(self, state, actions, physics)
+        overhead (:mod:`diffgym.core.multistep`); a task that overrides ``_step`` (e.g. a Newton task
+        running a solver) loops its own ``_step``, without the fusion's speed.
+        Differentiable in ``actions``, the float state fields and ``physics``; outputs are time-major.
+
+        The start state is validated before the launches, and every state a later step starts from after
+        them, in one vectorised check: a rollout raises where the stepped loop would (``ValueError``
+        naming the step, the field and the env)."""
+        self.check_state(state)
+        batch = state.batch_size
+        clipped = check_action_sequence(actions, batch, self.act_dim, self.device).clamp(-1.0, 1.0)
+        physics_tensors = self.check_physics(physics, batch)
+        if not self.steps_as_one_kernel:
+            rollout = self._looped_rollout(state, clipped, physics_tensors)
+        else:
+            stacked = fused_step_launches(self.step_kernel, (self.params,), self._step_specs(batch),
+                                          state.tensors(), clipped, physics_tensors)
+            n = len(self._fields)
+            states = type(state)(*stacked[:n])
+            obs, reward, terminated, success = stacked[n:]
+            truncated = states.step >= self.max_episode_steps
+            rollout = RolloutOutput(states, obs, reward, terminated.bool(), truncated, success.bool())
+        self._check_passed_states(rollout.states)
+        return rollout
 
     def default_physics(self, batch: int) -> dict[str, torch.Tensor]:
         """The constructor's physical parameters as ``(batch,)`` tensors (new ones, safe to edit)."""
@@ -322,6 +342,37 @@ class DiffSim:
         raise ValueError(self._task_domain_message(state, int(outside.nonzero()[0])))
 
     # ----------------------------------------------------------------------------- helpers
+    def _looped_rollout(self, state: SimState, actions: torch.Tensor,
+                        physics: tuple[torch.Tensor, ...]) -> RolloutOutput:
+        """``rollout`` for tasks whose step is not one kernel: ``_step`` in a loop, outputs stacked."""
+        outs = []
+        for action in actions:
+            out = self._step(state, action, physics)
+            outs.append(out)
+            state = out.state
+        fields = zip(*(out.state.tensors() for out in outs))
+        stack = lambda name: torch.stack([getattr(out, name) for out in outs])  # noqa: E731
+        return RolloutOutput(type(state)(*(torch.stack(f) for f in fields)), stack("obs"), stack("reward"),
+                             stack("terminated"), stack("truncated"), stack("success"))
+
+    def _check_passed_states(self, states: SimState) -> None:
+        """What the stepped loop's ``check_state`` would reject, checked at once over a rollout's
+        ``(T, B, ...)`` states: every state a later step starts from (all but the last) must be finite and
+        inside the task's domain."""
+        horizon = int(states.step.shape[0])
+        if horizon < 2:
+            return
+        passed = type(states)(*(t[:-1].detach().reshape(-1, *t.shape[2:]) for t in states.tensors()))
+        outside = self.outside_domain(passed)
+        if not bool(outside.any()):
+            return
+        batch = int(states.step.shape[1])
+        t, env = divmod(int(outside.nonzero()[0]), batch)
+        try:
+            self.check_state(type(states)(*(x[t] for x in states.tensors())))
+        except ValueError as error:
+            raise ValueError(f"rollout step {t + 2} of {horizon} would start from an invalid state: {error}") from None
+
     def _state_specs(self, batch: int) -> list[Out]:
         return [Out((batch, *self._field_specs[name].shape), self._field_specs[name].dtype) for name in self._fields]
 

@@ -40,7 +40,7 @@ if FR3.dof != 7:
     raise ValueError(f"{FR3.source}: expected the 7 FR3 arm joints up to {FR3_TCP_LINK}, found {FR3.dof}")
 
 vec7 = FR3.vector_type
-_fk_tcp = FR3.tip_function  # (q: vec7) -> TCP position in the base frame, joints unrolled
+fk_tcp = FR3.tip_function  # (q: vec7) -> TCP position in the base frame, joints unrolled
 
 READY_POSE = (0.0, -math.pi / 4, 0.0, -3 * math.pi / 4, 0.0, math.pi / 2, math.pi / 4)
 """Franka's 'ready' configuration [rad], the centre of the reset distribution."""
@@ -136,7 +136,7 @@ def franka_reach_observe(
     obs: wp.array2d(dtype=float),
 ):
     i = wp.tid()
-    _write_observation(i, q[i], _fk_tcp(q[i]), goal[i], obs)
+    _write_observation(i, q[i], fk_tcp(q[i]), goal[i], obs)
 
 
 @wp.kernel
@@ -158,7 +158,7 @@ def franka_reach_step(
     i = wp.tid()
     velocity = wp.cw_mul(action[i], p.max_speed)
     qn = _clamp_joints(q[i] + velocity * p.dt, p.lower, p.upper)
-    tcp = _fk_tcp(qn)
+    tcp = fk_tcp(qn)
     g = goal[i]
     distance = wp.length(g - tcp)
     q_next[i] = qn
@@ -171,7 +171,7 @@ def franka_reach_step(
     success[i] = wp.where(distance < p.distance_threshold, 1, 0)
 
 
-def _vec7(values) -> vec7:
+def to_vec7(values) -> vec7:
     return vec7(*(float(v) for v in values))
 
 
@@ -211,10 +211,10 @@ class FrankaReach(DiffSim):
         self.velocity_scale = float(velocity_scale)
         self.params = FrankaReachParams()
         self.params.dt = self.dt
-        self.params.lower = _vec7(self.joint_lower)
-        self.params.upper = _vec7(self.joint_upper)
-        self.params.max_speed = _vec7(self.velocity_scale * self.velocity_limits)
-        self.params.ready = _vec7(READY_POSE)
+        self.params.lower = to_vec7(self.joint_lower)
+        self.params.upper = to_vec7(self.joint_upper)
+        self.params.max_speed = to_vec7(self.velocity_scale * self.velocity_limits)
+        self.params.ready = to_vec7(READY_POSE)
         self.params.reset_noise = float(reset_noise)
         self.params.goal_low = wp.vec3(*GOAL_LOW)
         self.params.goal_high = wp.vec3(*GOAL_HIGH)

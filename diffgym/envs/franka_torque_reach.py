@@ -18,8 +18,8 @@ from diffgym.core.env import DiffGymEnv
 from diffgym.core.newton_sim import FR3_DOF, fr3_model
 from diffgym.core.newton_task import NewtonSim
 from diffgym.core.state import SimState
-from diffgym.envs.franka_reach import (FR3, GOAL_HIGH, GOAL_LOW, READY_POSE, FrankaReach, _fk_tcp,
-                                       _vec7, draw_reach_start, vec7)
+from diffgym.envs.franka_reach import (FR3, GOAL_HIGH, GOAL_LOW, READY_POSE, FrankaReach, draw_reach_start,
+                                       fk_tcp, to_vec7, vec7)
 
 EFFORT_LIMITS = (87.0, 87.0, 87.0, 87.0, 12.0, 12.0, 12.0)
 """FR3 joint torque limits [N m] (``franka_description`` ``joint_limits.yaml``; also the URDF's ``effort``)."""
@@ -108,7 +108,7 @@ def franka_torque_reach_observe(
     obs: wp.array2d(dtype=float),
 ):
     i = wp.tid()
-    _write_observation(i, q[i], qd[i], _fk_tcp(q[i]), goal[i], obs)
+    _write_observation(i, q[i], qd[i], fk_tcp(q[i]), goal[i], obs)
 
 
 @wp.kernel
@@ -150,7 +150,7 @@ def franka_torque_reach_outcome(
     i = wp.tid()
     qn = _joints(joint_q, i)
     qdn = _joints(joint_qd, i)
-    tcp = _fk_tcp(qn)
+    tcp = fk_tcp(qn)
     g = goal[i]
     distance = wp.length(g - tcp)
     q_next[i] = qn
@@ -222,10 +222,10 @@ class FrankaTorqueReach(NewtonSim):
         self.gravity_compensation = gravity_compensation
         self.joint_damping = joint_damping
         self.params = FrankaTorqueReachParams()
-        self.params.lower = _vec7(self.joint_lower)
-        self.params.upper = _vec7(self.joint_upper)
-        self.params.effort = _vec7(self.effort_limits)
-        self.params.ready = _vec7(READY_POSE)
+        self.params.lower = to_vec7(self.joint_lower)
+        self.params.upper = to_vec7(self.joint_upper)
+        self.params.effort = to_vec7(self.effort_limits)
+        self.params.ready = to_vec7(READY_POSE)
         self.params.reset_noise = float(reset_noise)
         self.params.goal_low = wp.vec3(*GOAL_LOW)
         self.params.goal_high = wp.vec3(*GOAL_HIGH)
