@@ -131,6 +131,13 @@ def _checked_array(action: Any, shape: tuple[int, ...]) -> np.ndarray:
     return array
 
 
+def _describe(value: Any) -> str:
+    """What a bad tensor argument was, for a one-line error."""
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} of shape {tuple(value.shape)} on {value.device}"
+    return type(value).__name__
+
+
 def _spaces(sim: DiffSim) -> tuple[spaces.Box, spaces.Box]:
     obs = spaces.Box(np.broadcast_to(np.float32(sim.obs_low), (sim.obs_dim,)).astype(np.float32),
                      np.broadcast_to(np.float32(sim.obs_high), (sim.obs_dim,)).astype(np.float32),
@@ -432,19 +439,64 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
         if self._seed is None:
             self._seed = torch.as_tensor(self.np_random.integers(_SEED_MASK, size=self.num_envs),
                                          dtype=torch.int32, device=device)
-        episode = torch.where(mask, self._episode + 1, self._episode)
+        seeds = seeded = None
         if seed is not None:  # a seeded env restarts its RNG stream at episode 0, like a single env
-            given = mask & torch.as_tensor([s is not None for s in seed], device=device)
-            values = torch.as_tensor([(s or 0) & _SEED_MASK for s in seed], dtype=torch.int32, device=device)
-            self._seed = torch.where(given, values, self._seed)
+            seeded = torch.as_tensor([s is not None for s in seed], device=device)
+            seeds = torch.as_tensor([(s or 0) & _SEED_MASK for s in seed], dtype=torch.int32, device=device)
+        self._state, obs = self._restart(self._state, mask, seeds, seeded)
+        self._needs_reset &= ~mask
+        return self.to_gym_observation(obs, self._state), {}
+
+    def restart(self, state: SimState, mask: torch.Tensor, seeds: torch.Tensor | None = None
+                ) -> tuple[SimState, torch.Tensor]:
+        """Start a new episode in every env of ``state`` where ``mask`` is true, on tensors only: the
+        masked reset (``reset(seed=..., options={"reset_mask": ...})``) for a state the caller holds.
+
+        ``state`` is any batch of ``num_envs`` states (e.g. ``differentiable_step``'s ``out.state``, whose
+        envs may have diverged); the env's own state is untouched. ``mask`` is a ``(num_envs,)`` bool
+        tensor; ``seeds``, if given, an integer ``(num_envs,)`` tensor read where ``mask`` is true. A
+        masked env restarts from RNG stream ``(seeds[i], episode 0)``, which becomes its stream, or,
+        without ``seeds``, from the next episode of its own stream (as an autoreset does); the env's
+        per-env seed and episode counters advance exactly as under the masked reset, so both give the
+        same states, bit for bit.
+
+        Returns the new state (``state``'s own tensors outside the mask, so their gradients flow; the
+        restarted envs carry none) and its ``(num_envs, obs_dim)`` float32 observation from the sim,
+        detached (``to_gym_observation(obs, state)`` gives the Gymnasium one)."""
+        if self._seed is None:
+            raise RuntimeError("call reset() before restart()")
+        if not isinstance(state, self.sim.state_type) or state.batch_size != self.num_envs:
+            raise ValueError(f"state must be a {self.sim.state_type.__name__} of batch size {self.num_envs}, got "
+                             f"{type(state).__name__} of batch size {getattr(state, 'batch_size', None)}")
+        device = self.sim.device
+        if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.shape == (self.num_envs,)
+                and mask.device == device):
+            raise ValueError(f"mask must be a torch.bool tensor of shape ({self.num_envs},) on {device}, got "
+                             f"{_describe(mask)}")
+        if seeds is not None:
+            if not (isinstance(seeds, torch.Tensor) and not seeds.is_floating_point() and not seeds.is_complex()
+                    and seeds.dtype != torch.bool and seeds.shape == (self.num_envs,)):
+                raise ValueError(f"seeds must be an integer tensor of shape ({self.num_envs},), got "
+                                 f"{_describe(seeds)}")
+            seeds = (seeds.to(device=device, dtype=torch.int64) & _SEED_MASK).to(torch.int32)
+        return self._restart(state, mask, seeds)
+
+    def _restart(self, state: SimState | None, mask: torch.Tensor, seeds: torch.Tensor | None = None,
+                 seeded: torch.Tensor | None = None) -> tuple[SimState, torch.Tensor]:
+        """:meth:`restart` on checked arguments (``seeds`` int32 and masked to Warp's seed range); ``seeded``
+        narrows which masked envs take ``seeds`` (all of them by default); ``state`` None (the first reset)
+        restarts every env."""
+        episode = torch.where(mask, self._episode + 1, self._episode)
+        if seeds is not None:
+            given = mask if seeded is None else mask & seeded
+            self._seed = torch.where(given, seeds, self._seed)
             episode = torch.where(given, torch.zeros_like(episode), episode)
         self._episode = episode
         fresh_state = self.sim.reset(self._seed, self._episode)
-        self._state = fresh_state if self._state is None else self._state.where(mask, fresh_state)
-        self._needs_reset &= ~mask
+        new_state = fresh_state if state is None else state.where(mask, fresh_state)
         with torch.no_grad():
-            obs = self.sim._observe(self._state)
-        return self.to_gym_observation(obs, self._state), {}
+            obs = self.sim._observe(new_state)
+        return new_state, obs
 
     def step(self, actions):
         if self._state is None:
@@ -458,9 +510,9 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
             if self.autoreset_mode == AutoresetMode.NEXT_STEP:
                 resetting = self._needs_reset
                 if bool(resetting.any()):
-                    fresh_state = self._reset_masked(resetting)
-                    out = dataclasses.replace(out, state=out.state.where(resetting, fresh_state))
-                    obs = torch.where(resetting[:, None], self.sim._observe(fresh_state), obs)
+                    restarted, fresh_obs = self._restart(out.state, resetting)
+                    out = dataclasses.replace(out, state=restarted)
+                    obs = torch.where(resetting[:, None], fresh_obs, obs)
                     reward = reward.masked_fill(resetting, 0.0)
                     terminated, truncated = terminated & ~resetting, truncated & ~resetting
                 self._needs_reset = terminated | truncated
@@ -476,9 +528,9 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
                                            **{f"_{k}": done_np.copy() for k in infos}}
                     infos["_final_info"] = done_np
                     infos["final_obs"], infos["_final_obs"] = final_obs, done_np
-                    fresh_state = self._reset_masked(done)
-                    out = dataclasses.replace(out, state=out.state.where(done, fresh_state))
-                    obs = torch.where(done[:, None], self.sim._observe(fresh_state), obs)
+                    restarted, fresh_obs = self._restart(out.state, done)
+                    out = dataclasses.replace(out, state=restarted)
+                    obs = torch.where(done[:, None], fresh_obs, obs)
         self._state = out.state
         # As in Gymnasium: an env that was reset this step reports its (empty) reset info at the top level
         reset_now = (resetting if self.autoreset_mode == AutoresetMode.NEXT_STEP else done).cpu().numpy()
@@ -493,9 +545,36 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
             return None
         return tuple(self.sim.render_state(self._state, i) for i in range(self.num_envs))
 
-    def _reset_masked(self, mask: torch.Tensor) -> SimState:
-        self._episode = torch.where(mask, self._episode + 1, self._episode)
-        return self.sim.reset(self._seed, self._episode)
+    def state_dict(self) -> dict[str, Any]:
+        """What decides the envs' future besides the actions, for a checkpoint: the state (step counters
+        included) and, per env, the RNG stream its next restart draws from (``seed``, ``episode``) and
+        whether it restarts at the next ``step`` (``needs_reset``, NEXT_STEP autoreset). Copies; physics
+        is not included (``get_physics``)."""
+        if self._seed is None:
+            raise RuntimeError("call reset() before state_dict()")
+        return {"state": self.get_state().tensors(), "seed": self._seed.clone(), "episode": self._episode.clone(),
+                "needs_reset": self._needs_reset.clone()}
+
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
+        """Put the envs back where :meth:`state_dict` found them (everything checked before anything
+        changes)."""
+        device, n = self.sim.device, self.num_envs
+        expected = {"seed": torch.int32, "episode": torch.int32, "needs_reset": torch.bool}
+        missing = [key for key in ("state", *expected) if key not in saved]
+        if missing:
+            raise ValueError(f"the saved vector env state lacks {missing}; expected what state_dict() returns")
+        for key, dtype in expected.items():
+            value = saved[key]
+            if not (isinstance(value, torch.Tensor) and value.dtype == dtype and value.shape == (n,)):
+                raise ValueError(f"saved['{key}'] must be a {dtype} tensor of shape ({n},), got {_describe(value)}")
+        fields = self.sim.state_type.field_names()
+        if len(saved["state"]) != len(fields):
+            raise ValueError(f"saved['state'] must hold one tensor per field of {self.sim.state_type.__name__} "
+                             f"{fields}, got {len(saved['state'])}")
+        self.set_state(self.sim.state_type(*(t.to(device) for t in saved["state"])))
+        # copies: the env updates these in place, and the caller's checkpoint must not change with it
+        self._seed, self._episode = saved["seed"].to(device).clone(), saved["episode"].to(device).clone()
+        self._needs_reset = saved["needs_reset"].to(device).clone()
 
     def _after_set_state(self) -> None:
         self._needs_reset.zero_()

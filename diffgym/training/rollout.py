@@ -36,15 +36,15 @@ seeds and the first episodes' seeds (``diffgym.training.evaluation``) of any run
 class EnvBatch:
     """The N training envs as a tensor state, advanced with ``differentiable_step``.
 
-    Finished episodes restart in the batch through the vector env's masked reset
-    (``reset(seed=..., options={"reset_mask": done})``), spliced in with :meth:`SimState.where`. The
-    batch draws every new episode's seed from its own generator, so its :meth:`state_dict` (state,
+    Finished episodes restart in the batch through the vector env's tensor-only
+    :meth:`~diffgym.core.env.DiffGymVectorEnv.restart` (the masked reset for a state the caller holds).
+    The batch draws every new episode's seed from its own generator, so its :meth:`state_dict` (state,
     observations, seed generator, running returns) is all a checkpoint needs to restart the same
     episodes on resume.
     """
 
     def __init__(self, venv: gym.vector.VectorEnv, seed: int, device: torch.device):
-        for method in ("get_state", "differentiable_step"):
+        for method in ("get_state", "differentiable_step", "restart"):
             if not hasattr(venv, method):
                 raise TypeError(f"the vector env has no {method}(): EnvBatch needs DiffGym's tensor API "
                                 f"(gym.make_vec(..., vectorization_mode='vector_entry_point'))")
@@ -60,14 +60,14 @@ class EnvBatch:
     def restart_finished(self, state: SimState, obs: torch.Tensor, done: torch.Tensor
                          ) -> tuple[SimState, torch.Tensor]:
         """``(state, obs)`` with every ``done`` env replaced by a fresh episode (no gradient there)."""
-        if not bool(done.any()):
+        finished = int(done.sum())
+        if finished == 0:
             return state, obs
-        done_np = done.cpu().numpy()
-        new_seeds = iter(self.seeds.integers(RESET_SEED_LOW, 2**31, size=int(done_np.sum())).tolist())
-        seeds = [next(new_seeds) if d else None for d in done_np]
-        fresh_obs, _ = self.venv.reset(seed=seeds, options={"reset_mask": done_np})
-        fresh_obs = torch.as_tensor(fresh_obs, dtype=obs.dtype, device=obs.device)
-        return state.where(done, self.venv.get_state()), torch.where(done[:, None], fresh_obs, obs)
+        # one seed per finished env, drawn in env order from the batch's generator
+        seeds = torch.zeros(self.num_envs, dtype=torch.int64, device=done.device)
+        seeds[done] = torch.as_tensor(self.seeds.integers(RESET_SEED_LOW, 2**31, size=finished), device=done.device)
+        state, fresh_obs = self.venv.restart(state, done, seeds)
+        return state, torch.where(done[:, None], fresh_obs.to(obs.dtype), obs)
 
     def record(self, reward: torch.Tensor, done: torch.Tensor) -> list[float]:
         """Accumulate undiscounted episode returns; return those of the episodes that just ended."""

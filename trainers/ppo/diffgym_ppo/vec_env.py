@@ -17,6 +17,8 @@ import numpy as np
 from gymnasium.vector import AutoresetMode
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvStepReturn
 
+from diffgym.core.env import DiffGymVectorEnv
+
 _FINAL_KEYS = ("final_obs", "_final_obs", "final_info", "_final_info")
 
 
@@ -74,32 +76,21 @@ class SB3VecEnvAdapter(VecEnv):
     # ------------------------------------------------------------------------- checkpoint / resume
     def state_dict(self) -> dict[str, Any]:
         """Everything that decides the envs' future: the simulator state (step counters included) and,
-        per env, the seed and episode index its next automatic reset draws its start state from."""
-        venv = self._native()
-        if venv._seed is None:
-            raise RuntimeError("reset() the envs before saving their state")
-        return {"state": venv.get_state().tensors(), "seed": venv._seed.clone(), "episode": venv._episode.clone(),
-                "needs_reset": venv._needs_reset.clone()}
+        per env, the seed and episode index its next automatic reset draws its start state from
+        (:meth:`DiffGymVectorEnv.state_dict`): without them a resumed run would start other episodes than
+        an uninterrupted one."""
+        return self._native().state_dict()
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         """Put the envs back where :meth:`state_dict` found them; seeds passed to ``seed()`` are dropped
         (they would restart the episodes on the next reset)."""
-        venv = self._native()
-        device = venv.sim.device
-        venv.set_state(venv.sim.state_type(*(t.to(device) for t in saved["state"])))
-        venv._seed = saved["seed"].to(device)
-        venv._episode = saved["episode"].to(device)
-        venv._needs_reset = saved["needs_reset"].to(device)
+        self._native().load_state_dict(saved)
         self._reset_seeds()
         self._reset_options()
 
-    def _native(self) -> Any:
-        # The reset seeds and episode counters are the native vector env's own (no public accessor), and
-        # it reseeds per env from them on every automatic reset: without them a resumed run would
-        # start other episodes than an uninterrupted one.
+    def _native(self) -> DiffGymVectorEnv:
         venv = self.venv.unwrapped
-        if not all(hasattr(venv, name) for name in ("get_state", "set_state", "sim", "_seed", "_episode",
-                                                    "_needs_reset")):
+        if not isinstance(venv, DiffGymVectorEnv):
             raise TypeError("saving and restoring the envs needs DiffGym's native vector env, got "
                             f"{type(venv).__name__}")
         return venv
