@@ -79,6 +79,12 @@ def register_trainer(name: str, trainer: Any) -> None:
     _registered[name] = trainer
 
 
+def registered_trainers() -> dict[str, Any]:
+    """The trainers registered in this process with :func:`register_trainer` (a copy), by name: what a
+    runner that trains in other processes must send along (installed plugins load there by themselves)."""
+    return dict(_registered)
+
+
 def trainer_names() -> list[str]:
     """Names of every loadable trainer: installed plugins and in-process registrations."""
     return sorted(set(available_trainers()) | set(_registered))

@@ -22,15 +22,8 @@ SOURCE_ROOTS = [(ROOT / "diffgym", ROOT), *((pkg, pkg.parent) for pkg in sorted(
 
 # Exceptions another change is removing while this test lands, each with the reason it is tolerated.
 # Each is an expected failure (xfail) while present and a failure once gone, so the entry is deleted then.
-KNOWN_CYCLES: dict[frozenset[str], str] = {
-    frozenset({"diffgym.experiments.sweep", "diffgym.experiments.ray_runner"}):
-        "issue 24 item 4: sweep.py and ray_runner.py import each other; another agent is removing this cycle",
-}
-KNOWN_PRIVATE_READS: dict[str, str] = {
-    "diffgym.experiments.ray_runner":
-        "issue 24 item 4: ray_runner.py reads sweep._summary, run._lock, run._replace_atomically and "
-        "plugins._registered; the change removing the sweep/ray_runner cycle is making these public",
-}
+KNOWN_CYCLES: dict[frozenset[str], str] = {}
+KNOWN_PRIVATE_READS: dict[str, str] = {}
 
 
 def module_name(path: Path, base: Path) -> str:

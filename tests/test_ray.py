@@ -22,7 +22,7 @@ from diffgym.experiments.compare import compare_configs  # noqa: E402
 from diffgym.experiments.ray_runner import RayRunner  # noqa: E402
 from diffgym.experiments.sweep import LocalRunner, SweepFailed, is_finished  # noqa: E402
 from diffgym.plugins import register_trainer  # noqa: E402
-from diffgym.training.run import Run, _lock, read_metrics  # noqa: E402
+from diffgym.training.run import Run, lock_run_dir, read_metrics  # noqa: E402
 from diffgym.training.spec import TrainConfig  # noqa: E402
 
 ENV = "DiffGym/PointMass1D-v0"
@@ -63,7 +63,7 @@ def test_compare_on_ray_equals_the_local_runner(tmp_path, local_ray, capsys, mon
         final = sorted(p.name for p in (Path(config.run_dir) / "checkpoints").iterdir())[-1]
         assert (on_ray / "checkpoints" / final).exists(), f"{name}: the final checkpoint did not come back"
         assert list(on_ray.glob("events.out.tfevents.*")), f"{name}: no TensorBoard events came back"
-        _lock(on_ray).close()  # the driver's copy is no longer locked once its run ended
+        lock_run_dir(on_ray).close()  # the driver's copy is no longer locked once its run ended
     assert (tmp_path / "ray" / "report.md").exists()
     ray_configs = compare_configs(ENV, ["apg", "ppo"], 1, 1000, tmp_path / "ray", eval_every=500)
     assert all(map(is_finished, ray_configs))

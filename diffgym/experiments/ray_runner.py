@@ -23,7 +23,7 @@ Faults. A run whose worker dies (killed, out of memory, node lost) is started ag
 to ``max_retries`` times, from the driver's copy of its run directory, so the trainer resumes from the
 last checkpoint that reached it (copies still in flight from the dead attempt are dropped). A run that
 raises is not retried: it is reported by name with its error, the other runs go on, and
-:class:`~diffgym.experiments.sweep.SweepFailed` lists the failures at the end. Ctrl-C cancels the
+:class:`~diffgym.experiments.training_runs.SweepFailed` lists the failures at the end. Ctrl-C cancels the
 outstanding runs (running ones get a KeyboardInterrupt, copy their outputs back and stop; runs that do
 not stop within a few seconds are killed); re-running the command resumes them.
 
@@ -43,8 +43,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from diffgym.experiments.sweep import SweepFailed, _summary, is_finished, train_one
-from diffgym.training.run import _lock, _replace_atomically, list_checkpoints
+from diffgym.experiments.training_runs import SweepFailed, is_finished, run_summary, train_one
+from diffgym.training.run import list_checkpoints, lock_run_dir, replace_atomically
 from diffgym.training.spec import TrainConfig
 
 # (path relative to the run directory, offset, bytes): offset None replaces the file, else the bytes
@@ -116,7 +116,7 @@ class RayRunner:
         def settle(done: int, i: int, error: str | None) -> None:
             if sink is not None:
                 ray.get(sink.end.remote(run_dirs[i]))
-            line = f"{_name(todo[i])} failed: {error}" if error else _summary(todo[i])
+            line = f"{_name(todo[i])} failed: {error}" if error else run_summary(todo[i])
             print(f"[{done}/{len(todo)}] {line}", flush=True)
 
         failures = self._gather(submit, [_name(c) for c in todo], settle)
@@ -130,10 +130,10 @@ class RayRunner:
         items' paths must be usable on the workers (``files_shared_with_workers``)."""
         import ray
 
-        from diffgym.plugins import _registered
+        from diffgym.plugins import registered_trainers
 
         self._connect()
-        trainers = ray.put(_pickled_registrations(set(_registered)))  # which ones ``work`` uses is unknown
+        trainers = ray.put(_pickled_registrations(set(registered_trainers())))  # which ones ``work`` uses is unknown
         task = ray.remote(_call_task).options(**self._task_options())
         results: list[Any] = [None] * len(items)
 
@@ -304,12 +304,13 @@ def _pickled_registrations(names: set[str]) -> dict[str, bytes]:
     unpickled on its own in the worker, so one that cannot be does not take the others with it."""
     from ray import cloudpickle
 
-    from diffgym.plugins import _registered
+    from diffgym.plugins import registered_trainers
 
+    registered = registered_trainers()
     pickled = {}
-    for name in sorted(names & set(_registered)):
+    for name in sorted(names & set(registered)):
         try:
-            pickled[name] = cloudpickle.dumps(_registered[name])
+            pickled[name] = cloudpickle.dumps(registered[name])
         except (pickle.PicklingError, TypeError, AttributeError) as error:
             raise ValueError(f"trainer {name!r} is registered in this process only and cannot be sent to Ray "
                              f"workers ({error}); install it as a plugin package") from None
@@ -466,7 +467,7 @@ class RunDirSink:
         path = Path(run_dir)
         if run_dir not in self._locks:
             path.mkdir(parents=True, exist_ok=True)
-            self._locks[run_dir] = _lock(path)  # RunDirLocked: a local run or another sweep has it
+            self._locks[run_dir] = lock_run_dir(path)  # RunDirLocked: a local run or another sweep has it
         self._configured[run_dir] = configured
         self._attempt[run_dir] = attempt
         # the newest checkpoint to resume from, and the one before in case it is unreadable
@@ -484,9 +485,9 @@ class RunDirSink:
             if offset is None:
                 if relative == "config.yaml":  # it names the worker's scratch directory
                     config = TrainConfig.from_dict(_yaml_load(data)).replace(run_dir=self._configured[run_dir])
-                    _replace_atomically(path, config.save)
+                    replace_atomically(path, config.save)
                 else:
-                    _replace_atomically(path, lambda tmp: tmp.write_bytes(data))
+                    replace_atomically(path, lambda tmp: tmp.write_bytes(data))
                 continue
             if not path.exists() or path.stat().st_size < offset:
                 raise RuntimeError(f"{path}: the worker sent bytes from offset {offset}, but the driver's copy "

@@ -6,7 +6,6 @@ that calls ``diffgym.experiments.sweep.train_one`` (or ``diffgym train --config`
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -16,8 +15,11 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
-from diffgym.training.run import read_metrics
+from diffgym.experiments.training_runs import SweepFailed, is_finished, run_summary, train_one
 from diffgym.training.spec import TrainConfig
+
+__all__ = ["LocalRunner", "Runner", "SweepFailed", "add_runner_arguments", "is_finished", "load_sweep",
+           "make_runner", "save_sweep", "train_one"]  # the sweep API, run-level parts from training_runs
 
 
 def save_sweep(configs: Sequence[TrainConfig], path: str | Path) -> Path:
@@ -29,49 +31,6 @@ def save_sweep(configs: Sequence[TrainConfig], path: str | Path) -> Path:
 
 def load_sweep(path: str | Path) -> list[TrainConfig]:
     return [TrainConfig.from_dict(json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def is_finished(config: TrainConfig) -> bool:
-    """A run is finished when its last evaluation row reached the env-step budget."""
-    metrics = Path(config.run_dir or "") / "metrics.jsonl"
-    if not config.run_dir or not metrics.exists():
-        return False
-    evals = [r for r in read_metrics(metrics) if "eval_success_rate" in r]
-    return bool(evals) and evals[-1]["env_steps"] >= config.total_env_steps
-
-
-def train_one(config_dict: dict, progress: bool = True, threads: int | None = None) -> str:
-    """Run one config in this process; the unit of work of every runner. ``threads``: torch threads
-    (default 1 on CPU, see :mod:`diffgym.threads`): parallel runs share the cores."""
-    import inspect
-
-    from diffgym.plugins import load_trainer
-    from diffgym.threads import configure_torch_threads
-
-    configure_torch_threads(threads, config_dict.get("device"))
-    config = TrainConfig.from_dict(config_dict)
-    train = load_trainer(config.algo).train
-    if not progress and "progress" in inspect.signature(train).parameters:
-        return str(train(config, progress=False))
-    return str(train(config))
-
-
-def _summary(config: TrainConfig) -> str:
-    evals = [r for r in read_metrics(Path(config.run_dir)) if "eval_success_rate" in r]
-    last = evals[-1] if evals else {}
-    return (f"{config.algo} seed {config.seed}: success {last.get('eval_success_rate', float('nan')):.2f}, "
-            f"return {last.get('eval_return', float('nan')):.2f} after {last.get('env_steps', 0):,} env steps "
-            f"({last.get('wall_time', 0):.0f} s)")
-
-
-class SweepFailed(RuntimeError):
-    """Some runs of a sweep failed; the others finished. ``failures``: ``(run name, one-line error)``."""
-
-    def __init__(self, failures: Sequence[tuple[str, str]], total: int):
-        self.failures = list(failures)
-        listed = "; ".join(f"{name} ({error})" for name, error in self.failures)
-        super().__init__(f"{len(self.failures)} of {total} runs failed: {listed}; the others finished "
-                         "(running the same command again retries the failed ones)")
 
 
 class Runner(Protocol):
@@ -109,7 +68,7 @@ class LocalRunner:
                 train_one(config.to_dict(), threads=self.threads)
         else:
             # parallel progress bars would garble the terminal: one line per finished run instead
-            self.map(train_one, [(c.to_dict(), False, self.threads) for c in todo], lambda i, _: _summary(todo[i]))
+            self.map(train_one, [(c.to_dict(), False, self.threads) for c in todo], lambda i, _: run_summary(todo[i]))
         return [Path(c.run_dir) for c in configs]
 
     def map(self, work: Callable[..., Any], items: Sequence[tuple],
@@ -167,44 +126,3 @@ def _exit_with_parent() -> None:
         os._exit(1)  # no cleanup can be trusted with the parent gone; everything on disk is consistent
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
-def add_runner_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags that choose where a sweep's runs execute (``compare``, ``ablate``, ``tune``)."""
-    group = parser.add_argument_group("where the runs execute")
-    group.add_argument("--runner", choices=("local", "ray"), default="local",
-                       help="local: a process pool on this machine (--workers); ray: a Ray cluster (--ray-address) "
-                            "or, without one, a local Ray instance of --workers runs (see docs/scaling.md)")
-    group.add_argument("--ray-address", default=None,
-                       help="Ray cluster to join, e.g. auto or HOST:6379 (default: $RAY_ADDRESS, else a local "
-                            "instance)")
-    group.add_argument("--cpus-per-run", type=float, default=None,
-                       help="CPUs Ray reserves for each run, which also sets its torch threads (default 1)")
-    group.add_argument("--gpus-per-run", type=float, default=None,
-                       help="GPUs Ray reserves for each run (a fraction shares one); above 0 runs train on it")
-    group.add_argument("--shared-out", action="store_true",
-                       help="--out is on storage every Ray node mounts at the same path: runs write there directly "
-                            "instead of being copied back to this machine")
-
-
-def make_runner(args: argparse.Namespace, command: str) -> Runner:
-    """The runner ``add_runner_arguments``' flags ask for; a one-line error for flags that do not fit."""
-    ray_flags = {"--ray-address": args.ray_address, "--cpus-per-run": args.cpus_per_run,
-                 "--gpus-per-run": args.gpus_per_run, "--shared-out": args.shared_out or None}
-    if args.runner == "local":
-        given = [flag for flag, value in ray_flags.items() if value is not None]
-        if given:
-            raise SystemExit(f"diffgym {command}: {', '.join(given)} need --runner ray")
-        return LocalRunner(args.workers, threads=getattr(args, "threads", None))
-    if args.workers is not None and (args.ray_address or os.environ.get("RAY_ADDRESS")):
-        raise SystemExit(f"diffgym {command}: --workers sizes a local Ray instance; a cluster "
-                         "(--ray-address or $RAY_ADDRESS) runs as many runs as its resources hold")
-    try:
-        from diffgym.experiments.ray_runner import RayRunner
-
-        return RayRunner(address=args.ray_address,
-                         cpus_per_run=1.0 if args.cpus_per_run is None else args.cpus_per_run,
-                         gpus_per_run=0.0 if args.gpus_per_run is None else args.gpus_per_run,
-                         shared_out=args.shared_out, local_runs=args.workers)
-    except (ImportError, ValueError) as error:
-        raise SystemExit(f"diffgym {command}: {error}")

@@ -149,14 +149,14 @@ class Run:
         self.dir = run_dir
         self.checkpoint_dir = run_dir / "checkpoints"
         self.metrics_path = run_dir / "metrics.jsonl"
-        self._lock = _lock(run_dir)
+        self._lock = lock_run_dir(run_dir)
         try:
             self._check_saved_config()
             self.checkpoint_dir.mkdir(exist_ok=True)
             # temp files of a process killed mid-write; nobody else writes here while we hold the lock
             for stale in [*run_dir.glob(f".*{_TMP_SUFFIX}"), *self.checkpoint_dir.glob(f".*{_TMP_SUFFIX}")]:
                 stale.unlink(missing_ok=True)
-            _replace_atomically(run_dir / "config.yaml", self.config.save)
+            replace_atomically(run_dir / "config.yaml", self.config.save)
         except BaseException:
             self._lock.close()
             raise
@@ -205,7 +205,7 @@ class Run:
     def save_checkpoint(self, obj: dict[str, Any], env_steps: int) -> Path:
         """Save ``obj`` with ``torch.save`` as ``checkpoints/step_<env_steps>.pt`` (atomic replace)."""
         path = self.checkpoint_dir / f"step_{int(env_steps):012d}.pt"
-        _replace_atomically(path, lambda tmp: torch.save(obj, tmp))
+        replace_atomically(path, lambda tmp: torch.save(obj, tmp))
         return path
 
     def load_latest_checkpoint(self, require: Sequence[str] = ()) -> dict[str, Any] | None:
@@ -322,7 +322,7 @@ class Run:
 
         ``purge_step``: an earlier attempt's TensorBoard points at or after it are hidden (TensorBoard
         drops them when it reads the restart marker), so no point is shown twice."""
-        _replace_atomically(self.metrics_path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+        replace_atomically(self.metrics_path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
         self._metrics = self.metrics_path.open("a")
         from torch.utils.tensorboard import SummaryWriter  # imported late: it pulls in TensorBoard
 
@@ -365,7 +365,7 @@ class _NoLock:
         pass
 
 
-def _lock(run_dir: Path) -> IO[str] | _NoLock:
+def lock_run_dir(run_dir: Path) -> IO[str] | _NoLock:
     """Take the run directory's exclusive lock and write our pid into it, or raise RunDirLocked."""
     if fcntl is None:
         warnings.warn("run directories are not locked on this platform (no fcntl): do not run two trainers "
@@ -385,7 +385,7 @@ def _lock(run_dir: Path) -> IO[str] | _NoLock:
     return handle
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     """``write(tmp)`` a uniquely named temp file next to ``path``, then rename it over ``path``: readers
     and a crash see the old file or the new one, never a partial one, and no two writers share a temp
     file. The temp file is removed if writing fails."""
