@@ -11,10 +11,16 @@ trainers alike::
 The policy is the shared :class:`~diffgym.training.ActorCritic` behind its
 :class:`~diffgym.training.ObservationNormalizer`: ``squash(actor(normalize(obs)))`` when deterministic,
 a squashed Gaussian sample otherwise.
+
+Nothing here unpickles: checkpoints are read weights-only (tensors and plain data; a file that needs
+more is refused unless ``trust_pickle=True``), and :func:`save_policy` writes the shareable form, a
+``.safetensors`` file of the policy's tensors with its config as JSON metadata, which
+:func:`load_policy` reads back.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,10 +31,16 @@ from torch import nn
 
 from diffgym.training.networks import ActorCritic
 from diffgym.training.normalization import ObservationNormalizer
-from diffgym.training.run import list_checkpoints
+from diffgym.training.run import UnsafeCheckpointError, _one_line, list_checkpoints, load_checkpoint
 from diffgym.training.spec import TrainConfig
 
 _REQUIRED_KEYS = ("actor_critic", "normalizer", "config", "env_steps")
+SHAREABLE_SUFFIX = ".safetensors"
+"""The extension of the shareable policy file (:func:`save_policy`)."""
+_SHAREABLE_FORMAT = "diffgym.policy/1"
+"""The ``format`` entry of a shareable policy file's metadata; another version is refused, not guessed at."""
+_TRUST_ADVICE = ("; if you made it yourself (e.g. a PPO run saved before checkpoints became weights-only), "
+                 "pass trust_pickle=True (diffgym eval/export: --trust-pickle)")
 
 
 class TaskMismatchError(ValueError):
@@ -70,20 +82,29 @@ class Policy(nn.Module):
         return f"env_id={self.config.env_id!r}, algo={self.config.algo!r}, env_steps={self.env_steps}"
 
 
-def load_policy(path: str | Path, device: str | torch.device = "cpu", step: int | None = None) -> Policy:
+def load_policy(path: str | Path, device: str | torch.device = "cpu", step: int | None = None,
+                trust_pickle: bool = False) -> Policy:
     """The policy saved in a run directory (its latest valid checkpoint, or the one at ``step`` env
-    steps) or in one checkpoint file. Checkpoints are pickles: load only runs you trust.
+    steps), in one checkpoint file, or in a shareable ``.safetensors`` policy file (:func:`save_policy`).
+
+    Checkpoints are read weights-only: a file that would need unpickling (which can run code from it)
+    raises :class:`~diffgym.training.run.UnsafeCheckpointError`, a ``ValueError``, whose one line names
+    the file. ``trust_pickle=True`` reads such files anyway: only for files you made yourself.
 
     Raises ``FileNotFoundError`` for a path that is not a run or has no such checkpoint, and
-    ``ValueError`` for a checkpoint that lacks the shared keys or belongs to another task than the run.
+    ``ValueError`` for a file that is not a readable checkpoint or policy, or a checkpoint that lacks the
+    shared keys or belongs to another task than the run.
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: expected a run directory or a checkpoint file")
+        raise FileNotFoundError(f"{path} does not exist: expected a run directory, a checkpoint file or a "
+                                f"{SHAREABLE_SUFFIX} policy")
     if path.is_file():
         if step is not None:
-            raise ValueError(f"step={step} selects a checkpoint of a run directory; {path} is one checkpoint file")
-        return _load_checkpoint(path, device, expected=None)
+            raise ValueError(f"step={step} selects a checkpoint of a run directory; {path} is one file")
+        if path.suffix == SHAREABLE_SUFFIX:
+            return _load_shareable(path, device)
+        return _load_checkpoint(path, device, expected=None, trust_pickle=trust_pickle)
     if not (path / "config.yaml").exists():
         raise FileNotFoundError(f"{path} is not a run directory: it has no config.yaml")
     run_config = TrainConfig.load(path / "config.yaml")
@@ -93,17 +114,17 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", step: int 
         if not chosen:
             steps = ", ".join(str(s) for s, _ in found) or "none"
             raise FileNotFoundError(f"{path} has no checkpoint at {step} env steps (it has: {steps})")
-        return _load_checkpoint(chosen[0], device, run_config)
+        return _load_checkpoint(chosen[0], device, run_config, trust_pickle)
     if not found:
         raise FileNotFoundError(f"{path} has no checkpoints/step_*.pt")
     errors = []
     for _, candidate in reversed(found):  # the latest one that loads; a truncated file falls back
         try:
-            policy = _load_checkpoint(candidate, device, run_config)
-        except TaskMismatchError:
-            raise
-        except (OSError, RuntimeError, EOFError, ValueError, KeyError) as error:
-            errors.append(f"{candidate.name}: {type(error).__name__}: {error}")
+            policy = _load_checkpoint(candidate, device, run_config, trust_pickle)
+        except (TaskMismatchError, UnsafeCheckpointError):
+            raise  # not damage: an earlier checkpoint would hide what is wrong with the run
+        except ValueError as error:
+            errors.append(str(error))
             continue
         if errors:
             warnings.warn(f"skipped unreadable checkpoint(s) in {path}: {'; '.join(errors)}", stacklevel=2)
@@ -111,8 +132,68 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", step: int 
     raise ValueError(f"no checkpoint in {path} could be loaded: {'; '.join(errors)}")
 
 
-def _load_checkpoint(path: Path, device: str | torch.device, expected: TrainConfig | None) -> Policy:
-    saved = torch.load(path, map_location=device, weights_only=False)
+def save_policy(policy: Policy, path: str | Path) -> Path:
+    """Write ``policy`` as a shareable ``.safetensors`` file: the actor-critic's and normalizer's tensors
+    (``actor_critic.<name>``, ``normalizer.<name>``) and, as JSON metadata, its training config (without
+    the maker's ``run_dir``) and env steps. Loading it (:func:`load_policy`, ``diffgym eval``) reads
+    tensors and JSON only, so it is safe to pass around. Returns the path."""
+    safetensors = _safetensors()
+    path = Path(path)
+    if path.suffix != SHAREABLE_SUFFIX:
+        raise ValueError(f"a shareable policy file ends in {SHAREABLE_SUFFIX}, got {path}")
+    tensors = {f"{part}.{name}": tensor.detach().cpu().contiguous().clone()  # clone: no shared storage
+               for part, module in (("actor_critic", policy.model), ("normalizer", policy.normalizer))
+               for name, tensor in module.state_dict().items()}
+    metadata = {"format": _SHAREABLE_FORMAT, "env_steps": str(policy.env_steps),
+                "config": json.dumps(policy.config.replace(run_dir=None).to_dict())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def _load_shareable(path: Path, device: str | torch.device) -> Policy:
+    safetensors = _safetensors()
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as error:  # safetensors' own error types for a damaged header or data
+        raise ValueError(f"{path}: not a readable {SHAREABLE_SUFFIX} file ({_one_line(error)})") from None
+    if metadata.get("format") != _SHAREABLE_FORMAT:
+        raise ValueError(f"{path}: not a DiffGym policy file (metadata format {metadata.get('format')!r}, "
+                         f"expected {_SHAREABLE_FORMAT!r}); write one with diffgym export --out FILE{SHAREABLE_SUFFIX}")
+    parts: dict[str, dict[str, torch.Tensor]] = {"actor_critic": {}, "normalizer": {}}
+    for name, tensor in tensors.items():
+        part, _, key = name.partition(".")
+        if part not in parts:
+            raise ValueError(f"{path}: unexpected tensor {name!r} (a DiffGym policy holds actor_critic.* and "
+                             "normalizer.* only)")
+        parts[part][key] = tensor
+    try:
+        config = TrainConfig.from_dict(json.loads(metadata.get("config", "")))
+        env_steps = int(metadata.get("env_steps", ""))
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path}: unreadable policy metadata ({_one_line(error)})") from None
+    return _build_policy(parts["actor_critic"], parts["normalizer"], config, env_steps, path, device)
+
+
+def _safetensors() -> Any:
+    try:
+        import safetensors.torch
+    except ImportError as error:  # the optional extra
+        raise ImportError(f"{SHAREABLE_SUFFIX} policies need safetensors (pip install 'diffgym[export]', "
+                          "installed by make)") from error
+    return safetensors
+
+
+def _load_checkpoint(path: Path, device: str | torch.device, expected: TrainConfig | None,
+                     trust_pickle: bool = False) -> Policy:
+    try:
+        saved = load_checkpoint(path, device, trust_pickle, advice=_TRUST_ADVICE)
+    except UnsafeCheckpointError:
+        raise
+    except Exception as error:  # truncated, not a torch file, a TorchScript module, ...: whatever torch raises
+        raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: {_one_line(error)})") from None
     if not isinstance(saved, dict) or any(k not in saved for k in _REQUIRED_KEYS):
         have = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
         raise ValueError(f"{path} is not a DiffGym checkpoint: it needs the keys {list(_REQUIRED_KEYS)}, has {have}")
@@ -120,10 +201,17 @@ def _load_checkpoint(path: Path, device: str | torch.device, expected: TrainConf
     if expected is not None and config.env_id != expected.env_id:
         raise TaskMismatchError(f"{path} was trained on task {config.env_id}, but its run directory is for "
                                 f"{expected.env_id}")
-    weights = saved["actor_critic"]
-    obs_dim, act_dim = int(weights["actor.0.weight"].shape[1]), int(weights["log_std"].shape[0])
-    model = ActorCritic(obs_dim, act_dim, config.policy).to(device)
-    model.load_state_dict(weights)
-    normalizer = ObservationNormalizer(obs_dim, config.normalizer).to(device)
-    normalizer.load_state_dict(saved["normalizer"])
-    return Policy(model, normalizer, config, int(saved["env_steps"]), path).eval()
+    return _build_policy(saved["actor_critic"], saved["normalizer"], config, int(saved["env_steps"]), path, device)
+
+
+def _build_policy(weights: dict[str, torch.Tensor], normalizer_state: dict[str, torch.Tensor], config: TrainConfig,
+                  env_steps: int, path: Path, device: str | torch.device) -> Policy:
+    try:
+        obs_dim, act_dim = int(weights["actor.0.weight"].shape[1]), int(weights["log_std"].shape[0])
+        model = ActorCritic(obs_dim, act_dim, config.policy).to(device)
+        model.load_state_dict(weights)
+        normalizer = ObservationNormalizer(obs_dim, config.normalizer).to(device)
+        normalizer.load_state_dict(normalizer_state)
+    except (KeyError, RuntimeError) as error:  # missing or misshapen tensors for the config's architecture
+        raise ValueError(f"{path}: its weights do not fit its config's policy ({_one_line(error)})") from None
+    return Policy(model, normalizer, config, env_steps, path).eval()

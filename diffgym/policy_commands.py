@@ -3,8 +3,11 @@
 ``diffgym eval RUN_DIR`` scores the run's policy twice with the shared ``evaluate_policy``: on the run's
 own evaluation seeds (reproducing its last evaluation row when the checkpoint is the final one) and on
 fresh seeds the run never used; ``--video FILE`` records a few episodes (``.mp4`` or ``.gif``).
-``diffgym export RUN_DIR --format torchscript|onnx --out FILE`` writes a self-contained module
-(normalizer + actor + squash, deterministic) that maps observations ``(B, obs_dim)`` to actions.
+``diffgym export RUN_DIR --out FILE`` writes, by FILE's extension, a self-contained module (normalizer +
+actor + squash, deterministic) that maps observations ``(B, obs_dim)`` to actions, as TorchScript
+(``.pt``) or ONNX (``.onnx``), or the shareable policy file (``.safetensors``: tensors and config only,
+read back by ``diffgym.load_policy`` and ``diffgym eval``). Both commands load checkpoints weights-only;
+``--trust-pickle`` reads older pickled checkpoints you made yourself.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffgym.policy import Policy, load_policy
+from diffgym.policy import SHAREABLE_SUFFIX, Policy, load_policy, save_policy
+
+EXPORT_SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx", "safetensors": SHAREABLE_SUFFIX}
+"""Export format -> the file extension that names it (``diffgym export`` infers the format from it)."""
 
 FRESH_SEED_OFFSET = 1000
 """``diffgym eval`` scores fresh episodes as if the run's seed were ``seed + FRESH_SEED_OFFSET``: seeds
@@ -112,9 +119,42 @@ def _copy_module(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).requires_grad_(False)
 
 
-def export_policy(policy: Policy, path: str | Path, fmt: str = "torchscript") -> Path:
-    """Write ``policy`` as a self-contained TorchScript (``.pt``) or ONNX (``.onnx``) module whose
-    output for observations ``(B, obs_dim)`` float32 is ``policy.predict(obs, deterministic=True)``."""
+def export_format(path: str | Path, fmt: str | None = None) -> str:
+    """The export format of ``path``: named by its extension (:data:`EXPORT_SUFFIXES`); ``fmt``, when
+    given, must agree with it (a TorchScript file named ``.onnx`` fails only later, in onnxruntime)."""
+    suffix = Path(path).suffix
+    by_suffix = {ext: name for name, ext in EXPORT_SUFFIXES.items()}
+    known = ", ".join(f"{ext} ({name})" for name, ext in EXPORT_SUFFIXES.items())
+    if fmt is not None and fmt not in EXPORT_SUFFIXES:
+        raise ValueError(f"format must be one of {', '.join(EXPORT_SUFFIXES)}, got {fmt!r}")
+    if suffix not in by_suffix:
+        expected = EXPORT_SUFFIXES[fmt] if fmt else f"one of {known}"
+        raise ValueError(f"{path}: cannot tell the export format from its extension; expected {expected}")
+    if fmt is not None and by_suffix[suffix] != fmt:
+        raise ValueError(f"format {fmt} writes {EXPORT_SUFFIXES[fmt]} files, but the output is {path} "
+                         f"({by_suffix[suffix]}); change the extension or drop the format")
+    return by_suffix[suffix]
+
+
+def default_export_path(source: str | Path, fmt: str, step: int | None = None) -> Path:
+    """Where ``diffgym export`` writes without ``--out``: ``policy<ext>`` (``policy_step_<N><ext>`` for
+    ``--step N``) inside a run directory; beside a file, under its name with the format's extension
+    (``<name>_policy<ext>`` where that would be the file itself)."""
+    source, suffix = Path(source), EXPORT_SUFFIXES[fmt]
+    if source.is_dir():
+        return source / (f"policy_step_{step}{suffix}" if step is not None else f"policy{suffix}")
+    beside = source.with_suffix(suffix)
+    return beside if beside != source else source.with_name(f"{source.stem}_policy{suffix}")
+
+
+def export_policy(policy: Policy, path: str | Path, fmt: str | None = None) -> Path:
+    """Write ``policy`` to ``path`` in the format its extension names (``fmt``, if given, must agree):
+    a self-contained TorchScript (``.pt``) or ONNX (``.onnx``) module whose output for observations
+    ``(B, obs_dim)`` float32 is ``policy.predict(obs, deterministic=True)``, or the shareable
+    ``.safetensors`` policy of :func:`diffgym.policy.save_policy`."""
+    fmt = export_format(path, fmt)
+    if fmt == "safetensors":
+        return save_policy(policy, path)
     module = ExportedPolicy(policy).eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,20 +171,35 @@ def export_policy(policy: Policy, path: str | Path, fmt: str = "torchscript") ->
                                     dynamic_shapes={"obs": {0: torch.export.Dim("batch")}}, dynamo=True,
                                     verbose=False)
         program.save(str(path))
-    else:
-        raise ValueError(f"format must be 'torchscript' or 'onnx', got {fmt!r}")
     return path
 
 
 # ----------------------------------------------------------------------------------------------- CLI
+def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """The policy to use, shared by ``eval`` and ``export``."""
+    parser.add_argument("run_dir", help=f"a run directory, one checkpoint file or a {SHAREABLE_SUFFIX} policy")
+    parser.add_argument("--step", type=int, default=None,
+                        help="the checkpoint at this many env steps (default: latest)")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="also read checkpoints that need unpickling (older PPO runs); this can run code "
+                             "from the file, so only for files you made yourself (default: weights-only)")
+
+
+def _load(command: str, args: argparse.Namespace) -> Policy | None:
+    """The chosen policy, or ``None`` after printing ``diffgym <command>: <why>`` in one line."""
+    try:
+        return load_policy(args.run_dir, step=args.step, trust_pickle=args.trust_pickle)
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        print(f"diffgym {command}: {error}", file=sys.stderr)
+        return None
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="a run directory (or one checkpoint file)")
+    _add_source_arguments(parser)
     parser.add_argument("--episodes", type=int, default=None, help="fresh episodes (default: the run's eval_episodes)")
     parser.add_argument("--seed", type=int, default=None,
                         help=f"evaluation seed of the fresh episodes (default: the run's seed + {FRESH_SEED_OFFSET})")
     parser.add_argument("--env", default=None, help="evaluate on another registered task id (same spaces)")
-    parser.add_argument("--step", type=int, default=None,
-                        help="the checkpoint at this many env steps (default: latest)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--deterministic", dest="deterministic", action="store_true", default=True,
                       help="the squashed mean action (default; what training evaluates)")
@@ -158,10 +213,9 @@ def run_eval(args: argparse.Namespace) -> int:
     import diffgym  # noqa: F401  (registers the tasks)
 
     torch.set_num_threads(1)
-    try:
-        policy = load_policy(args.run_dir, step=args.step)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"diffgym eval: {error}") from None
+    policy = _load("eval", args)
+    if policy is None:
+        return 2
     config = policy.config
     results: dict[str, Any] = {"checkpoint": str(policy.checkpoint), "env_steps": policy.env_steps,
                                "env_id": args.env or config.env_id, "deterministic": args.deterministic}
@@ -188,19 +242,34 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="a run directory (or one checkpoint file)")
-    parser.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript")
-    parser.add_argument("--out", required=True, help="output file (.pt for TorchScript, .onnx for ONNX)")
-    parser.add_argument("--step", type=int, default=None,
-                        help="the checkpoint at this many env steps (default: latest)")
+    _add_source_arguments(parser)
+    parser.add_argument("--format", choices=tuple(EXPORT_SUFFIXES), default=None,
+                        help="torchscript (.pt) or onnx (.onnx): a module that computes the actions; "
+                             f"safetensors ({SHAREABLE_SUFFIX}): the policy's tensors and config, safe to share, "
+                             "read by load_policy and diffgym eval (default: --out's extension, else torchscript)")
+    parser.add_argument("--out", default=None,
+                        help="output file, whose extension names the format (default: policy.pt, .onnx or "
+                             ".safetensors in the run directory, or beside a file given as the policy)")
 
 
 def run_export(args: argparse.Namespace) -> int:
+    try:  # the output is checked before anything is loaded
+        fmt = export_format(args.out, args.format) if args.out else (args.format or "torchscript")
+        out = Path(args.out) if args.out else default_export_path(args.run_dir, fmt, args.step)
+        if out.exists() and Path(args.run_dir).exists() and out.samefile(args.run_dir):
+            raise ValueError(f"--out {out} is the policy being exported; choose another file")
+    except ValueError as error:
+        print(f"diffgym export: {error}", file=sys.stderr)
+        return 2
+    policy = _load("export", args)
+    if policy is None:
+        return 2
     try:
-        policy = load_policy(args.run_dir, step=args.step)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"diffgym export: {error}") from None
-    path = export_policy(policy, args.out, args.format)
-    print(f"wrote {path} ({args.format}): observations (B, {policy.model.obs_dim}) float32 -> actions "
-          f"(B, {policy.model.act_dim}) in [-1, 1]")
+        path = export_policy(policy, out, fmt)
+    except ImportError as error:  # ONNX's or safetensors' optional packages
+        print(f"diffgym export: {error}", file=sys.stderr)
+        return 2
+    what = ("the policy's tensors and config, for diffgym.load_policy and diffgym eval" if fmt == "safetensors"
+            else f"observations (B, {policy.model.obs_dim}) float32 -> actions (B, {policy.model.act_dim}) in [-1, 1]")
+    print(f"wrote {path} ({fmt}): {what}")
     return 0

@@ -1,6 +1,7 @@
 """Using a trained policy: diffgym.load_policy for every bundled trainer, diffgym eval (reproduces the
-run's own last evaluation, scores fresh seeds, records a video), diffgym export (TorchScript and ONNX
-equal to Policy.predict), and clear errors for what is not a run."""
+run's own last evaluation, scores fresh seeds, records a video), diffgym export (TorchScript, ONNX and
+the shareable .safetensors policy, each equal to Policy.predict, the format named by the extension),
+and clear errors for what is not a run. Refusing pickled checkpoints: tests/test_safe_loading.py."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def run(request, tmp_path_factory):
 
 def test_every_bundled_trainer_saves_what_load_policy_needs(run):
     for path in sorted((run / "checkpoints").glob("step_*.pt")):
-        saved = torch.load(path, weights_only=False)
+        saved = torch.load(path, weights_only=True)
         assert {"actor_critic", "normalizer", "config", "env_steps", "grad_steps"} <= set(saved)
 
 
@@ -76,7 +77,7 @@ def test_mp4_video(run, tmp_path):
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_export_matches_predict(run, tmp_path, fmt):
     out = tmp_path / ("policy.pt" if fmt == "torchscript" else "policy.onnx")
-    assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 0
+    assert main(["export", str(run), "--out", str(out)]) == 0  # the extension names the format
     policy = diffgym.load_policy(run)
     with torch.no_grad():  # a non-trivial normalization, so the export must carry it
         policy.normalizer.mean.copy_(torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64))
@@ -102,8 +103,7 @@ def test_clear_errors_for_what_is_not_a_run(run, tmp_path):
         diffgym.load_policy(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="no checkpoint at 5 env steps"):
         diffgym.load_policy(run, step=5)
-    with pytest.raises(SystemExit, match="diffgym eval: .*config.yaml"):
-        main(["eval", str(tmp_path)])
+    assert main(["eval", str(tmp_path)]) == 2
     # a checkpoint from another task in this run's directory
     other = resolve_config("apg", "DiffGym/FrankaReach-v0", {**SMALL["apg"], "run_dir": str(tmp_path / "franka")})
     franka = load_trainer("apg").train(other, progress=False)
@@ -127,5 +127,64 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(run, tmp_p
 def test_step_selects_within_a_run_directory_only(run):
     checkpoint = sorted((run / "checkpoints").glob("*.pt"))[-1]
     assert diffgym.load_policy(checkpoint).env_steps == 64
-    with pytest.raises(ValueError, match="one checkpoint file"):
+    with pytest.raises(ValueError, match="is one file"):
         diffgym.load_policy(checkpoint, step=32)
+
+
+def test_export_refuses_a_format_its_file_name_contradicts(run, tmp_path, capsys):
+    for fmt, name in (("onnx", "policy.pt"), ("torchscript", "policy.onnx"), ("safetensors", "policy.pt"),
+                      (None, "policy.bin")):
+        out = tmp_path / name
+        assert main(["export", str(run), *(["--format", fmt] if fmt else []), "--out", str(out)]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("diffgym export: ") and error.count("\n") == 1, error
+        assert not out.exists()
+
+
+def test_export_writes_next_to_the_run_by_default(run, tmp_path):
+    copied = tmp_path / "run"
+    shutil.copytree(run, copied)
+    assert main(["export", str(copied)]) == 0
+    assert main(["export", str(copied), "--step", "32", "--format", "safetensors"]) == 0
+    obs = np.random.default_rng(1).normal(size=(6, 3)).astype(np.float32)
+    scripted = torch.jit.load(str(copied / "policy.pt"))(torch.as_tensor(obs)).numpy()
+    np.testing.assert_allclose(scripted, diffgym.load_policy(copied).predict(obs)[0], rtol=0, atol=1e-6)
+    assert diffgym.load_policy(copied / "policy_step_32.safetensors").env_steps == 32
+    checkpoint = sorted((copied / "checkpoints").glob("step_*.pt"))[-1]
+    assert main(["export", str(checkpoint)]) == 0  # beside the file, never over it
+    assert checkpoint.with_name(f"{checkpoint.stem}_policy.pt").exists()
+    assert diffgym.load_policy(checkpoint).env_steps == 64
+
+
+def test_the_shareable_policy_holds_tensors_and_config_and_loads_back(run, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "shared" / "pm.safetensors"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    with safe_open(str(out), framework="pt") as handle:
+        names, metadata = list(handle.keys()), handle.metadata()
+    assert names and all(n.startswith(("actor_critic.", "normalizer.")) for n in names)
+    config = json.loads(metadata["config"])
+    assert config["env_id"] == POINT_MASS and config["run_dir"] is None  # the maker's paths stay home
+    shared, original = diffgym.load_policy(out), diffgym.load_policy(run)
+    assert shared.env_steps == original.env_steps and shared.config.algo == original.config.algo
+    obs = np.random.default_rng(2).normal(size=(9, 3)).astype(np.float32) * 3
+    np.testing.assert_array_equal(shared.predict(obs)[0], original.predict(obs)[0])
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(shared.state_dict()[name], tensor), name
+    result = tmp_path / "eval.json"
+    assert main(["eval", str(out), "--episodes", "2", "--json", str(result)]) == 0
+    assert json.loads(result.read_text())["env_steps"] == 64
+
+
+def test_a_safetensors_file_that_is_not_a_policy_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "model.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(foreign), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="not a DiffGym policy file"):
+        diffgym.load_policy(foreign)
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match="not a readable .safetensors file"):
+        diffgym.load_policy(damaged)

@@ -163,7 +163,7 @@ def test_tiny_learn_writes_run_outputs(env_id, tmp_path):
     assert all(np.isfinite(r["eval_return"]) for r in evals)
     train_rows = [r for r in rows if "train/loss" in r]
     assert train_rows and train_rows[-1]["grad_steps"] == 2 and np.isfinite(train_rows[-1]["train/loss"])
-    checkpoint = torch.load(sorted((run_dir / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    checkpoint = torch.load(sorted((run_dir / "checkpoints").glob("*.pt"))[-1], weights_only=True)
     assert checkpoint["env_steps"] == 64 and {"actor_critic", "normalizer", "config"} <= set(checkpoint)
     assert (run_dir / "config.yaml").exists() and (run_dir / "sb3_model.zip").exists()
     assert any(f.name.startswith("events.out.tfevents") for f in run_dir.iterdir())
@@ -197,7 +197,7 @@ def _rows(run_dir):
 
 
 def _latest(run_dir):
-    return torch.load(sorted((run_dir / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    return torch.load(sorted((run_dir / "checkpoints").glob("*.pt"))[-1], weights_only=True)
 
 
 @pytest.mark.parametrize("normalize_reward", [False, True])
@@ -234,7 +234,7 @@ def test_final_partial_rollout_and_mid_rollout_evaluations(tmp_path):
     assert _latest(run_dir)["grad_steps"] == 12 * 4 + 2
     # an evaluation inside a rollout scores the policy of the update before it and saves it (policy
     # only); the resumable checkpoint follows at the next update boundary
-    saved = {int(p.stem.split("_")[1]): torch.load(p, weights_only=False)
+    saved = {int(p.stem.split("_")[1]): torch.load(p, weights_only=True)
              for p in (run_dir / "checkpoints").glob("*.pt")}
     assert sorted(saved) == sorted({0, *range(60, 601, 60), 620, 100, 150, 200, 250, 400, 450, 500, 550})
     resumable = sorted(step for step, s in saved.items() if "sb3" in s)
@@ -261,6 +261,6 @@ def test_tiny_learn_on_cuda(tmp_path):
         "device": "cuda", "num_envs": 8, "total_env_steps": 128, "eval_every_env_steps": 64, "eval_episodes": 4,
         "run_dir": str(tmp_path / "run"), "algo_params.n_steps": 8, "algo_params.batch_size": 32})
     run_dir = load_trainer("ppo").train(config, progress=False)
-    checkpoint = torch.load(sorted((run_dir / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    checkpoint = torch.load(sorted((run_dir / "checkpoints").glob("*.pt"))[-1], weights_only=True)
     assert checkpoint["actor_critic"]["log_std"].device.type == "cuda"
     assert float(checkpoint["normalizer"]["count"]) == 8 + 128

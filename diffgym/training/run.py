@@ -22,6 +22,10 @@ A run directory is safe to re-run into:
   start, so a resume that fails or is killed leaves the earlier rows in place.
 * **Corrupt checkpoints.** :meth:`Run.load_latest_checkpoint` skips an unreadable checkpoint with a
   :class:`CheckpointWarning` naming it, sets it aside as ``*.pt.corrupt`` and loads the previous one.
+* **No code from files.** Checkpoints are read with ``torch.load(weights_only=True)`` (:func:`load_checkpoint`):
+  tensors and plain data only, so a run directory from someone else cannot run code when it is resumed
+  or its policy loaded. A checkpoint that would need unpickling anything else is refused with
+  :class:`UnsafeCheckpointError` (one line naming the file), never set aside or skipped.
 
 While training, a tqdm progress bar counts env steps and shows env steps per second.
 """
@@ -33,6 +37,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import re
 import tempfile
 import time
@@ -73,6 +78,16 @@ class CheckpointWarning(UserWarning):
     """An unreadable checkpoint was skipped."""
 
 
+class UnsafeCheckpointError(RunDirError, ValueError):
+    """A checkpoint holding more than tensors and plain data: loading it would unpickle objects, which
+    can run code from the file. A :class:`RunDirError` so a refused resume is reported in one line like
+    the other run-directory errors, and a ``ValueError`` so callers of ``load_policy`` that handle a bad
+    checkpoint handle this one too."""
+
+
+_RESUME_REFUSED = ("; resuming reads tensors and plain data only, so this run cannot be continued: train "
+                   "into another run_dir (diffgym eval/export --trust-pickle still read a run you made yourself)")
+
 _CHECKPOINT = re.compile(r"step_(\d+)\.pt$")
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -80,6 +95,45 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     found = [(int(m.group(1)), p) for p in (Path(run_dir) / "checkpoints").glob("step_*.pt")
              if (m := _CHECKPOINT.search(p.name))]
     return sorted(found)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", trust_pickle: bool = False,
+                    advice: str = "") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings, ``None`` and lists, tuples and
+    dicts of them; nothing in the file can run code. A file that needs anything else unpickled raises
+    :class:`UnsafeCheckpointError`, one line naming the file and what it would unpickle, then ``advice``.
+    Other read errors (a truncated or foreign file) propagate as ``torch.load`` raises them.
+
+    ``trust_pickle=True`` unpickles whatever the file holds: only for files you made yourself."""
+    if trust_pickle:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        with warnings.catch_warnings():
+            # a plain pickle.dump file: the weights-only unpickler notes its protocol, then refuses it below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        names = _pickled_globals(path, error)
+        if not names:  # opcodes the weights-only reader does not know: a damaged file, not a refused one
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            detail = next((line for line in reversed(lines) if not line.startswith("Check the documentation")), "")
+            raise pickle.UnpicklingError(f"damaged pickle data ({detail})") from None
+        what = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        # torch's message is many lines about torch versions; ours is one
+        raise UnsafeCheckpointError(f"{path}: not a weights-only checkpoint: loading it would unpickle {what}, "
+                                    f"which can run code from the file{advice}") from None
+
+
+def _pickled_globals(path: str | Path, error: pickle.UnpicklingError) -> list[str]:
+    """The classes and functions the file would import when unpickled, i.e. why the weights-only reader
+    refused it: read from a ``torch.save`` zip file's pickle opcodes (nothing executed), else from the
+    refusal of an older-format file; empty when the refusal was not about one (a damaged file)."""
+    find = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    try:
+        names = list(find(path)) if find is not None else []
+    except Exception:  # not a zip file: torch's legacy format
+        names = []
+    return names or re.findall(r"unsupported GLOBAL (\S+)", str(error))
 
 
 _LOG_HOOKS: list[Callable[[int, dict[str, float]], None]] = []
@@ -216,15 +270,18 @@ class Run:
         Unreadable ones after it are reported (:class:`CheckpointWarning`) and set aside as
         ``*.pt.corrupt``; when none is readable, :class:`RunDirError` is raised and nothing is moved. A
         checkpoint saved under another config (its ``config`` entry) raises :class:`ConfigMismatch`.
-        Checkpoints are full pickles (optimizer state, configs), so only load run directories you trust.
+        Checkpoints are loaded weights-only (:func:`load_checkpoint`): one that would need unpickling
+        raises :class:`UnsafeCheckpointError` and nothing is resumed or moved.
         """
         found = list_checkpoints(self.dir)
         unreadable: list[Path] = []
         for _, path in reversed(found):
             try:
-                saved = torch.load(path, map_location="cpu", weights_only=False)
+                saved = load_checkpoint(path, advice=_RESUME_REFUSED)
                 if not isinstance(saved, dict):
                     raise TypeError(f"expected a dict, got {type(saved).__name__}")
+            except UnsafeCheckpointError:
+                raise  # not damage: falling back past it would hide that the run holds such a file
             except Exception as error:  # truncated zip, bad pickle, ...: whatever torch.load raises
                 warnings.warn(f"{path}: unreadable checkpoint ({type(error).__name__}: {_one_line(error)}); "
                               "trying the previous one", CheckpointWarning, stacklevel=2)

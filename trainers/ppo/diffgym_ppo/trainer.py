@@ -1,8 +1,12 @@
-"""``diffgym train --algo ppo``: SB3 PPO on the native batched env, logging through the shared ``Run``."""
+"""``diffgym train --algo ppo``: SB3 PPO on the native batched env, logging through the shared ``Run``.
+
+Checkpoints are weights-only (``torch.load(..., weights_only=True)`` reads them; ``docs/protocol.md``):
+SB3's NumPy arrays and scalars are stored as tensors (:func:`_plain`) and VecNormalize's running
+statistics as plain numbers, never as pickled SB3 or NumPy objects.
+"""
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 from collections import deque
@@ -15,6 +19,7 @@ import torch
 import yaml
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import KVWriter, Logger
+from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import VecMonitor, VecNormalize
 
 from diffgym.training import Run, TrainConfig, evaluate_policy
@@ -142,13 +147,14 @@ RESUME_KEYS = ("optimizer", "sb3", "envs", "rng")
 
 def checkpoint(model: SpecPPO, config: TrainConfig) -> dict[str, Any]:
     """:func:`policy_snapshot`, PPO's optimizer, and everything else an exact resume needs (see
-    :func:`restore`). Taken at an update boundary: the rollout buffer is empty then."""
+    :func:`restore`). Taken at an update boundary: the rollout buffer is empty then. Only tensors and
+    plain data, so it loads weights-only."""
     env = model.get_env()
     logger = model.logger
     return {
         **policy_snapshot(model, config),
         "optimizer": model.policy.optimizer.state_dict(),
-        "sb3": {
+        "sb3": _plain({
             "n_updates": model._n_updates,
             "episode_num": model._episode_num,
             "last_obs": np.array(model._last_obs, copy=True),
@@ -157,9 +163,9 @@ def checkpoint(model: SpecPPO, config: TrainConfig) -> dict[str, Any]:
             "ep_success_buffer": list(model.ep_success_buffer or []),
             # the last update's train/* values: SB3 logs them with the next rollout's statistics
             "pending_log": (dict(logger.name_to_value), dict(logger.name_to_count), dict(logger.name_to_excluded)),
-        },
-        "envs": _wrapper_states(env),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+        }),
+        "envs": _plain(_wrapper_states(env)),
+        "rng": {"torch": torch.get_rng_state(), "numpy": _plain(np.random.get_state()), "python": random.getstate(),
                 **({"cuda": torch.cuda.get_rng_state(model.device)} if model.device.type == "cuda" else {})},
     }
 
@@ -175,7 +181,7 @@ def restore(model: SpecPPO, env: Any, saved: dict[str, Any]) -> None:
     policy.normalizer.load_state_dict(saved["normalizer"])
     policy.optimizer.load_state_dict(saved["optimizer"])
     model.num_timesteps, model.grad_steps = int(saved["env_steps"]), int(saved["grad_steps"])
-    sb3 = saved["sb3"]
+    sb3 = _from_plain(saved["sb3"])
     model._n_updates, model._episode_num = int(sb3["n_updates"]), int(sb3["episode_num"])
     model._last_obs = np.array(sb3["last_obs"], copy=True)
     model._last_episode_starts = np.array(sb3["last_episode_starts"], copy=True)
@@ -186,12 +192,12 @@ def restore(model: SpecPPO, env: Any, saved: dict[str, Any]) -> None:
     model.logger.name_to_value.update(values)
     model.logger.name_to_count.update(counts)
     model.logger.name_to_excluded.update(excluded)
-    _load_wrapper_states(env, saved["envs"])
+    _load_wrapper_states(env, _from_plain(saved["envs"]))
     if isinstance(env, VecNormalize):
         model._last_original_obs = env.get_original_obs()
     rng = saved["rng"]
     torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
+    np.random.set_state(_from_plain(rng["numpy"]))
     random.setstate(rng["python"])
     if model.device.type == "cuda" and "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"], model.device)
@@ -203,7 +209,9 @@ def _wrapper_states(env: Any) -> dict[str, Any]:
     states: dict[str, Any] = {}
     while True:
         if isinstance(env, VecNormalize):
-            states["vec_normalize"] = {"ret_rms": copy.deepcopy(env.ret_rms), "returns": env.returns.copy(),
+            rms = env.ret_rms
+            states["vec_normalize"] = {"ret_rms": {"mean": rms.mean, "var": rms.var, "count": rms.count},
+                                       "returns": env.returns.copy(),
                                        "old_obs": np.array(env.old_obs, copy=True)}
         elif isinstance(env, VecMonitor):
             states["monitor"] = {"returns": env.episode_returns.copy(), "lengths": env.episode_lengths.copy(),
@@ -218,7 +226,9 @@ def _load_wrapper_states(env: Any, states: dict[str, Any]) -> None:
     while True:
         if isinstance(env, VecNormalize):
             saved = states["vec_normalize"]
-            env.ret_rms = copy.deepcopy(saved["ret_rms"])
+            env.ret_rms = RunningMeanStd(shape=np.shape(saved["ret_rms"]["mean"]))
+            env.ret_rms.mean, env.ret_rms.var = saved["ret_rms"]["mean"], saved["ret_rms"]["var"]
+            env.ret_rms.count = saved["ret_rms"]["count"]
             env.returns, env.old_obs = saved["returns"].copy(), np.array(saved["old_obs"], copy=True)
         elif isinstance(env, VecMonitor):
             saved = states["monitor"]
@@ -228,6 +238,40 @@ def _load_wrapper_states(env: Any, states: dict[str, Any]) -> None:
             env.load_state_dict(states["native"])
             return
         env = env.venv
+
+
+_NDARRAY, _NUMPY_SCALAR = "__ndarray__", "__numpy_scalar__"
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every NumPy array and scalar replaced by a one-key dict holding it as a tensor of
+    its dtype, so ``torch.load(weights_only=True)`` reads it back without unpickling NumPy objects, and
+    :func:`_from_plain` restores the exact type (a float32 scalar stays float32: SB3's logger averages
+    in the type it is given, and an exact resume depends on it)."""
+    if isinstance(value, np.ndarray):
+        return {_NDARRAY: torch.from_numpy(np.ascontiguousarray(value).copy())}
+    if isinstance(value, np.generic):
+        return {_NUMPY_SCALAR: torch.from_numpy(np.asarray(value).copy())}
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(item) for item in value)
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    raise TypeError(f"a PPO checkpoint holds tensors and plain data only, got {type(value).__name__}")
+
+
+def _from_plain(value: Any) -> Any:
+    """The inverse of :func:`_plain`."""
+    if isinstance(value, dict):
+        if value.keys() == {_NDARRAY}:
+            return value[_NDARRAY].numpy()
+        if value.keys() == {_NUMPY_SCALAR}:
+            return value[_NUMPY_SCALAR].numpy()[()]
+        return {key: _from_plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_from_plain(item) for item in value)
+    return value
 
 
 class _RunWriter(KVWriter):

@@ -1,0 +1,122 @@
+"""A run directory from someone else runs no code: every bundled trainer's checkpoints load weights-only,
+and a checkpoint carrying a pickle payload is refused, in one line naming the file, by every command
+and public function that loads checkpoints (load_policy, diffgym eval / export, a resume through
+diffgym train --run-dir and Run.load_latest_checkpoint), while trust_pickle=True, the explicit opt-in,
+still reads a file its maker trusts. Honest runs loading and resuming exactly: test_policy.py,
+test_ppo.py, test_apg.py, test_run_dir.py."""
+
+from __future__ import annotations
+
+import builtins
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import diffgym
+from diffgym.cli import main
+from diffgym.plugins import load_trainer, resolve_config
+from diffgym.training import Run, TrainConfig
+from diffgym.training.run import UnsafeCheckpointError, list_checkpoints
+
+POINT_MASS = "DiffGym/PointMass1D-v0"
+TINY = {"apg": {"num_envs": 4, "total_env_steps": 64, "eval_every_env_steps": 32, "eval_episodes": 2,
+                "algo_params.segment_length": 8},
+        "ppo": {"num_envs": 4, "total_env_steps": 64, "eval_every_env_steps": 32, "eval_episodes": 2,
+                "algo_params.n_steps": 8, "algo_params.batch_size": 16, "algo_params.n_epochs": 1,
+                "algo_params.normalize_reward": True}}  # VecNormalize's statistics are in the checkpoint too
+
+
+class Payload:
+    """Unpickling this creates ``marker``: proof that code from the file ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return builtins.open, (self.marker, "w")
+
+
+@pytest.fixture(scope="module", params=["apg", "ppo"])
+def run(request, tmp_path_factory):
+    algo = request.param
+    config = resolve_config(algo, POINT_MASS, {**TINY[algo], "run_dir": str(tmp_path_factory.mktemp(algo) / "run")})
+    return load_trainer(algo).train(config, progress=False)
+
+
+def test_every_checkpoint_loads_weights_only(run):
+    checkpoints = list_checkpoints(run)
+    assert len(checkpoints) >= 3
+    for _, path in checkpoints:
+        saved = torch.load(path, weights_only=True)
+        assert {"actor_critic", "normalizer", "config", "env_steps", "grad_steps"} <= set(saved)
+
+
+@pytest.fixture
+def planted(run, tmp_path):
+    """A copy of the run whose latest (resumable) checkpoint also carries a payload, and its marker."""
+    copied, marker = tmp_path / "run", tmp_path / "payload-ran"
+    shutil.copytree(run, copied)
+    latest = list_checkpoints(copied)[-1][1]
+    torch.save({**torch.load(latest, weights_only=True), "note": Payload(marker)}, latest)
+    return copied, latest, marker
+
+
+def _one_line_naming(text: str, path: Path) -> None:
+    assert text.count("\n") <= 1 and str(path) in text and "not a weights-only checkpoint" in text, text
+
+
+def _resume(run_dir: Path) -> object:
+    with Run(TrainConfig.load(run_dir / "config.yaml").replace(run_dir=str(run_dir)), progress=False) as run:
+        return run.load_latest_checkpoint()
+
+
+def test_no_public_function_runs_a_planted_payload(planted):
+    copied, latest, marker = planted
+    for load in (lambda: diffgym.load_policy(copied), lambda: diffgym.load_policy(latest),
+                 lambda: _resume(copied)):
+        with pytest.raises(UnsafeCheckpointError) as error:
+            load()
+        _one_line_naming(str(error.value), latest)
+        assert isinstance(error.value, ValueError)  # what load_policy's callers already handle
+        assert not marker.exists()
+    assert "trust_pickle=True" in str(error.value) or "--trust-pickle" in str(error.value)
+    # the opt-in does unpickle, so the payload above was live and only the refusal kept it from running
+    diffgym.load_policy(latest, trust_pickle=True)
+    assert marker.exists()
+
+
+def test_no_command_runs_a_planted_payload(planted, tmp_path, capsys):
+    copied, latest, marker = planted
+    algo = TrainConfig.load(copied / "config.yaml").algo
+    commands = (["eval", str(copied)], ["export", str(copied), "--out", str(tmp_path / "p.safetensors")],
+                ["export", str(latest)],
+                ["train", "--algo", algo, "--env", POINT_MASS, "--config", str(copied / "config.yaml"),
+                 "--run-dir", str(copied), "--env-steps", "96", "--no-progress"])
+    for command in commands:
+        assert main(command) == 2, command
+        error = capsys.readouterr().err
+        assert error.startswith(f"diffgym {command[0]}: "), error
+        _one_line_naming(error, latest)
+        assert not marker.exists(), command
+    assert not (tmp_path / "p.safetensors").exists()
+    assert list_checkpoints(copied)[-1][1] == latest  # the refused resume trained nothing
+
+
+def test_a_pickled_checkpoint_of_your_own_is_read_only_when_trusted(run, tmp_path, capsys):
+    # the form of PPO checkpoints before they became weights-only: SB3's values as NumPy objects
+    copied = tmp_path / "run"
+    shutil.copytree(run, copied)
+    latest = list_checkpoints(copied)[-1][1]
+    saved = torch.load(latest, weights_only=True)
+    torch.save({**saved, "sb3": {"last_obs": np.zeros((4, 3), np.float32), "n_updates": np.int64(3)}}, latest)
+    assert main(["export", str(copied), "--out", str(tmp_path / "p.safetensors")]) == 2
+    error = capsys.readouterr().err
+    _one_line_naming(error, latest)
+    assert "numpy" in error and "--trust-pickle" in error
+    assert main(["export", str(copied), "--out", str(tmp_path / "p.safetensors"), "--trust-pickle"]) == 0
+    obs = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    np.testing.assert_array_equal(diffgym.load_policy(tmp_path / "p.safetensors").predict(obs)[0],
+                                  diffgym.load_policy(run).predict(obs)[0])
