@@ -1,9 +1,9 @@
-"""A run directory from someone else runs no code: every bundled trainer's checkpoints load weights-only,
-and a checkpoint carrying a pickle payload is refused, in one line naming the file, by every command
+"""A run directory from someone else runs no code: every bundled trainer's checkpoints load weights-only
+(test_policy.py checks them with torch.load(weights_only=True)), and a checkpoint carrying a pickle payload is refused, in one line naming the file, by every command
 and public function that loads checkpoints (load_policy, diffgym eval / export, a resume through
 diffgym train --run-dir and Run.load_latest_checkpoint), while trust_pickle=True, the explicit opt-in,
 still reads a file its maker trusts. Honest runs loading and resuming exactly: test_policy.py,
-test_ppo.py, test_apg.py, test_run_dir.py."""
+test_ppo.py (with VecNormalize's statistics too), test_apg.py, test_run_dir.py."""
 
 from __future__ import annotations
 
@@ -17,16 +17,9 @@ import torch
 
 import diffgym
 from diffgym.cli import main
-from diffgym.plugins import load_trainer, resolve_config
 from diffgym.training import Run, TrainConfig
 from diffgym.training.run import UnsafeCheckpointError, list_checkpoints
-
-POINT_MASS = "DiffGym/PointMass1D-v0"
-TINY = {"apg": {"num_envs": 4, "total_env_steps": 64, "eval_every_env_steps": 32, "eval_episodes": 2,
-                "algo_params.segment_length": 8},
-        "ppo": {"num_envs": 4, "total_env_steps": 64, "eval_every_env_steps": 32, "eval_episodes": 2,
-                "algo_params.n_steps": 8, "algo_params.batch_size": 16, "algo_params.n_epochs": 1,
-                "algo_params.normalize_reward": True}}  # VecNormalize's statistics are in the checkpoint too
+from tests.test_policy import POINT_MASS, run  # noqa: F401  (run: a tiny APG and a tiny PPO run, the fixture)
 
 
 class Payload:
@@ -37,21 +30,6 @@ class Payload:
 
     def __reduce__(self):
         return builtins.open, (self.marker, "w")
-
-
-@pytest.fixture(scope="module", params=["apg", "ppo"])
-def run(request, tmp_path_factory):
-    algo = request.param
-    config = resolve_config(algo, POINT_MASS, {**TINY[algo], "run_dir": str(tmp_path_factory.mktemp(algo) / "run")})
-    return load_trainer(algo).train(config, progress=False)
-
-
-def test_every_checkpoint_loads_weights_only(run):
-    checkpoints = list_checkpoints(run)
-    assert len(checkpoints) >= 3
-    for _, path in checkpoints:
-        saved = torch.load(path, weights_only=True)
-        assert {"actor_critic", "normalizer", "config", "env_steps", "grad_steps"} <= set(saved)
 
 
 @pytest.fixture
