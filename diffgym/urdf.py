@@ -6,12 +6,11 @@ are baked into Warp code as compile-time constants (one specialised, fully unrol
 so its forward kinematics runs in one thread per configuration and its adjoint replays every joint.
 
 ``validate_urdf(path)`` checks that chain against PyBullet (the reference URDF importer) at random
-configurations within the joint limits; ``python -m diffgym.urdf validate PATH [--tcp-link LINK]`` runs it
+configurations within the joint limits; ``diffgym validate-urdf PATH [--tcp-link LINK]`` runs it
 from the shell. PyBullet is imported only there.
 """
 
 # No ``from __future__ import annotations``: Warp reads the generated functions' annotations at run time.
-import argparse
 import dataclasses
 import hashlib
 import math
@@ -27,6 +26,7 @@ import torch
 import warp as wp
 
 from diffgym.core.bridge import Out, warp_call
+from diffgym.core.tensor_checks import check_float32
 from diffgym.core.native import native_output_silenced
 
 FIXED, REVOLUTE, PRISMATIC = 0, 1, 2
@@ -246,21 +246,8 @@ class KinematicChain:
     # ------------------------------------------------------------------------- torch API
     def check_configuration(self, q: Any, device: torch.device | str | None = None) -> torch.Tensor:
         """Validate a configuration batch: a finite float32 tensor ``(B, dof)``; raise naming what was expected."""
-        where = f" on {torch.device(device)}" if device is not None else ""
-        expected = f"a torch.float32 tensor of shape (B, {self.dof}) in rad{where}"
-        if not isinstance(q, torch.Tensor):
-            raise TypeError(f"q must be {expected}, got {type(q).__name__}")
-        if q.dim() != 2 or q.shape[1] != self.dof or q.shape[0] == 0:
-            raise ValueError(f"q must be {expected}, got shape {tuple(q.shape)}")
-        if q.dtype != torch.float32:
-            raise ValueError(f"q must be {expected}, got dtype {q.dtype}")
-        if device is not None and q.device != torch.device(device):
-            raise ValueError(f"q must be {expected}, got device {q.device}")
-        finite = torch.isfinite(q)
-        if not bool(finite.all()):
-            bad = [tuple(i) for i in (~finite).nonzero().tolist()[:8]]
-            raise ValueError(f"q contains NaN or Inf at (row, joint) {bad}; configurations must be finite")
-        return q
+        return check_float32(q, "q", ("B", self.dof), "(row, joint)",
+                             None if device is None else torch.device(device), unit=" in rad")
 
     def forward_kinematics(self, q: torch.Tensor) -> torch.Tensor:
         """Tip position ``(B, 3)`` [m] in the root frame for configurations ``q`` ``(B, dof)``; differentiable."""
@@ -478,34 +465,16 @@ def validate_urdf(path: str | os.PathLike, samples: int = 1000, seed: int = 0, t
 
 
 # --------------------------------------------------------------------------------------------- command line
-def validate_cli(argv: Sequence[str] | None = None, prog: str = "python -m diffgym.urdf validate") -> int:
-    """``validate PATH [--tcp-link LINK] [--samples N] [--seed S]``: print the report; exit 0 on pass,
-    1 on fail, 2 when the URDF cannot be loaded."""
-    parser = argparse.ArgumentParser(prog=prog, description=(
-        "Check a URDF's Warp forward kinematics (every link frame and the TCP) against PyBullet at random "
-        "configurations within its joint limits."))
-    parser.add_argument("path", help="the URDF file")
-    parser.add_argument("--tcp-link", default=None,
-                        help="the chain's tip link (default: the only leaf link of an unbranched tree)")
-    parser.add_argument("--samples", type=int, default=1000, help="random configurations (default 1000)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    try:
-        report = validate_urdf(args.path, samples=args.samples, seed=args.seed, tip_link=args.tcp_link)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(report)
-    return 0 if report.passed else 1
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m diffgym.urdf validate PATH [...]``: the same as ``diffgym validate-urdf PATH [...]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "validate":
         print("usage: python -m diffgym.urdf validate PATH [--tcp-link LINK] [--samples N] [--seed S]",
               file=sys.stderr)
         return 2
-    return validate_cli(argv[1:])
+    from diffgym.cli import main as diffgym_main
+
+    return diffgym_main(["validate-urdf", *argv[1:]])
 
 
 if __name__ == "__main__":

@@ -199,12 +199,11 @@ def test_gradient_planner_solves_point_mass_from_the_same_starts(tmp_path):
     assert result["returns"] != mppi["returns"]  # different controllers ...
     zero = gradient_episodes(ENV, episodes=8, iterations=1, lr=1e-12, seed=0)
     assert zero["mean_return"] < -40.0  # ... on the same starts: essentially zero actions score about -60
-    out = tmp_path / "g.json"
     from diffgym.cli import main
 
     assert main(["feasibility", "--env", ENV, "--planner", "gradient", "--episodes", "2", "--iterations", "3",
-                 "--set", "mass=2.0", "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["env_kwargs"] == {"mass": 2.0}
+                 "--env-kwarg", "mass=2.0", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "PointMass1D.json").read_text())["env_kwargs"] == {"mass": 2.0}
     light = gradient_episodes(ENV, episodes=4, iterations=5, lr=0.1, seed=0)
     heavy = gradient_episodes(ENV, episodes=4, iterations=5, lr=0.1, seed=0, env_kwargs={"mass": 2.0})
     assert heavy["returns"] != light["returns"]  # the argument reaches the sim: same pushes, other motion

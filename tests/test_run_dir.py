@@ -64,6 +64,7 @@ def test_the_lock_of_a_dead_process_is_taken_over(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE,
                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     try:
+        assert holder.stdout.readline().startswith(b"run directory: ")  # what every run prints first
         assert holder.stdout.readline().strip() == b"locked"
         with pytest.raises(run_mod.RunDirLocked, match=rf"pid {holder.pid}\b"):
             Run(config(tmp_path), progress=False)
@@ -222,7 +223,7 @@ def test_train_with_an_old_config_starts_a_new_run_dir(tmp_path, monkeypatch, ca
     capsys.readouterr()
     assert diffgym_main(["train", "--algo", "tiny", "--env", ENV, "--config", str(old / "config.yaml"),
                          "--no-progress"]) == 0
-    new = Path(capsys.readouterr().out.split("run directory: ")[1].strip())
+    new = Path(capsys.readouterr().out.split("run directory: ")[1].splitlines()[0])
     assert new.resolve() != old.resolve() and new.parent == Path("runs") and (new / "metrics.jsonl").exists()
     assert (old / "metrics.jsonl").read_text() == before
     # --run-dir still says where: here, the old run (continued, with its own config)

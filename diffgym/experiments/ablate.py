@@ -11,7 +11,6 @@ success threshold.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -22,11 +21,8 @@ import gymnasium as gym
 import numpy as np
 
 from diffgym.experiments.report import SUCCESS_THRESHOLD, group, load_run, threshold_table
-from diffgym.experiments.options import add_budget_arguments, add_override_arguments, overrides
-from diffgym.experiments.sweep import (LocalRunner, Runner, SweepFailed, add_runner_arguments, make_runner,
-                                       save_sweep)
-from diffgym.plugins import check_task, resolve_config
-from diffgym.threads import add_threads_argument, resolve_threads
+from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
+from diffgym.plugins import resolve_config
 from diffgym.training.spec import TrainConfig, task_name
 
 def parse_values(text: str, env_id: str) -> list[Any]:
@@ -140,51 +136,3 @@ def ablate(env_id: str, grid: dict[str, Sequence[Any]], seeds: int, env_steps: i
     report.write_text(f"# {name}: {algo} grid over {' x '.join(keys)} ({seeds} seeds, {env_steps:,} env steps)\n\n"
                       f"{table}\n{figures}")
     return report
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--env", required=True, help="task id, e.g. DiffGym/PointMass1D-v0")
-    parser.add_argument("--algo", required=True, help="trainer plugin whose algo_params the grid sets")
-    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                        help="an algo_params key and its values (repeatable; 'full' = episode length), "
-                             "e.g. --grid estimator=analytic,hybrid --grid segment_length=32,adaptive")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (0..S-1)")
-    add_budget_arguments(parser, required=True, eval_default="budget/20")
-    add_override_arguments(parser, "every run (under the grid)")
-    parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPU count)")
-    add_threads_argument(parser, "each run")
-    parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")
-    parser.add_argument("--out", default=None, help="output directory (default runs/ablate/<task>)")
-    add_runner_arguments(parser)
-    parser.epilog = "The trainer's own flags (`diffgym trainers -v`) are grid axes too: --FLAG V1,V2."
-    parser.set_defaults(plugin_flags="list")
-
-
-def main(args: argparse.Namespace) -> int:
-    from diffgym.plugins import load_trainer
-
-    pairs = list(args.grid) + [f"{key}={values}" for key, values in getattr(args, "plugin_params", {}).items()]
-    if not pairs:
-        try:
-            default = dict(getattr(load_trainer(args.algo), "ablation_grid", {}) or {})
-        except (KeyError, TypeError) as error:
-            raise SystemExit(f"diffgym ablate: {error.args[0] if error.args else error}")
-        if not default:
-            raise SystemExit(f"diffgym ablate: trainer {args.algo!r} has no ablation_grid; give --grid KEY=V1,V2")
-        pairs = [f"{key}={values}" for key, values in default.items()]
-    out = Path(args.out or Path("runs") / "ablate" / task_name(args.env))
-    try:  # unknown task, trainer or setting: one line, before any run starts
-        resolve_threads(args.threads)
-        check_task(args.env)
-        grid = parse_grid(pairs, args.env)
-        grid_configs(args.env, grid, args.seeds, args.env_steps, out, args.algo, args.eval_every, overrides(args))
-    except (KeyError, ValueError) as error:
-        raise SystemExit(f"diffgym ablate: {error.args[0] if error.args else error}")
-    try:
-        report = ablate(args.env, grid, args.seeds, args.env_steps, out, args.algo, make_runner(args, "ablate"),
-                        args.threshold, args.eval_every, overrides(args))
-    except SweepFailed as error:
-        raise SystemExit(f"diffgym ablate: {error}")
-    print(report.read_text().split("\n![")[0])
-    print(f"\nreport: {report}")
-    return 0

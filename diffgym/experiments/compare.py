@@ -8,16 +8,12 @@ threshold in env steps, gradient steps and wall-clock, with baseline/contender r
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from diffgym.experiments.report import SUCCESS_THRESHOLD, write_report
-from diffgym.experiments.sweep import (LocalRunner, Runner, SweepFailed, add_runner_arguments, make_runner,
-                                       save_sweep)
+from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
 from diffgym.plugins import resolve_config
-from diffgym.experiments.options import add_budget_arguments, add_override_arguments, overrides
-from diffgym.threads import add_threads_argument, resolve_threads
 from diffgym.training.spec import TrainConfig, task_name
 
 
@@ -58,37 +54,3 @@ def compare(env_id: str, algos: Sequence[str], seeds: int, env_steps: int, out_d
     run_dirs = (runner or LocalRunner()).run(configs)
     title = f"{task_name(env_id)}: {' vs '.join(algos)} ({seeds} seeds, {env_steps:,} env steps)"
     return write_report(run_dirs, out_dir, title, threshold=threshold, baseline=baseline, contender=contender)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--env", required=True, help="task id, e.g. DiffGym/PointMass1D-v0")
-    parser.add_argument("--algos", required=True, help="comma-separated trainer names, e.g. apg,ppo")
-    parser.add_argument("--baseline", default=None, help="algorithm in the ratios' numerator (default: the last)")
-    parser.add_argument("--contender", default=None, help="algorithm in the ratios' denominator (default: the first)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per algorithm (0..S-1)")
-    add_budget_arguments(parser, required=True, eval_default="budget/20")
-    add_override_arguments(parser, "every run")
-    parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPU count)")
-    add_threads_argument(parser, "each run")
-    parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")
-    parser.add_argument("--out", default=None, help="output directory (default runs/compare/<task>)")
-    add_runner_arguments(parser)
-
-
-def main(args: argparse.Namespace) -> int:
-    out = Path(args.out or Path("runs") / "compare" / task_name(args.env))
-    algos = [a for a in args.algos.split(",") if a]
-    try:  # unknown task or trainer, bad setting: one line, before any run starts
-        resolve_threads(args.threads)
-        ratio_roles(algos, args.baseline, args.contender)
-        compare_configs(args.env, algos, args.seeds, args.env_steps, out, args.eval_every, overrides(args))
-    except (KeyError, ValueError) as error:
-        raise SystemExit(f"diffgym compare: {error.args[0] if error.args else error}")
-    try:
-        report = compare(args.env, algos, args.seeds, args.env_steps, out, make_runner(args, "compare"),
-                         args.eval_every, args.threshold, args.baseline, args.contender, overrides(args))
-    except SweepFailed as error:
-        raise SystemExit(f"diffgym compare: {error}")
-    print(report.read_text().split("\n![")[0])
-    print(f"\nreport: {report}\nplots:  {sorted(str(p) for p in report.parent.glob('*.png'))}")
-    return 0

@@ -18,36 +18,184 @@ the episode return through the exact gradient (one fused rollout per iteration, 
 No policy, no estimator and no segmenting stand between it and the true objective, so a task on which
 it stalls far below the sampling planner has a landscape that local gradient steps do not cross,
 whatever a gradient-based learner does with the gradient.
+
+Defaults. A task whose reference ``docs/tasks.md`` cites has that reference's settings as its defaults
+(:data:`REFERENCES`): ``diffgym feasibility --env DiffGym/TPush-v1`` runs exactly the planner, the episodes
+and the seeds behind ``docs/feasibility/TPush-v1.json`` and reproduces its figure. Other tasks get the
+generic settings (:data:`GENERIC_SETTINGS`). Several planner seeds (``seeds``) run one after another,
+``episodes`` each, and their episodes are reported together.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import gymnasium as gym
 import numpy as np
 import torch
 
 from diffgym.core.state import SimState
-from diffgym.training.spec import task_name
 
 FEASIBILITY_SEED_OFFSET = 9_000_000
 """Episode ``i`` starts from seed ``FEASIBILITY_SEED_OFFSET + i`` (disjoint from training and evaluation)."""
+SEED_STRIDE = 1000
+"""Planner seed ``s`` draws its episodes' start states from ``FEASIBILITY_SEED_OFFSET + SEED_STRIDE s + i``:
+seeds run together must each have at most this many episodes, or their episodes would repeat."""
+
+GENERIC_SETTINGS: dict[str, dict[str, Any]] = {
+    "mppi": {"samples": 64, "horizon": 16, "noise_std": 0.6, "temperature": 0.05, "knot_steps": 1,
+             "replan_every": 1, "fine_noise_std": None, "terminal_weight": 0.0},
+    "gradient": {"iterations": 200, "lr": 0.05},
+}
+"""Each planner's settings on a task without a documented reference."""
+GENERIC_EPISODES = 256
+"""Episodes (per seed) on a task without a documented reference, or when ``seeds`` alone is given."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A task's documented feasibility reference: the result file ``docs/tasks.md`` cites and the
+    settings that produced it, which are the task's defaults for that planner."""
+
+    result: str
+    """The reference's result, relative to the repository root."""
+    settings: Mapping[str, Any]
+    """Planner settings that differ from :data:`GENERIC_SETTINGS`."""
+    episodes: int
+    """Episodes per planner seed."""
+    seeds: int
+    """Planner seeds 0..seeds-1, run one after another."""
+
+
+_TPUSH_MPPI = {"samples": 64, "horizon": 32, "noise_std": 0.8, "knot_steps": 2, "replan_every": 2,
+               "fine_noise_std": 0.2, "terminal_weight": 30.0}
+REFERENCES: dict[tuple[str, str], Reference] = {
+    ("DiffGym/TPush-v0", "mppi"): Reference("docs/feasibility/TPush.json", _TPUSH_MPPI, 256, 1),
+    ("DiffGym/TPush-v1", "mppi"): Reference("docs/feasibility/TPush-v1.json", _TPUSH_MPPI, 128, 2),
+    ("DiffGym/TPush-v1", "gradient"): Reference("docs/feasibility/TPush-v1_gradient.json", {}, 64, 1),
+}
+"""``(task, planner)`` -> its documented reference."""
+
+
+def planner_settings(env_id: str, planner: str = "mppi", episodes: int | None = None, seeds: int | None = None,
+                     seed: int | None = None, **given: Any) -> dict[str, Any]:
+    """The settings a run of ``planner`` on ``env_id`` uses: the task's reference settings (or the
+    generic ones), then every ``given`` value that is not ``None``.
+
+    ``episodes`` (per seed) and ``seeds`` are one choice, the episode sample: left both unset they are
+    the reference's (TPush-v1: 128 episodes from each of seeds 0 and 1); set, the unset one is generic
+    (256 episodes, 1 seed), so a documented single-seed command such as ``--episodes 128 --seed 1`` means
+    what it always meant. Raises ``ValueError`` (one line) for a setting out of range."""
+    if planner not in GENERIC_SETTINGS:
+        raise ValueError(f"unknown planner {planner!r}; choose from {', '.join(GENERIC_SETTINGS)}")
+    reference = REFERENCES.get((env_id, planner))
+    unknown = sorted(set(given) - set(GENERIC_SETTINGS[planner]))
+    if unknown:
+        raise ValueError(f"the {planner} planner has no setting {', '.join(unknown)}")
+    settings = {**GENERIC_SETTINGS[planner], **(reference.settings if reference else {})}
+    settings.update({key: value for key, value in given.items() if value is not None})
+    if episodes is None and seeds is None and reference is not None:
+        episodes, seeds = reference.episodes, reference.seeds
+    episodes = GENERIC_EPISODES if episodes is None else int(episodes)
+    seeds = 1 if seeds is None else int(seeds)
+    checks = {"episodes >= 1": episodes >= 1, "seeds >= 1": seeds >= 1,
+              f"episodes <= {SEED_STRIDE} with several seeds": seeds == 1 or episodes <= SEED_STRIDE}
+    if planner == "mppi":
+        checks.update({"samples >= 2": settings["samples"] >= 2, "horizon >= 1": settings["horizon"] >= 1})
+    else:
+        checks.update({"iterations >= 1": settings["iterations"] >= 1, "lr > 0": settings["lr"] > 0})
+    failed = [rule for rule, ok in checks.items() if not ok]
+    if failed:
+        raise ValueError(f"need {', '.join(failed)}; got " + ", ".join(
+            f"{key} {value}" for key, value in {"episodes": episodes, "seeds": seeds, **settings}.items()))
+    return {"planner": planner, "episodes": episodes, "seeds": seeds, "seed": 0 if seed is None else int(seed),
+            **settings}
+
+
+def run_planner(env_id: str, settings: Mapping[str, Any], env_kwargs: dict[str, Any] | None = None,
+                progress: bool = False) -> dict[str, Any]:
+    """Run the planner ``settings`` (from :func:`planner_settings`) names: ``episodes`` episodes for each
+    of the seeds ``seed .. seed + seeds - 1``; one seed's result as it is, several merged
+    (:func:`merge_seeds`)."""
+    planner = settings["planner"]
+    run = mppi_episodes if planner == "mppi" else gradient_episodes
+    params = {key: settings[key] for key in GENERIC_SETTINGS[planner]}
+    results = []
+    for seed in range(settings["seed"], settings["seed"] + settings["seeds"]):
+        if progress and settings["seeds"] > 1:
+            print(f"seed {seed}: {settings['episodes']} episodes", flush=True)
+        results.append(run(env_id, settings["episodes"], seed=seed, progress=progress, env_kwargs=env_kwargs,
+                           **params))
+    return results[0] if len(results) == 1 else merge_seeds(results)
+
+
+_PER_EPISODE = ("returns", "first_success_steps")
+_SUMMED = ("wall_time", "env_steps_simulated")
+_EPISODE_WEIGHTED = ("success_rate", "mean_best_return")  # a seed's statistic over its episodes
+_RECOMPUTED = ("reached_rate", "median_first_success_step", "mean_return", "return_std", "mean_return_of_reached")
+
+
+def merge_seeds(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One result over the episodes of several seeds' results (same task and settings): the settings,
+    ``episodes`` (all of them), ``seeds``, ``episodes_per_seed``, the per-episode lists concatenated in
+    seed order and every statistic over all episodes (from the lists as stored, as the documented
+    references were merged)."""
+    counts = [int(r["episodes"]) for r in results]
+    total = sum(counts)
+    returns = np.concatenate([np.asarray(r["returns"], dtype=float) for r in results])
+    first_success = np.concatenate([np.asarray(r["first_success_steps"]) for r in results])
+    statistics = episode_statistics(returns, first_success)
+    merged = {key: value for key, value in results[0].items()
+              if key not in (*_PER_EPISODE, *_SUMMED, *_EPISODE_WEIGHTED, *_RECOMPUTED, "seed", "episodes")}
+    merged.update({"episodes": total, "seeds": [int(r["seed"]) for r in results], "episodes_per_seed": counts})
+    for key in _EPISODE_WEIGHTED:
+        if key in results[0]:
+            merged[key] = float(sum(r[key] * n for r, n in zip(results, counts)) / total)
+    merged.update({key: statistics[key] for key in _RECOMPUTED})
+    merged.update({"returns": returns.tolist(), "first_success_steps": first_success.tolist()})
+    merged.update({key: sum(r[key] for r in results) for key in _SUMMED})
+    return merged
+
+
+def episode_statistics(returns: np.ndarray, first_success: np.ndarray) -> dict[str, float]:
+    """Statistics over episodes of their returns and first-success steps (-1: never reached)."""
+    reached = first_success > 0
+    return {
+        "reached_rate": float(reached.mean()),
+        "median_first_success_step": float(np.median(first_success[reached])) if reached.any() else math.nan,
+        "mean_return": float(returns.mean()), "return_std": float(returns.std()),
+        "mean_return_of_reached": float(returns[reached].mean()) if reached.any() else math.nan,
+    }
+
+
+def describe(result: Mapping[str, Any]) -> str:
+    """A planner result in one line, as ``diffgym feasibility`` prints it."""
+    name = result["env_id"].split("/")[-1]
+    seeds = result.get("seeds", [result.get("seed", 0)])
+    sample = f"{result['episodes']} episodes (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+    outcome = (f"success on the last step {result['success_rate']:.3f}, reached at least once "
+               f"{result['reached_rate']:.3f}")
+    if result.get("planner") == "gradient":
+        return (f"{name}: open-loop gradient optimisation ({result['iterations']} Adam steps, lr {result['lr']}) over "
+                f"{sample}: {outcome}, return {result['mean_return']:.2f} +- {result['return_std']:.2f} (best per "
+                f"episode {result['mean_best_return']:.2f}); {result['wall_time']:.0f} s")
+    return (f"{name}: MPPI ({result['samples']} samples x {result['horizon']} steps, knots of {result['knot_steps']}, "
+            f"replanning every {result['replan_every']}) over {sample}: {outcome} (median first step "
+            f"{result['median_first_success_step']:.0f}), return {result['mean_return']:.2f} +- "
+            f"{result['return_std']:.2f}; {result['wall_time']:.0f} s")
 
 
 def _planner_starts(env_id: str, episodes: int, seed: int, env_kwargs: dict[str, Any] | None):
     """The task's sim, its horizon and the planners' ``episodes`` start states: episode ``i`` from the
-    stream ``(FEASIBILITY_SEED_OFFSET + 1000 seed + i, 0)``, the same for both planners."""
+    stream ``(FEASIBILITY_SEED_OFFSET + SEED_STRIDE seed + i, 0)``, the same for both planners."""
     env = gym.make(env_id, **(env_kwargs or {}))
     sim = env.unwrapped.sim
     max_steps = env.spec.max_episode_steps
     env.close()
-    seeds = torch.arange(episodes, dtype=torch.int32) + FEASIBILITY_SEED_OFFSET + 1000 * seed
+    seeds = torch.arange(episodes, dtype=torch.int32) + FEASIBILITY_SEED_OFFSET + SEED_STRIDE * seed
     return sim, max_steps, sim.reset(seeds.to(sim.device), torch.zeros(episodes, dtype=torch.int32, device=sim.device))
 
 
@@ -131,15 +279,11 @@ def mppi_episodes(env_id: str, episodes: int, samples: int = 64, horizon: int = 
         if progress and (t + 1) % 20 == 0:
             print(f"  step {t + 1}/{max_steps}: success now {is_success.mean():.2f}, "
                   f"reached once {(first_success > 0).mean():.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
-    reached = first_success[first_success > 0]
     return {
         "env_id": env_id, "episodes": episodes, "samples": samples, "horizon": horizon, "noise_std": noise_std,
         "temperature": temperature, "gamma": gamma, "seed": seed, "knot_steps": knot_steps,
         "replan_every": replan_every, "terminal_weight": terminal_weight, "fine_noise_std": fine_noise_std,
-        "success_rate": float(success.mean()),
-        "reached_rate": float((first_success > 0).mean()),
-        "median_first_success_step": float(np.median(reached)) if reached.size else math.nan,
-        "mean_return": float(returns.mean()), "return_std": float(returns.std()),
+        "success_rate": float(success.mean()), **episode_statistics(returns, first_success),
         "returns": returns.round(3).tolist(), "first_success_steps": first_success.tolist(),
         "wall_time": time.perf_counter() - start,
         "env_steps_simulated": int(math.ceil(max_steps / replan_every) * episodes * samples * horizon
@@ -175,79 +319,13 @@ def gradient_episodes(env_id: str, episodes: int, iterations: int = 200, lr: flo
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     success = rollout.success.cpu().numpy()
     first_success = np.where(success.any(axis=0), success.argmax(axis=0) + 1, -1)
-    reached = first_success[first_success > 0]
     returns = episode_return.detach().double().cpu().numpy()
     return {
         "env_id": env_id, "planner": "gradient", "episodes": episodes, "iterations": iterations, "lr": lr,
         "seed": seed, "env_kwargs": env_kwargs or {},
-        "success_rate": float(success[-1].mean()), "reached_rate": float((first_success > 0).mean()),
-        "median_first_success_step": float(np.median(reached)) if reached.size else math.nan,
-        "mean_return": float(returns.mean()), "return_std": float(returns.std()),
+        "success_rate": float(success[-1].mean()), **episode_statistics(returns, first_success),
         "mean_best_return": float(best.mean()),
         "returns": returns.round(3).tolist(), "first_success_steps": first_success.tolist(),
         "wall_time": time.perf_counter() - start,
         "env_steps_simulated": int((iterations + 1) * max_steps * episodes),
     }
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--env", required=True, help="task id, e.g. DiffGym/TPush-v0")
-    parser.add_argument("--episodes", type=int, default=256, help="seeded episodes (one batch)")
-    parser.add_argument("--samples", type=int, default=64, help="candidate action sequences per step")
-    parser.add_argument("--horizon", type=int, default=16, help="planning horizon [control steps]")
-    parser.add_argument("--noise-std", type=float, default=0.6, help="std of the action perturbations")
-    parser.add_argument("--temperature", type=float, default=0.05, help="softmax temperature (relative)")
-    parser.add_argument("--knot-steps", type=int, default=1, help="control steps each planned action is held")
-    parser.add_argument("--replan-every", type=int, default=1, help="control steps executed between replans")
-    parser.add_argument("--fine-noise-std", type=float, default=None,
-                        help="std of the second half of the candidates (default: --noise-std)")
-    parser.add_argument("--terminal-weight", type=float, default=0.0,
-                        help="extra weight of the horizon's last reward (a crude cost-to-go)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--planner", choices=("mppi", "gradient"), default="mppi",
-                        help="mppi: the sampling planner (default); gradient: open-loop trajectory optimisation "
-                             "with exact gradients, what first-order optimisation reaches")
-    parser.add_argument("--iterations", type=int, default=200, help="gradient planner: Adam steps per episode")
-    parser.add_argument("--lr", type=float, default=0.05, help="gradient planner: Adam learning rate on the logits")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="a task constructor argument, e.g. start_spread=0.3 (repeatable)")
-    parser.add_argument("--out", default=None, help="JSON output (default runs/feasibility/<task>.json)")
-
-
-def main(args: argparse.Namespace) -> int:
-    from diffgym.experiments.options import key_values
-
-    torch.set_num_threads(1)
-    if args.episodes < 1 or args.samples < 2 or args.horizon < 1 or args.iterations < 1 or not args.lr > 0:
-        raise SystemExit("diffgym feasibility: need --episodes >= 1, --samples >= 2, --horizon >= 1, "
-                         "--iterations >= 1 and --lr > 0")
-    env_kwargs = key_values(args.sets)
-    try:
-        if args.planner == "gradient":
-            result = gradient_episodes(args.env, args.episodes, args.iterations, args.lr, seed=args.seed,
-                                       progress=True, env_kwargs=env_kwargs)
-        else:
-            result = mppi_episodes(args.env, args.episodes, args.samples, args.horizon, args.noise_std,
-                                   args.temperature, seed=args.seed, knot_steps=args.knot_steps,
-                                   replan_every=args.replan_every, terminal_weight=args.terminal_weight,
-                                   fine_noise_std=args.fine_noise_std, progress=True, env_kwargs=env_kwargs)
-    except (TypeError, ValueError) as error:
-        raise SystemExit(f"diffgym feasibility: {error}") from None
-    out = Path(args.out or Path("runs") / "feasibility" / f"{task_name(args.env)}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    if args.planner == "gradient":
-        print(f"{task_name(args.env)}: open-loop gradient optimisation ({args.iterations} Adam steps, lr {args.lr}) "
-              f"over {args.episodes} episodes: success on the last step {result['success_rate']:.3f}, reached at "
-              f"least once {result['reached_rate']:.3f}, return {result['mean_return']:.2f} +- "
-              f"{result['return_std']:.2f} (best per episode {result['mean_best_return']:.2f}); "
-              f"{result['wall_time']:.0f} s")
-        print(f"wrote {out}")
-        return 0
-    print(f"{task_name(args.env)}: MPPI ({args.samples} samples x {args.horizon} steps, knots of {args.knot_steps}, "
-          f"replanning every {args.replan_every}) over {args.episodes} "
-          f"episodes: success on the last step {result['success_rate']:.3f}, reached at least once "
-          f"{result['reached_rate']:.3f} (median first step {result['median_first_success_step']:.0f}), "
-          f"return {result['mean_return']:.2f} +- {result['return_std']:.2f}; {result['wall_time']:.0f} s")
-    print(f"wrote {out}")
-    return 0

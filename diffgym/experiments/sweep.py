@@ -18,8 +18,7 @@ from typing import Any, Callable, Protocol, Sequence
 from diffgym.experiments.training_runs import SweepFailed, is_finished, run_summary, train_one
 from diffgym.training.spec import TrainConfig
 
-__all__ = ["LocalRunner", "Runner", "SweepFailed", "add_runner_arguments", "is_finished", "load_sweep",
-           "make_runner", "save_sweep", "train_one"]  # the sweep API, run-level parts from training_runs
+__all__ = ["LocalRunner", "Runner", "SweepFailed", "is_finished", "load_sweep", "save_sweep", "train_one"]  # the sweep API, run-level parts from training_runs
 
 
 def save_sweep(configs: Sequence[TrainConfig], path: str | Path) -> Path:

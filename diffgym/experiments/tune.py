@@ -18,7 +18,6 @@ run's evaluations (``--metric success``; rewards solving early and staying solve
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -26,10 +25,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from diffgym.experiments.options import add_budget_arguments, add_override_arguments, overrides
-from diffgym.experiments.sweep import LocalRunner, Runner, SweepFailed, add_runner_arguments, make_runner, train_one
+from diffgym.experiments.sweep import LocalRunner, Runner, train_one
 from diffgym.plugins import load_trainer, resolve_config
-from diffgym.threads import add_threads_argument, resolve_threads
 from diffgym.training.run import read_metrics
 from diffgym.training.spec import task_name
 
@@ -187,41 +184,3 @@ def write_reports(study, out: Path, env_id: str, algo: str, env_steps: int, metr
             "value": float(best.value), "trial": best.number, "trials": len(study.trials),
             "env_steps": env_steps, "seed": seed, "overrides": best.user_attrs.get("overrides", {})}, sort_keys=False))
     return report
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--env", required=True, help="task id, e.g. DiffGym/PointNav2D-v0")
-    parser.add_argument("--algo", required=True, help="trainer plugin with a search space (ppo, apg)")
-    parser.add_argument("--trials", type=int, required=True,
-                        help="trials the study should hold (complete, pruned or failed)")
-    add_budget_arguments(parser, required=True, eval_default="budget/10")
-    add_override_arguments(parser, "every trial (under the searched settings)")
-    parser.add_argument("--metric", choices=sorted(METRICS), default="success",
-                        help="objective: mean eval success (default) or mean eval return over the run")
-    parser.add_argument("--seed", type=int, default=0, help="training seed of every trial and the sampler's seed")
-    parser.add_argument("--workers", type=int, default=None, help="parallel trials (default: CPU count)")
-    add_threads_argument(parser, "each run")
-    parser.add_argument("--out", default=None, help="output directory (default runs/tune/<algo>__<task>)")
-    add_runner_arguments(parser)
-
-
-def main(args: argparse.Namespace) -> int:
-    out = Path(args.out or Path("runs") / "tune" / f"{args.algo}__{task_name(args.env)}")
-    try:  # unknown task or trainer, bad setting, no search space: one line, before any trial
-        resolve_threads(args.threads)
-        resolve_config(args.algo, args.env, overrides(args))
-        if not hasattr(load_trainer(args.algo), "suggest_hyperparams"):
-            raise ValueError(f"trainer {args.algo!r} has no suggest_hyperparams(trial, env_id): nothing to tune")
-    except (KeyError, TypeError, ValueError) as error:
-        raise SystemExit(f"diffgym tune: {error.args[0] if error.args else error}")
-    try:
-        report = tune(args.env, args.algo, args.trials, args.env_steps, out, make_runner(args, "tune"), args.metric,
-                      args.seed, args.eval_every, overrides=overrides(args))
-    except SweepFailed as error:
-        raise SystemExit(f"diffgym tune: {error}")
-    print(report.read_text())
-    best = out / "best.yaml"
-    if best.exists():
-        print(best.read_text())
-    print(f"report: {report}")
-    return 0

@@ -27,7 +27,9 @@ A run directory is safe to re-run into:
   or its policy loaded. A checkpoint that would need unpickling anything else is refused with
   :class:`UnsafeCheckpointError` (one line naming the file), never set aside or skipped.
 
-While training, a tqdm progress bar counts env steps and shows env steps per second.
+While training, a tqdm progress bar counts env steps and shows env steps per second. Every run prints
+``run directory: <dir>`` when it opens, and a continued one where it resumes from (``resuming from N env
+steps``, or ``already finished`` when its checkpoint is at the budget).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import math
 import os
 import pickle
 import re
+import sys
 import tempfile
 import time
 import warnings
@@ -158,6 +161,22 @@ def log_hook(hook: Callable[[int, dict[str, float]], None]) -> Iterator[None]:
         _LOG_HOOKS.remove(hook)
 
 
+_RUN_WATCHERS: list[list[Run]] = []
+
+
+@contextlib.contextmanager
+def watch_runs() -> Iterator[list[Run]]:
+    """A list that collects every :class:`Run` opened in this process while the context is open, in
+    order, whatever the trainer: ``diffgym train`` names an interrupted run's directory and progress
+    from it."""
+    opened: list[Run] = []
+    _RUN_WATCHERS.append(opened)
+    try:
+        yield opened
+    finally:
+        _RUN_WATCHERS.remove(opened)
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a run's ``metrics.jsonl`` (``path`` is the file or the run directory)."""
     path = Path(path)
@@ -214,6 +233,11 @@ class Run:
         except BaseException:
             self._lock.close()
             raise
+        self.env_steps = 0
+        """The env steps reached so far (what :meth:`progress`, :meth:`log` and :meth:`resume_from` saw)."""
+        _announce(f"run directory: {run_dir}")  # at the start, so an interrupted run can be found
+        for opened in _RUN_WATCHERS:
+            opened.append(self)
         # metrics.jsonl and the TensorBoard writer are opened by resume_from() or the first log(): until
         # then an earlier attempt's rows stay on disk untouched
         self._metrics: IO[str] | None = None
@@ -230,6 +254,7 @@ class Run:
 
     def progress(self, env_steps: int) -> None:
         """Advance the progress bar to ``env_steps`` without logging anything."""
+        self.env_steps = max(self.env_steps, int(env_steps))
         if self._bar.total is not None and env_steps > self._bar.total:  # the last vector step may overshoot
             self._bar.total = int(env_steps)
         self._bar.update(max(0, int(env_steps) - self._bar.n))
@@ -310,6 +335,9 @@ class Run:
         if kept:
             self._start -= float(kept[-1]["wall_time"])
         self.progress(env_steps)
+        budget = self.config.total_env_steps
+        _announce(f"already finished: {env_steps} of {budget} env steps (raise total_env_steps to continue it)"
+                  if env_steps >= budget else f"resuming from {env_steps} env steps (of {budget})")
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every row of ``metrics.jsonl`` so far."""
@@ -385,6 +413,12 @@ class Run:
 
         earlier = any(self.dir.glob("events.out.tfevents.*"))
         self.writer = SummaryWriter(log_dir=str(self.dir), purge_step=purge_step if earlier else None)
+
+
+def _announce(line: str) -> None:
+    """A line on stdout that leaves any progress bar intact."""
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

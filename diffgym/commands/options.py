@@ -1,0 +1,172 @@
+"""The flags several ``diffgym`` subcommands share, so that each name has one meaning everywhere.
+
+* ``--env`` is a task id; ``--env-steps`` (alias ``--total-env-steps``) the env-step budget of every run
+  and ``--eval-every`` (alias ``--eval-every-env-steps``) the evaluation interval; every count accepts
+  ``1e6`` notation.
+* ``--set KEY=VALUE`` overrides a config field by dotted key (``optimizer.lr=1e-3``,
+  ``env_kwargs.mass=2``), ``--param KEY=VALUE`` an algorithm hyperparameter (``--set algo_params.KEY``),
+  ``--env-kwarg KEY=VALUE`` a task constructor argument (in ``feasibility``, which has no config).
+* ``--out DIR`` is the directory a command writes into (``export --out FILE``: the exported file).
+* ``--runner``/``--workers``/``--threads``: where and how parallel the runs of a sweep execute.
+
+Nothing here imports torch: ``diffgym --help`` reads every subcommand's definition.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:
+    from diffgym.experiments.sweep import Runner
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default: a value default is appended as ``(default: X)``; an
+    option whose default depends on something else (the task, the run) says so in its own help text."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.nargs == 0
+                or action.default in (None, argparse.SUPPRESS, [])):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (a ``KeyError``'s without the quotes ``str`` adds)."""
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(text.split()) or type(error).__name__
+
+
+def count(text: str) -> int:
+    """A non-negative integer that may be written ``1e6``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 50000 or 5e4, got {text!r}") from None
+    if value < 0 or value != int(value):
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(value)
+
+
+def parse_value(text: str) -> Any:
+    """A YAML scalar/list (``32``, ``[64, 64]``, ``true``, ``null``); numbers such as ``1e-3`` that
+    YAML 1.1 leaves as strings become floats."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def key_values(pairs: list[str], prefix: str = "") -> dict[str, Any]:
+    """``["a.b=1", ...]`` -> ``{prefix + "a.b": 1, ...}``; a malformed pair is a one-line error."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"expected KEY=VALUE, got {pair!r}")
+        out[prefix + key.strip()] = parse_value(value)
+    return out
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser, required: bool, eval_default: str,
+                         budget_default: str = "") -> None:
+    """``--env-steps`` (alias ``--total-env-steps``) and ``--eval-every`` (alias ``--eval-every-env-steps``)."""
+    parser.add_argument("--env-steps", "--total-env-steps", dest="env_steps", type=count, required=required,
+                        default=None, metavar="N",
+                        help="env-step budget of every run, e.g. 1e6" + ("" if required else f" (default: {budget_default})"))
+    parser.add_argument("--eval-every", "--eval-every-env-steps", dest="eval_every", type=count, default=None,
+                        metavar="N", help=f"env steps between evaluations, e.g. 5e3 (default: {eval_default})")
+
+
+def add_override_arguments(parser: argparse.ArgumentParser, scope: str) -> None:
+    """``--set KEY=VALUE`` and ``--param KEY=VALUE`` (repeatable)."""
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override any config field of {scope} by dotted key, e.g. optimizer.lr=1e-3 "
+                             "env_kwargs.mass=2 (repeatable; `diffgym train --print-config` lists the keys)")
+    parser.add_argument("--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
+                        help="override an algorithm hyperparameter, same as --set algo_params.KEY=VALUE (repeatable)")
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The dotted-key overrides of ``--set`` and ``--param``."""
+    return {**key_values(getattr(args, "sets", [])), **key_values(getattr(args, "params", []), prefix="algo_params.")}
+
+
+def add_out_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--out DIR``: the directory the command writes into."""
+    parser.add_argument("--out", default=None, metavar="DIR", help=f"output directory (default: {default})")
+
+
+def parse_trainer_flags(command: str, algo: str, extra: list[str], values: str = "single") -> dict[str, Any]:
+    """Parse the command-line words argparse did not know as the trainer's own flags (``cli_flags``):
+    ``{algo_params key: value}``; ``values="list"`` keeps each value as text (a grid axis, ``V1,V2``).
+    Anything that is not one of the trainer's flags is a one-line error."""
+    from diffgym.plugins import flag_parameter, load_trainer, trainer_flags
+
+    try:
+        flags = trainer_flags(load_trainer(algo))
+    except (KeyError, TypeError) as error:
+        raise SystemExit(f"diffgym {command}: {one_line(error)}")
+    parser = argparse.ArgumentParser(prog=f"diffgym {command} --algo {algo}", add_help=False)
+    for flag, help_text in flags.items():
+        parser.add_argument(f"--{flag}", dest=flag_parameter(flag), help=help_text,
+                            type=str if values == "list" else parse_value)
+    known, unknown = parser.parse_known_args(extra)
+    if unknown:
+        own = ", ".join(f"--{flag}" for flag in flags) or "none"
+        raise SystemExit(f"diffgym {command}: unrecognized arguments: {' '.join(unknown)} "
+                         f"(trainer {algo!r} adds the flags: {own})")
+    return {key: value for key, value in vars(known).items() if value is not None}
+
+
+def add_runner_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose where a sweep's runs execute (``compare``, ``ablate``, ``tune``)."""
+    group = parser.add_argument_group("where the runs execute")
+    group.add_argument("--runner", choices=("local", "ray"), default="local",
+                       help="local: a process pool on this machine (--workers); ray: a Ray cluster (--ray-address) "
+                            "or, without one, a local Ray instance of --workers runs (see docs/scaling.md)")
+    group.add_argument("--ray-address", default=None,
+                       help="Ray cluster to join, e.g. auto or HOST:6379 (default: $RAY_ADDRESS, else a local "
+                            "instance)")
+    group.add_argument("--cpus-per-run", type=float, default=None,
+                       help="CPUs Ray reserves for each run, which also sets its torch threads (default: 1)")
+    group.add_argument("--gpus-per-run", type=float, default=None,
+                       help="GPUs Ray reserves for each run (a fraction shares one); above 0 runs train on it "
+                            "(default: 0)")
+    group.add_argument("--shared-out", action="store_true",
+                       help="--out is on storage every Ray node mounts at the same path: runs write there directly "
+                            "instead of being copied back to this machine")
+
+
+def make_runner(args: argparse.Namespace, command: str) -> Runner:
+    """The runner ``add_runner_arguments``' flags ask for; a one-line error for flags that do not fit."""
+    import os
+
+    from diffgym.experiments.sweep import LocalRunner
+
+    ray_flags = {"--ray-address": args.ray_address, "--cpus-per-run": args.cpus_per_run,
+                 "--gpus-per-run": args.gpus_per_run, "--shared-out": args.shared_out or None}
+    if args.runner == "local":
+        given = [flag for flag, value in ray_flags.items() if value is not None]
+        if given:
+            raise SystemExit(f"diffgym {command}: {', '.join(given)} need --runner ray")
+        return LocalRunner(args.workers, threads=getattr(args, "threads", None))
+    if args.workers is not None and (args.ray_address or os.environ.get("RAY_ADDRESS")):
+        raise SystemExit(f"diffgym {command}: --workers sizes a local Ray instance; a cluster "
+                         "(--ray-address or $RAY_ADDRESS) runs as many runs as its resources hold")
+    try:
+        from diffgym.experiments.ray_runner import RayRunner
+
+        return RayRunner(address=args.ray_address,
+                         cpus_per_run=1.0 if args.cpus_per_run is None else args.cpus_per_run,
+                         gpus_per_run=0.0 if args.gpus_per_run is None else args.gpus_per_run,
+                         shared_out=args.shared_out, local_runs=args.workers)
+    except (ImportError, ValueError) as error:
+        raise SystemExit(f"diffgym {command}: {error}")
