@@ -19,7 +19,8 @@ import time
 import numpy as np
 import warp as wp
 
-from diffgym.core.newton_sim import fr3_model, gravity_torques, require_newton, simulate, weighted_state_sum
+from diffgym.core.newton_sim import (fr3_model, gravity_torques, require_newton, simulate, taped_substeps,
+                                    weighted_state_sum)
 
 READY = np.array([0.0, -math.pi / 4, 0.0, -3 * math.pi / 4, 0.0, math.pi / 2, math.pi / 4], dtype=np.float32)
 
@@ -33,16 +34,8 @@ def simulate_semi_implicit(model, joint_q, joint_qd, torques, dt, substeps, requ
     wp.copy(state.joint_q, joint_q)
     wp.copy(state.joint_qd, joint_qd)
     newton.eval_fk(model, state.joint_q, state.joint_qd, state)
-    for tau in torques:
-        control = model.control(clone_variables=False)
-        control.joint_f = tau
-        for _ in range(substeps):
-            state_in = model.state(requires_grad=requires_grad)
-            wp.copy(state_in.body_q, state.body_q)
-            wp.copy(state_in.body_qd, state.body_qd)
-            state_out = model.state(requires_grad=requires_grad)
-            solver.step(state_in, state_out, control, None, dt / substeps)
-            state = state_out
+    state = taped_substeps(model, state, torques, dt, substeps, solver.step, ("body_q", "body_qd"),
+                           requires_grad=requires_grad)
     newton.eval_ik(model, state, state.joint_q, state.joint_qd)
     return state
 

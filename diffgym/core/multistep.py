@@ -67,23 +67,6 @@ class RolloutOutput:
         return self.state_at(-1)
 
 
-def check_action_sequence(actions: object, batch: int, act_dim: int, device: torch.device) -> torch.Tensor:
-    """Validate a rollout's actions ``(T, batch, act_dim)``; raise naming what was expected (and the first
-    non-finite entries as ``(step, env, dim)``)."""
-    expected = f"a torch.float32 tensor of shape (T, {batch}, {act_dim}) on {device} with T >= 1"
-    if not isinstance(actions, torch.Tensor):
-        raise TypeError(f"actions must be {expected}, got {type(actions).__name__}")
-    if actions.dim() != 3 or actions.shape[1:] != (batch, act_dim) or actions.shape[0] < 1:
-        raise ValueError(f"actions must be {expected}, got shape {tuple(actions.shape)}")
-    if actions.dtype != torch.float32 or actions.device != device:
-        raise ValueError(f"actions must be {expected}, got dtype {actions.dtype} on {actions.device}")
-    finite = torch.isfinite(actions)
-    if not bool(finite.all()):
-        bad = [tuple(i) for i in (~finite).nonzero().tolist()[:8]]
-        raise ValueError(f"actions contain NaN or Inf at (step, env, dim) {bad}; actions must be finite")
-    return actions
-
-
 def fused_step_launches(step_kernel: Any, params: tuple, step_specs: Sequence[bridge.Out],
                         state: Sequence[torch.Tensor], actions: torch.Tensor,
                         physics: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

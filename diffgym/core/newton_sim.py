@@ -105,16 +105,32 @@ def simulate(model: "newton.Model", joint_q: wp.array, joint_qd: wp.array, torqu
     state = model.state(requires_grad=requires_grad)
     wp.copy(state.joint_q, joint_q)
     wp.copy(state.joint_qd, joint_qd)
+
+    def featherstone_step(*args: Any) -> None:
+        newton.solvers.SolverFeatherstone(model).step(*args)  # a fresh solver per substep (module docstring)
+
+    return taped_substeps(model, state, torques, dt, substeps, featherstone_step, ("joint_q", "joint_qd"),
+                          requires_grad=requires_grad)
+
+
+def taped_substeps(model: "newton.Model", state: "newton.State", torques: Sequence[wp.array], dt: float,
+                   substeps: int, step: Any, carried: tuple[str, ...], *,
+                   requires_grad: bool = False) -> "newton.State":
+    """The loop of a rollout that a ``wp.Tape`` can record: for each control step's ``torques``,
+    ``substeps`` calls ``step(state_in, state_out, control, None, dt / substeps)`` (a solver's ``step``),
+    each on a fresh input state holding copies of the previous output's ``carried`` arrays (the solver's
+    own coordinates: ``joint_q``/``joint_qd`` for Featherstone, ``body_q``/``body_qd`` for maximal-coordinate
+    solvers) and a fresh output state. Returns the last output state."""
     for tau in torques:
         control = model.control(clone_variables=False)
         control.joint_f = tau
         for _ in range(substeps):
             state_in = model.state(requires_grad=requires_grad)
-            # copies, not the previous output itself: the solver rewrites its input's body poses in place
-            wp.copy(state_in.joint_q, state.joint_q)
-            wp.copy(state_in.joint_qd, state.joint_qd)
+            # copies, not the previous output itself: a solver may rewrite its input state in place
+            for name in carried:
+                wp.copy(getattr(state_in, name), getattr(state, name))
             state_out = model.state(requires_grad=requires_grad)
-            newton.solvers.SolverFeatherstone(model).step(state_in, state_out, control, None, dt / substeps)
+            step(state_in, state_out, control, None, dt / substeps)
             state = state_out
     return state
 

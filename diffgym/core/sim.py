@@ -11,8 +11,9 @@ import torch
 
 from diffgym.core.bridge import Out, warp_call
 from diffgym.core.contract import FieldSpec, check_sim_class
-from diffgym.core.multistep import RolloutOutput, check_action_sequence, fused_step_launches
+from diffgym.core.multistep import RolloutOutput, fused_step_launches
 from diffgym.core.state import SimState
+from diffgym.core.tensor_checks import check_float32
 
 
 @dataclasses.dataclass(eq=False, frozen=True)
@@ -169,7 +170,8 @@ class DiffSim:
         naming the step, the field and the env)."""
         self.check_state(state)
         batch = state.batch_size
-        clipped = check_action_sequence(actions, batch, self.act_dim, self.device).clamp(-1.0, 1.0)
+        clipped = check_float32(actions, "actions", ("T", batch, self.act_dim), "(step, env, dim)",
+                                self.device).clamp(-1.0, 1.0)
         physics_tensors = self.check_physics(physics, batch)
         if not self.steps_as_one_kernel:
             rollout = self._looped_rollout(state, clipped, physics_tensors)
@@ -225,20 +227,7 @@ class DiffSim:
     # ----------------------------------------------------------------------------- checks
     def check_action(self, action: Any, batch: int) -> torch.Tensor:
         """Validate a torch action batch; raise ``ValueError`` naming what was expected."""
-        expected = f"a torch.float32 tensor of shape ({batch}, {self.act_dim}) on {self.device}"
-        if not isinstance(action, torch.Tensor):
-            raise TypeError(f"action must be {expected}, got {type(action).__name__}")
-        if action.shape != (batch, self.act_dim):
-            raise ValueError(f"action must be {expected}, got shape {tuple(action.shape)}")
-        if action.dtype != torch.float32:
-            raise ValueError(f"action must be {expected}, got dtype {action.dtype}")
-        if action.device != self.device:
-            raise ValueError(f"action must be {expected}, got device {action.device}")
-        finite = torch.isfinite(action)
-        if not bool(finite.all()):
-            bad = [tuple(i) for i in (~finite).nonzero().tolist()[:8]]
-            raise ValueError(f"action contains NaN or Inf at (env, dim) {bad}; actions must be finite")
-        return action
+        return check_float32(action, "action", (batch, self.act_dim), "(env, dim)", self.device)
 
     def check_physics(self, physics: Mapping[str, Any] | None, batch: int) -> tuple[torch.Tensor, ...]:
         """Validate a ``physics`` mapping for ``batch`` envs; return one tensor per ``physical_params``
