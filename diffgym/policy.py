@@ -31,7 +31,7 @@ from torch import nn
 
 from diffgym.training.networks import ActorCritic
 from diffgym.training.normalization import ObservationNormalizer
-from diffgym.training.run import UnsafeCheckpointError, _one_line, list_checkpoints, load_checkpoint
+from diffgym.training.run import UnsafeCheckpointError, list_checkpoints, load_checkpoint, one_line
 from diffgym.training.spec import TrainConfig
 
 _REQUIRED_KEYS = ("actor_critic", "normalizer", "config", "env_steps")
@@ -158,7 +158,7 @@ def _load_shareable(path: Path, device: str | torch.device) -> Policy:
             metadata = handle.metadata() or {}
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as error:  # safetensors' own error types for a damaged header or data
-        raise ValueError(f"{path}: not a readable {SHAREABLE_SUFFIX} file ({_one_line(error)})") from None
+        raise ValueError(f"{path}: not a readable {SHAREABLE_SUFFIX} file ({one_line(error)})") from None
     if metadata.get("format") != _SHAREABLE_FORMAT:
         raise ValueError(f"{path}: not a DiffGym policy file (metadata format {metadata.get('format')!r}, "
                          f"expected {_SHAREABLE_FORMAT!r}); write one with diffgym export --out FILE{SHAREABLE_SUFFIX}")
@@ -173,7 +173,7 @@ def _load_shareable(path: Path, device: str | torch.device) -> Policy:
         config = TrainConfig.from_dict(json.loads(metadata.get("config", "")))
         env_steps = int(metadata.get("env_steps", ""))
     except (ValueError, TypeError) as error:
-        raise ValueError(f"{path}: unreadable policy metadata ({_one_line(error)})") from None
+        raise ValueError(f"{path}: unreadable policy metadata ({one_line(error)})") from None
     return _build_policy(parts["actor_critic"], parts["normalizer"], config, env_steps, path, device)
 
 
@@ -193,7 +193,7 @@ def _load_checkpoint(path: Path, device: str | torch.device, expected: TrainConf
     except UnsafeCheckpointError:
         raise
     except Exception as error:  # truncated, not a torch file, a TorchScript module, ...: whatever torch raises
-        raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: {_one_line(error)})") from None
+        raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: {one_line(error)})") from None
     if not isinstance(saved, dict) or any(k not in saved for k in _REQUIRED_KEYS):
         have = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
         raise ValueError(f"{path} is not a DiffGym checkpoint: it needs the keys {list(_REQUIRED_KEYS)}, has {have}")
@@ -213,5 +213,5 @@ def _build_policy(weights: dict[str, torch.Tensor], normalizer_state: dict[str, 
         normalizer = ObservationNormalizer(obs_dim, config.normalizer).to(device)
         normalizer.load_state_dict(normalizer_state)
     except (KeyError, RuntimeError) as error:  # missing or misshapen tensors for the config's architecture
-        raise ValueError(f"{path}: its weights do not fit its config's policy ({_one_line(error)})") from None
+        raise ValueError(f"{path}: its weights do not fit its config's policy ({one_line(error)})") from None
     return Policy(model, normalizer, config, env_steps, path).eval()

@@ -308,7 +308,7 @@ class Run:
             except UnsafeCheckpointError:
                 raise  # not damage: falling back past it would hide that the run holds such a file
             except Exception as error:  # truncated zip, bad pickle, ...: whatever torch.load raises
-                warnings.warn(f"{path}: unreadable checkpoint ({type(error).__name__}: {_one_line(error)}); "
+                warnings.warn(f"{path}: unreadable checkpoint ({type(error).__name__}: {one_line(error)}); "
                               "trying the previous one", CheckpointWarning, stacklevel=2)
                 unreadable.append(path)
                 continue
@@ -373,7 +373,7 @@ class Run:
         try:
             saved = TrainConfig.load(saved_path).to_dict()
         except Exception as error:
-            raise RunDirError(f"{saved_path}: cannot read the run's saved config ({_one_line(error)}); "
+            raise RunDirError(f"{saved_path}: cannot read the run's saved config ({one_line(error)}); "
                               "choose another run_dir") from None
         self._refuse_other_config(saved, saved_path)
 
@@ -431,7 +431,9 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
+    """``str(error)`` on one line (its whitespace runs collapsed), or its type's name when it says nothing:
+    for the one-line errors that name a file which could not be read."""
     return " ".join(str(error).split()) or type(error).__name__
 
 
