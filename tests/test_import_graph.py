@@ -12,18 +12,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 # Each source root and the folder its top-level packages sit in: diffgym/ at the repository root, each
 # trainer plugin's package (diffgym_ppo, diffgym_apg) inside trainers/<name>/.
 SOURCE_ROOTS = [(ROOT / "diffgym", ROOT), *((pkg, pkg.parent) for pkg in sorted(ROOT.glob("trainers/*/diffgym_*"))
                                             if (pkg / "__init__.py").exists())]
-
-# Exceptions another change is removing while this test lands, each with the reason it is tolerated.
-# Each is an expected failure (xfail) while present and a failure once gone, so the entry is deleted then.
-KNOWN_CYCLES: dict[frozenset[str], str] = {}
-KNOWN_PRIVATE_READS: dict[str, str] = {}
 
 
 def module_name(path: Path, base: Path) -> str:
@@ -158,26 +151,11 @@ def test_the_graph_sees_every_kind_of_import(tmp_path):
 
 
 def test_no_import_cycle():
-    found = [c for c in cycles(import_graph()[0]) if frozenset(c) not in KNOWN_CYCLES]
+    found = cycles(import_graph()[0])
     assert not found, f"import cycles (each a set of modules that import each other): {found}"
 
 
 def test_no_private_name_crosses_modules():
-    private = {m: names for m, names in import_graph()[1].items() if m not in KNOWN_PRIVATE_READS}
+    private = import_graph()[1]
     assert not private, "private names read from another module (make them public or move the code): " + \
         "; ".join(f"{m}: {', '.join(names)}" for m, names in sorted(private.items()))
-
-
-@pytest.mark.parametrize("cycle", sorted(KNOWN_CYCLES, key=sorted), ids=lambda c: "+".join(sorted(c)))
-def test_known_cycle_is_gone(cycle):
-    if cycle in [frozenset(c) for c in cycles(import_graph()[0])]:
-        pytest.xfail(KNOWN_CYCLES[cycle])
-    pytest.fail(f"the cycle {sorted(cycle)} is gone: delete its KNOWN_CYCLES entry")
-
-
-@pytest.mark.parametrize("module", sorted(KNOWN_PRIVATE_READS))
-def test_known_private_reads_are_gone(module):
-    found = import_graph()[1].get(module)
-    if found:
-        pytest.xfail(f"{KNOWN_PRIVATE_READS[module]} (now: {', '.join(found)})")
-    pytest.fail(f"{module} reads no private name any more: delete its KNOWN_PRIVATE_READS entry")
