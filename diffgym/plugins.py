@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 from diffgym.training.spec import TrainConfig
 from diffgym.training.shared_specs import SHARED_SECTIONS, shared_specs
@@ -53,6 +53,13 @@ OPTIONAL_TRAINER_ATTRIBUTES = {
                  "and `--flag V1,V2` is a grid axis in `diffgym ablate`",
     "ablation_grid": "{algo_params key: 'V1,V2,...'}: what `diffgym ablate --algo NAME` runs without --grid",
     "suggest_hyperparams": "(optuna trial, env_id) -> dotted overrides: the search space of `diffgym tune`",
+    "check_config": "(TrainConfig) -> None: raise a one-line ValueError for settings the trainer cannot run; "
+                    "resolve_config calls it, so `diffgym train` and every sweep refuse them before any run starts",
+    "dict_observations": "True when the trainer trains on tasks with a Dict observation (goal-conditioned ones); "
+                         "without it resolve_config refuses such tasks",
+    "upgrade_config": "(config mapping) -> config mapping: a config an earlier version of the trainer wrote (a "
+                      "`--config` file, a run directory being resumed, keys of its earlier format set on the "
+                      "command line) in today's format; pass it to `Run(..., upgrade_config=...)` as well",
 }
 """What a trainer may add to :class:`Trainer`; the core knows no trainer by name, so everything
 algorithm-specific on the command line comes from these."""
@@ -136,23 +143,85 @@ def resolve_config(algo: str, env_id: str, overrides: Mapping[str, Any] | None =
     else:
         config = base.replace(algo=algo, env_id=env_id)
     config = config.with_overrides(overrides or {})
-    _check_algo_params(trainer, env_id, overrides or {})
-    if config.device.startswith("cuda"):
-        import torch
+    set_keys = [key.split(".")[1] for key in overrides or {} if key.startswith("algo_params.")]
+    upgrade = getattr(trainer, "upgrade_config", None)
+    if upgrade is not None:  # keys of an earlier format (a --config file, --param KEY) in today's
+        data = upgrade(config.to_dict())
+        if data.get("algo") != algo:
+            raise ValueError(f"these settings are trainer {data.get('algo')!r}'s now: use --algo {data.get('algo')}")
+        config = TrainConfig.from_dict(data)
+        set_keys = list(config.algo_params)
+    _check_algo_params(trainer, env_id, set_keys)
+    from diffgym.core.env import check_device
 
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {config.device!r} requested, but torch {torch.__version__} sees no CUDA GPU; "
-                             "use --device cpu")
+    check_device(config.device)
+    observation_space = task_observation_space(env_id, config.env_kwargs)
+    if type(observation_space).__name__ == "Dict" and not getattr(trainer, "dict_observations", False):
+        raise ValueError(f"trainer {algo!r} trains on Box observations, but {env_id}'s observation is a Dict "
+                         f"({', '.join(observation_space.spaces)}); choose a task with a Box observation "
+                         "(docs/tasks.md) or a trainer that sets dict_observations")
+    check = getattr(trainer, "check_config", None)
+    if check is not None:
+        check(config)
     return config
 
 
-def _check_algo_params(trainer: Trainer, env_id: str, overrides: Mapping[str, Any]) -> None:
+def task_observation_space(env_id: str, env_kwargs: Mapping[str, Any]) -> Any:
+    """Make the task once, on the CPU, with ``env_kwargs`` (what every env of a run gets) and return its
+    observation space: a misspelt or out-of-range task argument is a one-line ``ValueError`` when the
+    config is built, not a traceback once a run has started."""
+    import warnings
+
+    import gymnasium as gym
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. an older task version's deprecation note: the run shows it
+            env = gym.make(env_id, disable_env_checker=True, **{**env_kwargs, "device": "cpu"})
+    except TypeError as error:  # an argument the task does not take (or one of the wrong type)
+        takes = task_arguments(env_id)
+        unknown = sorted(key for key in env_kwargs if key not in takes) if takes else []
+        if not unknown:
+            # Gymnasium appends where it was raised, with every kwarg: said already
+            reason = str(error).split(" was raised from the environment creator")[0]
+            raise ValueError(f"{env_id} cannot be made with env_kwargs {dict(env_kwargs)}: "
+                             f"{' '.join(reason.split())}") from None
+        raise ValueError(f"unknown env_kwargs {unknown} for {env_id}; it takes: {', '.join(takes)}") from None
+    except (ValueError, ImportError) as error:  # a value the task refuses, a missing optional extra
+        given = f" with env_kwargs {dict(env_kwargs)}" if env_kwargs else ""
+        raise ValueError(f"{env_id} cannot be made{given}: {' '.join(str(error).split())}") from None
+    try:
+        return env.observation_space
+    finally:
+        env.close()
+
+
+def task_arguments(env_id: str) -> list[str]:
+    """The constructor arguments a registered task takes (its simulator's, for a DiffGym task), for
+    error messages; empty where they cannot be read."""
+    import inspect
+
+    import gymnasium as gym
+    from gymnasium.envs.registration import load_env_creator
+
+    entry_point = gym.spec(env_id).entry_point
+    try:
+        creator = load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
+        signature = inspect.signature(getattr(creator, "sim_class", creator))
+    except (TypeError, ValueError, ImportError, AttributeError):
+        return []
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [name for name, parameter in signature.parameters.items()
+            if parameter.kind in named and name not in ("self", "device", "render_mode")]
+
+
+def _check_algo_params(trainer: Trainer, env_id: str, keys: Sequence[str]) -> None:
     """A misspelt hyperparameter is an error, not a silently ignored key: every ``algo_params`` key an
-    override sets must be one the trainer's per-task defaults list (as the protocol asks them to)."""
+    override sets (``keys``, first level) must be one the trainer's per-task defaults list (as the
+    protocol asks them to)."""
     known = set(dict(trainer.default_config(env_id) or {}).get("algo_params", {}) or {})
     if not known:
         return  # a trainer that lists none: nothing to check against
-    unknown = sorted(key.split(".")[1] for key in overrides
-                     if key.startswith("algo_params.") and key.split(".")[1] not in known)
+    unknown = sorted(set(keys) - known)
     if unknown:
         raise ValueError(f"unknown algo_params {unknown} for trainer {trainer.name!r}; it has: {', '.join(sorted(known))}")

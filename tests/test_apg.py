@@ -18,10 +18,13 @@ from diffgym.cli import main as diffgym_main
 from diffgym.plugins import load_trainer, resolve_config
 from diffgym.training import TrainConfig
 
-from diffgym_apg import BOOTSTRAP_MODES, MonteCarloReturns, segment_actor_loss, td_lambda_targets
+from diffgym.training.returns import MonteCarloReturns, td_lambda_targets
 from diffgym.training.rollout import EnvBatch, unroll
-from diffgym_apg.train import (AdaptiveSegmentLength, APGParams, Learner, apg_update, clip_env_gradients, policy_gradient,
-                              train)
+from diffgym_apg import BOOTSTRAP_MODES, segment_actor_loss
+from diffgym_apg.apg import Learner, apg_update, policy_gradient, train
+from diffgym_apg.config import APGConfig
+from diffgym_apg.estimators import clip_env_gradients
+from diffgym_apg.segments import AdaptiveSegmentLength, SegmentConfig
 
 POINT_MASS = "DiffGym/PointMass1D-v0"
 
@@ -121,13 +124,13 @@ def test_monte_carlo_returns_are_emitted_once_when_episodes_end():
 
 # ------------------------------------------------------------------------------------ helpers
 def small_config(tmp_path: Path, env_id: str, bootstrap: str, name: str = "run", **changes) -> TrainConfig:
-    if bootstrap == "value":  # the value network the proximal path fits (no proximal update within 32 steps)
-        changes = {"algo_params.proximal_epochs": 1, "algo_params.proximal_value_fit": True, **changes}
+    """Two updates of 4 envs x 4 steps. ``gae`` (the value network the proximal path's joint steps fit) is
+    trainer apg-ppo's; its first proximal update (after 400 steps per env) lies beyond these runs."""
     overrides = {"num_envs": 4, "total_env_steps": 2 * 4 * 4, "eval_every_env_steps": 10**6, "eval_episodes": 2,
-                 "algo_params.segment_length": 4, "algo_params.bootstrap": bootstrap,
-                 "algo_params.critic_epochs": 1, "algo_params.critic_minibatches": 2,
+                 "algo_params.segment.length": 4, "algo_params.value.bootstrap": bootstrap,
+                 "algo_params.value.epochs": 1, "algo_params.value.minibatches": 2,
                  "run_dir": str(tmp_path / name), **changes}
-    return resolve_config("apg", env_id, overrides)
+    return resolve_config("apg-ppo" if bootstrap == "gae" else "apg", env_id, overrides)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -139,8 +142,8 @@ def latest_checkpoint(run_dir: Path) -> dict:
     return torch.load(path, weights_only=False)
 
 
-def make_learner(config: TrainConfig, seed: int = 0) -> tuple[Learner, EnvBatch, APGParams]:
-    params = APGParams.from_config(config)
+def make_learner(config: TrainConfig, seed: int = 0) -> tuple[Learner, EnvBatch, APGConfig]:
+    params = APGConfig.from_config(config)
     venv = gym.make_vec(config.env_id, num_envs=config.num_envs, vectorization_mode="vector_entry_point")
     envs = EnvBatch(venv, seed, torch.device("cpu"))
     torch.manual_seed(seed)
@@ -156,13 +159,13 @@ def test_actor_gradient_through_the_simulator_matches_finite_differences(tmp_pat
     episodes in a 6-step segment: pieces end by truncation and by the segment end."""
     config = small_config(tmp_path, POINT_MASS, bootstrap, **{"algo_params.gamma": 0.9})
     torch.manual_seed(0)
-    params = APGParams.from_config(config)
+    params = APGConfig.from_config(config)
     venv = gym.make_vec(POINT_MASS, num_envs=3, vectorization_mode="vector_entry_point", max_episode_steps=4)
     envs = EnvBatch(venv, 0, torch.device("cpu"))
     learner = Learner.create(3, 1, config, params, torch.device("cpu"))
     learner.normalizer.update(torch.randn(64, 3) * 0.7 + 0.1)  # a non-trivial normalization
     with torch.no_grad():  # a non-trivial policy mean and value, so every path carries gradient
-        for p in [*learner.actor_params, *learner.critic_params]:
+        for p in [*learner.actor_parameters, *learner.value.parameters]:
             p.add_(0.3 * torch.randn_like(p))
     start = (envs.state, envs.obs, dict(envs.seeds.bit_generator.state))
 
@@ -171,19 +174,19 @@ def test_actor_gradient_through_the_simulator_matches_finite_differences(tmp_pat
         torch.manual_seed(1)  # the same action noise every time
         segment, _, _ = unroll(learner.model, learner.normalizer, envs, 6)
         assert segment.truncated[3].all() and not segment.truncated[:3].any()
-        values = learner.tail_value(segment.next_obs, bootstrap)
+        values = learner.value.tail(segment.next_obs)
         return segment_actor_loss(segment.rewards, values, segment.terminated, segment.truncated, params.gamma)
 
-    direction = [torch.randn_like(p) for p in learner.actor_params]
-    grads = torch.autograd.grad(loss(), learner.actor_params)
+    direction = [torch.randn_like(p) for p in learner.actor_parameters]
+    grads = torch.autograd.grad(loss(), learner.actor_parameters)
     analytic = sum(float((g * d).sum()) for g, d in zip(grads, direction))
     eps = 1e-3
     with torch.no_grad():
         def shifted(scale: float) -> float:
-            for p, d in zip(learner.actor_params, direction):
+            for p, d in zip(learner.actor_parameters, direction):
                 p.add_(scale * eps * d)
             value = float(loss())
-            for p, d in zip(learner.actor_params, direction):
+            for p, d in zip(learner.actor_parameters, direction):
                 p.sub_(scale * eps * d)
             return value
         numeric = (shifted(1.0) - shifted(-1.0)) / (2 * eps)
@@ -196,9 +199,10 @@ def test_plugin_is_registered_with_every_hyperparameter():
     trainer = load_trainer("apg")
     assert trainer.name == "apg"
     config = resolve_config("apg", POINT_MASS)
-    assert set(config.algo_params) == set(APGParams.__dataclass_fields__)
-    with pytest.raises(ValueError, match="bootstrap"):
-        APGParams.from_config(config.with_overrides({"algo_params.bootstrap": "td"}))
+    assert set(config.algo_params) == set(APGConfig.__dataclass_fields__) - {"proximal"}  # apg-ppo's section
+    assert set(resolve_config("apg-ppo", POINT_MASS).algo_params) == set(APGConfig.__dataclass_fields__)
+    with pytest.raises(ValueError, match="value.bootstrap must be one of"):
+        APGConfig.from_config(config.with_overrides({"algo_params.value.bootstrap": "td"}))
 
 
 @pytest.mark.parametrize("bootstrap", BOOTSTRAP_MODES)
@@ -207,7 +211,7 @@ def test_every_bootstrap_mode_trains_on_every_task(tmp_path, env_id, bootstrap):
     config = small_config(tmp_path, env_id, bootstrap)
     torch.manual_seed(config.seed)
     initial = [p.detach().clone() for p in Learner.create(
-        *_dims(env_id), config, APGParams.from_config(config), torch.device("cpu")).actor_params]
+        *_dims(env_id), config, APGConfig.from_config(config), torch.device("cpu")).actor_parameters]
     run_dir = train(config, progress=False)
     rows = read_metrics(run_dir)
     updates = [r for r in rows if "grad_norm" in r]
@@ -318,13 +322,13 @@ def test_non_finite_gradient_everywhere_skips_the_update(tmp_path, bootstrap):
     clean_venv = envs.venv
     envs.venv = PoisonedEnv(clean_venv, "nan_gradient")
     before = {k: v.clone() for k, v in learner.model.state_dict().items()}
-    actor_before = [p.detach().clone() for p in learner.actor_params]
+    actor_before = [p.detach().clone() for p in learner.actor_parameters]
     stats = apg_update(learner, envs, params, config)
     assert stats["skipped_updates"] == learner.skipped_updates == 1
     assert stats["masked_envs"] == config.num_envs  # no env had a finite gradient
     assert not math.isfinite(stats["grad_norm"])
-    assert all(torch.equal(p, q) for p, q in zip(learner.actor_params, actor_before))  # actor untouched
-    assert not learner.actor_optimizer.state  # Adam's moments never saw the NaN
+    assert all(torch.equal(p, q) for p, q in zip(learner.actor_parameters, actor_before))  # actor untouched
+    assert not learner.optimizer.state  # Adam's moments never saw the NaN
     assert all(torch.isfinite(v).all() for v in learner.model.state_dict().values())
     # the next, clean update goes through
     envs.venv = clean_venv
@@ -342,14 +346,14 @@ def test_a_diverged_env_is_masked_not_the_whole_update(tmp_path, poison, estimat
     config = small_config(tmp_path, POINT_MASS, bootstrap, **{"algo_params.estimator": estimator})
     learner, envs, params = make_learner(config)
     envs.venv = PoisonedEnv(envs.venv, poison)
-    actor_before = [p.detach().clone() for p in learner.actor_params]
+    actor_before = [p.detach().clone() for p in learner.actor_parameters]
     stats = apg_update(learner, envs, params, config)
     assert stats["skipped_updates"] == 0 and math.isfinite(stats["grad_norm"]) and stats["grad_norm"] > 0
     assert stats["masked_envs"] == 1 and stats["masked_envs_total"] == 1
     assert math.isfinite(stats["actor_loss"]) and math.isfinite(stats["segment_reward"])
-    assert any(not torch.equal(p, q) for p, q in zip(learner.actor_params, actor_before))
+    assert any(not torch.equal(p, q) for p, q in zip(learner.actor_parameters, actor_before))
     assert all(torch.isfinite(v).all() for v in learner.model.state_dict().values())
-    assert all(torch.isfinite(v).all() for state in learner.actor_optimizer.state.values() for v in state.values()
+    assert all(torch.isfinite(v).all() for state in learner.optimizer.state.values() for v in state.values()
                if torch.is_tensor(v))
     assert all(torch.isfinite(t).all() for t in envs.state.tensors() if t.is_floating_point())
     assert torch.isfinite(envs.obs).all()  # the diverged env restarted
@@ -364,10 +368,10 @@ def test_masked_update_equals_the_update_of_the_other_envs(tmp_path):
     envs.venv = PoisonedEnv(envs.venv, "nan_reward")
     torch.manual_seed(5)
     segment, _, _ = unroll(learner.model, learner.normalizer, envs, 4)
-    learner.actor_optimizer.zero_grad()
+    learner.optimizer.zero_grad()
     stats = policy_gradient(learner, segment, params)
     assert stats["masked_envs"] == 1
-    masked = torch.cat([p.grad.flatten() for p in learner.actor_params])
+    masked = torch.cat([p.grad.flatten() for p in learner.actor_parameters])
 
     envs.venv = envs.venv.venv  # the clean env, replayed from the same start with the same noise
     envs.state, envs.obs, envs.seeds.bit_generator.state = start
@@ -376,7 +380,7 @@ def test_masked_update_equals_the_update_of_the_other_envs(tmp_path):
     kept = [0, 2]
     loss = segment_actor_loss(clean.rewards[:, kept], torch.zeros(4, 2), clean.terminated[:, kept],
                               clean.truncated[:, kept], params.gamma)
-    reference = torch.cat([g.flatten() for g in torch.autograd.grad(loss, learner.actor_params)])
+    reference = torch.cat([g.flatten() for g in torch.autograd.grad(loss, learner.actor_parameters)])
     assert float(reference.norm()) > 1e-4
     torch.testing.assert_close(masked, reference, rtol=1e-4, atol=1e-7)
 
@@ -409,9 +413,9 @@ def test_env_gradient_clip_steps_on_the_mean_of_the_clipped_per_env_gradients(tm
         start = (envs.state, envs.obs, dict(envs.seeds.bit_generator.state))
         torch.manual_seed(5)
         segment, _, _ = unroll(learner.model, learner.normalizer, envs, 4)
-        learner.actor_optimizer.zero_grad()
+        learner.optimizer.zero_grad()
         stats = policy_gradient(learner, segment, params)
-        gradient = torch.cat([p.grad.flatten() for p in learner.actor_params])
+        gradient = torch.cat([p.grad.flatten() for p in learner.actor_parameters])
         rows = []
         for env in range(5):  # env i's share: the gradient of the loss with the other envs' rewards zeroed
             envs.state, envs.obs, envs.seeds.bit_generator.state = start
@@ -421,7 +425,7 @@ def test_env_gradient_clip_steps_on_the_mean_of_the_clipped_per_env_gradients(tm
             only[:, env] = 1.0
             loss = segment_actor_loss(clean.rewards * only, torch.zeros(4, 5), clean.terminated, clean.truncated,
                                       params.gamma) * 5
-            rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, learner.actor_params)]))
+            rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, learner.actor_parameters)]))
         return gradient, torch.stack(rows), stats
 
     gradient, rows, stats = step(1.0)
@@ -445,7 +449,7 @@ def test_env_gradient_clip_leaves_a_diverged_env_out_before_it_takes_the_median(
     stats = apg_update(learner, envs, params, config)
     assert stats["masked_envs"] == 1 and math.isfinite(stats["grad_norm"]) and stats["grad_norm"] > 0
     assert stats["env_gradients_clipped"] in (0.25, 0.5)  # of the 4 kept envs, those above their median
-    assert all(torch.isfinite(p).all() for p in learner.actor_params)
+    assert all(torch.isfinite(p).all() for p in learner.actor_parameters)
 
 
 def test_per_env_estimators_need_three_envs(tmp_path):
@@ -473,24 +477,41 @@ def test_every_estimator_and_adaptive_length_train_on_every_task(tmp_path, env_i
         assert all(0.0 <= r["hybrid_alpha"] <= 1.0 for r in rows)
 
 
-def test_estimator_and_segment_length_are_validated():
+def test_each_section_validates_itself_and_names_what_another_needs():
     config = resolve_config("apg", POINT_MASS)
-    for change, match in (({"algo_params.estimator": "reinforce"}, "estimator"),
-                          ({"algo_params.segment_length": "auto"}, "adaptive"),
-                          ({"algo_params.segment_length": 0}, "segment_length"),
-                          ({"algo_params.segment_length": "adaptive", "algo_params.estimator": "likelihood"}, "likelihood"),
-                          ({"algo_params.env_gradient_clip": -1.0}, "env_gradient_clip must be >= 0"),
-                          ({"algo_params.env_gradient_clip": math.nan}, "env_gradient_clip must be >= 0"),
-                          ({"algo_params.env_gradient_clip": 2.0, "algo_params.estimator": "likelihood"},
+    for change, match in (({"algo_params.policy_gradient.estimator": "reinforce"}, "estimator must be one of"),
+                          ({"algo_params.segment.length": "auto"}, "adaptive"),
+                          ({"algo_params.segment.length": 0}, "segment.length"),
+                          ({"algo_params.segment.length": "adaptive", "algo_params.policy_gradient.estimator": "likelihood"},
+                           "needs an estimator with an analytic part"),
+                          ({"algo_params.policy_gradient.env_gradient_clip": -1.0}, "env_gradient_clip must be >= 0"),
+                          ({"algo_params.policy_gradient.env_gradient_clip": math.nan}, "env_gradient_clip must be >= 0"),
+                          ({"algo_params.policy_gradient.env_gradient_clip": 2.0,
+                            "algo_params.policy_gradient.estimator": "likelihood"},
                            "env_gradient_clip \\(2.0\\) clips the per-env analytic gradients: set it to 0 with estimator .likelihood."),
-                          ({"algo_params.segment_length": "adaptive", "algo_params.min_segment_length": 40,
-                            "algo_params.max_segment_length": 20}, "min_segment_length")):
+                          ({"algo_params.segment.length": "adaptive", "algo_params.segment.min_length": 40,
+                            "algo_params.segment.max_length": 20}, "min_length"),
+                          ({"algo_params.policy_gradient.estimator": "none"}, "needs the proximal section"),
+                          ({"algo_params.value.bootstrap": "gae"}, "needs that section"),
+                          ({"algo_params.value.normalize_reward": True}, "bootstrap 'none' does not have"),
+                          ({"algo_params.gamma": 1.5}, "gamma")):
         with pytest.raises(ValueError, match=match):
-            APGParams.from_config(config.with_overrides(change))
+            APGConfig.from_config(config.with_overrides(change))
+    ppo = resolve_config("apg-ppo", POINT_MASS)
+    for change, match in (({"algo_params.value.bootstrap": "none"}, "advantages need a value function"),
+                          ({"algo_params.proximal.batch_size": 1}, "proximal.batch_size must be >= 2"),
+                          ({"algo_params.proximal.vf_coef": 0.0}, "vf_coef must be > 0")):
+        with pytest.raises(ValueError, match=match):
+            APGConfig.from_config(ppo.with_overrides(change))
+    # a trainer refuses the other's config in one line
+    with pytest.raises(ValueError, match="--algo apg-ppo"):
+        load_trainer("apg").train(ppo, progress=False)
+    with pytest.raises(ValueError, match="--algo apg"):
+        load_trainer("apg-ppo").train(config, progress=False)
 
 
 def test_adaptive_length_halves_on_exploding_and_doubles_on_precise_analytic_gradients():
-    params = APGParams(segment_length="adaptive", min_segment_length=4, max_segment_length=16)
+    params = SegmentConfig(length="adaptive", min_length=4, max_length=16)
     schedule = AdaptiveSegmentLength(params, patience=2)
     gen = torch.Generator().manual_seed(0)
     likelihood = torch.randn(32, 10, generator=gen)
@@ -572,7 +593,7 @@ def test_diffgym_train_cli_writes_every_output(tmp_path):
                          "--run-dir", str(run_dir), "--no-progress"])
     assert code == 0
     config = TrainConfig.load(run_dir / "config.yaml")
-    assert config.algo == "apg" and config.algo_params["segment_length"] == 10
+    assert config.algo == "apg" and config.algo_params["segment"]["length"] == 10
     assert list(run_dir.glob("events.out.tfevents.*"))
     rows = read_metrics(run_dir)
     assert {"actor_loss", "grad_norm", "skipped_updates", "critic_loss", "policy_std", "segment_reward"} <= set(rows[1])
@@ -602,7 +623,7 @@ def test_cli_segment_flags_reach_the_config(capsys):
     assert main(["train", "--algo", "apg", "--env", "DiffGym/PointMass1D-v0", "--segment-length", "16",
                  "--bootstrap", "mc", "--print-config"]) == 0
     algo_params = yaml.safe_load(capsys.readouterr().out)["algo_params"]
-    assert algo_params["segment_length"] == 16 and algo_params["bootstrap"] == "mc"
+    assert algo_params["segment"]["length"] == 16 and algo_params["value"]["bootstrap"] == "mc"
 
 
 def test_cli_segment_length_accepts_adaptive(capsys):
@@ -611,4 +632,33 @@ def test_cli_segment_length_accepts_adaptive(capsys):
     assert main(["train", "--algo", "apg", "--env", "DiffGym/PointNav2D-v0", "--segment-length", "adaptive",
                  "--param", "estimator=hybrid", "--print-config"]) == 0
     algo_params = yaml.safe_load(capsys.readouterr().out)["algo_params"]
-    assert algo_params["segment_length"] == "adaptive" and algo_params["estimator"] == "hybrid"
+    assert algo_params["segment"]["length"] == "adaptive" and algo_params["policy_gradient"]["estimator"] == "hybrid"
+
+
+# ------------------------------------------------------------------------------------ extending
+def test_the_estimator_of_docs_apg_md_is_one_file_and_one_config_section(tmp_path, monkeypatch):
+    """docs/apg.md, "Adding an estimator": the file registers itself, its section takes its own option
+    (validated by it), and a run steps on the mix it computes."""
+    import importlib
+    import re
+
+    from diffgym_apg import estimators as estimators_module
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "apg.md").read_text()
+    (source,) = re.findall(r"```python\n# my_estimator.py\n(.*?)```", text, re.S)
+    (tmp_path / "my_estimator.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(estimators_module, "ESTIMATORS", dict(estimators_module.ESTIMATORS))
+    importlib.import_module("my_estimator")
+    section = {"estimator": "fixed-mix", "analytic_weight": 0.8}
+    config = small_config(tmp_path, POINT_MASS, "critic").replace(
+        algo_params={**small_config(tmp_path, POINT_MASS, "critic").algo_params, "policy_gradient": section})
+    params = APGConfig.from_config(config)
+    assert type(params.policy_gradient).__name__ == "FixedMixConfig" and params.policy_gradient.analytic_weight == 0.8
+    rows = [r for r in read_metrics(train(config, progress=False)) if "grad_norm" in r]
+    assert [r["analytic_weight"] for r in rows] == [0.8, 0.8]
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="analytic_weight must be in"):
+        APGConfig.from_params({"policy_gradient": {**section, "analytic_weight": 2.0}})
+    with pytest.raises(ValueError, match="unknown PolicyGradientConfig field"):  # another estimator's option
+        APGConfig.from_params({"policy_gradient": {"estimator": "analytic", "analytic_weight": 0.8}})

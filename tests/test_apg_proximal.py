@@ -1,5 +1,5 @@
-"""APG's proximal likelihood-ratio path (trainers/apg/diffgym_apg/proximal.py): GAE and the clipped
-surrogate against their definitions, what the buffer records, the path on every task, gradient-step
+"""apg-ppo's proximal likelihood-ratio path (trainers/apg/diffgym_apg/proximal.py): GAE and the clipped
+surrogate (diffgym/training/returns.py) against their definitions, what the buffer records, the path on every task, gradient-step
 accounting, validation and exact resume with a half-filled buffer."""
 
 from __future__ import annotations
@@ -14,14 +14,24 @@ from diffgym.plugins import resolve_config
 from diffgym.training.rollout import unroll
 
 from diffgym.training import OptimizerSpec
-from diffgym_apg.proximal import ProximalBuffer, ReturnScale, clipped_surrogate_loss, gae_advantages, proximal_update
-from diffgym_apg.train import APGParams, apg_update, fit_value, train
+from diffgym.training.returns import ReturnScale, clipped_surrogate_loss, gae_advantages
+from diffgym_apg.apg import apg_update, train
+from diffgym_apg.config import APGConfig
+from diffgym_apg.proximal import ProximalBuffer, ProximalConfig, clipped_epochs
 
 from tests.test_apg import (POINT_MASS, latest_checkpoint, make_learner, pieces, random_segment, read_metrics,
                             small_config, straight_checkpoints)
 
-PROXIMAL = {"algo_params.proximal_epochs": 2, "algo_params.proximal_horizon": 8,
-            "algo_params.proximal_minibatch_size": 8}
+PROXIMAL = {"algo_params.proximal.n_epochs": 2, "algo_params.proximal.n_steps": 8,
+            "algo_params.proximal.batch_size": 8}
+
+
+def proximal_config(tmp_path, bootstrap: str, name: str = "run", **changes):
+    """small_config's runs with the proximal path (trainer apg-ppo): one update every 8 steps per env."""
+    config = small_config(tmp_path, POINT_MASS, "gae", name, **{"algo_params.value.bootstrap": bootstrap,
+                                                               **PROXIMAL, **changes})
+    assert config.algo == "apg-ppo"
+    return config
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.7, 1.0])
@@ -61,7 +71,7 @@ def test_clipped_surrogate_stops_the_gradient_beyond_the_clip_range():
 
 
 def test_buffer_keeps_the_log_probabilities_of_the_policy_that_acted():
-    config = resolve_config("apg", POINT_MASS, {"num_envs": 4, **PROXIMAL, "algo_params.proximal_value_fit": True})
+    config = resolve_config("apg-ppo", POINT_MASS, {"num_envs": 4, **PROXIMAL})
     learner, envs, params = make_learner(config)
     with torch.no_grad():
         segment, _, _ = unroll(learner.model, learner.normalizer, envs, 5)
@@ -83,12 +93,13 @@ def test_buffer_keeps_the_log_probabilities_of_the_policy_that_acted():
     assert batch["valid"][:, 2].logical_not().all() and batch["valid"][:, [0, 1, 3]].all()
 
 
-@pytest.mark.parametrize("estimator", ["proximal", "analytic"])
+@pytest.mark.parametrize("estimator", ["none", "analytic"])
 @pytest.mark.parametrize("env_id", diffgym.TASK_IDS)
 def test_proximal_path_trains_on_every_task(tmp_path, env_id, estimator):
     # 4 envs x K = 4, horizon 8: one proximal update (2 epochs x 4 minibatches of 8) after every 2nd segment
-    config = small_config(tmp_path, env_id, "critic", total_env_steps=4 * 4 * 4,
-                          **{**PROXIMAL, "algo_params.estimator": estimator, "algo_params.env_gradient_clip": 0.0})
+    config = small_config(tmp_path, env_id, "gae", total_env_steps=4 * 4 * 4,
+                          **{**PROXIMAL, "algo_params.value.bootstrap": "critic",
+                             "algo_params.policy_gradient.estimator": estimator})
     rows = [r for r in read_metrics(train(config, progress=False)) if "segment_length" in r]
     assert ["proximal_loss" in r for r in rows] == [False, True, False, True]
     per_segment = 1 if estimator == "analytic" else 0
@@ -97,92 +108,66 @@ def test_proximal_path_trains_on_every_task(tmp_path, env_id, estimator):
     assert all(math.isfinite(r["proximal_loss"]) and 0.0 <= r["proximal_clip_fraction"] <= 1.0
                for r in rows if "proximal_loss" in r)
     # no analytic step: no gradient norm (metrics.jsonl writes non-finite numbers as strings)
-    assert all(r["grad_norm"] == "nan" for r in rows) == (estimator == "proximal")
+    assert all(r["grad_norm"] == "nan" for r in rows) == (estimator == "none")
 
 
 def test_value_fit_on_the_gae_returns_counts_its_critic_steps(tmp_path):
-    changes = {**PROXIMAL, "total_env_steps": 2 * 4 * 4}
-    plain = read_metrics(train(small_config(tmp_path, POINT_MASS, "critic", "plain", **changes), progress=False))
-    fitted = read_metrics(train(small_config(tmp_path, POINT_MASS, "critic", "fitted", **changes,
-                                             **{"algo_params.proximal_value_fit": True}), progress=False))
-    # small_config fits the critic in 1 epoch x 2 minibatches per segment; the value fit adds 8 steps
+    changes = {"total_env_steps": 2 * 4 * 4}
+    plain = read_metrics(train(proximal_config(tmp_path, "critic", "plain", **changes), progress=False))
+    fitted = read_metrics(train(proximal_config(tmp_path, "gae", "fitted", **changes), progress=False))
+    # small_config fits the critic in 1 epoch x 2 minibatches per segment; the joint steps are 8 value steps
     assert [r["critic_grad_steps"] for r in plain if "segment_length" in r] == [2, 4]
-    assert [r["critic_grad_steps"] for r in fitted if "segment_length" in r] == [2, 12]
+    assert [r["critic_grad_steps"] for r in fitted if "segment_length" in r] == [0, 8]
     assert [("proximal_value_loss" in r) for r in fitted if "segment_length" in r] == [False, True]
     assert not any("proximal_value_loss" in r for r in plain)
 
 
-def test_value_bootstrap_leaves_the_value_network_to_the_joint_steps(tmp_path):
-    """``bootstrap: value``: the tail comes from the online value network, which only the proximal
+def test_gae_bootstrap_leaves_the_value_network_to_the_joint_steps(tmp_path):
+    """``bootstrap: gae``: the tail comes from the online value network, which only the proximal
     path's joint steps move (no TD or Monte-Carlo fit of its own), and whose gradient reaches the actor."""
-    config = small_config(tmp_path, POINT_MASS, "value", **PROXIMAL)
+    config = proximal_config(tmp_path, "gae")
     learner, envs, params = make_learner(config)
-    critic_before = [p.detach().clone() for p in learner.critic_params]
+    value = learner.value
+    critic_before = [p.detach().clone() for p in value.parameters]
     stats = apg_update(learner, envs, params, config)  # 4 steps: the buffer holds half a horizon
-    assert "critic_loss" not in stats and learner.critic_grad_steps == 0
-    assert all(torch.equal(p, q) for p, q in zip(learner.critic_params, critic_before))
-    assert not learner.critic_optimizer.state  # the bootstrap's own Adam is never used
+    assert "critic_loss" not in stats and value.grad_steps == 0
+    assert all(torch.equal(p, q) for p, q in zip(value.parameters, critic_before))
+    assert not value.optimizer.state  # the value function's own Adam is never used
     stats = apg_update(learner, envs, params, config)  # the horizon is full: 2 epochs x 32 / 8 minibatch steps
-    assert stats["proximal_grad_steps"] == 8 and learner.critic_grad_steps == 8
-    assert any(not torch.equal(p, q) for p, q in zip(learner.critic_params, critic_before))
+    assert stats["proximal_grad_steps"] == 8 and value.grad_steps == 8
+    assert any(not torch.equal(p, q) for p, q in zip(value.parameters, critic_before))
     # the tail is the online network the joint steps moved, not the (never updated) target network
     obs = envs.obs
-    torch.testing.assert_close(learner.tail_value(obs, "value"), learner.value(learner.normalizer(obs)))
-    assert not torch.allclose(learner.tail_value(obs, "value"), learner.tail_value(obs, "critic"))
+    torch.testing.assert_close(value.tail(obs), value(learner.normalizer(obs)))
+    assert not torch.allclose(value.tail(obs), value.target(learner.normalizer(obs)).squeeze(-1))
     # the tail is differentiable in the observation it closes, so the analytic step sees dV/ds
     obs = envs.obs.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(learner.tail_value(obs, "value").sum(), obs)
+    (grad,) = torch.autograd.grad(value.tail(obs).sum(), obs)
     assert grad.abs().sum() > 0
 
 
 def test_segment_lr_sets_the_segment_steps_rate_and_leaves_the_shared_spec_to_the_proximal_steps(tmp_path):
-    config = small_config(tmp_path, POINT_MASS, "value", **{**PROXIMAL, "algo_params.segment_lr": 3e-5})
+    config = proximal_config(tmp_path, "gae", **{"algo_params.policy_gradient.lr": 3e-5})
     learner, _, _ = make_learner(config)
     assert config.optimizer.lr != 3e-5
-    assert [g["lr"] for g in learner.actor_optimizer.param_groups] == [3e-5]
-    assert [g["lr"] for g in learner.proximal_optimizer.param_groups] == [config.optimizer.lr]
-    assert learner.actor_optimizer.param_groups[0]["betas"] == tuple(config.optimizer.betas)
+    assert [g["lr"] for g in learner.optimizer.param_groups] == [3e-5]
+    assert [g["lr"] for g in learner.proximal.optimizer.param_groups] == [config.optimizer.lr]
+    assert learner.optimizer.param_groups[0]["betas"] == tuple(config.optimizer.betas)
 
 
-def test_proximal_options_are_validated():
-    config = resolve_config("apg", POINT_MASS, {"algo_params.bootstrap": "critic"})
-    on = {"algo_params.proximal_epochs": 1}
-    for change, match in (({"algo_params.estimator": "proximal"}, "estimator 'proximal' learns"),
-                          ({"algo_params.proximal_epochs": -1}, "proximal_epochs must be >= 0"),
-                          ({"algo_params.proximal_value_fit": True}, "proximal_value_fit fits"),
-                          ({**on, "algo_params.bootstrap": "none"}, "need a fitted value network"),
-                          ({"algo_params.value_scaling": True, "algo_params.bootstrap": "none"}, "value_scaling"),
-                          ({**on, "algo_params.proximal_horizon": 0}, "proximal_horizon must be >= 1"),
-                          ({**on, "algo_params.proximal_minibatch_size": 1}, "proximal_minibatch_size must be >= 2"),
-                          ({**on, "algo_params.proximal_lr": 0.0}, "proximal_lr must be > 0"),
-                          ({"algo_params.segment_lr": 0.0}, "segment_lr must be > 0"),
-                          ({**on, "algo_params.clip_range": 0.0}, "clip_range must be > 0"),
-                          ({**on, "algo_params.gae_lambda": 1.5}, "gae_lambda must be in"),
-                          ({**on, "algo_params.entropy_coef": -0.1}, "entropy_coef must be >= 0"),
-                          ({**on, "algo_params.proximal_value_coef": -1.0}, "proximal_value_coef must be >= 0"),
-                          ({**on, "algo_params.estimator": "proximal", "algo_params.segment_length": "adaptive"},
-                           "adaptive"),
-                          ({**on, "algo_params.bootstrap": "value"}, "bootstrap 'value' takes the tail")):
-        with pytest.raises(ValueError, match=match):
-            APGParams.from_config(config.with_overrides(change))
-    APGParams.from_config(config.with_overrides({**on, "algo_params.value_scaling": True}))  # a valid one
-
-
-@pytest.mark.parametrize("estimator", ["proximal", "analytic"])
+@pytest.mark.parametrize("estimator", ["none", "analytic"])
 def test_resume_with_a_half_filled_buffer_continues_identically(tmp_path, estimator):
     # 2 envs x K = 30, horizon 90: proximal updates after segments 3 and 6; the checkpoint after segment 4
     # holds one segment in the buffer
     changes = {"num_envs": 2, "eval_every_env_steps": 4 * 60, "total_env_steps": 8 * 60,
-               "algo_params.segment_length": 30, "algo_params.estimator": estimator,
-               "algo_params.proximal_epochs": 2, "algo_params.proximal_horizon": 90,
-               "algo_params.proximal_minibatch_size": 32, "algo_params.proximal_value_fit": True,
-               "algo_params.value_scaling": True}
-    straight = train(small_config(tmp_path, POINT_MASS, "critic", "straight", **changes), progress=False)
+               "algo_params.segment.length": 30, "algo_params.policy_gradient.estimator": estimator,
+               "algo_params.proximal.n_steps": 90, "algo_params.proximal.batch_size": 32,
+               "algo_params.value.normalize_reward": True}
+    straight = train(proximal_config(tmp_path, "gae", "straight", **changes), progress=False)
     halfway = straight_checkpoints(straight)[1]
     assert halfway == 4 * 60
-    train(small_config(tmp_path, POINT_MASS, "critic", "resumed", **{**changes, "total_env_steps": halfway}),
-          progress=False)
-    resumed = train(small_config(tmp_path, POINT_MASS, "critic", "resumed", **changes), progress=False)
+    train(proximal_config(tmp_path, "gae", "resumed", **{**changes, "total_env_steps": halfway}), progress=False)
+    resumed = train(proximal_config(tmp_path, "gae", "resumed", **changes), progress=False)
 
     def updates(run_dir):
         return [{k: v for k, v in r.items() if k != "wall_time"} for r in read_metrics(run_dir)
@@ -213,26 +198,27 @@ def test_return_scale_is_the_std_of_every_running_discounted_return():
     assert scale.scale == pytest.approx(float(expected), rel=1e-9)
 
 
-def test_value_scaling_keeps_every_value_in_return_units(tmp_path):
-    config = small_config(tmp_path, POINT_MASS, "critic", **{**PROXIMAL, "algo_params.value_scaling": True,
-                                                            "algo_params.proximal_value_fit": True})
+@pytest.mark.parametrize("bootstrap", ["mc", "critic", "gae"])
+def test_normalize_reward_keeps_every_value_in_return_units(tmp_path, bootstrap):
+    config = proximal_config(tmp_path, bootstrap, **{"algo_params.value.normalize_reward": True})
     learner, envs, params = make_learner(config)
-    learner.return_scale.stats.var.fill_(16.0 - learner.return_scale.stats.spec.epsilon)  # scale 4
+    value = learner.value
+    value.return_scale.stats.var.fill_(16.0 - value.return_scale.stats.spec.epsilon)  # scale 4
     obs = envs.obs
     network = learner.model.value(learner.normalizer(obs))
     with torch.no_grad():
-        learner.target_critic.load_state_dict(learner.model.critic.state_dict())
-    torch.testing.assert_close(learner.value(learner.normalizer(obs)), 4.0 * network)
-    torch.testing.assert_close(learner.tail_value(obs, "critic"), 4.0 * network)
-    torch.testing.assert_close(learner.tail_value(obs, "mc"), 4.0 * network)
-    torch.testing.assert_close(learner.tail_value(obs, "value"), 4.0 * network)
+        value.target.load_state_dict(learner.model.critic.state_dict())
+    torch.testing.assert_close(value(learner.normalizer(obs)), 4.0 * network)
+    torch.testing.assert_close(value.tail(obs), 4.0 * network)
     # and a run with it trains, its scale following the returns
     rows = [r for r in read_metrics(train(config, progress=False)) if "segment_length" in r]
-    assert all(math.isfinite(r["proximal_value_loss"]) for r in rows if "proximal_loss" in r)
+    assert all(math.isfinite(r["proximal_loss"]) for r in rows if "proximal_loss" in r)
+    assert any("proximal_loss" in r for r in rows)
+    assert all(("proximal_value_loss" in r) == (bootstrap == "gae") for r in rows if "proximal_loss" in r)
 
 
 def _batch(seed: int = 0, value_scale: float = 1.0):
-    config = resolve_config("apg", POINT_MASS, {"num_envs": 4, **PROXIMAL, "algo_params.proximal_value_fit": True})
+    config = resolve_config("apg-ppo", POINT_MASS, {"num_envs": 4, **PROXIMAL})
     torch.manual_seed(seed)
     learner, envs, params = make_learner(config)
     buffer = ProximalBuffer()
@@ -251,25 +237,26 @@ def test_the_joint_value_loss_targets_the_gae_returns():
     targets = advantages + batch["values"]
     with torch.no_grad():
         expected = (learner.model.value(learner.normalizer(batch["start_obs"])) - targets).square().mean()
-    optimizer = torch.optim.Adam(learner.actor_params + learner.critic_params, lr=1e-3)
+    optimizer = torch.optim.Adam(learner.actor_parameters + learner.value.parameters, lr=1e-3)
     # one epoch, one minibatch of all 40 samples: the logged value loss is the one before the step
-    stats = proximal_update(learner.model, learner.normalizer, optimizer, learner.actor_params, batch, gamma=0.99,
-                            lam=0.95, epochs=1, minibatch_size=40, clip_range=0.2, entropy_coef=0.0,
-                            optimizer_spec=OptimizerSpec(), critic_params=learner.critic_params)
+    stats = clipped_epochs(learner.model, learner.normalizer, optimizer, learner.actor_parameters, batch,
+                           ProximalConfig(n_epochs=1, batch_size=40, gae_lambda=0.95), gamma=0.99,
+                           optimizer_spec=OptimizerSpec(), value_parameters=learner.value.parameters)
     assert stats["proximal_value_loss"] == pytest.approx(float(expected), rel=1e-5)
     assert stats["proximal_grad_steps"] == 1 and stats["proximal_skipped_steps"] == 0
 
 
-def test_fit_value_divides_its_targets_by_the_value_scale(tmp_path):
-    config = small_config(tmp_path, POINT_MASS, "critic", **{"algo_params.value_scaling": True,
-                                                            "algo_params.critic_epochs": 1,
-                                                            "algo_params.critic_minibatches": 1})
+def test_the_value_fit_divides_its_targets_by_the_value_scale(tmp_path):
+    config = small_config(tmp_path, POINT_MASS, "critic", **{"algo_params.value.normalize_reward": True,
+                                                            "algo_params.value.epochs": 1,
+                                                            "algo_params.value.minibatches": 1})
     learner, envs, params = make_learner(config)
-    learner.return_scale.stats.var.fill_(9.0 - learner.return_scale.stats.spec.epsilon)  # scale 3
+    value = learner.value
+    value.return_scale.stats.var.fill_(9.0 - value.return_scale.stats.spec.epsilon)  # scale 3
     obs, targets = envs.obs, torch.tensor([3.0, -6.0, 9.0, 0.0])
     with torch.no_grad():
         expected = (learner.model.value(learner.normalizer(obs)) - targets / 3.0).square().mean()
-    assert fit_value(learner, obs, targets, params, config) == pytest.approx(float(expected), rel=1e-5)
+    assert value.regress(obs, targets) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_an_env_left_out_passes_nothing_to_the_steps_before_it():
@@ -288,10 +275,10 @@ def test_an_env_left_out_passes_nothing_to_the_steps_before_it():
     targets = (advantages + clean["values"])[keep]
     with torch.no_grad():
         expected = (learner.model.value(learner.normalizer(clean["start_obs"][keep])) - targets).square().mean()
-    optimizer = torch.optim.Adam(learner.actor_params + learner.critic_params, lr=1e-3)
+    optimizer = torch.optim.Adam(learner.actor_parameters + learner.value.parameters, lr=1e-3)
     # one minibatch of the 35 kept samples: the logged value loss is the one before the step
-    stats = proximal_update(learner.model, learner.normalizer, optimizer, learner.actor_params, batch, gamma=0.99,
-                            lam=0.95, epochs=1, minibatch_size=64, clip_range=0.2, entropy_coef=0.0,
-                            optimizer_spec=OptimizerSpec(), critic_params=learner.critic_params)
+    stats = clipped_epochs(learner.model, learner.normalizer, optimizer, learner.actor_parameters, batch,
+                           ProximalConfig(n_epochs=1, batch_size=64, gae_lambda=0.95), gamma=0.99,
+                           optimizer_spec=OptimizerSpec(), value_parameters=learner.value.parameters)
     assert math.isfinite(stats["proximal_loss"])
     assert stats["proximal_value_loss"] == pytest.approx(float(expected), rel=1e-5)

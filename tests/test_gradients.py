@@ -14,8 +14,9 @@ import diffgym  # noqa: F401
 from diffgym.training import ActorCritic, ObservationNormalizer, PolicySpec
 from diffgym.training.gradients import (actor_parameters, compare_estimators, hybrid_weight,
                                         leave_one_out_baseline, per_env_analytic_gradients,
-                                        per_env_likelihood_gradients, returns_to_go, sample_statistics,
+                                        per_env_likelihood_gradients, sample_statistics,
                                         surrogate_for_adjoints)
+from diffgym.training.returns import returns_to_go
 from diffgym.training.spec import NormalizerSpec
 
 
@@ -145,7 +146,7 @@ def test_grad_stats_loads_a_run_and_names_a_bad_one(tmp_path):
     from diffgym import load_policy
     from diffgym.diagnostics import gradient_stats
     from diffgym.plugins import resolve_config
-    from diffgym_apg.train import train
+    from diffgym_apg import train
 
     config = resolve_config("apg", "DiffGym/PointMass1D-v0", {
         "num_envs": 2, "total_env_steps": 16, "eval_every_env_steps": 16, "eval_episodes": 2,

@@ -95,35 +95,6 @@ def surrogate_for_adjoints(model: ActorCritic, obs_normalized: torch.Tensor, noi
     return (actions * action_adjoints.detach()).sum()
 
 
-def returns_to_go(rewards: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor,
-                  truncated: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(future, piece_discount)``, both ``(K, N)``: the part of the segment objective each action can
-    influence is ``piece_discount * future``.
-
-    The objective splits each env's segment into pieces at episode ends and at the segment end; a piece
-    starting at ``b`` contributes ``sum_{t=b..e} gamma^(t-b) r_t + tail`` (``tail`` = 0 after termination,
-    ``gamma^(e-b+1) V(o_{e+1})`` otherwise). The action at ``t`` influences its piece from ``t`` on:
-    ``future_t = sum_{u=t..e} gamma^(u-t) r_u + gamma^(e-t+1) V(o_{e+1})``, weighted by
-    ``piece_discount_t = gamma^(t-b)``. A state-value baseline is compared with ``future``.
-    """
-    num_steps = rewards.shape[0]
-    done = terminated | truncated
-    tails = torch.where(terminated, torch.zeros_like(next_values), next_values)
-    future = torch.empty_like(rewards)
-    following = torch.zeros_like(rewards[0])
-    for t in reversed(range(num_steps)):
-        cut = done[t] | (t == num_steps - 1)
-        following = rewards[t] + gamma * torch.where(cut, tails[t], following)
-        future[t] = following
-    # discount of step t relative to the start of its piece
-    piece_discount = torch.empty_like(rewards)
-    discount = torch.ones_like(rewards[0])
-    for t in range(num_steps):
-        piece_discount[t] = discount
-        discount = torch.where(done[t], torch.ones_like(discount), gamma * discount)
-    return future, piece_discount
-
-
 def leave_one_out_baseline(values: torch.Tensor) -> torch.Tensor:
     """``(K, N)``: for each env the mean of the *other* envs' values at the same step (independent of
     the env's own action, so subtracting it keeps the likelihood-ratio estimate unbiased)."""

@@ -210,7 +210,11 @@ class Run:
     otherwise its first :meth:`log` starts the metrics afresh.
     """
 
-    def __init__(self, config: TrainConfig, progress: bool = True):
+    def __init__(self, config: TrainConfig, progress: bool = True,
+                 upgrade_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
+        """``upgrade_config``: how the trainer reads a config mapping an earlier version of it saved (in
+        ``config.yaml`` or a checkpoint) in today's format, before it is compared with ``config``."""
+        self._upgrade_config = upgrade_config
         self.tensorboard_tags: dict[str, str] = dict(EVALUATION_TAGS)
         """Logged name -> TensorBoard tag; trainers add their own names' shared tags (``docs/protocol.md``)."""
         if config.run_dir:
@@ -378,6 +382,8 @@ class Run:
         self._refuse_other_config(saved, saved_path)
 
     def _refuse_other_config(self, saved: Mapping[str, Any], source: Path) -> None:
+        if self._upgrade_config is not None:
+            saved = self._upgrade_config(dict(saved))
         differences = config_differences(saved, self.config.to_dict())
         if differences:
             raise ConfigMismatch(f"{self.dir} holds a run with another config ({source.name} differs in "

@@ -1,8 +1,10 @@
-"""DiffGym's Analytic Policy Gradient trainer plugin (``diffgym train --algo apg``).
+"""DiffGym's Analytic Policy Gradient trainer plugins.
 
-Backpropagates returns through ``differentiable_step`` in segments whose tails are bootstrapped by
-nothing, a Monte-Carlo value network, a TD(lambda) critic, or the value network of the optional
-proximal (clipped-surrogate) path (``docs/apg.md``).
+* ``apg`` (``diffgym train --algo apg``): the paper's APG, purely first order by default: segments
+  backpropagated through ``differentiable_step``, their tails bootstrapped by nothing, a Monte-Carlo
+  value network or a TD(lambda) critic (``docs/apg.md``).
+* ``apg-ppo``: the same segment steps with PPO's clipped likelihood-ratio epochs beside them, over the
+  same samples (``proximal.py``); a named variant, so no number of it passes for purely analytic.
 """
 
 from __future__ import annotations
@@ -15,19 +17,26 @@ import yaml
 
 from diffgym.training import TrainConfig
 
-from diffgym_apg.losses import MonteCarloReturns, segment_actor_loss, td_lambda_targets
-from diffgym_apg.train import BOOTSTRAP_MODES, APGParams, apg_update, train
+from diffgym_apg.apg import Learner, apg_update, train
+from diffgym_apg.config import APGConfig, upgrade_config, upgrade_params
+from diffgym_apg.estimators import (Estimator, PolicyGradientConfig, register_estimator, registered_estimators,
+                                    set_gradient)
+from diffgym_apg.objective import SegmentObjective, segment_actor_loss
+from diffgym_apg.proximal import ProximalConfig
+from diffgym_apg.value import BOOTSTRAP_MODES
 
-__all__ = ["APGParams", "APGTrainer", "BOOTSTRAP_MODES", "MonteCarloReturns", "apg_update",
-           "default_config", "segment_actor_loss", "td_lambda_targets", "train"]
+__all__ = ["APGConfig", "APGPPOTrainer", "APGTrainer", "BOOTSTRAP_MODES", "Estimator", "Learner",
+           "PolicyGradientConfig", "ProximalConfig", "SegmentObjective", "apg_update", "default_config",
+           "register_estimator", "registered_estimators", "segment_actor_loss", "set_gradient", "train",
+           "upgrade_config", "upgrade_params"]
 
 
-def default_config(env_id: str) -> dict[str, Any]:
-    """Per-task defaults from ``hyperparams/apg.yml`` (the ``default`` entry for unlisted tasks), with
-    every :class:`APGParams` field filled in so ``--print-config`` shows them all."""
-    table = yaml.safe_load(files("diffgym_apg").joinpath("hyperparams", "apg.yml").read_text())
-    entry = dict(table.get(env_id, table["default"]))
-    entry["algo_params"] = APGParams(**entry.get("algo_params", {})).__dict__.copy()
+def default_config(env_id: str, table: str = "apg") -> dict[str, Any]:
+    """Per-task defaults from ``hyperparams/<table>.yml`` (its ``default`` entry for unlisted tasks), with
+    every field of every section filled in so ``--print-config`` shows them all."""
+    entries = yaml.safe_load(files("diffgym_apg").joinpath("hyperparams", f"{table}.yml").read_text())
+    entry = dict(entries.get(env_id, entries["default"]))
+    entry["algo_params"] = APGConfig.from_params(entry.get("algo_params", {})).to_dict()
     return entry
 
 
@@ -35,17 +44,20 @@ class APGTrainer:
     """The ``apg`` entry point of the ``diffgym.trainers`` group."""
 
     name = "apg"
-    description = ("Analytic Policy Gradients: segmented backpropagation through the simulator (none/mc/critic/value "
-                   "bootstrap), optionally with a proximal likelihood-ratio path")
+    description = ("Analytic Policy Gradients: segmented backpropagation through the simulator "
+                   "(none/mc/critic bootstrap; analytic, likelihood or hybrid estimator)")
     cli_flags = {
-        "segment-length": "K, steps backpropagated per update, or 'adaptive' (same as --param segment_length=K)",
-        "bootstrap": "segment tail: none, mc, critic or value (value: needs proximal_value_fit; same as --param bootstrap=MODE)",
-        "estimator": "policy gradient: analytic, likelihood, hybrid or proximal (same as --param estimator=NAME)",
+        "segment-length": "K, steps backpropagated per update, or 'adaptive' (sets segment.length)",
+        "bootstrap": "segment tail: none, mc or critic (sets value.bootstrap)",
+        "estimator": "segment step's gradient: analytic, likelihood or hybrid (sets policy_gradient.estimator)",
     }
-    ablation_grid = {"segment_length": "4,8,16,32,64,full", "bootstrap": "none,mc,critic"}
+    ablation_grid = {"segment.length": "4,8,16,32,64,full", "value.bootstrap": "none,mc,critic"}
+    upgrade_config = staticmethod(upgrade_config)
+    """How a config this trainer saved in an earlier format reads today (``diffgym.plugins``)."""
+    with_proximal = False
 
     def default_config(self, env_id: str) -> dict[str, Any]:
-        return default_config(env_id)
+        return default_config(env_id, self.name)
 
     def suggest_hyperparams(self, trial: Any, env_id: str) -> dict[str, Any]:
         """``diffgym tune``'s search space: APG's own settings and the number of envs as dotted
@@ -53,11 +65,39 @@ class APGTrainer:
         segment = trial.suggest_categorical("segment_length", ["8", "16", "32", "64", "adaptive"])
         return {
             "num_envs": trial.suggest_categorical("num_envs", [4, 8, 16, 32, 64, 128]),
-            "algo_params.segment_length": segment if segment == "adaptive" else int(segment),
-            "algo_params.bootstrap": trial.suggest_categorical("bootstrap", ["none", "mc", "critic"]),  # value: proximal only
-            "algo_params.estimator": trial.suggest_categorical("estimator", ["analytic", "hybrid"]),
+            "algo_params.segment.length": segment if segment == "adaptive" else int(segment),
+            "algo_params.value.bootstrap": trial.suggest_categorical("bootstrap", ["none", "mc", "critic"]),
+            "algo_params.policy_gradient.estimator": trial.suggest_categorical("estimator", ["analytic", "hybrid"]),
             "algo_params.gamma": trial.suggest_categorical("gamma", [0.97, 0.99, 0.995]),
         }
 
     def train(self, config: TrainConfig, progress: bool = True) -> Path:
+        has_proximal = APGConfig.from_config(config).proximal is not None
+        if has_proximal != self.with_proximal:
+            other = "apg-ppo" if has_proximal else "apg"
+            raise ValueError(f"trainer {self.name!r} {'takes no' if has_proximal else 'needs the'} proximal section: "
+                             f"train this config with --algo {other}")
         return train(config, progress=progress)
+
+
+class APGPPOTrainer(APGTrainer):
+    """The ``apg-ppo`` entry point: APG's segment steps beside PPO's clipped likelihood-ratio epochs."""
+
+    name = "apg-ppo"
+    description = ("APG's segment steps with PPO's clipped likelihood-ratio epochs beside them (not purely "
+                   "analytic; proximal section in PPO's names)")
+    cli_flags = {**APGTrainer.cli_flags,
+                 "bootstrap": "segment tail: gae, mc or critic (sets value.bootstrap)",
+                 "estimator": "segment step's gradient: analytic, likelihood, hybrid or none (sets "
+                              "policy_gradient.estimator)"}
+    ablation_grid = {"policy_gradient.estimator": "analytic,none"}
+    with_proximal = True
+
+    def suggest_hyperparams(self, trial: Any, env_id: str) -> dict[str, Any]:
+        """APG's search space, the segment step's rate and the clipped epochs' settings (PPO's ranges)."""
+        return {**super().suggest_hyperparams(trial, env_id),
+                "algo_params.value.bootstrap": "gae",
+                "algo_params.policy_gradient.lr": trial.suggest_float("segment_lr", 1e-5, 1e-3, log=True),
+                "algo_params.proximal.n_epochs": trial.suggest_categorical("n_epochs", [5, 10, 20]),
+                "algo_params.proximal.clip_range": trial.suggest_categorical("clip_range", [0.1, 0.2, 0.3]),
+                "algo_params.proximal.gae_lambda": trial.suggest_categorical("gae_lambda", [0.9, 0.95, 0.98])}

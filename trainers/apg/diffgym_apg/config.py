@@ -1,0 +1,161 @@
+"""APG's ``algo_params``: one section per component, each validating itself, and the translation of the
+first, flat format (``segment_length``, ``bootstrap``, ``proximal_epochs``, ...) into the sections.
+
+```yaml
+algo_params:
+  gamma: 0.99
+  segment: {length: 32}                       # segments.py
+  policy_gradient: {estimator: analytic}      # estimators.py
+  value: {bootstrap: critic}                  # value.py
+  proximal: {n_steps: 400, n_epochs: 20}      # proximal.py; apg-ppo only
+```
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Mapping
+
+from diffgym.training import TrainConfig
+from diffgym.training.spec import from_dict
+
+from diffgym_apg.estimators import PolicyGradientConfig, registered_estimators
+from diffgym_apg.proximal import ProximalConfig
+from diffgym_apg.segments import SegmentConfig
+from diffgym_apg.value import ValueConfig
+
+
+@dataclasses.dataclass
+class APGConfig:
+    """APG's ``algo_params`` (everything else comes from the shared :class:`TrainConfig`)."""
+
+    gamma: float = 0.99
+    """Discount factor of the return (in the actor loss, the value targets and the advantages)."""
+    segment: SegmentConfig = dataclasses.field(default_factory=SegmentConfig)
+    """How many steps each update backpropagates through. ``length: adaptive`` needs an estimator with
+    an analytic part (it compares that part's variance with the likelihood ratio's)."""
+    policy_gradient: Any = dataclasses.field(default_factory=PolicyGradientConfig)
+    """The segment step (a :class:`PolicyGradientConfig`, or the ``Config`` of the estimator it names).
+    Estimator ``none`` needs the ``proximal`` section (the policy learns there only)."""
+    value: ValueConfig = dataclasses.field(default_factory=ValueConfig)
+    """The value function. ``bootstrap: gae`` needs the ``proximal`` section (its joint steps fit it)."""
+    proximal: ProximalConfig | None = None
+    """The clipped likelihood-ratio epochs (trainer ``apg-ppo``). Needs a value function
+    (``value.bootstrap`` other than ``none``: its advantages are GAE from that value network)."""
+
+    def __post_init__(self) -> None:
+        self.policy_gradient = PolicyGradientConfig.parse(self.policy_gradient)
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"need 0 < gamma <= 1, got {self.gamma}")
+        estimator = registered_estimators()[self.policy_gradient.estimator]
+        if self.segment.adaptive and not estimator.analytic:
+            raise ValueError(f"segment.length 'adaptive' compares the analytic gradient with the likelihood ratio: "
+                             f"it needs an estimator with an analytic part, not {estimator.name!r}")
+        if not estimator.steps and self.proximal is None:
+            raise ValueError(f"policy_gradient.estimator {estimator.name!r} takes no segment step: it needs the "
+                             "proximal section (trainer apg-ppo)")
+        if self.value.bootstrap == "gae" and self.proximal is None:
+            raise ValueError("value.bootstrap 'gae' is fitted in the proximal section's joint steps: it needs that "
+                             "section (trainer apg-ppo)")
+        if self.proximal is not None and not self.value.enabled:
+            raise ValueError("the proximal section's advantages need a value function: set value.bootstrap to "
+                             "gae, mc or critic")
+
+    @property
+    def per_env_samples(self) -> bool:
+        """Whether an update asks for per-env gradient samples (a variance over envs: needs >= 3 envs)."""
+        return self.segment.adaptive or self.policy_gradient.estimator == "hybrid"
+
+    @classmethod
+    def from_params(cls, algo_params: Mapping[str, Any]) -> APGConfig:
+        """From ``algo_params`` in either format."""
+        return from_dict(cls, upgrade_params(algo_params))
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> APGConfig:
+        return cls.from_params(config.algo_params)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if self.proximal is None:
+            del data["proximal"]
+        return data
+
+
+# --------------------------------------------------------------------------- the first, flat format
+LEGACY_KEYS = {  # flat key -> (section, field)
+    "segment_length": ("segment", "length"), "min_segment_length": ("segment", "min_length"),
+    "max_segment_length": ("segment", "max_length"), "noise_high": ("segment", "noise_high"),
+    "noise_low": ("segment", "noise_low"),
+    "estimator": ("policy_gradient", "estimator"), "segment_lr": ("policy_gradient", "lr"),
+    "env_gradient_clip": ("policy_gradient", "env_gradient_clip"),
+    "bootstrap": ("value", "bootstrap"), "critic_lr": ("value", "lr"), "critic_epochs": ("value", "epochs"),
+    "critic_minibatches": ("value", "minibatches"), "td_lambda": ("value", "td_lambda"),
+    "target_tau": ("value", "target_tau"), "value_scaling": ("value", "normalize_reward"),
+    "proximal_epochs": ("proximal", "n_epochs"), "proximal_horizon": ("proximal", "n_steps"),
+    "proximal_minibatch_size": ("proximal", "batch_size"), "clip_range": ("proximal", "clip_range"),
+    "gae_lambda": ("proximal", "gae_lambda"), "entropy_coef": ("proximal", "ent_coef"),
+    "proximal_value_coef": ("proximal", "vf_coef"), "proximal_lr": ("proximal", "learning_rate"),
+}
+"""Every key of the flat format but ``gamma`` (unchanged) and ``proximal_value_fit`` (now
+``value.bootstrap: gae``). The short ones stay the trainer's CLI flags (``--segment-length``,
+``--bootstrap``, ``--estimator``)."""
+LEGACY_VALUES = {("policy_gradient", "estimator"): {"proximal": "none"}, ("value", "bootstrap"): {"value": "gae"}}
+
+
+def is_legacy(params: Mapping[str, Any]) -> bool:
+    return "proximal_value_fit" in params or any(key in params and not isinstance(params[key], Mapping)
+                                                 for key in LEGACY_KEYS)
+
+
+def upgrade_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``algo_params`` in the sectioned format: flat keys (a whole config of the first format, or single
+    keys set on top of sections, e.g. ``--param segment_length=16``) moved into their sections, where
+    they override what the section said; sectioned input passes through unchanged."""
+    params = copy.deepcopy(dict(params))
+    if not is_legacy(params):
+        return params
+    value_fit = params.pop("proximal_value_fit", None)
+    flat = {key: params.pop(key) for key in list(params)
+            if key in LEGACY_KEYS and not isinstance(params[key], Mapping)}
+    for key, value in flat.items():
+        section, field = LEGACY_KEYS[key]
+        value = LEGACY_VALUES.get((section, field), {}).get(value, value)
+        if section == "proximal" and params.get("proximal") is None:
+            params["proximal"] = {}
+        params.setdefault(section, {})[field] = value
+    proximal = params.get("proximal")
+    if proximal is not None and proximal.get("n_epochs", ProximalConfig.n_epochs) == 0:
+        params["proximal"] = None  # the first format's "proximal_epochs: 0": the path is off
+    if value_fit and params.get("proximal") is not None:
+        value = params.setdefault("value", {})
+        bootstrap = value.get("bootstrap", ValueConfig.bootstrap)
+        no_step = params.get("policy_gradient", {}).get("estimator") == "none"
+        if bootstrap == "none" and no_step:
+            value["bootstrap"] = "gae"  # without segment steps no tail is ever read: the joint fit is all there is
+        elif bootstrap in ("mc", "critic"):
+            raise ValueError(f"proximal_value_fit with bootstrap {bootstrap!r} fitted the value network twice, by two "
+                             "Adams towards two targets (docs/apg.md: it stalls TPush); that is no longer offered: use "
+                             "value.bootstrap gae (the joint steps alone) or mc/critic (their own steps alone)")
+        elif bootstrap == "none":
+            raise ValueError("proximal_value_fit with bootstrap 'none' (segments closed by no tail, a value network "
+                             "fitted by the joint steps for the advantages) is no longer offered: use value.bootstrap "
+                             "gae (that network closes the segments too)")
+    elif value_fit is False and params.get("value", {}).get("bootstrap") == "gae":
+        raise ValueError("bootstrap 'value' needs proximal_value_fit")
+    if "proximal" in params and params["proximal"] is None:
+        del params["proximal"]
+    return params
+
+
+def upgrade_config(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A whole ``TrainConfig`` mapping of the ``apg`` trainer, as written by any version, in today's
+    format: ``algo_params`` in sections, and a run with the proximal path named ``apg-ppo`` (the first
+    format called every run ``apg``)."""
+    data = dict(data)
+    legacy = is_legacy(data.get("algo_params") or {})
+    data["algo_params"] = upgrade_params(data.get("algo_params") or {})
+    if legacy and data.get("algo") == "apg" and data["algo_params"].get("proximal") is not None:
+        data["algo"] = "apg-ppo"
+    return data

@@ -1,0 +1,101 @@
+"""The APG objective of one segment, and what every gradient estimator reads from it.
+
+Tensors are time-major ``(K, N, ...)`` as in :mod:`diffgym.training.returns`. A segment is split, per
+env, into pieces: a piece ends where an episode ends or where the segment ends. Each piece contributes
+its discounted reward sum plus a tail estimate of what lies beyond it: zero after termination,
+``gamma^len * V(s_end)`` after truncation or at the segment's end (``V = 0`` without a value function).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Callable
+
+import torch
+
+from diffgym.training import ActorCritic, Rollout
+from diffgym.training.gradients import per_env_analytic_gradients, per_env_likelihood_gradients
+from diffgym.training.returns import piece_discounts, returns_to_go
+
+
+def segment_actor_loss(rewards: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor,
+                       truncated: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``-(sum over pieces of discounted rewards + discounted tail value) / (N * K)`` (SHAC's loss).
+
+    Differentiable in ``rewards`` and ``next_values``: the gradient of the tail value with respect to
+    the boundary observation flows back into the whole segment.
+    """
+    num_steps, num_envs = rewards.shape
+    done = terminated | truncated
+    discounts = piece_discounts(done, gamma, rewards.dtype)  # gamma^(t - piece start)
+    piece_return = torch.zeros(num_envs, dtype=rewards.dtype, device=rewards.device)  # of the current piece so far
+    total = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+    for t in range(num_steps):
+        discount = discounts[t]
+        piece_return = piece_return + discount * rewards[t]
+        tail = torch.where(terminated[t], torch.zeros_like(discount), gamma * discount * next_values[t])
+        piece_ends = done[t] | (t == num_steps - 1)
+        total = total + torch.where(piece_ends, piece_return + tail, torch.zeros_like(discount)).sum()
+        piece_return = torch.where(done[t], torch.zeros_like(piece_return), piece_return)  # a fresh episode
+    return -total / (num_envs * num_steps)
+
+
+class SegmentObjective:
+    """The actor loss ``L`` of a segment and the gradient ingredients an estimator may ask for.
+
+    Envs whose segment is not finite (in the forward pass or, with ``adjoints``, in their action
+    adjoints) are left out: their terms leave ``L``, their rows leave every per-env sample (``valid``).
+    Each ingredient is computed once, when first asked for; the per-env samples are scaled so that
+    their mean over the kept envs is the batch estimate.
+    """
+
+    def __init__(self, model: ActorCritic, segment: Rollout, tail_values: torch.Tensor, gamma: float,
+                 baseline: Callable[[torch.Tensor], torch.Tensor], adjoints: bool):
+        self.model, self.segment, self.gamma, self._baseline = model, segment, gamma, baseline
+        self.num_envs = segment.rewards.shape[1]
+        valid = segment.finite
+        # masked envs contribute zeros to the loss; their gradients are dropped as well
+        self.rewards = torch.where(valid[None, :], segment.rewards, torch.zeros_like(segment.rewards))
+        self.tail_values = torch.where(valid[None, :] & torch.isfinite(tail_values), tail_values,
+                                       torch.zeros_like(tail_values))
+        self.loss = segment_actor_loss(self.rewards, self.tail_values, segment.terminated, segment.truncated, gamma)
+        self.action_adjoints: torch.Tensor | None = None
+        if adjoints:
+            # lambda_t = dL/da_t: the total derivative through the simulator, later observations and actions
+            grads = torch.autograd.grad(self.loss, segment.actions, allow_unused=True)
+            grads = torch.stack([torch.zeros_like(a) if g is None else g for a, g in zip(segment.actions, grads)])
+            valid = valid & torch.isfinite(grads).all(dim=2).all(dim=0)
+            self.action_adjoints = torch.where(valid[None, :, None], grads, torch.zeros_like(grads))
+        self.valid = valid
+        self.kept = int(valid.sum())
+
+    @cached_property
+    def likelihood_weights(self) -> torch.Tensor:
+        """``(K, N)``: ``d L / d log pi(u_t | o_t)`` = minus each action's advantage over ``N K``: the return
+        it influences (its piece from ``t`` on, with the tail) minus the baseline of that return."""
+        with torch.no_grad():
+            future, piece_discount = returns_to_go(self.rewards.detach(), self.tail_values.detach(),
+                                                   self.segment.terminated, self.segment.truncated, self.gamma)
+            baseline = self._baseline(future)
+            num_steps = self.rewards.shape[0]
+            weights = -(piece_discount * (future - baseline)) / (self.num_envs * num_steps)
+            return torch.where(self.valid[None, :], weights, torch.zeros_like(weights))
+
+    # per-env samples are computed for every env and the masked rows dropped: a masked env's inputs are
+    # finite (its observations were zeroed, its adjoints and weights set to zero), so nothing leaks
+    @cached_property
+    def per_env_analytic(self) -> torch.Tensor:
+        """``(kept, P)`` analytic samples (needs ``adjoints``)."""
+        return per_env_analytic_gradients(self.model, self.segment.obs_normalized, self.segment.noise,
+                                          self.action_adjoints)[self.valid] * self.num_envs
+
+    @cached_property
+    def per_env_likelihood(self) -> torch.Tensor:
+        """``(kept, P)`` likelihood-ratio samples."""
+        return per_env_likelihood_gradients(self.model, self.segment.obs_normalized, self.segment.pre_squash,
+                                            self.likelihood_weights)[self.valid] * self.num_envs
+
+    def sampled(self, name: str) -> bool:
+        """Whether the per-env samples ``name`` were computed already (their mean is then the cheapest
+        batch estimate)."""
+        return name in self.__dict__
