@@ -1,4 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when missing.
+# Every target passes its *_ARGS variable on to its command, which is how tests/test_makefile.py runs each
+# one in a quick mode (e.g. `make bench BENCH_ARGS=--quick`) so that none can rot unnoticed.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -19,25 +21,28 @@ $(STAMP): $(PY) setup.cfg pyproject.toml constraints.txt $(wildcard trainers/*/s
 install: $(STAMP)
 
 # The main job: APG vs PPO on PointMass1D under the evaluation protocol (~5 min on 2 CPU cores).
+# DEMO_ARGS come last, so they override the flags before them (e.g. --env-steps 2000 --out /tmp/demo).
 demo: install
 	$(VENV)/bin/diffgym compare --env DiffGym/PointMass1D-v0 --algos apg,ppo --seeds 3 \
-		--env-steps 300000 --eval-every 5000 --out runs/demo
+		--env-steps 300000 --eval-every 5000 --out runs/demo $(DEMO_ARGS)
 
 demo-open-loop: install
-	$(PY) -m diffgym.demos.open_loop
+	$(PY) -m diffgym.demos.open_loop $(DEMO_OPEN_LOOP_ARGS)
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-slow: install
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
+# BENCH_ARGS=--quick: one task, one batch size, a smoke run
 bench: install
-	$(PY) benchmarks/bench_engine.py
+	$(PY) benchmarks/bench_engine.py $(BENCH_ARGS)
 
 # Per-call overhead at N = 1 against Warp's recorded-launch floor, one thread (docs/benchmarks.md).
+# BENCH_OVERHEAD_ARGS=--quick for a smoke run.
 bench-overhead: install
-	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_overhead.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_overhead.py $(BENCH_OVERHEAD_ARGS)
 
 # DiffGym against its peers (panda-gym, gym-pusht, JAX and pure-torch twins; docs/benchmarks.md). The
 # peers live in their own venv so they never enter the project's; DiffGym is installed there editable,

@@ -1,6 +1,6 @@
 """Engine benchmark: step throughput and the cost of gradients, for every task, in one run.
 
-    python benchmarks/bench_engine.py [--envs DiffGym/PointMass1D-v0,...] [--device cpu] [--sizes 1,64,4096]
+    python benchmarks/bench_engine.py [--envs DiffGym/PointMass1D-v0,...] [--device cpu] [--sizes 1,64,4096] [--quick]
 
 Prints Markdown tables (paste them into docs/benchmarks.md with the machine):
   1. per task, 64 envs x 32 steps: forward without autograd, forward with autograd recording,
@@ -100,18 +100,25 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Newton tasks cost ~500x a kernel task per step: benchmarks/bench_newton_task.py measures them
-    parser.add_argument("--envs", default=",".join(e for e in diffgym.TASK_IDS if e not in diffgym.NEWTON_TASK_IDS))
+    parser.add_argument("--envs", default=None,
+                        help="comma-separated tasks (default: every kernel task; --quick: PointMass1D)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--sizes", default="1,64,4096")
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument("--sizes", default=None, help="batch sizes N (default 1,64,4096; --quick: 64)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per rollout (default 32; --quick: 8)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 5; --quick: 1)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of every table (`make bench` in the tests)")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    all_kernel_tasks = ",".join(e for e in diffgym.TASK_IDS if e not in diffgym.NEWTON_TASK_IDS)
+    args.envs = args.envs or ("DiffGym/PointMass1D-v0" if quick else all_kernel_tasks)
+    args.steps = args.steps or (8 if quick else 32)
+    args.repeats = args.repeats or (1 if quick else 5)
     torch.manual_seed(0)
     env_ids = [e for e in args.envs.split(",") if e]
-    sizes = [int(n) for n in args.sizes.split(",")]
+    sizes = [int(n) for n in (args.sizes or ("64" if quick else "1,64,4096")).split(",")]
 
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores; torch threads {torch.get_num_threads()}; "
           f"device {args.device}; warp {wp.config.version}, torch {torch.__version__}\n")

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_overhead.py                       # this tree only
     python benchmarks/bench_overhead.py --baseline /tmp/base  # and a second source tree, interleaved
+    python benchmarks/bench_overhead.py --quick               # a smoke run (one task, few calls)
 
 At N = 1 the kernels do almost no work, so every figure is per-call overhead. Per task it times:
 
@@ -53,14 +54,15 @@ def _variants(env_id: str) -> dict[str, Callable[[], None]]:
     action = torch.full((1, sim.act_dim), 0.3)
     leaf = action.clone().requires_grad_(True)
 
-    # The floor: the step kernel and its adjoint as recorded launches on preallocated arrays.
+    # The floor: the step kernel and its adjoint as recorded launches on preallocated arrays. The kernel
+    # reads the task's physical parameters as per-env arrays after the action (docs/adding_a_task.md),
+    # then the params struct; outputs are the next state, observation, reward, terminated and success.
     kernel = sim.step_kernel
     arg_types = [a.type for a in kernel.adj.args]
-    specs = sim._state_specs(1)
-    outs = [torch.zeros(s.shape, dtype=s.dtype) for s in specs]
+    outs = [torch.zeros_like(t) for t in state.tensors()]
     outs += [torch.zeros(1, sim.obs_dim), torch.zeros(1), torch.zeros(1, dtype=torch.int32),
              torch.zeros(1, dtype=torch.int32)]
-    ins = [*state.tensors(), action]
+    ins = [*state.tensors(), action, *sim.default_physics(1).values()]
     n_in = len(ins)
 
     def warp(ts, first):
@@ -165,18 +167,27 @@ def print_table(results: dict[str, dict[str, float]]) -> None:
               f"{r['fwd+bwd'] / r['floor']:.1f} | {_us(fast)} | {_us(ref)} | {speedup} |")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--envs", default=",".join(TASKS))
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--block", type=int, default=200, help="calls per timed block")
+    parser.add_argument("--envs", default=None, help="comma-separated tasks (default: four; --quick: PointMass1D)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed blocks per variant (default 15; --quick: 2)")
+    parser.add_argument("--block", type=int, default=None, help="calls per timed block (default 200; --quick: 5)")
     parser.add_argument("--baseline", type=Path, help="a second source tree to compare against (before/after)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating child runs per tree (with --baseline)")
-    parser.add_argument("--startup-runs", type=int, default=7, help="fresh processes per tree and start-up command")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="alternating child runs per tree (with --baseline; default 3, --quick: 1)")
+    parser.add_argument("--startup-runs", type=int, default=None,
+                        help="fresh processes per tree and start-up command (default 7; --quick: 1)")
     parser.add_argument("--startup-only", action="store_true", help="with --baseline: only the start-up table")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run of every table (`make bench-overhead` in the tests)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    args.envs = [e for e in args.envs.split(",") if e]
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.envs = [e for e in (args.envs or (TASKS[0] if quick else ",".join(TASKS))).split(",") if e]
+    args.repeats = args.repeats or (2 if quick else 15)
+    args.block = args.block or (5 if quick else 200)
+    args.rounds = args.rounds or (1 if quick else 3)
+    args.startup_runs = args.startup_runs or (1 if quick else 7)
 
     if args.child:
         print(json.dumps(measure(args.envs, args.repeats, args.block)))

@@ -55,8 +55,7 @@ def steps(args) -> list[tuple[str, list[str], int]]:
     py, dev = sys.executable, args.device
     quick = args.quick
     peers_extra = ["--allow-missing"] if args.allow_missing else []
-    engine = [py, "benchmarks/bench_engine.py", "--device", dev]
-    engine += ["--envs", "DiffGym/PointMass1D-v0", "--sizes", "64", "--steps", "8", "--repeats", "1"] if quick else []
+    engine = [py, "benchmarks/bench_engine.py", "--device", dev, *(["--quick"] if quick else [])]
     peers = [py, "benchmarks/bench_peers.py", "--device", dev, *(["--quick"] if quick else []), *peers_extra]
     big_n = 1024 if quick else BIG_N
     big = [py, "benchmarks/bench_peers.py", "--device", dev, "--skip-single", "--tasks", "DiffGym/PointMass1D-v0",
