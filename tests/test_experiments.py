@@ -372,3 +372,94 @@ def test_one_flag_vocabulary_across_commands(tmp_path, trainers, capsys):
         assert (config.total_env_steps, config.eval_every_env_steps) == (10_000, 5_000)
     with pytest.raises(SystemExit, match="unknown config key 'nope'"):
         main(["compare", "--env", ENV, "--algos", "fast_algo", "--env-steps", "1e4", "--set", "nope=1"])
+
+
+def test_rerun_reuses_finished_runs_and_refuses_another_schedule(tmp_path, trainers, capsys):
+    """Re-running compare into its --out reuses finished runs and says so; another budget or evaluation
+    interval is refused in one line before anything trains (one curve would mix two schedules), unless
+    --extend."""
+    from diffgym.cli import main
+    from diffgym.experiments.compare import compare_configs
+
+    def metrics():
+        return read_metrics(tmp_path / "runs" / "fast_algo__s0")
+
+    argv = ["compare", "--env", ENV, "--algos", "fast_algo", "--seeds", "1", "--workers", "1", "--out", str(tmp_path)]
+    LocalRunner(workers=1).run(compare_configs(ENV, ["fast_algo"], 1, 20_000, tmp_path, eval_every=5_000))
+    first = metrics()
+    capsys.readouterr()
+    assert main([*argv, "--env-steps", "20000", "--eval-every", "5000"]) == 0
+    assert "compare: reusing 1 finished run(s) (fast_algo__s0)" in capsys.readouterr().out
+    for changed in (["--env-steps", "40000", "--eval-every", "5000"], ["--env-steps", "20000", "--eval-every", "2000"]):
+        with pytest.raises(SystemExit) as refused:
+            main([*argv, *changed])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert refused.value.code == 2 and len(lines) == 1, lines
+        assert lines[0].startswith("diffgym compare: 1 of the runs in") and "pass --extend" in lines[0]
+        assert metrics() == first  # nothing ran
+    assert "total_env_steps 20,000 -> 40,000" in str(pytest.raises(ValueError, compare, ENV, ["fast_algo"], 1, 40_000,
+                                                                    tmp_path, eval_every=5_000).value)
+    assert main([*argv, "--env-steps", "40000", "--eval-every", "5000", "--extend"]) == 0
+    assert "compare: extending 1 run(s) made with another schedule (total_env_steps 20,000 -> 40,000)" in \
+        capsys.readouterr().out
+    assert metrics()[-1]["env_steps"] == 40_000
+
+
+def test_reuse_plan_names_interrupted_runs(tmp_path, trainers):
+    from diffgym.experiments.compare import compare_configs
+    from diffgym.experiments.training_runs import reuse_plan
+
+    configs = compare_configs(ENV, ["fast_algo"], 2, 20_000, tmp_path, eval_every=5_000)
+    assert reuse_plan(configs) == ""  # nothing there yet
+    LocalRunner(workers=1).run(configs)
+    interrupted = Path(configs[1].run_dir) / "metrics.jsonl"
+    interrupted.write_text("".join(interrupted.read_text().splitlines(keepends=True)[:2]))
+    assert reuse_plan(configs) == (f"reusing 1 finished run(s) (fast_algo__s0); resuming 1 run(s) from their last "
+                                   f"checkpoint (fast_algo__s1) in {tmp_path / 'runs'}")
+
+
+def test_ablate_refuses_another_schedule_unless_extended(tmp_path, trainers, capsys):
+    from diffgym.cli import main
+
+    argv = ["ablate", "--env", ENV, "--algo", "fast_algo", "--grid", "bootstrap=none", "--seeds", "1",
+            "--workers", "1", "--out", str(tmp_path)]
+    assert main([*argv, "--env-steps", "20000"]) == 0
+    with pytest.raises(SystemExit):
+        main([*argv, "--env-steps", "40000"])
+    assert "pass --extend" in capsys.readouterr().err
+    assert main([*argv, "--env-steps", "40000", "--extend"]) == 0
+    assert "ablate: extending 1 run(s)" in capsys.readouterr().out
+
+
+def test_report_plots_draw_thresholds_and_offer_a_log_axis(tmp_path, trainers, monkeypatch):
+    """Success curves carry the success threshold, return curves the task's reward_threshold; --log-x
+    log-scales the step axes (wall-clock stays linear) on a grid that starts at the first evaluation
+    after 0."""
+    import gymnasium as gym
+
+    from diffgym.cli import main
+    from diffgym.experiments import report as report_module
+
+    drawn = []
+    plot = report_module.plot_curves
+    monkeypatch.setattr(report_module, "plot_curves", lambda *args: drawn.append(args) or plot(*args))
+    assert main(["compare", "--env", ENV, "--algos", "fast_algo", "--seeds", "2", "--env-steps", "20000",
+                 "--eval-every", "1000", "--workers", "1", "--out", str(tmp_path), "--log-x"]) == 0
+    lines = {(args[1], args[2]): args[5] for args in drawn}
+    assert lines[("env_steps", "eval_success_rate")] == (0.9, "success threshold (90%)")
+    target = gym.spec(ENV).reward_threshold
+    assert lines[("grad_steps", "eval_return")] == (target, f"reward_threshold ({target:g})")
+    assert all(args[6] is True for args in drawn)  # log_x reached every plot
+
+    groups = group(load_run(p) for p in sorted((tmp_path / "runs").iterdir()))
+    figure = report_module.curves_figure(groups, "env_steps", "eval_success_rate", "t", (0.9, "threshold"),
+                                         log_x=True)
+    ax = figure.axes[0]
+    assert ax.get_xscale() == "log"
+    assert any(list(line.get_ydata()) == [0.9, 0.9] for line in ax.get_lines())
+    curve = ax.get_lines()[0].get_xdata()
+    assert curve[0] == 1000 and curve[-1] == 20_000 and curve[1] / curve[0] == pytest.approx(curve[-1] / curve[-2])
+    linear = report_module.curves_figure(groups, "env_steps", "eval_success_rate", "t")
+    assert linear.axes[0].get_xscale() == "linear" and len(linear.axes[0].get_lines()) == 1
+    assert report_module.curves_figure(groups, "wall_time", "eval_return", "t", log_x=True).axes[0].get_xscale() \
+        == "linear"

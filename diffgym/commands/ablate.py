@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_threads_argument(parser, "each run")
     parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")
     add_out_argument(parser, "runs/ablate/<task>")
+    parser.add_argument("--extend", action="store_true",
+                        help="continue runs already in --out that were made with another --env-steps, --eval-every "
+                             "or eval_episodes (refused otherwise: their curves would mix two schedules)")
     add_runner_arguments(parser)
     parser.epilog = "The trainer's own flags (`diffgym trainers -v`) are grid axes too: --FLAG V1,V2."
     parser.set_defaults(plugin_flags="list")
@@ -36,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from diffgym.experiments.ablate import ablate, grid_configs, parse_grid
     from diffgym.experiments.sweep import SweepFailed
+    from diffgym.experiments.training_runs import reuse_plan
     from diffgym.plugins import check_task, load_trainer
     from diffgym.threads import resolve_threads
     from diffgym.training.spec import task_name
@@ -54,12 +58,13 @@ def run(args: argparse.Namespace) -> int:
         resolve_threads(args.threads)
         check_task(args.env)
         grid = parse_grid(pairs, args.env)
-        grid_configs(args.env, grid, args.seeds, args.env_steps, out, args.algo, args.eval_every, overrides(args))
+        reuse_plan(grid_configs(args.env, grid, args.seeds, args.env_steps, out, args.algo, args.eval_every,
+                                overrides(args)), args.extend)
     except (KeyError, TypeError, ValueError) as error:
         raise SystemExit(f"diffgym ablate: {one_line(error)}")
     try:
         report = ablate(args.env, grid, args.seeds, args.env_steps, out, args.algo, make_runner(args, "ablate"),
-                        args.threshold, args.eval_every, overrides(args))
+                        args.threshold, args.eval_every, overrides(args), extend=args.extend)
     except SweepFailed as error:
         raise SystemExit(f"diffgym ablate: {error}")
     print(report.read_text().split("\n![")[0])

@@ -26,12 +26,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_threads_argument(parser, "each run")
     parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")
     add_out_argument(parser, "runs/compare/<task>")
+    parser.add_argument("--extend", action="store_true",
+                        help="continue runs already in --out that were made with another --env-steps, --eval-every "
+                             "or eval_episodes (refused otherwise: their curves would mix two schedules)")
+    parser.add_argument("--log-x", action="store_true",
+                        help="plot the env-step and gradient-step axes on a log scale")
     add_runner_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from diffgym.experiments.compare import compare, compare_configs, ratio_roles
     from diffgym.experiments.sweep import SweepFailed
+    from diffgym.experiments.training_runs import reuse_plan
     from diffgym.threads import resolve_threads
     from diffgym.training.spec import task_name
 
@@ -40,12 +46,14 @@ def run(args: argparse.Namespace) -> int:
     try:  # unknown task or trainer, bad setting: one line, before any run starts
         resolve_threads(args.threads)
         ratio_roles(algos, args.baseline, args.contender)
-        compare_configs(args.env, algos, args.seeds, args.env_steps, out, args.eval_every, overrides(args))
+        reuse_plan(compare_configs(args.env, algos, args.seeds, args.env_steps, out, args.eval_every,
+                                   overrides(args)), args.extend)
     except (KeyError, TypeError, ValueError) as error:
         raise SystemExit(f"diffgym compare: {one_line(error)}")
     try:
         report = compare(args.env, algos, args.seeds, args.env_steps, out, make_runner(args, "compare"),
-                         args.eval_every, args.threshold, args.baseline, args.contender, overrides(args))
+                         args.eval_every, args.threshold, args.baseline, args.contender, overrides(args),
+                         extend=args.extend, log_x=args.log_x)
     except SweepFailed as error:
         raise SystemExit(f"diffgym compare: {error}")
     print(report.read_text().split("\n![")[0])

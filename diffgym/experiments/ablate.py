@@ -22,6 +22,7 @@ import numpy as np
 
 from diffgym.experiments.report import SUCCESS_THRESHOLD, group, load_run, threshold_table
 from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
+from diffgym.experiments.training_runs import reuse_plan
 from diffgym.plugins import resolve_config
 from diffgym.training.spec import TrainConfig, task_name
 
@@ -102,10 +103,17 @@ def heatmap(values: np.ndarray, rows: Sequence[Any], columns: Sequence[str], tit
 
 def ablate(env_id: str, grid: dict[str, Sequence[Any]], seeds: int, env_steps: int, out_dir: str | Path,
            algo: str, runner: Runner | None = None, threshold: float = SUCCESS_THRESHOLD,
-           eval_every: int | None = None, overrides: Mapping[str, Any] | None = None) -> Path:
+           eval_every: int | None = None, overrides: Mapping[str, Any] | None = None,
+           extend: bool = False) -> Path:
+    """Every grid cell x seed through ``runner``, then the report. Runs already in ``out_dir`` are reused
+    or resumed (said in one line); ones made with another budget or evaluation schedule only with
+    ``extend`` (:func:`~diffgym.experiments.training_runs.reuse_plan`)."""
     out = Path(out_dir)
     keys = list(grid)
     configs = grid_configs(env_id, grid, seeds, env_steps, out, algo, eval_every, overrides)
+    reused = reuse_plan(configs, extend)
+    if reused:
+        print(f"ablate: {reused}", flush=True)
     save_sweep(configs, out / "sweep.jsonl")
     run_dirs = (runner or LocalRunner()).run(configs)
     groups = group((load_run(p) for p in run_dirs), lambda run: cell_label(run.config.algo_params, keys))

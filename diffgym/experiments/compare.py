@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from diffgym.experiments.report import SUCCESS_THRESHOLD, write_report
 from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
+from diffgym.experiments.training_runs import reuse_plan
 from diffgym.plugins import resolve_config
 from diffgym.training.spec import TrainConfig, task_name
 
@@ -45,12 +46,18 @@ def ratio_roles(algos: Sequence[str], baseline: str | None, contender: str | Non
 def compare(env_id: str, algos: Sequence[str], seeds: int, env_steps: int, out_dir: str | Path,
             runner: Runner | None = None, eval_every: int | None = None,
             threshold: float = SUCCESS_THRESHOLD, baseline: str | None = None, contender: str | None = None,
-            overrides: Mapping[str, Any] | None = None) -> Path:
+            overrides: Mapping[str, Any] | None = None, extend: bool = False, log_x: bool = False) -> Path:
     """Every algorithm x seed through ``runner``, then the report; ratios ``baseline/contender`` (by
-    default the last and the first of ``algos``)."""
+    default the last and the first of ``algos``). Runs already in ``out_dir`` are reused or resumed (said
+    in one line); ones made with another budget or evaluation schedule only with ``extend``
+    (:func:`~diffgym.experiments.training_runs.reuse_plan`). ``log_x``: log-scaled step axes."""
     baseline, contender = ratio_roles(algos, baseline, contender)
     configs = compare_configs(env_id, algos, seeds, env_steps, out_dir, eval_every, overrides)
+    reused = reuse_plan(configs, extend)
+    if reused:
+        print(f"compare: {reused}", flush=True)
     save_sweep(configs, Path(out_dir) / "sweep.jsonl")
     run_dirs = (runner or LocalRunner()).run(configs)
     title = f"{task_name(env_id)}: {' vs '.join(algos)} ({seeds} seeds, {env_steps:,} env steps)"
-    return write_report(run_dirs, out_dir, title, threshold=threshold, baseline=baseline, contender=contender)
+    return write_report(run_dirs, out_dir, title, threshold=threshold, baseline=baseline, contender=contender,
+                        log_x=log_x)

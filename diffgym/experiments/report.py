@@ -90,43 +90,90 @@ def iqm_with_ci(scores: dict[str, np.ndarray], reps: int = 2000, seed: int = 0):
     return {k: (point[k], interval[k][0], interval[k][1]) for k in scores}
 
 
-def curves(groups: dict[str, list[RunRecord]], axis: str, metric: str, num_points: int = 40):
+def curves(groups: dict[str, list[RunRecord]], axis: str, metric: str, num_points: int = 40, log: bool = False):
     """IQM curve with 95 % CI per group, each on its own grid of ``axis`` up to the end of that group's
-    shortest run (groups may have different budgets: each is drawn as far as all its runs go).
+    shortest run (groups may have different budgets: each is drawn as far as all its runs go). ``log``:
+    the grid is log-spaced from the first evaluation after 0 (a log axis cannot show 0), so the early
+    part, where a fast learner rises, gets as many points as the rest.
     Returns ``{label: (grid, (iqm, lower, upper))}``."""
     out = {}
     for label, runs in groups.items():
         end = min(r.evals[axis][-1] for r in runs)
-        start = max(r.evals[axis][0] for r in runs)
-        grid = np.linspace(start, end, num_points) if end > start else np.array([end])
+        if log:
+            positive = [r.evals[axis][r.evals[axis] > 0] for r in runs]
+            start = max(float(x[0]) if x.size else end for x in positive)
+            grid = np.geomspace(start, end, num_points) if end > start > 0 else np.array([end])
+        else:
+            start = max(r.evals[axis][0] for r in runs)
+            grid = np.linspace(start, end, num_points) if end > start else np.array([end])
         scores = {label: np.stack([r.value_at(axis, grid, metric) for r in runs])}
         out[label] = (grid, iqm_with_ci(scores)[label])
     return out
 
 
-def plot_curves(groups: dict[str, list[RunRecord]], axis: str, metric: str, path: Path, title: str) -> None:
+def reward_threshold(env_id: str) -> float | None:
+    """The task's registered ``reward_threshold`` (the return its feasibility reference justifies,
+    ``docs/tasks.md``), or ``None`` when it has none."""
+    import gymnasium as gym
+
+    import diffgym  # noqa: F401  (registers the tasks)
+
+    try:
+        return gym.spec(env_id).reward_threshold
+    except gym.error.Error:
+        return None
+
+
+def curves_figure(groups: dict[str, list[RunRecord]], axis: str, metric: str, title: str,
+                  threshold: tuple[float, str] | None = None, log_x: bool = False):
+    """The figure of :func:`plot_curves`: IQM curves with 95 % CIs, the ``threshold`` ``(value, label)``
+    as a dashed line, ``axis`` log-scaled with ``log_x`` (step axes only: wall-clock stays linear)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stats = curves(groups, axis, metric)
+    log = log_x and axis != "wall_time"
+    stats = curves(groups, axis, metric, log=log)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for label, (grid, (iqm, lower, upper)) in stats.items():
         ax.plot(grid, iqm, label=f"{label} (n={len(groups[label])})")
         ax.fill_between(grid, lower, upper, alpha=0.25)
-    ax.set_xlabel(AXIS_LABELS[axis])
+    if threshold is not None:
+        ax.axhline(threshold[0], color="0.35", linestyle="--", linewidth=1, label=threshold[1])
+    ax.set_xlabel(AXIS_LABELS[axis] + (" (log scale)" if log else ""))
     ax.set_ylabel(metric.replace("_", " ") + " (IQM, 95% CI)")
     ax.set_title(title)
     low = min(grid[0] for grid, _ in stats.values())
     high = max(grid[-1] for grid, _ in stats.values())
-    if axis != "wall_time" and low > 0 and high / low > 100:
+    if log or (axis != "wall_time" and low > 0 and high / low > 100):
         ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(groups: dict[str, list[RunRecord]], axis: str, metric: str, path: Path, title: str,
+                threshold: tuple[float, str] | None = None, log_x: bool = False) -> None:
+    """Write :func:`curves_figure` to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(groups, axis, metric, title, threshold, log_x)
     fig.savefig(path)
     plt.close(fig)
+
+
+def threshold_lines(groups: dict[str, list[RunRecord]], threshold: float) -> dict[str, tuple[float, str]]:
+    """Per metric, the line the protocol judges its curves by: the success rate that counts as solved,
+    and the task's ``reward_threshold`` for the return (when all runs share a task that has one)."""
+    lines = {"eval_success_rate": (threshold, f"success threshold ({threshold:.0%})")}
+    tasks = {run.config.env_id for runs in groups.values() for run in runs}
+    if len(tasks) == 1:
+        target = reward_threshold(tasks.pop())
+        if target is not None:
+            lines["eval_return"] = (float(target), f"reward_threshold ({target:g})")
+    return lines
 
 
 def _fmt(value: float) -> str:
@@ -177,15 +224,17 @@ def threshold_table(groups: dict[str, list[RunRecord]], threshold: float = SUCCE
 
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, title: str,
                  key: Callable[[RunRecord], str] = lambda r: r.label, threshold: float = SUCCESS_THRESHOLD,
-                 baseline: str | None = None, contender: str | None = None) -> Path:
-    """Curves against env steps and gradient steps (PNG), the threshold table (Markdown) and a JSON
-    summary; with ``baseline`` and ``contender`` (group labels) also their cost ratios."""
+                 baseline: str | None = None, contender: str | None = None, log_x: bool = False) -> Path:
+    """Curves against env steps and gradient steps (PNG), with the success threshold and the task's
+    ``reward_threshold`` drawn, the threshold table (Markdown) and a JSON summary; with ``baseline`` and
+    ``contender`` (group labels) also their cost ratios. ``log_x``: log-scaled step axes."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     groups = group((load_run(p) for p in run_dirs), key)
+    lines = threshold_lines(groups, threshold)
     for axis in ("env_steps", "grad_steps"):
         for metric in ("eval_success_rate", "eval_return"):
-            plot_curves(groups, axis, metric, out / f"{metric}_vs_{axis}.png", title)
+            plot_curves(groups, axis, metric, out / f"{metric}_vs_{axis}.png", title, lines.get(metric), log_x)
     table, summary = threshold_table(groups, threshold, baseline, contender)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     report = out / "report.md"

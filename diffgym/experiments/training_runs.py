@@ -10,8 +10,12 @@ import inspect
 from pathlib import Path
 from typing import Sequence
 
-from diffgym.training.run import read_metrics
+from diffgym.training.run import list_checkpoints, read_metrics
 from diffgym.training.spec import TrainConfig
+
+EVALUATION_SCHEDULE = ("total_env_steps", "eval_every_env_steps", "eval_episodes")
+"""The config fields a run may change when it continues (``diffgym.training.run.RESUMABLE_CHANGES``) that
+shape its curve: continued under other values, one run's curve mixes two budgets or cadences."""
 
 
 def is_finished(config: TrainConfig) -> bool:
@@ -21,6 +25,57 @@ def is_finished(config: TrainConfig) -> bool:
         return False
     evals = [r for r in read_metrics(metrics) if "eval_success_rate" in r]
     return bool(evals) and evals[-1]["env_steps"] >= config.total_env_steps
+
+
+def reuse_plan(configs: Sequence[TrainConfig], extend: bool = False) -> str:
+    """What a sweep started into existing run directories reuses, as one line (empty when none holds
+    results): finished runs are reused as they are, interrupted ones resume from their last checkpoint.
+
+    Runs made with another budget, evaluation interval or number of evaluation episodes would be
+    continued (or, finished beyond a smaller budget, reused) under the new schedule, so one curve would
+    mix two: that raises ``ValueError`` naming them, unless ``extend``."""
+    finished, resumed, rescheduled = [], [], []
+    for config in configs:
+        run_dir = Path(config.run_dir or "")
+        if not config.run_dir or not _holds_results(run_dir) or not (run_dir / "config.yaml").exists():
+            continue
+        try:
+            saved = TrainConfig.load(run_dir / "config.yaml")
+        except Exception as error:  # a damaged file: the run would fail on it too, with less context
+            raise ValueError(f"{run_dir / 'config.yaml'}: cannot read the earlier run's config "
+                             f"({' '.join(str(error).split())}); choose another --out") from None
+        changes = [f"{key} {getattr(saved, key):,} -> {getattr(config, key):,}" for key in EVALUATION_SCHEDULE
+                   if getattr(saved, key) != getattr(config, key)]
+        if changes:
+            rescheduled.append((run_dir.name, changes))
+        (finished if is_finished(config) else resumed).append(run_dir.name)
+    if rescheduled and not extend:
+        name, changes = rescheduled[0]
+        others = f" and {len(rescheduled) - 1} more" if len(rescheduled) > 1 else ""
+        raise ValueError(f"{len(rescheduled)} of the runs in {Path(configs[0].run_dir).parent} were made with "
+                         f"another budget or evaluation schedule ({name}: {', '.join(changes)}{others}); "
+                         "continuing them would mix two schedules in one curve: pass --extend to continue "
+                         "them anyway, or choose another --out")
+    parts = []
+    if rescheduled:
+        name, changes = rescheduled[0]
+        parts.append(f"extending {len(rescheduled)} run(s) made with another schedule ({', '.join(changes)})")
+    if finished:
+        parts.append(f"reusing {len(finished)} finished run(s) ({_names(finished)})")
+    if resumed:
+        parts.append(f"resuming {len(resumed)} run(s) from their last checkpoint ({_names(resumed)})")
+    where = f" in {Path(configs[0].run_dir).parent}" if parts else ""
+    return "; ".join(parts) + where
+
+
+def _holds_results(run_dir: Path) -> bool:
+    """Whether an earlier run left something a new one would continue (the test ``Run`` applies)."""
+    metrics = run_dir / "metrics.jsonl"
+    return bool(list_checkpoints(run_dir)) or (metrics.exists() and metrics.stat().st_size > 0)
+
+
+def _names(names: Sequence[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (f", ... {len(names) - shown} more" if len(names) > shown else "")
 
 
 def train_one(config_dict: dict, progress: bool = True, threads: int | None = None) -> str:
