@@ -369,7 +369,7 @@ def test_masked_update_equals_the_update_of_the_other_envs(tmp_path):
     torch.manual_seed(5)
     segment, _, _ = unroll(learner.model, learner.normalizer, envs, 4)
     learner.optimizer.zero_grad()
-    stats = policy_gradient(learner, segment, params)
+    stats, _ = policy_gradient(learner, segment, params)
     assert stats["masked_envs"] == 1
     masked = torch.cat([p.grad.flatten() for p in learner.actor_parameters])
 
@@ -414,7 +414,7 @@ def test_env_gradient_clip_steps_on_the_mean_of_the_clipped_per_env_gradients(tm
         torch.manual_seed(5)
         segment, _, _ = unroll(learner.model, learner.normalizer, envs, 4)
         learner.optimizer.zero_grad()
-        stats = policy_gradient(learner, segment, params)
+        stats, _ = policy_gradient(learner, segment, params)
         gradient = torch.cat([p.grad.flatten() for p in learner.actor_parameters])
         rows = []
         for env in range(5):  # env i's share: the gradient of the loss with the other envs' rewards zeroed
@@ -662,3 +662,71 @@ def test_the_estimator_of_docs_apg_md_is_one_file_and_one_config_section(tmp_pat
         APGConfig.from_params({"policy_gradient": {**section, "analytic_weight": 2.0}})
     with pytest.raises(ValueError, match="unknown PolicyGradientConfig field"):  # another estimator's option
         APGConfig.from_params({"policy_gradient": {"estimator": "analytic", "analytic_weight": 0.8}})
+
+
+# ------------------------------------------------------------------------------------ rollout reuse
+def test_reuse_steps_count_as_gradient_steps_and_no_env_steps(tmp_path):
+    config = small_config(tmp_path, POINT_MASS, "critic", **{"algo_params.reuse.epochs": 3,
+                                                            "algo_params.reuse.minibatches": 2})
+    rows = [r for r in read_metrics(train(config, progress=False)) if "grad_norm" in r]
+    assert [r["env_steps"] for r in rows] == [16, 32]  # 4 envs x K = 4 per update, as without reuse
+    assert [r["policy_steps"] for r in rows] == [7, 7] and [r["grad_steps"] for r in rows] == [7, 14]
+    assert all(r["reuse_grad_steps"] == 6 and 0.0 <= r["reuse_clip_fraction"] <= 1.0 for r in rows)
+    with pytest.raises(ValueError, match="reuse steps descend the segment's analytic surrogate"):
+        APGConfig.from_config(config.with_overrides({"algo_params.reuse.epochs": 1,
+                                                     "algo_params.policy_gradient.estimator": "likelihood"}))
+
+
+class _Recording(torch.optim.Optimizer):
+    """Records the gradients it is stepped with; moves nothing."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+        self.seen = []
+
+    def step(self, closure=None):
+        self.seen.append(torch.cat([p.grad.flatten() for group in self.param_groups for p in group["params"]]))
+
+
+def test_the_first_reuse_step_is_the_analytic_gradient_and_the_clip_stops_moved_samples(tmp_path):
+    """At the parameters that acted, the surrogate's gradient is the segment's analytic gradient (the
+    action adjoints through the policy); a sample whose ratio left the clip range contributes nothing."""
+    from diffgym.training import OptimizerSpec
+    from diffgym_apg.reuse import ReuseBatch, ReuseConfig, reuse_steps
+
+    config = small_config(tmp_path, POINT_MASS, "none", num_envs=3)
+    learner, envs, params = make_learner(config)
+    torch.manual_seed(5)
+    segment, _, _ = unroll(learner.model, learner.normalizer, envs, 6)
+    learner.optimizer.zero_grad()
+    _, objective = policy_gradient(learner, segment, params)
+    analytic = torch.cat([p.grad.flatten() for p in learner.actor_parameters])
+    assert float(analytic.norm()) > 1e-4
+    recording = _Recording(learner.actor_parameters)
+    no_clip = OptimizerSpec(max_grad_norm=1e9)
+    batch = ReuseBatch.of(learner.model, objective)
+    stats = reuse_steps(ReuseConfig(epochs=2), learner.model, batch, learner.actor_parameters, recording, no_clip)
+    assert stats["reuse_grad_steps"] == 2 and stats["reuse_clip_fraction"] == 0.0
+    torch.testing.assert_close(recording.seen[0], analytic, rtol=1e-5, atol=1e-8)
+    # once the policy has moved, samples beyond the clip range drop out of the surrogate
+    with torch.no_grad():
+        learner.model.log_std.add_(0.5)
+    recording = _Recording(learner.actor_parameters)
+    stats = reuse_steps(ReuseConfig(epochs=1, clip_range=0.01), learner.model, batch, learner.actor_parameters,
+                        recording, no_clip)
+    assert stats["reuse_clip_fraction"] == 1.0
+    assert float(recording.seen[0].norm()) == 0.0  # no trusted sample, no KL term: nothing to descend
+
+
+def test_an_ablation_over_flat_and_sectioned_keys_reports_each_cell(tmp_path):
+    """The grid may name APG's first-format keys (``segment_length``) or sectioned ones (``reuse.epochs``):
+    each cell is reported under the name the grid gave it, though the config stores it in its section."""
+    from diffgym.experiments.ablate import ablate
+    from diffgym.experiments.sweep import LocalRunner
+
+    report = ablate(POINT_MASS, {"segment_length": [4], "reuse.epochs": [0, 1]}, 1, 32, tmp_path, "apg",
+                    runner=LocalRunner(workers=1), eval_every=16, overrides={"num_envs": 4, "eval_episodes": 2})
+    text = Path(report).read_text()
+    assert "segment_length=4 reuse.epochs=0" in text and "segment_length=4 reuse.epochs=1" in text
+    config = TrainConfig.load(tmp_path / "runs" / "segment_length4__reuse.epochs1__s0" / "config.yaml")
+    assert config.algo_params["segment"]["length"] == 4 and config.algo_params["reuse"]["epochs"] == 1

@@ -56,6 +56,11 @@ def _dir_name(params: dict[str, Any], keys: Sequence[str]) -> str:
     return "__".join(f"{key}{params[key]}" for key in keys)
 
 
+def _cell_values(grid: dict[str, Sequence[Any]], keys: Sequence[str], seeds: int) -> list[tuple[Any, ...]]:
+    """The grid values of every run :func:`grid_configs` makes, in its order."""
+    return [values for values in itertools.product(*(grid[k] for k in keys)) for _ in range(seeds)]
+
+
 def grid_configs(env_id: str, grid: dict[str, Sequence[Any]], seeds: int, env_steps: int, out_dir: str | Path,
                  algo: str, eval_every: int | None = None, overrides: Mapping[str, Any] | None = None
                  ) -> list[TrainConfig]:
@@ -116,7 +121,11 @@ def ablate(env_id: str, grid: dict[str, Sequence[Any]], seeds: int, env_steps: i
         print(f"ablate: {reused}", flush=True)
     save_sweep(configs, out / "sweep.jsonl")
     run_dirs = (runner or LocalRunner()).run(configs)
-    groups = group((load_run(p) for p in run_dirs), lambda run: cell_label(run.config.algo_params, keys))
+    # each run's cell as the grid named it: a trainer may store a key under another name (APG's
+    # segment_length is segment.length in its config), so the label does not come from the config
+    cells = {Path(config.run_dir).name: cell_label(dict(zip(keys, values)), keys)
+             for config, values in zip(configs, _cell_values(grid, keys, seeds))}
+    groups = group((load_run(p) for p in run_dirs), lambda run: cells[run.path.name])
     table, summary = threshold_table(groups, threshold, baseline=None, contender=None)
     name = task_name(env_id)
     figures = ""

@@ -24,3 +24,16 @@ def clip_gradients(params: Iterable[torch.nn.Parameter], spec: OptimizerSpec) ->
         return 0.0
     max_norm = spec.max_grad_norm if spec.max_grad_norm > 0 else math.inf
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: list[torch.nn.Parameter],
+            spec: OptimizerSpec) -> bool:
+    """One minibatch step: ``loss``'s gradient into ``params`` (their ``.grad`` replaced), the global clip,
+    and the optimizer's step, skipped when the gradient is not finite (nothing then reaches the
+    optimizer's moments). Returns whether it stepped."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward(inputs=params)
+    if math.isfinite(clip_gradients(params, spec)):
+        optimizer.step()
+        return True
+    return False

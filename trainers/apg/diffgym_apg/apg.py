@@ -12,6 +12,7 @@ Read :func:`apg_update` top to bottom for the algorithm: one call of one compone
 * ``segment``         :mod:`diffgym_apg.segments`    K, fixed or adaptive;
 * ``policy_gradient`` :mod:`diffgym_apg.estimators`  the segment step's gradient estimator;
 * ``value``           :mod:`diffgym_apg.value`       tail, targets and units of the value network;
+* ``reuse``           :mod:`diffgym_apg.reuse`       more steps on the segment's action adjoints (RPO-style);
 * ``proximal``        :mod:`diffgym_apg.proximal`    PPO's clipped epochs beside it (``apg-ppo`` only).
 
 :func:`train` is the loop around the update (logging, evaluation, checkpoints with exact resume).
@@ -37,6 +38,7 @@ from diffgym_apg.config import APGConfig, upgrade_config
 from diffgym_apg.estimators import Estimator, registered_estimators
 from diffgym_apg.objective import SegmentObjective
 from diffgym_apg.proximal import ProximalPath
+from diffgym_apg.reuse import ReuseBatch, reuse_steps
 from diffgym_apg.segments import AdaptiveSegmentLength, FixedSegmentLength
 from diffgym_apg.value import ValueFunction
 
@@ -99,10 +101,10 @@ class Learner:
             self.proximal.load_state_dict(saved)
 
 
-def policy_gradient(learner: Learner, segment: Rollout, params: APGConfig) -> dict[str, float]:
+def policy_gradient(learner: Learner, segment: Rollout, params: APGConfig) -> tuple[dict[str, float], SegmentObjective]:
     """Step 2: the segment's actor loss and its gradient as the estimator says, written into the actor's
-    ``.grad``; the statistics. Envs whose segment is not finite are left out (``masked_envs``); with none
-    left the loss is NaN and no gradient is written."""
+    ``.grad``; the statistics and the objective. Envs whose segment is not finite are left out
+    (``masked_envs``); with none left the loss is NaN and no gradient is written."""
     num_envs = segment.rewards.shape[1]
     objective = SegmentObjective(learner.model, segment, learner.value.tail(segment.next_obs), params.gamma,
                                  baseline=lambda future: learner.value.baseline(segment, future),
@@ -111,28 +113,36 @@ def policy_gradient(learner: Learner, segment: Rollout, params: APGConfig) -> di
     learner.masked_envs += num_envs - objective.kept
     if objective.kept == 0:
         stats["actor_loss"] = math.nan
-        return stats
+        return stats, objective
     if learner.schedule.needs_samples:  # the raw variance, before any clipping
         stats["variance_ratio"] = learner.schedule.observe(objective.per_env_analytic, objective.per_env_likelihood)
     stats.update(learner.estimator.estimate(objective, learner.actor_parameters))
-    return stats
+    return stats, objective
 
 
 def segment_step(learner: Learner, segment: Rollout, params: APGConfig, config: TrainConfig
-                 ) -> tuple[dict[str, float], float]:
+                 ) -> tuple[dict[str, float], float, int]:
     """Steps 2-3: the policy gradient, then one clipped Adam step, skipped where the loss or the gradient
-    is not finite (nothing reaches Adam). Returns the statistics and the gradient norm."""
+    is not finite (nothing reaches Adam); then any reuse steps on the same action adjoints. Returns the
+    statistics, the gradient norm of the first step and the number of steps taken."""
     learner.optimizer.zero_grad(set_to_none=True)
-    stats = policy_gradient(learner, segment, params)
+    stats, objective = policy_gradient(learner, segment, params)
     grad_norm = math.nan
     if math.isfinite(stats["actor_loss"]):
         grad_norm = clip_gradients(learner.actor_parameters, config.optimizer)
+    reuse = ReuseBatch.of(learner.model, objective) if params.reuse.enabled and math.isfinite(grad_norm) else None
     if math.isfinite(grad_norm):
         learner.optimizer.step()
     else:
         learner.skipped_updates += 1
     learner.optimizer.zero_grad(set_to_none=True)
-    return stats, grad_norm
+    steps = 1  # counted even when skipped, as every update is
+    if reuse is not None:  # the acting policy's samples, taken before the step above moved it
+        stats.update(reuse_steps(params.reuse, learner.model, reuse, learner.actor_parameters, learner.optimizer,
+                                 config.optimizer))
+        steps += int(stats["reuse_grad_steps"])
+        learner.skipped_updates += int(stats["reuse_skipped_steps"])
+    return stats, grad_norm, steps
 
 
 def apg_update(learner: Learner, envs: EnvBatch, params: APGConfig, config: TrainConfig,
@@ -153,12 +163,11 @@ def apg_update(learner: Learner, envs: EnvBatch, params: APGConfig, config: Trai
         proximal.collect(segment)
 
     # 2-3. The actor loss -(discounted rewards + gamma^len * V(boundary obs)) / (N K), its gradient as the
-    #    estimator says, a clipped Adam step (counted even when skipped, as every update is).
+    #    estimator says, a clipped Adam step, and any reuse steps on the same action adjoints.
     stats: dict[str, float] = {}
     grad_norm, policy_steps = math.nan, 0
     if learner.estimator.steps:
-        stats, grad_norm = segment_step(learner, segment, params, config)
-        policy_steps += 1
+        stats, grad_norm, policy_steps = segment_step(learner, segment, params, config)
     else:  # no segment step to count them: the envs the proximal path leaves out
         learner.masked_envs += int((~segment.finite).sum())
 

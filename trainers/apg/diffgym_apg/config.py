@@ -7,6 +7,7 @@ algo_params:
   segment: {length: 32}                       # segments.py
   policy_gradient: {estimator: analytic}      # estimators.py
   value: {bootstrap: critic}                  # value.py
+  reuse: {epochs: 0}                          # reuse.py
   proximal: {n_steps: 400, n_epochs: 20}      # proximal.py; apg-ppo only
 ```
 """
@@ -22,6 +23,7 @@ from diffgym.training.spec import from_dict
 
 from diffgym_apg.estimators import PolicyGradientConfig, registered_estimators
 from diffgym_apg.proximal import ProximalConfig
+from diffgym_apg.reuse import ReuseConfig
 from diffgym_apg.segments import SegmentConfig
 from diffgym_apg.value import ValueConfig
 
@@ -40,6 +42,8 @@ class APGConfig:
     Estimator ``none`` needs the ``proximal`` section (the policy learns there only)."""
     value: ValueConfig = dataclasses.field(default_factory=ValueConfig)
     """The value function. ``bootstrap: gae`` needs the ``proximal`` section (its joint steps fit it)."""
+    reuse: ReuseConfig = dataclasses.field(default_factory=ReuseConfig)
+    """More steps per segment on its action adjoints (RPO-style); needs an estimator with an analytic part."""
     proximal: ProximalConfig | None = None
     """The clipped likelihood-ratio epochs (trainer ``apg-ppo``). Needs a value function
     (``value.bootstrap`` other than ``none``: its advantages are GAE from that value network)."""
@@ -52,6 +56,9 @@ class APGConfig:
         if self.segment.adaptive and not estimator.analytic:
             raise ValueError(f"segment.length 'adaptive' compares the analytic gradient with the likelihood ratio: "
                              f"it needs an estimator with an analytic part, not {estimator.name!r}")
+        if self.reuse.enabled and not estimator.analytic:
+            raise ValueError(f"reuse steps descend the segment's analytic surrogate: they need an estimator with an "
+                             f"analytic part, not {estimator.name!r}")
         if not estimator.steps and self.proximal is None:
             raise ValueError(f"policy_gradient.estimator {estimator.name!r} takes no segment step: it needs the "
                              "proximal section (trainer apg-ppo)")

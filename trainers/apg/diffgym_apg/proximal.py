@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffgym.training import ActorCritic, ObservationNormalizer, OptimizerSpec, Rollout, clip_gradients, make_optimizer
+from diffgym.training import ActorCritic, ObservationNormalizer, OptimizerSpec, Rollout, make_optimizer
+from diffgym.training.optim import descend
 from diffgym.training.returns import clipped_surrogate_loss, gae_advantages
 
 from diffgym_apg.value import ValueFunction
@@ -204,13 +205,8 @@ def clipped_epochs(model: ActorCritic, normalizer: ObservationNormalizer, optimi
                 value_loss = (model.value(value_inputs[index]) - returns[index]).square().mean()
                 total = loss + config.vf_coef * value_loss
                 value_losses.append(float(value_loss.detach()))
-            optimizer.zero_grad(set_to_none=True)
-            total.backward(inputs=parameters)
             steps += 1
-            if math.isfinite(clip_gradients(parameters, optimizer_spec)):
-                optimizer.step()
-            else:
-                skipped += 1
+            skipped += not descend(optimizer, total, parameters, optimizer_spec)
             with torch.no_grad():
                 log_ratio = log_prob.detach() - old_log_prob[index]
                 kls.append(float(((log_ratio.exp() - 1.0) - log_ratio).mean()))  # the k3 estimator

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from typing import Any
 
 import numpy as np
 import torch
 
-from diffgym.training import ActorCritic, ObservationNormalizer, OptimizerSpec, Rollout, clip_gradients, make_optimizer
+from diffgym.training import ActorCritic, ObservationNormalizer, OptimizerSpec, Rollout, make_optimizer
+from diffgym.training.optim import descend
 from diffgym.training.gradients import leave_one_out_baseline
 from diffgym.training.returns import MonteCarloReturns, ReturnScale, td_lambda_targets
 
@@ -143,11 +143,7 @@ class ValueFunction:
             order = torch.randperm(targets.numel(), device=targets.device)
             for batch in order.chunk(self.config.minibatches):
                 loss = (self.model.value(inputs[batch]) - targets[batch]).square().mean()  # in network units
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if math.isfinite(clip_gradients(self.parameters, self.optimizer_spec)):
-                    self.optimizer.step()
-                    self.grad_steps += 1
+                self.grad_steps += descend(self.optimizer, loss, self.parameters, self.optimizer_spec)
                 losses.append(float(loss.detach()))
         self.optimizer.zero_grad(set_to_none=True)
         return float(np.mean(losses))
