@@ -227,7 +227,8 @@ def test_resume_from_checkpoint_continues_identically(tmp_path, normalize_reward
 
 
 def test_final_partial_rollout_and_mid_rollout_evaluations(tmp_path):
-    run_dir = load_trainer("ppo").train(_resume_config(tmp_path, "run"), progress=False)
+    # every checkpoint kept (keep_checkpoints=0): the test reads what each save wrote
+    run_dir = load_trainer("ppo").train(_resume_config(tmp_path, "run").replace(keep_checkpoints=0), progress=False)
     rows = _rows(run_dir)
     assert [r["env_steps"] for r in rows if "eval_return" in r] == [0, *range(60, 601, 60), 620]
     # 12 full rollouts of 50 env steps (2 minibatches x 2 epochs each), then one of 10 (1 x 2)

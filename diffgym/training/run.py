@@ -5,7 +5,9 @@
 * ``metrics.jsonl``: one JSON object per :meth:`Run.log` call with ``env_steps``, ``grad_steps``,
   ``wall_time`` (seconds since the run started) and the logged scalars (evaluation rows carry
   ``eval_return`` and ``eval_success_rate``);
-* ``checkpoints/step_<env_steps>.pt``: whatever dict the trainer saves;
+* ``checkpoints/step_<env_steps>.pt``: whatever dict the trainer saves; the newest
+  ``config.keep_checkpoints`` of them and those at the evaluations a report reads are kept
+  (:meth:`Run.save_checkpoint`);
 * ``.lock``: the pid of the process that has the directory open.
 
 A run directory is safe to re-run into:
@@ -59,8 +61,11 @@ try:
 except ImportError:  # Windows: the standard library has no advisory whole-file lock
     fcntl = None  # type: ignore[assignment]
 
-RESUMABLE_CHANGES = frozenset({"total_env_steps", "eval_every_env_steps", "eval_episodes", "run_dir"})
+RESUMABLE_CHANGES = frozenset({"total_env_steps", "eval_every_env_steps", "eval_episodes", "run_dir",
+                               "keep_checkpoints"})
 """Top-level config fields a run may change when it continues in its run directory."""
+SUCCESS_THRESHOLD = 0.9
+"""A run has solved its task at its first evaluation whose success rate reaches this (``docs/protocol.md``)."""
 _LOCK = ".lock"
 _TMP_SUFFIX = ".tmp"
 
@@ -185,6 +190,23 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def evaluation_milestones(rows: Sequence[Mapping[str, Any]], threshold: float = SUCCESS_THRESHOLD) -> dict[str, int]:
+    """The env steps of the evaluations a report singles out among a run's metrics ``rows``: ``solved``,
+    the first whose success rate reaches ``threshold`` (the report's cost to solve), and ``best``, the
+    highest success rate, ties to the higher return and then the earlier one (the policy to pick).
+    Their checkpoints are never deleted (:meth:`Run.save_checkpoint`)."""
+    evals = [row for row in rows if "eval_success_rate" in row]
+    if not evals:
+        return {}
+    milestones = {"best": int(max(evals, key=lambda row: (float(row["eval_success_rate"]),
+                                                           float(row.get("eval_return", -math.inf)),
+                                                           -int(row["env_steps"])))["env_steps"])}
+    solved = [row for row in evals if float(row["eval_success_rate"]) >= threshold]
+    if solved:
+        milestones["solved"] = int(solved[0]["env_steps"])
+    return milestones
+
+
 def default_run_dir(config: TrainConfig, root: str | Path = "runs") -> Path:
     """``runs/<algo>__<task>__s<seed>__<YYYYmmdd-HHMMSS>``."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -286,9 +308,21 @@ class Run:
             hook(int(env_steps), {k: float(v) for k, v in scalars.items()})
 
     def save_checkpoint(self, obj: dict[str, Any], env_steps: int) -> Path:
-        """Save ``obj`` with ``torch.save`` as ``checkpoints/step_<env_steps>.pt`` (atomic replace)."""
+        """Save ``obj`` with ``torch.save`` as ``checkpoints/step_<env_steps>.pt`` (atomic replace), then
+        delete the checkpoints the run no longer needs: all but the newest ``config.keep_checkpoints``
+        (0: none is deleted) and those at the evaluation milestones of :func:`evaluation_milestones`.
+        The newest few are what a resume needs (the latest it can continue from, and earlier ones if that
+        one is unreadable: PPO's alternate with policy-only snapshots, so the default 4 holds at least two
+        it can resume from); reports read ``metrics.jsonl`` only."""
         path = self.checkpoint_dir / f"step_{int(env_steps):012d}.pt"
         replace_atomically(path, lambda tmp: torch.save(obj, tmp))
+        keep = int(self.config.keep_checkpoints)
+        older = list_checkpoints(self.dir)[:-keep] if keep > 0 else []
+        if older:
+            milestones = set(evaluation_milestones(self.read_metrics()).values())
+            for steps, old in older:
+                if steps not in milestones:
+                    old.unlink(missing_ok=True)
         return path
 
     def load_latest_checkpoint(self, require: Sequence[str] = ()) -> dict[str, Any] | None:

@@ -119,6 +119,10 @@ class TrainConfig:
     env_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Task constructor arguments (the ``Arguments`` of its docs, e.g. TPush's ``contact_stiffness``)
     for every env the run makes, training and evaluation alike; see :meth:`env_options`."""
+    keep_checkpoints: int = 4
+    """Checkpoints kept besides those at the evaluations a report reads (the first to reach the success
+    threshold and the best): the newest this many; older ones are deleted as new ones are saved
+    (``Run.save_checkpoint``). 0 keeps every checkpoint."""
 
     def __post_init__(self) -> None:
         for name in ("policy", "normalizer", "optimizer"):  # accept plain mappings, e.g. from kwargs
@@ -128,6 +132,8 @@ class TrainConfig:
         for name in ("num_envs", "total_env_steps", "eval_every_env_steps", "eval_episodes"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if int(self.keep_checkpoints) < 0:
+            raise ValueError(f"keep_checkpoints must be >= 0 (0 keeps every checkpoint), got {self.keep_checkpoints}")
         self.algo_params = dict(self.algo_params)
         import torch  # here, not at the top: the CLI and sweep drivers import this module and start fast
 
