@@ -41,14 +41,25 @@ def contact_depths(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([obstacle_depth, wall_depth], 1), torch.cat([obstacle_normal, wall_normal], 1)
 
 
-def reference_step(pos, vel, goal, action, drag=0.25, smoothing=0.01, penetration_weight=10.0):
-    """The documented dynamics and reward, written independently of the Warp kernels (any dtype)."""
+def smoothstep5(u: torch.Tensor) -> torch.Tensor:
+    u = u.clamp(0.0, 1.0)
+    return u**3 * (10 - 15 * u + 6 * u**2)
+
+
+def reference_step(pos, vel, goal, action, drag=0.25, smoothing=0.01, penetration_weight=10.0,
+                   contact_gradient_distance=0.0):
+    """The documented dynamics and reward, written independently of the Warp kernels (any dtype). With
+    ``contact_gradient_distance`` D > 0: the documented pre-contact surrogate, whose springs reach out to D."""
     h = DT / SUBSTEPS
     for _ in range(SUBSTEPS):
         depth, normal = contact_depths(pos)
         t = (depth / smoothing).clamp(0.0, 1.0)
         gate = t * t * (3 - 2 * t)
-        magnitude = STIFFNESS * soft_depth(depth, smoothing) - DAMPING * gate * (normal * vel[:, None]).sum(-1)
+        spring = STIFFNESS * soft_depth(depth, smoothing)
+        if contact_gradient_distance > 0:
+            tail = (1 - smoothstep5(-depth / contact_gradient_distance)) * (1 - smoothstep5(depth / smoothing))
+            spring = spring + STIFFNESS * smoothing / 8 * tail
+        magnitude = spring - DAMPING * gate * (normal * vel[:, None]).sum(-1)
         force = action - drag * vel + (magnitude[..., None] * normal).sum(1)
         vel = vel + force * h
         pos = pos + vel * h

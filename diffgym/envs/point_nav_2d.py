@@ -16,6 +16,8 @@ from diffgym.core.env import DiffGymEnv
 from diffgym.core.render import Canvas
 from diffgym.core.sim import DiffSim
 from diffgym.core.state import SimState
+from diffgym.envs.pre_contact import (PEAK_FRACTION, check_contact_gradient_distance, install, pre_contact_profile,
+                                      straight_through)
 
 # ----------------------------------------------------------------------------------------- fixed layout
 ARENA_HALF_WIDTH = 2.0
@@ -87,6 +89,8 @@ class PointNav2DParams:
     stiffness: float
     damping: float
     contact_smoothing: float
+    contact_gradient_distance: float
+    contact_gradient_peak: float
     body_radius: float
     arena_half_width: float
     normal_core: float
@@ -113,47 +117,67 @@ def soft_depth(depth: float, smoothing: float):
 
 
 @wp.func
-def penalty_force(depth: float, normal: wp.vec2, vel: wp.vec2, p: PointNav2DParams):
-    """Spring-damper force along the outward unit ``normal`` for a body penetrating ``depth`` [m].
-
-    The damper fades in with a smoothstep over the same band as the spring's onset, so the force is
-    C1 in the state (finite differences converge) and exactly zero out of contact (no force, no gradient).
-    """
-    t = wp.clamp(depth / p.contact_smoothing, 0.0, 1.0)
-    damper_gate = t * t * (3.0 - 2.0 * t)
-    magnitude = p.stiffness * soft_depth(depth, p.contact_smoothing) - p.damping * damper_gate * wp.dot(vel, normal)
-    return magnitude * normal
-
-
-@wp.func
 def obstacle_center(p: PointNav2DParams, k: int):
     return wp.vec2(p.obstacles[k, 0], p.obstacles[k, 1])
 
 
-@wp.func
-def contact_force(pos: wp.vec2, vel: wp.vec2, p: PointNav2DParams):
-    """Total penalty force of the obstacles and the four walls on a body at ``pos`` moving at ``vel``."""
-    # Broad phase: a surface the body does not penetrate (depth <= 0) exerts exactly zero force with
-    # exactly zero derivatives, so it is skipped, sparing the forward and above all the adjoint its terms.
-    force = wp.vec2(0.0, 0.0)
-    for k in range(_NUM_OBSTACLES):
-        offset = pos - obstacle_center(p, k)
-        distance = wp.length(offset)
-        reach = p.obstacles[k, 2] + p.body_radius
-        if distance < reach:
-            # the unit normal outside the (unreachable) core, shrinking to 0 at the centre: bounded gradient
-            normal = offset / wp.max(distance, p.normal_core * reach)
-            force = force + penalty_force(reach - distance, normal, vel, p)
-    limit = p.arena_half_width - p.body_radius
-    if pos[0] > limit:
-        force = force + penalty_force(pos[0] - limit, wp.vec2(-1.0, 0.0), vel, p)
-    if pos[0] < -limit:
-        force = force + penalty_force(-limit - pos[0], wp.vec2(1.0, 0.0), vel, p)
-    if pos[1] > limit:
-        force = force + penalty_force(pos[1] - limit, wp.vec2(0.0, -1.0), vel, p)
-    if pos[1] < -limit:
-        force = force + penalty_force(-limit - pos[1], wp.vec2(0.0, 1.0), vel, p)
-    return force
+def _make_contact_force(pre_contact: bool):
+    """``contact_force`` with the exact penalty, or with the pre-contact surrogate's (``pre_contact``,
+    diffgym.envs.pre_contact), chosen when the code is generated (``wp.static``): the exact variant is
+    the exact law, op for op."""
+
+    def penalty_force(depth: float, normal: wp.vec2, vel: wp.vec2, p: PointNav2DParams):
+        """Spring-damper force along the outward unit ``normal`` for a body penetrating ``depth`` [m].
+
+        The damper fades in with a smoothstep over the same band as the spring's onset, so the force is
+        C1 in the state (finite differences converge) and exactly zero out of contact (no force, no gradient).
+        """
+        t = wp.clamp(depth / p.contact_smoothing, 0.0, 1.0)
+        damper_gate = t * t * (3.0 - 2.0 * t)
+        spring = p.stiffness * soft_depth(depth, p.contact_smoothing)
+        if wp.static(pre_contact):  # the surrogate's tail: the spring reaches out to the distance
+            spring = spring + p.contact_gradient_peak * pre_contact_profile(
+                -depth, p.contact_gradient_distance, p.contact_smoothing)
+        magnitude = spring - p.damping * damper_gate * wp.dot(vel, normal)
+        return magnitude * normal
+
+    variant = "pre_contact" if pre_contact else "exact"
+    module = "unique" if pre_contact else None  # only the pre-contact kernels compile the surrogate
+    penalty_force = wp.func(penalty_force, name=f"penalty_force_{variant}", module=module)
+
+    def contact_force(pos: wp.vec2, vel: wp.vec2, p: PointNav2DParams):
+        """Total penalty force of the obstacles and the four walls on a body at ``pos`` moving at ``vel``."""
+        # Broad phase: a surface the body does not penetrate (depth <= 0; for the surrogate, one farther
+        # than its distance) exerts exactly zero force with exactly zero derivatives, so it is skipped,
+        # sparing the forward and above all the adjoint its terms.
+        force = wp.vec2(0.0, 0.0)
+        for k in range(_NUM_OBSTACLES):
+            offset = pos - obstacle_center(p, k)
+            distance = wp.length(offset)
+            reach = p.obstacles[k, 2] + p.body_radius
+            in_range = reach
+            if wp.static(pre_contact):
+                in_range = reach + p.contact_gradient_distance
+            if distance < in_range:
+                # the unit normal outside the (unreachable) core, shrinking to 0 at the centre: bounded gradient
+                normal = offset / wp.max(distance, p.normal_core * reach)
+                force = force + penalty_force(reach - distance, normal, vel, p)
+        limit = p.arena_half_width - p.body_radius
+        wall_range = limit
+        if wp.static(pre_contact):
+            wall_range = limit - p.contact_gradient_distance
+        if pos[0] > wall_range:
+            force = force + penalty_force(pos[0] - limit, wp.vec2(-1.0, 0.0), vel, p)
+        if pos[0] < -wall_range:
+            force = force + penalty_force(-limit - pos[0], wp.vec2(1.0, 0.0), vel, p)
+        if pos[1] > wall_range:
+            force = force + penalty_force(pos[1] - limit, wp.vec2(0.0, -1.0), vel, p)
+        if pos[1] < -wall_range:
+            force = force + penalty_force(-limit - pos[1], wp.vec2(0.0, 1.0), vel, p)
+        return force
+
+    return wp.func(contact_force, name=f"contact_force_{variant}", module=module)
+
 
 
 @wp.func
@@ -179,20 +203,58 @@ def obstacle_clearance(pos: wp.vec2, p: PointNav2DParams):
     return clearance
 
 
+_Observation = wp.types.vector(length=OBS_DIM, dtype=float)
+
+
 @wp.func
-def _write_observation(i: int, pos: wp.vec2, vel: wp.vec2, goal: wp.vec2, p: PointNav2DParams,
-                       obs: wp.array2d(dtype=float)):
-    obs[i, 0] = pos[0]
-    obs[i, 1] = pos[1]
-    obs[i, 2] = vel[0]
-    obs[i, 3] = vel[1]
-    obs[i, 4] = goal[0] - pos[0]
-    obs[i, 5] = goal[1] - pos[1]
+def observation(pos: wp.vec2, vel: wp.vec2, goal: wp.vec2, p: PointNav2DParams) -> _Observation:
+    o = _Observation()
+    o[0] = pos[0]
+    o[1] = pos[1]
+    o[2] = vel[0]
+    o[3] = vel[1]
+    o[4] = goal[0] - pos[0]
+    o[5] = goal[1] - pos[1]
     for k in range(_NUM_OBSTACLES):
         offset = obstacle_center(p, k) - pos
-        obs[i, 6 + 3 * k] = offset[0]
-        obs[i, 7 + 3 * k] = offset[1]
-        obs[i, 8 + 3 * k] = wp.length(offset) - p.obstacles[k, 2] - p.body_radius
+        o[6 + 3 * k] = offset[0]
+        o[7 + 3 * k] = offset[1]
+        o[8 + 3 * k] = wp.length(offset) - p.obstacles[k, 2] - p.body_radius
+    return o
+
+
+@wp.func
+def _write_observation(i: int, o: _Observation, obs: wp.array2d(dtype=float)):
+    for k in range(OBS_DIM):
+        obs[i, k] = o[k]
+
+
+@wp.func
+def step_reward(pos: wp.vec2, goal: wp.vec2, p: PointNav2DParams):
+    """The reward of a step that ends at ``pos``, and the distance to the goal."""
+    distance = wp.length(pos - goal)
+    return -distance - p.penetration_weight * total_soft_penetration(pos, p), distance
+
+
+def _make_advance(pre_contact: bool):
+    """The substeps of one control step under the force ``applied``, with the exact contact law or the
+    pre-contact surrogate's (``pre_contact``)."""
+    contact = _make_contact_force(pre_contact)
+
+    def advance(p: PointNav2DParams, applied: wp.vec2, x: wp.vec2, v: wp.vec2):
+        h = p.dt / float(_SUBSTEPS)
+        for _substep in range(_SUBSTEPS):
+            force = applied - p.drag * v + contact(x, v, p)
+            # semi-implicit Euler: velocity first, then position with the new velocity
+            v = v + force * (h / p.mass)
+            x = x + v * h
+        return x, v
+
+    variant = "pre_contact" if pre_contact else "exact"
+    return wp.func(advance, name=f"advance_{variant}", module="unique" if pre_contact else None)
+
+
+advance = _make_advance(pre_contact=False)
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -243,7 +305,7 @@ def point_nav_2d_observe(
     obs: wp.array2d(dtype=float),
 ):
     i = wp.tid()
-    _write_observation(i, pos[i], vel[i], goal[i], p, obs)
+    _write_observation(i, observation(pos[i], vel[i], goal[i], p), obs)
 
 
 @wp.kernel
@@ -266,26 +328,110 @@ def point_nav_2d_step(
 ):
     i = wp.tid()
     applied = p.max_force * wp.vec2(action[i, 0], action[i, 1])
-    h = p.dt / float(_SUBSTEPS)
-    x = pos[i]
-    v = vel[i]
-    for _substep in range(_SUBSTEPS):
-        force = applied - p.drag * v + contact_force(x, v, p)
-        # semi-implicit Euler: velocity first, then position with the new velocity
-        v = v + force * (h / p.mass)
-        x = x + v * h
+    x, v = advance(p, applied, pos[i], vel[i])
     g = goal[i]
     pos_next[i] = x
     vel_next[i] = v
     goal_next[i] = g
     step_next[i] = step[i] + 1
-    _write_observation(i, x, v, g, p, obs)
-    distance = wp.length(x - g)
-    reward[i] = -distance - p.penetration_weight * total_soft_penetration(x, p)
+    _write_observation(i, observation(x, v, g, p), obs)
+    r, distance = step_reward(x, g, p)
+    reward[i] = r
     terminated[i] = 0
     success[i] = 0
     if distance < p.success_distance:
         success[i] = 1
+
+
+# ------------------------------------------------------------ pre-contact gradients (diffgym.envs.pre_contact)
+_surrogate_advance = _make_advance(pre_contact=True)
+
+
+@wp.struct
+class _Motion:
+    """Position and velocity as one value (a Warp function's custom replay needs a single return value)."""
+    pos: wp.vec2
+    vel: wp.vec2
+
+
+@wp.func
+def _motion(x: wp.vec2, v: wp.vec2) -> _Motion:
+    m = _Motion()
+    m.pos = x
+    m.vel = v
+    return m
+
+
+@wp.func
+def _exact_advance(p: PointNav2DParams, applied: wp.vec2, x: wp.vec2, v: wp.vec2) -> _Motion:
+    """``advance`` inside the straight-through kernel, which takes its values and none of its gradient."""
+    x_next, v_next = advance(p, applied, x, v)
+    return _motion(x_next, v_next)
+
+
+@wp.func_grad(_exact_advance)
+def _exact_advance_adjoint(p: PointNav2DParams, applied: wp.vec2, x: wp.vec2, v: wp.vec2, adj_ret: _Motion):
+    # nothing: every gradient of the straight-through kernel comes from the surrogate's substeps
+    pass
+
+
+@wp.func_replay(_exact_advance)
+def _exact_advance_replay(p: PointNav2DParams, applied: wp.vec2, x: wp.vec2, v: wp.vec2):
+    # The backward pass never uses the exact values (they only reach straight_through's ignored argument
+    # and the array stores, which the replay skips), so it skips their substeps; the inputs stand in.
+    return _motion(x, v)
+
+
+def _pre_contact_step_kernel(straight_through_outputs: bool):
+    """The step kernel of ``contact_gradient_distance > 0`` (``straight_through_outputs``): the exact
+    step's outputs, the surrogate step's gradients; or, for tests, the surrogate step outright."""
+    through_vec2, through_float, through_obs = (straight_through(t) for t in (wp.vec2, float, _Observation))
+
+    def step_kernel(
+        pos: wp.array(dtype=wp.vec2),
+        vel: wp.array(dtype=wp.vec2),
+        goal: wp.array(dtype=wp.vec2),
+        step: wp.array(dtype=wp.int32),
+        action: wp.array2d(dtype=float),
+        p: PointNav2DParams,
+        # outputs
+        pos_next: wp.array(dtype=wp.vec2),
+        vel_next: wp.array(dtype=wp.vec2),
+        goal_next: wp.array(dtype=wp.vec2),
+        step_next: wp.array(dtype=wp.int32),
+        obs: wp.array2d(dtype=float),
+        reward: wp.array(dtype=float),
+        terminated: wp.array(dtype=wp.int32),
+        success: wp.array(dtype=wp.int32),
+    ):
+        i = wp.tid()
+        applied = p.max_force * wp.vec2(action[i, 0], action[i, 1])
+        g = goal[i]
+        # the surrogate step: the exact step with every contact's spring extended to the distance
+        x, v = _surrogate_advance(p, applied, pos[i], vel[i])
+        r, distance = step_reward(x, g, p)
+        o = observation(x, v, g, p)
+        if wp.static(straight_through_outputs):
+            # the exact step from the same inputs; each output takes its value and the surrogate's gradient
+            e = _exact_advance(p, applied, pos[i], vel[i])
+            er, distance = step_reward(e.pos, g, p)
+            o = through_obs(observation(e.pos, e.vel, g, p), o)
+            r = through_float(er, r)
+            x = through_vec2(e.pos, x)
+            v = through_vec2(e.vel, v)
+        pos_next[i] = x
+        vel_next[i] = v
+        goal_next[i] = g
+        step_next[i] = step[i] + 1
+        _write_observation(i, o, obs)
+        reward[i] = r
+        terminated[i] = 0
+        success[i] = 0
+        if distance < p.success_distance:
+            success[i] = 1
+
+    name = "point_nav_2d_step_straight_through" if straight_through_outputs else "point_nav_2d_step_surrogate"
+    return wp.kernel(step_kernel, name=name, module="unique")  # compiled only by a sim built with the option
 
 
 # ----------------------------------------------------------------------------------------- sim and env
@@ -301,11 +447,16 @@ class PointNav2D(DiffSim):
     observe_kernel = point_nav_2d_observe
     step_kernel = point_nav_2d_step
     state_bounds = {"pos": POSITION_BOUND, "vel": VELOCITY_BOUND, "goal": POSITION_BOUND}
+    straight_through_step_kernel = _pre_contact_step_kernel(straight_through_outputs=True)
+    """The step kernel of a sim built with ``contact_gradient_distance > 0`` (``diffgym.envs.pre_contact``)."""
+    surrogate_step_kernel = _pre_contact_step_kernel(straight_through_outputs=False)
+    """The surrogate step in the forward pass too: for tests only (``pre_contact.surrogate_forward``)."""
 
     def __init__(self, device: str = "cpu", max_episode_steps: int | None = None, drag: float = 0.25,
                  contact_smoothing: float = 0.01, penetration_weight: float = 10.0,
-                 success_distance: float = 0.1):
+                 success_distance: float = 0.1, contact_gradient_distance: float = 0.0):
         super().__init__(device, max_episode_steps)
+        contact_gradient_distance = check_contact_gradient_distance(contact_gradient_distance)
         if contact_smoothing <= 0 or success_distance <= 0:
             raise ValueError(f"contact_smoothing and success_distance must be positive, got "
                              f"{contact_smoothing} and {success_distance}")
@@ -319,6 +470,8 @@ class PointNav2D(DiffSim):
         self.params.stiffness = STIFFNESS
         self.params.damping = DAMPING
         self.params.contact_smoothing = contact_smoothing
+        self.params.contact_gradient_distance = contact_gradient_distance
+        self.params.contact_gradient_peak = PEAK_FRACTION * STIFFNESS * contact_smoothing
         self.params.body_radius = BODY_RADIUS
         self.params.arena_half_width = ARENA_HALF_WIDTH
         self.params.normal_core = NORMAL_CORE
@@ -328,6 +481,7 @@ class PointNav2D(DiffSim):
         self.params.start_low, self.params.start_high = START_REGION
         self.params.goal_low, self.params.goal_high = GOAL_REGION
         self.params.reset_clearance = RESET_CLEARANCE
+        install(self, contact_gradient_distance)
 
     def render_state(self, state: PointNav2DState, index: int = 0) -> np.ndarray:
         pos = state.pos[index].detach().cpu().numpy()
@@ -400,6 +554,14 @@ class PointNav2DEnv(DiffGymEnv):
     top speed the spring stops the body within v/sqrt(k/m) = 0.09 m, under the smallest obstacle
     radius plus body radius (0.30 m), and the walls are half-planes.
 
+    ## Pre-contact gradients
+    `contact_gradient_distance=D > 0` (default 0: off) changes the backward pass only: the forward pass
+    stays the exact one bit for bit, while the gradient of each step is that of a surrogate step in which
+    every obstacle's and wall's spring also acts at a positive gap `g = -d < D`:
+    `k soft(d) + (k s / 8) (1 - S(g / D)) (1 - S(d / s))`, S the C2 smoothstep `u^3 (10 - 15 u + 6 u^2)`
+    on [0, 1] (peak 5 N at touch; exactly the exact law for gap >= D and penetrations deeper than
+    s = 0.01 m; the damper keeps its gate). `diffgym.envs.pre_contact` and docs/api.md describe it.
+
     ## Rewards
     `r = -||p' - g|| - penetration_weight * sum_contacts soft(d(p'))` with `penetration_weight = 10`
     (per metre of penetration) over the five obstacles and four walls.
@@ -417,7 +579,7 @@ class PointNav2DEnv(DiffGymEnv):
 
     ## Arguments
     `gym.make("DiffGym/PointNav2D-v0", device="cpu", render_mode=None, drag=0.25,
-    contact_smoothing=0.01, penetration_weight=10.0, success_distance=0.1)`;
+    contact_smoothing=0.01, penetration_weight=10.0, success_distance=0.1, contact_gradient_distance=0.0)`;
     `gym.make_vec(..., num_envs=N)` gives the native batched vector env.
 
     ## Version History

@@ -19,6 +19,8 @@ from diffgym.core.env import DiffGymEnv
 from diffgym.core.render import Canvas
 from diffgym.core.sim import DiffSim
 from diffgym.core.state import SimState
+from diffgym.envs.pre_contact import (PEAK_FRACTION, check_contact_gradient_distance, install, pre_contact_profile,
+                                      straight_through)
 
 SUBSTEPS = 20
 """Semi-implicit Euler substeps per 0.05 s control step (h = 2.5 ms); a compile-time constant."""
@@ -124,6 +126,8 @@ class TPushParams:
     contact_smoothing: float
     corner_smoothing: float
     contact_friction: float
+    contact_gradient_distance: float
+    contact_gradient_peak: float
     table_friction: float
     gravity: float
     friction_smoothing: float
@@ -287,10 +291,33 @@ def pusher_gap(p: TPushParams, pusher: wp.vec2, block: wp.vec2, theta: float) ->
 
 
 @wp.func
-def normal_force(p: TPushParams, gap: float, separating_speed: float) -> float:
-    """Smoothed penalty with Hunt-Crossley damping: k * relu_s(-gap) * (1 - c * v_n)."""
-    elastic = p.contact_stiffness * smooth_relu(-gap, p.contact_smoothing)
+def normal_force(p: TPushParams, elastic: float, separating_speed: float) -> float:
+    """Hunt-Crossley damping of the elastic force: elastic * (1 - c * v_n)."""
     return elastic * (1.0 - p.contact_damping * separating_speed)
+
+
+def _contact_law(pre_contact: bool):
+    """The elastic normal force of a contact at signed ``gap`` [m] and the gap below which it can be
+    nonzero (the broad phase), for the exact law or for the pre-contact surrogate (diffgym.envs.pre_contact),
+    chosen when the code is generated (``wp.static``): the exact variant is the exact law, op for op."""
+
+    def elastic_force(p: TPushParams, gap: float) -> float:
+        elastic = p.contact_stiffness * smooth_relu(-gap, p.contact_smoothing)
+        if wp.static(pre_contact):
+            elastic = elastic + p.contact_gradient_peak * pre_contact_profile(
+                gap, p.contact_gradient_distance, p.contact_smoothing)
+        return elastic
+
+    def contact_reach(p: TPushParams) -> float:
+        reach = p.contact_smoothing
+        if wp.static(pre_contact):
+            reach = wp.max(reach, p.contact_gradient_distance)
+        return reach
+
+    variant = "pre_contact" if pre_contact else "exact"
+    module = "unique" if pre_contact else None  # only the pre-contact kernels compile the surrogate
+    return (wp.func(elastic_force, name=f"elastic_force_{variant}", module=module),
+            wp.func(contact_reach, name=f"contact_reach_{variant}", module=module))
 
 
 @wp.func
@@ -304,101 +331,142 @@ def friction_impulse(p: TPushParams, elastic: float, slip: float, inv_mass: floa
     return coeff * h * slip / (1.0 + coeff * h * inv_mass)
 
 
+def _make_advance(pre_contact: bool):
+    """The substeps of one control step (``advance``), with the exact contact law or with the pre-contact
+    surrogate's (``pre_contact``)."""
+    elastic_force, contact_reach = _contact_law(pre_contact)
+    variant = "pre_contact" if pre_contact else "exact"
+    module = "unique" if pre_contact else None
+
+    def substep(p: TPushParams, h: float, command: wp.vec2, xp: wp.vec2, vp: wp.vec2, xb: wp.vec2,
+                theta: float, vb: wp.vec2, omega: float):
+        """One semi-implicit Euler substep of the pusher + block system; returns the new state."""
+        force_p = wp.vec2(0.0, 0.0)
+        force_b = wp.vec2(0.0, 0.0)
+        torque_b = float(0.0)
+        impulse_p = wp.vec2(0.0, 0.0)
+        impulse_b = wp.vec2(0.0, 0.0)
+        ang_impulse_b = float(0.0)
+        # The servo is integrated implicitly, so over a substep the pusher resists like this mass.
+        pusher_eff_mass = p.pusher_mass + h * p.servo_gain
+
+        # pusher-block: a penalty per box (their sum is the union's penalty wherever one box is in range,
+        # and the correct two-normal force in the T's concave corners; no min() kink)
+        c = wp.cos(theta)
+        s = wp.sin(theta)
+        q = rotate_cs(c, -s, xp - xb)
+        for box in range(2):
+            center = p.bar_center
+            half = p.bar_half
+            if box == 1:
+                center = p.stem_center
+                half = p.stem_half
+            dist, n_local, c_local = box_signed_distance(q, center, half, p.corner_smoothing)
+            gap = dist - p.pusher_radius
+            # Broad phase: the penalty's ramp is exactly zero for gap >= s (the surrogate's tail beyond its
+            # distance), and so are the force, the friction (proportional to it) and their derivatives, so
+            # skipping them changes no value and no gradient; it spares the forward and, above all, the
+            # adjoint the contact terms of every box out of reach.
+            if gap < contact_reach(p):
+                n = rotate_cs(c, s, n_local)
+                r = rotate_cs(c, s, c_local)  # contact point relative to the block's centre of mass
+                v_rel = vp - (vb + omega * perp(r))
+                elastic = elastic_force(p, gap)
+                fn = normal_force(p, elastic, wp.dot(v_rel, n))
+                force_p = force_p + fn * n
+                force_b = force_b - fn * n
+                torque_b = torque_b - fn * cross2(r, n)
+                t = perp(n)
+                rt = cross2(r, t)
+                inv_mass = 1.0 / pusher_eff_mass + 1.0 / p.block_mass + rt * rt / p.block_inertia
+                j = friction_impulse(p, elastic, wp.dot(v_rel, t), inv_mass, h)
+                impulse_p = impulse_p - j * t
+                impulse_b = impulse_b + j * t
+                ang_impulse_b = ang_impulse_b + j * rt
+
+        # walls (frictionless): inward normals of the arena's four sides; the same broad phase
+        for side in range(4):
+            wall_n = wp.vec2(1.0, 0.0)
+            if side == 1:
+                wall_n = wp.vec2(-1.0, 0.0)
+            if side == 2:
+                wall_n = wp.vec2(0.0, 1.0)
+            if side == 3:
+                wall_n = wp.vec2(0.0, -1.0)
+            gap_p = wp.dot(xp, wall_n) + p.arena_half - p.pusher_radius
+            if gap_p < contact_reach(p):
+                force_p = force_p + normal_force(p, elastic_force(p, gap_p), wp.dot(vp, wall_n)) * wall_n
+            for k in range(8):
+                if k != 2 and k != 5:  # only the six convex-hull corners (not the concave 2, 5) can touch a wall
+                    r = rotate_cs(c, s, outline_vertex(p, k))
+                    gap_v = wp.dot(xb + r, wall_n) + p.arena_half
+                    if gap_v < contact_reach(p):
+                        v_n = wp.dot(vb + omega * perp(r), wall_n)
+                        fw = normal_force(p, elastic_force(p, gap_v), v_n) * wall_n
+                        force_b = force_b + fw
+                        torque_b = torque_b + cross2(r, fw)
+
+        # pusher: velocity servo F = servo_gain (v_cmd - v), implicit in v
+        vp_next = (vp + (h * force_p + impulse_p) / p.pusher_mass + (h * p.servo_gain / p.pusher_mass) * command) \
+            / (1.0 + h * p.servo_gain / p.pusher_mass)
+        # block-table friction: mu m g times the gradient of the pseudo-Huber norm of the twist (v, rho w)
+        # (an ellipsoidal limit surface whose torque limit is mu m g rho), linearly implicit like above
+        rho = p.friction_radius
+        speed = wp.sqrt(wp.dot(vb, vb) + rho * rho * omega * omega + p.friction_smoothing * p.friction_smoothing)
+        drag = p.table_friction * p.block_mass * p.gravity / speed
+        vb_next = (vb + (h * force_b + impulse_b) / p.block_mass) / (1.0 + h * drag / p.block_mass)
+        omega_next = (omega + (h * torque_b + ang_impulse_b) / p.block_inertia) \
+            / (1.0 + h * drag * rho * rho / p.block_inertia)
+        return xp + h * vp_next, vp_next, xb + h * vb_next, theta + h * omega_next, vb_next, omega_next
+
+    substep = wp.func(substep, name=f"substep_{variant}", module=module)
+
+    def advance(p: TPushParams, command: wp.vec2, pusher: wp.vec2, pusher_vel: wp.vec2, block: wp.vec2,
+                angle: float, block_vel: wp.vec2, angvel: float):
+        h = p.dt / float(_SUBSTEPS)
+        xp = pusher
+        vp = pusher_vel
+        xb = block
+        theta = angle
+        vb = block_vel
+        omega = angvel
+        for _ in range(_SUBSTEPS):  # unrolled (module max_unroll), so the adjoint replays every substep
+            xp, vp, xb, theta, vb, omega = substep(p, h, command, xp, vp, xb, theta, vb, omega)
+        return xp, vp, xb, theta, vb, omega
+
+    return wp.func(advance, name=f"advance_{variant}", module=module)
+
+
+advance = _make_advance(pre_contact=False)
+
+
+_Observation = wp.types.vector(length=11, dtype=float)
+
+
 @wp.func
-def substep(p: TPushParams, h: float, command: wp.vec2, xp: wp.vec2, vp: wp.vec2, xb: wp.vec2,
-            theta: float, vb: wp.vec2, omega: float):
-    """One semi-implicit Euler substep of the pusher + block system; returns the new state."""
-    force_p = wp.vec2(0.0, 0.0)
-    force_b = wp.vec2(0.0, 0.0)
-    torque_b = float(0.0)
-    impulse_p = wp.vec2(0.0, 0.0)
-    impulse_b = wp.vec2(0.0, 0.0)
-    ang_impulse_b = float(0.0)
-    # The servo is integrated implicitly, so over a substep the pusher resists like this mass.
-    pusher_eff_mass = p.pusher_mass + h * p.servo_gain
-
-    # pusher-block: a penalty per box (their sum is the union's penalty wherever one box is in range,
-    # and the correct two-normal force in the T's concave corners; no min() kink)
-    c = wp.cos(theta)
-    s = wp.sin(theta)
-    q = rotate_cs(c, -s, xp - xb)
-    for box in range(2):
-        center = p.bar_center
-        half = p.bar_half
-        if box == 1:
-            center = p.stem_center
-            half = p.stem_half
-        dist, n_local, c_local = box_signed_distance(q, center, half, p.corner_smoothing)
-        gap = dist - p.pusher_radius
-        # Broad phase: the penalty's ramp is exactly zero for gap >= s, and so are the force, the friction
-        # (proportional to it) and their derivatives, so skipping them changes no value and no gradient;
-        # it spares the forward and, above all, the adjoint the contact terms of every box out of reach.
-        if gap < p.contact_smoothing:
-            n = rotate_cs(c, s, n_local)
-            r = rotate_cs(c, s, c_local)  # contact point relative to the block's centre of mass
-            v_rel = vp - (vb + omega * perp(r))
-            elastic = p.contact_stiffness * smooth_relu(-gap, p.contact_smoothing)
-            fn = normal_force(p, gap, wp.dot(v_rel, n))
-            force_p = force_p + fn * n
-            force_b = force_b - fn * n
-            torque_b = torque_b - fn * cross2(r, n)
-            t = perp(n)
-            rt = cross2(r, t)
-            inv_mass = 1.0 / pusher_eff_mass + 1.0 / p.block_mass + rt * rt / p.block_inertia
-            j = friction_impulse(p, elastic, wp.dot(v_rel, t), inv_mass, h)
-            impulse_p = impulse_p - j * t
-            impulse_b = impulse_b + j * t
-            ang_impulse_b = ang_impulse_b + j * rt
-
-    # walls (frictionless): inward normals of the arena's four sides; the same broad phase
-    for side in range(4):
-        wall_n = wp.vec2(1.0, 0.0)
-        if side == 1:
-            wall_n = wp.vec2(-1.0, 0.0)
-        if side == 2:
-            wall_n = wp.vec2(0.0, 1.0)
-        if side == 3:
-            wall_n = wp.vec2(0.0, -1.0)
-        gap_p = wp.dot(xp, wall_n) + p.arena_half - p.pusher_radius
-        if gap_p < p.contact_smoothing:
-            force_p = force_p + normal_force(p, gap_p, wp.dot(vp, wall_n)) * wall_n
-        for k in range(8):
-            if k != 2 and k != 5:  # only the six convex-hull corners (not the concave 2, 5) can touch a wall
-                r = rotate_cs(c, s, outline_vertex(p, k))
-                gap_v = wp.dot(xb + r, wall_n) + p.arena_half
-                if gap_v < p.contact_smoothing:
-                    fw = normal_force(p, gap_v, wp.dot(vb + omega * perp(r), wall_n)) * wall_n
-                    force_b = force_b + fw
-                    torque_b = torque_b + cross2(r, fw)
-
-    # pusher: velocity servo F = servo_gain (v_cmd - v), implicit in v
-    vp_next = (vp + (h * force_p + impulse_p) / p.pusher_mass + (h * p.servo_gain / p.pusher_mass) * command) \
-        / (1.0 + h * p.servo_gain / p.pusher_mass)
-    # block-table friction: mu m g times the gradient of the pseudo-Huber norm of the twist (v, rho w)
-    # (an ellipsoidal limit surface whose torque limit is mu m g rho), linearly implicit like above
-    rho = p.friction_radius
-    speed = wp.sqrt(wp.dot(vb, vb) + rho * rho * omega * omega + p.friction_smoothing * p.friction_smoothing)
-    drag = p.table_friction * p.block_mass * p.gravity / speed
-    vb_next = (vb + (h * force_b + impulse_b) / p.block_mass) / (1.0 + h * drag / p.block_mass)
-    omega_next = (omega + (h * torque_b + ang_impulse_b) / p.block_inertia) \
-        / (1.0 + h * drag * rho * rho / p.block_inertia)
-    return xp + h * vp_next, vp_next, xb + h * vb_next, theta + h * omega_next, vb_next, omega_next
+def observation(xp: wp.vec2, vp: wp.vec2, xb: wp.vec2, theta: float, vb: wp.vec2, omega: float) -> _Observation:
+    return _Observation(xp[0], xp[1], vp[0], vp[1], xb[0], xb[1], wp.cos(theta), wp.sin(theta), vb[0], vb[1], omega)
 
 
 @wp.func
-def _write_observation(i: int, xp: wp.vec2, vp: wp.vec2, xb: wp.vec2, theta: float, vb: wp.vec2,
-                       omega: float, obs: wp.array2d(dtype=float)):
-    obs[i, 0] = xp[0]
-    obs[i, 1] = xp[1]
-    obs[i, 2] = vp[0]
-    obs[i, 3] = vp[1]
-    obs[i, 4] = xb[0]
-    obs[i, 5] = xb[1]
-    obs[i, 6] = wp.cos(theta)
-    obs[i, 7] = wp.sin(theta)
-    obs[i, 8] = vb[0]
-    obs[i, 9] = vb[1]
-    obs[i, 10] = omega
+def _write_observation(i: int, o: _Observation, obs: wp.array2d(dtype=float)):
+    for k in range(11):
+        obs[i, k] = o[k]
+
+
+@wp.func
+def step_reward(p: TPushParams, xp: wp.vec2, xb: wp.vec2, theta: float, prev_pusher: wp.vec2,
+                prev_block: wp.vec2):
+    """The reward of a step that ends with the pusher at ``xp`` and the block at (``xb``, ``theta``), and
+    the keypoint distance D of that pose to the goal pose."""
+    distance = mean_keypoint_distance(p, xb, theta)
+    # shaping: a smoothed max(gap, 0), so it is zero (and gradient-free) in contact
+    approach = smooth_relu(pusher_gap(p, xp, xb, theta), p.contact_smoothing)
+    # optional potential-based shaping (Ng et al. 1999) with gamma = 1: Phi(s') - Phi(s) telescopes to
+    # Phi(s_T) - Phi(s_0) over an episode, so it shifts the undiscounted return by a bounded amount and
+    # leaves its optimal policies unchanged (a discounted objective would need gamma Phi(s')); off by default
+    face = face_potential(p, xp, xb) - face_potential(p, prev_pusher, prev_block)
+    return -distance - p.shaping_weight * approach + p.face_shaping_weight * face, distance
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -469,8 +537,8 @@ def t_push_observe(
     obs: wp.array2d(dtype=float),
 ):
     i = wp.tid()
-    _write_observation(i, pusher_pos[i], pusher_vel[i], block_pos[i], block_angle[i], block_vel[i],
-                       block_angvel[i], obs)
+    _write_observation(i, observation(pusher_pos[i], pusher_vel[i], block_pos[i], block_angle[i], block_vel[i],
+                                      block_angvel[i]), obs)
 
 
 @wp.kernel
@@ -499,15 +567,8 @@ def t_push_step(
 ):
     i = wp.tid()
     command = p.max_speed * wp.vec2(action[i, 0], action[i, 1])
-    h = p.dt / float(_SUBSTEPS)
-    xp = pusher_pos[i]
-    vp = pusher_vel[i]
-    xb = block_pos[i]
-    theta = block_angle[i]
-    vb = block_vel[i]
-    omega = block_angvel[i]
-    for _ in range(_SUBSTEPS):  # unrolled (module max_unroll), so the adjoint replays every substep
-        xp, vp, xb, theta, vb, omega = substep(p, h, command, xp, vp, xb, theta, vb, omega)
+    xp, vp, xb, theta, vb, omega = advance(p, command, pusher_pos[i], pusher_vel[i], block_pos[i], block_angle[i],
+                                           block_vel[i], block_angvel[i])
     pusher_pos_next[i] = xp
     pusher_vel_next[i] = vp
     block_pos_next[i] = xb
@@ -515,19 +576,131 @@ def t_push_step(
     block_vel_next[i] = vb
     block_angvel_next[i] = omega
     step_next[i] = step[i] + 1
-    _write_observation(i, xp, vp, xb, theta, vb, omega, obs)
-    distance = mean_keypoint_distance(p, xb, theta)
-    # shaping: a smoothed max(gap, 0), so it is zero (and gradient-free) in contact
-    approach = smooth_relu(pusher_gap(p, xp, xb, theta), p.contact_smoothing)
-    # optional potential-based shaping (Ng et al. 1999) with gamma = 1: Phi(s') - Phi(s) telescopes to
-    # Phi(s_T) - Phi(s_0) over an episode, so it shifts the undiscounted return by a bounded amount and
-    # leaves its optimal policies unchanged (a discounted objective would need gamma Phi(s')); off by default
-    face = face_potential(p, xp, xb) - face_potential(p, pusher_pos[i], block_pos[i])
-    reward[i] = -distance - p.shaping_weight * approach + p.face_shaping_weight * face
+    _write_observation(i, observation(xp, vp, xb, theta, vb, omega), obs)
+    r, distance = step_reward(p, xp, xb, theta, pusher_pos[i], block_pos[i])
+    reward[i] = r
     terminated[i] = 0
     success[i] = 0
     if distance < p.success_distance:
         success[i] = 1
+
+
+# --------------------------------------------------------------- pre-contact gradients (diffgym.envs.pre_contact)
+_surrogate_advance = _make_advance(pre_contact=True)
+
+
+@wp.struct
+class _Motion:
+    """A state's float fields as one value (a Warp function's custom replay needs a single return value)."""
+    pusher_pos: wp.vec2
+    pusher_vel: wp.vec2
+    block_pos: wp.vec2
+    block_angle: float
+    block_vel: wp.vec2
+    block_angvel: float
+
+
+@wp.func
+def _motion(xp: wp.vec2, vp: wp.vec2, xb: wp.vec2, theta: float, vb: wp.vec2, omega: float) -> _Motion:
+    m = _Motion()
+    m.pusher_pos = xp
+    m.pusher_vel = vp
+    m.block_pos = xb
+    m.block_angle = theta
+    m.block_vel = vb
+    m.block_angvel = omega
+    return m
+
+
+@wp.func
+def _exact_advance(p: TPushParams, command: wp.vec2, pusher: wp.vec2, pusher_vel: wp.vec2, block: wp.vec2,
+                   angle: float, block_vel: wp.vec2, angvel: float) -> _Motion:
+    """``advance`` inside the straight-through kernel, which takes its values and none of its gradient."""
+    xp, vp, xb, theta, vb, omega = advance(p, command, pusher, pusher_vel, block, angle, block_vel, angvel)
+    return _motion(xp, vp, xb, theta, vb, omega)
+
+
+@wp.func_grad(_exact_advance)
+def _exact_advance_adjoint(p: TPushParams, command: wp.vec2, pusher: wp.vec2, pusher_vel: wp.vec2, block: wp.vec2,
+                           angle: float, block_vel: wp.vec2, angvel: float, adj_ret: _Motion):
+    # nothing: every gradient of the straight-through kernel comes from the surrogate's substeps
+    pass
+
+
+@wp.func_replay(_exact_advance)
+def _exact_advance_replay(p: TPushParams, command: wp.vec2, pusher: wp.vec2, pusher_vel: wp.vec2, block: wp.vec2,
+                          angle: float, block_vel: wp.vec2, angvel: float):
+    # The backward pass never uses the exact values (they only reach straight_through's ignored argument
+    # and the array stores, which the replay skips), so it skips their 20 substeps; the inputs stand in.
+    return _motion(pusher, pusher_vel, block, angle, block_vel, angvel)
+
+
+def _pre_contact_step_kernel(straight_through_outputs: bool):
+    """The step kernel of ``contact_gradient_distance > 0`` (``straight_through_outputs``): the exact
+    step's outputs, the surrogate step's gradients; or, for tests, the surrogate step outright."""
+    through_vec2, through_float, through_obs = (straight_through(t) for t in (wp.vec2, float, _Observation))
+
+    def step_kernel(
+        pusher_pos: wp.array(dtype=wp.vec2),
+        pusher_vel: wp.array(dtype=wp.vec2),
+        block_pos: wp.array(dtype=wp.vec2),
+        block_angle: wp.array(dtype=float),
+        block_vel: wp.array(dtype=wp.vec2),
+        block_angvel: wp.array(dtype=float),
+        step: wp.array(dtype=wp.int32),
+        action: wp.array2d(dtype=float),
+        p: TPushParams,
+        # outputs
+        pusher_pos_next: wp.array(dtype=wp.vec2),
+        pusher_vel_next: wp.array(dtype=wp.vec2),
+        block_pos_next: wp.array(dtype=wp.vec2),
+        block_angle_next: wp.array(dtype=float),
+        block_vel_next: wp.array(dtype=wp.vec2),
+        block_angvel_next: wp.array(dtype=float),
+        step_next: wp.array(dtype=wp.int32),
+        obs: wp.array2d(dtype=float),
+        reward: wp.array(dtype=float),
+        terminated: wp.array(dtype=wp.int32),
+        success: wp.array(dtype=wp.int32),
+    ):
+        i = wp.tid()
+        command = p.max_speed * wp.vec2(action[i, 0], action[i, 1])
+        # the surrogate step: the exact step with every contact's force extended to the distance
+        xp, vp, xb, theta, vb, omega = _surrogate_advance(p, command, pusher_pos[i], pusher_vel[i], block_pos[i],
+                                                          block_angle[i], block_vel[i], block_angvel[i])
+        r, distance = step_reward(p, xp, xb, theta, pusher_pos[i], block_pos[i])
+        o = observation(xp, vp, xb, theta, vb, omega)
+        if wp.static(straight_through_outputs):
+            # the exact step from the same inputs; each output takes its value and the surrogate's gradient
+            e = _exact_advance(p, command, pusher_pos[i], pusher_vel[i], block_pos[i], block_angle[i],
+                               block_vel[i], block_angvel[i])
+            er, distance = step_reward(p, e.pusher_pos, e.block_pos, e.block_angle, pusher_pos[i], block_pos[i])
+            o = through_obs(observation(e.pusher_pos, e.pusher_vel, e.block_pos, e.block_angle, e.block_vel,
+                                        e.block_angvel), o)
+            r = through_float(er, r)
+            xp = through_vec2(e.pusher_pos, xp)
+            vp = through_vec2(e.pusher_vel, vp)
+            xb = through_vec2(e.block_pos, xb)
+            theta = through_float(e.block_angle, theta)
+            vb = through_vec2(e.block_vel, vb)
+            omega = through_float(e.block_angvel, omega)
+        pusher_pos_next[i] = xp
+        pusher_vel_next[i] = vp
+        block_pos_next[i] = xb
+        block_angle_next[i] = theta
+        block_vel_next[i] = vb
+        block_angvel_next[i] = omega
+        step_next[i] = step[i] + 1
+        _write_observation(i, o, obs)
+        reward[i] = r
+        terminated[i] = 0
+        success[i] = 0
+        if distance < p.success_distance:
+            success[i] = 1
+
+    name = "t_push_step_straight_through" if straight_through_outputs else "t_push_step_surrogate"
+    # a module of its own: only a sim built with the option compiles it
+    return wp.kernel(step_kernel, name=name, module="unique", module_options={"max_unroll": max(SUBSTEPS, 16)})
 
 
 class TPush(DiffSim):
@@ -541,6 +714,10 @@ class TPush(DiffSim):
     reset_kernel = t_push_reset
     observe_kernel = t_push_observe
     step_kernel = t_push_step
+    straight_through_step_kernel = _pre_contact_step_kernel(straight_through_outputs=True)
+    """The step kernel of a sim built with ``contact_gradient_distance > 0`` (``diffgym.envs.pre_contact``)."""
+    surrogate_step_kernel = _pre_contact_step_kernel(straight_through_outputs=False)
+    """The surrogate step in the forward pass too: for tests only (``pre_contact.surrogate_forward``)."""
 
     def __init__(self, device: str = "cpu", max_episode_steps: int | None = None, *,
                  max_speed: float = 0.5, servo_gain: float = 40.0, pusher_mass: float = 0.2,
@@ -548,8 +725,9 @@ class TPush(DiffSim):
                  contact_smoothing: float = 1e-3, corner_smoothing: float = 2e-3, contact_friction: float = 0.3,
                  table_friction: float = 0.3,
                  friction_smoothing: float = 0.01, shaping_weight: float = 0.1, face_shaping_weight: float = 0.0,
-                 success_distance: float = 0.02, start_spread: float = 1.0):
+                 success_distance: float = 0.02, start_spread: float = 1.0, contact_gradient_distance: float = 0.0):
         super().__init__(device, max_episode_steps)
+        contact_gradient_distance = check_contact_gradient_distance(contact_gradient_distance)
         if not MIN_START_SPREAD <= start_spread <= 1.0:
             raise ValueError(f"start_spread must be in [{MIN_START_SPREAD}, 1], got {start_spread}")
         for name, value in (("max_speed", max_speed), ("servo_gain", servo_gain), ("pusher_mass", pusher_mass),
@@ -590,6 +768,8 @@ class TPush(DiffSim):
         p.contact_smoothing = contact_smoothing
         p.corner_smoothing = corner_smoothing
         p.contact_friction = contact_friction
+        p.contact_gradient_distance = contact_gradient_distance
+        p.contact_gradient_peak = PEAK_FRACTION * contact_stiffness * contact_smoothing
         p.table_friction = table_friction
         p.gravity = 9.81
         p.friction_smoothing = friction_smoothing
@@ -605,6 +785,7 @@ class TPush(DiffSim):
         p.reset_pusher_range = 0.4
         p.reset_min_goal_distance = 0.1
         p.reset_min_clearance = 0.02
+        install(self, contact_gradient_distance)
 
     def hull_vertices(self, block_pos: torch.Tensor, block_angle: torch.Tensor) -> torch.Tensor:
         """World positions ``(B, 6, 2)`` [m] of the T's six convex-hull corners at the given poses."""
@@ -687,6 +868,17 @@ class TPushEnv(DiffGymEnv):
       and the deepest penetration (stall force 20 N / k) is 4 mm, far below the 25 mm half
       thickness of the T, so nothing tunnels.
 
+    ## Pre-contact gradients
+    `contact_gradient_distance=D > 0` (default 0: off) changes the backward pass only: the forward pass
+    (states, observations, rewards, success) stays the exact one bit for bit, while the gradient of each
+    step is that of a surrogate step in which every contact's elastic force also acts at a positive gap
+    `g < D`: `k relu_s(-g) + (k s / 8) (1 - S(g / D)) (1 - S(-g / s))`, S the C2 smoothstep
+    `u^3 (10 - 15 u + 6 u^2)` on [0, 1] (peak 0.625 N at touch; exactly the exact law for gap >= D and
+    for penetrations deeper than s = 1 mm). Damping and friction scale with it as in contact. So a pusher
+    within D of the T gets a gradient saying how pushing the face ahead would move the block, which the
+    exact gradient (zero until contact) cannot. Costs about 2x forward and 1.4x forward+backward time;
+    `diffgym.envs.pre_contact` and docs/api.md describe the estimator and how to choose D.
+
     ## Valid states
     `set_state` and `differentiable_step` accept finite states with the pusher centre in the arena
     `[-0.5, 0.5]^2`, the T's six hull corners at most 0.03 m beyond a wall (`|x|, |y| <= 0.53` m),
@@ -723,7 +915,8 @@ class TPushEnv(DiffGymEnv):
     `gym.make("DiffGym/TPush-v0", device="cpu", render_mode=None, max_speed=0.5, servo_gain=40.0,
     pusher_mass=0.2, block_mass=1.0, contact_stiffness=5000.0, contact_damping=1.0,
     contact_smoothing=1e-3, corner_smoothing=2e-3, contact_friction=0.3, table_friction=0.3, friction_smoothing=0.01,
-    shaping_weight=0.1, face_shaping_weight=0.0, success_distance=0.02, start_spread=1.0)`; `gym.make_vec(..., num_envs=N)` gives the native
+    shaping_weight=0.1, face_shaping_weight=0.0, success_distance=0.02, start_spread=1.0,
+    contact_gradient_distance=0.0)`; `gym.make_vec(..., num_envs=N)` gives the native
     batched vector env. Stiffer contacts or smaller smoothing give crisper physics and worse
     conditioned gradients.
 
