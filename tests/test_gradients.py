@@ -195,3 +195,26 @@ def test_grad_stats_start_after_measures_from_where_the_deterministic_policy_is(
     assert main(["grad-stats", "--env", env_id, "--start-after", "90", "--envs", "2", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "grad_stats.json").read_text())
     assert [r["horizon"] for r in report["rows"]] == [1, 2, 4, 8, 10] and report["start_after"] == 90
+
+
+def test_grad_stats_shows_the_pre_contact_gradient_only_with_the_option(tmp_path):
+    """TPush without the approach shaping: in the first two steps from the start states no pusher touches
+    the T, so the analytic gradient is exactly zero, as docs/apg.md says; with contact_gradient_distance
+    (``--env-kwarg``) it is not, while the likelihood-ratio estimate, which sees only the forward pass, is
+    the same to the bit."""
+    from diffgym.cli import main
+
+    reports = {}
+    for distance in (0.0, 0.1):
+        out = tmp_path / str(distance)
+        assert main(["grad-stats", "--env", "DiffGym/TPush-v1", "--horizons", "1,2", "--envs", "8", "--samples", "2",
+                     "--env-kwarg", "shaping_weight=0", "--env-kwarg", f"contact_gradient_distance={distance}",
+                     "--out", str(out)]) == 0
+        reports[distance] = json.loads((out / "grad_stats.json").read_text())
+    assert reports[0.1]["env_kwargs"] == {"shaping_weight": 0, "contact_gradient_distance": 0.1}
+    for off, on in zip(reports[0.0]["rows"], reports[0.1]["rows"]):
+        assert off["analytic_norm"] == 0.0 and on["analytic_norm"] > 0.0
+        assert on["likelihood_norm"] == off["likelihood_norm"] and on["mean_return"] == off["mean_return"]
+    with pytest.raises(SystemExit, match="^diffgym grad-stats: contact_gradient_distance must be a finite distance"):
+        main(["grad-stats", "--env", "DiffGym/TPush-v1", "--env-kwarg", "contact_gradient_distance=-1",
+              "--out", str(tmp_path)])

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from diffgym.commands.options import add_out_argument
+from diffgym.commands.options import add_out_argument, key_values
 
 HELP = "analytic vs likelihood-ratio policy gradients per horizon: norm, variance, cosine, bias"
 
@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-after", type=int, default=0, metavar="W",
                         help="measure from the states the policy's deterministic actions reach in W steps "
                              "(default: 0, the reset states)")
+    parser.add_argument("--env-kwarg", dest="env_kwargs", action="append", default=[], metavar="KEY=VALUE",
+                        help="a task constructor argument, e.g. contact_gradient_distance=0.03 (repeatable)")
     add_out_argument(parser, "runs/grad_stats/<task>")
 
 
@@ -38,15 +40,17 @@ def run(args: argparse.Namespace) -> int:
     horizons = [int(h) for h in args.horizons.split(",")] if args.horizons else None
     if args.envs < 2 or args.samples < 1:
         raise SystemExit("diffgym grad-stats: need --envs >= 2 and --samples >= 1")
+    env_kwargs = key_values(args.env_kwargs)
     try:
         rows = gradient_stats(args.env, horizons, args.envs, args.samples, args.policy, args.seed, args.gamma,
-                              start_after=args.start_after)
-    except ValueError as error:
+                              env_kwargs=env_kwargs, start_after=args.start_after)
+    except (TypeError, ValueError) as error:  # TypeError: a task argument the task does not take
         raise SystemExit(f"diffgym grad-stats: {error}") from None
     out = Path(args.out or Path("runs") / "grad_stats" / task_name(args.env))
     out.mkdir(parents=True, exist_ok=True)
     meta = {"env_id": args.env, "policy": args.policy or "fresh", "envs": args.envs, "samples": args.samples,
-            "seed": args.seed, "gamma": rows[0]["gamma"] if rows else args.gamma, "start_after": args.start_after}
+            "seed": args.seed, "gamma": rows[0]["gamma"] if rows else args.gamma, "start_after": args.start_after,
+            "env_kwargs": env_kwargs}
     (out / "grad_stats.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     title = f"{task_name(args.env)}: {args.policy or 'fresh policy'}, {args.envs} x {args.samples} rollouts"
     if args.start_after:
