@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diffgym.commands.options import (add_budget_arguments, add_out_argument, add_override_arguments,
-                                      add_runner_arguments, make_runner, one_line, overrides)
+from diffgym.commands.options import (add_budget_arguments, add_extend_argument, add_out_argument,
+                                      add_override_arguments, add_runner_arguments, make_runner, one_line,
+                                      overrides)
 from diffgym.threads import add_threads_argument
 
 HELP = "a grid over a trainer's algo_params on one task (default: the trainer's ablation_grid)"
@@ -28,9 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_threads_argument(parser, "each run")
     parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")
     add_out_argument(parser, "runs/ablate/<task>")
-    parser.add_argument("--extend", action="store_true",
-                        help="continue runs already in --out that were made with another --env-steps, --eval-every "
-                             "or eval_episodes (refused otherwise: their curves would mix two schedules)")
+    add_extend_argument(parser)
     add_runner_arguments(parser)
     parser.epilog = "The trainer's own flags (`diffgym trainers -v`) are grid axes too: --FLAG V1,V2."
     parser.set_defaults(plugin_flags="list")

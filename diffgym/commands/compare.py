@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diffgym.commands.options import (add_budget_arguments, add_out_argument, add_override_arguments,
-                                      add_runner_arguments, make_runner, one_line, overrides)
+from diffgym.commands.options import (add_budget_arguments, add_extend_argument, add_out_argument,
+                                      add_override_arguments, add_runner_arguments, make_runner, one_line,
+                                      overrides)
 from diffgym.threads import add_threads_argument
 
 HELP = "train algorithms on one task over seeds and report them under the evaluation protocol"
@@ -26,9 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_threads_argument(parser, "each run")
     parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")
     add_out_argument(parser, "runs/compare/<task>")
-    parser.add_argument("--extend", action="store_true",
-                        help="continue runs already in --out that were made with another --env-steps, --eval-every "
-                             "or eval_episodes (refused otherwise: their curves would mix two schedules)")
+    add_extend_argument(parser)
     parser.add_argument("--log-x", action="store_true",
                         help="plot the env-step and gradient-step axes on a log scale")
     add_runner_arguments(parser)

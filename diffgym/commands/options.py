@@ -6,7 +6,8 @@
 * ``--set KEY=VALUE`` overrides a config field by dotted key (``optimizer.lr=1e-3``,
   ``env_kwargs.mass=2``), ``--param KEY=VALUE`` an algorithm hyperparameter (``--set algo_params.KEY``),
   ``--env-kwarg KEY=VALUE`` a task constructor argument (in ``feasibility``, which has no config).
-* ``--out DIR`` is the directory a command writes into (``export --out FILE``: the exported file).
+* ``--out DIR`` is the directory a command writes into (``export --out FILE``: the exported file);
+  ``--extend`` lets a sweep continue the runs there that were made with another budget or cadence.
 * ``--runner``/``--workers``/``--threads``: where and how parallel the runs of a sweep execute.
 
 Nothing here imports torch: ``diffgym --help`` reads every subcommand's definition.
@@ -102,6 +103,14 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 def add_out_argument(parser: argparse.ArgumentParser, default: str) -> None:
     """``--out DIR``: the directory the command writes into."""
     parser.add_argument("--out", default=None, metavar="DIR", help=f"output directory (default: {default})")
+
+
+def add_extend_argument(parser: argparse.ArgumentParser) -> None:
+    """``--extend``: a sweep may continue the runs in its ``--out`` made with another schedule
+    (``diffgym.experiments.training_runs.reuse_plan``)."""
+    parser.add_argument("--extend", action="store_true",
+                        help="continue runs already in --out that were made with another --env-steps, --eval-every "
+                             "or eval_episodes (refused otherwise: their curves would mix two schedules)")
 
 
 def parse_trainer_flags(command: str, algo: str, extra: list[str], values: str = "single") -> dict[str, Any]:

@@ -18,7 +18,8 @@ from typing import Any, Callable, Protocol, Sequence
 from diffgym.experiments.training_runs import SweepFailed, is_finished, run_summary, train_one
 from diffgym.training.spec import TrainConfig
 
-__all__ = ["LocalRunner", "Runner", "SweepFailed", "is_finished", "load_sweep", "save_sweep", "train_one"]  # the sweep API, run-level parts from training_runs
+# the sweep API; its run-level parts live in training_runs, which ray_runner imports too
+__all__ = ["LocalRunner", "Runner", "SweepFailed", "is_finished", "load_sweep", "save_sweep", "train_one"]
 
 
 def save_sweep(configs: Sequence[TrainConfig], path: str | Path) -> Path:
@@ -73,8 +74,8 @@ class LocalRunner:
     def map(self, work: Callable[..., Any], items: Sequence[tuple],
             report: Callable[[int, Any], str] | None = None) -> list[Any]:
         """``work(*item)`` for every item; with several workers in fresh processes with ``threads`` torch
-        threads each (default one; in this process when there is one worker or one item). ``report(i, result)`` formats a
-        line printed, after a ``[done/total]`` count, as each item finishes."""
+        threads each (default one; in this process when there is one worker or one item).
+        ``report(i, result)`` formats a line printed, after a ``[done/total]`` count, as each item finishes."""
         results: list[Any] = [None] * len(items)
 
         def finished(done: int, i: int) -> None:
