@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from diffgym.core.state import SimState
+from diffgym.training.spec import task_name
 
 FEASIBILITY_SEED_OFFSET = 9_000_000
 """Episode ``i`` starts from seed ``FEASIBILITY_SEED_OFFSET + i`` (disjoint from training and evaluation)."""
@@ -173,7 +174,7 @@ def episode_statistics(returns: np.ndarray, first_success: np.ndarray) -> dict[s
 
 def describe(result: Mapping[str, Any]) -> str:
     """A planner result in one line, as ``diffgym feasibility`` prints it."""
-    name = result["env_id"].split("/")[-1]
+    name = task_name(result["env_id"])
     seeds = result.get("seeds", [result.get("seed", 0)])
     sample = f"{result['episodes']} episodes (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
     outcome = (f"success on the last step {result['success_rate']:.3f}, reached at least once "

@@ -58,8 +58,7 @@ def reuse_plan(configs: Sequence[TrainConfig], extend: bool = False) -> str:
                          "them anyway, or choose another --out")
     parts = []
     if rescheduled:
-        name, changes = rescheduled[0]
-        parts.append(f"extending {len(rescheduled)} run(s) made with another schedule ({', '.join(changes)})")
+        parts.append(f"extending {len(rescheduled)} run(s) made with another schedule ({', '.join(rescheduled[0][1])})")
     if finished:
         parts.append(f"reusing {len(finished)} finished run(s) ({_names(finished)})")
     if resumed:
