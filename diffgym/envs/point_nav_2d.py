@@ -384,7 +384,9 @@ def _exact_advance_replay(p: PointNav2DParams, applied: wp.vec2, x: wp.vec2, v: 
 
 def _pre_contact_step_kernel(straight_through_outputs: bool):
     """The step kernel of ``contact_gradient_distance > 0`` (``straight_through_outputs``): the exact
-    step's outputs, the surrogate step's gradients; or, for tests, the surrogate step outright."""
+    step's outputs, the surrogate step's gradients; or, for tests, the surrogate step outright. The exact
+    kernel keeps its own body: sharing this one would reorder the sums in its adjoint and change the
+    default gradients in their last bits."""
     through_vec2, through_float, through_obs = (straight_through(t) for t in (wp.vec2, float, _Observation))
 
     def step_kernel(
