@@ -179,7 +179,6 @@ def _make_contact_force(pre_contact: bool):
     return wp.func(contact_force, name=f"contact_force_{variant}", module=module)
 
 
-
 @wp.func
 def total_soft_penetration(pos: wp.vec2, p: PointNav2DParams):
     """Sum of ``soft_depth`` over every obstacle and wall [m]: the reward's penetration term."""
