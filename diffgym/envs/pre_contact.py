@@ -57,8 +57,8 @@ PEAK_FRACTION = 0.125
 """The tail's peak, at touch, is ``PEAK_FRACTION * k * s`` for a contact of stiffness ``k`` and onset band
 ``s``: an eighth of the spring force of a penetration ``s`` deep (0.625 N on TPush, 5 N on PointNav2D).
 At that height the surrogate force still rises monotonically with depth across the band where the tail
-fades (the exact law's slope there is at least ``k/2`` on TPush and ``k u`` on PointNav2D, the tail's
-falls at most ``0.125 * 30 u (1 - u)^2 k``)."""
+fades (per unit depth ``u = d / s`` into the band, the exact force rises at a rate of at least ``k/2`` on
+TPush and ``k u`` on PointNav2D; the tail falls at a rate of at most ``0.125 * 30 u (1 - u)^2 k``)."""
 
 
 @functools.cache
