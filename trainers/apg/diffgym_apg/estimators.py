@@ -74,7 +74,8 @@ class PolicyGradientConfig:
             raise ValueError(f"policy_gradient.lr must be > 0 (or None: the shared optimizer.lr), got {self.lr}")
         if not self.env_gradient_clip >= 0:  # NaN fails too
             raise ValueError(f"policy_gradient.env_gradient_clip must be >= 0 (0: off), got {self.env_gradient_clip}")
-        if self.env_gradient_clip > 0 and not known[self.estimator].analytic:
+        # (estimator none takes no step, so nothing here applies: a grid over estimators may keep the rest)
+        if self.env_gradient_clip > 0 and known[self.estimator].steps and not known[self.estimator].analytic:
             raise ValueError(f"policy_gradient.env_gradient_clip ({self.env_gradient_clip}) clips the per-env analytic "
                              f"gradients: set it to 0 with estimator {self.estimator!r}")
 
