@@ -5,6 +5,8 @@
   value network or a TD(lambda) critic (``docs/apg.md``).
 * ``apg-ppo``: the same segment steps with PPO's clipped likelihood-ratio epochs beside them, over the
   same samples (``proximal.py``); a named variant, so no number of it passes for purely analytic.
+* ``sapo``: maximum-entropy first-order actor-critic (SAPO's recipe): the entropy bonus and its learned
+  temperature (``entropy.py``), twin critics without a target network (``value.critics``).
 """
 
 from __future__ import annotations
@@ -18,25 +20,27 @@ import yaml
 from diffgym.training import TrainConfig
 
 from diffgym_apg.apg import Learner, apg_update, train
-from diffgym_apg.config import APGConfig, upgrade_config, upgrade_params
+from diffgym_apg.config import APGConfig, SAPOConfig, upgrade_config, upgrade_params
+from diffgym_apg.entropy import EntropyConfig, Temperature
 from diffgym_apg.estimators import (Estimator, PolicyGradientConfig, register_estimator, registered_estimators,
                                     set_gradient)
 from diffgym_apg.objective import SegmentObjective, segment_actor_loss
 from diffgym_apg.proximal import ProximalConfig
 from diffgym_apg.value import BOOTSTRAP_MODES
 
-__all__ = ["APGConfig", "APGPPOTrainer", "APGTrainer", "BOOTSTRAP_MODES", "Estimator", "Learner",
-           "PolicyGradientConfig", "ProximalConfig", "SegmentObjective", "apg_update", "default_config",
+__all__ = ["APGConfig", "APGPPOTrainer", "APGTrainer", "BOOTSTRAP_MODES", "EntropyConfig", "Estimator", "Learner",
+           "PolicyGradientConfig", "ProximalConfig", "SAPOConfig", "SAPOTrainer", "SegmentObjective", "Temperature",
+           "apg_update", "default_config",
            "register_estimator", "registered_estimators", "segment_actor_loss", "set_gradient", "train",
            "upgrade_config", "upgrade_params"]
 
 
-def default_config(env_id: str, table: str = "apg") -> dict[str, Any]:
+def default_config(env_id: str, table: str = "apg", config_class: type[APGConfig] = APGConfig) -> dict[str, Any]:
     """Per-task defaults from ``hyperparams/<table>.yml`` (its ``default`` entry for unlisted tasks), with
-    every field of every section filled in so ``--print-config`` shows them all."""
+    every field of every section (of ``config_class``) filled in so ``--print-config`` shows them all."""
     entries = yaml.safe_load(files("diffgym_apg").joinpath("hyperparams", f"{table}.yml").read_text())
     entry = dict(entries.get(env_id, entries["default"]))
-    entry["algo_params"] = APGConfig.from_params(entry.get("algo_params", {})).to_dict()
+    entry["algo_params"] = config_class.from_params(entry.get("algo_params", {})).to_dict()
     return entry
 
 
@@ -55,9 +59,11 @@ class APGTrainer:
     upgrade_config = staticmethod(upgrade_config)
     """How a config this trainer saved in an earlier format reads today (``diffgym.plugins``)."""
     with_proximal = False
+    config_class: type[APGConfig] = APGConfig
+    """How this variant reads ``algo_params``."""
 
     def default_config(self, env_id: str) -> dict[str, Any]:
-        return default_config(env_id, self.name)
+        return default_config(env_id, self.name, self.config_class)
 
     def suggest_hyperparams(self, trial: Any, env_id: str) -> dict[str, Any]:
         """``diffgym tune``'s search space: APG's own settings and the number of envs as dotted
@@ -72,12 +78,13 @@ class APGTrainer:
         }
 
     def train(self, config: TrainConfig, progress: bool = True) -> Path:
-        has_proximal = APGConfig.from_config(config).proximal is not None
+        params = self.config_class.from_config(config)
+        has_proximal = params.proximal is not None
         if has_proximal != self.with_proximal:
             other = "apg-ppo" if has_proximal else "apg"
             raise ValueError(f"trainer {self.name!r} {'takes no' if has_proximal else 'needs the'} proximal section: "
                              f"train this config with --algo {other}")
-        return train(config, progress=progress)
+        return train(config, progress=progress, params=params)
 
 
 class APGPPOTrainer(APGTrainer):
@@ -101,3 +108,34 @@ class APGPPOTrainer(APGTrainer):
                 "algo_params.proximal.n_epochs": trial.suggest_categorical("n_epochs", [5, 10, 20]),
                 "algo_params.proximal.clip_range": trial.suggest_categorical("clip_range", [0.1, 0.2, 0.3]),
                 "algo_params.proximal.gae_lambda": trial.suggest_categorical("gae_lambda", [0.9, 0.95, 0.98])}
+
+
+class SAPOTrainer(APGTrainer):
+    """The ``sapo`` entry point: APG's segment steps on the entropy-augmented objective, a learned
+    temperature, twin critics trained on entropy-augmented TD(lambda) targets (``docs/apg.md``, "SAPO")."""
+
+    name = "sapo"
+    description = ("SAPO: maximum-entropy analytic policy gradients (entropy bonus in the segment returns and "
+                   "critic targets, learned temperature, twin critics without a target network)")
+    cli_flags = {"segment-length": "K, steps backpropagated per update (sets segment.length)"}
+    ablation_grid = {"entropy.alpha_init": "0.01,0.1,1.0", "value.critics": "1,2"}
+    config_class = SAPOConfig
+
+    def check_config(self, config: TrainConfig) -> None:
+        """The bonus's ``log pi`` includes the tanh squash's Jacobian; a clipped Gaussian has no density."""
+        if config.policy.squash != "tanh":
+            raise ValueError(f"trainer 'sapo' needs policy.squash 'tanh' (its entropy bonus is the tanh-squashed "
+                             f"Gaussian's log-density), got {config.policy.squash!r}")
+
+    def train(self, config: TrainConfig, progress: bool = True) -> Path:
+        self.check_config(config)
+        return super().train(config, progress=progress)
+
+    def suggest_hyperparams(self, trial: Any, env_id: str) -> dict[str, Any]:
+        """``diffgym tune``'s search space: the number of envs, K, gamma and the initial temperature."""
+        return {
+            "num_envs": trial.suggest_categorical("num_envs", [4, 8, 16, 32, 64]),
+            "algo_params.segment.length": trial.suggest_categorical("segment_length", [8, 16, 32, 64]),
+            "algo_params.gamma": trial.suggest_categorical("gamma", [0.97, 0.99, 0.995]),
+            "algo_params.entropy.alpha_init": trial.suggest_float("alpha_init", 1e-3, 1.0, log=True),
+        }

@@ -13,7 +13,8 @@ Read :func:`apg_update` top to bottom for the algorithm: one call of one compone
 * ``policy_gradient`` :mod:`diffgym_apg.estimators`  the segment step's gradient estimator;
 * ``value``           :mod:`diffgym_apg.value`       tail, targets and units of the value network;
 * ``reuse``           :mod:`diffgym_apg.reuse`       more steps on the segment's action adjoints (RPO-style);
-* ``proximal``        :mod:`diffgym_apg.proximal`    PPO's clipped epochs beside it (``apg-ppo`` only).
+* ``proximal``        :mod:`diffgym_apg.proximal`    PPO's clipped epochs beside it (``apg-ppo`` only);
+* ``entropy``         :mod:`diffgym_apg.entropy`     the entropy bonus and its temperature (``sapo`` only).
 
 :func:`train` is the loop around the update (logging, evaluation, checkpoints with exact resume).
 """
@@ -35,6 +36,7 @@ from diffgym.training.gradients import actor_parameters
 from diffgym.training.rollout import EnvBatch, EvaluationCadence, Rollout, evaluate_and_checkpoint, unroll
 
 from diffgym_apg.config import APGConfig, upgrade_config
+from diffgym_apg.entropy import SegmentLogProb, Temperature
 from diffgym_apg.estimators import Estimator, registered_estimators
 from diffgym_apg.objective import SegmentObjective
 from diffgym_apg.proximal import ProximalPath
@@ -59,6 +61,7 @@ class Learner:
     estimator: Estimator
     value: ValueFunction
     proximal: ProximalPath | None
+    entropy: Temperature | None = None
     skipped_updates: int = 0
     """Policy steps not applied because their gradient was not finite (cumulative)."""
     masked_envs: int = 0
@@ -75,8 +78,10 @@ class Learner:
         proximal = None if params.proximal is None else ProximalPath(params.proximal, model, normalizer, actor, value,
                                                                      config.optimizer, params.gamma)
         estimator = registered_estimators()[params.policy_gradient.estimator](params.policy_gradient)
+        entropy_section = getattr(params, "entropy", None)  # SAPOConfig's (trainer sapo); APGConfig has none
+        entropy = None if entropy_section is None else Temperature(entropy_section, act_dim, config.optimizer, device)
         return cls(model, normalizer, make_optimizer(actor, step_spec), params.segment.schedule(), estimator, value,
-                   proximal)
+                   proximal, entropy)
 
     @property
     def actor_parameters(self) -> list[torch.nn.Parameter]:
@@ -87,7 +92,8 @@ class Learner:
         return {"actor_critic": self.model.state_dict(), "normalizer": self.normalizer.state_dict(),
                 "actor_optimizer": self.optimizer.state_dict(), "segment_schedule": self.schedule.state_dict(),
                 "skipped_updates": self.skipped_updates, "masked_envs": self.masked_envs,
-                **self.value.state_dict(), **(self.proximal.state_dict() if self.proximal else {})}
+                **self.value.state_dict(), **(self.proximal.state_dict() if self.proximal else {}),
+                **(self.entropy.state_dict() if self.entropy else {})}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.model.load_state_dict(saved["actor_critic"])
@@ -99,16 +105,21 @@ class Learner:
         self.value.load_state_dict(saved)
         if self.proximal is not None:
             self.proximal.load_state_dict(saved)
+        if self.entropy is not None:
+            self.entropy.load_state_dict(saved)
 
 
-def policy_gradient(learner: Learner, segment: Rollout, params: APGConfig) -> tuple[dict[str, float], SegmentObjective]:
+def policy_gradient(learner: Learner, segment: Rollout, params: APGConfig, log_prob: SegmentLogProb | None = None
+                    ) -> tuple[dict[str, float], SegmentObjective]:
     """Step 2: the segment's actor loss and its gradient as the estimator says, written into the actor's
     ``.grad``; the statistics and the objective. Envs whose segment is not finite are left out
-    (``masked_envs``); with none left the loss is NaN and no gradient is written."""
+    (``masked_envs``); with none left the loss is NaN and no gradient is written. With the ``entropy``
+    section the rewards carry its bonus, ``-alpha log pi`` of ``log_prob``."""
     num_envs = segment.rewards.shape[1]
+    bonus, direct_bonus = (None, None) if log_prob is None else learner.entropy.bonus(log_prob)
     objective = SegmentObjective(learner.model, segment, learner.value.tail(segment.next_obs), params.gamma,
                                  baseline=lambda future: learner.value.baseline(segment, future),
-                                 adjoints=learner.estimator.analytic)
+                                 adjoints=learner.estimator.analytic, bonus=bonus, direct_bonus=direct_bonus)
     stats = {"actor_loss": float(objective.loss.detach()), "masked_envs": float(num_envs - objective.kept)}
     learner.masked_envs += num_envs - objective.kept
     if objective.kept == 0:
@@ -117,16 +128,17 @@ def policy_gradient(learner: Learner, segment: Rollout, params: APGConfig) -> tu
     if learner.schedule.needs_samples:  # the raw variance, before any clipping
         stats["variance_ratio"] = learner.schedule.observe(objective.per_env_analytic, objective.per_env_likelihood)
     stats.update(learner.estimator.estimate(objective, learner.actor_parameters))
+    objective.add_direct_gradient(learner.actor_parameters)
     return stats, objective
 
 
-def segment_step(learner: Learner, segment: Rollout, params: APGConfig, config: TrainConfig
-                 ) -> tuple[dict[str, float], float, int]:
+def segment_step(learner: Learner, segment: Rollout, params: APGConfig, config: TrainConfig,
+                 log_prob: SegmentLogProb | None = None) -> tuple[dict[str, float], float, int]:
     """Steps 2-3: the policy gradient, then one clipped Adam step, skipped where the loss or the gradient
     is not finite (nothing reaches Adam); then any reuse steps on the same action adjoints. Returns the
     statistics, the gradient norm of the first step and the number of steps taken."""
     learner.optimizer.zero_grad(set_to_none=True)
-    stats, objective = policy_gradient(learner, segment, params)
+    stats, objective = policy_gradient(learner, segment, params, log_prob)
     grad_norm = math.nan
     if math.isfinite(stats["actor_loss"]):
         grad_norm = clip_gradients(learner.actor_parameters, config.optimizer)
@@ -161,21 +173,25 @@ def apg_update(learner: Learner, envs: EnvBatch, params: APGConfig, config: Trai
     value.observe(segment)
     if proximal is not None:
         proximal.collect(segment)
+    log_prob = None if learner.entropy is None else learner.entropy.log_prob(model, segment)  # of the acting policy
 
     # 2-3. The actor loss -(discounted rewards + gamma^len * V(boundary obs)) / (N K), its gradient as the
     #    estimator says, a clipped Adam step, and any reuse steps on the same action adjoints.
     stats: dict[str, float] = {}
     grad_norm, policy_steps = math.nan, 0
     if learner.estimator.steps:
-        stats, grad_norm, policy_steps = segment_step(learner, segment, params, config)
+        stats, grad_norm, policy_steps = segment_step(learner, segment, params, config, log_prob)
     else:  # no segment step to count them: the envs the proximal path leaves out
         learner.masked_envs += int((~segment.finite).sum())
+    if learner.entropy is not None:  # the temperature's step towards the target entropy
+        stats.update(learner.entropy.step(log_prob, segment.finite))
 
     # 4. Cut the graph at the segment boundary; the next segment carries on from the detached state.
     envs.state, envs.obs = state.detach(), obs.detach()
 
-    # 5. The value network's own fit on detached targets (mc, critic) and the target network's step.
-    critic_loss = value.fit(segment)
+    # 5. The value network's own fit on detached targets (mc, critic) and the target network's step; with
+    #    the entropy section the targets' rewards carry its bonus at the new temperature (a soft value).
+    critic_loss = value.fit(segment, None if log_prob is None else learner.entropy.target_bonus(log_prob))
 
     # 6. Update the observation statistics from the segment's detached observations.
     start_obs = segment.start_obs.flatten(0, 1)
@@ -199,12 +215,13 @@ def apg_update(learner: Learner, envs: EnvBatch, params: APGConfig, config: Trai
             **({"train_episode_return": float(np.mean(segment.finished_returns))} if segment.finished_returns else {})}
 
 
-def train(config: TrainConfig, progress: bool = True) -> Path:
+def train(config: TrainConfig, progress: bool = True, params: APGConfig | None = None) -> Path:
     """Train as ``config`` says; resume from the run directory's latest checkpoint if it has one.
+    ``params``: ``config.algo_params`` as a variant reads them (e.g. ``sapo``'s :class:`SAPOConfig`).
 
     Returns the run directory (``config.yaml``, ``metrics.jsonl``, TensorBoard events, checkpoints).
     """
-    params = APGConfig.from_config(config)
+    params = APGConfig.from_config(config) if params is None else params
     if params.per_env_samples and config.num_envs < 3:
         raise ValueError(f"segment.length 'adaptive' and estimator 'hybrid' compare per-env gradient samples: "
                          f"they need num_envs >= 3, got {config.num_envs}")

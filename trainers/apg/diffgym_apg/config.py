@@ -9,6 +9,7 @@ algo_params:
   value: {bootstrap: critic}                  # value.py
   reuse: {epochs: 0}                          # reuse.py
   proximal: {n_steps: 400, n_epochs: 20}      # proximal.py; apg-ppo only
+  entropy: {alpha_init: 1.0}                  # entropy.py; sapo only (SAPOConfig)
 ```
 """
 
@@ -21,6 +22,7 @@ from typing import Any, Mapping
 from diffgym.training import TrainConfig
 from diffgym.training.spec import from_dict
 
+from diffgym_apg.entropy import EntropyConfig
 from diffgym_apg.estimators import PolicyGradientConfig, registered_estimators
 from diffgym_apg.proximal import ProximalConfig
 from diffgym_apg.reuse import ReuseConfig
@@ -46,7 +48,8 @@ class APGConfig:
     """More steps per segment on its action adjoints (RPO-style); needs an estimator with an analytic part."""
     proximal: ProximalConfig | None = None
     """The clipped likelihood-ratio epochs (trainer ``apg-ppo``). Needs a value function
-    (``value.bootstrap`` other than ``none``: its advantages are GAE from that value network)."""
+    (``value.bootstrap`` other than ``none``: its advantages are GAE from that value network), and one
+    (``value.critics: 1``: it reads and fits the shared actor-critic's)."""
 
     def __post_init__(self) -> None:
         self.policy_gradient = PolicyGradientConfig.parse(self.policy_gradient)
@@ -68,6 +71,9 @@ class APGConfig:
         if self.proximal is not None and not self.value.enabled:
             raise ValueError("the proximal section's advantages need a value function: set value.bootstrap to "
                              "gae, mc or critic")
+        if self.proximal is not None and self.value.critics != 1:
+            raise ValueError(f"the proximal section reads and fits one value network: it needs value.critics 1, "
+                             f"not {self.value.critics}")
 
     @property
     def per_env_samples(self) -> bool:
@@ -88,6 +94,24 @@ class APGConfig:
         if self.proximal is None:
             del data["proximal"]
         return data
+
+
+@dataclasses.dataclass
+class SAPOConfig(APGConfig):
+    """Trainer ``sapo``'s ``algo_params``: APG's sections and the ``entropy`` section (``docs/apg.md``, "SAPO")."""
+
+    entropy: EntropyConfig = dataclasses.field(default_factory=EntropyConfig)
+    """The entropy bonus and its learned temperature. Needs ``policy_gradient.estimator: analytic`` and
+    ``reuse.epochs: 0`` (both read the action adjoints only, which do not carry the log-std term)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.policy_gradient.estimator != "analytic":
+            raise ValueError(f"the entropy section's bonus is differentiated through the actions and the log-std: it "
+                             f"needs policy_gradient.estimator 'analytic', not {self.policy_gradient.estimator!r}")
+        if self.reuse.enabled:
+            raise ValueError("the entropy section's log-std term is not in the action adjoints reuse steps descend: "
+                             "it needs reuse.epochs 0")
 
 
 # --------------------------------------------------------------------------- the first, flat format

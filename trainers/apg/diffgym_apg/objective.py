@@ -50,15 +50,30 @@ class SegmentObjective:
     """
 
     def __init__(self, model: ActorCritic, segment: Rollout, tail_values: torch.Tensor, gamma: float,
-                 baseline: Callable[[torch.Tensor], torch.Tensor], adjoints: bool):
+                 baseline: Callable[[torch.Tensor], torch.Tensor], adjoints: bool,
+                 bonus: torch.Tensor | None = None, direct_bonus: torch.Tensor | None = None):
+        """``bonus`` (K, N): per-step terms added to the rewards, differentiable through the segment's actions
+        (e.g. an entropy bonus's squash term); ``direct_bonus`` (K, N): terms in which the parameters enter
+        directly, not through the actions (its log-std term): the estimators, which differentiate through
+        the actions, do not see them, :meth:`add_direct_gradient` adds their gradient."""
         self.model, self.segment, self.gamma, self._baseline = model, segment, gamma, baseline
         self.num_envs = segment.rewards.shape[1]
         valid = segment.finite
+        rewards = segment.rewards if bonus is None else segment.rewards + bonus
         # masked envs contribute zeros to the loss; their gradients are dropped as well
-        self.rewards = torch.where(valid[None, :], segment.rewards, torch.zeros_like(segment.rewards))
+        self.rewards = torch.where(valid[None, :], rewards, torch.zeros_like(rewards))
         self.tail_values = torch.where(valid[None, :] & torch.isfinite(tail_values), tail_values,
                                        torch.zeros_like(tail_values))
-        self.loss = segment_actor_loss(self.rewards, self.tail_values, segment.terminated, segment.truncated, gamma)
+        self.direct_loss: torch.Tensor | None = None
+        if direct_bonus is None:
+            self.loss = segment_actor_loss(self.rewards, self.tail_values, segment.terminated, segment.truncated,
+                                           gamma)
+        else:  # the loss is linear in the rewards: L(r + d, V) = L(r, V) + L(d, 0), the second part kept apart
+            direct = torch.where(valid[None, :], direct_bonus, torch.zeros_like(direct_bonus))
+            self.direct_loss = segment_actor_loss(direct, torch.zeros_like(direct), segment.terminated,
+                                                  segment.truncated, gamma)
+            self.loss = segment_actor_loss(self.rewards, self.tail_values, segment.terminated, segment.truncated,
+                                           gamma) + self.direct_loss.detach()
         self.action_adjoints: torch.Tensor | None = None
         if adjoints:
             # lambda_t = dL/da_t: the total derivative through the simulator, later observations and actions
@@ -68,6 +83,12 @@ class SegmentObjective:
             self.action_adjoints = torch.where(valid[None, :, None], grads, torch.zeros_like(grads))
         self.valid = valid
         self.kept = int(valid.sum())
+
+    def add_direct_gradient(self, parameters: list[torch.nn.Parameter]) -> None:
+        """Add the gradient of the ``direct_bonus`` part of the loss (as the estimators' gradients, the mean
+        over the kept envs) to ``parameters``' ``.grad``; nothing without one."""
+        if self.direct_loss is not None and self.kept > 0:
+            (self.direct_loss * (self.num_envs / self.kept)).backward(inputs=parameters)
 
     @cached_property
     def likelihood_weights(self) -> torch.Tensor:
