@@ -203,3 +203,13 @@ def test_resume_from_checkpoint_continues_identically(tmp_path):
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
     for saved_a, saved_b in zip(a["twin_critics"] + a["twin_target_critics"], b["twin_critics"] + b["twin_target_critics"]):
         assert all(torch.equal(saved_a[name], saved_b[name]) for name in saved_a)
+
+
+@pytest.mark.slow
+def test_sapo_solves_point_mass_within_20k_env_steps(tmp_path):
+    """At the task's sapo.yml defaults, seed 0 (docs/apg.md "SAPO": 90 % at 16,000 env steps there)."""
+    config = resolve_config("sapo", POINT_MASS, {"seed": 0, "run_dir": str(tmp_path / "learn")})
+    assert config.total_env_steps == 20_000
+    rows = read_metrics(load_trainer("sapo").train(config, progress=False))
+    evals = [(r["env_steps"], r["eval_success_rate"]) for r in rows if "eval_success_rate" in r]
+    assert any(success >= 0.9 for _, success in evals), f"no evaluation reached 90 % success: {evals}"

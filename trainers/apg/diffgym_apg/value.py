@@ -11,7 +11,7 @@
 With ``critics: 2`` (``critic`` only; SAPO's twin critics) a second value network of the same shape sits
 beside the shared actor-critic's: the tail and the likelihood baseline read their mean, the TD(lambda)
 targets their minimum (a pessimistic bootstrap, as SAPO's code and clipped double-Q), and both are fitted
-to those targets. ``target_tau: 1`` is no target network: the copies then equal the critics wherever read.
+to those targets (the mean of their squared errors, as SAPO's). ``target_tau: 1`` is no target network: the copies then equal the critics wherever read.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ class ValueFunction:
             for batch in order.chunk(self.config.minibatches):
                 losses_per_critic = [(critic(inputs[batch]).squeeze(-1) - targets[batch]).square().mean()
                                      for critic in self.critics]  # in network units
-                loss = sum(losses_per_critic[1:], losses_per_critic[0])
+                loss = losses_per_critic[0] if len(self.critics) == 1 else torch.stack(losses_per_critic).mean()
                 self.grad_steps += descend(self.optimizer, loss, self.parameters, self.optimizer_spec)
                 losses.append(float(loss.detach()))
         self.optimizer.zero_grad(set_to_none=True)
