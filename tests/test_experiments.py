@@ -65,6 +65,10 @@ def test_compare_report_and_ratios(tmp_path, trainers):
     assert summary["ratios"]["grad_steps"] == pytest.approx(150 / 150)  # 10 per 5k vs 100 per 5k steps
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["fast_algo"]["reached"] == 2 and written["ratios"]["env_steps"] == pytest.approx(10.0)
+    # every seed's cost to the threshold, not only the median: seed s solves at (1 + s) x solve_at
+    assert (written["slow_algo"]["seeds"], written["slow_algo"]["env_steps_to_threshold"]) == ([0, 1], [50_000, 100_000])
+    assert written["fast_algo"]["grad_steps_to_threshold"] == [100, 200]
+    assert "| fast_algo | 5,000 (100) | 10,000 (200) |" in report.read_text()
     with pytest.raises(ValueError, match="baseline 'ppo' is not one of"):
         compare(ENV, ["fast_algo"], seeds=1, env_steps=10_000, out_dir=tmp_path / "x", baseline="ppo")
 
@@ -72,7 +76,8 @@ def test_compare_report_and_ratios(tmp_path, trainers):
 def test_unreached_threshold_is_reported(tmp_path, trainers):
     report = compare(ENV, ["slow_algo"], seeds=1, env_steps=20_000, out_dir=tmp_path,
                      runner=LocalRunner(workers=1), eval_every=5_000)
-    assert "0/1" in report.read_text() and "not reached" in report.read_text()
+    assert "0/1" in report.read_text() and "| slow_algo | not reached |" in report.read_text()
+    assert json.loads((tmp_path / "summary.json").read_text())["slow_algo"]["env_steps_to_threshold"] == [None]
     run = load_run(tmp_path / "runs" / "slow_algo__s0")
     assert math.isinf(run.steps_to(0.9)["env_steps"])
 
@@ -326,6 +331,11 @@ def test_sweep_workers_exit_when_their_parent_dies():
     (["train", "--algo", "fast_algo", "--env", ENV, "--device", "banana"], "device must be 'cpu' or 'cuda"),
     (["compare", "--env", ENV, "--algos", "fast_algo,nope", "--env-steps", "1e3"], "no trainer plugin named 'nope'"),
     (["compare", "--env", ENV, "--algos", "fast_algo", "--env-steps", "1e3", "--baseline", "x"], "baseline 'x'"),
+    (["compare", "--env", ENV, "--algos", "fast_algo", "--env-steps", "1e3", "--eval-schedule", "geometric",
+      "--eval-growth", "1"], "eval_growth must be a number > 1"),
+    (["compare", "--env", ENV, "--algos", "fast_algo", "--env-steps", "1e3", "--eval-first", "100"],
+     "--eval-first only apply to the geometric schedule; this one is linear: add --eval-schedule geometric"),
+    (["train", "--algo", "fast_algo", "--env", ENV, "--eval-growth", "2"], "add --eval-schedule geometric"),
     (["ablate", "--env", "Nope-v0", "--algo", "fast_algo", "--grid", "bootstrap=none", "--env-steps", "1e3"],
      "unknown task"),
     (["tune", "--env", ENV, "--algo", "fast_algo", "--trials", "1", "--env-steps", "1e3"], "no suggest_hyperparams"),
@@ -361,15 +371,20 @@ def test_one_flag_vocabulary_across_commands(tmp_path, trainers, capsys):
         assert main(["train", "--algo", "fast_algo", "--env", ENV, budget, "2e4", every, "5e3", "--print-config"]) == 0
         printed = yaml.safe_load(capsys.readouterr().out)
         assert (printed["total_env_steps"], printed["eval_every_env_steps"]) == (20_000, 5_000)
+    geometric = ["--eval-schedule", "geometric", "--eval-first", "2e3", "--eval-growth", "1.5"]
+    assert main(["train", "--algo", "fast_algo", "--env", ENV, *geometric, "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["eval_schedule"], printed["eval_first_env_steps"], printed["eval_growth"]) == ("geometric", 2_000, 1.5)
     sweeps = {"compare": ["--algos", "fast_algo"], "ablate": ["--algo", "fast_algo", "--grid", "bootstrap=none"]}
     for command, extra in sweeps.items():
         out = tmp_path / command
         assert main([command, "--env", ENV, *extra, "--total-env-steps", "1e4", "--eval-every-env-steps", "5e3",
                      "--seeds", "1", "--workers", "1", "--set", "num_envs=2", "--param", "segment_length=16",
-                     "--out", str(out)]) == 0
+                     *geometric, "--out", str(out)]) == 0
         (config,) = load_sweep(out / "sweep.jsonl")
         assert (config.num_envs, config.algo_params["segment_length"]) == (2, 16)
         assert (config.total_env_steps, config.eval_every_env_steps) == (10_000, 5_000)
+        assert (config.eval_schedule, config.eval_first_env_steps, config.eval_growth) == ("geometric", 2_000, 1.5)
     with pytest.raises(SystemExit, match="unknown config key 'nope'"):
         main(["compare", "--env", ENV, "--algos", "fast_algo", "--env-steps", "1e4", "--set", "nope=1"])
 
@@ -390,12 +405,14 @@ def test_rerun_reuses_finished_runs_and_refuses_another_schedule(tmp_path, train
     capsys.readouterr()
     assert main([*argv, "--env-steps", "20000", "--eval-every", "5000"]) == 0
     assert "compare: reusing 1 finished run(s) (fast_algo__s0)" in capsys.readouterr().out
-    for changed in (["--env-steps", "40000", "--eval-every", "5000"], ["--env-steps", "20000", "--eval-every", "2000"]):
+    for changed in (["--env-steps", "40000", "--eval-every", "5000"], ["--env-steps", "20000", "--eval-every", "2000"],
+                    ["--env-steps", "20000", "--eval-every", "5000", "--eval-schedule", "geometric"]):
         with pytest.raises(SystemExit) as refused:
             main([*argv, *changed])
         lines = capsys.readouterr().err.strip().splitlines()
         assert refused.value.code == 2 and len(lines) == 1, lines
         assert lines[0].startswith("diffgym compare: 1 of the runs in") and "pass --extend" in lines[0]
+        assert "eval_schedule" not in changed or "eval_schedule linear -> geometric" in lines[0]
         assert metrics() == first  # nothing ran
     assert "total_env_steps 20,000 -> 40,000" in str(pytest.raises(ValueError, compare, ENV, ["fast_algo"], 1, 40_000,
                                                                     tmp_path, eval_every=5_000).value)

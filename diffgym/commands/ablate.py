@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from diffgym.commands.options import (add_budget_arguments, add_extend_argument, add_out_argument,
-                                      add_override_arguments, add_runner_arguments, make_runner, one_line,
-                                      overrides)
+                                      add_override_arguments, add_runner_arguments, check_schedule_flags,
+                                      make_runner, one_line, overrides)
 from diffgym.threads import add_threads_argument
 
 HELP = "a grid over a trainer's algo_params on one task (default: the trainer's ablation_grid)"
@@ -57,8 +57,11 @@ def run(args: argparse.Namespace) -> int:
         resolve_threads(args.threads)
         check_task(args.env)
         grid = parse_grid(pairs, args.env)
-        reuse_plan(grid_configs(args.env, grid, args.seeds, args.env_steps, out, args.algo, args.eval_every,
-                                overrides(args)), args.extend)
+        configs = grid_configs(args.env, grid, args.seeds, args.env_steps, out, args.algo, args.eval_every,
+                               overrides(args))
+        for config in configs:
+            check_schedule_flags(args, config)
+        reuse_plan(configs, args.extend)
     except (KeyError, TypeError, ValueError) as error:
         raise SystemExit(f"diffgym ablate: {one_line(error)}")
     try:

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from diffgym.commands.options import (add_budget_arguments, add_extend_argument, add_out_argument,
-                                      add_override_arguments, add_runner_arguments, make_runner, one_line,
-                                      overrides)
+                                      add_override_arguments, add_runner_arguments, check_schedule_flags,
+                                      make_runner, one_line, overrides)
 from diffgym.threads import add_threads_argument
 
 HELP = "train algorithms on one task over seeds and report them under the evaluation protocol"
@@ -45,8 +45,10 @@ def run(args: argparse.Namespace) -> int:
     try:  # unknown task or trainer, bad setting: one line, before any run starts
         resolve_threads(args.threads)
         ratio_roles(algos, args.baseline, args.contender)
-        reuse_plan(compare_configs(args.env, algos, args.seeds, args.env_steps, out, args.eval_every,
-                                   overrides(args)), args.extend)
+        configs = compare_configs(args.env, algos, args.seeds, args.env_steps, out, args.eval_every, overrides(args))
+        for config in configs:
+            check_schedule_flags(args, config)
+        reuse_plan(configs, args.extend)
     except (KeyError, TypeError, ValueError) as error:
         raise SystemExit(f"diffgym compare: {one_line(error)}")
     try:

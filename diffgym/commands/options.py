@@ -2,7 +2,8 @@
 
 * ``--env`` is a task id; ``--env-steps`` (alias ``--total-env-steps``) the env-step budget of every run
   and ``--eval-every`` (alias ``--eval-every-env-steps``) the evaluation interval; every count accepts
-  ``1e6`` notation.
+  ``1e6`` notation. ``--eval-schedule geometric`` (with ``--eval-first``, ``--eval-growth``) evaluates
+  densely early (``TrainConfig.eval_schedule``, ``docs/protocol.md``).
 * ``--set KEY=VALUE`` overrides a config field by dotted key (``optimizer.lr=1e-3``,
   ``env_kwargs.mass=2``), ``--param KEY=VALUE`` an algorithm hyperparameter (``--set algo_params.KEY``),
   ``--env-kwarg KEY=VALUE`` a task constructor argument (in ``feasibility``, which has no config).
@@ -22,6 +23,7 @@ import yaml
 
 if TYPE_CHECKING:
     from diffgym.experiments.sweep import Runner
+    from diffgym.training.spec import TrainConfig
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -76,14 +78,46 @@ def key_values(pairs: list[str], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+SCHEDULE_FLAGS = {"eval_schedule": "eval_schedule", "eval_first": "eval_first_env_steps", "eval_growth": "eval_growth"}
+"""The evaluation-schedule flags (argparse dest -> ``TrainConfig`` field); :func:`overrides` applies them."""
+SCHEDULE_DEFAULTS = {"eval_schedule": ("linear", "geometric"), "eval_first_env_steps": "1,000", "eval_growth": "1.25"}
+"""``TrainConfig``'s schedules and defaults as the help shows them, written out because importing
+``diffgym.training`` here would import torch (``tests/test_eval_schedule.py`` checks they agree)."""
+
+
 def add_budget_arguments(parser: argparse.ArgumentParser, required: bool, eval_default: str,
                          budget_default: str = "") -> None:
-    """``--env-steps`` (alias ``--total-env-steps``) and ``--eval-every`` (alias ``--eval-every-env-steps``)."""
+    """``--env-steps`` (alias ``--total-env-steps``), ``--eval-every`` (alias ``--eval-every-env-steps``)
+    and the evaluation schedule: ``--eval-schedule``, ``--eval-first`` (alias ``--eval-first-env-steps``),
+    ``--eval-growth``."""
     parser.add_argument("--env-steps", "--total-env-steps", dest="env_steps", type=count, required=required,
                         default=None, metavar="N",
                         help="env-step budget of every run, e.g. 1e6" + ("" if required else f" (default: {budget_default})"))
     parser.add_argument("--eval-every", "--eval-every-env-steps", dest="eval_every", type=count, default=None,
-                        metavar="N", help=f"env steps between evaluations, e.g. 5e3 (default: {eval_default})")
+                        metavar="N", help=f"env steps between evaluations, e.g. 5e3; with --eval-schedule geometric the "
+                                          f"largest gap between two (default: {eval_default})")
+    schedules = SCHEDULE_DEFAULTS["eval_schedule"]
+    parser.add_argument("--eval-schedule", choices=schedules, default=None,
+                        help="when to evaluate: linear, every --eval-every env steps; geometric, dense early: at "
+                             "--eval-first, then each gap --eval-growth times the last, up to --eval-every; both "
+                             f"also at env step 0 and at the budget (default: {schedules[0]}"
+                             + (", or the --config's" if not required else "") + ")")
+    parser.add_argument("--eval-first", "--eval-first-env-steps", dest="eval_first", type=count, default=None,
+                        metavar="N", help="geometric schedule: the first evaluation after env step 0, e.g. 1e3 "
+                                          f"(default: {SCHEDULE_DEFAULTS['eval_first_env_steps']})")
+    parser.add_argument("--eval-growth", type=float, default=None, metavar="X",
+                        help="geometric schedule: the factor (> 1) from one evaluation point to the next "
+                             f"(default: {SCHEDULE_DEFAULTS['eval_growth']})")
+
+
+def check_schedule_flags(args: argparse.Namespace, config: TrainConfig) -> None:
+    """A one-line ``ValueError`` when ``--eval-first`` or ``--eval-growth`` is given for a run whose
+    schedule (``config.eval_schedule``) is not geometric: they would change nothing."""
+    given = [flag for flag, dest in (("--eval-first", "eval_first"), ("--eval-growth", "eval_growth"))
+             if getattr(args, dest, None) is not None]
+    if given and config.eval_schedule != "geometric":
+        raise ValueError(f"{' and '.join(given)} only apply to the geometric schedule; this one is "
+                         f"{config.eval_schedule}: add --eval-schedule geometric")
 
 
 def add_override_arguments(parser: argparse.ArgumentParser, scope: str) -> None:
@@ -96,8 +130,12 @@ def add_override_arguments(parser: argparse.ArgumentParser, scope: str) -> None:
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The dotted-key overrides of ``--set`` and ``--param``."""
-    return {**key_values(getattr(args, "sets", [])), **key_values(getattr(args, "params", []), prefix="algo_params.")}
+    """The config changes of the evaluation-schedule flags (:data:`SCHEDULE_FLAGS`), then the dotted-key
+    overrides of ``--set`` and ``--param``."""
+    schedule = {field: getattr(args, dest) for dest, field in SCHEDULE_FLAGS.items()
+                if getattr(args, dest, None) is not None}
+    return {**schedule, **key_values(getattr(args, "sets", [])),
+            **key_values(getattr(args, "params", []), prefix="algo_params.")}
 
 
 def add_out_argument(parser: argparse.ArgumentParser, default: str) -> None:
@@ -109,8 +147,9 @@ def add_extend_argument(parser: argparse.ArgumentParser) -> None:
     """``--extend``: a sweep may continue the runs in its ``--out`` made with another schedule
     (``diffgym.experiments.training_runs.reuse_plan``)."""
     parser.add_argument("--extend", action="store_true",
-                        help="continue runs already in --out that were made with another --env-steps, --eval-every "
-                             "or eval_episodes (refused otherwise: their curves would mix two schedules)")
+                        help="continue runs already in --out that were made with another --env-steps, --eval-every, "
+                             "evaluation schedule or eval_episodes (refused otherwise: their curves would mix two "
+                             "schedules)")
 
 
 def parse_trainer_flags(command: str, algo: str, extra: list[str], values: str = "single") -> dict[str, Any]:

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from diffgym.commands.options import add_budget_arguments, add_override_arguments, one_line, overrides
+from diffgym.commands.options import (add_budget_arguments, add_override_arguments, check_schedule_flags, one_line,
+                                      overrides)
 from diffgym.threads import add_threads_argument
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         return _refuse(f"{' and '.join(missing)} required (or --config FILE, a config.yaml that names them)")
     try:
         config = resolve_config(algo, env_id, changes, base=base)
+        check_schedule_flags(args, config)
         configure_torch_threads(args.threads, config.device)
     except (KeyError, TypeError, ValueError) as error:
         return _refuse(one_line(error))

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from diffgym.commands.options import (add_budget_arguments, add_out_argument, add_override_arguments,
-                                      add_runner_arguments, make_runner, one_line, overrides)
+                                      add_runner_arguments, check_schedule_flags, make_runner, one_line, overrides)
 from diffgym.threads import add_threads_argument
 
 HELP = "Optuna search over a trainer's own hyperparameters on one task (TPE, median pruner)"
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / "tune" / f"{args.algo}__{task_name(args.env)}")
     try:  # unknown task or trainer, bad setting, no search space: one line, before any trial
         resolve_threads(args.threads)
-        resolve_config(args.algo, args.env, overrides(args))
+        check_schedule_flags(args, resolve_config(args.algo, args.env, overrides(args)))
         if not hasattr(load_trainer(args.algo), "suggest_hyperparams"):
             raise ValueError(f"trainer {args.algo!r} has no suggest_hyperparams(trial, env_id): nothing to tune")
     except (KeyError, TypeError, ValueError) as error:

@@ -181,19 +181,30 @@ def _fmt(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
+PER_SEED_AXES = ("env_steps", "grad_steps")
+"""The costs to the threshold the report lists for every seed, not only as a median."""
+
+
 def threshold_table(groups: dict[str, list[RunRecord]], threshold: float = SUCCESS_THRESHOLD,
                     baseline: str | None = None, contender: str | None = None) -> tuple[str, dict]:
     """Markdown table: per group, runs reaching the threshold, median env/grad steps and wall-clock to it,
-    final success and return (IQM [95 % CI]); plus baseline/contender ratios of the medians."""
+    final success and return (IQM [95 % CI]); plus baseline/contender ratios of the medians, and a table of
+    each seed's env steps (gradient steps) to the threshold. The summary lists those per seed too
+    (``seeds``, ``env_steps_to_threshold``, ``grad_steps_to_threshold``, in seed order; ``null`` for a run
+    that never reached it)."""
     summary: dict[str, dict] = {}
     finals = iqm_with_ci({k: np.array([[r.final("eval_success_rate")] for r in v]) for k, v in groups.items()})
     returns = iqm_with_ci({k: np.array([[r.final("eval_return")] for r in v]) for k, v in groups.items()})
     for label, runs in groups.items():
         hits = [r.steps_to(threshold) for r in runs]
+        by_seed = sorted(zip((r.config.seed for r in runs), hits), key=lambda pair: pair[0])
         summary[label] = {
             "runs": len(runs),
             "reached": sum(not math.isinf(h["env_steps"]) for h in hits),
             **{f"median_{axis}_to_threshold": float(np.median([h[axis] for h in hits])) for axis in AXES},
+            "seeds": [seed for seed, _ in by_seed],
+            **{f"{axis}_to_threshold": [None if math.isinf(h[axis]) else int(h[axis]) for _, h in by_seed]
+               for axis in PER_SEED_AXES},
             "final_success_iqm": float(finals[label][0][0]),
             "final_success_ci": [float(finals[label][1][0]), float(finals[label][2][0])],
             "final_return_iqm": float(returns[label][0][0]),
@@ -217,8 +228,23 @@ def threshold_table(groups: dict[str, list[RunRecord]], threshold: float = SUCCE
         shown = ", ".join(f"{AXIS_LABELS[a]} {'n/a' if r is None else f'{r:.1f}x'}" for a, r in ratios.items())
         lines.append("")
         lines.append(f"Ratio {baseline}/{contender} of the median cost to reach {threshold:.0%} success: {shown}.")
+    lines += ["", *per_seed_table(summary, threshold)]
     summary["ratios"] = ratios
     return "\n".join(lines), summary
+
+
+def per_seed_table(summary: dict[str, dict], threshold: float) -> list[str]:
+    """The Markdown lines of each group's env steps (gradient steps) to ``threshold``, one column per seed
+    (``-`` where a group has no run with that seed)."""
+    seeds = sorted({seed for s in summary.values() for seed in s["seeds"]})
+    lines = [f"Env steps (gradient steps) to {threshold:.0%} success, per seed:", "",
+             "| algorithm | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+             "|---|" + "---:|" * len(seeds)]
+    for label, s in summary.items():
+        cells = {seed: "not reached" if env is None else f"{env:,} ({grad:,})"
+                 for seed, env, grad in zip(s["seeds"], s["env_steps_to_threshold"], s["grad_steps_to_threshold"])}
+        lines.append(f"| {label} | " + " | ".join(cells.get(seed, "-") for seed in seeds) + " |")
+    return lines
 
 
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, title: str,

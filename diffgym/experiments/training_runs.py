@@ -13,9 +13,24 @@ from typing import Sequence
 from diffgym.training.run import list_checkpoints, read_metrics
 from diffgym.training.spec import TrainConfig
 
-EVALUATION_SCHEDULE = ("total_env_steps", "eval_every_env_steps", "eval_episodes")
+EVALUATION_SCHEDULE = ("total_env_steps", "eval_every_env_steps", "eval_schedule", "eval_first_env_steps",
+                       "eval_growth", "eval_episodes")
 """The config fields a run may change when it continues (``diffgym.training.run.RESUMABLE_CHANGES``) that
 shape its curve: continued under other values, one run's curve mixes two budgets or cadences."""
+GEOMETRIC_ONLY = ("eval_first_env_steps", "eval_growth")
+"""The fields of :data:`EVALUATION_SCHEDULE` that only the ``geometric`` schedule reads."""
+
+
+def schedule_changes(saved: TrainConfig, config: TrainConfig) -> list[str]:
+    """``["eval_schedule linear -> geometric", ...]``: how ``config`` would change the budget or evaluation
+    schedule ``saved`` was made with; the geometric schedule's own fields only when either run uses it."""
+    geometric = "geometric" in (saved.eval_schedule, config.eval_schedule)
+    return [f"{key} {_shown(getattr(saved, key))} -> {_shown(getattr(config, key))}" for key in EVALUATION_SCHEDULE
+            if getattr(saved, key) != getattr(config, key) and (geometric or key not in GEOMETRIC_ONLY)]
+
+
+def _shown(value: object) -> str:
+    return f"{value:,}" if isinstance(value, int) else str(value)
 
 
 def is_finished(config: TrainConfig) -> bool:
@@ -31,7 +46,8 @@ def reuse_plan(configs: Sequence[TrainConfig], extend: bool = False) -> str:
     """What a sweep started into existing run directories reuses, as one line (empty when none holds
     results): finished runs are reused as they are, interrupted ones resume from their last checkpoint.
 
-    Runs made with another budget, evaluation interval or number of evaluation episodes would be
+    Runs made with another budget, evaluation schedule (interval, ``eval_schedule`` and, for a geometric
+    one, its first point and growth) or number of evaluation episodes would be
     continued (or, finished beyond a smaller budget, reused) under the new schedule, so one curve would
     mix two: that raises ``ValueError`` naming them, unless ``extend``."""
     finished, resumed, rescheduled = [], [], []
@@ -44,8 +60,7 @@ def reuse_plan(configs: Sequence[TrainConfig], extend: bool = False) -> str:
         except Exception as error:  # a damaged file: the run would fail on it too, with less context
             raise ValueError(f"{run_dir / 'config.yaml'}: cannot read the earlier run's config "
                              f"({' '.join(str(error).split())}); choose another --out") from None
-        changes = [f"{key} {getattr(saved, key):,} -> {getattr(config, key):,}" for key in EVALUATION_SCHEDULE
-                   if getattr(saved, key) != getattr(config, key)]
+        changes = schedule_changes(saved, config)
         if changes:
             rescheduled.append((run_dir.name, changes))
         (finished if is_finished(config) else resumed).append(run_dir.name)

@@ -4,14 +4,17 @@ What is searched is the trainer plugin's business: it exposes ``suggest_hyperpar
 returning dotted :class:`TrainConfig` overrides drawn with Optuna's ``trial.suggest_*`` (its
 ``algo_params`` and ``num_envs``; the shared policy, normalizer and optimizer specs stay shared). The
 search is rl-zoo's: a TPE sampler and a median pruner on the evaluation curve (compared evaluation by evaluation,
-pruning after the first third of them once five trials have finished). Each trial is an ordinary
-run (``<out>/runs/trial_<n>``) executed through the sweep :class:`~diffgym.experiments.sweep.Runner`, so
-trials run in parallel like compare/ablate runs; inside the worker a :func:`~diffgym.training.run.log_hook`
-reports every evaluation to the trial and stops the run when the pruner says so.
+pruning after the evaluations of the first third of the budget once five trials have finished). Each trial
+is an ordinary run (``<out>/runs/trial_<n>``) executed through the sweep
+:class:`~diffgym.experiments.sweep.Runner`, so trials run in parallel like compare/ablate runs; inside the
+worker a :func:`~diffgym.training.run.log_hook` reports every evaluation to the trial and stops the run
+when the pruner says so.
 
 The objective is the area under the evaluation curve: the mean of ``eval_success_rate`` over the
 run's evaluations (``--metric success``; rewards solving early and staying solved), or of
-``eval_return`` (``--metric return``, for tasks where nothing succeeds yet). The study lives in
+``eval_return`` (``--metric return``, for tasks where nothing succeeds yet); with the geometric
+evaluation schedule (``--eval-schedule geometric``), whose points are dense early, that mean weighs
+early learning more, like an area under the curve on a log env-step axis. The study lives in
 ``<out>/study.log`` (Optuna's journal storage), so re-running the command continues it. Outputs:
 ``trials.md`` (every trial), ``best.yaml`` (the winner's overrides and value) and the table on stdout.
 """
@@ -62,7 +65,7 @@ def run_trial(config_dict: dict, storage_path: str, study_name: str, trial_id: i
     config = TrainConfig.from_dict(config_dict)
     # the pruner is not stored with the study: the worker's must be the driver's
     study = optuna.load_study(study_name=study_name, storage=_storage(Path(storage_path)),
-                              pruner=_pruner(_evaluations(config) // 3))
+                              pruner=_pruner(_pruning_warmup(config)))
     trial = optuna.trial.Trial(study, trial_id)
     key = METRICS[metric]
     seen: list[float] = []
@@ -89,9 +92,12 @@ def run_trial(config_dict: dict, storage_path: str, study_name: str, trial_id: i
     return {"pruned": pruned, "value": value, "env_steps": _last_env_steps(config.run_dir), "error": error}
 
 
-def _evaluations(config) -> int:
-    """Evaluations of a full run: at env step 0, every ``eval_every_env_steps``, and at the end."""
-    return config.total_env_steps // config.eval_every_env_steps + 1
+def _pruning_warmup(config) -> int:
+    """The evaluations the pruner waits for: those in about the first third of the budget."""
+    if config.eval_schedule == "linear":  # a third of the evaluations at every multiple of the interval
+        return (config.total_env_steps // config.eval_every_env_steps + 1) // 3
+    # the geometric schedule packs most of its evaluations early: count them up to a third of the budget
+    return sum(3 * point <= config.total_env_steps for point in config.evaluation_points())
 
 
 def _last_env_steps(run_dir: str | None) -> int:
@@ -126,10 +132,12 @@ def tune(env_id: str, algo: str, trials: int, env_steps: int, out_dir: str | Pat
     evaluations = 10
     eval_every = eval_every or max(1, env_steps // evaluations)
     study_name = f"{algo}__{task_name(env_id)}"
+    schedule = resolve_config(algo, env_id, {**(overrides or {}), "total_env_steps": env_steps,
+                                             "eval_every_env_steps": eval_every})  # every trial's evaluations
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=study_name, storage=_storage(out / "study.log"), load_if_exists=True, direction="maximize",
-        pruner=_pruner((env_steps // eval_every + 1) // 3))
+        pruner=_pruner(_pruning_warmup(schedule)))
     # seeded by what the study already holds, so a continued study does not redraw its first settings
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials),
                                                n_startup_trials=min(8, max(1, trials // 3)))

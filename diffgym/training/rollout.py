@@ -6,8 +6,8 @@
   :class:`Rollout` it returns holds the differentiable rewards, observations and actions (where
   analytic gradients are read) and the detached inputs the likelihood ratio and value fits need.
 * :class:`EvaluationCadence` and :func:`evaluate_and_checkpoint`: evaluation at env step 0, at every
-  multiple of ``eval_every_env_steps`` and at the budget, each followed by a checkpoint with the keys
-  every tool reads (``docs/protocol.md``, ``docs/plugins.md``).
+  point of the config's evaluation schedule (``TrainConfig.next_evaluation``) and at the budget, each
+  followed by a checkpoint with the keys every tool reads (``docs/protocol.md``, ``docs/plugins.md``).
 
 APG (``trainers/apg``) and the minimal trainer of ``docs/plugins.md`` are built from these.
 """
@@ -170,17 +170,19 @@ def unroll(model: ActorCritic, normalizer: ObservationNormalizer, envs: EnvBatch
 
 
 class EvaluationCadence:
-    """When a trainer evaluates (and checkpoints): env step 0 of a fresh run, every multiple of
-    ``eval_every_env_steps`` and the budget (``docs/protocol.md``). Trainers end their updates at
-    these points (:meth:`steps_to_next`), so the curves of every trainer share their x values."""
+    """When a trainer evaluates (and checkpoints): env step 0 of a fresh run, every point of the config's
+    evaluation schedule (``eval_schedule``: every ``eval_every_env_steps``, or geometric from
+    ``eval_first_env_steps``; :meth:`TrainConfig.next_evaluation`) and the budget (``docs/protocol.md``).
+    Trainers end their updates at these points (:meth:`steps_to_next`), so the curves of every trainer
+    share their x values."""
 
-    def __init__(self, config: TrainConfig, env_steps: int = 0):
-        self.every, self.budget = config.eval_every_env_steps, config.total_env_steps
-        # a fresh run evaluates its untrained policy first; a resumed one continues after its checkpoint
-        self.next_eval = 0 if env_steps == 0 else self._after(env_steps)
-
-    def _after(self, env_steps: int) -> int:
-        return (env_steps // self.every + 1) * self.every
+    def __init__(self, config: TrainConfig, env_steps: int = 0, resumed: bool | None = None):
+        """``env_steps``: where the run starts; ``resumed`` (default: ``env_steps > 0``) says it continues
+        from a checkpoint, which follows the evaluation at its env steps: the next is the schedule's
+        next point. A fresh run evaluates its untrained policy first."""
+        self.config, self.budget = config, config.total_env_steps
+        resumed = env_steps > 0 if resumed is None else resumed
+        self.next_eval = config.next_evaluation(env_steps) if resumed else 0
 
     def steps_to_next(self, env_steps: int, num_envs: int) -> int:
         """Vector steps (of ``num_envs`` env steps) until the next evaluation point or the budget,
@@ -192,7 +194,7 @@ class EvaluationCadence:
         return env_steps >= self.next_eval or env_steps >= self.budget
 
     def evaluated(self, env_steps: int) -> None:
-        self.next_eval = self._after(env_steps)
+        self.next_eval = self.config.next_evaluation(env_steps)
 
     def finished(self, env_steps: int) -> bool:
         return env_steps >= self.budget

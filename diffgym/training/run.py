@@ -61,8 +61,8 @@ try:
 except ImportError:  # Windows: the standard library has no advisory whole-file lock
     fcntl = None  # type: ignore[assignment]
 
-RESUMABLE_CHANGES = frozenset({"total_env_steps", "eval_every_env_steps", "eval_episodes", "run_dir",
-                               "keep_checkpoints"})
+RESUMABLE_CHANGES = frozenset({"total_env_steps", "eval_every_env_steps", "eval_schedule", "eval_first_env_steps",
+                               "eval_growth", "eval_episodes", "run_dir", "keep_checkpoints"})
 """Top-level config fields a run may change when it continues in its run directory."""
 SUCCESS_THRESHOLD = 0.9
 """A run has solved its task at its first evaluation whose success rate reaches this (``docs/protocol.md``)."""

@@ -21,6 +21,8 @@ ACTIVATIONS = ("tanh", "relu", "elu", "gelu", "silu")
 """Hidden-layer activations a :class:`PolicySpec` may name."""
 SQUASHES = ("tanh", "clip")
 """How a Gaussian sample is mapped into the action box [-1, 1]."""
+EVAL_SCHEDULES = ("linear", "geometric")
+"""The evaluation schedules a :class:`TrainConfig` may name (``docs/protocol.md``)."""
 
 T = TypeVar("T")
 
@@ -101,7 +103,17 @@ class TrainConfig:
     total_env_steps: int = 1_000_000
     """Training budget in env transitions, summed over all parallel envs."""
     eval_every_env_steps: int = 50_000
-    """Evaluate the deterministic policy every this many env steps (and once at the end)."""
+    """Evaluate the deterministic policy every this many env steps (and once at the end); with the
+    ``geometric`` schedule, the largest gap between two evaluations."""
+    eval_schedule: str = "linear"
+    """When to evaluate, one of ``EVAL_SCHEDULES`` (:meth:`next_evaluation`): ``linear``, at every multiple
+    of ``eval_every_env_steps``; ``geometric``, dense early (from ``eval_first_env_steps``, each gap
+    ``eval_growth`` times the last, up to ``eval_every_env_steps``). Both at env step 0 and at the budget."""
+    eval_first_env_steps: int = 1_000
+    """``geometric`` only: the first evaluation after env step 0 (at most ``eval_every_env_steps``)."""
+    eval_growth: float = 1.25
+    """``geometric`` only: each evaluation point is this factor past the previous one (> 1) until their
+    gap reaches ``eval_every_env_steps``."""
     eval_episodes: int = 32
     """Episodes per evaluation, on held-out seeds (see ``diffgym.training.evaluation``)."""
     device: str = "cpu"
@@ -129,9 +141,13 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, Mapping):
                 setattr(self, name, from_dict(_FIELD_TYPES[name], value))
-        for name in ("num_envs", "total_env_steps", "eval_every_env_steps", "eval_episodes"):
+        for name in ("num_envs", "total_env_steps", "eval_every_env_steps", "eval_episodes", "eval_first_env_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_schedule not in EVAL_SCHEDULES:
+            raise ValueError(f"eval_schedule must be one of {EVAL_SCHEDULES}, got {self.eval_schedule!r}")
+        if not 1.0 < float(self.eval_growth) < float("inf"):
+            raise ValueError(f"eval_growth must be a number > 1, got {self.eval_growth}")
         if int(self.keep_checkpoints) < 0:
             raise ValueError(f"keep_checkpoints must be >= 0 (0 keeps every checkpoint), got {self.keep_checkpoints}")
         self.algo_params = dict(self.algo_params)
@@ -204,6 +220,35 @@ class TrainConfig:
         :attr:`env_kwargs`. Trainers and the evaluator pass these, so a task argument set in the config
         holds for training and evaluation alike."""
         return {"device": self.device, **self.env_kwargs}
+
+    def next_evaluation(self, env_steps: int) -> int:
+        """The first point of the evaluation schedule after ``env_steps`` (``docs/protocol.md``); a trainer
+        evaluates at the first vector step at or past it, and at the budget, which this does not cap.
+
+        ``linear``: the next multiple of ``eval_every_env_steps``. ``geometric``: the points
+        ``eval_first_env_steps`` (at most ``eval_every_env_steps``), then each ``eval_growth`` times the
+        last (rounded to whole env steps, at least one apart), until a gap would reach
+        ``eval_every_env_steps``; from there on every ``eval_every_env_steps``. So the geometric schedule is
+        never sparser than the linear one with the same interval, and both depend on the config alone:
+        a resumed run continues its schedule."""
+        every = self.eval_every_env_steps
+        if self.eval_schedule == "linear":
+            return (env_steps // every + 1) * every
+        point = min(self.eval_first_env_steps, every)
+        while point <= env_steps:
+            following = max(point + 1, round(point * self.eval_growth))
+            if following - point >= every:  # the gaps have reached the interval: linear from this point on
+                return point + ((env_steps - point) // every + 1) * every
+            point = following
+        return point
+
+    def evaluation_points(self) -> list[int]:
+        """Every point of the schedule from env step 0 to the budget, both included, before the trainer
+        rounds them up to whole vector steps of ``num_envs``."""
+        points = [0]
+        while points[-1] < self.total_env_steps:
+            points.append(min(self.next_evaluation(points[-1]), self.total_env_steps))
+        return points
 
     @property
     def task_name(self) -> str:

@@ -22,7 +22,7 @@ from stable_baselines3.common.logger import KVWriter, Logger
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import VecMonitor, VecNormalize
 
-from diffgym.training import Run, TrainConfig, evaluate_policy
+from diffgym.training import EvaluationCadence, Run, TrainConfig, evaluate_policy
 from diffgym.training.evaluation import train_env_seed
 from diffgym_ppo.policy import SpecActorCriticPolicy, SpecPPO
 from diffgym_ppo.vec_env import SB3VecEnvAdapter
@@ -291,11 +291,12 @@ class _RunWriter(KVWriter):
 
 
 class _RunCallback(BaseCallback):
-    """Progress bar every step; deterministic evaluations on the requested interval; checkpoints.
+    """Progress bar every step; deterministic evaluations on the config's schedule; checkpoints.
 
-    Evaluations happen at env step 0, at every multiple of ``eval_every_env_steps`` (at the first vector
-    step at or past it), and at the end. A multiple reached inside a rollout is evaluated there, with the
-    policy of the last update (the one acting at that env step), and its parameters are saved as a
+    Evaluations happen at env step 0, at every point of the config's evaluation schedule (at the first
+    vector step at or past it; :class:`~diffgym.training.EvaluationCadence`), and at the end. A point
+    reached inside a rollout is evaluated there, with the policy of the last update (the one acting at
+    that env step), and its parameters are saved as a
     :func:`policy_snapshot`; one reached by a rollout's last step is evaluated after the update on that
     rollout. PPO's full state can only be saved between rollouts, so each evaluation is also followed by
     a resumable checkpoint at the next update boundary (and at the end).
@@ -307,7 +308,7 @@ class _RunCallback(BaseCallback):
         steps = int(model.num_timesteps)
         # a resumed run's checkpoint follows every evaluation up to its env steps
         self.last_eval = self.last_checkpoint = steps if resumed else -1
-        self.next_eval = (steps // config.eval_every_env_steps + 1) * config.eval_every_env_steps if resumed else 0
+        self.cadence = EvaluationCadence(config, steps, resumed=resumed)
 
     def _on_training_start(self) -> None:
         if self.last_eval < 0:
@@ -318,7 +319,7 @@ class _RunCallback(BaseCallback):
         steps = self.ppo.num_timesteps
         self.run.progress(steps)
         last_step_of_rollout = self.locals["n_steps"] + 1 >= self.locals["n_rollout_steps"]
-        if steps >= self.next_eval and not last_step_of_rollout:
+        if steps >= self.cadence.next_eval and not last_step_of_rollout:
             self._evaluate()
             # the evaluated parameters, for diffgym eval / load_policy; a resume passes over this snapshot
             self.run.save_checkpoint(policy_snapshot(self.ppo, self.config), steps)
@@ -326,7 +327,7 @@ class _RunCallback(BaseCallback):
 
     def _on_rollout_start(self) -> None:
         # The policy has now been trained on every collected step: an update boundary (protocol.md).
-        if self.ppo.num_timesteps >= self.next_eval:
+        if self.ppo.num_timesteps >= self.cadence.next_eval:
             self._evaluate()
         if self.last_eval > self.last_checkpoint:
             self._checkpoint()
@@ -345,8 +346,7 @@ class _RunCallback(BaseCallback):
         env_steps = int(self.ppo.num_timesteps)
         self.run.log(env_steps, self.ppo.grad_steps, **result)
         self.last_eval = env_steps
-        every = self.config.eval_every_env_steps
-        self.next_eval = (env_steps // every + 1) * every
+        self.cadence.evaluated(env_steps)
 
     def _checkpoint(self) -> None:
         self.run.save_checkpoint(checkpoint(self.ppo, self.config), self.ppo.num_timesteps)
