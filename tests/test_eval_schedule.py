@@ -25,6 +25,15 @@ TINY = {"apg": {}, "apg-ppo": {"algo_params.proximal.n_steps": 8, "algo_params.p
 """Per bundled trainer, what makes a 200-step run small enough (PPO's rollout and minibatch sizes)."""
 
 
+@pytest.fixture
+def one_thread():
+    """Training runs use one torch thread, as every run of a sweep does; the previous count is restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def schedule(**fields) -> TrainConfig:
     return TrainConfig(algo="x", env_id=ENV, **fields)
 
@@ -114,12 +123,11 @@ class StepCounter:
 
 
 @pytest.mark.parametrize("algo", list(TINY))
-def test_every_simulated_training_step_is_a_logged_env_step(algo, tmp_path, monkeypatch):
+def test_every_simulated_training_step_is_a_logged_env_step(algo, tmp_path, monkeypatch, one_thread):
     """Each bundled trainer evaluates at the geometric schedule's points, and the env steps it logs are
     exactly the steps its training envs simulated; evaluation episodes run in envs of their own, one per
     evaluation, and are not training env steps."""
     counter = StepCounter(monkeypatch)
-    torch.set_num_threads(1)
     config = resolve_config(algo, ENV, {**GEOMETRIC, **TINY[algo], "num_envs": NUM_ENVS, "total_env_steps": 200,
                                         "eval_episodes": EVAL_EPISODES, "run_dir": str(tmp_path / algo)})
     load_trainer(algo).train(config, progress=False)
@@ -133,8 +141,7 @@ def test_every_simulated_training_step_is_a_logged_env_step(algo, tmp_path, monk
 
 
 @pytest.mark.parametrize("algo", ["apg", "ppo"])
-def test_a_resumed_run_continues_the_geometric_schedule(algo, tmp_path):
-    torch.set_num_threads(1)
+def test_a_resumed_run_continues_the_geometric_schedule(algo, tmp_path, one_thread):
     changes = {**GEOMETRIC, **TINY[algo], "num_envs": NUM_ENVS, "eval_episodes": EVAL_EPISODES,
                "run_dir": str(tmp_path / algo)}
     trainer = load_trainer(algo)
