@@ -730,3 +730,24 @@ def test_an_ablation_over_flat_and_sectioned_keys_reports_each_cell(tmp_path):
     assert "segment_length=4 reuse.epochs=0" in text and "segment_length=4 reuse.epochs=1" in text
     config = TrainConfig.load(tmp_path / "runs" / "segment_length4__reuse.epochs1__s0" / "config.yaml")
     assert config.algo_params["segment"]["length"] == 4 and config.algo_params["reuse"]["epochs"] == 1
+
+
+def test_a_run_resumed_from_its_first_checkpoint_continues_as_if_uninterrupted(tmp_path):
+    """A run stopped right after its env-step-0 evaluation resumes on the schedule: no extra evaluation,
+    no shortened first segment (the checkpoint at 0 follows the evaluation there)."""
+    changes = {"eval_every_env_steps": 16, "total_env_steps": 32}
+    straight = train(small_config(tmp_path, POINT_MASS, "critic", "straight", **changes), progress=False)
+    config = small_config(tmp_path, POINT_MASS, "critic", "resumed", **changes)
+    interrupted = Path(config.run_dir)
+    # what a run killed during its first segment leaves: the checkpoint at env step 0 is the latest
+    train(config.replace(total_env_steps=1), progress=False)  # evaluates at 0, checkpoints, one update
+    for path in (interrupted / "checkpoints").glob("step_*.pt"):
+        if not path.name.endswith("000000000000.pt"):
+            path.unlink()
+    resumed = train(config, progress=False)
+
+    def rows(run_dir):
+        return [{k: v for k, v in r.items() if k != "wall_time"} for r in read_metrics(run_dir)]
+
+    assert [r["env_steps"] for r in rows(resumed) if "eval_return" in r] == [0, 16, 32]
+    assert rows(resumed) == rows(straight)

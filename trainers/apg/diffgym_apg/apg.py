@@ -246,7 +246,7 @@ def train(config: TrainConfig, progress: bool = True, params: APGConfig | None =
                 torch.cuda.set_rng_state(saved["cuda_rng"], device)
             env_steps, grad_steps = int(saved["env_steps"]), int(saved["grad_steps"])
             run.resume_from(env_steps)
-        cadence = EvaluationCadence(config, env_steps)
+        cadence = EvaluationCadence(config, env_steps, resumed=saved is not None)
 
         def evaluate() -> None:
             resume = {**learner.state_dict(), "envs": envs.state_dict(), "torch_rng": torch.get_rng_state(),
