@@ -135,8 +135,10 @@ def gradient_stats(env_id: str, horizons: Sequence[int] | None = None, num_envs:
             normalizer.update(torch.as_tensor(obs))
         else:
             from diffgym.policy import load_policy
+            from diffgym.policy_commands import check_policy_fits
 
             loaded = load_policy(policy)
+            check_policy_fits(loaded, env_id)
             model, normalizer = loaded.model, loaded.normalizer
             if gamma is None:  # the discount the policy was trained with, when its trainer has one
                 gamma = float(loaded.config.algo_params.get("gamma", 0.99))

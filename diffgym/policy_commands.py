@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from diffgym.policy import SHAREABLE_SUFFIX, Policy, load_policy, save_policy
@@ -38,6 +39,25 @@ def _task_arguments(policy: Policy, env_id: str | None) -> dict[str, Any]:
     """The task arguments the policy was trained with (``TrainConfig.env_kwargs``), when it is run on
     its own task; another task gets its defaults."""
     return dict(policy.config.env_kwargs) if env_id in (None, policy.config.env_id) else {}
+
+
+def check_policy_fits(policy: Policy, env_id: str) -> None:
+    """A one-line ``ValueError`` unless ``policy`` can act in task ``env_id``: a registered task whose
+    flat observation and action have the sizes the policy was trained with."""
+    import gymnasium as gym
+
+    from diffgym.plugins import check_task
+
+    check_task(env_id)
+    env = gym.make(env_id, device="cpu", disable_env_checker=True)
+    observation, action = env.observation_space.shape, env.action_space.shape
+    env.close()
+    sizes = tuple(None if shape is None else int(np.prod(shape)) for shape in (observation, action))
+    if sizes != (policy.model.obs_dim, policy.model.act_dim):
+        has = "a Dict observation" if observation is None else f"observations of size {sizes[0]}"
+        raise ValueError(f"the policy was trained on {policy.config.env_id} (observations of size "
+                         f"{policy.model.obs_dim}, actions of size {policy.model.act_dim}); {env_id} has {has} "
+                         f"and actions of size {sizes[1]}")
 
 
 def evaluate(policy: Policy, episodes: int, seed: int, env_id: str | None = None,
@@ -189,8 +209,11 @@ def _load(command: str, args: argparse.Namespace) -> Policy | None:
     """The chosen policy, or ``None`` after printing ``diffgym <command>: <why>`` in one line."""
     try:
         return load_policy(args.run_dir, step=args.step, trust_pickle=args.trust_pickle)
-    except (FileNotFoundError, ValueError, ImportError) as error:
-        print(f"diffgym {command}: {error}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, ImportError, yaml.YAMLError) as error:
+        message = " ".join(str(error).split())
+        if isinstance(error, yaml.YAMLError):  # the run's config.yaml; YAML's message does not name it
+            message = f"{Path(args.run_dir) / 'config.yaml'}: not a readable config ({message})"
+        print(f"diffgym {command}: {message}", file=sys.stderr)
         return None
 
 
@@ -199,14 +222,17 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--episodes", type=int, default=None, help="fresh episodes (default: the run's eval_episodes)")
     parser.add_argument("--seed", type=int, default=None,
                         help=f"evaluation seed of the fresh episodes (default: the run's seed + {FRESH_SEED_OFFSET})")
-    parser.add_argument("--env", default=None, help="evaluate on another registered task id (same spaces)")
+    parser.add_argument("--env", default=None,
+                        help="evaluate on another registered task id with the same spaces (default: the run's task)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--deterministic", dest="deterministic", action="store_true", default=True,
                       help="the squashed mean action (default; what training evaluates)")
     mode.add_argument("--stochastic", dest="deterministic", action="store_false", help="sample actions")
-    parser.add_argument("--video", default=None, help="record episodes to this .mp4 or .gif")
-    parser.add_argument("--video-episodes", type=int, default=2)
-    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--video", default=None, metavar="FILE",
+                        help="also record episodes to this .mp4 or .gif (default: no video)")
+    parser.add_argument("--video-episodes", type=int, default=2, metavar="N", help="episodes the video shows")
+    parser.add_argument("--json", default=None, metavar="FILE",
+                        help="also write the results to this JSON file (default: none)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -215,6 +241,12 @@ def run_eval(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     policy = _load("eval", args)
     if policy is None:
+        return 2
+    try:
+        if args.env is not None:
+            check_policy_fits(policy, args.env)
+    except ValueError as error:
+        print(f"diffgym eval: {error}", file=sys.stderr)
         return 2
     config = policy.config
     results: dict[str, Any] = {"checkpoint": str(policy.checkpoint), "env_steps": policy.env_steps,
@@ -247,7 +279,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torchscript (.pt) or onnx (.onnx): a module that computes the actions; "
                              f"safetensors ({SHAREABLE_SUFFIX}): the policy's tensors and config, safe to share, "
                              "read by load_policy and diffgym eval (default: --out's extension, else torchscript)")
-    parser.add_argument("--out", default=None,
+    parser.add_argument("--out", default=None, metavar="FILE",
                         help="output file, whose extension names the format (default: policy.pt, .onnx or "
                              ".safetensors in the run directory, or beside a file given as the policy)")
 

@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                           "existing one is continued from its latest checkpoint")
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="a config.yaml (e.g. from an earlier run) to start from, algorithm and task included; "
-                             "the flags change it; the run goes to a new run directory unless --run-dir is given")
+                             "the flags change it; the run goes to a new run directory unless --run-dir is given "
+                             "(default: the trainer's defaults for the task)")
     add_override_arguments(parser, "the run")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--no-progress", action="store_true",

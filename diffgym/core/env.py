@@ -131,6 +131,14 @@ def _checked_array(action: Any, shape: tuple[int, ...]) -> np.ndarray:
     return array
 
 
+def check_device(device: str | torch.device) -> None:
+    """A one-line ``ValueError`` for a CUDA device that this torch cannot use (no GPU, or a CPU-only
+    build, where torch itself fails later with a bare ``AssertionError``)."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested, but torch {torch.__version__} sees no CUDA GPU; "
+                         "use device 'cpu'")
+
+
 def _describe(value: Any) -> str:
     """What a bad tensor argument was, for a one-line error."""
     if isinstance(value, torch.Tensor):
@@ -249,6 +257,7 @@ class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
     def __init__(self, render_mode: str | None = None, device: str = "cpu", **sim_kwargs: Any):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
+        check_device(device)
         self.sim = self.sim_class(device=device, **sim_kwargs)
         self.render_mode = render_mode
         self._face = type(self)
@@ -404,6 +413,7 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
         self.metadata = {**(metadata or DiffGymEnv.metadata), "autoreset_mode": autoreset_mode}
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
+        check_device(device)
         self.sim = sim_class(device=device, **sim_kwargs)
         self.num_envs = self._batch = int(num_envs)
         self.render_mode = render_mode

@@ -86,15 +86,25 @@ class PPOTrainer:
             "algo_params.normalize_reward": trial.suggest_categorical("normalize_reward", [False, True]),
         }
 
-    def train(self, config: TrainConfig, progress: bool = True) -> Path:
-        """Train as ``config`` says; resume exactly from the run directory's latest checkpoint if it has one."""
+    def check_config(self, config: TrainConfig) -> dict[str, Any]:
+        """PPO's settings in ``config`` with the defaults filled in, or a one-line ``ValueError`` naming the
+        first one PPO cannot run; ``resolve_config`` calls it, so a sweep refuses them before any run."""
         params = {**PPO_PARAMS, **config.algo_params}
         unknown = sorted(set(params) - set(PPO_PARAMS))
         if unknown:
             raise ValueError(f"unknown PPO algo_params {unknown}; valid: {sorted(PPO_PARAMS)}")
+        for name in ("n_steps", "batch_size", "n_epochs"):
+            value = params[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"algo_params.{name} must be a whole number >= 1, got {value!r}")
         rollout = params["n_steps"] * config.num_envs
         if rollout % params["batch_size"]:
             raise ValueError(f"batch_size {params['batch_size']} must divide n_steps * num_envs = {rollout}")
+        return params
+
+    def train(self, config: TrainConfig, progress: bool = True) -> Path:
+        """Train as ``config`` says; resume exactly from the run directory's latest checkpoint if it has one."""
+        params = self.check_config(config)
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         with Run(config.replace(algo_params=params), progress=progress) as run:
