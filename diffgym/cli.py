@@ -8,6 +8,7 @@ status 2 (``diffgym <command>: <why>``).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from diffgym import __version__
@@ -48,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         args.plugin_params = parse_trainer_flags(args.command, args.algo, extra, mode) if extra else {}
         return int(args.run(args) or 0)
     except KeyboardInterrupt:  # Ctrl-C: runs keep their last checkpoint and resume when started again
-        print(f"diffgym {args.command}: interrupted", file=sys.stderr)
+        rerun = getattr(load(args.command), "RESUMED_BY_RERUN", False)
+        again = f"; resume with: {shlex.join(['diffgym', *words])}" if rerun else ""
+        print(f"diffgym {args.command}: interrupted{again}", file=sys.stderr)
         return 130
     except SystemExit as stop:
         if isinstance(stop.code, str):  # a command's one-line refusal: a usage error, exit status 2

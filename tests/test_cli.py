@@ -143,6 +143,18 @@ def test_the_resume_command_of_an_interrupted_apg_run_continues_it(tmp_path, mon
             if "eval_return" in row] == [0, 32, 64, 96]
 
 
+def test_an_interrupted_sweep_says_that_the_same_command_resumes_it(counting, monkeypatch, capsys):
+    from diffgym.experiments import compare
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "compare", interrupted)
+    argv = ["compare", "--env", ENV, "--algos", "counting", "--env-steps", "40", "--out", "my out"]
+    assert cli.main(argv) == 130
+    assert capsys.readouterr().err.strip() == f"diffgym compare: interrupted; resume with: {shlex.join(['diffgym', *argv])}"
+
+
 def test_no_progress_still_prints_one_line_per_evaluation(counting, capsys):
     assert cli.main(["train", "--algo", "counting", "--env", ENV, "--run-dir", "run", "--no-progress"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -11,6 +11,9 @@ from diffgym.commands.options import (add_budget_arguments, add_extend_argument,
 from diffgym.threads import add_threads_argument
 
 HELP = "a grid over a trainer's algo_params on one task (default: the trainer's ablation_grid)"
+RESUMED_BY_RERUN = True
+"""Running the same command again continues an interrupted one: finished runs are reused, the others
+continue from their checkpoints."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,9 @@ from diffgym.commands.options import (add_budget_arguments, add_extend_argument,
 from diffgym.threads import add_threads_argument
 
 HELP = "train algorithms on one task over seeds and report them under the evaluation protocol"
+RESUMED_BY_RERUN = True
+"""Running the same command again continues an interrupted one: finished runs are reused, the others
+continue from their checkpoints."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

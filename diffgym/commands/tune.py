@@ -10,6 +10,8 @@ from diffgym.commands.options import (add_budget_arguments, add_out_argument, ad
 from diffgym.threads import add_threads_argument
 
 HELP = "Optuna search over a trainer's own hyperparameters on one task (TPE, median pruner)"
+RESUMED_BY_RERUN = True
+"""Running the same command again continues an interrupted one: the study continues from its journal."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
