@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diffgym.commands.options import (add_budget_arguments, add_extend_argument, add_out_argument,
-                                      add_override_arguments, add_runner_arguments, check_schedule_flags,
-                                      make_runner, one_line, overrides)
-from diffgym.threads import add_threads_argument
+from diffgym.commands.options import add_sweep_arguments, check_schedule_flags, make_runner, one_line, overrides
 
 HELP = "a grid over a trainer's algo_params on one task (default: the trainer's ablation_grid)"
 RESUMED_BY_RERUN = True
@@ -17,23 +14,13 @@ continue from their checkpoints."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffgym.experiments.report import SUCCESS_THRESHOLD
-
     parser.add_argument("--env", required=True, help="task id, e.g. DiffGym/PointMass1D-v0")
     parser.add_argument("--algo", required=True, help="trainer plugin whose algo_params the grid sets")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                         help="an algo_params key and its values (repeatable; 'full' = episode length), "
                              "e.g. --grid estimator=analytic,hybrid --grid segment_length=32,adaptive "
                              "(default: the trainer's ablation_grid)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (0..S-1)")
-    add_budget_arguments(parser, required=True, eval_default="budget/20")
-    add_override_arguments(parser, "every run (under the grid)")
-    parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPU count)")
-    add_threads_argument(parser, "each run")
-    parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")
-    add_out_argument(parser, "runs/ablate/<task>")
-    add_extend_argument(parser)
-    add_runner_arguments(parser)
+    add_sweep_arguments(parser, seeds_of="cell", scope="every run (under the grid)", out_default="runs/ablate/<task>")
     parser.epilog = "The trainer's own flags (`diffgym trainers -v`) are grid axes too: --FLAG V1,V2."
     parser.set_defaults(plugin_flags="list")
 

@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diffgym.commands.options import (add_budget_arguments, add_extend_argument, add_out_argument,
-                                      add_override_arguments, add_runner_arguments, check_schedule_flags,
-                                      make_runner, one_line, overrides)
-from diffgym.threads import add_threads_argument
+from diffgym.commands.options import add_sweep_arguments, check_schedule_flags, make_runner, one_line, overrides
 
 HELP = "train algorithms on one task over seeds and report them under the evaluation protocol"
 RESUMED_BY_RERUN = True
@@ -17,23 +14,13 @@ continue from their checkpoints."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffgym.experiments.report import SUCCESS_THRESHOLD
-
     parser.add_argument("--env", required=True, help="task id, e.g. DiffGym/PointMass1D-v0")
     parser.add_argument("--algos", required=True, help="comma-separated trainer names, e.g. apg,ppo")
     parser.add_argument("--baseline", default=None, help="algorithm in the ratios' numerator (default: the last)")
     parser.add_argument("--contender", default=None, help="algorithm in the ratios' denominator (default: the first)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per algorithm (0..S-1)")
-    add_budget_arguments(parser, required=True, eval_default="budget/20")
-    add_override_arguments(parser, "every run")
-    parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPU count)")
-    add_threads_argument(parser, "each run")
-    parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")
-    add_out_argument(parser, "runs/compare/<task>")
-    add_extend_argument(parser)
+    add_sweep_arguments(parser, seeds_of="algorithm", scope="every run", out_default="runs/compare/<task>")
     parser.add_argument("--log-x", action="store_true",
                         help="plot the env-step and gradient-step axes on a log scale")
-    add_runner_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -174,6 +174,24 @@ def parse_trainer_flags(command: str, algo: str, extra: list[str], values: str =
     return {key: value for key, value in vars(known).items() if value is not None}
 
 
+def add_sweep_arguments(parser: argparse.ArgumentParser, seeds_of: str, scope: str, out_default: str) -> None:
+    """What ``compare`` and ``ablate`` share after their own arguments: seeds per ``seeds_of``, the budget
+    and evaluation flags, overrides for ``scope``, parallelism, the success threshold, ``--out``,
+    ``--extend`` and where the runs execute."""
+    from diffgym.experiments.report import SUCCESS_THRESHOLD
+    from diffgym.threads import add_threads_argument
+
+    parser.add_argument("--seeds", type=int, default=3, help=f"seeds per {seeds_of} (0..S-1)")
+    add_budget_arguments(parser, required=True, eval_default="budget/20")
+    add_override_arguments(parser, scope)
+    parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPU count)")
+    add_threads_argument(parser, "each run")
+    parser.add_argument("--threshold", type=float, default=SUCCESS_THRESHOLD, help="success rate that counts as solved")
+    add_out_argument(parser, out_default)
+    add_extend_argument(parser)
+    add_runner_arguments(parser)
+
+
 def add_runner_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that choose where a sweep's runs execute (``compare``, ``ablate``, ``tune``)."""
     group = parser.add_argument_group("where the runs execute")
