@@ -174,6 +174,7 @@ def task_observation_space(env_id: str, env_kwargs: Mapping[str, Any]) -> Any:
 
     import gymnasium as gym
 
+    check_task(env_id)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. an older task version's deprecation note: the run shows it

@@ -194,6 +194,8 @@ def test_a_trainer_that_declares_dict_observations_gets_them(counting, capsys):
      "unknown env_kwargs ['mas']"),
     (["ablate", "--env", ENV, "--algo", "counting", "--grid", "stride", "--env-steps", "40"], "KEY=V1,V2"),
     (["train", "--env", ENV], "--algo required (or --config FILE"),
+    (["feasibility", "--env", ENV, "--env-kwarg", "mas=2"], "unknown env_kwargs ['mas'] for DiffGym/PointMass1D-v0"),
+    (["grad-stats", "--env", "DiffGym/Nope-v0"], "unknown task 'DiffGym/Nope-v0'"),
 ])
 def test_bad_input_is_one_line_exit_2_before_any_work(argv, message, counting, capsys, tmp_path):
     assert message in one_line_error(capsys, argv)

@@ -50,12 +50,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from diffgym.experiments.feasibility import GENERIC_SETTINGS, describe, planner_settings, run_planner
+    from diffgym.plugins import task_observation_space
     from diffgym.training.spec import task_name
 
     torch.set_num_threads(1)
     env_kwargs = key_values(args.env_kwargs)
     given = {key: getattr(args, key) for key in GENERIC_SETTINGS[args.planner]}
     try:
+        task_observation_space(args.env, env_kwargs)  # an unknown task or task argument, before planning
         settings = planner_settings(args.env, args.planner, args.episodes, args.seeds, args.seed, **given)
         result = run_planner(args.env, settings, env_kwargs=env_kwargs, progress=True)
     except (TypeError, ValueError) as error:

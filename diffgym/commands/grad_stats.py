@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from diffgym.diagnostics import format_table, gradient_stats, plot
+    from diffgym.plugins import task_observation_space
     from diffgym.training.spec import task_name
 
     torch.set_num_threads(1)
@@ -42,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("diffgym grad-stats: need --envs >= 2 and --samples >= 1")
     env_kwargs = key_values(args.env_kwargs)
     try:
+        task_observation_space(args.env, env_kwargs)  # an unknown task or task argument, before any rollout
         rows = gradient_stats(args.env, horizons, args.envs, args.samples, args.policy, args.seed, args.gamma,
                               env_kwargs=env_kwargs, start_after=args.start_after)
     except (TypeError, ValueError) as error:  # TypeError: a task argument the task does not take
