@@ -152,7 +152,8 @@ def test_an_interrupted_sweep_says_that_the_same_command_resumes_it(counting, mo
     monkeypatch.setattr(compare, "compare", interrupted)
     argv = ["compare", "--env", ENV, "--algos", "counting", "--env-steps", "40", "--out", "my out"]
     assert cli.main(argv) == 130
-    assert capsys.readouterr().err.strip() == f"diffgym compare: interrupted; resume with: {shlex.join(['diffgym', *argv])}"
+    resume = shlex.join(["diffgym", *argv])
+    assert capsys.readouterr().err.strip() == f"diffgym compare: interrupted; resume with: {resume}"
 
 
 def test_no_progress_still_prints_one_line_per_evaluation(counting, capsys):
@@ -225,7 +226,8 @@ def test_policy_commands_refuse_bad_input_in_one_line(trained, tmp_path, monkeyp
     assert ("trained on DiffGym/PointMass1D-v0 (observations of size 3, actions of size 1); DiffGym/PointNav2D-v0 "
             "has observations of size 21 and actions of size 2") in one_line_error(
         capsys, ["eval", str(trained), "--env", "DiffGym/PointNav2D-v0"])
-    assert "unknown task 'DiffGym/Nope-v0'" in one_line_error(capsys, ["eval", str(trained), "--env", "DiffGym/Nope-v0"])
+    assert "unknown task 'DiffGym/Nope-v0'" in one_line_error(capsys,
+                                                              ["eval", str(trained), "--env", "DiffGym/Nope-v0"])
     broken = tmp_path / "broken"
     shutil.copytree(trained, broken)
     (broken / "config.yaml").write_text("seed: [1, 2\n")

@@ -92,7 +92,8 @@ def add_budget_arguments(parser: argparse.ArgumentParser, required: bool, eval_d
     ``--eval-growth``."""
     parser.add_argument("--env-steps", "--total-env-steps", dest="env_steps", type=count, required=required,
                         default=None, metavar="N",
-                        help="env-step budget of every run, e.g. 1e6" + ("" if required else f" (default: {budget_default})"))
+                        help="env-step budget of every run, e.g. 1e6"
+                             + ("" if required else f" (default: {budget_default})"))
     parser.add_argument("--eval-every", "--eval-every-env-steps", dest="eval_every", type=count, default=None,
                         metavar="N", help=f"env steps between evaluations, e.g. 5e3; with --eval-schedule geometric the "
                                           f"largest gap between two (default: {eval_default})")

@@ -94,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
             with _evaluation_lines(args.no_progress):
                 train(config, progress=False) if args.no_progress and _accepts_progress(train) else train(config)
         except KeyboardInterrupt:  # Ctrl-C: the run keeps its last checkpoint; say how to continue it
-            print(f"diffgym train: {_interrupted(opened[-1], args) if opened else 'interrupted before the run started'}",
-                  file=sys.stderr)
+            where = _interrupted(opened[-1], args) if opened else "interrupted before the run started"
+            print(f"diffgym train: {where}", file=sys.stderr)
             return 130
         except RunDirError as error:  # in use, another config, no readable checkpoint: one line, no traceback
             return _refuse(one_line(error))
