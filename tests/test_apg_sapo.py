@@ -117,7 +117,7 @@ def test_entropy_bonus_gradient_through_the_simulator_matches_finite_differences
             for p, d in zip(learner.actor_parameters, direction):
                 p.add_(scale * eps * d)
             with torch.enable_grad():
-                value = float(objective().loss)
+                value = float(objective().loss.detach())
             for p, d in zip(learner.actor_parameters, direction):
                 p.sub_(scale * eps * d)
             return value
@@ -178,7 +178,8 @@ def test_short_run_trains_with_finite_losses_and_a_moving_temperature(tmp_path):
         assert all(math.isfinite(row[key]) for key in ("actor_loss", "critic_loss", "grad_norm", "alpha", "entropy"))
     assert updates[0]["alpha"] != 1.0 and updates[1]["alpha"] != updates[0]["alpha"]
     saved = latest_checkpoint(run_dir)
-    assert len(saved["twin_critics"]) == 1 and float(saved["log_alpha"]) == pytest.approx(math.log(updates[-1]["alpha"]))
+    assert len(saved["twin_critics"]) == 1
+    assert float(saved["log_alpha"]) == pytest.approx(math.log(updates[-1]["alpha"]))
 
 
 def test_resume_from_checkpoint_continues_identically(tmp_path):
@@ -201,13 +202,14 @@ def test_resume_from_checkpoint_continues_identically(tmp_path):
     for key in ("actor_critic", "normalizer", "target_critic"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
-    for saved_a, saved_b in zip(a["twin_critics"] + a["twin_target_critics"], b["twin_critics"] + b["twin_target_critics"]):
-        assert all(torch.equal(saved_a[name], saved_b[name]) for name in saved_a)
+    for key in ("twin_critics", "twin_target_critics"):
+        for saved_a, saved_b in zip(a[key], b[key]):
+            assert all(torch.equal(saved_a[name], saved_b[name]) for name in saved_a), key
 
 
 @pytest.mark.slow
 def test_sapo_solves_point_mass_within_20k_env_steps(tmp_path):
-    """At the task's sapo.yml defaults, seed 0 (docs/apg.md "SAPO": 90 % at 16,000 env steps there)."""
+    """At the task's sapo.yml defaults, seed 0 (docs/apg.md "SAPO": 90 % at 12,000 env steps there)."""
     config = resolve_config("sapo", POINT_MASS, {"seed": 0, "run_dir": str(tmp_path / "learn")})
     assert config.total_env_steps == 20_000
     rows = read_metrics(load_trainer("sapo").train(config, progress=False))

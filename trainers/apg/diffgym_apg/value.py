@@ -11,7 +11,8 @@
 With ``critics: 2`` (``critic`` only; SAPO's twin critics) a second value network of the same shape sits
 beside the shared actor-critic's: the tail and the likelihood baseline read their mean, the TD(lambda)
 targets their minimum (a pessimistic bootstrap, as SAPO's code and clipped double-Q), and both are fitted
-to those targets (the mean of their squared errors, as SAPO's). ``target_tau: 1`` is no target network: the copies then equal the critics wherever read.
+to those targets (the mean of their squared errors, as SAPO's). ``target_tau: 1`` is no target network:
+the copies then equal the critics wherever read.
 """
 
 from __future__ import annotations
