@@ -185,12 +185,13 @@ def task_observation_space(env_id: str, env_kwargs: Mapping[str, Any]) -> Any:
         if not unknown:
             # Gymnasium appends where it was raised, with every kwarg: said already
             reason = str(error).split(" was raised from the environment creator")[0]
-            raise ValueError(f"{env_id} cannot be made with env_kwargs {dict(env_kwargs)}: "
-                             f"{' '.join(reason.split())}") from None
+            raise ValueError(f"{' '.join(reason.split())} (making {env_id} with env_kwargs "
+                             f"{dict(env_kwargs)})") from None
         raise ValueError(f"unknown env_kwargs {unknown} for {env_id}; it takes: {', '.join(takes)}") from None
     except (ValueError, ImportError) as error:  # a value the task refuses, a missing optional extra
+        # the task's own words first (they name the argument); then which task and arguments
         given = f" with env_kwargs {dict(env_kwargs)}" if env_kwargs else ""
-        raise ValueError(f"{env_id} cannot be made{given}: {' '.join(str(error).split())}") from None
+        raise ValueError(f"{' '.join(str(error).split())} (making {env_id}{given})") from None
     try:
         return env.observation_space
     finally:

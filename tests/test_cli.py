@@ -183,7 +183,7 @@ def test_a_trainer_that_declares_dict_observations_gets_them(counting, capsys):
     (["train", "--algo", "counting", "--env", ENV, "--set", "env_kwargs.mas=2"],
      "unknown env_kwargs ['mas'] for DiffGym/PointMass1D-v0; it takes: max_episode_steps, action_cost"),
     (["train", "--algo", "counting", "--env", ENV, "--set", "env_kwargs.mass=-1"],
-     "cannot be made with env_kwargs {'mass': -1}: mass must lie in [0.001, 1000] kg, got -1"),
+     "mass must lie in [0.001, 1000] kg, got -1 (making DiffGym/PointMass1D-v0 with env_kwargs {'mass': -1})"),
     (["train", "--algo", "ppo", "--env", ENV, "--param", "n_steps=-3"],
      "algo_params.n_steps must be a whole number >= 1, got -3"),
     (["train", "--algo", "apg", "--env", ENV, "--bootstrap", "foo"], "'foo'"),
