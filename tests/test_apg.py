@@ -453,8 +453,12 @@ def test_env_gradient_clip_leaves_a_diverged_env_out_before_it_takes_the_median(
 
 
 def test_per_env_estimators_need_three_envs(tmp_path):
+    """Refused when the config is built (the trainer's check_config), before any run starts; and by
+    train() itself for a config built another way."""
     for change in ({"algo_params.estimator": "hybrid"}, {"algo_params.segment_length": "adaptive"}):
-        config = small_config(tmp_path, POINT_MASS, "none", num_envs=2, **change)
+        with pytest.raises(ValueError, match="num_envs >= 3"):
+            small_config(tmp_path, POINT_MASS, "none", num_envs=2, **change)
+        config = small_config(tmp_path, POINT_MASS, "none", num_envs=3, **change).replace(num_envs=2)
         with pytest.raises(ValueError, match="num_envs >= 3"):
             train(config, progress=False)
 

@@ -19,7 +19,7 @@ import yaml
 
 from diffgym.training import TrainConfig
 
-from diffgym_apg.apg import Learner, apg_update, train
+from diffgym_apg.apg import Learner, apg_update, checked_params, train
 from diffgym_apg.config import APGConfig, SAPOConfig, upgrade_config, upgrade_params
 from diffgym_apg.entropy import EntropyConfig, Temperature
 from diffgym_apg.estimators import (Estimator, PolicyGradientConfig, register_estimator, registered_estimators,
@@ -77,14 +77,22 @@ class APGTrainer:
             "algo_params.gamma": trial.suggest_categorical("gamma", [0.97, 0.99, 0.995]),
         }
 
-    def train(self, config: TrainConfig, progress: bool = True) -> Path:
-        params = self.config_class.from_config(config)
+    def check_config(self, config: TrainConfig) -> None:
+        """One-line ``ValueError`` for settings this trainer cannot run; ``resolve_config`` calls it, so
+        ``diffgym train`` and every sweep refuse them before any run starts."""
+        self.checked_params(config)
+
+    def checked_params(self, config: TrainConfig) -> APGConfig:
+        params = checked_params(config, self.config_class)
         has_proximal = params.proximal is not None
         if has_proximal != self.with_proximal:
             other = "apg-ppo" if has_proximal else "apg"
             raise ValueError(f"trainer {self.name!r} {'takes no' if has_proximal else 'needs the'} proximal section: "
                              f"train this config with --algo {other}")
-        return train(config, progress=progress, params=params)
+        return params
+
+    def train(self, config: TrainConfig, progress: bool = True) -> Path:
+        return train(config, progress=progress, params=self.checked_params(config))
 
 
 class APGPPOTrainer(APGTrainer):
@@ -121,15 +129,12 @@ class SAPOTrainer(APGTrainer):
     ablation_grid = {"entropy.alpha_init": "0.01,0.1,1.0", "value.critics": "1,2"}
     config_class = SAPOConfig
 
-    def check_config(self, config: TrainConfig) -> None:
+    def checked_params(self, config: TrainConfig) -> APGConfig:
         """The bonus's ``log pi`` includes the tanh squash's Jacobian; a clipped Gaussian has no density."""
         if config.policy.squash != "tanh":
             raise ValueError(f"trainer 'sapo' needs policy.squash 'tanh' (its entropy bonus is the tanh-squashed "
                              f"Gaussian's log-density), got {config.policy.squash!r}")
-
-    def train(self, config: TrainConfig, progress: bool = True) -> Path:
-        self.check_config(config)
-        return super().train(config, progress=progress)
+        return super().checked_params(config)
 
     def suggest_hyperparams(self, trial: Any, env_id: str) -> dict[str, Any]:
         """``diffgym tune``'s search space: the number of envs, K, gamma and the initial temperature."""

@@ -215,16 +215,22 @@ def apg_update(learner: Learner, envs: EnvBatch, params: APGConfig, config: Trai
             **({"train_episode_return": float(np.mean(segment.finished_returns))} if segment.finished_returns else {})}
 
 
+def checked_params(config: TrainConfig, config_class: type[APGConfig] = APGConfig) -> APGConfig:
+    """The run's ``algo_params``, with a one-line ``ValueError`` for anything it cannot run."""
+    params = config_class.from_config(config)
+    if params.per_env_samples and config.num_envs < 3:
+        raise ValueError(f"segment.length 'adaptive' and estimator 'hybrid' compare per-env gradient samples: "
+                         f"they need num_envs >= 3, got {config.num_envs}")
+    return params
+
+
 def train(config: TrainConfig, progress: bool = True, params: APGConfig | None = None) -> Path:
     """Train as ``config`` says; resume from the run directory's latest checkpoint if it has one.
     ``params``: ``config.algo_params`` as a variant reads them (e.g. ``sapo``'s :class:`SAPOConfig`).
 
     Returns the run directory (``config.yaml``, ``metrics.jsonl``, TensorBoard events, checkpoints).
     """
-    params = APGConfig.from_config(config) if params is None else params
-    if params.per_env_samples and config.num_envs < 3:
-        raise ValueError(f"segment.length 'adaptive' and estimator 'hybrid' compare per-env gradient samples: "
-                         f"they need num_envs >= 3, got {config.num_envs}")
+    params = checked_params(config) if params is None else params
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     venv = gym.make_vec(config.env_id, num_envs=config.num_envs, vectorization_mode="vector_entry_point",
