@@ -504,7 +504,7 @@ def test_each_section_validates_itself_and_names_what_another_needs():
     ppo = resolve_config("apg-ppo", POINT_MASS)
     for change, match in (({"algo_params.value.bootstrap": "none"}, "advantages need a value function"),
                           ({"algo_params.proximal.batch_size": 1}, "proximal.batch_size must be >= 2"),
-                          ({"algo_params.proximal.vf_coef": 0.0}, "vf_coef must be > 0")):
+                          ({"algo_params.proximal.vf_coef": 0.0}, "it needs vf_coef > 0")):
         with pytest.raises(ValueError, match=match):
             APGConfig.from_config(ppo.with_overrides(change))
     # a trainer refuses the other's config in one line
@@ -664,6 +664,9 @@ def test_the_estimator_of_docs_apg_md_is_one_file_and_one_config_section(tmp_pat
     assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows)
     with pytest.raises(ValueError, match="analytic_weight must be in"):
         APGConfig.from_params({"policy_gradient": {**section, "analytic_weight": 2.0}})
+    from diffgym_apg.apg import checked_params
+    with pytest.raises(ValueError, match="'fixed-mix' compares per-env gradient samples: it needs num_envs >= 3"):
+        checked_params(config.replace(num_envs=2))
     with pytest.raises(ValueError, match="unknown PolicyGradientConfig field"):  # another estimator's option
         APGConfig.from_params({"policy_gradient": {"estimator": "analytic", "analytic_weight": 0.8}})
 
@@ -676,9 +679,10 @@ def test_reuse_steps_count_as_gradient_steps_and_no_env_steps(tmp_path):
     assert [r["env_steps"] for r in rows] == [16, 32]  # 4 envs x K = 4 per update, as without reuse
     assert [r["policy_steps"] for r in rows] == [7, 7] and [r["grad_steps"] for r in rows] == [7, 14]
     assert all(r["reuse_grad_steps"] == 6 and 0.0 <= r["reuse_clip_fraction"] <= 1.0 for r in rows)
-    with pytest.raises(ValueError, match="reuse steps descend the segment's analytic surrogate"):
-        APGConfig.from_config(config.with_overrides({"algo_params.reuse.epochs": 1,
-                                                     "algo_params.policy_gradient.estimator": "likelihood"}))
+    for change in ({"algo_params.policy_gradient.estimator": "hybrid"},
+                   {"algo_params.policy_gradient.env_gradient_clip": 1.0}):
+        with pytest.raises(ValueError, match="reuse steps descend the segment's plain analytic surrogate"):
+            APGConfig.from_config(config.with_overrides({"algo_params.reuse.epochs": 1, **change}))
 
 
 class _Recording(torch.optim.Optimizer):
@@ -719,7 +723,24 @@ def test_the_first_reuse_step_is_the_analytic_gradient_and_the_clip_stops_moved_
     stats = reuse_steps(ReuseConfig(epochs=1, clip_range=0.01), learner.model, batch, learner.actor_parameters,
                         recording, no_clip)
     assert stats["reuse_clip_fraction"] == 1.0
-    assert float(recording.seen[0].norm()) == 0.0  # no trusted sample, no KL term: nothing to descend
+    # no trusted sample and no KL term: no step (one would only carry Adam's momentum past the clip)
+    assert stats["reuse_grad_steps"] == 0 and recording.seen == []
+    # several minibatches, an env left out: their mean at the acting parameters is still the analytic step
+    with torch.no_grad():
+        learner.model.log_std.sub_(0.5)
+    objective.valid[1] = False
+    objective.kept = int(objective.valid.sum())
+    learner.optimizer.zero_grad()
+    kept = objective.valid
+    actions = learner.model.squash(learner.model.actor(segment.obs_normalized[:, kept])
+                                   + learner.model.log_std.exp() * segment.noise[:, kept])
+    surrogate = objective.num_envs / objective.kept * (actions * objective.action_adjoints[:, kept]).sum()
+    expected = torch.cat([g.flatten() for g in torch.autograd.grad(surrogate, learner.actor_parameters)])
+    recording = _Recording(learner.actor_parameters)
+    reuse_steps(ReuseConfig(epochs=1, minibatches=3), learner.model, ReuseBatch.of(learner.model, objective),
+                learner.actor_parameters, recording, no_clip)
+    assert len(recording.seen) == 3
+    torch.testing.assert_close(torch.stack(recording.seen).mean(dim=0), expected, rtol=1e-4, atol=1e-7)
 
 
 def test_an_ablation_over_flat_and_sectioned_keys_reports_each_cell(tmp_path):

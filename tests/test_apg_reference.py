@@ -100,3 +100,28 @@ def test_the_value_network_fitted_twice_is_refused_by_name():
     with pytest.raises(ValueError, match="fitted the value network twice"):
         upgrade_config({"algo": "apg", "algo_params": {"bootstrap": "critic", "proximal_epochs": 2,
                                                        "proximal_value_fit": True}})
+
+
+def test_a_flat_config_given_in_python_runs_and_resumes_in_sections(tmp_path):
+    """A TrainConfig built by hand with first-format algo_params trains, writes its config.yaml in sections,
+    and the same call continues it (both sides of the comparison in today's format)."""
+    from diffgym_apg import train
+
+    flat = TrainConfig(algo="apg", env_id="DiffGym/PointMass1D-v0", num_envs=4, total_env_steps=32,
+                       eval_every_env_steps=16, eval_episodes=2, run_dir=str(tmp_path / "run"),
+                       algo_params={"segment_length": 4, "bootstrap": "none"})
+    train(flat, progress=False)
+    saved = TrainConfig.load(tmp_path / "run" / "config.yaml")
+    assert saved.algo_params["segment"]["length"] == 4 and "segment_length" not in saved.algo_params
+    train(flat.replace(total_env_steps=48), progress=False)  # resumes: no ConfigMismatch
+    assert max(r["env_steps"] for r in read_metrics(tmp_path / "run")) == 48
+
+
+def test_a_stray_key_of_the_proximal_path_is_refused_not_dropped():
+    with pytest.raises(ValueError, match="set the proximal path"):
+        resolve_config("apg", "DiffGym/PointMass1D-v0", {"algo_params.gae_lambda": 0.9})
+    with pytest.raises(ValueError, match="reuse.clip_range"):
+        resolve_config("apg", "DiffGym/PointMass1D-v0", {"algo_params.clip_range": 0.3})
+    # on apg-ppo the same flat keys are its section's fields
+    config = resolve_config("apg-ppo", "DiffGym/PointMass1D-v0", {"algo_params.gae_lambda": 0.9})
+    assert config.algo_params["proximal"]["gae_lambda"] == 0.9

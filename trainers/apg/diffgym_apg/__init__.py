@@ -109,13 +109,21 @@ class APGPPOTrainer(APGTrainer):
     with_proximal = True
 
     def suggest_hyperparams(self, trial: Any, env_id: str) -> dict[str, Any]:
-        """APG's search space, the segment step's rate and the clipped epochs' settings (PPO's ranges)."""
-        return {**super().suggest_hyperparams(trial, env_id),
-                "algo_params.value.bootstrap": "gae",
-                "algo_params.policy_gradient.lr": trial.suggest_float("segment_lr", 1e-5, 1e-3, log=True),
-                "algo_params.proximal.n_epochs": trial.suggest_categorical("n_epochs", [5, 10, 20]),
-                "algo_params.proximal.clip_range": trial.suggest_categorical("clip_range", [0.1, 0.2, 0.3]),
-                "algo_params.proximal.gae_lambda": trial.suggest_categorical("gae_lambda", [0.9, 0.95, 0.98])}
+        """The number of envs, K, gamma, the segment step's estimator and rate, and the clipped epochs'
+        settings (PPO's ranges); the value network is the one the joint steps fit (``gae``)."""
+        estimator = trial.suggest_categorical("estimator", ["analytic", "none"])
+        return {
+            "num_envs": trial.suggest_categorical("num_envs", [8, 16, 32, 64]),
+            "algo_params.segment.length": trial.suggest_categorical("segment_length", [8, 16, 32]),
+            "algo_params.gamma": trial.suggest_categorical("gamma", [0.97, 0.99, 0.995]),
+            "algo_params.value.bootstrap": "gae",
+            "algo_params.policy_gradient.estimator": estimator,
+            **({"algo_params.policy_gradient.lr": trial.suggest_float("segment_lr", 1e-5, 1e-3, log=True)}
+               if estimator == "analytic" else {}),
+            "algo_params.proximal.n_epochs": trial.suggest_categorical("n_epochs", [5, 10, 20]),
+            "algo_params.proximal.clip_range": trial.suggest_categorical("clip_range", [0.1, 0.2, 0.3]),
+            "algo_params.proximal.gae_lambda": trial.suggest_categorical("gae_lambda", [0.9, 0.95, 0.98]),
+        }
 
 
 class SAPOTrainer(APGTrainer):

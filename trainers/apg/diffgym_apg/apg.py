@@ -219,8 +219,9 @@ def checked_params(config: TrainConfig, config_class: type[APGConfig] = APGConfi
     """The run's ``algo_params``, with a one-line ``ValueError`` for anything it cannot run."""
     params = config_class.from_config(config)
     if params.per_env_samples and config.num_envs < 3:
-        raise ValueError(f"segment.length 'adaptive' and estimator 'hybrid' compare per-env gradient samples: "
-                         f"they need num_envs >= 3, got {config.num_envs}")
+        reader = "segment.length 'adaptive'" if params.segment.adaptive else \
+            f"policy_gradient.estimator {params.policy_gradient.estimator!r}"
+        raise ValueError(f"{reader} compares per-env gradient samples: it needs num_envs >= 3, got {config.num_envs}")
     return params
 
 
@@ -231,6 +232,7 @@ def train(config: TrainConfig, progress: bool = True, params: APGConfig | None =
     Returns the run directory (``config.yaml``, ``metrics.jsonl``, TensorBoard events, checkpoints).
     """
     params = checked_params(config) if params is None else params
+    config = TrainConfig.from_dict(upgrade_config(config.to_dict()))  # config.yaml in today's format
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     venv = gym.make_vec(config.env_id, num_envs=config.num_envs, vectorization_mode="vector_entry_point",

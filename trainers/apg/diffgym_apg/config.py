@@ -45,7 +45,8 @@ class APGConfig:
     value: ValueConfig = dataclasses.field(default_factory=ValueConfig)
     """The value function. ``bootstrap: gae`` needs the ``proximal`` section (its joint steps fit it)."""
     reuse: ReuseConfig = dataclasses.field(default_factory=ReuseConfig)
-    """More steps per segment on its action adjoints (RPO-style); needs an estimator with an analytic part."""
+    """More steps per segment on its action adjoints (RPO-style); needs ``policy_gradient.estimator:
+    analytic`` without ``env_gradient_clip`` (the surrogate it descends is that step's gradient)."""
     proximal: ProximalConfig | None = None
     """The clipped likelihood-ratio epochs (trainer ``apg-ppo``). Needs a value function
     (``value.bootstrap`` other than ``none``: its advantages are GAE from that value network), and one
@@ -59,15 +60,19 @@ class APGConfig:
         if self.segment.adaptive and not estimator.analytic:
             raise ValueError(f"segment.length 'adaptive' compares the analytic gradient with the likelihood ratio: "
                              f"it needs an estimator with an analytic part, not {estimator.name!r}")
-        if self.reuse.enabled and not estimator.analytic:
-            raise ValueError(f"reuse steps descend the segment's analytic surrogate: they need an estimator with an "
-                             f"analytic part, not {estimator.name!r}")
+        if self.reuse.enabled and (estimator.name != "analytic" or self.policy_gradient.env_gradient_clip > 0):
+            raise ValueError("reuse steps descend the segment's plain analytic surrogate: they need "
+                             "policy_gradient.estimator 'analytic' with env_gradient_clip 0, not "
+                             f"{estimator.name!r} with {self.policy_gradient.env_gradient_clip}")
         if not estimator.steps and self.proximal is None:
             raise ValueError(f"policy_gradient.estimator {estimator.name!r} takes no segment step: it needs the "
                              "proximal section (trainer apg-ppo)")
         if self.value.bootstrap == "gae" and self.proximal is None:
             raise ValueError("value.bootstrap 'gae' is fitted in the proximal section's joint steps: it needs that "
                              "section (trainer apg-ppo)")
+        if self.value.bootstrap == "gae" and self.proximal is not None and not self.proximal.vf_coef > 0:
+            raise ValueError("value.bootstrap 'gae' is fitted by the proximal section's joint steps with weight "
+                             f"proximal.vf_coef: it needs vf_coef > 0, got {self.proximal.vf_coef}")
         if self.proximal is not None and not self.value.enabled:
             raise ValueError("the proximal section's advantages need a value function: set value.bootstrap to "
                              "gae, mc or critic")
@@ -78,7 +83,7 @@ class APGConfig:
     @property
     def per_env_samples(self) -> bool:
         """Whether an update asks for per-env gradient samples (a variance over envs: needs >= 3 envs)."""
-        return self.segment.adaptive or self.policy_gradient.estimator == "hybrid"
+        return self.segment.adaptive or registered_estimators()[self.policy_gradient.estimator].per_env_samples
 
     @classmethod
     def from_params(cls, algo_params: Mapping[str, Any]) -> APGConfig:
@@ -150,6 +155,12 @@ def upgrade_params(params: Mapping[str, Any]) -> dict[str, Any]:
     value_fit = params.pop("proximal_value_fit", None)
     flat = {key: params.pop(key) for key in list(params)
             if key in LEGACY_KEYS and not isinstance(params[key], Mapping)}
+    stray = sorted(key for key in flat if LEGACY_KEYS[key][0] == "proximal")
+    if stray and params.get("proximal") is None and "proximal_epochs" not in flat:
+        # (a whole config of the first format has proximal_epochs, 0 where the path was off)
+        raise ValueError(f"{', '.join(stray)} set the proximal path (section proximal, trainer apg-ppo), which this "
+                         "config does not have" + (" (the reuse steps' clip is reuse.clip_range)"
+                                                   if "clip_range" in stray else ""))
     for key, value in flat.items():
         section, field = LEGACY_KEYS[key]
         value = LEGACY_VALUES.get((section, field), {}).get(value, value)
@@ -174,7 +185,8 @@ def upgrade_params(params: Mapping[str, Any]) -> dict[str, Any]:
                              "fitted by the joint steps for the advantages) is no longer offered: use value.bootstrap "
                              "gae (that network closes the segments too)")
     elif value_fit is False and params.get("value", {}).get("bootstrap") == "gae":
-        raise ValueError("bootstrap 'value' needs proximal_value_fit")
+        raise ValueError("proximal_value_fit false leaves value.bootstrap 'gae' unfitted (the joint steps are its only "
+                         "fit): set value.bootstrap mc or critic for a value network fitted by its own steps")
     if "proximal" in params and params["proximal"] is None:
         del params["proximal"]
     return params

@@ -101,6 +101,8 @@ class Estimator:
     """Whether it reads the simulator's gradient (the unroll then records the graph)."""
     steps: ClassVar[bool] = True
     """Whether there is a segment step at all."""
+    per_env_samples: ClassVar[bool] = False
+    """Whether it reads per-env gradient samples (a spread over envs: the run needs ``num_envs >= 3``)."""
     Config: ClassVar[type[PolicyGradientConfig]] = PolicyGradientConfig
 
     def __init__(self, config: PolicyGradientConfig):
@@ -160,7 +162,7 @@ class Hybrid(Estimator):
     """``alpha * analytic + (1 - alpha) * likelihood``, alpha from both estimates' per-env samples
     (:func:`diffgym.training.gradients.hybrid_weight`)."""
 
-    name, analytic = "hybrid", True
+    name, analytic, per_env_samples = "hybrid", True, True
 
     def estimate(self, objective: SegmentObjective, parameters: list[nn.Parameter]) -> dict[str, float]:
         stats: dict[str, float] = {}

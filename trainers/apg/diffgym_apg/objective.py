@@ -64,16 +64,13 @@ class SegmentObjective:
         self.rewards = torch.where(valid[None, :], rewards, torch.zeros_like(rewards))
         self.tail_values = torch.where(valid[None, :] & torch.isfinite(tail_values), tail_values,
                                        torch.zeros_like(tail_values))
-        self.direct_loss: torch.Tensor | None = None
+        self.direct_bonus = direct_bonus
         if direct_bonus is None:
             self.loss = segment_actor_loss(self.rewards, self.tail_values, segment.terminated, segment.truncated,
                                            gamma)
         else:  # the loss is linear in the rewards: L(r + d, V) = L(r, V) + L(d, 0), the second part kept apart
-            direct = torch.where(valid[None, :], direct_bonus, torch.zeros_like(direct_bonus))
-            self.direct_loss = segment_actor_loss(direct, torch.zeros_like(direct), segment.terminated,
-                                                  segment.truncated, gamma)
             self.loss = segment_actor_loss(self.rewards, self.tail_values, segment.terminated, segment.truncated,
-                                           gamma) + self.direct_loss.detach()
+                                           gamma) + self._direct_loss(valid).detach()
         self.action_adjoints: torch.Tensor | None = None
         if adjoints:
             # lambda_t = dL/da_t: the total derivative through the simulator, later observations and actions
@@ -84,11 +81,17 @@ class SegmentObjective:
         self.valid = valid
         self.kept = int(valid.sum())
 
+    def _direct_loss(self, valid: torch.Tensor) -> torch.Tensor:
+        """The ``direct_bonus`` part of the loss, over the envs ``valid`` keeps."""
+        direct = torch.where(valid[None, :], self.direct_bonus, torch.zeros_like(self.direct_bonus))
+        return segment_actor_loss(direct, torch.zeros_like(direct), self.segment.terminated, self.segment.truncated,
+                                  self.gamma)
+
     def add_direct_gradient(self, parameters: list[torch.nn.Parameter]) -> None:
         """Add the gradient of the ``direct_bonus`` part of the loss (as the estimators' gradients, the mean
-        over the kept envs) to ``parameters``' ``.grad``; nothing without one."""
-        if self.direct_loss is not None and self.kept > 0:
-            (self.direct_loss * (self.num_envs / self.kept)).backward(inputs=parameters)
+        over the kept envs, the same envs) to ``parameters``' ``.grad``; nothing without one."""
+        if self.direct_bonus is not None and self.kept > 0:
+            (self._direct_loss(self.valid) * (self.num_envs / self.kept)).backward(inputs=parameters)
 
     @cached_property
     def likelihood_weights(self) -> torch.Tensor:

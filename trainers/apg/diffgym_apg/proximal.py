@@ -65,8 +65,8 @@ class ProximalConfig:
             raise ValueError(f"proximal.gae_lambda must be in [0, 1], got {self.gae_lambda}")
         if self.ent_coef < 0:
             raise ValueError(f"proximal.ent_coef must be >= 0, got {self.ent_coef}")
-        if not self.vf_coef > 0:
-            raise ValueError(f"proximal.vf_coef must be > 0, got {self.vf_coef}")
+        if not self.vf_coef >= 0:
+            raise ValueError(f"proximal.vf_coef must be >= 0, got {self.vf_coef}")
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise ValueError(f"proximal.learning_rate must be > 0 (or None: the shared optimizer.lr), got "
                              f"{self.learning_rate}")

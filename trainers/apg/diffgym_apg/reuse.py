@@ -14,8 +14,9 @@ to first order in the change of the actions. Each reuse step descends this surro
 as PPO does for the likelihood ratio: a sample whose probability ratio ``pi_theta(u_t | o_t) /
 pi_old(u_t | o_t)`` of the action it took has left ``[1 - clip_range, 1 + clip_range]`` stops contributing
 (its first-order term is no longer trusted), and ``kl_coef`` times the mean KL divergence
-``KL(pi_old || pi_theta)`` over the segment's observations is added. No step simulates: the env steps of
-an update stay ``num_envs * K`` whatever ``epochs`` is; every reuse step is a gradient step.
+``KL(pi_old || pi_theta)`` over the segment's observations is added; a minibatch with nothing left to
+descend takes no step. No step simulates: the env steps of an update stay ``num_envs * K`` whatever
+``epochs`` is; every reuse step taken is a gradient step.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from diffgym.training import ActorCritic, OptimizerSpec
+from diffgym.training.gradients import surrogate_for_adjoints
 from diffgym.training.optim import descend
 
 from diffgym_apg.objective import SegmentObjective
@@ -97,21 +99,22 @@ def reuse_steps(config: ReuseConfig, model: ActorCritic, batch: ReuseBatch, para
     clipped, kls = [], []
     for _ in range(config.epochs):
         order = torch.randperm(obs.shape[0], device=obs.device)
-        for index in order.chunk(config.minibatches):
+        for index in order.tensor_split(config.minibatches):
             dist = model.distribution(obs[index])
-            actions = model.squash(dist.mean + dist.stddev * noise[index])
             ratio = (dist.log_prob(pre_squash[index]).sum(-1) - old_log_prob[index]).exp()
-            trusted = ((ratio - 1.0).abs() <= config.clip_range).to(actions.dtype)
-            # minibatch samples stand for the whole segment: the surrogate's scale is the full segment's
-            share = obs.shape[0] / index.numel()
-            surrogate = share * scale * (trusted[:, None] * actions * adjoints[index]).sum()
+            trusted = ((ratio - 1.0).abs() <= config.clip_range).to(adjoints.dtype)
             kl = torch.distributions.kl_divergence(
                 torch.distributions.Normal(batch.acting.mean[index], batch.acting.stddev[index]), dist).sum(-1).mean()
-            loss = surrogate + config.kl_coef * kl
-            steps += 1
-            skipped += not descend(optimizer, loss, parameters, optimizer_spec)
             clipped.append(1.0 - float(trusted.mean()))
             kls.append(float(kl.detach()))
+            if not config.kl_coef and not bool(trusted.any()):
+                continue  # nothing to descend: a step would only carry Adam's momentum past the clip
+            # the samples of a minibatch stand for the whole segment: the surrogate's scale is the segment's
+            share = obs.shape[0] / index.numel()
+            surrogate = share * scale * surrogate_for_adjoints(model, obs[index], noise[index],
+                                                               adjoints[index] * trusted[:, None])
+            steps += 1
+            skipped += not descend(optimizer, surrogate + config.kl_coef * kl, parameters, optimizer_spec)
     optimizer.zero_grad(set_to_none=True)
     return {"reuse_grad_steps": float(steps), "reuse_skipped_steps": float(skipped),
             "reuse_clip_fraction": sum(clipped) / len(clipped) if clipped else math.nan,
