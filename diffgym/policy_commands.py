@@ -1,4 +1,5 @@
-"""``diffgym eval`` and ``diffgym export``: use a trained policy from the command line.
+"""What ``diffgym eval`` and ``diffgym export`` do with a trained policy (the commands themselves, their
+arguments and messages, are ``diffgym.commands.evaluate`` and ``diffgym.commands.export``).
 
 ``diffgym eval RUN_DIR`` scores the run's policy twice with the shared ``evaluate_policy``: on the run's
 own evaluation seeds (reproducing its last evaluation row when the checkpoint is the final one) and on
@@ -12,28 +13,18 @@ read back by ``diffgym.load_policy`` and ``diffgym eval``). Both commands load c
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
-from diffgym.policy import SHAREABLE_SUFFIX, Policy, load_policy, save_policy
+from diffgym.policy import SHAREABLE_SUFFIX, Policy, save_policy
 
 EXPORT_SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx", "safetensors": SHAREABLE_SUFFIX}
 """Export format -> the file extension that names it (``diffgym export`` infers the format from it)."""
-
-FRESH_SEED_OFFSET = 1000
-"""``diffgym eval`` scores fresh episodes as if the run's seed were ``seed + FRESH_SEED_OFFSET``: seeds
-``EVAL_SEED_OFFSET + SEED_STRIDE * (seed + 1000) + i``, which neither the run's training envs
-(``SEED_STRIDE * seed + i`` and reset seeds >= 2^30) nor its evaluations used."""
-
 
 def _task_arguments(policy: Policy, env_id: str | None) -> dict[str, Any]:
     """The task arguments the policy was trained with (``TrainConfig.env_kwargs``), when it is run on
@@ -192,116 +183,3 @@ def export_policy(policy: Policy, path: str | Path, fmt: str | None = None) -> P
                                     verbose=False)
         program.save(str(path))
     return path
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    """The policy to use, shared by ``eval`` and ``export``."""
-    parser.add_argument("run_dir", help=f"a run directory, one checkpoint file or a {SHAREABLE_SUFFIX} policy")
-    parser.add_argument("--step", type=int, default=None,
-                        help="the checkpoint at this many env steps (default: latest)")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="also read checkpoints that need unpickling (older PPO runs); this can run code "
-                             "from the file, so only for files you made yourself (default: weights-only)")
-
-
-def _load(command: str, args: argparse.Namespace) -> Policy | None:
-    """The chosen policy, or ``None`` after printing ``diffgym <command>: <why>`` in one line."""
-    try:
-        return load_policy(args.run_dir, step=args.step, trust_pickle=args.trust_pickle)
-    except (FileNotFoundError, ValueError, ImportError, yaml.YAMLError) as error:
-        message = " ".join(str(error).split())
-        if isinstance(error, yaml.YAMLError):  # the run's config.yaml; YAML's message does not name it
-            message = f"{Path(args.run_dir) / 'config.yaml'}: not a readable config ({message})"
-        print(f"diffgym {command}: {message}", file=sys.stderr)
-        return None
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_source_arguments(parser)
-    parser.add_argument("--episodes", type=int, default=None, help="fresh episodes (default: the run's eval_episodes)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help=f"evaluation seed of the fresh episodes (default: the run's seed + {FRESH_SEED_OFFSET})")
-    parser.add_argument("--env", default=None,
-                        help="evaluate on another registered task id with the same spaces (default: the run's task)")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--deterministic", dest="deterministic", action="store_true", default=True,
-                      help="the squashed mean action (default; what training evaluates)")
-    mode.add_argument("--stochastic", dest="deterministic", action="store_false", help="sample actions")
-    parser.add_argument("--video", default=None, metavar="FILE",
-                        help="also record episodes to this .mp4 or .gif (default: no video)")
-    parser.add_argument("--video-episodes", type=int, default=2, metavar="N", help="episodes the video shows")
-    parser.add_argument("--json", default=None, metavar="FILE",
-                        help="also write the results to this JSON file (default: none)")
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    import diffgym  # noqa: F401  (registers the tasks)
-
-    torch.set_num_threads(1)
-    policy = _load("eval", args)
-    if policy is None:
-        return 2
-    try:
-        if args.env is not None:
-            check_policy_fits(policy, args.env)
-    except ValueError as error:
-        print(f"diffgym eval: {error}", file=sys.stderr)
-        return 2
-    config = policy.config
-    results: dict[str, Any] = {"checkpoint": str(policy.checkpoint), "env_steps": policy.env_steps,
-                               "env_id": args.env or config.env_id, "deterministic": args.deterministic}
-    if args.env is None and args.deterministic:
-        results["run_seeds"] = evaluate(policy, config.eval_episodes, config.seed)
-    fresh_seed = config.seed + FRESH_SEED_OFFSET if args.seed is None else args.seed
-    results["fresh_seeds"] = {"seed": fresh_seed, **evaluate(policy, args.episodes or config.eval_episodes, fresh_seed,
-                                                              args.env, args.deterministic)}
-    print(f"{config.algo} on {results['env_id']}, checkpoint {Path(results['checkpoint']).name} "
-          f"({policy.env_steps:,} env steps)")
-    for name, label in (("run_seeds", "the run's evaluation seeds"), ("fresh_seeds", f"fresh seeds (seed {fresh_seed})")):
-        if name in results:
-            r = results[name]
-            print(f"  {label}: success {r['eval_success_rate']:.3f}, return {r['eval_return']:.2f} "
-                  f"[95% CI {r['eval_return_ci_low']:.2f}, {r['eval_return_ci_high']:.2f}], "
-                  f"episode length {r['eval_episode_length']:.1f}")
-    if args.video:
-        path = record_video(policy, args.video, args.video_episodes, fresh_seed, args.env, args.deterministic)
-        results["video"] = str(path)
-        print(f"  video: {path}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    return 0
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_source_arguments(parser)
-    parser.add_argument("--format", choices=tuple(EXPORT_SUFFIXES), default=None,
-                        help="torchscript (.pt) or onnx (.onnx): a module that computes the actions; "
-                             f"safetensors ({SHAREABLE_SUFFIX}): the policy's tensors and config, safe to share, "
-                             "read by load_policy and diffgym eval (default: --out's extension, else torchscript)")
-    parser.add_argument("--out", default=None, metavar="FILE",
-                        help="output file, whose extension names the format (default: policy.pt, .onnx or "
-                             ".safetensors in the run directory, or beside a file given as the policy)")
-
-
-def run_export(args: argparse.Namespace) -> int:
-    try:  # the output is checked before anything is loaded
-        fmt = export_format(args.out, args.format) if args.out else (args.format or "torchscript")
-        out = Path(args.out) if args.out else default_export_path(args.run_dir, fmt, args.step)
-        if out.exists() and Path(args.run_dir).exists() and out.samefile(args.run_dir):
-            raise ValueError(f"--out {out} is the policy being exported; choose another file")
-    except ValueError as error:
-        print(f"diffgym export: {error}", file=sys.stderr)
-        return 2
-    policy = _load("export", args)
-    if policy is None:
-        return 2
-    try:
-        path = export_policy(policy, out, fmt)
-    except ImportError as error:  # ONNX's or safetensors' optional packages
-        print(f"diffgym export: {error}", file=sys.stderr)
-        return 2
-    what = ("the policy's tensors and config, for diffgym.load_policy and diffgym eval" if fmt == "safetensors"
-            else f"observations (B, {policy.model.obs_dim}) float32 -> actions (B, {policy.model.act_dim}) in [-1, 1]")
-    print(f"wrote {path} ({fmt}): {what}")
-    return 0

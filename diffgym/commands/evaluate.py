@@ -1,14 +1,20 @@
 """``diffgym eval``: score a trained policy on its run's evaluation seeds and on fresh ones.
 
-Its arguments and runner are ``diffgym.policy_commands``' (next to the policy loading they share with
-``export``); what can be checked before the policy is loaded is checked here, so a bad flag never
-costs an evaluation."""
+``diffgym eval RUN_DIR`` scores the run's policy twice with the shared ``evaluate_policy``: on the run's
+own evaluation seeds (reproducing its last evaluation row when the checkpoint is the final one) and on
+fresh seeds the run never used; ``--video FILE`` records a few episodes (``.mp4`` or ``.gif``). What can
+be checked before the policy is loaded is checked first, so a bad flag never costs an evaluation."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import sys
 from pathlib import Path
+from typing import Any
+
+from diffgym.commands.options import add_policy_source_arguments, load_policy_source
 
 HELP = "evaluate a trained policy on its run's and on fresh seeds; --video records episodes"
 
@@ -16,10 +22,28 @@ VIDEO_WRITERS = {".mp4": ("imageio", "imageio_ffmpeg"), ".gif": ("imageio",)}
 """The video formats ``--video`` writes (by the file's extension) and the modules each needs."""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffgym.policy_commands import add_eval_arguments
+FRESH_SEED_OFFSET = 1000
+"""Fresh episodes are scored as if the run's seed were ``seed + FRESH_SEED_OFFSET``: seeds
+``EVAL_SEED_OFFSET + SEED_STRIDE * (seed + 1000) + i``, which neither the run's training envs
+(``SEED_STRIDE * seed + i`` and reset seeds >= 2^30) nor its evaluations used."""
 
-    add_eval_arguments(parser)
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_policy_source_arguments(parser)
+    parser.add_argument("--episodes", type=int, default=None, help="fresh episodes (default: the run's eval_episodes)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help=f"evaluation seed of the fresh episodes (default: the run's seed + {FRESH_SEED_OFFSET})")
+    parser.add_argument("--env", default=None,
+                        help="evaluate on another registered task id with the same spaces (default: the run's task)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--deterministic", dest="deterministic", action="store_true", default=True,
+                      help="the squashed mean action (default; what training evaluates)")
+    mode.add_argument("--stochastic", dest="deterministic", action="store_false", help="sample actions")
+    parser.add_argument("--video", default=None, metavar="FILE",
+                        help="also record episodes to this .mp4 or .gif (default: no video)")
+    parser.add_argument("--video-episodes", type=int, default=2, metavar="N", help="episodes the video shows")
+    parser.add_argument("--json", default=None, metavar="FILE",
+                        help="also write the results to this JSON file (default: none)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +58,45 @@ def run(args: argparse.Namespace) -> int:
         if missing:
             raise SystemExit(f"diffgym eval: --video {suffix} needs {', '.join(missing)} "
                              "(pip install 'diffgym[video]')")
-    from diffgym.policy_commands import run_eval
+    return _evaluate(args)
 
-    return run_eval(args)
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    import diffgym  # noqa: F401  (registers the tasks)
+    from diffgym import policy_commands as library
+
+    torch.set_num_threads(1)
+    policy = load_policy_source("eval", args)
+    if policy is None:
+        return 2
+    try:
+        if args.env is not None:
+            library.check_policy_fits(policy, args.env)
+    except ValueError as error:
+        print(f"diffgym eval: {error}", file=sys.stderr)
+        return 2
+    config = policy.config
+    results: dict[str, Any] = {"checkpoint": str(policy.checkpoint), "env_steps": policy.env_steps,
+                               "env_id": args.env or config.env_id, "deterministic": args.deterministic}
+    if args.env is None and args.deterministic:
+        results["run_seeds"] = library.evaluate(policy, config.eval_episodes, config.seed)
+    fresh_seed = config.seed + FRESH_SEED_OFFSET if args.seed is None else args.seed
+    results["fresh_seeds"] = {"seed": fresh_seed, **library.evaluate(
+        policy, args.episodes or config.eval_episodes, fresh_seed, args.env, args.deterministic)}
+    print(f"{config.algo} on {results['env_id']}, checkpoint {Path(results['checkpoint']).name} "
+          f"({policy.env_steps:,} env steps)")
+    for name, label in (("run_seeds", "the run's evaluation seeds"), ("fresh_seeds", f"fresh seeds (seed {fresh_seed})")):
+        if name in results:
+            r = results[name]
+            print(f"  {label}: success {r['eval_success_rate']:.3f}, return {r['eval_return']:.2f} "
+                  f"[95% CI {r['eval_return_ci_low']:.2f}, {r['eval_return_ci_high']:.2f}], "
+                  f"episode length {r['eval_episode_length']:.1f}")
+    if args.video:
+        path = library.record_video(policy, args.video, args.video_episodes, fresh_seed, args.env, args.deterministic)
+        results["video"] = str(path)
+        print(f"  video: {path}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0

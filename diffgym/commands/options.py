@@ -17,6 +17,8 @@ Nothing here imports torch: ``diffgym --help`` reads every subcommand's definiti
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -237,3 +239,29 @@ def make_runner(args: argparse.Namespace, command: str) -> Runner:
                          shared_out=args.shared_out, local_runs=args.workers)
     except (ImportError, ValueError) as error:
         raise SystemExit(f"diffgym {command}: {error}")
+
+
+# ----------------------------------------------------------------------------- a trained policy (eval, export)
+def add_policy_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """The policy to use, shared by ``eval`` and ``export``."""
+    parser.add_argument("run_dir", help="a run directory, one checkpoint file or a .safetensors policy")
+    parser.add_argument("--step", type=int, default=None,
+                        help="the checkpoint at this many env steps (default: latest)")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="also read checkpoints that need unpickling (older PPO runs); this can run code "
+                             "from the file, so only for files you made yourself (default: weights-only)")
+
+
+def load_policy_source(command: str, args: argparse.Namespace):
+    """The chosen policy (:class:`diffgym.policy.Policy`), or ``None`` after printing
+    ``diffgym <command>: <why>`` in one line."""
+    from diffgym.policy import load_policy
+
+    try:
+        return load_policy(args.run_dir, step=args.step, trust_pickle=args.trust_pickle)
+    except (FileNotFoundError, ValueError, ImportError, yaml.YAMLError) as error:
+        message = " ".join(str(error).split())
+        if isinstance(error, yaml.YAMLError):  # the run's config.yaml; YAML's message does not name it
+            message = f"{Path(args.run_dir) / 'config.yaml'}: not a readable config ({message})"
+        print(f"diffgym {command}: {message}", file=sys.stderr)
+        return None
