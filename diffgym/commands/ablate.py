@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--algo", required=True, help="trainer plugin whose algo_params the grid sets")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                         help="an algo_params key and its values (repeatable; 'full' = episode length), "
-                             "e.g. --grid estimator=analytic,hybrid --grid segment_length=32,adaptive "
+                             "e.g. --grid policy_gradient.estimator=analytic,hybrid --grid segment.length=32,adaptive "
                              "(default: the trainer's ablation_grid)")
     add_sweep_arguments(parser, seeds_of="cell", scope="every run (under the grid)", out_default="runs/ablate/<task>")
     parser.epilog = "The trainer's own flags (`diffgym trainers -v`) are grid axes too: --FLAG V1,V2."
