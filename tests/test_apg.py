@@ -776,3 +776,21 @@ def test_a_run_resumed_from_its_first_checkpoint_continues_as_if_uninterrupted(t
 
     assert [r["env_steps"] for r in rows(resumed) if "eval_return" in r] == [0, 16, 32]
     assert rows(resumed) == rows(straight)
+
+
+@pytest.mark.parametrize("algo", ["apg", "apg-ppo", "sapo"])
+def test_every_point_of_a_search_space_is_a_config_the_trainer_accepts(algo):
+    """optuna's real sampler draws the trainer's tune search space; every point resolves (apg's includes
+    rollout reuse, beside the analytic estimator only)."""
+    import optuna
+
+    trainer = load_trainer(algo)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    estimators_with_reuse = set()
+    for _ in range(30):
+        trial = study.ask()
+        config = resolve_config(algo, POINT_MASS, trainer.suggest_hyperparams(trial, POINT_MASS))  # raises if invalid
+        if config.algo_params["reuse"]["epochs"]:
+            estimators_with_reuse.add(config.algo_params["policy_gradient"]["estimator"])
+        study.tell(trial, 0.0)
+    assert estimators_with_reuse == ({"analytic"} if algo == "apg" else set())

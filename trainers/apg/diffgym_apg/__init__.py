@@ -67,14 +67,19 @@ class APGTrainer:
 
     def suggest_hyperparams(self, trial: Any, env_id: str) -> dict[str, Any]:
         """``diffgym tune``'s search space: APG's own settings and the number of envs as dotted
-        overrides (the shared policy, normalizer and optimizer specs are not searched)."""
+        overrides (the shared policy, normalizer and optimizer specs are not searched); rollout reuse
+        beside the analytic estimator, whose surrogate it descends."""
         segment = trial.suggest_categorical("segment_length", ["8", "16", "32", "64", "adaptive"])
+        estimator = trial.suggest_categorical("estimator", ["analytic", "hybrid"])
         return {
             "num_envs": trial.suggest_categorical("num_envs", [4, 8, 16, 32, 64, 128]),
             "algo_params.segment.length": segment if segment == "adaptive" else int(segment),
             "algo_params.value.bootstrap": trial.suggest_categorical("bootstrap", ["none", "mc", "critic"]),
-            "algo_params.policy_gradient.estimator": trial.suggest_categorical("estimator", ["analytic", "hybrid"]),
+            "algo_params.policy_gradient.estimator": estimator,
             "algo_params.gamma": trial.suggest_categorical("gamma", [0.97, 0.99, 0.995]),
+            **({"algo_params.reuse.epochs": trial.suggest_categorical("reuse_epochs", [0, 2, 4, 8]),
+                "algo_params.reuse.minibatches": trial.suggest_categorical("reuse_minibatches", [1, 2])}
+               if estimator == "analytic" else {}),
         }
 
     def check_config(self, config: TrainConfig) -> None:
