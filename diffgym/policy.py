@@ -13,7 +13,7 @@ The policy is the shared :class:`~diffgym.training.ActorCritic` behind its
 a squashed Gaussian sample otherwise.
 
 Nothing here unpickles: checkpoints are read weights-only (tensors and plain data; a file that needs
-more is refused unless ``trust_pickle=True``), and :func:`save_policy` writes the shareable form, a
+more is refused; ``legacy=True`` reads older checkpoints' NumPy data, still running nothing), and :func:`save_policy` writes the shareable form, a
 ``.safetensors`` file of the policy's tensors with its config as JSON metadata, which
 :func:`load_policy` reads back.
 """
@@ -39,8 +39,8 @@ SHAREABLE_SUFFIX = ".safetensors"
 """The extension of the shareable policy file (:func:`save_policy`)."""
 _SHAREABLE_FORMAT = "diffgym.policy/1"
 """The ``format`` entry of a shareable policy file's metadata; another version is refused, not guessed at."""
-_TRUST_ADVICE = ("; if you made it yourself (e.g. a PPO run saved before checkpoints became weights-only), "
-                 "pass trust_pickle=True (diffgym eval/export: --trust-pickle)")
+_LEGACY_ADVICE = ("; a checkpoint saved before checkpoints became weights-only (e.g. an older PPO run) is read "
+                  "with legacy=True (diffgym eval/export: --legacy-checkpoint), which runs nothing from it")
 
 
 class TaskMismatchError(ValueError):
@@ -83,13 +83,14 @@ class Policy(nn.Module):
 
 
 def load_policy(path: str | Path, device: str | torch.device = "cpu", step: int | None = None,
-                trust_pickle: bool = False) -> Policy:
+                legacy: bool = False) -> Policy:
     """The policy saved in a run directory (its latest valid checkpoint, or the one at ``step`` env
     steps), in one checkpoint file, or in a shareable ``.safetensors`` policy file (:func:`save_policy`).
 
     Checkpoints are read weights-only: a file that would need unpickling (which can run code from it)
     raises :class:`~diffgym.training.run.UnsafeCheckpointError`, a ``ValueError``, whose one line names
-    the file. ``trust_pickle=True`` reads such files anyway: only for files you made yourself.
+    the file. ``legacy=True`` reads checkpoints saved before they became weights-only, still without
+    running anything from them (:func:`diffgym.training.run.load_checkpoint`).
 
     Raises ``FileNotFoundError`` for a path that is not a run or has no such checkpoint, and
     ``ValueError`` for a file that is not a readable checkpoint or policy, or a checkpoint that lacks the
@@ -104,7 +105,7 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", step: int 
             raise ValueError(f"step={step} selects a checkpoint of a run directory; {path} is one file")
         if path.suffix == SHAREABLE_SUFFIX:
             return _load_shareable(path, device)
-        return _load_checkpoint(path, device, expected=None, trust_pickle=trust_pickle)
+        return _load_checkpoint(path, device, expected=None, legacy=legacy)
     if not (path / "config.yaml").exists():
         raise FileNotFoundError(f"{path} is not a run directory: it has no config.yaml")
     run_config = TrainConfig.load(path / "config.yaml")
@@ -114,13 +115,13 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", step: int 
         if not chosen:
             steps = ", ".join(str(s) for s, _ in found) or "none"
             raise FileNotFoundError(f"{path} has no checkpoint at {step} env steps (it has: {steps})")
-        return _load_checkpoint(chosen[0], device, run_config, trust_pickle)
+        return _load_checkpoint(chosen[0], device, run_config, legacy)
     if not found:
         raise FileNotFoundError(f"{path} has no checkpoints/step_*.pt")
     errors = []
     for _, candidate in reversed(found):  # the latest one that loads; a truncated file falls back
         try:
-            policy = _load_checkpoint(candidate, device, run_config, trust_pickle)
+            policy = _load_checkpoint(candidate, device, run_config, legacy)
         except (TaskMismatchError, UnsafeCheckpointError):
             raise  # not damage: an earlier checkpoint would hide what is wrong with the run
         except ValueError as error:
@@ -187,9 +188,9 @@ def _safetensors() -> Any:
 
 
 def _load_checkpoint(path: Path, device: str | torch.device, expected: TrainConfig | None,
-                     trust_pickle: bool = False) -> Policy:
+                     legacy: bool = False) -> Policy:
     try:
-        saved = load_checkpoint(path, device, trust_pickle, advice=_TRUST_ADVICE)
+        saved = load_checkpoint(path, device, legacy, advice=_LEGACY_ADVICE)
     except UnsafeCheckpointError:
         raise
     except Exception as error:  # truncated, not a torch file, a TorchScript module, ...: whatever torch raises

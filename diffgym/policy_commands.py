@@ -8,7 +8,7 @@ fresh seeds the run never used; ``--video FILE`` records a few episodes (``.mp4`
 actor + squash, deterministic) that maps observations ``(B, obs_dim)`` to actions, as TorchScript
 (``.pt``) or ONNX (``.onnx``), or the shareable policy file (``.safetensors``: tensors and config only,
 read back by ``diffgym.load_policy`` and ``diffgym eval``). Both commands load checkpoints weights-only;
-``--trust-pickle`` reads older pickled checkpoints you made yourself.
+``--legacy-checkpoint`` reads older checkpoints too, still running nothing from them.
 """
 
 from __future__ import annotations

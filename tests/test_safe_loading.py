@@ -1,8 +1,8 @@
 """A run directory from someone else runs no code: every bundled trainer's checkpoints load weights-only
 (test_policy.py checks them with torch.load(weights_only=True)), and a checkpoint carrying a pickle payload is refused, in one line naming the file, by every command
 and public function that loads checkpoints (load_policy, diffgym eval / export, a resume through
-diffgym train --run-dir and Run.load_latest_checkpoint), while trust_pickle=True, the explicit opt-in,
-still reads a file its maker trusts. Honest runs loading and resuming exactly: test_policy.py,
+diffgym train --run-dir and Run.load_latest_checkpoint), and legacy=True, the opt-in for older
+checkpoints, reads their NumPy data without running anything either. Honest runs loading and resuming exactly: test_policy.py,
 test_ppo.py (with VecNormalize's statistics too), test_apg.py, test_run_dir.py."""
 
 from __future__ import annotations
@@ -60,9 +60,12 @@ def test_no_public_function_runs_a_planted_payload(planted):
         _one_line_naming(str(error.value), latest)
         assert isinstance(error.value, ValueError)  # what load_policy's callers already handle
         assert not marker.exists()
-    assert "trust_pickle=True" in str(error.value) or "--trust-pickle" in str(error.value)
-    # the opt-in does unpickle, so the payload above was live and only the refusal kept it from running
-    diffgym.load_policy(latest, trust_pickle=True)
+    assert "--legacy-checkpoint" in str(error.value)
+    # the opt-in reads the file and builds an inert stand-in for the payload: the policy loads, nothing runs
+    policy = diffgym.load_policy(latest, legacy=True)
+    assert policy.env_steps > 0 and not marker.exists()
+    # while the payload is live: a full unpickling, as any other reader would do, runs it
+    torch.load(latest, weights_only=False)
     assert marker.exists()
 
 
@@ -83,7 +86,7 @@ def test_no_command_runs_a_planted_payload(planted, tmp_path, capsys):
     assert list_checkpoints(copied)[-1][1] == latest  # the refused resume trained nothing
 
 
-def test_a_pickled_checkpoint_of_your_own_is_read_only_when_trusted(run, tmp_path, capsys):
+def test_an_older_checkpoint_is_read_only_with_the_legacy_opt_in(run, tmp_path, capsys):
     # the form of PPO checkpoints before they became weights-only: SB3's values as NumPy objects
     copied = tmp_path / "run"
     shutil.copytree(run, copied)
@@ -93,8 +96,8 @@ def test_a_pickled_checkpoint_of_your_own_is_read_only_when_trusted(run, tmp_pat
     assert main(["export", str(copied), "--out", str(tmp_path / "p.safetensors")]) == 2
     error = capsys.readouterr().err
     _one_line_naming(error, latest)
-    assert "numpy" in error and "--trust-pickle" in error
-    assert main(["export", str(copied), "--out", str(tmp_path / "p.safetensors"), "--trust-pickle"]) == 0
+    assert "numpy" in error and "--legacy-checkpoint" in error
+    assert main(["export", str(copied), "--out", str(tmp_path / "p.safetensors"), "--legacy-checkpoint"]) == 0
     obs = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
     np.testing.assert_array_equal(diffgym.load_policy(tmp_path / "p.safetensors").predict(obs)[0],
                                   diffgym.load_policy(run).predict(obs)[0])

@@ -3,8 +3,8 @@
 ``diffgym export RUN_DIR --out FILE`` writes, by FILE's extension, a module (normalizer + actor + squash,
 deterministic) that maps observations ``(B, obs_dim)`` to actions, as TorchScript (``.pt``) or ONNX
 (``.onnx``), or the shareable policy file (``.safetensors``: tensors and config only, read back by
-``diffgym.load_policy`` and ``diffgym eval``). Checkpoints are read weights-only; ``--trust-pickle``
-reads older pickled checkpoints you made yourself."""
+``diffgym.load_policy`` and ``diffgym eval``). Checkpoints are read weights-only; ``--legacy-checkpoint``
+reads older ones too, still running nothing from them."""
 
 from __future__ import annotations
 

@@ -247,9 +247,10 @@ def add_policy_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run directory, one checkpoint file or a .safetensors policy")
     parser.add_argument("--step", type=int, default=None,
                         help="the checkpoint at this many env steps (default: latest)")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="also read checkpoints that need unpickling (older PPO runs); this can run code "
-                             "from the file, so only for files you made yourself (default: weights-only)")
+    parser.add_argument("--legacy-checkpoint", action="store_true",
+                        help="also read checkpoints saved before they became weights-only (older PPO runs): "
+                             "NumPy data is read, any other object the file names is replaced by an inert "
+                             "stand-in, so nothing from the file runs (default: tensors and plain data only)")
 
 
 def load_policy_source(command: str, args: argparse.Namespace):
@@ -258,7 +259,7 @@ def load_policy_source(command: str, args: argparse.Namespace):
     from diffgym.policy import load_policy
 
     try:
-        return load_policy(args.run_dir, step=args.step, trust_pickle=args.trust_pickle)
+        return load_policy(args.run_dir, step=args.step, legacy=args.legacy_checkpoint)
     except (FileNotFoundError, ValueError, ImportError, yaml.YAMLError) as error:
         message = " ".join(str(error).split())
         if isinstance(error, yaml.YAMLError):  # the run's config.yaml; YAML's message does not name it

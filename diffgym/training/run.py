@@ -94,7 +94,7 @@ class UnsafeCheckpointError(RunDirError, ValueError):
 
 
 _RESUME_REFUSED = ("; resuming reads tensors and plain data only, so this run cannot be continued: train "
-                   "into another run_dir (diffgym eval/export --trust-pickle still read a run you made yourself)")
+                   "into another run_dir (diffgym eval/export --legacy-checkpoint read the policy of an older run)")
 
 _CHECKPOINT = re.compile(r"step_(\d+)\.pt$")
 
@@ -105,16 +105,47 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", trust_pickle: bool = False,
+class LegacyObject:
+    """What :func:`load_checkpoint` with ``legacy=True`` builds in place of any class or function a file
+    names (beyond NumPy's data): it only keeps the arguments and state it was given, so nothing from the
+    file runs."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _legacy_globals(path: str | Path) -> list[Any]:
+    """The weights-only reader's extra allowlist for an older checkpoint: NumPy's arrays, scalars and
+    dtypes as themselves (torch's documented data-only set), every other global the file names as a
+    :class:`LegacyObject` stand-in."""
+    import numpy as np
+
+    multiarray = getattr(np, "_core", None) or np.core
+    numpy_data = {f"{module}.{name}": getattr(multiarray.multiarray, name)
+                  for module in ("numpy._core.multiarray", "numpy.core.multiarray") for name in ("_reconstruct", "scalar")}
+    numpy_data.update({"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype})
+    dtypes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+    return [(numpy_data.get(name, LegacyObject), name) for name in _pickled_globals(path, pickle.UnpicklingError())] \
+        + dtypes
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", legacy: bool = False,
                     advice: str = "") -> Any:
     """``torch.load(path, weights_only=True)``: tensors, numbers, strings, ``None`` and lists, tuples and
     dicts of them; nothing in the file can run code. A file that needs anything else unpickled raises
     :class:`UnsafeCheckpointError`, one line naming the file and what it would unpickle, then ``advice``.
     Other read errors (a truncated or foreign file) propagate as ``torch.load`` raises them.
 
-    ``trust_pickle=True`` unpickles whatever the file holds: only for files you made yourself."""
-    if trust_pickle:
-        return torch.load(path, map_location=map_location, weights_only=False)
+    ``legacy=True`` also reads checkpoints written before they became weights-only (older PPO runs, with
+    SB3's NumPy values): still weights-only, with NumPy's arrays, scalars and dtypes allowed and every other
+    class or function the file names replaced by an inert :class:`LegacyObject`, so nothing from the file
+    runs either; the policy's tensors and config come through unchanged."""
+    if legacy:
+        with torch.serialization.safe_globals(_legacy_globals(path)):
+            return torch.load(path, map_location=map_location, weights_only=True)
     try:
         with warnings.catch_warnings():
             # a plain pickle.dump file: the weights-only unpickler notes its protocol, then refuses it below
