@@ -56,9 +56,9 @@ def _dir_name(params: dict[str, Any], keys: Sequence[str]) -> str:
     return "__".join(f"{key}{params[key]}" for key in keys)
 
 
-def _cell_values(grid: dict[str, Sequence[Any]], keys: Sequence[str], seeds: int) -> list[tuple[Any, ...]]:
-    """The grid values of every run :func:`grid_configs` makes, in its order."""
-    return [values for values in itertools.product(*(grid[k] for k in keys)) for _ in range(seeds)]
+def grid_cells(grid: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Every cell of the grid as ``{key: value}``, in the grid's order."""
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
 def grid_configs(env_id: str, grid: dict[str, Sequence[Any]], seeds: int, env_steps: int, out_dir: str | Path,
@@ -69,8 +69,7 @@ def grid_configs(env_id: str, grid: dict[str, Sequence[Any]], seeds: int, env_st
     eval_every = eval_every or max(1, env_steps // 20)
     keys = list(grid)
     configs = []
-    for values in itertools.product(*(grid[k] for k in keys)):
-        params = dict(zip(keys, values))
+    for params in grid_cells(grid):
         for seed in range(seeds):
             configs.append(resolve_config(algo, env_id, {
                 **(overrides or {}), "seed": seed, "total_env_steps": env_steps, "eval_every_env_steps": eval_every,
@@ -123,9 +122,8 @@ def ablate(env_id: str, grid: dict[str, Sequence[Any]], seeds: int, env_steps: i
     run_dirs = (runner or LocalRunner()).run(configs)
     # each run's cell as the grid named it: a trainer may store a key under another name (APG's
     # segment_length is segment.length in its config), so the label does not come from the config
-    cells = {Path(config.run_dir).name: cell_label(dict(zip(keys, values)), keys)
-             for config, values in zip(configs, _cell_values(grid, keys, seeds))}
-    groups = group((load_run(p) for p in run_dirs), lambda run: cells[run.path.name])
+    cells = {_dir_name(params, keys): cell_label(params, keys) for params in grid_cells(grid)}
+    groups = group((load_run(p) for p in run_dirs), lambda run: cells[run.path.name.rpartition("__s")[0]])
     table, summary = threshold_table(groups, threshold, baseline=None, contender=None)
     name = task_name(env_id)
     figures = ""

@@ -96,7 +96,7 @@ def reuse_steps(config: ReuseConfig, model: ActorCritic, batch: ReuseBatch, para
     obs, noise, pre_squash, adjoints, scale = batch.obs, batch.noise, batch.pre_squash, batch.adjoints, batch.scale
     old_log_prob = batch.acting.log_prob(pre_squash).sum(-1)
     steps = skipped = 0
-    clipped, kls = [], []
+    clipped, last_kl = [], math.nan
     for _ in range(config.epochs):
         order = torch.randperm(obs.shape[0], device=obs.device)
         for index in order.tensor_split(config.minibatches):
@@ -106,7 +106,7 @@ def reuse_steps(config: ReuseConfig, model: ActorCritic, batch: ReuseBatch, para
             kl = torch.distributions.kl_divergence(
                 torch.distributions.Normal(batch.acting.mean[index], batch.acting.stddev[index]), dist).sum(-1).mean()
             clipped.append(1.0 - float(trusted.mean()))
-            kls.append(float(kl.detach()))
+            last_kl = float(kl.detach())
             if not config.kl_coef and not bool(trusted.any()):
                 continue  # nothing to descend: a step would only carry Adam's momentum past the clip
             # the samples of a minibatch stand for the whole segment: the surrogate's scale is the segment's
@@ -118,4 +118,4 @@ def reuse_steps(config: ReuseConfig, model: ActorCritic, batch: ReuseBatch, para
     optimizer.zero_grad(set_to_none=True)
     return {"reuse_grad_steps": float(steps), "reuse_skipped_steps": float(skipped),
             "reuse_clip_fraction": sum(clipped) / len(clipped) if clipped else math.nan,
-            "reuse_kl": kls[-1] if kls else math.nan}
+            "reuse_kl": last_kl}
