@@ -22,12 +22,15 @@ def train_env_seed(seed: int) -> int:
 
 
 def evaluate_policy(act: Callable[[np.ndarray], np.ndarray], env_id: str, episodes: int, seed: int,
-                    env_kwargs: dict[str, Any] | None = None) -> dict[str, float]:
+                    env_kwargs: dict[str, Any] | None = None,
+                    physics: dict[str, Any] | None = None) -> dict[str, float]:
     """Run ``episodes`` held-out episodes of ``act`` on the native vector env and summarize them.
 
     ``act`` maps a ``(episodes, obs_dim)`` float32 observation batch to ``(episodes, act_dim)`` actions in
     [-1, 1]; pass the *deterministic* policy (the squashed mean). One vector env with ``episodes`` envs
-    runs every env to the end of its first episode (terminated or truncated).
+    runs every env to the end of its first episode (terminated or truncated). ``physics`` (name -> one
+    value for every env, or ``(episodes,)`` values) sets the task's physical parameters through ``reset``'s
+    options (``diffgym robustness``); a name left out keeps the task's constructor value.
 
     Returns ``eval_return`` (mean undiscounted return), ``eval_return_std``, ``eval_success_rate``
     (fraction of episodes whose *last* step has ``info["is_success"]``) and ``eval_episode_length``.
@@ -39,7 +42,8 @@ def evaluate_policy(act: Callable[[np.ndarray], np.ndarray], env_id: str, episod
     venv = gym.make_vec(env_id, num_envs=episodes, vectorization_mode="vector_entry_point",
                         **(env_kwargs or {}))
     try:
-        obs, _ = venv.reset(seed=EVAL_SEED_OFFSET + SEED_STRIDE * int(seed))
+        obs, _ = venv.reset(seed=EVAL_SEED_OFFSET + SEED_STRIDE * int(seed),
+                            options={"physics": physics} if physics else None)
         returns = np.zeros(episodes, dtype=np.float64)
         lengths = np.zeros(episodes, dtype=np.int64)
         success = np.zeros(episodes, dtype=bool)
