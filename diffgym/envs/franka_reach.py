@@ -66,6 +66,8 @@ class FrankaReachParams:
     upper: vec7
     max_speed: vec7
     """Joint speed at |a| = 1 [rad/s]: velocity_scale times the FR3 velocity limits."""
+    velocity_gain: float
+    """The default of the per-env ``velocity_gain`` array the step kernel reads."""
     ready: vec7
     reset_noise: float
     goal_low: wp.vec3
@@ -145,6 +147,7 @@ def franka_reach_step(
     goal: wp.array(dtype=wp.vec3),
     step: wp.array(dtype=wp.int32),
     action: wp.array(dtype=vec7),
+    velocity_gain: wp.array(dtype=float),
     p: FrankaReachParams,
     # outputs
     q_next: wp.array(dtype=vec7),
@@ -156,7 +159,9 @@ def franka_reach_step(
     success: wp.array(dtype=wp.int32),
 ):
     i = wp.tid()
-    velocity = wp.cw_mul(action[i], p.max_speed)
+    # the gain multiplies the commanded velocity before anything else, so gain 1 leaves every bit (and
+    # every adjoint) of the step as it was without it
+    velocity = velocity_gain[i] * wp.cw_mul(action[i], p.max_speed)
     qn = _clamp_joints(q[i] + velocity * p.dt, p.lower, p.upper)
     tcp = fk_tcp(qn)
     g = goal[i]
@@ -189,6 +194,14 @@ class FrankaReach(DiffSim):
     # q beyond the joint limits is clamped back by the step (documented gradient); goals beyond 10 m are
     # far outside the arm's ~1 m reach and keep every distance finite
     state_bounds = {"q": 100.0, "goal": 10.0}
+    physical_params = ("velocity_gain",)
+    # How closely the joints track the commanded velocity (q' = q + gain * a * max_speed * dt). The step
+    # clamps q to the joint limits, so any gain keeps every state finite; the range keeps the task
+    # meaningful instead. At 2 a full command at the default velocity_scale (0.5) reaches the FR3's
+    # velocity limits, the most the real arm can track; at 0.1 joints 1-4 cover at most 0.66 rad in a
+    # 5 s episode at full command, and slower still the arm could barely leave its start. A gain > 0
+    # keeps each action's sign and its gradient.
+    physics_bounds = {"velocity_gain": (0.1, 2.0)}
 
     chain: ClassVar[KinematicChain] = FR3
     joint_lower: ClassVar[np.ndarray] = FR3.lower.astype(np.float32)
@@ -200,13 +213,17 @@ class FrankaReach(DiffSim):
     obs_high = np.concatenate([joint_upper, np.full(6, np.inf, np.float32)])
 
     def __init__(self, device: str | torch.device = "cpu", max_episode_steps: int | None = None,
-                 distance_threshold: float = 0.05, velocity_scale: float = 0.5, reset_noise: float = 0.1):
+                 distance_threshold: float = 0.05, velocity_scale: float = 0.5, reset_noise: float = 0.1,
+                 velocity_gain: float = 1.0):
         super().__init__(device, max_episode_steps)
         for name, value in (("distance_threshold", distance_threshold), ("velocity_scale", velocity_scale)):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         if not reset_noise >= 0:
             raise ValueError(f"reset_noise must be >= 0, got {reset_noise}")
+        low, high = self.physics_bounds["velocity_gain"]
+        if not low <= velocity_gain <= high:
+            raise ValueError(f"velocity_gain must lie in [{low:g}, {high:g}], got {velocity_gain!r}")
         self.distance_threshold = float(distance_threshold)
         self.velocity_scale = float(velocity_scale)
         self.params = FrankaReachParams()
@@ -214,6 +231,7 @@ class FrankaReach(DiffSim):
         self.params.lower = to_vec7(self.joint_lower)
         self.params.upper = to_vec7(self.joint_upper)
         self.params.max_speed = to_vec7(self.velocity_scale * self.velocity_limits)
+        self.params.velocity_gain = float(velocity_gain)
         self.params.ready = to_vec7(READY_POSE)
         self.params.reset_noise = float(reset_noise)
         self.params.goal_low = wp.vec3(*GOAL_LOW)
@@ -287,12 +305,22 @@ class FrankaReachEnv(DiffGymEnv):
     base frame (`fr3_link0`; the other six bounds are infinite).
 
     ## Dynamics
-    Kinematic, dt = 0.05 s: `q' = clip(q + a * velocity_scale * v_max * dt, lower, upper)` with the FR3
+    Kinematic, dt = 0.05 s: `q' = clip(q + g * a * velocity_scale * v_max * dt, lower, upper)`, `g` the
+    velocity gain (1 by default, below), with the FR3
     position limits `lower = (-2.7437, -1.7837, -2.9007, -3.0421, -2.8065, 0.5445, -3.0159)`,
     `upper = (2.7437, 1.7837, 2.9007, -0.1518, 2.8065, 4.5169, 3.0159)`. Gradient at the limits: the clip
     passes the gradient of `q + a v dt` unchanged when it lies within `[lower, upper]` (ends included) and
     passes none when it lies beyond, so a joint driven into its limit gets no gradient from that step
-    (neither to its action nor to its earlier position). The goal does not move.
+    (neither to its action nor to its earlier position, nor to the gain). The goal does not move.
+
+    ## Physical parameters
+    `velocity_gain` `g` (in [0.1, 2]) is per env and differentiable: how closely the joints track the
+    commanded velocity, one scalar for all seven joints. `differentiable_step(state, action,
+    physics={"velocity_gain": g})` with `g` a `(B,)` tensor (gradients flow into it), and
+    `reset(options={"physics": {"velocity_gain": g}})` sets the value later steps use (domain
+    randomisation). The constructor's `velocity_gain` is the default; at 1 every number and gradient is
+    the same, bit for bit, as without the parameter. At 2 a full command reaches the FR3 velocity limits
+    (at the default `velocity_scale`); at 0.1 joints 1-4 cover at most 0.66 rad in an episode.
 
     ## Valid states
     `set_state` and `differentiable_step` accept finite states with `|q| <= 100` rad and `|goal| <= 10` m
@@ -316,8 +344,8 @@ class FrankaReachEnv(DiffGymEnv):
 
     ## Arguments
     `gym.make("DiffGym/FrankaReach-v0", device="cpu", render_mode=None, distance_threshold=0.05,
-    velocity_scale=0.5, reset_noise=0.1)`; `gym.make_vec(..., num_envs=N)` gives the native batched vector
-    env. `rgb_array` frames show the arm's skeleton, the TCP (orange), the goal (green) and the goal box
+    velocity_scale=0.5, reset_noise=0.1, velocity_gain=1.0)`; `gym.make_vec(..., num_envs=N)` gives the
+    native batched vector env. `rgb_array` frames show the arm's skeleton, the TCP (orange), the goal (green) and the goal box
     from the top (x-y) and the side (x-z).
 
     ## Version History
