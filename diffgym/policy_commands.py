@@ -52,14 +52,16 @@ def check_policy_fits(policy: Policy, env_id: str) -> None:
 
 
 def evaluate(policy: Policy, episodes: int, seed: int, env_id: str | None = None,
-             deterministic: bool = True) -> dict[str, float]:
-    """``evaluate_policy`` of ``policy`` plus a 95 % normal confidence interval of the mean return."""
+             deterministic: bool = True, physics: dict[str, float] | None = None) -> dict[str, float]:
+    """``evaluate_policy`` of ``policy`` (with ``physics`` set in every env, if given) plus a 95 % normal
+    confidence interval of the mean return."""
     from diffgym.training.evaluation import evaluate_policy
 
     def act(obs: np.ndarray) -> np.ndarray:
         return policy.predict(obs, deterministic=deterministic)[0]
 
-    result = evaluate_policy(act, env_id or policy.config.env_id, episodes, seed, _task_arguments(policy, env_id))
+    result = evaluate_policy(act, env_id or policy.config.env_id, episodes, seed, _task_arguments(policy, env_id),
+                             physics)
     half = 1.96 * result["eval_return_std"] / math.sqrt(episodes)
     return {**result, "eval_return_ci_low": result["eval_return"] - half,
             "eval_return_ci_high": result["eval_return"] + half}

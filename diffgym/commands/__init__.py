@@ -19,6 +19,7 @@ COMMANDS = {
     "train": "train",
     "eval": "evaluate",
     "export": "export",
+    "robustness": "robustness",
     "compare": "compare",
     "ablate": "ablate",
     "tune": "tune",
