@@ -87,6 +87,21 @@ MIN_START_SPREAD = 0.3
 below this spread too few poses that far are drawn (at 0.3 about a quarter of the draws, at 0.25 4 %)."""
 _HULL = T_OUTLINE[[0, 1, 3, 4, 6, 7]]  # the convex-hull corners (the concave 2 and 5 never touch a wall)
 
+PHYSICS_BOUNDS = {
+    "block_mass": (0.5, 2.0),
+    "contact_friction": (0.0, 1.0),
+    "table_friction": (0.0, 1.0),
+    "contact_stiffness": (2000.0, 10000.0),
+}
+"""The valid range of each per-env physical parameter (``TPush.physical_params``), in which the valid domain's
+bounds hold; the constructor's values must lie in it too. Measured with 64 envs x 400 steps of full-speed
+pushes at every corner of this box: T corners at most 21 mm into a wall (2 kg at 2000 N/m), speeds 1.5 m/s and
+spins 15 rad/s at most. Beyond it they do not: a 4 kg frictionless T on 1000 N/m walls sinks past the 30 mm
+slack, and a 0.25 kg T on 20000 N/m contacts goes unstable (NaN) under explicit integration. Friction is
+integrated implicitly, so any coefficient in [0, 1] is stable. Measured at the default max_speed and servo."""
+PHYSICS_UNITS = {"block_mass": "kg", "contact_friction": "(dimensionless)", "table_friction": "(dimensionless)",
+                 "contact_stiffness": "N/m"}
+
 
 @dataclasses.dataclass(eq=False, frozen=True)
 class TPushState(SimState):
@@ -114,21 +129,22 @@ class TPushParams:
     pusher_mass: float
     max_speed: float
     servo_gain: float
-    block_mass: float
-    block_inertia: float
+    block_mass: float  # the default of the per-env `block_mass` array the step kernels read; so are the next
+    block_inertia: float  # the default block's (documentation and tests; the kernels scale the next by the mass)
+    block_inertia_per_mass: float
     friction_radius: float
     bar_center: wp.vec2
     bar_half: wp.vec2
     stem_center: wp.vec2
     stem_half: wp.vec2
-    contact_stiffness: float
+    contact_stiffness: float  # default of the per-env array
     contact_damping: float
     contact_smoothing: float
     corner_smoothing: float
-    contact_friction: float
+    contact_friction: float  # default of the per-env array
     contact_gradient_distance: float
-    contact_gradient_peak: float
-    table_friction: float
+    contact_gradient_peak_per_stiffness: float
+    table_friction: float  # default of the per-env array
     gravity: float
     friction_smoothing: float
     goal_pos: wp.vec2
@@ -301,11 +317,12 @@ def _contact_law(pre_contact: bool):
     nonzero (the broad phase), for the exact law or for the pre-contact surrogate (diffgym.envs.pre_contact),
     chosen when the code is generated (``wp.static``): the exact variant is the exact law, op for op."""
 
-    def elastic_force(p: TPushParams, gap: float) -> float:
-        elastic = p.contact_stiffness * smooth_relu(-gap, p.contact_smoothing)
+    def elastic_force(p: TPushParams, stiffness: float, gap: float) -> float:
+        elastic = stiffness * smooth_relu(-gap, p.contact_smoothing)
         if wp.static(pre_contact):
-            elastic = elastic + p.contact_gradient_peak * pre_contact_profile(
-                gap, p.contact_gradient_distance, p.contact_smoothing)
+            # the tail's peak scales with the env's stiffness, as PEAK_FRACTION prescribes
+            peak = p.contact_gradient_peak_per_stiffness * stiffness
+            elastic = elastic + peak * pre_contact_profile(gap, p.contact_gradient_distance, p.contact_smoothing)
         return elastic
 
     def contact_reach(p: TPushParams) -> float:
@@ -321,13 +338,14 @@ def _contact_law(pre_contact: bool):
 
 
 @wp.func
-def friction_impulse(p: TPushParams, elastic: float, slip: float, inv_mass: float, h: float) -> float:
+def friction_impulse(p: TPushParams, friction: float, elastic: float, slip: float, inv_mass: float,
+                     h: float) -> float:
     """Tangential impulse opposing the slip speed over a substep: Coulomb friction mu * N smoothed by
     the pseudo-Huber norm, N * mu * slip / sqrt(slip^2 + delta^2), applied linearly-implicitly
     (the damping coefficient is taken at the current slip, the slip at the end of the substep), so
     it can never reverse the slip however stiff the smoothing; ``inv_mass`` is the effective inverse
-    mass of the pair along the tangent."""
-    coeff = p.contact_friction * elastic / wp.sqrt(slip * slip + p.friction_smoothing * p.friction_smoothing)
+    mass of the pair along the tangent; ``friction`` is the friction coefficient mu."""
+    coeff = friction * elastic / wp.sqrt(slip * slip + p.friction_smoothing * p.friction_smoothing)
     return coeff * h * slip / (1.0 + coeff * h * inv_mass)
 
 
@@ -339,8 +357,10 @@ def _make_advance(pre_contact: bool):
     module = "unique" if pre_contact else None
 
     def substep(p: TPushParams, h: float, command: wp.vec2, xp: wp.vec2, vp: wp.vec2, xb: wp.vec2,
-                theta: float, vb: wp.vec2, omega: float):
-        """One semi-implicit Euler substep of the pusher + block system; returns the new state."""
+                theta: float, vb: wp.vec2, omega: float, block_mass: float, block_inertia: float,
+                contact_friction: float, table_friction: float, contact_stiffness: float):
+        """One semi-implicit Euler substep of the pusher + block system with the env's physical parameters;
+        returns the new state."""
         force_p = wp.vec2(0.0, 0.0)
         force_b = wp.vec2(0.0, 0.0)
         torque_b = float(0.0)
@@ -371,18 +391,18 @@ def _make_advance(pre_contact: bool):
                 n = rotate_cs(c, s, n_local)
                 r = rotate_cs(c, s, c_local)  # contact point relative to the block's centre of mass
                 v_rel = vp - (vb + omega * perp(r))
-                elastic = elastic_force(p, gap)
+                elastic = elastic_force(p, contact_stiffness, gap)
                 # the normal force evaluates the law again rather than reusing ``elastic``: the adjoint then
                 # sums the gap's two paths in the order it always has, so the exact law's gradients stay
                 # bit for bit those of every run recorded before the surrogate existed
-                fn = normal_force(p, elastic_force(p, gap), wp.dot(v_rel, n))
+                fn = normal_force(p, elastic_force(p, contact_stiffness, gap), wp.dot(v_rel, n))
                 force_p = force_p + fn * n
                 force_b = force_b - fn * n
                 torque_b = torque_b - fn * cross2(r, n)
                 t = perp(n)
                 rt = cross2(r, t)
-                inv_mass = 1.0 / pusher_eff_mass + 1.0 / p.block_mass + rt * rt / p.block_inertia
-                j = friction_impulse(p, elastic, wp.dot(v_rel, t), inv_mass, h)
+                inv_mass = 1.0 / pusher_eff_mass + 1.0 / block_mass + rt * rt / block_inertia
+                j = friction_impulse(p, contact_friction, elastic, wp.dot(v_rel, t), inv_mass, h)
                 impulse_p = impulse_p - j * t
                 impulse_b = impulse_b + j * t
                 ang_impulse_b = ang_impulse_b + j * rt
@@ -398,14 +418,14 @@ def _make_advance(pre_contact: bool):
                 wall_n = wp.vec2(0.0, -1.0)
             gap_p = wp.dot(xp, wall_n) + p.arena_half - p.pusher_radius
             if gap_p < contact_reach(p):
-                force_p = force_p + normal_force(p, elastic_force(p, gap_p), wp.dot(vp, wall_n)) * wall_n
+                force_p = force_p + normal_force(p, elastic_force(p, contact_stiffness, gap_p), wp.dot(vp, wall_n)) * wall_n
             for k in range(8):
                 if k != 2 and k != 5:  # only the six convex-hull corners (not the concave 2, 5) can touch a wall
                     r = rotate_cs(c, s, outline_vertex(p, k))
                     gap_v = wp.dot(xb + r, wall_n) + p.arena_half
                     if gap_v < contact_reach(p):
                         v_n = wp.dot(vb + omega * perp(r), wall_n)
-                        fw = normal_force(p, elastic_force(p, gap_v), v_n) * wall_n
+                        fw = normal_force(p, elastic_force(p, contact_stiffness, gap_v), v_n) * wall_n
                         force_b = force_b + fw
                         torque_b = torque_b + cross2(r, fw)
 
@@ -416,17 +436,20 @@ def _make_advance(pre_contact: bool):
         # (an ellipsoidal limit surface whose torque limit is mu m g rho), linearly implicit like above
         rho = p.friction_radius
         speed = wp.sqrt(wp.dot(vb, vb) + rho * rho * omega * omega + p.friction_smoothing * p.friction_smoothing)
-        drag = p.table_friction * p.block_mass * p.gravity / speed
-        vb_next = (vb + (h * force_b + impulse_b) / p.block_mass) / (1.0 + h * drag / p.block_mass)
-        omega_next = (omega + (h * torque_b + ang_impulse_b) / p.block_inertia) \
-            / (1.0 + h * drag * rho * rho / p.block_inertia)
+        drag = table_friction * block_mass * p.gravity / speed
+        vb_next = (vb + (h * force_b + impulse_b) / block_mass) / (1.0 + h * drag / block_mass)
+        omega_next = (omega + (h * torque_b + ang_impulse_b) / block_inertia) \
+            / (1.0 + h * drag * rho * rho / block_inertia)
         return xp + h * vp_next, vp_next, xb + h * vb_next, theta + h * omega_next, vb_next, omega_next
 
     substep = wp.func(substep, name=f"substep_{variant}", module=module)
 
     def advance(p: TPushParams, command: wp.vec2, pusher: wp.vec2, pusher_vel: wp.vec2, block: wp.vec2,
-                angle: float, block_vel: wp.vec2, angvel: float):
+                angle: float, block_vel: wp.vec2, angvel: float, block_mass: float, contact_friction: float,
+                table_friction: float, contact_stiffness: float):
         h = p.dt / float(_SUBSTEPS)
+        # a heavier or lighter T of the same shape and uniform density: the inertia follows the mass
+        block_inertia = block_mass * p.block_inertia_per_mass
         xp = pusher
         vp = pusher_vel
         xb = block
@@ -434,7 +457,9 @@ def _make_advance(pre_contact: bool):
         vb = block_vel
         omega = angvel
         for _ in range(_SUBSTEPS):  # unrolled (module max_unroll), so the adjoint replays every substep
-            xp, vp, xb, theta, vb, omega = substep(p, h, command, xp, vp, xb, theta, vb, omega)
+            xp, vp, xb, theta, vb, omega = substep(p, h, command, xp, vp, xb, theta, vb, omega, block_mass,
+                                                   block_inertia, contact_friction, table_friction,
+                                                   contact_stiffness)
         return xp, vp, xb, theta, vb, omega
 
     return wp.func(advance, name=f"advance_{variant}", module=module)
@@ -554,6 +579,10 @@ def t_push_step(
     block_angvel: wp.array(dtype=float),
     step: wp.array(dtype=wp.int32),
     action: wp.array2d(dtype=float),
+    block_mass: wp.array(dtype=float),
+    contact_friction: wp.array(dtype=float),
+    table_friction: wp.array(dtype=float),
+    contact_stiffness: wp.array(dtype=float),
     p: TPushParams,
     # outputs
     pusher_pos_next: wp.array(dtype=wp.vec2),
@@ -571,7 +600,8 @@ def t_push_step(
     i = wp.tid()
     command = p.max_speed * wp.vec2(action[i, 0], action[i, 1])
     xp, vp, xb, theta, vb, omega = advance(p, command, pusher_pos[i], pusher_vel[i], block_pos[i], block_angle[i],
-                                           block_vel[i], block_angvel[i])
+                                           block_vel[i], block_angvel[i], block_mass[i], contact_friction[i],
+                                           table_friction[i], contact_stiffness[i])
     pusher_pos_next[i] = xp
     pusher_vel_next[i] = vp
     block_pos_next[i] = xb
@@ -617,22 +647,27 @@ def _motion(xp: wp.vec2, vp: wp.vec2, xb: wp.vec2, theta: float, vb: wp.vec2, om
 
 @wp.func
 def _exact_advance(p: TPushParams, command: wp.vec2, pusher: wp.vec2, pusher_vel: wp.vec2, block: wp.vec2,
-                   angle: float, block_vel: wp.vec2, angvel: float) -> _Motion:
+                   angle: float, block_vel: wp.vec2, angvel: float, block_mass: float, contact_friction: float,
+                   table_friction: float, contact_stiffness: float) -> _Motion:
     """``advance`` inside the straight-through kernel, which takes its values and none of its gradient."""
-    xp, vp, xb, theta, vb, omega = advance(p, command, pusher, pusher_vel, block, angle, block_vel, angvel)
+    xp, vp, xb, theta, vb, omega = advance(p, command, pusher, pusher_vel, block, angle, block_vel, angvel,
+                                           block_mass, contact_friction, table_friction, contact_stiffness)
     return _motion(xp, vp, xb, theta, vb, omega)
 
 
 @wp.func_grad(_exact_advance)
 def _exact_advance_adjoint(p: TPushParams, command: wp.vec2, pusher: wp.vec2, pusher_vel: wp.vec2, block: wp.vec2,
-                           angle: float, block_vel: wp.vec2, angvel: float, adj_ret: _Motion):
+                           angle: float, block_vel: wp.vec2, angvel: float, block_mass: float,
+                           contact_friction: float, table_friction: float, contact_stiffness: float,
+                           adj_ret: _Motion):
     # nothing: every gradient of the straight-through kernel comes from the surrogate's substeps
     pass
 
 
 @wp.func_replay(_exact_advance)
 def _exact_advance_replay(p: TPushParams, command: wp.vec2, pusher: wp.vec2, pusher_vel: wp.vec2, block: wp.vec2,
-                          angle: float, block_vel: wp.vec2, angvel: float):
+                          angle: float, block_vel: wp.vec2, angvel: float, block_mass: float,
+                          contact_friction: float, table_friction: float, contact_stiffness: float):
     # The backward pass never uses the exact values (they only reach straight_through's ignored argument
     # and the array stores, which the replay skips), so it skips their 20 substeps; the inputs stand in.
     return _motion(pusher, pusher_vel, block, angle, block_vel, angvel)
@@ -654,6 +689,10 @@ def _pre_contact_step_kernel(straight_through_outputs: bool):
         block_angvel: wp.array(dtype=float),
         step: wp.array(dtype=wp.int32),
         action: wp.array2d(dtype=float),
+        block_mass: wp.array(dtype=float),
+        contact_friction: wp.array(dtype=float),
+        table_friction: wp.array(dtype=float),
+        contact_stiffness: wp.array(dtype=float),
         p: TPushParams,
         # outputs
         pusher_pos_next: wp.array(dtype=wp.vec2),
@@ -672,13 +711,16 @@ def _pre_contact_step_kernel(straight_through_outputs: bool):
         command = p.max_speed * wp.vec2(action[i, 0], action[i, 1])
         # the surrogate step: the exact step with every contact's force extended to the distance
         xp, vp, xb, theta, vb, omega = _surrogate_advance(p, command, pusher_pos[i], pusher_vel[i], block_pos[i],
-                                                          block_angle[i], block_vel[i], block_angvel[i])
+                                                          block_angle[i], block_vel[i], block_angvel[i],
+                                                          block_mass[i], contact_friction[i], table_friction[i],
+                                                          contact_stiffness[i])
         r, distance = step_reward(p, xp, xb, theta, pusher_pos[i], block_pos[i])
         o = observation(xp, vp, xb, theta, vb, omega)
         if wp.static(straight_through_outputs):
             # the exact step from the same inputs; each output takes its value and the surrogate's gradient
             e = _exact_advance(p, command, pusher_pos[i], pusher_vel[i], block_pos[i], block_angle[i],
-                               block_vel[i], block_angvel[i])
+                               block_vel[i], block_angvel[i], block_mass[i], contact_friction[i],
+                               table_friction[i], contact_stiffness[i])
             er, distance = step_reward(p, e.pusher_pos, e.block_pos, e.block_angle, pusher_pos[i], block_pos[i])
             o = through_obs(observation(e.pusher_pos, e.pusher_vel, e.block_pos, e.block_angle, e.block_vel,
                                         e.block_angvel), o)
@@ -723,6 +765,8 @@ class TPush(DiffSim):
     """The step kernel of a sim built with ``contact_gradient_distance > 0`` (``diffgym.envs.pre_contact``)."""
     surrogate_step_kernel = _pre_contact_step_kernel(straight_through_outputs=False)
     """The surrogate step in the forward pass too: for tests only (``pre_contact.surrogate_forward``)."""
+    physical_params = ("block_mass", "contact_friction", "table_friction", "contact_stiffness")
+    physics_bounds = PHYSICS_BOUNDS
 
     def __init__(self, device: str = "cpu", max_episode_steps: int | None = None, *,
                  max_speed: float = 0.5, servo_gain: float = 40.0, pusher_mass: float = 0.2,
@@ -735,15 +779,18 @@ class TPush(DiffSim):
         contact_gradient_distance = check_contact_gradient_distance(contact_gradient_distance)
         if not MIN_START_SPREAD <= start_spread <= 1.0:
             raise ValueError(f"start_spread must be in [{MIN_START_SPREAD}, 1], got {start_spread}")
+        for name, value in (("block_mass", block_mass), ("contact_friction", contact_friction),
+                            ("table_friction", table_friction), ("contact_stiffness", contact_stiffness)):
+            low, high = PHYSICS_BOUNDS[name]
+            if not low <= value <= high:  # also refuses NaN
+                raise ValueError(f"{name} must lie in [{low:g}, {high:g}] {PHYSICS_UNITS[name]}, got {value!r}")
         for name, value in (("max_speed", max_speed), ("servo_gain", servo_gain), ("pusher_mass", pusher_mass),
-                            ("block_mass", block_mass), ("contact_stiffness", contact_stiffness),
                             ("contact_smoothing", contact_smoothing),
                             ("corner_smoothing", corner_smoothing), ("friction_smoothing", friction_smoothing),
                             ("success_distance", success_distance)):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
-        for name, value in (("contact_damping", contact_damping), ("contact_friction", contact_friction),
-                            ("table_friction", table_friction), ("shaping_weight", shaping_weight),
+        for name, value in (("contact_damping", contact_damping), ("shaping_weight", shaping_weight),
                             ("face_shaping_weight", face_shaping_weight)):
             if not value >= 0:
                 raise ValueError(f"{name} must be non-negative, got {value}")
@@ -763,6 +810,7 @@ class TPush(DiffSim):
         p.servo_gain = servo_gain
         p.block_mass = block_mass
         p.block_inertia = block_mass * t_inertia_per_mass()
+        p.block_inertia_per_mass = t_inertia_per_mass()
         p.friction_radius = t_mean_radius()
         p.bar_center = wp.vec2(*BAR_CENTER)
         p.bar_half = wp.vec2(BAR_SIZE[0] / 2, BAR_SIZE[1] / 2)
@@ -774,7 +822,7 @@ class TPush(DiffSim):
         p.corner_smoothing = corner_smoothing
         p.contact_friction = contact_friction
         p.contact_gradient_distance = contact_gradient_distance
-        p.contact_gradient_peak = PEAK_FRACTION * contact_stiffness * contact_smoothing
+        p.contact_gradient_peak_per_stiffness = PEAK_FRACTION * contact_smoothing
         p.table_friction = table_friction
         p.gravity = 9.81
         p.friction_smoothing = friction_smoothing
@@ -872,6 +920,16 @@ class TPushEnv(DiffGymEnv):
     * The pusher servo is integrated implicitly. At full speed the pusher moves 1.25 mm per substep
       and the deepest penetration (stall force 20 N / k) is 4 mm, far below the 25 mm half
       thickness of the T, so nothing tunnels.
+
+    ## Physical parameters
+    Per env and differentiable (`physical_params`; the constructor's values are the defaults and must lie in
+    the same ranges): `block_mass` in [0.5, 2] kg (the moment of inertia follows it, same shape and
+    uniform density), `contact_friction` (pusher-block mu) in [0, 1], `table_friction` (block-table mu) in
+    [0, 1] and `contact_stiffness` (k of every contact: pusher-block, pusher-wall, block-wall; the
+    pre-contact tail's peak scales with it) in [2000, 10000] N/m. `differentiable_step(state, action,
+    physics={"block_mass": m, ...})` with `(B,)` tensors (gradients flow into them);
+    `reset(options={"physics": {...}})` sets the values later steps use. Within the ranges the valid
+    states' bounds below hold (`PHYSICS_BOUNDS`); the default physics is bit for bit the step without it.
 
     ## Pre-contact gradients
     `contact_gradient_distance=D > 0` (default 0: off) changes the backward pass only: the forward pass
