@@ -1,7 +1,8 @@
-"""DiffGym/PointNav2D-v0: steer a 1 kg point mass around disc obstacles to a goal in a walled arena.
+"""DiffGym/PointNav2D-v0: steer a point mass (1 kg by default) around disc obstacles to a goal in a walled arena.
 
 Contact with the obstacles and walls is a smooth penalty (a spring-damper on the penetration depth), so
-the dynamics stay differentiable everywhere and the step kernel's Warp adjoint is exact.
+the dynamics stay differentiable everywhere and the step kernel's Warp adjoint is exact. The point's mass
+and its velocity drag are per-env, differentiable physical parameters (``physical_params``, docs/api.md).
 """
 
 from __future__ import annotations
@@ -59,6 +60,15 @@ VELOCITY_BOUND = 100.0
 """Valid domain: |vel| <= 100 m/s per axis (drag caps the speed at 5.7 m/s and contacts do not add energy)."""
 SUBSTEPS = 8
 """Semi-implicit Euler substeps per 0.05 s control step (h = 6.25 ms; omega h = 0.4 for the contact spring)."""
+MASS_RANGE = (0.5, 2.0)
+"""Valid per-env mass [kg]. At 0.5 kg the contact spring's omega h = sqrt(k/m) h is 0.56 and the explicit
+integrator's stability measure for a fully damped contact, (k h^2 + 2 (c + drag) h) / m, is 1.4 against a
+limit of 4, so contacts stay stable and accurate; at 2 kg the spring still stops the body from the top
+speed of 5.66 m/s within v / omega = 0.13 m (measured: 0.07 m), under the smallest obstacle radius plus body
+radius (0.30 m) and the 0.15 m penetration that reaches ``NORMAL_CORE``."""
+DRAG_RANGE = (0.0, 2.0)
+"""Valid per-env velocity drag [N s/m]: none (``drag=0.0`` has always been allowed) to 8x the default,
+whose top speed sqrt(2) / drag = 0.71 m/s still crosses the arena within an episode; drag h / m <= 0.025."""
 
 _NUM_OBSTACLES = wp.constant(NUM_OBSTACLES)  # compile-time trip counts so the adjoint replays every loop
 _SUBSTEPS = wp.constant(SUBSTEPS)
@@ -240,12 +250,13 @@ def _make_advance(pre_contact: bool):
     pre-contact surrogate's (``pre_contact``)."""
     contact = _make_contact_force(pre_contact)
 
-    def advance(p: PointNav2DParams, applied: wp.vec2, x: wp.vec2, v: wp.vec2):
+    def advance(p: PointNav2DParams, applied: wp.vec2, x: wp.vec2, v: wp.vec2, mass: float, drag: float):
+        """``mass`` and ``drag``: the env's physical parameters (never ``p``'s defaults)."""
         h = p.dt / float(_SUBSTEPS)
         for _substep in range(_SUBSTEPS):
-            force = applied - p.drag * v + contact(x, v, p)
+            force = applied - drag * v + contact(x, v, p)
             # semi-implicit Euler: velocity first, then position with the new velocity
-            v = v + force * (h / p.mass)
+            v = v + force * (h / mass)
             x = x + v * h
         return x, v
 
@@ -314,6 +325,8 @@ def point_nav_2d_step(
     goal: wp.array(dtype=wp.vec2),
     step: wp.array(dtype=wp.int32),
     action: wp.array2d(dtype=float),
+    mass: wp.array(dtype=float),
+    drag: wp.array(dtype=float),
     p: PointNav2DParams,
     # outputs
     pos_next: wp.array(dtype=wp.vec2),
@@ -327,7 +340,7 @@ def point_nav_2d_step(
 ):
     i = wp.tid()
     applied = p.max_force * wp.vec2(action[i, 0], action[i, 1])
-    x, v = advance(p, applied, pos[i], vel[i])
+    x, v = advance(p, applied, pos[i], vel[i], mass[i], drag[i])
     g = goal[i]
     pos_next[i] = x
     vel_next[i] = v
@@ -362,20 +375,22 @@ def _motion(x: wp.vec2, v: wp.vec2) -> _Motion:
 
 
 @wp.func
-def _exact_advance(p: PointNav2DParams, applied: wp.vec2, x: wp.vec2, v: wp.vec2) -> _Motion:
+def _exact_advance(p: PointNav2DParams, applied: wp.vec2, x: wp.vec2, v: wp.vec2, mass: float,
+                   drag: float) -> _Motion:
     """``advance`` inside the straight-through kernel, which takes its values and none of its gradient."""
-    x_next, v_next = advance(p, applied, x, v)
+    x_next, v_next = advance(p, applied, x, v, mass, drag)
     return _motion(x_next, v_next)
 
 
 @wp.func_grad(_exact_advance)
-def _exact_advance_adjoint(p: PointNav2DParams, applied: wp.vec2, x: wp.vec2, v: wp.vec2, adj_ret: _Motion):
+def _exact_advance_adjoint(p: PointNav2DParams, applied: wp.vec2, x: wp.vec2, v: wp.vec2, mass: float, drag: float,
+                           adj_ret: _Motion):
     # nothing: every gradient of the straight-through kernel comes from the surrogate's substeps
     pass
 
 
 @wp.func_replay(_exact_advance)
-def _exact_advance_replay(p: PointNav2DParams, applied: wp.vec2, x: wp.vec2, v: wp.vec2):
+def _exact_advance_replay(p: PointNav2DParams, applied: wp.vec2, x: wp.vec2, v: wp.vec2, mass: float, drag: float):
     # The backward pass never uses the exact values (they only reach straight_through's ignored argument
     # and the array stores, which the replay skips), so it skips their substeps; the inputs stand in.
     return _motion(x, v)
@@ -394,6 +409,8 @@ def _pre_contact_step_kernel(straight_through_outputs: bool):
         goal: wp.array(dtype=wp.vec2),
         step: wp.array(dtype=wp.int32),
         action: wp.array2d(dtype=float),
+        mass: wp.array(dtype=float),
+        drag: wp.array(dtype=float),
         p: PointNav2DParams,
         # outputs
         pos_next: wp.array(dtype=wp.vec2),
@@ -409,12 +426,12 @@ def _pre_contact_step_kernel(straight_through_outputs: bool):
         applied = p.max_force * wp.vec2(action[i, 0], action[i, 1])
         g = goal[i]
         # the surrogate step: the exact step with every contact's spring extended to the distance
-        x, v = _surrogate_advance(p, applied, pos[i], vel[i])
+        x, v = _surrogate_advance(p, applied, pos[i], vel[i], mass[i], drag[i])
         r, distance = step_reward(x, g, p)
         o = observation(x, v, g, p)
         if wp.static(straight_through_outputs):
             # the exact step from the same inputs; each output takes its value and the surrogate's gradient
-            e = _exact_advance(p, applied, pos[i], vel[i])
+            e = _exact_advance(p, applied, pos[i], vel[i], mass[i], drag[i])
             er, distance = step_reward(e.pos, g, p)
             o = through_obs(observation(e.pos, e.vel, g, p), o)
             r = through_float(er, r)
@@ -448,6 +465,8 @@ class PointNav2D(DiffSim):
     observe_kernel = point_nav_2d_observe
     step_kernel = point_nav_2d_step
     state_bounds = {"pos": POSITION_BOUND, "vel": VELOCITY_BOUND, "goal": POSITION_BOUND}
+    physical_params = ("mass", "drag")
+    physics_bounds = {"mass": MASS_RANGE, "drag": DRAG_RANGE}
     straight_through_step_kernel = _pre_contact_step_kernel(straight_through_outputs=True)
     """The step kernel of a sim built with ``contact_gradient_distance > 0`` (``diffgym.envs.pre_contact``)."""
     surrogate_step_kernel = _pre_contact_step_kernel(straight_through_outputs=False)
@@ -455,17 +474,22 @@ class PointNav2D(DiffSim):
 
     def __init__(self, device: str = "cpu", max_episode_steps: int | None = None, drag: float = 0.25,
                  contact_smoothing: float = 0.01, penetration_weight: float = 10.0,
-                 success_distance: float = 0.1, contact_gradient_distance: float = 0.0):
+                 success_distance: float = 0.1, contact_gradient_distance: float = 0.0, mass: float = 1.0):
         super().__init__(device, max_episode_steps)
         contact_gradient_distance = check_contact_gradient_distance(contact_gradient_distance)
         if contact_smoothing <= 0 or success_distance <= 0:
             raise ValueError(f"contact_smoothing and success_distance must be positive, got "
                              f"{contact_smoothing} and {success_distance}")
-        if drag < 0 or penetration_weight < 0:
-            raise ValueError(f"drag and penetration_weight must be non-negative, got {drag} and {penetration_weight}")
+        if penetration_weight < 0:
+            raise ValueError(f"penetration_weight must be non-negative, got {penetration_weight}")
+        # the defaults of the per-env physical parameters must lie where a per-env value may
+        for name, value, unit in (("mass", mass, "kg"), ("drag", drag, "N s/m")):
+            low, high = self.physics_bounds[name]
+            if not low <= value <= high:
+                raise ValueError(f"{name} must lie in [{low:g}, {high:g}] {unit}, got {value!r}")
         self.params = PointNav2DParams()
         self.params.dt = self.dt
-        self.params.mass = 1.0
+        self.params.mass = mass
         self.params.max_force = 1.0
         self.params.drag = drag
         self.params.stiffness = STIFFNESS
@@ -508,7 +532,7 @@ class PointNav2D(DiffSim):
 class PointNav2DEnv(DiffGymEnv):
     """
     ## Description
-    A 1 kg point mass moves in the walled arena [-2, 2]^2 m. The agent pushes it with a bounded 2D
+    A point mass (1 kg by default) moves in the walled arena [-2, 2]^2 m. The agent pushes it with a bounded 2D
     force and must bring it from the lower-left start region to a goal in the upper-right region,
     around a fixed field of five disc obstacles. Walls and obstacles push back with a smooth
     spring-damper penalty, so every step is differentiable and contacts carry exact gradients.
@@ -542,8 +566,8 @@ class PointNav2DEnv(DiffGymEnv):
 
     ## Dynamics
     Per 0.05 s control step, 8 semi-implicit Euler substeps of h = 6.25 ms:
-    `F = a - drag v + F_contact(p, v)`, `v' = v + F/m h`, `p' = p + v' h` with m = 1 kg and
-    drag = 0.25 N s/m (top speed sqrt(2)/0.25 = 5.7 m/s). Each obstacle and wall with penetration
+    `F = a - drag v + F_contact(p, v)`, `v' = v + F/m h`, `p' = p + v' h` with m = `mass` = 1 kg and
+    `drag` = 0.25 N s/m by default (top speed sqrt(2)/0.25 = 5.7 m/s). Each obstacle and wall with penetration
     depth `d` (along its outward normal `n`) adds `F = (k soft(d) - c gate(d) (v . n)) n` with
     k = 4000 N/m, c = 40 N s/m, `soft(d)` = 0 for d <= 0, d^2/(2s) for 0 < d < s, d - s/2 beyond,
     `gate(d) = 3t^2 - 2t^3` with `t = clamp(d/s, 0, 1)` (a smoothstep, so the force is C1 in the state);
@@ -554,6 +578,15 @@ class PointNav2DEnv(DiffGymEnv):
     guard gave up to 8.9e9. Nothing tunnels: at
     top speed the spring stops the body within v/sqrt(k/m) = 0.09 m, under the smallest obstacle
     radius plus body radius (0.30 m), and the walls are half-planes.
+
+    ## Physical parameters
+    `mass` (kg, in [0.5, 2]) and `drag` (N s/m, in [0, 2]) are per env and differentiable:
+    `differentiable_step(state, action, physics={"mass": m, "drag": c})` with `(B,)` tensors (gradients flow
+    into them, through contacts too, and with `contact_gradient_distance > 0` through the surrogate), and
+    `reset(options={"physics": {...}})` sets the values later steps use (domain randomisation). The
+    constructor's `mass` and `drag` are the defaults, with which every step is bit for bit what it was before
+    they were per env. In that range the contact integration stays stable (`omega h <= 0.56`) and the
+    spring stops the body from 5.66 m/s within 0.13 m (`MASS_RANGE`, `DRAG_RANGE`).
 
     ## Pre-contact gradients
     `contact_gradient_distance=D > 0` (default 0: off) changes the backward pass only: the forward pass
@@ -580,7 +613,8 @@ class PointNav2DEnv(DiffGymEnv):
 
     ## Arguments
     `gym.make("DiffGym/PointNav2D-v0", device="cpu", render_mode=None, drag=0.25,
-    contact_smoothing=0.01, penetration_weight=10.0, success_distance=0.1, contact_gradient_distance=0.0)`;
+    contact_smoothing=0.01, penetration_weight=10.0, success_distance=0.1, contact_gradient_distance=0.0,
+    mass=1.0)`;
     `gym.make_vec(..., num_envs=N)` gives the native batched vector env.
 
     ## Version History
