@@ -93,7 +93,8 @@ def task_physics(env_id: str, env_kwargs: Mapping[str, Any] | None = None) -> Ta
     venv = gym.make_vec(env_id, num_envs=1, vectorization_mode="vector_entry_point", **dict(env_kwargs or {}))
     try:
         sim = venv.sim
-        nominal = {name: float(value[0]) for name, value in sim.default_physics(1).items()}
+        # the float32 value as written (0.3, not 0.30000001192...): what the user set and the JSON shows
+        nominal = {name: float(f"{float(value[0]):.7g}") for name, value in sim.default_physics(1).items()}
         bounds = {name: tuple(float(b) for b in sim.physics_bounds.get(name, (-math.inf, math.inf)))
                   for name in sim.physical_params}
         return TaskPhysics(env_id, tuple(sim.physical_params), bounds, nominal)
