@@ -31,8 +31,8 @@ Z_95 = 1.959963984540054
 SUCCESS_INTERVAL = "95 % Wilson score interval over the run's episodes"
 RETURN_INTERVAL = "95 % normal interval of the mean over the run's episodes (mean +- 1.96 std / sqrt(episodes))"
 ACROSS_RUNS = "IQM across runs, 95 % stratified-bootstrap interval (rliable, 2000 resamples)"
-METRICS = {"success_rate": "eval_success_rate", "return": "eval_return"}
-"""The two curves: their name in the results -> ``evaluate_policy``'s key."""
+METRICS = ("success_rate", "return")
+"""The two curves, by their name in the results."""
 
 
 @dataclasses.dataclass(frozen=True)
