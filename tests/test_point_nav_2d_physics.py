@@ -89,7 +89,7 @@ def test_gradient_of_a_chained_return_matches_central_differences(name, situatio
         assert bool((depths > 0).all()), "every env stays in contact at every step"
     else:
         assert bool((depths < 0).all()), "no env touches anything"
-    # The derivatives range over 4e-3 to 0.4 here and the float32 differences agree to ~3e-4: a zero or a
+    # The derivatives range over 4e-3 to 0.5 here and the float32 differences agree to ~3e-4: a zero or a
     # partial gradient (a kernel reading the shared default, or a term the adjoint missed) fails.
     assert float(gradient.abs().max()) > 0.05
     torch.testing.assert_close(gradient, numeric, rtol=2e-2, atol=1e-3)
@@ -115,6 +115,7 @@ def test_pre_contact_gradient_is_the_surrogates_and_matches_its_central_differen
     # the surrogate's tail already acts: the exact gradient differs by a good part of its size
     assert float((one_step[0] - one_step[2]).abs().max()) > 0.1 * float(one_step[2].abs().max())
     gradient, numeric, depths = gradient_and_central_difference(surrogate, state, actions, name, eps=1e-2)
+    assert bool((depths < 0).all()), "no env touches anything: only the surrogate's tail acts"
     assert float(gradient.abs().max()) > 0.05
     torch.testing.assert_close(gradient, numeric, rtol=2e-2, atol=1e-3)
 
