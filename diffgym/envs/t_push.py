@@ -129,8 +129,8 @@ class TPushParams:
     pusher_mass: float
     max_speed: float
     servo_gain: float
-    block_mass: float  # the default of the per-env `block_mass` array the step kernels read; so are the next
-    block_inertia: float  # the default block's (documentation and tests; the kernels scale the next by the mass)
+    block_mass: float  # the default of the per-env `block_mass` array the step kernels read
+    block_inertia: float  # the default block's; the kernels use block_mass[i] * block_inertia_per_mass
     block_inertia_per_mass: float
     friction_radius: float
     bar_center: wp.vec2
@@ -418,7 +418,8 @@ def _make_advance(pre_contact: bool):
                 wall_n = wp.vec2(0.0, -1.0)
             gap_p = wp.dot(xp, wall_n) + p.arena_half - p.pusher_radius
             if gap_p < contact_reach(p):
-                force_p = force_p + normal_force(p, elastic_force(p, contact_stiffness, gap_p), wp.dot(vp, wall_n)) * wall_n
+                force_p = force_p + normal_force(p, elastic_force(p, contact_stiffness, gap_p),
+                                                 wp.dot(vp, wall_n)) * wall_n
             for k in range(8):
                 if k != 2 and k != 5:  # only the six convex-hull corners (not the concave 2, 5) can touch a wall
                     r = rotate_cs(c, s, outline_vertex(p, k))
