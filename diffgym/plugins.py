@@ -160,6 +160,9 @@ def resolve_config(algo: str, env_id: str, overrides: Mapping[str, Any] | None =
         raise ValueError(f"trainer {algo!r} trains on Box observations, but {env_id}'s observation is a Dict "
                          f"({', '.join(observation_space.spaces)}); choose a task with a Box observation "
                          "(docs/tasks.md) or a trainer that sets dict_observations")
+    from diffgym.training.randomization import check_config_ranges
+
+    check_config_ranges(config)
     check = getattr(trainer, "check_config", None)
     if check is not None:
         check(config)

@@ -71,6 +71,12 @@ class _TensorAPI:
         """A copy of the per-env physical parameters ``step`` uses: name -> ``(batch,)`` tensor."""
         return {name: t.clone() for name, t in zip(self.sim.physical_params, self._physics)}
 
+    def set_physics(self, physics: Mapping[str, Any], mask: torch.Tensor | None = None) -> None:
+        """Set the per-env physical parameters later ``step`` calls use, without a reset (e.g. a new
+        episode's values right after an autoreset): ``reset``'s ``options["physics"]`` (name -> a number or
+        ``(batch,)`` values), changed only where ``mask`` (``(batch,)`` bool) is true."""
+        self._apply_physics_option({"physics": physics}, mask)
+
     def _init_physics(self) -> None:
         self._physics = tuple(self.sim.default_physics(self._batch).values())
 

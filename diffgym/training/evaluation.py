@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import gymnasium as gym
 import numpy as np
 import torch
+
+from diffgym.training.randomization import PhysicsRandomizer, task_sim_class
+
+if TYPE_CHECKING:
+    from diffgym.training.spec import TrainConfig
 
 SEED_STRIDE = 100_000
 """Runs with seeds ``s`` and ``s + 1`` draw env seeds this far apart, so they never share an episode
@@ -21,16 +26,23 @@ def train_env_seed(seed: int) -> int:
     return SEED_STRIDE * int(seed)
 
 
+def eval_env_seed(seed: int) -> int:
+    """The base seed of a run's evaluation envs (env ``i`` gets ``eval_env_seed(seed) + i``)."""
+    return EVAL_SEED_OFFSET + SEED_STRIDE * int(seed)
+
+
 def evaluate_policy(act: Callable[[np.ndarray], np.ndarray], env_id: str, episodes: int, seed: int,
                     env_kwargs: dict[str, Any] | None = None,
-                    physics: dict[str, Any] | None = None) -> dict[str, float]:
+                    physics: dict[str, Any] | None = None, wrappers: dict[str, Any] | None = None
+                    ) -> dict[str, float]:
     """Run ``episodes`` held-out episodes of ``act`` on the native vector env and summarize them.
 
     ``act`` maps a ``(episodes, obs_dim)`` float32 observation batch to ``(episodes, act_dim)`` actions in
     [-1, 1]; pass the *deterministic* policy (the squashed mean). One vector env with ``episodes`` envs
     runs every env to the end of its first episode (terminated or truncated). ``physics`` (name -> one
     value for every env, or ``(episodes,)`` values) sets the task's physical parameters through ``reset``'s
-    options (``diffgym robustness``); a name left out keeps the task's constructor value.
+    options (``diffgym robustness``); a name left out keeps the task's constructor value. ``wrappers``
+    (``TrainConfig.wrappers``) puts the envs inside those ``diffgym.wrappers``.
 
     Returns ``eval_return`` (mean undiscounted return), ``eval_return_std``, ``eval_success_rate``
     (fraction of episodes whose *last* step has ``info["is_success"]``) and ``eval_episode_length``.
@@ -41,8 +53,12 @@ def evaluate_policy(act: Callable[[np.ndarray], np.ndarray], env_id: str, episod
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     venv = gym.make_vec(env_id, num_envs=episodes, vectorization_mode="vector_entry_point",
                         **(env_kwargs or {}))
+    if wrappers:  # imported only then, as TrainConfig does
+        from diffgym.wrappers import wrap_vector_env
+
+        venv = wrap_vector_env(venv, wrappers)
     try:
-        obs, _ = venv.reset(seed=EVAL_SEED_OFFSET + SEED_STRIDE * int(seed),
+        obs, _ = venv.reset(seed=eval_env_seed(seed),
                             options={"physics": physics} if physics else None)
         returns = np.zeros(episodes, dtype=np.float64)
         lengths = np.zeros(episodes, dtype=np.int64)
@@ -65,3 +81,22 @@ def evaluate_policy(act: Callable[[np.ndarray], np.ndarray], env_id: str, episod
         "eval_success_rate": float(success.mean()),
         "eval_episode_length": float(lengths.mean()),
     }
+
+
+def evaluate_config(act: Callable[[np.ndarray], np.ndarray], config: TrainConfig) -> dict[str, float]:
+    """:func:`evaluate_policy` as every trainer evaluates its run: the config's task, task arguments,
+    evaluation episodes and seed; with ``config.eval_randomize``, each evaluation env's physical
+    parameters drawn from those ranges (seeded from the evaluation seed: the same draws at every
+    evaluation of the run, and for every trainer), and their mean, min and max in the result as
+    ``eval_physics/<name>_mean`` etc. Without it, every env runs at the task's nominal values. The envs
+    are inside the config's ``wrappers``, as the training envs are."""
+    physics, summary = None, {}
+    if config.eval_randomize:
+        randomizer = PhysicsRandomizer(config.eval_randomize, task_sim_class(config.env_id), config.eval_episodes,
+                                       eval_env_seed(config.seed), config.device, task=config.env_id,
+                                       key="eval_randomize")
+        physics = randomizer.draw()
+        summary = randomizer.summary("eval_physics")
+    result = evaluate_policy(act, config.env_id, config.eval_episodes, config.seed, config.env_options(),
+                             physics=physics, wrappers=config.wrappers)
+    return {**result, **summary}

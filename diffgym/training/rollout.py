@@ -15,18 +15,21 @@ APG (``trainers/apg``) and the minimal trainer of ``docs/plugins.md`` are built 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import gymnasium as gym
 import numpy as np
 import torch
 
+from diffgym.core.sim import StepOutput
 from diffgym.core.state import SimState
-from diffgym.training.evaluation import evaluate_policy
+from diffgym.training.evaluation import evaluate_config
 from diffgym.training.networks import ActorCritic
 from diffgym.training.normalization import ObservationNormalizer
+from diffgym.training.randomization import PhysicsRandomizer
 from diffgym.training.run import Run
 from diffgym.training.spec import TrainConfig
+from diffgym.wrappers import TensorVectorWrapper
 
 RESET_SEED_LOW = 2**30
 """Episodes after the first draw their reset seeds from [2^30, 2^31): disjoint from the evaluation
@@ -39,11 +42,17 @@ class EnvBatch:
     Finished episodes restart in the batch through the vector env's tensor-only
     :meth:`~diffgym.core.env.DiffGymVectorEnv.restart` (the masked reset for a state the caller holds).
     The batch draws every new episode's seed from its own generator, so its :meth:`state_dict` (state,
-    observations, seed generator, running returns) is all a checkpoint needs to restart the same
-    episodes on resume.
+    observations, seed generator, running returns, and the own state of any ``diffgym.wrappers`` around
+    the env) is all a checkpoint needs to restart the same episodes on resume.
+
+    With ``randomize`` (the config's ranges, ``{name: [low, high]}``) each env draws its physical
+    parameters at the first reset and at every restart (:class:`PhysicsRandomizer`, seeded from ``seed``
+    on a stream of its own); :meth:`differentiable_step` passes them to the env, and the state dict
+    carries the draws.
     """
 
-    def __init__(self, venv: gym.vector.VectorEnv, seed: int, device: torch.device):
+    def __init__(self, venv: gym.vector.VectorEnv, seed: int, device: torch.device,
+                 randomize: Mapping[str, Sequence[float]] | None = None):
         for method in ("get_state", "differentiable_step", "restart"):
             if not hasattr(venv, method):
                 raise TypeError(f"the vector env has no {method}(): EnvBatch needs DiffGym's tensor API "
@@ -51,6 +60,12 @@ class EnvBatch:
         self.venv, self.device = venv, device
         self.num_envs = venv.num_envs
         self.seeds = np.random.default_rng(seed)
+        self.randomizer: PhysicsRandomizer | None = None
+        if randomize:
+            sim = getattr(venv, "sim", None)
+            self.randomizer = PhysicsRandomizer(randomize, sim, self.num_envs, seed,
+                                                getattr(sim, "device", device), task=type(sim).__name__)
+            self.randomizer.draw()
         obs, _ = venv.reset(seed=seed)  # env i starts from seed + i (seed = train_env_seed(config.seed))
         self.state: SimState = venv.get_state()
         self.obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
@@ -67,7 +82,29 @@ class EnvBatch:
         seeds = torch.zeros(self.num_envs, dtype=torch.int64, device=done.device)
         seeds[done] = torch.as_tensor(self.seeds.integers(RESET_SEED_LOW, 2**31, size=finished), device=done.device)
         state, fresh_obs = self.venv.restart(state, done, seeds)
+        if self.randomizer is not None:  # the new episodes' physics
+            self.randomizer.draw(done)
         return state, torch.where(done[:, None], fresh_obs.to(obs.dtype), obs)
+
+    @property
+    def physics(self) -> dict[str, torch.Tensor] | None:
+        """The physical parameters of the envs' current episodes (``(N,)`` tensors, not differentiated),
+        or ``None`` without randomization: every env at the task's nominal values."""
+        return None if self.randomizer is None else self.randomizer.values
+
+    def differentiable_step(self, state: SimState, action: torch.Tensor) -> StepOutput:
+        """The env's ``differentiable_step`` with each env's current :attr:`physics` (read at every call:
+        a restart in between redraws the restarted envs'); gradients flow through the env, not into the
+        drawn values."""
+        physics = self.physics
+        if physics is None:
+            return self.venv.differentiable_step(state, action)
+        return self.venv.differentiable_step(state, action, physics=physics)
+
+    def physics_summary(self) -> dict[str, float]:
+        """Mean, min and max of each randomized parameter over the envs' current episodes (a run logs them
+        with its evaluations as ``physics/<name>_mean`` ...); empty without randomization."""
+        return {} if self.randomizer is None else self.randomizer.summary("physics")
 
     def record(self, reward: torch.Tensor, done: torch.Tensor) -> list[float]:
         """Accumulate undiscounted episode returns; return those of the episodes that just ended."""
@@ -80,9 +117,18 @@ class EnvBatch:
 
     def state_dict(self) -> dict[str, Any]:
         return {"state": self.state.detach().tensors(), "obs": self.obs, "seeds": self.seeds.bit_generator.state,
-                "episode_return": self.episode_return, "episode_length": self.episode_length}
+                "episode_return": self.episode_return, "episode_length": self.episode_length,
+                **({"physics": self.randomizer.state_dict()} if self.randomizer is not None else {}),
+                **({"wrappers": self.venv.wrapper_state()} if isinstance(self.venv, TensorVectorWrapper) else {})}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
+        if self.randomizer is not None:
+            if "physics" not in saved:
+                raise ValueError("the saved envs hold no domain randomization, but this run randomizes "
+                                 f"{sorted(self.randomizer.ranges)}")
+            self.randomizer.load_state_dict(saved["physics"])
+        if isinstance(self.venv, TensorVectorWrapper):  # e.g. the observation noise's generator
+            self.venv.load_wrapper_state(saved.get("wrappers", {}))
         self.state = type(self.state)(*(t.to(self.device) for t in saved["state"]))
         self.obs = saved["obs"].to(self.device)
         self.seeds.bit_generator.state = saved["seeds"]
@@ -145,7 +191,7 @@ def unroll(model: ActorCritic, normalizer: ObservationNormalizer, envs: EnvBatch
     for _ in range(steps):
         obs_norm = normalizer(obs)
         action, pre_squash, noise = model.sample(obs_norm)
-        out = envs.venv.differentiable_step(state, action)
+        out = envs.differentiable_step(state, action)
         diverged = ~torch.isfinite(out.obs).all(dim=1) | ~torch.isfinite(out.reward)
         if sim is not None:  # finite but outside the task's valid domain: the next step would reject it
             diverged = diverged | sim.outside_domain(out.state)
@@ -202,11 +248,14 @@ class EvaluationCadence:
 
 def evaluate_and_checkpoint(run: Run, model: ActorCritic, normalizer: ObservationNormalizer, env_steps: int,
                             grad_steps: int, extra: dict[str, Any] | None = None,
-                            act: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, float]:
+                            act: Callable[[np.ndarray], np.ndarray] | None = None,
+                            envs: EnvBatch | None = None) -> dict[str, float]:
     """Evaluate the deterministic policy ``squash(actor(normalize(obs)))`` on the run's held-out seeds
-    (with the run's task arguments), log the row, and checkpoint the evaluated parameters with the keys
-    every tool reads (``actor_critic``, ``normalizer``, ``config``, ``env_steps``, ``grad_steps``) plus
-    ``extra`` (what the trainer needs to resume). ``act`` replaces the policy if given."""
+    (with the run's task arguments and evaluation randomization, :func:`evaluate_config`), log the row
+    (with the training envs' physics summary if ``envs`` is given and randomizes), and checkpoint the
+    evaluated parameters with the keys every tool reads (``actor_critic``, ``normalizer``, ``config``,
+    ``env_steps``, ``grad_steps``) plus ``extra`` (what the trainer needs to resume). ``act`` replaces the
+    policy if given."""
     config = run.config
     device = next(model.parameters()).device
 
@@ -214,9 +263,8 @@ def evaluate_and_checkpoint(run: Run, model: ActorCritic, normalizer: Observatio
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
         return model.act(normalizer(obs_t), deterministic=True).cpu().numpy()
 
-    result = evaluate_policy(act or deterministic, config.env_id, config.eval_episodes, config.seed,
-                             config.env_options())
-    run.log(env_steps, grad_steps, **result)
+    result = evaluate_config(act or deterministic, config)
+    run.log(env_steps, grad_steps, **result, **(envs.physics_summary() if envs is not None else {}))
     run.save_checkpoint({"actor_critic": model.state_dict(), "normalizer": normalizer.state_dict(),
                          **(extra or {}), "config": config.to_dict(), "env_steps": env_steps,
                          "grad_steps": grad_steps}, env_steps)

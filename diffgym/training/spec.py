@@ -131,6 +131,19 @@ class TrainConfig:
     env_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Task constructor arguments (the ``Arguments`` of its docs, e.g. TPush's ``contact_stiffness``)
     for every env the run makes, training and evaluation alike; see :meth:`env_options`."""
+    randomize: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Domain randomization of the training envs: physical parameter -> ``[low, high]``, e.g.
+    ``{"mass": [0.5, 2.0]}`` (``--set randomize.mass=[0.5,2]``). Each training env draws every listed
+    parameter uniformly from its range at the start of each of its episodes, from a generator seeded by
+    ``seed``; empty: the task's nominal values (``docs/protocol.md``, "Domain randomization")."""
+    eval_randomize: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The same for the evaluation envs, drawn from the evaluation seed (the same values at every
+    evaluation); empty: the evaluation runs at the nominal values, whatever ``randomize`` says."""
+    wrappers: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Partial observability of every env the run makes, training and evaluation alike
+    (``diffgym.wrappers``): ``action_delay: K`` (actions take effect K steps later) and
+    ``observation_noise: STD`` (Gaussian noise on every observation), e.g. ``--set wrappers.action_delay=2``;
+    empty: the task as it is."""
     keep_checkpoints: int = 4
     """Checkpoints kept besides those at the evaluations a report reads (the first to reach the success
     threshold and the best): the newest this many; older ones are deleted as new ones are saved
@@ -159,6 +172,14 @@ class TrainConfig:
             device_type = None
         if device_type not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        from diffgym.training.randomization import normalized_ranges
+
+        self.randomize = normalized_ranges(self.randomize, "randomize")
+        self.eval_randomize = normalized_ranges(self.eval_randomize, "eval_randomize")
+        if self.wrappers:  # imported only then: the wrappers import the simulator (Warp)
+            from diffgym.wrappers import check_wrapper_options
+
+            self.wrappers = check_wrapper_options(self.wrappers)
         self.env_kwargs = dict(self.env_kwargs)
         for reserved in ("device", "num_envs", "render_mode"):
             if reserved in self.env_kwargs:
@@ -200,7 +221,7 @@ class TrainConfig:
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> TrainConfig:
         """A copy with dotted-key overrides applied, e.g. ``{"optimizer.lr": 1e-3, "algo_params.n_steps": 32,
-        "env_kwargs.contact_stiffness": 2000.0}``."""
+        "env_kwargs.contact_stiffness": 2000.0, "randomize.mass": [0.5, 2.0]}``."""
         data = self.to_dict()
         for dotted, value in overrides.items():
             *parents, leaf = dotted.split(".")
@@ -209,7 +230,9 @@ class TrainConfig:
                 if not isinstance(node.get(key), dict):
                     raise ValueError(f"unknown config key {dotted!r}: {key!r} is not a section")
                 node = node[key]
-            open_sections = (data.get("algo_params"), data.get("env_kwargs"))  # free-form: any key
+            # free-form: any key (a misnamed parameter of randomize is refused against the task)
+            free_form = ("algo_params", "env_kwargs", "randomize", "eval_randomize", "wrappers")
+            open_sections = tuple(data.get(key) for key in free_form)
             if not any(node is section for section in open_sections) and leaf not in node:
                 raise ValueError(f"unknown config key {dotted!r}")
             node[leaf] = _to_builtin(value)

@@ -34,6 +34,7 @@ from diffgym.training import ActorCritic, ObservationNormalizer, Run, TrainConfi
 from diffgym.training.evaluation import train_env_seed
 from diffgym.training.gradients import actor_parameters
 from diffgym.training.rollout import EnvBatch, EvaluationCadence, Rollout, evaluate_and_checkpoint, unroll
+from diffgym.wrappers import wrap_vector_env
 
 from diffgym_apg.config import APGConfig, upgrade_config
 from diffgym_apg.entropy import SegmentLogProb, Temperature
@@ -235,11 +236,12 @@ def train(config: TrainConfig, progress: bool = True, params: APGConfig | None =
     config = TrainConfig.from_dict(upgrade_config(config.to_dict()))  # config.yaml in today's format
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
-    venv = gym.make_vec(config.env_id, num_envs=config.num_envs, vectorization_mode="vector_entry_point",
-                        **config.env_options())
+    venv = wrap_vector_env(gym.make_vec(config.env_id, num_envs=config.num_envs,
+                                        vectorization_mode="vector_entry_point", **config.env_options()),
+                           config.wrappers)
     obs_dim = int(np.prod(venv.single_observation_space.shape))
     act_dim = int(np.prod(venv.single_action_space.shape))
-    envs = EnvBatch(venv, train_env_seed(config.seed), device)
+    envs = EnvBatch(venv, train_env_seed(config.seed), device, randomize=config.randomize)
     learner = Learner.create(obs_dim, act_dim, config, params, device)
     env_steps = grad_steps = 0
 
@@ -259,7 +261,7 @@ def train(config: TrainConfig, progress: bool = True, params: APGConfig | None =
         def evaluate() -> None:
             resume = {**learner.state_dict(), "envs": envs.state_dict(), "torch_rng": torch.get_rng_state(),
                       **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
-            evaluate_and_checkpoint(run, learner.model, learner.normalizer, env_steps, grad_steps, resume)
+            evaluate_and_checkpoint(run, learner.model, learner.normalizer, env_steps, grad_steps, resume, envs=envs)
             cadence.evaluated(env_steps)
 
         if saved is None:

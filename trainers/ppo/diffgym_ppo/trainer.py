@@ -22,8 +22,9 @@ from stable_baselines3.common.logger import KVWriter, Logger
 from stable_baselines3.common.running_mean_std import RunningMeanStd
 from stable_baselines3.common.vec_env import VecMonitor, VecNormalize
 
-from diffgym.training import EvaluationCadence, Run, TrainConfig, evaluate_policy
-from diffgym.training.evaluation import train_env_seed
+from diffgym.training import EvaluationCadence, Run, TrainConfig
+from diffgym.training.evaluation import evaluate_config, train_env_seed
+from diffgym.training.randomization import check_config_ranges
 from diffgym_ppo.policy import SpecActorCriticPolicy, SpecPPO
 from diffgym_ppo.vec_env import SB3VecEnvAdapter
 
@@ -105,12 +106,15 @@ class PPOTrainer:
     def train(self, config: TrainConfig, progress: bool = True) -> Path:
         """Train as ``config`` says; resume exactly from the run directory's latest checkpoint if it has one."""
         params = self.check_config(config)
+        check_config_ranges(config)  # before the run directory is made
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         with Run(config.replace(algo_params=params), progress=progress) as run:
             run.tensorboard_tags.update(TENSORBOARD_TAGS)
             config = run.config
-            venv = SB3VecEnvAdapter.make(config.env_id, config.num_envs, **config.env_options())
+            venv = SB3VecEnvAdapter.make(config.env_id, config.num_envs, randomize=config.randomize,
+                                         randomize_seed=train_env_seed(config.seed), wrappers=config.wrappers,
+                                         **config.env_options())
             env: Any = VecMonitor(venv)
             if params["normalize_reward"]:
                 env = VecNormalize(env, norm_obs=False, norm_reward=True, gamma=params["gamma"])
@@ -129,7 +133,7 @@ class PPOTrainer:
             if saved is not None:
                 restore(model, env, saved)
                 run.resume_from(model.num_timesteps)
-            callback = _RunCallback(run, config, model, resumed=saved is not None)
+            callback = _RunCallback(run, config, model, venv, resumed=saved is not None)
             model.learn(total_timesteps=max(0, config.total_env_steps - model.num_timesteps), callback=callback,
                         log_interval=1, reset_num_timesteps=saved is None)
             model.save(run.dir / "sb3_model.zip")
@@ -312,9 +316,9 @@ class _RunCallback(BaseCallback):
     a resumable checkpoint at the next update boundary (and at the end).
     """
 
-    def __init__(self, run: Run, config: TrainConfig, model: SpecPPO, resumed: bool):
+    def __init__(self, run: Run, config: TrainConfig, model: SpecPPO, envs: SB3VecEnvAdapter, resumed: bool):
         super().__init__()
-        self.run, self.config, self.ppo = run, config, model
+        self.run, self.config, self.ppo, self.envs = run, config, model, envs
         steps = int(model.num_timesteps)
         # a resumed run's checkpoint follows every evaluation up to its env steps
         self.last_eval = self.last_checkpoint = steps if resumed else -1
@@ -351,10 +355,9 @@ class _RunCallback(BaseCallback):
     def _evaluate(self) -> None:
         policy = self.ppo.policy
         policy.set_training_mode(False)
-        result = evaluate_policy(policy.act_deterministic, self.config.env_id, self.config.eval_episodes,
-                                 self.config.seed, env_kwargs=self.config.env_options())
+        result = evaluate_config(policy.act_deterministic, self.config)
         env_steps = int(self.ppo.num_timesteps)
-        self.run.log(env_steps, self.ppo.grad_steps, **result)
+        self.run.log(env_steps, self.ppo.grad_steps, **result, **self.envs.physics_summary())
         self.last_eval = env_steps
         self.cadence.evaluated(env_steps)
 

@@ -10,7 +10,7 @@ the same kernel launch sequence; this class only reshapes its outputs into SB3's
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -18,33 +18,49 @@ from gymnasium.vector import AutoresetMode
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvStepReturn
 
 from diffgym.core.env import DiffGymVectorEnv
+from diffgym.training.randomization import PhysicsRandomizer
+from diffgym.wrappers import wrap_vector_env
 
 _FINAL_KEYS = ("final_obs", "_final_obs", "final_info", "_final_info")
 
 
 class SB3VecEnvAdapter(VecEnv):
-    """SB3 view of a Gymnasium vector env built with ``autoreset_mode=SAME_STEP``."""
+    """SB3 view of a Gymnasium vector env built with ``autoreset_mode=SAME_STEP``.
 
-    def __init__(self, venv: gym.vector.VectorEnv):
+    With ``randomize`` (the config's ranges, ``{name: [low, high]}``) every env draws its physical
+    parameters at each episode start from the shared :class:`PhysicsRandomizer` (seeded from
+    ``randomize_seed``): at :meth:`reset`, and after every step that ended an episode, whose next step is
+    the new episode's first (SAME_STEP autoreset), it sets the native env's physics of those envs."""
+
+    def __init__(self, venv: gym.vector.VectorEnv, randomize: Mapping[str, Sequence[float]] | None = None,
+                 randomize_seed: int = 0):
         mode = venv.metadata.get("autoreset_mode")
         if mode != AutoresetMode.SAME_STEP:
             raise ValueError(f"the vector env must use autoreset_mode=SAME_STEP (SB3's convention), got {mode}")
         self.venv = venv
         self._actions: np.ndarray | None = None
+        self.randomizer: PhysicsRandomizer | None = None
+        if randomize:
+            sim = getattr(venv.unwrapped, "sim", None)
+            self.randomizer = PhysicsRandomizer(randomize, sim, venv.num_envs, randomize_seed,
+                                                getattr(sim, "device", "cpu"), task=type(sim).__name__)
         super().__init__(venv.num_envs, venv.single_observation_space, venv.single_action_space)
 
     @classmethod
-    def make(cls, env_id: str, num_envs: int, **env_kwargs: Any) -> SB3VecEnvAdapter:
-        """``gym.make_vec(env_id, num_envs, vectorization_mode="vector_entry_point", autoreset_mode=SAME_STEP)``."""
+    def make(cls, env_id: str, num_envs: int, randomize: Mapping[str, Sequence[float]] | None = None,
+             randomize_seed: int = 0, wrappers: Mapping[str, Any] | None = None, **env_kwargs: Any) -> SB3VecEnvAdapter:
+        """``gym.make_vec(env_id, num_envs, vectorization_mode="vector_entry_point", autoreset_mode=SAME_STEP)``
+        inside ``wrappers`` (``TrainConfig.wrappers``, :func:`diffgym.wrappers.wrap_vector_env`)."""
         venv = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point",
                             autoreset_mode=AutoresetMode.SAME_STEP, **env_kwargs)
-        return cls(venv)
+        return cls(wrap_vector_env(venv, wrappers), randomize, randomize_seed)
 
     # --------------------------------------------------------------------------------- stepping
     def reset(self) -> np.ndarray:
         """Reset every env; seeds set by ``seed()`` apply to this reset only (SB3 semantics)."""
         seeds = None if all(s is None for s in self._seeds) else list(self._seeds)
-        obs, _ = self.venv.reset(seed=seeds)
+        options = None if self.randomizer is None else {"physics": self.randomizer.draw()}
+        obs, _ = self.venv.reset(seed=seeds, options=options)
         self.reset_infos = [{} for _ in range(self.num_envs)]
         self._reset_seeds()
         self._reset_options()
@@ -59,6 +75,8 @@ class SB3VecEnvAdapter(VecEnv):
         obs, rewards, terminated, truncated, info = self.venv.step(self._actions)
         self._actions = None
         dones = terminated | truncated
+        if self.randomizer is not None and dones.any():  # the restarted envs' new episodes
+            self._native().set_physics(self.randomizer.draw(dones))
         infos = _per_env_infos(info, self.num_envs)
         if dones.any():
             final_info = _per_env_infos(info["final_info"], self.num_envs)
@@ -73,20 +91,39 @@ class SB3VecEnvAdapter(VecEnv):
     def close(self) -> None:
         self.venv.close()
 
+    def physics_summary(self) -> dict[str, float]:
+        """Mean, min and max of each randomized parameter over the envs' current episodes
+        (``physics/<name>_mean`` ...), as APG's ``EnvBatch`` logs them; empty without randomization."""
+        return {} if self.randomizer is None else self.randomizer.summary("physics")
+
     # ------------------------------------------------------------------------- checkpoint / resume
     def state_dict(self) -> dict[str, Any]:
         """Everything that decides the envs' future: the simulator state (step counters included) and,
         per env, the seed and episode index its next automatic reset draws its start state from
         (:meth:`DiffGymVectorEnv.state_dict`): without them a resumed run would start other episodes than
-        an uninterrupted one."""
-        return self._native().state_dict()
+        an uninterrupted one; with randomization, its draws (``physics``: generator and current values)."""
+        saved = self._stateful().state_dict()
+        if self.randomizer is not None:
+            saved["physics"] = self.randomizer.state_dict()
+        return saved
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         """Put the envs back where :meth:`state_dict` found them; seeds passed to ``seed()`` are dropped
         (they would restart the episodes on the next reset)."""
-        self._native().load_state_dict(saved)
+        if self.randomizer is not None:
+            if "physics" not in saved:
+                raise ValueError("the saved envs hold no domain randomization, but this run randomizes "
+                                 f"{sorted(self.randomizer.ranges)}")
+            self.randomizer.load_state_dict(saved["physics"])
+            self._native().set_physics(self.randomizer.values)
+        self._stateful().load_state_dict(saved)
         self._reset_seeds()
         self._reset_options()
+
+    def _stateful(self) -> Any:
+        """The env whose ``state_dict`` holds everything: a ``diffgym.wrappers`` wrapper (its own state and
+        the native env's) or the native env itself."""
+        return self.venv if hasattr(self.venv, "state_dict") else self._native()
 
     def _native(self) -> DiffGymVectorEnv:
         venv = self.venv.unwrapped
