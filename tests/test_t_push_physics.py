@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import diffgym  # noqa: F401
+from diffgym.envs.pre_contact import surrogate_forward
 from diffgym.envs.t_push import TPush
 from tests.test_t_push import make_state
 
@@ -149,3 +150,33 @@ def test_vector_env_reset_option_sets_the_physics_of_later_steps():
     with pytest.raises(ValueError, match=r"physics\['block_mass'\] must be finite and lie in \[0.5, 2\], got 5.0"):
         venv.reset(options={"physics": {"block_mass": 5.0}})
     assert venv.get_physics()["block_mass"].tolist() == [0.75, 1.0, 2.0]  # a refused reset changes nothing
+
+
+def test_pre_contact_kernels_take_the_per_env_physics():
+    # contact_gradient_distance > 0: the forward pass is the exact one under the same physics, bit for bit,
+    # and each parameter's gradient of one step is the surrogate step's (central differences of its own
+    # forward pass; over several steps the surrogate's Jacobians chain along the exact trajectory instead)
+    exact, pre_contact = TPush(), TPush(contact_gradient_distance=0.01)
+    surrogate = surrogate_forward(pre_contact)
+    state, actions = scenario_states()
+    # env 5: the pusher resting 3 mm below the bar, inside the tail (D = 1 cm) but out of contact, so only
+    # the surrogate's tail, whose peak scales with the stiffness, gives the parameters a gradient
+    tail = make_state(pusher_pos=[[-0.05, -0.1 + _COM_BELOW_BAR - 0.025 - 0.003]], block_pos=[[0.0, -0.1]],
+                      block_angle=[0.0])
+    state = type(state)(*(torch.cat([a, b]) for a, b in zip(state.tensors(), tail.tensors())))
+    actions = torch.cat([actions, torch.zeros(_STEPS, 1, 2)], dim=1)
+    physics = {"block_mass": torch.full((6,), 0.75), "contact_friction": torch.full((6,), 0.39),
+               "table_friction": torch.full((6,), 0.25), "contact_stiffness": torch.full((6,), 6000.0)}
+    ours, theirs = pre_contact.rollout(state, actions, physics), exact.rollout(state, actions, physics)
+    assert all(torch.equal(a, b) for a, b in zip(ours.states.tensors(), theirs.states.tensors()))
+    assert torch.equal(ours.reward, theirs.reward)
+    leaves = {name: value.clone().requires_grad_(True) for name, value in physics.items()}
+    first = actions[:1]
+    returns(pre_contact, state, first, leaves).sum().backward()
+    rel = 1e-2
+    for name, value in physics.items():
+        with torch.no_grad():
+            numeric = (returns(surrogate, state, first, {**physics, name: value * (1 + rel)})
+                       - returns(surrogate, state, first, {**physics, name: value * (1 - rel)})) / (2 * rel)
+        torch.testing.assert_close(leaves[name].grad * value, numeric, rtol=2e-2, atol=1e-5, msg=name)
+    assert float((leaves["contact_stiffness"].grad * physics["contact_stiffness"])[5].abs()) > 1e-5  # 2.4e-5
