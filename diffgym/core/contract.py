@@ -92,6 +92,38 @@ def check_sim_class(sim: type) -> dict[str, FieldSpec] | None:
     return _check_kernels(sim, fields, layouts, first_output, physical)
 
 
+INFO_PREFIX = "info_"
+"""An info kernel's outputs are named ``info_<key>``; ``<key>`` is the ``info`` entry each one fills."""
+
+
+def check_info_kernel(sim: type, specs: dict[str, FieldSpec]) -> dict[str, tuple[int, ...]]:
+    """Check ``sim.info_kernel`` (optional) and return the per-env shape of each ``info`` extra it writes.
+
+    ``info_kernel(f_1, ..., f_n, step, obs, reward, <params>, # outputs: info_<key_1>, ..., info_<key_m>)``
+    computes the task's ``info`` extras from a step's next state, observation and reward; each output is a
+    1-D ``wp.array`` whose float dtype carries the per-env shape, as a state field's (``float``: a number,
+    ``wp.vec3``: three). ``specs`` are the state's field specs from the task's other kernels, which the
+    info kernel's state arguments must match.
+    """
+    kernel = sim.info_kernel
+    fields = tuple(specs)
+    inputs = [*(_Slot(f, field=f) for f in fields), _Slot("obs", kind=_FLOAT_ARRAY2D),
+              _Slot("reward", kind=_FLOAT_ARRAY), _Slot(_PARAMS)]
+    outputs = [a.label for a in (getattr(getattr(kernel, "adj", None), "args", None) or [])[len(inputs):]]
+    if not outputs or any(not o.startswith(INFO_PREFIX) or o == INFO_PREFIX for o in outputs):
+        raise TaskContractError(f"{sim.__name__}.info_kernel ({getattr(kernel, 'key', kernel)!r}) must write one "
+                                f"or more outputs named '{INFO_PREFIX}<key>' after its wp.struct argument (inputs: "
+                                f"{', '.join(s.name for s in inputs)}), got outputs {outputs}")
+    # outputs are checked like state fields (a 1-D float array whose dtype carries the per-env shape)
+    found = _check_kernels(sim, fields, {"info_kernel": [*inputs, *(_Slot(o, field=o) for o in outputs)]},
+                           {"info_kernel": len(inputs)}, ())
+    for f in fields:
+        if found[f] != specs[f]:
+            raise TaskContractError(f"{sim.__name__}.info_kernel gives state field {f} the per-env shape "
+                                    f"{found[f].shape}, but the step kernel gives {specs[f].shape}")
+    return {o[len(INFO_PREFIX):]: found[o].shape for o in outputs}
+
+
 NEWTON_JOINT_ARGS = ("joint_q", "joint_qd")
 """The outcome kernel's arguments that carry the articulation's joint state after the dynamics."""
 

@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Mapping
 import gymnasium as gym
 import numpy as np
 import torch
+import warp as wp
 from gymnasium import spaces
 from gymnasium.envs.registration import EnvSpec
 from gymnasium.vector import AutoresetMode, VectorEnv
@@ -174,19 +175,37 @@ def _row(observations: np.ndarray | dict[str, np.ndarray], index: int) -> np.nda
     return observations[index]
 
 
+def _cpu_graph(launches: list[wp.Launch]) -> wp.Graph:
+    """A Warp CPU graph of ``launches``, replayed in order by one ``wp.capture_launch``: one call into
+    Warp's C++ instead of a ``Launch.launch()`` each, whose ctypes argument packing is most of a small
+    kernel's cost (a FrankaReach step and its info kernel: ~3 us replayed against ~20 us launched, on the
+    2-core VM under load). Capturing only records (nothing runs), and a replay reads the buffers' current
+    contents, like the launches. Warp's CPU capture is process-global: a Warp CPU launch from another
+    thread during these few microseconds would be recorded here instead of run."""
+    wp.capture_begin(device="cpu")
+    try:
+        for launch in launches:
+            launch.launch()
+    finally:
+        graph = wp.capture_end(device="cpu")
+    return graph
+
+
 class _FastPath:
     """Persistent CPU buffers and recorded launches for a single env's ``reset`` and ``step`` (batch 1).
 
     The env's state lives in two preallocated buffer sets used in turn (a step reads one and writes the
-    other); actions are written into a buffer through its NumPy view; the reset, observe and step kernels
-    replay ``wp.Launch`` objects recorded on these buffers once. So a step allocates nothing, records no
-    autograd graph and runs no torch op. The buffers never leave the env (``get_state`` copies them), so
-    overwriting them breaks no gradient rule. It computes exactly what the reference path does: the same
-    kernels on the same inputs (the clip to [-1, 1] is exact in both NumPy and torch).
+    other); actions are written into a buffer through its NumPy view; the reset and observe kernels, and
+    the step and info kernels, replay as one CPU graph each of ``wp.Launch`` objects recorded on these
+    buffers once. So a step allocates nothing, records no autograd graph and runs no torch op. The buffers
+    never leave the env (``get_state`` copies them), so overwriting them breaks no gradient rule. It
+    computes exactly what the reference path does: the same kernels on the same inputs (the clip to
+    [-1, 1] is exact in both NumPy and torch).
     """
 
-    def __init__(self, sim: DiffSim, physics: tuple[torch.Tensor, ...]):
-        """``physics``: the env's ``(1,)`` physical-parameter tensors, read by every recorded step."""
+    def __init__(self, sim: DiffSim, physics: tuple[torch.Tensor, ...], info_kernel: bool):
+        """``physics``: the env's ``(1,)`` physical-parameter tensors, read by every recorded step;
+        ``info_kernel``: replay the sim's ``info_kernel`` after every step into the ``info`` buffers."""
         specs = sim._state_specs(1)
         self.states = [sim.state_type(*(torch.zeros(s.shape, dtype=s.dtype) for s in specs)) for _ in range(2)]
         self.steps = [state.step.numpy() for state in self.states]  # NumPy views of the step counters
@@ -209,6 +228,13 @@ class _FastPath:
                                             params,
                                             [*self.states[1 - k].tensors(), self.obs, self.reward,
                                              self.terminated, self.success]) for k in (0, 1)]
+        # the task's info extras, computed from the buffers a step wrote (so read after step k: set 1 - k)
+        self.info = {name: torch.zeros(1, *shape) for name, shape in sim.info_shapes.items()} if info_kernel else {}
+        self.info_np = {name: t.numpy() for name, t in self.info.items()}
+        self.info_launches = [record_launch(sim.info_kernel, 1, [*state.tensors(), self.obs, self.reward], params,
+                                            list(self.info.values())) for state in self.states] if self.info else []
+        self.reset_graphs = [_cpu_graph([self.reset_launches[k], self.observe_launches[k]]) for k in (0, 1)]
+        self.step_graphs = [_cpu_graph([self.step_launches[k], *self.info_launches[1 - k:2 - k]]) for k in (0, 1)]
         self.current = 0  # index of the buffer set holding the env's state
 
     @property
@@ -224,15 +250,19 @@ class _FastPath:
         """Reset the current buffers from RNG stream ``(seed, episode)`` and observe them into ``obs``."""
         self.seed.copy_(seed)
         self.episode.copy_(episode)
-        self.reset_launches[self.current].launch()
-        self.observe_launches[self.current].launch()
+        wp.capture_launch(self.reset_graphs[self.current])
 
     def step(self, action: np.ndarray) -> None:
         """Clip ``action`` (validated by the caller) into the action buffer and step into the other buffers."""
         np.copyto(self.action_np, action.reshape(self.action_np.shape), casting="unsafe")
         np.clip(self.action_np, -1.0, 1.0, out=self.action_np)
-        self.step_launches[self.current].launch()
+        wp.capture_launch(self.step_graphs[self.current])  # the step, then the info kernel on its outputs
         self.current = 1 - self.current
+
+    def info_values(self) -> dict[str, Any]:
+        """The last step's info extras, as the reference path gives them: a number for a per-env scalar,
+        otherwise a copy of the array (the buffers are overwritten by the next step)."""
+        return {name: float(a[0]) if a.ndim == 1 else a[0].copy() for name, a in self.info_np.items()}
 
 
 class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
@@ -345,13 +375,13 @@ class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
             fast.load(self._state)
         fast.step(array)
         self._state = fast.state
-        if self._info_overridden:  # the task's extras are torch expressions of the step's outputs
+        if self._info_overridden:  # the task's extras are torch expressions of the step's outputs (no kernel)
             truncated = torch.tensor([int(fast.steps[fast.current][0]) >= self.sim.max_episode_steps])
             out = StepOutput(fast.state, fast.obs, fast.reward, fast.terminated.bool(), truncated,
                              fast.success.bool())
             info = {k: (v[0].item() if v.ndim == 1 else v[0]) for k, v in _info_numpy(self.sim, out).items()}
-        else:
-            info = {"is_success": bool(fast.success_np[0])}
+        else:  # the info kernel, if any, ran in fast.step
+            info = {"is_success": bool(fast.success_np[0]), **fast.info_values()}
         # never truncated here, as on the reference path: Gymnasium's TimeLimit owns the single env's horizon
         return self._fast_observation(fast), float(fast.reward_np[0]), bool(fast.terminated_np[0]), False, info
 
@@ -381,7 +411,7 @@ class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
 
     def _fast_path(self) -> _FastPath:
         if self._fast is None:
-            self._fast = _FastPath(self.sim, self._physics)
+            self._fast = _FastPath(self.sim, self._physics, info_kernel=not self._info_overridden)
         return self._fast
 
     def render(self):

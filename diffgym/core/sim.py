@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from diffgym.core.bridge import Out, warp_call
-from diffgym.core.contract import FieldSpec, check_sim_class
+from diffgym.core.contract import FieldSpec, check_info_kernel, check_sim_class
 from diffgym.core.multistep import RolloutOutput, fused_step_launches
 from diffgym.core.state import SimState
 from diffgym.core.tensor_checks import check_float32
@@ -100,6 +100,15 @@ class DiffSim:
     """Derived when a subclass is defined: ``has_fast_path`` and ``_step`` not overridden, i.e. a step is
     the single step-kernel launch that the single env's fast path and the fused rollout replay."""
 
+    info_kernel: ClassVar[Any] = None
+    """Optional Warp kernel computing the task's ``info`` extras from a step's outputs,
+    ``info_kernel(*next_state, obs, reward, params, # outputs: info_<key>, ...)``
+    (:func:`~diffgym.core.contract.check_info_kernel`). The default :meth:`info` runs it, and the single
+    env's fast path replays it after each step on its persistent buffers, so the extras cost no torch op."""
+
+    info_shapes: ClassVar[dict[str, tuple[int, ...]]] = {}
+    """Derived from ``info_kernel`` when a subclass is defined: the per-env shape of each extra, in order."""
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.steps_as_one_kernel = cls.has_fast_path and cls._step is DiffSim._step
@@ -108,6 +117,7 @@ class DiffSim:
             cls._field_specs = specs
             # check_state reads the shapes from the state type; a declared ``shapes`` was checked equal
             cls.state_type.shapes = {name: spec.shape for name, spec in specs.items()}
+            cls.info_shapes = {} if cls.info_kernel is None else check_info_kernel(cls, specs)
 
     @classmethod
     def _check_contract(cls) -> dict[str, FieldSpec] | None:
@@ -218,8 +228,15 @@ class DiffSim:
         return StepOutput(next_state, obs, reward, terminated.bool(), truncated, success.bool())
 
     def info(self, out: StepOutput) -> dict[str, torch.Tensor]:
-        """Task-specific per-env extras for ``info`` (batch-first tensors); none by default."""
-        return {}
+        """Task-specific per-env extras for ``info`` (batch-first tensors): what ``info_kernel`` computes
+        from ``out``, none without one. A task may override this instead (torch expressions of ``out``),
+        at the cost of torch ops in every single-env step."""
+        if self.info_kernel is None:
+            return {}
+        batch = out.state.batch_size
+        extras = warp_call(self.info_kernel, batch, [*out.state.tensors(), out.obs, out.reward], [self.params],
+                           [Out((batch, *shape)) for shape in self.info_shapes.values()])
+        return dict(zip(self.info_shapes, extras))
 
     def render_state(self, state: SimState, index: int = 0) -> np.ndarray:
         raise NotImplementedError

@@ -176,6 +176,27 @@ def franka_reach_step(
     success[i] = wp.where(distance < p.distance_threshold, 1, 0)
 
 
+@wp.kernel
+def franka_reach_info(
+    q: wp.array(dtype=vec7),
+    goal: wp.array(dtype=wp.vec3),
+    step: wp.array(dtype=wp.int32),
+    obs: wp.array2d(dtype=float),
+    reward: wp.array(dtype=float),
+    p: FrankaReachParams,
+    # outputs
+    info_tcp: wp.array(dtype=wp.vec3),
+    info_goal: wp.array(dtype=wp.vec3),
+    info_distance: wp.array(dtype=float),
+):
+    """``info``'s ``tcp``, ``goal`` and ``distance`` after a step, copied out of its outputs (the dense
+    reward is ``-distance``; FrankaReachGoal, whose reward may be sparse, computes its own ``info``)."""
+    i = wp.tid()
+    info_tcp[i] = wp.vec3(obs[i, 7], obs[i, 8], obs[i, 9])
+    info_goal[i] = goal[i]
+    info_distance[i] = -reward[i]
+
+
 def to_vec7(values) -> vec7:
     return vec7(*(float(v) for v in values))
 
@@ -191,6 +212,7 @@ class FrankaReach(DiffSim):
     reset_kernel = franka_reach_reset
     observe_kernel = franka_reach_observe
     step_kernel = franka_reach_step
+    info_kernel = franka_reach_info
     # q beyond the joint limits is clamped back by the step (documented gradient); goals beyond 10 m are
     # far outside the arm's ~1 m reach and keep every distance finite
     state_bounds = {"q": 100.0, "goal": 10.0}
@@ -252,9 +274,6 @@ class FrankaReach(DiffSim):
         return torch.cat([torch.zeros_like(frames[:, :1, :3]), frames[..., :3]], dim=1)
 
     # ----------------------------------------------------------------------------- contract hooks
-    def info(self, out) -> dict[str, torch.Tensor]:
-        return {"tcp": out.obs[:, 7:10], "goal": out.state.goal, "distance": -out.reward}
-
     def render_state(self, state: FrankaReachState, index: int = 0) -> np.ndarray:
         with torch.no_grad():
             points = self.skeleton(state.q[index:index + 1])[0].cpu().numpy()
