@@ -355,7 +355,8 @@ class ActionDelay(TensorVectorWrapper):
     def _check_own_state(self, saved: Mapping[str, Any]) -> None:
         expected = (self.num_envs, self.steps, self.act_dim)
         pending, autoreset = saved.get("pending_actions"), saved.get("delay_autoreset")
-        if not isinstance(pending, torch.Tensor) or pending.shape != expected or not isinstance(autoreset, torch.Tensor):
+        pending_ok = isinstance(pending, torch.Tensor) and pending.shape == expected
+        if not (pending_ok and isinstance(autoreset, torch.Tensor)):
             raise ValueError(f"the saved env state lacks ActionDelay's pending_actions of shape {expected} or "
                              "delay_autoreset; expected what ActionDelay.state_dict() returns")
 

@@ -178,7 +178,8 @@ def test_wrappers_from_the_config_are_checked_in_one_line():
     from diffgym.commands.options import key_values
     from diffgym.plugins import resolve_config
 
-    config = resolve_config("apg", POINT_MASS, key_values(["wrappers.action_delay=2", "wrappers.observation_noise=0.05"]))
+    sets = ["wrappers.action_delay=2", "wrappers.observation_noise=0.05"]
+    config = resolve_config("apg", POINT_MASS, key_values(sets))
     assert config.wrappers == {"action_delay": 2, "observation_noise": 0.05}
     for sets, message in [(["wrappers.action_delay=0"], r"wrappers.action_delay: ActionDelay steps must be a whole "
                                                          r"number >= 1, got 0"),

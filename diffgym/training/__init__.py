@@ -2,7 +2,7 @@
 normalizer, one optimizer, one evaluation routine, one rollout of the tensor API and one run-output format
 (see ``docs/plugins.md``)."""
 
-from diffgym.training.evaluation import EVAL_SEED_OFFSET, evaluate_policy
+from diffgym.training.evaluation import EVAL_SEED_OFFSET, evaluate_config, evaluate_policy
 from diffgym.training.networks import ActorCritic, mlp
 from diffgym.training.normalization import ObservationNormalizer
 from diffgym.training.optim import clip_gradients, make_optimizer
@@ -12,4 +12,5 @@ from diffgym.training.spec import NormalizerSpec, OptimizerSpec, PolicySpec, Tra
 
 __all__ = ["ActorCritic", "EVAL_SEED_OFFSET", "EnvBatch", "EvaluationCadence", "NormalizerSpec",
            "ObservationNormalizer", "OptimizerSpec", "PolicySpec", "Rollout", "Run", "TrainConfig", "clip_gradients",
-           "default_run_dir", "evaluate_and_checkpoint", "evaluate_policy", "make_optimizer", "mlp", "unroll"]
+           "default_run_dir", "evaluate_and_checkpoint", "evaluate_config", "evaluate_policy", "make_optimizer", "mlp",
+           "unroll"]

@@ -59,7 +59,8 @@ def task_sim_class(env_id: str) -> Any:
     return getattr(creator, "sim_class", None)
 
 
-def check_ranges(ranges: Mapping[str, Sequence[float]], sim: Any, task: str, key: str) -> dict[str, tuple[float, float]]:
+def check_ranges(ranges: Mapping[str, Sequence[float]], sim: Any, task: str, key: str
+                 ) -> dict[str, tuple[float, float]]:
     """``ranges`` checked against the task's simulator ``sim`` (class or instance): every name one of its
     ``physical_params``, every range inside its ``physics_bounds``. Returns them in ``physical_params``
     order (so the draws do not depend on the order the config lists them in); a one-line ``ValueError``
@@ -126,15 +127,16 @@ class PhysicsRandomizer:
 
     def draw(self, mask: torch.Tensor | np.ndarray | None = None) -> dict[str, torch.Tensor]:
         """New values for the envs where ``mask`` is true (every env without one, as at the first reset),
-        the others' kept; returns :attr:`values`. Draws go env by env in index order, each env's parameters
-        in ``physical_params`` order, so they depend on the seed and the sequence of masks only."""
-        if mask is None:
+        the others' kept (the first draw is every env's, whatever the mask); returns :attr:`values`. Draws go
+        env by env in index order, each env's parameters in ``physical_params`` order, so they depend on the
+        seed and the sequence of masks only."""
+        if mask is None or not self.values:
             chosen = np.ones(self.num_envs, dtype=bool)
         else:
             chosen = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
             chosen = chosen.astype(bool, copy=False).reshape(self.num_envs)
         count = int(chosen.sum())
-        if count == 0 and self.values:
+        if count == 0:
             return self.values
         samples = self.generator.uniform(size=(count, len(self.ranges)))
         index = torch.as_tensor(np.flatnonzero(chosen), device=self.device)

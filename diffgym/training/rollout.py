@@ -23,13 +23,13 @@ import torch
 
 from diffgym.core.sim import StepOutput
 from diffgym.core.state import SimState
-from diffgym.training.evaluation import evaluate_config
+from diffgym.training.evaluation import evaluate_config, train_env_seed
 from diffgym.training.networks import ActorCritic
 from diffgym.training.normalization import ObservationNormalizer
 from diffgym.training.randomization import PhysicsRandomizer
 from diffgym.training.run import Run
 from diffgym.training.spec import TrainConfig
-from diffgym.wrappers import TensorVectorWrapper
+from diffgym.wrappers import TensorVectorWrapper, wrap_vector_env
 
 RESET_SEED_LOW = 2**30
 """Episodes after the first draw their reset seeds from [2^30, 2^31): disjoint from the evaluation
@@ -71,6 +71,16 @@ class EnvBatch:
         self.obs = torch.as_tensor(obs, dtype=torch.float32, device=device)
         self.episode_return = torch.zeros(self.num_envs, dtype=torch.float64, device=device)
         self.episode_length = torch.zeros(self.num_envs, dtype=torch.int64, device=device)
+
+    @classmethod
+    def for_config(cls, config: TrainConfig) -> EnvBatch:
+        """A run's training envs as every trainer makes them: ``config.num_envs`` native envs of its task
+        with ``config.env_options()``, inside ``config.wrappers``, seeded ``train_env_seed(config.seed)``
+        and drawing ``config.randomize``."""
+        venv = gym.make_vec(config.env_id, num_envs=config.num_envs, vectorization_mode="vector_entry_point",
+                            **config.env_options())
+        return cls(wrap_vector_env(venv, config.wrappers), train_env_seed(config.seed), torch.device(config.device),
+                   randomize=config.randomize)
 
     def restart_finished(self, state: SimState, obs: torch.Tensor, done: torch.Tensor
                          ) -> tuple[SimState, torch.Tensor]:

@@ -26,15 +26,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import torch
 
 from diffgym.training import ActorCritic, ObservationNormalizer, Run, TrainConfig, clip_gradients, make_optimizer
-from diffgym.training.evaluation import train_env_seed
 from diffgym.training.gradients import actor_parameters
 from diffgym.training.rollout import EnvBatch, EvaluationCadence, Rollout, evaluate_and_checkpoint, unroll
-from diffgym.wrappers import wrap_vector_env
 
 from diffgym_apg.config import APGConfig, upgrade_config
 from diffgym_apg.entropy import SegmentLogProb, Temperature
@@ -236,12 +233,9 @@ def train(config: TrainConfig, progress: bool = True, params: APGConfig | None =
     config = TrainConfig.from_dict(upgrade_config(config.to_dict()))  # config.yaml in today's format
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
-    venv = wrap_vector_env(gym.make_vec(config.env_id, num_envs=config.num_envs,
-                                        vectorization_mode="vector_entry_point", **config.env_options()),
-                           config.wrappers)
-    obs_dim = int(np.prod(venv.single_observation_space.shape))
-    act_dim = int(np.prod(venv.single_action_space.shape))
-    envs = EnvBatch(venv, train_env_seed(config.seed), device, randomize=config.randomize)
+    envs = EnvBatch.for_config(config)  # with the config's wrappers and domain randomization
+    obs_dim = int(np.prod(envs.venv.single_observation_space.shape))
+    act_dim = int(np.prod(envs.venv.single_action_space.shape))
     learner = Learner.create(obs_dim, act_dim, config, params, device)
     env_steps = grad_steps = 0
 
