@@ -29,6 +29,9 @@ _OBSERVATION = slice(0, 10)  # q and the TCP; not the goal, so relabelling a goa
 class FrankaReachGoal(FrankaReach):
     """FrankaReach with a sparse (default) or dense reward and goal-conditioned observations."""
 
+    # FrankaReach's info kernel reads the distance off a dense reward; this task's `info` (below) computes it
+    info_kernel = None
+
     def __init__(self, device: str | torch.device = "cpu", max_episode_steps: int | None = None,
                  reward_type: RewardType = "sparse", distance_threshold: float = 0.05, velocity_scale: float = 0.5,
                  reset_noise: float = 0.1):
