@@ -161,20 +161,26 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("algo", ["apg", "ppo"])
-def test_a_randomized_run_resumes_exactly_and_logs_its_draws(tmp_path, algo):
+def tiny_run(tmp_path: Path, algo: str, name: str, **changes) -> list[dict]:
+    """The metrics rows of a tiny run of ``algo`` (:data:`CONFIGS`) with ``changes`` in ``tmp_path/name``."""
     if algo == "ppo":
         pytest.importorskip("diffgym_ppo")
-    train = load_trainer(algo).train
+    config = resolve_config(algo, POINT_MASS, {**CONFIGS[algo], "run_dir": str(tmp_path / name), **changes})
+    return _rows(load_trainer(algo).train(config, progress=False))
 
-    def config(name, **changes):
-        return resolve_config(algo, POINT_MASS, {**CONFIGS[algo], **RANGES, "run_dir": str(tmp_path / name), **changes})
 
-    straight = _rows(train(config("straight"), progress=False))
-    half = CONFIGS[algo]["eval_every_env_steps"]
-    train(config("resumed", total_env_steps=half), progress=False)
-    resumed = _rows(train(config("resumed"), progress=False))
-    assert resumed == straight
+def resumed_exactly(tmp_path: Path, algo: str, **changes) -> list[dict]:
+    """The rows of a tiny run, after checking that the same run stopped at its middle evaluation and
+    resumed logs the very same rows."""
+    straight = tiny_run(tmp_path, algo, "straight", **changes)
+    tiny_run(tmp_path, algo, "resumed", **{**changes, "total_env_steps": CONFIGS[algo]["eval_every_env_steps"]})
+    assert tiny_run(tmp_path, algo, "resumed", **changes) == straight
+    return straight
+
+
+@pytest.mark.parametrize("algo", ["apg", "ppo"])
+def test_a_randomized_run_resumes_exactly_and_logs_its_draws(tmp_path, algo):
+    straight = resumed_exactly(tmp_path, algo, **RANGES)
     evaluations = [row for row in straight if "eval_return" in row]
     means = [row["physics/mass_mean"] for row in evaluations]
     assert len(set(means)) == len(means)  # every evaluation after restarts sees new draws

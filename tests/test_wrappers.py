@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from diffgym.commands.options import key_values
+from diffgym.plugins import resolve_config
 from diffgym.training.rollout import EnvBatch
 from diffgym.wrappers import ActionDelay, ObservationNoise, inner_state
+from tests.test_domain_randomization import resumed_exactly, tiny_run
 
 POINT_MASS = "DiffGym/PointMass1D-v0"
 N = 3
@@ -175,9 +178,6 @@ def test_bad_wrapper_arguments_are_refused():
 
 # ------------------------------------------------------------------------------------ from the config
 def test_wrappers_from_the_config_are_checked_in_one_line():
-    from diffgym.commands.options import key_values
-    from diffgym.plugins import resolve_config
-
     sets = ["wrappers.action_delay=2", "wrappers.observation_noise=0.05"]
     config = resolve_config("apg", POINT_MASS, key_values(sets))
     assert config.wrappers == {"action_delay": 2, "observation_noise": 0.05}
@@ -192,21 +192,6 @@ def test_wrappers_from_the_config_are_checked_in_one_line():
 
 @pytest.mark.parametrize("algo", ["apg", "ppo"])
 def test_a_wrapped_run_evaluates_wrapped_and_resumes_exactly(tmp_path, algo):
-    if algo == "ppo":
-        pytest.importorskip("diffgym_ppo")
-    from diffgym.plugins import load_trainer, resolve_config
-    from tests.test_domain_randomization import CONFIGS, _rows
-
-    train = load_trainer(algo).train
-
-    def config(name, **changes):
-        return resolve_config(algo, POINT_MASS, {**CONFIGS[algo], "wrappers.action_delay": 2,
-                                                 "wrappers.observation_noise": 0.05,
-                                                 "run_dir": str(tmp_path / name), **changes})
-
-    straight = _rows(train(config("straight"), progress=False))
-    train(config("resumed", total_env_steps=CONFIGS[algo]["eval_every_env_steps"]), progress=False)
-    assert _rows(train(config("resumed"), progress=False)) == straight
-    plain = _rows(train(resolve_config(algo, POINT_MASS, {**CONFIGS[algo], "run_dir": str(tmp_path / "plain")}),
-                        progress=False))
+    straight = resumed_exactly(tmp_path, algo, **{"wrappers.action_delay": 2, "wrappers.observation_noise": 0.05})
+    plain = tiny_run(tmp_path, algo, "plain")
     assert plain[0]["eval_return"] != straight[0]["eval_return"]  # the untrained policy, evaluated wrapped
