@@ -449,6 +449,8 @@ class Run:
     def _refuse_other_config(self, saved: Mapping[str, Any], source: Path) -> None:
         if self._upgrade_config is not None:
             saved = self._upgrade_config(dict(saved))
+        # a field the saving version did not have yet held its default then (e.g. ``randomize``)
+        saved = {**TrainConfig(algo=self.config.algo, env_id=self.config.env_id).to_dict(), **saved}
         differences = config_differences(saved, self.config.to_dict())
         if differences:
             raise ConfigMismatch(f"{self.dir} holds a run with another config ({source.name} differs in "
