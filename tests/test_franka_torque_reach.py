@@ -231,6 +231,43 @@ def test_sharing_one_solver_across_substeps_breaks_the_gradient(monkeypatch):
     assert min(errors.values()) > 2 * GRADIENT_BOUND, errors
 
 
+def test_a_differentiated_step_replays_its_recording_and_matches_an_eager_tape(monkeypatch):
+    """The recorded step (docs/benchmarks.md: ~30x cheaper at one env) builds its solvers once per batch size,
+    not per step, and gives what an eager ``wp.Tape`` over ``simulate`` (fresh states and solvers per
+    substep, the engine's reference) gives: the same next state and input gradients, batch of 3."""
+    import newton
+    import warp as wp
+    from diffgym.core.newton_sim import simulate
+
+    original, built = newton.solvers.SolverFeatherstone, []
+    monkeypatch.setattr(newton.solvers, "SolverFeatherstone",
+                        lambda model, **kwargs: built.append(1) or original(model, **kwargs))
+    sim = _sim(gravity_compensation=False)
+    batch = 3
+    start = sim.reset(torch.arange(batch, dtype=torch.int32), torch.zeros(batch, dtype=torch.int32))
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(batch * 7, generator=generator)
+    for _ in range(3):
+        q, qd = start.q.reshape(-1).clone().requires_grad_(True), start.qd.reshape(-1).clone().requires_grad_(True)
+        tau = (torch.rand(batch * 7, generator=generator) * 20 - 10).requires_grad_(True)
+        q_next, qd_next = sim.advance(q, qd, tau)
+        ((weights * q_next).sum() + 0.1 * (weights * qd_next).sum()).backward()
+    assert len(built) == sim.substeps, len(built)  # the taped step's solvers, built on the first step only
+
+    inputs = [wp.array(t.detach().numpy(), requires_grad=True) for t in (q, qd, tau)]
+    tape = wp.Tape()
+    with tape:
+        final = simulate(sim.model(batch), inputs[0], inputs[1], [inputs[2]], sim.dt, sim.substeps, requires_grad=True)
+    tape.zero()
+    final.joint_q.grad.assign(weights.numpy())
+    final.joint_qd.grad.assign(0.1 * weights.numpy())
+    tape.backward()
+    np.testing.assert_allclose(q_next.detach().numpy(), final.joint_q.numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(qd_next.detach().numpy(), final.joint_qd.numpy(), rtol=0, atol=1e-5)
+    for ours, eager in zip((q.grad, qd.grad, tau.grad), inputs):
+        np.testing.assert_allclose(ours.numpy(), eager.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
 def test_backward_twice_on_one_model_gives_the_same_gradient():
     """Gradient ownership across tapes: the model's arrays are on every step's tape; two backwards through
     the same shared model (and a retained graph run twice) give identical gradients."""

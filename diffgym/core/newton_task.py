@@ -15,24 +15,27 @@ Reset and observation are kernels as in a kernel task, and validation, ``info`` 
 :class:`DiffSim`'s. The contract a Newton task declares is checked when its class is defined
 (:func:`diffgym.core.contract.check_newton_sim_class`).
 
-Gradients. With autograd recording, step 2 is one ``torch.autograd.Function`` whose forward records the
-substeps on a fresh ``wp.Tape`` and whose backward seeds the output gradients, runs ``tape.backward`` and
-hands clones of the input gradients to autograd. The kernel bridge's rules hold:
+Gradients. With autograd recording, step 2 is one ``torch.autograd.Function`` (:class:`_NewtonDynamics`)
+replaying the batch size's :class:`_TapedStep`: the substeps recorded once on a ``wp.Tape`` over fixed
+buffers and captured as Warp graphs (forward, gradient zeroing, backward), so a step costs no Python per
+kernel launch, no model, solver or state construction and no host sync (it was ~450 ``wp.launch`` calls,
+21 states and 10 solvers built per step: docs/benchmarks.md has the before and after). The rules hold:
 
-* fresh arrays: the inputs are copied into Warp arrays this call owns, every substep reads a fresh copy
-  of the previous state and writes a fresh state with a fresh ``SolverFeatherstone`` (the solver keeps
-  its mass matrix and Cholesky factor on the instance, which a second substep would overwrite under the
-  first one's adjoint: ``docs/newton.md`` measured 5 % gradient errors with one solver for 10 substeps),
-  and the outputs handed to torch are clones, so nothing recorded on a tape is ever overwritten;
-* gradient ownership: the tape and the shared model's gradients are zeroed before the output gradients
-  are seeded (the model's arrays are recorded on every step's tape and keep what an earlier backward
-  accumulated: without this the second of two backwards came out 16x too large on the wrist) and again
-  after the input gradients are cloned out, so no gradient leaks from one backward into another.
+* a solver per substep: every substep reads a fresh copy of the previous state and writes a fresh state
+  with a ``SolverFeatherstone`` of its own (the solver keeps its mass matrix and Cholesky factor on the
+  instance, which a second substep would overwrite under the first one's adjoint: ``docs/newton.md``
+  measured 5 % gradient errors with one solver for 10 substeps); the outputs handed to torch are clones;
+* one step's intermediates at a time: the buffers hold the forward of the last recorded step; the backward
+  of an earlier one (a chained rollout) reloads that step's saved inputs and replays its forward first, so
+  each backward differentiates its own step's values;
+* gradient ownership: every gradient the backward accumulates into (the tape's arrays, the shared model's,
+  the inputs') is zeroed before the output gradients are seeded (without this the second of two backwards
+  through one model came out 16x too large on the wrist), and the input gradients handed to autograd are
+  clones.
 
 Without autograd (``torch.no_grad()``, ``env.step``, PPO) the substeps run on a cached solver and two
-cached states used in turn: nothing is recorded, so reusing them breaks no rule, and a step costs 1.2-2.9x
-less than a recorded one (docs/benchmarks.md: 2.9x at one env, 1.2x at 4096). The cache is per sim and
-batch size and not locked: step one sim from one thread at a time.
+cached states used in turn, also captured as a graph: nothing is recorded, so reusing them breaks no rule.
+The caches are per sim and batch size and not locked: step one sim from one thread at a time.
 
 Newton is an optional extra: this module imports without it, and constructing a Newton task without it
 raises one line saying how to install it (:func:`diffgym.core.newton_sim.require_newton`).
@@ -49,7 +52,7 @@ import warp as wp
 
 from diffgym.core.bridge import Out, warp_call, warp_device
 from diffgym.core.contract import FieldSpec, check_newton_sim_class
-from diffgym.core.newton_sim import require_newton, simulate
+from diffgym.core.newton_sim import require_newton
 from diffgym.core.sim import DiffSim, StepOutput
 from diffgym.core.state import SimState
 
@@ -76,6 +79,8 @@ class NewtonSim(DiffSim):
     joint_fields: ClassVar[tuple[str, str]]
     dofs_per_env: ClassVar[int]
     substeps: ClassVar[int]
+    solver_options: ClassVar[dict[str, Any]] = {}
+    """Keyword arguments of the task's ``SolverFeatherstone`` (e.g. ``use_tile_gemm``)."""
 
     @classmethod
     def _check_contract(cls) -> dict[str, FieldSpec] | None:
@@ -85,8 +90,9 @@ class NewtonSim(DiffSim):
         require_newton()  # one line saying how to install it, before anything else can fail
         super().__init__(device, max_episode_steps)
         self._models: dict[int, newton.Model] = {}
-        # forward-only stepping (no tape): per batch size, a solver and two states used in turn
-        self._forward_only: dict[int, tuple[Any, Any, Any]] = {}
+        # per batch size, the control step captured as Warp graphs on fixed buffers (taped, and forward only)
+        self._taped: dict[int, _TapedStep] = {}
+        self._forward_only: dict[int, _ForwardOnlyStep] = {}
 
     @abc.abstractmethod
     def build_model(self, num_envs: int, device: str) -> "newton.Model":
@@ -127,67 +133,199 @@ class NewtonSim(DiffSim):
         batch = joint_q.shape[0] // self.dofs_per_env
         if torch.is_grad_enabled() and any(t.requires_grad for t in (joint_q, joint_qd, joint_f)):
             return _NewtonDynamics.apply(self, batch, joint_q, joint_qd, joint_f)
-        return self._advance_forward_only(batch, joint_q, joint_qd, joint_f)
+        step = self._forward_only.get(batch)
+        if step is None:
+            step = self._forward_only[batch] = _ForwardOnlyStep(self, self.model(batch))
+        return step.run(joint_q, joint_qd, joint_f)
 
-    def _advance_forward_only(self, batch: int, joint_q: torch.Tensor, joint_qd: torch.Tensor,
-                              joint_f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _taped_step(self, batch: int) -> "_TapedStep":
+        step = self._taped.get(batch)
+        if step is None:
+            step = self._taped[batch] = _TapedStep(self, self.model(batch))
+        return step
+
+
+def _capture(device: Any, record: Any) -> Any:
+    """``record()`` run once and captured as a Warp graph (CPU or CUDA), which ``wp.capture_launch`` replays
+    on the same arrays without Python: on this 2-core CPU a launch through ``wp.launch`` costs ~25 us of
+    argument packing and a step has ~450 of them (docs/benchmarks.md)."""
+    with wp.ScopedCapture(device=device) as capture:
+        record()
+    return capture.graph
+
+
+class _ForwardOnlyStep:
+    """The untaped control step of one batch size (``torch.no_grad()``, ``env.step``, PPO): one cached
+    solver and two states used in turn, captured once as a graph. Nothing is recorded, so reusing them
+    breaks no gradient rule."""
+
+    def __init__(self, sim: NewtonSim, model: "newton.Model"):
         newton = require_newton()
-        model = self.model(batch)
-        cached = self._forward_only.get(batch)
-        if cached is None:
-            cached = self._forward_only[batch] = (newton.solvers.SolverFeatherstone(model),
-                                                  model.state(requires_grad=False), model.state(requires_grad=False))
-        solver, state, spare = cached
+        self.device = sim.device
         with _on_torch_stream(self.device):
-            wp.copy(state.joint_q, wp.from_torch(joint_q.detach().contiguous()))
-            wp.copy(state.joint_qd, wp.from_torch(joint_qd.detach().contiguous()))
+            self.joint_q, self.joint_qd, self.joint_f = (
+                wp.zeros(model.joint_dof_count, dtype=wp.float32, device=model.device) for _ in range(3))
+            solver = newton.solvers.SolverFeatherstone(model, **sim.solver_options)
+            states = [model.state(requires_grad=False), model.state(requires_grad=False)]
             control = model.control(clone_variables=False)
-            control.joint_f = wp.from_torch(joint_f.detach().contiguous())
-            for _ in range(self.substeps):
-                solver.step(state, spare, control, None, self.dt / self.substeps)
-                state, spare = spare, state
-            # clones: the cached states are rewritten by the next step
-            return wp.to_torch(state.joint_q).clone(), wp.to_torch(state.joint_qd).clone()
+            control.joint_f = self.joint_f
+
+            def substeps() -> None:
+                wp.copy(states[0].joint_q, self.joint_q)
+                wp.copy(states[0].joint_qd, self.joint_qd)
+                for k in range(sim.substeps):
+                    solver.step(states[k % 2], states[1 - k % 2], control, None, sim.dt / sim.substeps)
+
+            substeps()  # outside the capture: loads the kernels and allocates the solver's buffers
+            self.graph = _capture(model.device, substeps)
+            self.final = states[sim.substeps % 2]
+            self._alive = (solver, states, control)  # what the graph writes through must outlive it
+
+    def run(self, joint_q: torch.Tensor, joint_qd: torch.Tensor,
+            joint_f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with _on_torch_stream(self.device):
+            _load((self.joint_q, self.joint_qd, self.joint_f), (joint_q, joint_qd, joint_f))
+            wp.capture_launch(self.graph)
+            # clones: the next step rewrites the cached states
+            return wp.to_torch(self.final.joint_q).clone(), wp.to_torch(self.final.joint_qd).clone()
+
+
+@wp.kernel
+def _copy_joint_state(q: wp.array(dtype=wp.float32), qd: wp.array(dtype=wp.float32),
+                      # outputs
+                      q_out: wp.array(dtype=wp.float32), qd_out: wp.array(dtype=wp.float32)):
+    """A state's joint positions and velocities copied into a fresh state: a kernel, so that the tape holds
+    only kernel launches (``wp.copy`` records a Python callback, which a recorded backward cannot replay)."""
+    i = wp.tid()
+    q_out[i] = q[i]
+    qd_out[i] = qd[i]
+
+
+class _TapedStep:
+    """The recorded control step of one batch size: ``substeps`` Featherstone substeps on fixed buffers
+    (a fresh input and output state and a solver of its own per substep, as :func:`simulate` lays them out)
+    recorded once on a ``wp.Tape``, then captured as three Warp graphs: the forward, the zeroing of every
+    gradient the backward accumulates into (the tape's arrays, the model's, the inputs'), and the backward,
+    captured from the tape's adjoint launches recorded one by one (``wp.launch(..., adjoint=True,
+    record_cmd=True)``): a graph captured from ``tape.backward`` itself replayed wrong gradients and
+    corrupted the heap on the CPU (Warp 1.19).
+
+    The buffers hold one step's intermediates at a time. ``owner`` names the autograd call whose forward
+    they hold; a backward whose forward has since been overwritten (the earlier steps of a chained rollout)
+    first reloads its saved inputs and replays the forward, so every backward runs on its own step's values
+    (recomputation instead of a copy of the intermediates per step)."""
+
+    def __init__(self, sim: NewtonSim, model: "newton.Model"):
+        newton = require_newton()
+        self.device = sim.device
+        self.owner: object | None = None
+        dofs = model.joint_dof_count
+        with _on_torch_stream(self.device):
+            self.inputs = tuple(wp.zeros(dofs, dtype=wp.float32, device=model.device, requires_grad=True)
+                                for _ in range(3))
+            solvers = [newton.solvers.SolverFeatherstone(model, **sim.solver_options) for _ in range(sim.substeps)]
+            control = model.control(clone_variables=False)
+            control.joint_f = self.inputs[2]
+            # Allocated here, outside the capture: a replay writes through the pointers the capture saw, so
+            # every array it touches must outlive the graph (a state allocated inside the capture and freed
+            # after it had its memset replayed into freed memory: heap corruption).
+            states = [model.state(requires_grad=True) for _ in range(2 * sim.substeps + 1)]
+            for state_in in states[1::2]:
+                # The step copies the input state's external body forces (zero here: nothing applies any) with
+                # wp.copy, whose adjoint the tape records as a Python callback, not a launch; without a
+                # gradient on the source the copy records none, and no gradient is lost: nothing upstream
+                # writes these forces, so theirs would reach no input.
+                state_in.body_f.requires_grad = False
+            self._alive = (solvers, control, states)
+
+            def forward(tape: wp.Tape) -> None:
+                with tape:
+                    wp.launch(_copy_joint_state, dofs, [self.inputs[0], self.inputs[1]],
+                              [states[0].joint_q, states[0].joint_qd], device=model.device)
+                    for k, solver in enumerate(solvers):
+                        state, state_in, state_out = states[2 * k], states[2 * k + 1], states[2 * k + 2]
+                        # a copy, not the previous output itself: the solver may rewrite its input in place
+                        wp.launch(_copy_joint_state, dofs, [state.joint_q, state.joint_qd],
+                                  [state_in.joint_q, state_in.joint_qd], device=model.device)
+                        solver.step(state_in, state_out, control, None, sim.dt / sim.substeps)
+
+            # outside the capture: loads the kernels, lets each solver add its buffers to its output state
+            # (Newton does so on a state's first step) and records the tape
+            self.tape = wp.Tape()
+            forward(self.tape)
+            # the same launches on the same arrays, replayed without Python (the tape of this run is dropped)
+            self.forward_graph = _capture(model.device, lambda: forward(wp.Tape()))
+            self.outputs = (states[-1].joint_q, states[-1].joint_qd)
+            adjoints = [_recorded_adjoint(self.tape, entry) for entry in reversed(self.tape.launches)]
+            self.backward_graph = _capture(model.device, lambda: [launch.launch() for launch in adjoints])
+
+            def zero_gradients() -> None:
+                self.tape.zero()  # every gradient the adjoint launches above read or write
+                zero_model_gradients(model)
+                for array in self.inputs:
+                    array.grad.zero_()
+
+            self.zero_graph = _capture(model.device, zero_gradients)
+
+    def forward(self, owner: object, joint_q: torch.Tensor, joint_qd: torch.Tensor, joint_f: torch.Tensor) -> None:
+        """Run the step on these inputs, its intermediates kept for ``owner``'s backward."""
+        with _on_torch_stream(self.device):
+            _load(self.inputs, (joint_q, joint_qd, joint_f))
+            wp.capture_launch(self.forward_graph)
+        self.owner = owner
+
+    def backward(self, owner: object, inputs: Sequence[torch.Tensor],
+                 output_grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+        """The input gradients of ``owner``'s step (inputs ``inputs``) for these output gradients."""
+        if self.owner is not owner:  # a later step ran on the buffers since: recompute this one's forward
+            self.forward(owner, *inputs)
+        with _on_torch_stream(self.device):
+            # zero first: the tape's arrays and the model's hold an earlier backward's sums
+            wp.capture_launch(self.zero_graph)
+            for output, grad in zip(self.outputs, output_grads):
+                if grad is not None:
+                    wp.to_torch(output.grad, requires_grad=False).copy_(grad)
+            wp.capture_launch(self.backward_graph)
+            # clones: the next backward zeroes and rewrites these buffers
+            return [wp.to_torch(array.grad, requires_grad=False).clone() for array in self.inputs]
+
+
+def _recorded_adjoint(tape: wp.Tape, entry: Any) -> Any:
+    """The adjoint of one tape entry ``[kernel, dim, max_blocks, inputs, outputs, device, block_dim]`` as a
+    ``wp.Launch``, bound to the gradient arrays ``tape.backward`` would pass (and registering them in
+    ``tape.gradients``, which ``tape.zero`` zeroes)."""
+    if callable(entry):
+        raise RuntimeError("a Newton step recorded a Python callback on the tape; the recorded backward "
+                           "replays only kernel launches")
+    kernel, dim, max_blocks, inputs, outputs, device, block_dim = entry[:7]
+    return wp.launch(kernel, dim, inputs, outputs, adj_inputs=[tape.get_adjoint(a) for a in inputs],
+                     adj_outputs=[tape.get_adjoint(a) for a in outputs], device=device, adjoint=True,
+                     record_tape=False, record_cmd=True, max_blocks=max_blocks, block_dim=block_dim)
+
+
+def _load(arrays: Sequence[wp.array], tensors: Sequence[torch.Tensor]) -> None:
+    """Copy each tensor's values into the Warp array a captured graph reads."""
+    for array, tensor in zip(arrays, tensors):
+        wp.to_torch(array, requires_grad=False).copy_(tensor.detach().reshape(-1))
 
 
 class _NewtonDynamics(torch.autograd.Function):
-    """``(joint_q, joint_qd, joint_f) -> (joint_q', joint_qd')`` over one control step, recorded on a
-    ``wp.Tape`` (see the module docstring for the rules it keeps)."""
+    """``(joint_q, joint_qd, joint_f) -> (joint_q', joint_qd')`` over one control step, replayed from the
+    batch size's :class:`_TapedStep` (see the module docstring for the rules it keeps)."""
 
     @staticmethod
     def forward(ctx, sim: NewtonSim, batch: int, joint_q: torch.Tensor, joint_qd: torch.Tensor,
                 joint_f: torch.Tensor):
-        model = sim.model(batch)
-        device = model.device
-        with _on_torch_stream(sim.device):
-            # Warp arrays this call owns (fresh values and gradient buffers), never autograd's tensors
-            inputs = []
-            for tensor in (joint_q, joint_qd, joint_f):
-                array = wp.empty(tensor.shape[0], dtype=wp.float32, device=device, requires_grad=True)
-                wp.copy(array, wp.from_torch(tensor.detach().contiguous()))
-                inputs.append(array)
-            tape = wp.Tape()
-            with tape:
-                final = simulate(model, inputs[0], inputs[1], [inputs[2]], sim.dt, sim.substeps, requires_grad=True)
-            ctx.tape, ctx.model, ctx.inputs, ctx.outputs = tape, model, inputs, (final.joint_q, final.joint_qd)
-            ctx.device = sim.device
-            return wp.to_torch(final.joint_q).clone(), wp.to_torch(final.joint_qd).clone()
+        step = sim._taped_step(batch)
+        ctx.step, ctx.owner = step, object()
+        ctx.save_for_backward(joint_q, joint_qd, joint_f)
+        step.forward(ctx.owner, joint_q, joint_qd, joint_f)
+        # clones: the next step rewrites the buffers
+        return tuple(wp.to_torch(output, requires_grad=False).clone() for output in step.outputs)
 
     @staticmethod
     def backward(ctx, grad_q: torch.Tensor | None, grad_qd: torch.Tensor | None):
-        tape = ctx.tape
-        with _on_torch_stream(ctx.device):
-            # zero first: the model's arrays are on every step's tape and hold an earlier backward's sums
-            tape.zero()
-            zero_model_gradients(ctx.model)
-            for output, grad in zip(ctx.outputs, (grad_q, grad_qd)):
-                if grad is not None:
-                    wp.to_torch(output.grad).copy_(grad)
-            tape.backward()
-            grads = [wp.to_torch(array.grad).clone() for array in ctx.inputs]
-            # and after: nothing this backward accumulated may reach the next one
-            tape.zero()
-            zero_model_gradients(ctx.model)
+        grads = ctx.step.backward(ctx.owner, ctx.saved_tensors, (grad_q, grad_qd))
         return (None, None, *grads)
 
 
