@@ -16,6 +16,9 @@ from diffgym.core.state import SimState
 from diffgym.core.tensor_checks import check_float32
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 @dataclasses.dataclass(eq=False, frozen=True)
 class StepOutput:
     """What ``differentiable_step`` returns; every field is a batch-first torch tensor.
@@ -306,16 +309,19 @@ class DiffSim:
         """``(B,)`` bool: the envs whose state is not finite or lies outside the task's valid domain
         (``state_bounds`` and the task's own :meth:`_outside_task_domain`). ``check_state`` rejects such a
         state; trainers restart those envs instead of stepping them (``diffgym.training.rollout.unroll``)."""
-        outside = torch.zeros(state.batch_size, dtype=torch.bool, device=self.device)
+        # |x| <= bound is false for NaN and +-inf as well, so one comparison per field tests both (trainers
+        # call this on every step); a field without a bound, or with one beyond float32, has float32's largest
+        # finite value as its bound, which exactly the finite values meet
+        inside = None
         for name, tensor in zip(self._fields, state.tensors()):
             if name == "step":
                 continue
-            flat = tensor.detach().reshape(len(tensor), -1)
-            outside |= ~torch.isfinite(flat).all(dim=1)
-            bound = self.state_bounds.get(name)
-            if bound is not None:
-                outside |= (flat.abs() > bound).any(dim=1)
-        return outside | self._outside_task_domain(state)
+            bound = min(self.state_bounds.get(name, _FLOAT32_MAX), _FLOAT32_MAX)
+            rows = (tensor.detach().reshape(len(tensor), -1).abs() <= bound).all(dim=1)
+            inside = rows if inside is None else inside & rows
+        if inside is None:
+            return self._outside_task_domain(state)
+        return ~inside | self._outside_task_domain(state)
 
     def _outside_task_domain(self, state: SimState) -> torch.Tensor:
         """Task-specific domain limits beyond ``state_bounds`` (``(B,)`` bool); none by default."""
