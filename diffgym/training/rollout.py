@@ -21,6 +21,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from diffgym.core.env import DiffGymVectorEnv
 from diffgym.core.sim import StepOutput
 from diffgym.core.state import SimState
 from diffgym.training.evaluation import evaluate_config, train_env_seed
@@ -195,34 +196,61 @@ def unroll(model: ActorCritic, normalizer: ObservationNormalizer, envs: EnvBatch
     """
     state, obs = envs.state, envs.obs
     sim = getattr(envs.venv, "sim", None)
+    step = _state_checked_once(envs, sim, state)
     start_obs, rewards, next_obs, terminated, truncated, finished = [], [], [], [], [], []
     actions, obs_normalized, noises, pre_squashes = [], [], [], []
     diverged_any = torch.zeros(envs.num_envs, dtype=torch.bool, device=envs.device)
     for _ in range(steps):
         obs_norm = normalizer(obs)
         action, pre_squash, noise = model.sample(obs_norm)
-        out = envs.differentiable_step(state, action)
-        diverged = ~torch.isfinite(out.obs).all(dim=1) | ~torch.isfinite(out.reward)
+        out = step(state, action)
+        diverged = ~(torch.isfinite(out.obs).all(dim=1) & torch.isfinite(out.reward))
         if sim is not None:  # finite but outside the task's valid domain: the next step would reject it
             diverged = diverged | sim.outside_domain(out.state)
-        diverged_any |= diverged
-        step_obs = torch.where(diverged[:, None], torch.zeros_like(out.obs), out.obs)
+        # Divergence is rare: without it the masking below would only copy (values and gradients alike),
+        # so it is skipped, sparing each step five torch ops and an autograd node.
+        step_obs, step_terminated, finite_reward = out.obs, out.terminated, out.reward
+        if bool(diverged.any()):
+            diverged_any |= diverged
+            step_obs = torch.where(diverged[:, None], torch.zeros_like(out.obs), out.obs)
+            step_terminated = out.terminated | diverged
+            finite_reward = torch.where(diverged, torch.zeros_like(out.reward), out.reward)
         start_obs.append(obs.detach())
         rewards.append(out.reward)
         next_obs.append(step_obs)  # before any reset: the tail value of a truncated episode uses it
-        terminated.append(out.terminated | diverged)
-        truncated.append(out.truncated & ~terminated[-1])
+        terminated.append(step_terminated)
+        truncated.append(out.truncated & ~step_terminated)
         actions.append(action)
         obs_normalized.append(obs_norm.detach())
         noises.append(noise)
         pre_squashes.append(pre_squash.detach())
-        done = terminated[-1] | truncated[-1]
-        finished += envs.record(torch.where(diverged, torch.zeros_like(out.reward), out.reward), done)
+        done = step_terminated | truncated[-1]
+        finished += envs.record(finite_reward, done)
         state, obs = envs.restart_finished(out.state, step_obs, done)
     rollout = Rollout(torch.stack(start_obs), torch.stack(rewards), torch.stack(next_obs),
                       torch.stack(terminated), torch.stack(truncated), diverged_any, finished, actions,
                       torch.stack(obs_normalized), torch.stack(noises), torch.stack(pre_squashes))
     return rollout, state, obs
+
+
+def _state_checked_once(envs: EnvBatch, sim: Any, state: SimState) -> Callable[[SimState, torch.Tensor], StepOutput]:
+    """The batch's ``differentiable_step`` for :func:`unroll`, validating the state only where it has to.
+
+    The env's step validates the state it starts from on every call (types, shapes and a domain check of
+    every field: a dozen torch ops and a host sync). In :func:`unroll` every later state is a step's
+    output that the loop found inside the domain, or a fresh restart, so where the env's step is
+    ``DiffSim.step`` itself the start state is validated here, once, and the steps skip that check; the
+    action and the physics are still checked at every step, as ``DiffSim.step`` does. A vector env with
+    its own ``differentiable_step`` (a wrapper) keeps it."""
+    if sim is None or getattr(type(envs.venv), "differentiable_step", None) is not DiffGymVectorEnv.differentiable_step:
+        return envs.differentiable_step
+    sim.check_state(state)
+    batch = envs.num_envs
+
+    def step(state: SimState, action: torch.Tensor) -> StepOutput:
+        return sim._step(state, sim.check_action(action, batch), sim.check_physics(envs.physics, batch))
+
+    return step
 
 
 class EvaluationCadence:
