@@ -304,22 +304,25 @@ def launch_plan(kernel, dim: int, params: Sequence[Any], out_specs: tuple[Out, .
 
 
 def _launch(kernel, dim: int, params: tuple, out_specs: tuple[Out, ...],
-            inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Allocate fresh outputs and run the forward kernel (no autograd bookkeeping)."""
+            inputs: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], LaunchPlan]:
+    """Allocate fresh outputs and run the forward kernel (no autograd bookkeeping); the outputs and the
+    plan that launched them."""
     device = inputs[0].device
     debug = _debug_outputs
     outputs = tuple(allocate_output(s, device, debug) for s in out_specs)
-    launch_plan(kernel, dim, params, out_specs, inputs).launch_forward(inputs, params, outputs)
+    plan = launch_plan(kernel, dim, params, out_specs, inputs)
+    plan.launch_forward(inputs, params, outputs)
     if debug:
         check_written(kernel, outputs, len(inputs) + len(params))
-    return outputs
+    return outputs, plan
 
 
 class _KernelFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernel, dim: int, params: tuple, out_specs: tuple[Out, ...], *inputs: torch.Tensor):
-        outputs = _launch(kernel, dim, params, out_specs, inputs)
-        ctx.kernel, ctx.dim, ctx.params, ctx.out_specs, ctx.n_in = kernel, dim, params, out_specs, len(inputs)
+        outputs, plan = _launch(kernel, dim, params, out_specs, inputs)
+        # the backward replays this plan's adjoint: kept here, its key (every input's shape) is not rebuilt
+        ctx.params, ctx.plan, ctx.n_in = params, plan, len(inputs)
         ctx.save_for_backward(*inputs, *outputs)  # also guards against in-place edits before backward
         ctx.mark_non_differentiable(*(o for o in outputs if not o.is_floating_point()))
         return outputs
@@ -336,8 +339,7 @@ class _KernelFunction(torch.autograd.Function):
         adj_outputs = [g.contiguous().clone() if o.is_floating_point() and g is not None
                        else (torch.zeros_like(o) if o.is_floating_point() else None)
                        for o, g in zip(outputs, grad_outputs)]
-        plan = launch_plan(ctx.kernel, ctx.dim, ctx.params, ctx.out_specs, inputs)
-        plan.launch_adjoint(inputs, ctx.params, outputs, adj_inputs, adj_outputs)
+        ctx.plan.launch_adjoint(inputs, ctx.params, outputs, adj_inputs, adj_outputs)
         return (None, None, None, None, *adj_inputs)
 
 
@@ -351,7 +353,7 @@ def warp_call(kernel, dim: int, inputs: Sequence[torch.Tensor], params: Sequence
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return _KernelFunction.apply(kernel, dim, tuple(params), tuple(outputs), *inputs)
     # nothing to differentiate: the same launch without the autograd function's cost
-    return _launch(kernel, dim, tuple(params), tuple(outputs), inputs)
+    return _launch(kernel, dim, tuple(params), tuple(outputs), inputs)[0]
 
 
 def record_launch(kernel, dim: int, inputs: Sequence[torch.Tensor], params: Sequence[Any],
