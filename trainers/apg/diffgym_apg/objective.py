@@ -28,15 +28,19 @@ def segment_actor_loss(rewards: torch.Tensor, next_values: torch.Tensor, termina
     num_steps, num_envs = rewards.shape
     done = terminated | truncated
     discounts = piece_discounts(done, gamma, rewards.dtype)  # gamma^(t - piece start)
-    piece_return = torch.zeros(num_envs, dtype=rewards.dtype, device=rewards.device)  # of the current piece so far
+    # What carries no gradient is computed for every step at once (the same products, so the same bits);
+    # every product with a differentiable tensor stays per step, as its gradient's signed zeros depend on it.
+    tail_discounts = gamma * discounts
+    piece_ends = done.clone()
+    piece_ends[-1] = True
+    zeros = torch.zeros(num_envs, dtype=rewards.dtype, device=rewards.device)
+    piece_return = zeros  # of the current piece so far
     total = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
     for t in range(num_steps):
-        discount = discounts[t]
-        piece_return = piece_return + discount * rewards[t]
-        tail = torch.where(terminated[t], torch.zeros_like(discount), gamma * discount * next_values[t])
-        piece_ends = done[t] | (t == num_steps - 1)
-        total = total + torch.where(piece_ends, piece_return + tail, torch.zeros_like(discount)).sum()
-        piece_return = torch.where(done[t], torch.zeros_like(piece_return), piece_return)  # a fresh episode
+        piece_return = piece_return + discounts[t] * rewards[t]
+        tail = torch.where(terminated[t], zeros, tail_discounts[t] * next_values[t])
+        total = total + torch.where(piece_ends[t], piece_return + tail, zeros).sum()
+        piece_return = torch.where(done[t], zeros, piece_return)  # a fresh episode
     return -total / (num_envs * num_steps)
 
 
