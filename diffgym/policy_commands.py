@@ -51,20 +51,47 @@ def check_policy_fits(policy: Policy, env_id: str) -> None:
                          f"and actions of size {sizes[1]}")
 
 
-def evaluate(policy: Policy, episodes: int, seed: int, env_id: str | None = None,
-             deterministic: bool = True, physics: dict[str, float] | None = None) -> dict[str, float]:
-    """``evaluate_policy`` of ``policy`` (with ``physics`` set in every env, if given) plus a 95 % normal
-    confidence interval of the mean return."""
-    from diffgym.training.evaluation import evaluate_policy
+def check_protocol_fits(policy: Policy, env_id: str | None = None, nominal: bool = False) -> None:
+    """A one-line ``ValueError`` unless the run's ``eval_randomize`` (when not ``nominal``) can be drawn
+    on task ``env_id`` (default: its own): a physical parameter of that task, inside its bounds. (Its
+    ``wrappers`` were checked when its config was read; they fit every Box-observation task.)"""
+    from diffgym.training.randomization import check_ranges, task_sim_class
+
+    config = policy.config
+    if config.eval_randomize and not nominal:
+        task = env_id or config.env_id
+        try:
+            check_ranges(config.eval_randomize, task_sim_class(task), task, "eval_randomize")
+        except ValueError as error:
+            raise ValueError(f"the run's {error}; evaluate at the nominal physics with --nominal") from None
+
+
+def evaluate(policy: Policy, episodes: int, seed: int, env_id: str | None = None, deterministic: bool = True,
+             physics: dict[str, float] | None = None, nominal: bool = False) -> dict[str, float]:
+    """``evaluate_policy`` of ``policy`` under its run's evaluation protocol, plus a 95 % normal
+    confidence interval of the mean return.
+
+    The envs are always inside the run's ``wrappers`` (action delay, observation noise): they are the task
+    the policy acts in. Their physical parameters: with ``physics`` (name -> one value for every env), those
+    values, every other parameter at its nominal value (``diffgym robustness``: not the run's
+    ``eval_randomize``); otherwise the run's ``eval_randomize`` drawn for these ``episodes`` envs from the
+    evaluation seed ``seed`` exactly as the run's evaluations draw them (so the run's seed and
+    ``eval_episodes`` reproduce its logged evaluation), their ``eval_physics/<name>_mean`` etc. in the
+    result; with ``nominal``, or for a run without ``eval_randomize``, the task's nominal values."""
+    from diffgym.training.evaluation import evaluate_policy, evaluation_physics
 
     def act(obs: np.ndarray) -> np.ndarray:
         return policy.predict(obs, deterministic=deterministic)[0]
 
-    result = evaluate_policy(act, env_id or policy.config.env_id, episodes, seed, _task_arguments(policy, env_id),
-                             physics)
+    task = env_id or policy.config.env_id
+    summary: dict[str, float] = {}
+    if physics is None and not nominal:
+        physics, summary = evaluation_physics(policy.config.eval_randomize, task, episodes, seed)
+    result = evaluate_policy(act, task, episodes, seed, _task_arguments(policy, env_id), physics,
+                             policy.config.wrappers)
     half = 1.96 * result["eval_return_std"] / math.sqrt(episodes)
     return {**result, "eval_return_ci_low": result["eval_return"] - half,
-            "eval_return_ci_high": result["eval_return"] + half}
+            "eval_return_ci_high": result["eval_return"] + half, **summary}
 
 
 def record_video(policy: Policy, path: str | Path, episodes: int = 2, seed: int = 0, env_id: str | None = None,

@@ -1,9 +1,11 @@
 """``diffgym eval``: score a trained policy on its run's evaluation seeds and on fresh ones.
 
-``diffgym eval RUN_DIR`` scores the run's policy twice with the shared ``evaluate_policy``: on the run's
-own evaluation seeds (reproducing its last evaluation row when the checkpoint is the final one) and on
-fresh seeds the run never used; ``--video FILE`` records a few episodes (``.mp4`` or ``.gif``). What can
-be checked before the policy is loaded is checked first, so a bad flag never costs an evaluation."""
+``diffgym eval RUN_DIR`` scores the run's policy twice with the shared ``evaluate_policy``, under the run's
+own evaluation protocol (its ``wrappers``, and its ``eval_randomize`` drawn from the evaluation seed as its
+evaluations drew them; ``--nominal``: the task's nominal physics instead): on the run's own evaluation
+seeds (reproducing its last evaluation row when the checkpoint is the final one) and on fresh seeds the
+run never used; ``--video FILE`` records a few episodes (``.mp4`` or ``.gif``). What can be checked before
+the policy is loaded is checked first, so a bad flag never costs an evaluation."""
 
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"evaluation seed of the fresh episodes (default: the run's seed + {FRESH_SEED_OFFSET})")
     parser.add_argument("--env", default=None,
                         help="evaluate on another registered task id with the same spaces (default: the run's task)")
+    parser.add_argument("--nominal", action="store_true",
+                        help="every env at the task's nominal physics instead of the run's eval_randomize draws "
+                             "(the run's wrappers stay: they are the task the policy acts in)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--deterministic", dest="deterministic", action="store_true", default=True,
                       help="the squashed mean action (default; what training evaluates)")
@@ -74,19 +79,25 @@ def _evaluate(args: argparse.Namespace) -> int:
     try:
         if args.env is not None:
             library.check_policy_fits(policy, args.env)
+        library.check_protocol_fits(policy, args.env, args.nominal)
     except ValueError as error:
         print(f"diffgym eval: {error}", file=sys.stderr)
         return 2
     config = policy.config
     results: dict[str, Any] = {"checkpoint": str(policy.checkpoint), "env_steps": policy.env_steps,
-                               "env_id": args.env or config.env_id, "deterministic": args.deterministic}
+                               "env_id": args.env or config.env_id, "deterministic": args.deterministic,
+                               "wrappers": dict(config.wrappers),
+                               "eval_randomize": {} if args.nominal else dict(config.eval_randomize)}
     if args.env is None and args.deterministic:
-        results["run_seeds"] = library.evaluate(policy, config.eval_episodes, config.seed)
+        results["run_seeds"] = library.evaluate(policy, config.eval_episodes, config.seed, nominal=args.nominal)
     fresh_seed = config.seed + FRESH_SEED_OFFSET if args.seed is None else args.seed
     results["fresh_seeds"] = {"seed": fresh_seed, **library.evaluate(
-        policy, args.episodes or config.eval_episodes, fresh_seed, args.env, args.deterministic)}
+        policy, args.episodes or config.eval_episodes, fresh_seed, args.env, args.deterministic,
+        nominal=args.nominal)}
     print(f"{config.algo} on {results['env_id']}, checkpoint {Path(results['checkpoint']).name} "
           f"({policy.env_steps:,} env steps)")
+    print(f"  protocol: wrappers {_listed(results['wrappers'])}, physics "
+          + (f"eval_randomize {_listed(results['eval_randomize'])}" if results["eval_randomize"] else "nominal"))
     for name, label in (("run_seeds", "the run's evaluation seeds"), ("fresh_seeds", f"fresh seeds (seed {fresh_seed})")):
         if name in results:
             r = results[name]
@@ -100,3 +111,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+def _listed(options: dict[str, Any]) -> str:
+    return ", ".join(f"{name}={value}" for name, value in options.items()) or "none"

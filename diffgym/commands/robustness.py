@@ -1,8 +1,9 @@
 """``diffgym robustness``: a trained policy's success and return as the task's physical parameters vary.
 
 ``diffgym robustness RUN [RUN ...] --vary PARAM=LO:HI[:N]`` scores each run's deterministic policy at N
-evenly spaced values of each varied parameter (one parameter at a time, the others nominal), with the
-value set in every env through the vector env's ``reset`` options; several runs (seeds) are summarised by
+evenly spaced values of each varied parameter (one parameter at a time, the others nominal, not drawn
+from the run's ``eval_randomize``), with the value set in every env through the vector env's ``reset``
+options, the envs inside the run's ``wrappers``; several runs (seeds) are summarised by
 their IQM per point. Everything that can be refused (the ranges, the task's parameters and bounds, the
 runs and their checkpoints) is checked before the first evaluation. The work is
 :mod:`diffgym.experiments.robustness`."""

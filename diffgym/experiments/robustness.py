@@ -1,11 +1,14 @@
 """How a trained policy's success and return change with the task's physical parameters (``diffgym
 robustness``).
 
-For each varied parameter, one at a time (the others at their nominal values), the run's deterministic
-policy is scored at each of a grid of values by the shared ``evaluate_policy``, with that value set in every
-env of the native vector env through ``reset(options={"physics": ...})`` (the vector env keeps it across
-autoresets; each evaluation env runs one episode anyway). Every point is scored on the same episodes (the
-same evaluation seed), so the curve's differences come from the parameter, not from other start states.
+For each varied parameter, one at a time, the run's deterministic policy is scored at each of a grid of
+values by the shared ``evaluate_policy``, with that value set in every env of the native vector env through
+``reset(options={"physics": ...})`` (the vector env keeps it across autoresets; each evaluation env runs one
+episode anyway) and every other parameter at its nominal value: the run's ``eval_randomize`` is not drawn,
+so a point measures that one value, not a spread around it. The envs are inside the run's ``wrappers``
+(action delay, observation noise), as in its training and evaluations: they are the task the policy acts
+in. Every point is scored on the same episodes (the same evaluation seed), so the curve's differences come
+from the parameter, not from other start states.
 
 Intervals: a run's success rate gets a 95 % Wilson score interval over its episodes, its mean return the
 95 % normal interval ``diffgym eval`` reports; several runs are summarised per point by their IQM with a
@@ -198,7 +201,8 @@ def sweep(runs: Sequence[RunUnderTest], variations: Sequence[Variation], checkpo
             "success_interval": SUCCESS_INTERVAL, "return_interval": RETURN_INTERVAL, "across_runs": ACROSS_RUNS,
             "runs": [{"run_dir": str(run.run_dir), "algo": run.policy.config.algo, "seed": run.policy.config.seed,
                       "checkpoint": str(run.policy.checkpoint), "env_steps": run.policy.env_steps,
-                      "episodes": run.episodes, "eval_seed": run.seed, "nominal": run.nominal} for run in runs],
+                      "episodes": run.episodes, "eval_seed": run.seed, "nominal": run.nominal,
+                      "wrappers": dict(run.policy.config.wrappers)} for run in runs],
             "parameters": parameters}
 
 

@@ -83,6 +83,21 @@ def evaluate_policy(act: Callable[[np.ndarray], np.ndarray], env_id: str, episod
     }
 
 
+def evaluation_physics(ranges: dict[str, Any] | None, env_id: str, episodes: int, seed: int,
+                       device: str = "cpu") -> tuple[dict[str, torch.Tensor] | None, dict[str, float]]:
+    """The physical parameters of the ``episodes`` evaluation envs of seed ``seed`` under ``ranges`` (a
+    config's ``eval_randomize``): drawn from a :class:`PhysicsRandomizer` seeded from
+    :func:`eval_env_seed`, so every evaluation with this seed draws the same values (env ``i``'s draw does
+    not depend on how many envs follow it). Returns them with their ``eval_physics/<name>_mean``, ``_min``
+    and ``_max``; ``(None, {})`` without ranges (every env at the task's nominal values)."""
+    if not ranges:
+        return None, {}
+    randomizer = PhysicsRandomizer(ranges, task_sim_class(env_id), episodes, eval_env_seed(seed), device,
+                                   task=env_id, key="eval_randomize")
+    physics = randomizer.draw()
+    return physics, randomizer.summary("eval_physics")
+
+
 def evaluate_config(act: Callable[[np.ndarray], np.ndarray], config: TrainConfig) -> dict[str, float]:
     """:func:`evaluate_policy` as every trainer evaluates its run: the config's task, task arguments,
     evaluation episodes and seed; with ``config.eval_randomize``, each evaluation env's physical
@@ -90,13 +105,8 @@ def evaluate_config(act: Callable[[np.ndarray], np.ndarray], config: TrainConfig
     evaluation of the run, and for every trainer), and their mean, min and max in the result as
     ``eval_physics/<name>_mean`` etc. Without it, every env runs at the task's nominal values. The envs
     are inside the config's ``wrappers``, as the training envs are."""
-    physics, summary = None, {}
-    if config.eval_randomize:
-        randomizer = PhysicsRandomizer(config.eval_randomize, task_sim_class(config.env_id), config.eval_episodes,
-                                       eval_env_seed(config.seed), config.device, task=config.env_id,
-                                       key="eval_randomize")
-        physics = randomizer.draw()
-        summary = randomizer.summary("eval_physics")
+    physics, summary = evaluation_physics(config.eval_randomize, config.env_id, config.eval_episodes,
+                                          config.seed, config.device)
     result = evaluate_policy(act, config.env_id, config.eval_episodes, config.seed, config.env_options(),
                              physics=physics, wrappers=config.wrappers)
     return {**result, **summary}
