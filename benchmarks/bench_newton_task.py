@@ -3,10 +3,11 @@
     python benchmarks/bench_newton_task.py [--env DiffGym/FrankaTorqueReach-v0] [--sizes 1,64,4096]
 
 Per batch size N (one Newton model of N articulations): the time of one `differentiable_step` of all N envs
-without autograd (cached solver, nothing recorded), with autograd recording (a `wp.Tape` of fresh states and a
-fresh solver per substep), and recording plus `backward` of the step's summed reward and observation. Median
-of --repeats after one warm-up step (which also builds the model of that size, reported separately). Prints
-a Markdown table for docs/benchmarks.md.
+without autograd (a cached solver, replayed as a Warp graph), with autograd recording (the step's taped
+substeps, recorded once per N and replayed as a graph: diffgym/core/newton_task.py), and recording plus
+`backward` of the step's summed reward and observation. Median of --repeats after one warm-up step (which
+also builds the model of that size and records and captures the step, reported as "first step"). Prints a
+Markdown table for docs/benchmarks.md.
 """
 
 from __future__ import annotations
