@@ -1,9 +1,11 @@
 """What ``diffgym eval`` and ``diffgym export`` do with a trained policy (the commands themselves, their
 arguments and messages, are ``diffgym.commands.evaluate`` and ``diffgym.commands.export``).
 
-``diffgym eval RUN_DIR`` scores the run's policy twice with the shared ``evaluate_policy``: on the run's
-own evaluation seeds (reproducing its last evaluation row when the checkpoint is the final one) and on
-fresh seeds the run never used; ``--video FILE`` records a few episodes (``.mp4`` or ``.gif``).
+``diffgym eval RUN_DIR`` scores the run's policy twice with the shared ``evaluate_policy``, under the run's
+evaluation protocol (its ``wrappers`` and ``eval_randomize``, :func:`evaluate`): on the run's own
+evaluation seeds (reproducing its last evaluation row when the checkpoint is the final one) and on fresh
+seeds the run never used; ``--video FILE`` records a few episodes (``.mp4`` or ``.gif``). The exported
+modules are the policy alone: a run's ``wrappers`` belong to the environment it acts in.
 ``diffgym export RUN_DIR --out FILE`` writes, by FILE's extension, a self-contained module (normalizer +
 actor + squash, deterministic) that maps observations ``(B, obs_dim)`` to actions, as TorchScript
 (``.pt``) or ONNX (``.onnx``), or the shareable policy file (``.safetensors``: tensors and config only,
@@ -95,33 +97,48 @@ def evaluate(policy: Policy, episodes: int, seed: int, env_id: str | None = None
 
 
 def record_video(policy: Policy, path: str | Path, episodes: int = 2, seed: int = 0, env_id: str | None = None,
-                 deterministic: bool = True, fps: int | None = None) -> Path:
-    """Roll out the first ``episodes`` evaluation episodes of evaluation seed ``seed`` with
-    ``render_mode="rgb_array"`` and write the frames to ``path`` (``.mp4`` through imageio-ffmpeg,
-    ``.gif`` through imageio). Returns the path."""
+                 deterministic: bool = True, fps: int | None = None, nominal: bool = False) -> Path:
+    """Roll out the first ``episodes`` evaluation episodes of evaluation seed ``seed`` under the run's
+    evaluation protocol, as :func:`evaluate` does (the run's ``wrappers``; its ``eval_randomize`` draws
+    unless ``nominal``), with ``render_mode="rgb_array"``, and write their frames one episode after the other
+    to ``path`` (``.mp4`` through imageio-ffmpeg, ``.gif`` through imageio). The episodes are those
+    :func:`evaluate` scores first (same reset seeds and physics), except that observation noise is drawn
+    for fewer envs. Returns the path."""
     import gymnasium as gym
 
     try:
         import imageio.v2 as imageio
     except ImportError as error:  # the optional extra
         raise ImportError("recording needs imageio (pip install 'diffgym[video]', installed by make)") from error
-    from diffgym.training.evaluation import EVAL_SEED_OFFSET, SEED_STRIDE
+    from diffgym.training.evaluation import eval_env_seed, evaluation_physics
+    from diffgym.wrappers import wrap_vector_env
 
-    env = gym.make(env_id or policy.config.env_id, render_mode="rgb_array", **_task_arguments(policy, env_id))
-    frames = []
+    task = env_id or policy.config.env_id
+    physics = None if nominal else evaluation_physics(policy.config.eval_randomize, task, episodes, seed)[0]
+    # a vector env, since the wrappers are vector wrappers: env i is evaluate_policy's env i of this seed
+    venv = wrap_vector_env(gym.make_vec(task, num_envs=episodes, vectorization_mode="vector_entry_point",
+                                        render_mode="rgb_array", **_task_arguments(policy, env_id)),
+                           policy.config.wrappers)
+    frames_of: list[list[Any]] = [[] for _ in range(episodes)]
+    running = np.ones(episodes, dtype=bool)
+
+    def keep_frames() -> None:
+        for i, frame in enumerate(venv.render()):
+            if running[i]:
+                frames_of[i].append(frame)
+
     try:
-        for episode in range(episodes):  # the first episodes evaluate_policy scores for this seed
-            obs, _ = env.reset(seed=EVAL_SEED_OFFSET + SEED_STRIDE * seed + episode)
-            frames.append(env.render())
-            done = False
-            while not done:
-                action = policy.predict(obs, deterministic=deterministic)[0]
-                obs, _, terminated, truncated, _ = env.step(action)
-                frames.append(env.render())
-                done = terminated or truncated
-        fps = fps or int(env.metadata.get("render_fps") or 20)
+        obs, _ = venv.reset(seed=eval_env_seed(seed), options={"physics": physics} if physics else None)
+        keep_frames()
+        while running.any():
+            actions = policy.predict(obs, deterministic=deterministic)[0].reshape(venv.action_space.shape)
+            obs, _, terminated, truncated, _ = venv.step(actions)
+            keep_frames()  # an episode that just ended still shows its last state (NEXT_STEP autoreset)
+            running &= ~(terminated | truncated)
+        fps = fps or int(venv.metadata.get("render_fps") or 20)
     finally:
-        env.close()
+        venv.close()
+    frames = [frame for episode in frames_of for frame in episode]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".gif":

@@ -99,3 +99,25 @@ def test_eval_randomize_another_task_cannot_draw_is_refused_in_one_line(run):
     assert "\n" not in message and "eval_randomize.mass" in message and "--nominal" in message
     check_protocol_fits(policy, "DiffGym/PointNav2D-v0", nominal=True)
     check_protocol_fits(policy)
+
+
+def test_the_video_shows_the_episodes_eval_scores(run, tmp_path, monkeypatch):
+    from diffgym.policy_commands import evaluate, record_video
+
+    policy = diffgym.load_policy(run)
+    seen: list[np.ndarray] = []
+    predict = policy.predict
+
+    def recording_predict(obs, *args, **kwargs):
+        seen.append(np.array(obs, copy=True))
+        return predict(obs, *args, **kwargs)
+
+    monkeypatch.setattr(policy, "predict", recording_predict)
+    evaluate(policy, episodes=2, seed=5)
+    scored, seen[:] = list(seen), []
+    path = record_video(policy, tmp_path / "episodes.gif", episodes=2, seed=5)
+    assert path.stat().st_size > 1000
+    # the same noisy observations of the same delayed, randomized episodes, step by step
+    assert len(seen) == len(scored)
+    for recorded, evaluated in zip(seen, scored):
+        np.testing.assert_array_equal(recorded, evaluated)

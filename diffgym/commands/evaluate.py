@@ -105,7 +105,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                   f"[95% CI {r['eval_return_ci_low']:.2f}, {r['eval_return_ci_high']:.2f}], "
                   f"episode length {r['eval_episode_length']:.1f}")
     if args.video:
-        path = library.record_video(policy, args.video, args.video_episodes, fresh_seed, args.env, args.deterministic)
+        path = library.record_video(policy, args.video, args.video_episodes, fresh_seed, args.env,
+                                     args.deterministic, nominal=args.nominal)
         results["video"] = str(path)
         print(f"  video: {path}")
     if args.json:
