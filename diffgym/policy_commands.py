@@ -4,13 +4,13 @@ arguments and messages, are ``diffgym.commands.evaluate`` and ``diffgym.commands
 ``diffgym eval RUN_DIR`` scores the run's policy twice with the shared ``evaluate_policy``, under the run's
 evaluation protocol (its ``wrappers`` and ``eval_randomize``, :func:`evaluate`): on the run's own
 evaluation seeds (reproducing its last evaluation row when the checkpoint is the final one) and on fresh
-seeds the run never used; ``--video FILE`` records a few episodes (``.mp4`` or ``.gif``). The exported
-modules are the policy alone: a run's ``wrappers`` belong to the environment it acts in.
+seeds the run never used; ``--video FILE`` records a few episodes (``.mp4`` or ``.gif``).
 ``diffgym export RUN_DIR --out FILE`` writes, by FILE's extension, a self-contained module (normalizer +
 actor + squash, deterministic) that maps observations ``(B, obs_dim)`` to actions, as TorchScript
 (``.pt``) or ONNX (``.onnx``), or the shareable policy file (``.safetensors``: tensors and config only,
 read back by ``diffgym.load_policy`` and ``diffgym eval``). Both commands load checkpoints weights-only;
-``--legacy-checkpoint`` reads older checkpoints too, still running nothing from them.
+``--legacy-checkpoint`` reads older checkpoints too, still running nothing from them. An exported module
+is the policy alone: a run's ``wrappers`` (action delay, observation noise) belong to the env it acts in.
 """
 
 from __future__ import annotations
