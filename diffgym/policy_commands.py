@@ -102,8 +102,8 @@ def record_video(policy: Policy, path: str | Path, episodes: int = 2, seed: int 
     evaluation protocol, as :func:`evaluate` does (the run's ``wrappers``; its ``eval_randomize`` draws
     unless ``nominal``), with ``render_mode="rgb_array"``, and write their frames one episode after the other
     to ``path`` (``.mp4`` through imageio-ffmpeg, ``.gif`` through imageio). The episodes are those
-    :func:`evaluate` scores first (same reset seeds and physics), except that observation noise is drawn
-    for fewer envs. Returns the path."""
+    :func:`evaluate` scores first (same reset seeds and physics; the same observation noise too when
+    ``episodes`` is as many as it scores, since the noise is drawn for all envs at once). Returns the path."""
     import gymnasium as gym
 
     try:
