@@ -101,7 +101,9 @@ class NewtonSim(DiffSim):
 
     def model(self, batch: int) -> "newton.Model":
         """The (cached) Newton model for ``batch`` envs. Shared by every step of that batch size; never
-        written by a step (the solver writes only states and its own buffers)."""
+        written by a step (the solver writes only states and its own buffers). Edit its arrays in place and
+        before the first step of that batch size only: the recorded steps hold its arrays' addresses, and
+        their solvers buffers derived from its inertias when first built."""
         model = self._models.get(batch)
         if model is None:
             model = self.build_model(batch, str(warp_device(self.device)))
@@ -318,14 +320,15 @@ class _NewtonDynamics(torch.autograd.Function):
                 joint_f: torch.Tensor):
         step = sim._taped_step(batch)
         ctx.step, ctx.owner = step, object()
-        ctx.save_for_backward(joint_q, joint_qd, joint_f)
+        # copies, for a recomputed forward: the caller may rewrite its tensors in place before the backward
+        ctx.inputs = tuple(t.detach().clone() for t in (joint_q, joint_qd, joint_f))
         step.forward(ctx.owner, joint_q, joint_qd, joint_f)
         # clones: the next step rewrites the buffers
         return tuple(wp.to_torch(output, requires_grad=False).clone() for output in step.outputs)
 
     @staticmethod
     def backward(ctx, grad_q: torch.Tensor | None, grad_qd: torch.Tensor | None):
-        grads = ctx.step.backward(ctx.owner, ctx.saved_tensors, (grad_q, grad_qd))
+        grads = ctx.step.backward(ctx.owner, ctx.inputs, (grad_q, grad_qd))
         return (None, None, *grads)
 
 
