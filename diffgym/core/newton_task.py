@@ -148,9 +148,10 @@ class NewtonSim(DiffSim):
 
 
 def _capture(device: Any, record: Any) -> Any:
-    """``record()`` run once and captured as a Warp graph (CPU or CUDA), which ``wp.capture_launch`` replays
-    on the same arrays without Python: on this 2-core CPU a launch through ``wp.launch`` costs ~25 us of
-    argument packing and a step has ~450 of them (docs/benchmarks.md)."""
+    """The launches ``record()`` makes, captured as a Warp graph (CPU or CUDA) that ``wp.capture_launch``
+    replays on the same arrays without Python: on this 2-core CPU a launch through ``wp.launch`` costs ~25 us
+    of argument packing and a step has ~450 of them (docs/benchmarks.md). On the CPU the capture records
+    without running, so ``record`` must not read back what it computes."""
     with wp.ScopedCapture(device=device) as capture:
         record()
     return capture.graph
