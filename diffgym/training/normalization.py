@@ -31,6 +31,25 @@ class ObservationNormalizer(nn.Module):
         self.register_buffer("mean", torch.zeros(self.obs_dim, dtype=torch.float64))
         self.register_buffer("var", torch.ones(self.obs_dim, dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self._cached_statistics: tuple | None = None  # (mean, var, their versions and dtype, results): _statistics
+
+    def _statistics(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, sqrt(var + epsilon))`` in ``dtype``, computed once per change of the statistics.
+
+        A trainer normalizes at every env step but updates the statistics once per update: the cache holds
+        the two tensors until ``mean`` or ``var`` is replaced (``.to``) or written in place (``update``,
+        ``load_state_dict``, a caller's ``copy_``), which the buffers' version counters record. The cached
+        tensors are never written in place, so a graph that saved them stays valid; their values are those
+        the computation below gives, bit for bit."""
+        mean, var = self.mean, self.var
+        if mean.is_inference() or var.is_inference():  # inference tensors keep no version counter
+            return mean.to(dtype), torch.sqrt(var + self.spec.epsilon).to(dtype)
+        versions = (mean._version, var._version, dtype)
+        cached = self._cached_statistics
+        if cached is None or cached[0] is not mean or cached[1] is not var or cached[2] != versions:
+            cached = self._cached_statistics = (mean, var, versions, mean.to(dtype),
+                                                 torch.sqrt(var + self.spec.epsilon).to(dtype))
+        return cached[3], cached[4]
 
     @torch.no_grad()
     def update(self, obs_batch: torch.Tensor | np.ndarray) -> None:
@@ -58,8 +77,7 @@ class ObservationNormalizer(nn.Module):
         """Normalized, clipped observations in ``obs``'s dtype; differentiable in ``obs``."""
         if not self.spec.enabled:
             return obs
-        mean = self.mean.to(obs.dtype)
-        std = torch.sqrt(self.var + self.spec.epsilon).to(obs.dtype)
+        mean, std = self._statistics(obs.dtype)
         return ((obs - mean) / std).clamp(-self.spec.clip, self.spec.clip)
 
     def extra_repr(self) -> str:
