@@ -117,14 +117,17 @@ class EnvBatch:
         with its evaluations as ``physics/<name>_mean`` ...); empty without randomization."""
         return {} if self.randomizer is None else self.randomizer.summary("physics")
 
-    def record(self, reward: torch.Tensor, done: torch.Tensor) -> list[float]:
-        """Accumulate undiscounted episode returns; return those of the episodes that just ended."""
-        self.episode_return += reward.detach().double()
-        self.episode_length += 1
-        finished = self.episode_return[done].tolist()
-        self.episode_return[done] = 0.0
-        self.episode_length[done] = 0
-        return finished
+    def record(self, reward: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """Accumulate undiscounted episode returns; return every env's return so far, this step's reward
+        included, as an ``(N,)`` float64 tensor: where ``done``, that of the episode that just ended.
+
+        The ended episodes' returns stay on the tensor: a caller that steps many times reads them out once
+        (``returns[done].tolist()`` over the stacked steps, as :func:`unroll` does), instead of a host
+        sync at every step. Finished envs start over from zero."""
+        returns = self.episode_return + reward.detach().double()
+        self.episode_return = returns.masked_fill(done, 0.0)
+        self.episode_length = (self.episode_length + 1).masked_fill(done, 0)
+        return returns
 
     def state_dict(self) -> dict[str, Any]:
         return {"state": self.state.detach().tensors(), "obs": self.obs, "seeds": self.seeds.bit_generator.state,
@@ -197,7 +200,7 @@ def unroll(model: ActorCritic, normalizer: ObservationNormalizer, envs: EnvBatch
     state, obs = envs.state, envs.obs
     sim = getattr(envs.venv, "sim", None)
     step = _state_checked_once(envs, sim, state)
-    start_obs, rewards, next_obs, terminated, truncated, finished = [], [], [], [], [], []
+    start_obs, rewards, next_obs, terminated, truncated, returns_so_far = [], [], [], [], [], []
     actions, obs_normalized, noises, pre_squashes = [], [], [], []
     diverged_any = torch.zeros(envs.num_envs, dtype=torch.bool, device=envs.device)
     for _ in range(steps):
@@ -225,11 +228,14 @@ def unroll(model: ActorCritic, normalizer: ObservationNormalizer, envs: EnvBatch
         noises.append(noise)
         pre_squashes.append(pre_squash.detach())
         done = step_terminated | truncated[-1]
-        finished += envs.record(finite_reward, done)
+        returns_so_far.append(envs.record(finite_reward, done))
         state, obs = envs.restart_finished(out.state, step_obs, done)
-    rollout = Rollout(torch.stack(start_obs), torch.stack(rewards), torch.stack(next_obs),
-                      torch.stack(terminated), torch.stack(truncated), diverged_any, finished, actions,
-                      torch.stack(obs_normalized), torch.stack(noises), torch.stack(pre_squashes))
+    terminated, truncated = torch.stack(terminated), torch.stack(truncated)
+    # the ended episodes' returns in step order, env order within a step: one host sync per segment
+    finished = torch.stack(returns_so_far)[terminated | truncated].tolist()
+    rollout = Rollout(torch.stack(start_obs), torch.stack(rewards), torch.stack(next_obs), terminated, truncated,
+                      diverged_any, finished, actions, torch.stack(obs_normalized), torch.stack(noises),
+                      torch.stack(pre_squashes))
     return rollout, state, obs
 
 

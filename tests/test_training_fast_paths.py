@@ -1,0 +1,89 @@
+"""The shared training pieces' cheaper paths give what the plain computations give, bit for bit:
+multi-tensor Adam, the normalizer's cached statistics, and episode returns read once per unroll."""
+
+from __future__ import annotations
+
+import copy
+
+import gymnasium as gym
+import torch
+
+import diffgym  # noqa: F401  (registers the tasks)
+from diffgym.training import (ActorCritic, NormalizerSpec, ObservationNormalizer, OptimizerSpec, PolicySpec,
+                              make_optimizer, mlp)
+from diffgym.training.rollout import EnvBatch, unroll
+
+
+def test_make_optimizer_is_multi_tensor_adam_with_the_loops_bits():
+    torch.manual_seed(0)
+    net = mlp(3, (16, 16), 2, "tanh", output_gain=1.0)
+    looped_net, foreach_net = copy.deepcopy(net), copy.deepcopy(net)
+    spec = OptimizerSpec(lr=3e-3)
+    looped = torch.optim.Adam(looped_net.parameters(), lr=spec.lr, betas=spec.betas, eps=spec.eps, foreach=False)
+    shared = make_optimizer(foreach_net.parameters(), spec)
+    assert shared.param_groups[0]["foreach"] is True
+    for _ in range(40):
+        x = torch.randn(8, 3) * 2.0
+        for network, optimizer in ((looped_net, looped), (foreach_net, shared)):
+            optimizer.zero_grad(set_to_none=True)
+            (network(x) - 1.0).square().mean().backward()
+            optimizer.step()
+    for a, b in zip(looped_net.parameters(), foreach_net.parameters()):
+        assert torch.equal(a, b)
+
+
+def plain_normalization(normalizer: ObservationNormalizer, obs: torch.Tensor) -> torch.Tensor:
+    mean = normalizer.mean.to(obs.dtype)
+    std = torch.sqrt(normalizer.var + normalizer.spec.epsilon).to(obs.dtype)
+    return ((obs - mean) / std).clamp(-normalizer.spec.clip, normalizer.spec.clip)
+
+
+def test_normalizer_statistics_are_cached_until_they_change():
+    torch.manual_seed(0)
+    normalizer = ObservationNormalizer(3, NormalizerSpec())
+    normalizer.update(torch.randn(50, 3) * 3.0 + 1.0)
+    obs = torch.randn(4, 3) * 2.0
+    first = normalizer._statistics(torch.float32)
+    assert all(a is b for a, b in zip(first, normalizer._statistics(torch.float32)))  # no recomputation
+    assert torch.equal(normalizer(obs), plain_normalization(normalizer, obs))
+
+    changes = [lambda: normalizer.update(torch.randn(20, 3)),                       # the trainers' update
+               lambda: normalizer.var.copy_(torch.tensor([0.5, 2.0, 0.25], dtype=torch.float64)),  # a caller's write
+               lambda: normalizer.load_state_dict(ObservationNormalizer(3, NormalizerSpec()).state_dict()),
+               lambda: normalizer.to(torch.device("cpu"), torch.float64).float()]   # buffers replaced
+    for change in changes:
+        before = normalizer._statistics(torch.float32)
+        change()
+        after = normalizer._statistics(torch.float32)
+        assert after[1] is not before[1]
+        assert torch.equal(normalizer(obs), plain_normalization(normalizer, obs))
+    assert normalizer._statistics(torch.float64)[1].dtype == torch.float64  # one cache per dtype asked
+
+
+def test_record_returns_the_running_returns_and_restarts_finished_envs():
+    venv = gym.make_vec("DiffGym/PointMass1D-v0", num_envs=3, vectorization_mode="vector_entry_point")
+    envs = EnvBatch(venv, 0, torch.device("cpu"))
+    first = envs.record(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([False, True, False]))
+    assert first.dtype == torch.float64 and first.tolist() == [1.0, 2.0, 3.0]
+    second = envs.record(torch.tensor([0.5, 0.5, 0.5]), torch.tensor([True, False, False]))
+    assert second.tolist() == [1.5, 0.5, 3.5]  # env 1 started over after its episode ended
+    assert envs.episode_return.tolist() == [0.0, 0.5, 3.5] and envs.episode_length.tolist() == [0, 1, 2]
+
+
+def test_unroll_lists_the_finished_episodes_in_step_then_env_order():
+    venv = gym.make_vec("DiffGym/PointMass1D-v0", num_envs=3, vectorization_mode="vector_entry_point",
+                        max_episode_steps=3)
+    envs = EnvBatch(venv, 0, torch.device("cpu"))
+    torch.manual_seed(0)
+    obs_dim, act_dim = venv.single_observation_space.shape[0], venv.single_action_space.shape[0]
+    with torch.no_grad():
+        segment, _, _ = unroll(ActorCritic(obs_dim, act_dim, PolicySpec()),
+                               ObservationNormalizer(obs_dim, NormalizerSpec()), envs, 7)
+    running, expected = [0.0] * 3, []
+    for t in range(7):
+        for i in range(3):
+            running[i] += float(segment.rewards[t, i])
+            if segment.done[t, i]:
+                expected.append(running[i])
+                running[i] = 0.0
+    assert len(expected) >= 6 and segment.finished_returns == expected
