@@ -57,6 +57,8 @@ def test_the_grid_includes_the_nominal_value_once():
     assert Variation("mass", 0.5, 2.0, 3).values([1.0]) == [0.5, 1.0, 1.25, 2.0]
     assert Variation("mass", 0.5, 2.0, 4).values([1.0, 1.0]) == [0.5, 1.0, 1.5, 2.0]
     assert Variation("mass", 2.0, 3.0, 2).values([1.0]) == [2.0, 3.0]  # outside the range: not added
+    # the values asked for, not linspace's float noise (0.7999999999999999, 0.9999999999999999)
+    assert Variation("gain", 0.1, 2.0, 20).values([1.0]) == [round(0.1 * k, 1) for k in range(1, 21)]
 
 
 def test_the_physics_set_at_reset_survives_autoresets():

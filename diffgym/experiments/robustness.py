@@ -50,7 +50,8 @@ class Variation:
     def values(self, nominals: Sequence[float] = ()) -> list[float]:
         """The grid, plus each of ``nominals`` inside ``[low, high]`` that it misses, in increasing order:
         the curve then passes through the nominal point itself."""
-        grid = [float(v) for v in np.linspace(self.low, self.high, self.points)]
+        # 12 significant digits: linspace's 0.7999999999999999 is the 0.8 the user asked for
+        grid = [float(f"{v:.12g}") for v in np.linspace(self.low, self.high, self.points)]
         extra = [float(v) for v in nominals if self.low <= v <= self.high and not np.isclose(grid, v).any()]
         return sorted(set(grid + extra))
 
