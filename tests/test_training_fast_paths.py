@@ -1,35 +1,14 @@
-"""The shared training pieces' cheaper paths give what the plain computations give, bit for bit:
-multi-tensor Adam, the normalizer's cached statistics, and episode returns read once per unroll."""
+"""The shared training pieces' cheaper paths give what the plain computations give, bit for bit: the
+normalizer's cached statistics, and episode returns read once per unroll."""
 
 from __future__ import annotations
-
-import copy
 
 import gymnasium as gym
 import torch
 
 import diffgym  # noqa: F401  (registers the tasks)
-from diffgym.training import (ActorCritic, NormalizerSpec, ObservationNormalizer, OptimizerSpec, PolicySpec,
-                              make_optimizer, mlp)
+from diffgym.training import ActorCritic, NormalizerSpec, ObservationNormalizer, PolicySpec
 from diffgym.training.rollout import EnvBatch, unroll
-
-
-def test_make_optimizer_is_multi_tensor_adam_with_the_loops_bits():
-    torch.manual_seed(0)
-    net = mlp(3, (16, 16), 2, "tanh", output_gain=1.0)
-    looped_net, foreach_net = copy.deepcopy(net), copy.deepcopy(net)
-    spec = OptimizerSpec(lr=3e-3)
-    looped = torch.optim.Adam(looped_net.parameters(), lr=spec.lr, betas=spec.betas, eps=spec.eps, foreach=False)
-    shared = make_optimizer(foreach_net.parameters(), spec)
-    assert shared.param_groups[0]["foreach"] is True
-    for _ in range(40):
-        x = torch.randn(8, 3) * 2.0
-        for network, optimizer in ((looped_net, looped), (foreach_net, shared)):
-            optimizer.zero_grad(set_to_none=True)
-            (network(x) - 1.0).square().mean().backward()
-            optimizer.step()
-    for a, b in zip(looped_net.parameters(), foreach_net.parameters()):
-        assert torch.equal(a, b)
 
 
 def plain_normalization(normalizer: ObservationNormalizer, obs: torch.Tensor) -> torch.Tensor:
