@@ -74,6 +74,10 @@ _NUM_OBSTACLES = wp.constant(NUM_OBSTACLES)  # compile-time trip counts so the a
 _SUBSTEPS = wp.constant(SUBSTEPS)
 _MAX_RESET_TRIES = wp.constant(MAX_RESET_TRIES)
 _ObstacleMatrix = wp.types.matrix(shape=(NUM_OBSTACLES, 3), dtype=wp.float32)
+# A compile-time constant rather than a field of the params struct: every read of a struct's matrix field
+# copies the whole matrix, and its adjoint adds a whole matrix to the struct's (never used) adjoint, which
+# made the backward pass several times the forward's cost even out of contact.
+_OBSTACLES = wp.constant(_ObstacleMatrix(*OBSTACLES.flatten().tolist()))
 
 OBS_DIM = 6 + 3 * NUM_OBSTACLES
 
@@ -104,7 +108,6 @@ class PointNav2DParams:
     body_radius: float
     arena_half_width: float
     normal_core: float
-    obstacles: _ObstacleMatrix
     penetration_weight: float
     success_distance: float
     start_low: float
@@ -128,7 +131,12 @@ def soft_depth(depth: float, smoothing: float):
 
 @wp.func
 def obstacle_center(p: PointNav2DParams, k: int):
-    return wp.vec2(p.obstacles[k, 0], p.obstacles[k, 1])
+    return wp.vec2(_OBSTACLES[k, 0], _OBSTACLES[k, 1])
+
+
+@wp.func
+def obstacle_radius(k: int):
+    return _OBSTACLES[k, 2]
 
 
 def _make_contact_force(pre_contact: bool):
@@ -164,7 +172,7 @@ def _make_contact_force(pre_contact: bool):
         for k in range(_NUM_OBSTACLES):
             offset = pos - obstacle_center(p, k)
             distance = wp.length(offset)
-            reach = p.obstacles[k, 2] + p.body_radius
+            reach = obstacle_radius(k) + p.body_radius
             in_range = reach
             if wp.static(pre_contact):
                 in_range = reach + p.contact_gradient_distance
@@ -195,7 +203,7 @@ def total_soft_penetration(pos: wp.vec2, p: PointNav2DParams):
     total = float(0.0)
     for k in range(_NUM_OBSTACLES):
         distance = wp.length(pos - obstacle_center(p, k))
-        total = total + soft_depth(p.obstacles[k, 2] + p.body_radius - distance, p.contact_smoothing)
+        total = total + soft_depth(obstacle_radius(k) + p.body_radius - distance, p.contact_smoothing)
     limit = p.arena_half_width - p.body_radius
     total = total + soft_depth(pos[0] - limit, p.contact_smoothing) + soft_depth(-limit - pos[0], p.contact_smoothing)
     total = total + soft_depth(pos[1] - limit, p.contact_smoothing) + soft_depth(-limit - pos[1], p.contact_smoothing)
@@ -207,7 +215,7 @@ def obstacle_clearance(pos: wp.vec2, p: PointNav2DParams):
     """Smallest gap [m] between the body's surface and an obstacle surface (negative when penetrating)."""
     clearance = float(1.0e9)
     for k in range(_NUM_OBSTACLES):
-        gap = wp.length(pos - obstacle_center(p, k)) - p.obstacles[k, 2] - p.body_radius
+        gap = wp.length(pos - obstacle_center(p, k)) - obstacle_radius(k) - p.body_radius
         clearance = wp.min(clearance, gap)
     return clearance
 
@@ -228,7 +236,7 @@ def observation(pos: wp.vec2, vel: wp.vec2, goal: wp.vec2, p: PointNav2DParams) 
         offset = obstacle_center(p, k) - pos
         o[6 + 3 * k] = offset[0]
         o[7 + 3 * k] = offset[1]
-        o[8 + 3 * k] = wp.length(offset) - p.obstacles[k, 2] - p.body_radius
+        o[8 + 3 * k] = wp.length(offset) - obstacle_radius(k) - p.body_radius
     return o
 
 
@@ -245,10 +253,14 @@ def step_reward(pos: wp.vec2, goal: wp.vec2, p: PointNav2DParams):
     return -distance - p.penetration_weight * total_soft_penetration(pos, p), distance
 
 
+contact_force = _make_contact_force(pre_contact=False)
+_surrogate_contact_force = _make_contact_force(pre_contact=True)
+
+
 def _make_advance(pre_contact: bool):
     """The substeps of one control step under the force ``applied``, with the exact contact law or the
     pre-contact surrogate's (``pre_contact``)."""
-    contact = _make_contact_force(pre_contact)
+    contact = _surrogate_contact_force if pre_contact else contact_force
 
     def advance(p: PointNav2DParams, applied: wp.vec2, x: wp.vec2, v: wp.vec2, mass: float, drag: float):
         """``mass`` and ``drag``: the env's physical parameters (never ``p``'s defaults)."""
@@ -340,7 +352,18 @@ def point_nav_2d_step(
 ):
     i = wp.tid()
     applied = p.max_force * wp.vec2(action[i, 0], action[i, 1])
-    x, v = advance(p, applied, pos[i], vel[i], mass[i], drag[i])
+    # ``advance``'s substeps written out here, not called: Warp's adjoint of a function replays its forward
+    # before reversing it, so behind a call the whole control step would be integrated once more in the
+    # backward pass (the kernel's own replay already computes every substep's state). Same ops, same order.
+    h = p.dt / float(_SUBSTEPS)
+    x = pos[i]
+    v = vel[i]
+    m = mass[i]
+    c = drag[i]
+    for _substep in range(_SUBSTEPS):
+        force = applied - c * v + contact_force(x, v, p)
+        v = v + force * (h / m)
+        x = x + v * h
     g = goal[i]
     pos_next[i] = x
     vel_next[i] = v
@@ -500,7 +523,6 @@ class PointNav2D(DiffSim):
         self.params.body_radius = BODY_RADIUS
         self.params.arena_half_width = ARENA_HALF_WIDTH
         self.params.normal_core = NORMAL_CORE
-        self.params.obstacles = _ObstacleMatrix(*OBSTACLES.flatten().tolist())
         self.params.penetration_weight = penetration_weight
         self.params.success_distance = success_distance
         self.params.start_low, self.params.start_high = START_REGION

@@ -350,8 +350,8 @@ def friction_impulse(p: TPushParams, friction: float, elastic: float, slip: floa
 
 
 def _make_advance(pre_contact: bool):
-    """The substeps of one control step (``advance``), with the exact contact law or with the pre-contact
-    surrogate's (``pre_contact``)."""
+    """The substeps of one control step (``advance``) and one of them (``substep``), with the exact contact
+    law or with the pre-contact surrogate's (``pre_contact``)."""
     elastic_force, contact_reach = _contact_law(pre_contact)
     variant = "pre_contact" if pre_contact else "exact"
     module = "unique" if pre_contact else None
@@ -463,10 +463,10 @@ def _make_advance(pre_contact: bool):
                                                    contact_stiffness)
         return xp, vp, xb, theta, vb, omega
 
-    return wp.func(advance, name=f"advance_{variant}", module=module)
+    return wp.func(advance, name=f"advance_{variant}", module=module), substep
 
 
-advance = _make_advance(pre_contact=False)
+advance, substep = _make_advance(pre_contact=False)
 
 
 _Observation = wp.types.vector(length=11, dtype=float)
@@ -600,9 +600,24 @@ def t_push_step(
 ):
     i = wp.tid()
     command = p.max_speed * wp.vec2(action[i, 0], action[i, 1])
-    xp, vp, xb, theta, vb, omega = advance(p, command, pusher_pos[i], pusher_vel[i], block_pos[i], block_angle[i],
-                                           block_vel[i], block_angvel[i], block_mass[i], contact_friction[i],
-                                           table_friction[i], contact_stiffness[i])
+    # ``advance``'s substeps written out here, not called: Warp's adjoint of a function replays its forward
+    # before reversing it, so behind a call all 20 substeps would be integrated once more in the backward
+    # pass (the kernel's own replay already computes every substep's state). Same ops, same order.
+    h = p.dt / float(_SUBSTEPS)
+    mass = block_mass[i]
+    inertia = mass * p.block_inertia_per_mass
+    mu_contact = contact_friction[i]
+    mu_table = table_friction[i]
+    stiffness = contact_stiffness[i]
+    xp = pusher_pos[i]
+    vp = pusher_vel[i]
+    xb = block_pos[i]
+    theta = block_angle[i]
+    vb = block_vel[i]
+    omega = block_angvel[i]
+    for _ in range(_SUBSTEPS):
+        xp, vp, xb, theta, vb, omega = substep(p, h, command, xp, vp, xb, theta, vb, omega, mass, inertia,
+                                               mu_contact, mu_table, stiffness)
     pusher_pos_next[i] = xp
     pusher_vel_next[i] = vp
     block_pos_next[i] = xb
@@ -620,7 +635,7 @@ def t_push_step(
 
 
 # --------------------------------------------------------------- pre-contact gradients (diffgym.envs.pre_contact)
-_surrogate_advance = _make_advance(pre_contact=True)
+_surrogate_advance, _ = _make_advance(pre_contact=True)
 
 
 @wp.struct

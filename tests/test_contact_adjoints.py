@@ -1,0 +1,109 @@
+"""The contact tasks' step kernels integrate their substeps inline rather than by calling ``advance`` (whose
+adjoint would replay the whole control step once more in the backward pass): the inline copies must stay
+``advance`` bit for bit, values and gradients, in and out of contact (``advance`` remains the pre-contact
+kernels' integrator)."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import pytest
+import torch
+import warp as wp
+
+import diffgym  # noqa: F401
+from diffgym.envs import point_nav_2d, t_push
+
+
+def _point_nav_kernel():
+    def reference(pos: wp.array(dtype=wp.vec2), vel: wp.array(dtype=wp.vec2), goal: wp.array(dtype=wp.vec2),
+                  action: wp.array2d(dtype=float), mass: wp.array(dtype=float), drag: wp.array(dtype=float),
+                  p: point_nav_2d.PointNav2DParams, pos_next: wp.array(dtype=wp.vec2),
+                  vel_next: wp.array(dtype=wp.vec2), goal_next: wp.array(dtype=wp.vec2)):
+        i = wp.tid()
+        applied = p.max_force * wp.vec2(action[i, 0], action[i, 1])
+        x, v = point_nav_2d.advance(p, applied, pos[i], vel[i], mass[i], drag[i])
+        pos_next[i] = x
+        vel_next[i] = v
+        goal_next[i] = goal[i]
+
+    return wp.kernel(reference, module="unique")
+
+
+def _t_push_kernel():
+    def reference(pusher_pos: wp.array(dtype=wp.vec2), pusher_vel: wp.array(dtype=wp.vec2),
+                  block_pos: wp.array(dtype=wp.vec2), block_angle: wp.array(dtype=float),
+                  block_vel: wp.array(dtype=wp.vec2), block_angvel: wp.array(dtype=float),
+                  action: wp.array2d(dtype=float), block_mass: wp.array(dtype=float),
+                  contact_friction: wp.array(dtype=float), table_friction: wp.array(dtype=float),
+                  contact_stiffness: wp.array(dtype=float), p: t_push.TPushParams,
+                  pusher_pos_next: wp.array(dtype=wp.vec2), pusher_vel_next: wp.array(dtype=wp.vec2),
+                  block_pos_next: wp.array(dtype=wp.vec2), block_angle_next: wp.array(dtype=float),
+                  block_vel_next: wp.array(dtype=wp.vec2), block_angvel_next: wp.array(dtype=float)):
+        i = wp.tid()
+        command = p.max_speed * wp.vec2(action[i, 0], action[i, 1])
+        xp, vp, xb, theta, vb, omega = t_push.advance(p, command, pusher_pos[i], pusher_vel[i], block_pos[i],
+                                                      block_angle[i], block_vel[i], block_angvel[i], block_mass[i],
+                                                      contact_friction[i], table_friction[i], contact_stiffness[i])
+        pusher_pos_next[i] = xp
+        pusher_vel_next[i] = vp
+        block_pos_next[i] = xb
+        block_angle_next[i] = theta
+        block_vel_next[i] = vb
+        block_angvel_next[i] = omega
+
+    return wp.kernel(reference, module="unique", module_options={"max_unroll": max(t_push.SUBSTEPS, 16)})
+
+
+def _contact_states(venv, steps: int):
+    """States along a rollout that drives every body into the nearest obstacle (PointNav2D) or every
+    pusher into the T (TPush) at full action, with those actions."""
+    sim, state = venv.sim, venv.get_state()
+    states, actions = [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            if hasattr(state, "block_pos"):
+                target = state.block_pos - state.pusher_pos
+            else:
+                centres = torch.as_tensor(point_nav_2d.OBSTACLES[:, :2])
+                offsets = centres[None] - state.pos[:, None]
+                target = offsets[torch.arange(state.batch_size), offsets.norm(dim=-1).argmin(dim=1)]
+            action = target / target.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            states.append(state)
+            actions.append(action)
+            state = sim._step(state, action).state
+    return states, actions
+
+
+@pytest.mark.slow  # compiles a kernel of its own (TPush: 20 unrolled substeps)
+@pytest.mark.parametrize("env_id, make_reference", [("DiffGym/PointNav2D-v0", _point_nav_kernel),
+                                                    ("DiffGym/TPush-v1", _t_push_kernel)])
+def test_inline_substeps_are_advance_bit_for_bit(env_id, make_reference):
+    venv = gym.make_vec(env_id, num_envs=32, device="cpu")
+    venv.reset(seed=5)
+    sim = venv.sim
+    reference = make_reference()
+    states, actions = _contact_states(venv, 12)
+    for state, action in zip(states[::3], actions[::3]):  # free at first, then in contact
+        physics = [t.clone().requires_grad_(True) for t in sim._default_physics(32)]
+        leaves = [t.clone().requires_grad_(True) for t in state.tensors()[:-1]]
+        leaf_action = action.clone().requires_grad_(True)
+        out = sim._step(type(state)(*leaves, state.step), leaf_action, physics)
+        weights = [torch.randn(t.shape, generator=torch.Generator().manual_seed(k)) for k, t in enumerate(leaves)]
+        sum(((t * w).sum() for t, w in zip(out.state.tensors()[:-1], weights)), torch.zeros(())).backward()
+
+        # the reference: ``advance`` called from a kernel, differentiated by a Warp tape
+        arrays = [wp.from_torch(t.detach().contiguous(), dtype=arg.type.dtype, requires_grad=True)
+                  for t, arg in zip([*state.tensors()[:-1], action, *physics], reference.adj.args)]
+        n_out = len(leaves)
+        outputs = [wp.zeros(32, dtype=arg.type.dtype, requires_grad=True) for arg in reference.adj.args[-n_out:]]
+        tape = wp.Tape()
+        with tape:
+            wp.launch(reference, 32, inputs=[*arrays, sim.params], outputs=outputs)
+        tape.backward(grads={o: wp.from_torch(w.contiguous(), dtype=o.dtype) for o, w in zip(outputs, weights)})
+
+        for name, ours, theirs in zip(state.field_names(), out.state.tensors(), outputs):
+            assert torch.equal(ours, wp.to_torch(theirs)), f"{env_id}: next {name} differs from advance's"
+        names = [*state.field_names()[:-1], "action", *sim.physical_params]
+        for name, leaf, array in zip(names, [*leaves, leaf_action, *physics], arrays, strict=True):
+            assert torch.equal(leaf.grad, wp.to_torch(array.grad)), f"{env_id}: gradient of {name} differs"
+        assert leaf_action.grad.abs().max() > 0
