@@ -6,6 +6,7 @@ kernels' integrator)."""
 from __future__ import annotations
 
 import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 import warp as wp
@@ -107,3 +108,68 @@ def test_inline_substeps_are_advance_bit_for_bit(env_id, make_reference):
         for name, leaf, array in zip(names, [*leaves, leaf_action, *physics], arrays, strict=True):
             assert torch.equal(leaf.grad, wp.to_torch(array.grad)), f"{env_id}: gradient of {name} differs"
         assert leaf_action.grad.abs().max() > 0
+
+
+@wp.kernel(module="unique")
+def _point_nav_contact_force(pos: wp.array(dtype=wp.vec2), vel: wp.array(dtype=wp.vec2),
+                             p: point_nav_2d.PointNav2DParams, force: wp.array(dtype=wp.vec2)):
+    i = wp.tid()
+    force[i] = point_nav_2d.contact_force(pos[i], vel[i], p)
+
+
+def _contact_points(count: int, generator: torch.Generator) -> torch.Tensor:
+    """Positions penetrating an obstacle, a wall or two walls (a corner) by 2-8 mm (inside the 1 cm onset
+    band) or 2-8 cm (beyond it), or clear of everything, in turn."""
+    points = []
+    for k in range(count):
+        depth = (0.002 + 0.006 * torch.rand((), generator=generator)) * (10.0 if k % 2 else 1.0)
+        kind = k % 4
+        if kind == 0:  # an obstacle, from a random direction
+            centre_x, centre_y, radius = point_nav_2d.OBSTACLES[k % point_nav_2d.NUM_OBSTACLES]
+            angle = 2 * np.pi * torch.rand((), generator=generator)
+            reach = radius + point_nav_2d.BODY_RADIUS - depth
+            points.append([centre_x + reach * torch.cos(angle), centre_y + reach * torch.sin(angle)])
+        elif kind == 1:  # the right wall
+            points.append([1.95 + depth, 1.5 * (2 * torch.rand((), generator=generator) - 1)])
+        elif kind == 2:  # the lower left corner
+            points.append([-1.95 - depth, -1.95 - 0.5 * depth])
+        else:  # free
+            points.append([1.5, -0.2])
+    return torch.tensor(points, dtype=torch.float32)
+
+
+def test_point_nav_contact_force_adjoint_matches_central_differences():
+    sim = gym.make_vec("DiffGym/PointNav2D-v0", num_envs=1, device="cpu").sim
+    generator = torch.Generator().manual_seed(0)
+    count = 64
+    pos = _contact_points(count, generator)
+    vel = 2 * torch.rand(count, 2, generator=generator) - 1
+    weights = torch.randn(count, 2, generator=generator)
+
+    def forces(pos_, vel_, tape=None):
+        arrays = [wp.from_torch(t.contiguous(), dtype=wp.vec2, requires_grad=True) for t in (pos_, vel_)]
+        out = wp.zeros(count, dtype=wp.vec2, requires_grad=True)
+        if tape is None:
+            wp.launch(_point_nav_contact_force, count, inputs=[*arrays, sim.params], outputs=[out])
+            return wp.to_torch(out).double()
+        with tape:
+            wp.launch(_point_nav_contact_force, count, inputs=[*arrays, sim.params], outputs=[out])
+        tape.backward(grads={out: wp.from_torch(weights.contiguous(), dtype=wp.vec2)})
+        return [wp.to_torch(a.grad).double() for a in arrays]
+
+    grads = forces(pos, vel, wp.Tape())
+    eps = 5e-5  # float32 depths carry ~3e-8 m of round-off, worth ~1e-4 N at k = 4000 N/m: hence the tolerances
+    for which, grad in enumerate(grads):
+        for axis in range(2):
+            shifted = [t.clone() for t in (pos, vel)]
+            shifted[which][:, axis] += eps
+            upper = shifted[which][:, axis].double()
+            plus = (forces(*shifted) * weights).sum(dim=1)
+            shifted[which][:, axis] -= 2 * eps
+            minus = (forces(*shifted) * weights).sum(dim=1)
+            # divided by the float32 inputs' actual spacing, not 2 eps (a 0.15 % difference at 0.5 m)
+            central = (plus - minus) / (upper - shifted[which][:, axis].double())
+            torch.testing.assert_close(grad[:, axis], central, rtol=1e-2, atol=5.0)
+    in_contact = torch.ones(count, dtype=torch.bool)
+    in_contact[3::4] = False
+    assert (grads[0][~in_contact] == 0).all() and (grads[0][in_contact].norm(dim=1) > 1).all()

@@ -257,6 +257,74 @@ contact_force = _make_contact_force(pre_contact=False)
 _surrogate_contact_force = _make_contact_force(pre_contact=True)
 
 
+# The exact contact force's adjoint, written by hand. Warp's generated adjoint of ``contact_force`` replays
+# the function and then reverses it with every intermediate's adjoint zero-initialised, all five obstacles'
+# and four walls' branches included whether or not they are in contact: about ten times the function's own
+# cost, once per substep. This one recomputes only what the chain rule needs, inside the branches in
+# contact. The same derivatives as the generated adjoint, term for term (so equal to float32 round-off:
+# only the order of the sums differs), including its choices at the kinks: the normal's core
+# ``max(distance, core * reach)`` passes the gradient to ``distance`` only when ``distance`` is larger, and
+# ``wp.length`` none at zero length.
+@wp.func
+def _penalty_force_adjoint(depth: float, normal: wp.vec2, vel: wp.vec2, p: PointNav2DParams, adj_force: wp.vec2):
+    """The gradients of ``penalty_force_exact(depth, normal, vel, p)`` with respect to ``depth``, ``normal``
+    and ``vel``, given the gradient ``adj_force`` of the force it returns (``depth > 0``)."""
+    t = wp.clamp(depth / p.contact_smoothing, 0.0, 1.0)
+    damper_gate = t * t * (3.0 - 2.0 * t)
+    approach = wp.dot(vel, normal)
+    magnitude = p.stiffness * soft_depth(depth, p.contact_smoothing) - p.damping * damper_gate * approach
+    adj_magnitude = wp.dot(adj_force, normal)
+    adj_approach = -p.damping * damper_gate * adj_magnitude
+    # soft_depth's derivative is the ramp t, the gate's 6 t (1 - t) / s (zero outside the band, where t is 0 or 1)
+    gate_slope = 6.0 * t * (1.0 - t) / p.contact_smoothing
+    adj_depth = adj_magnitude * (p.stiffness * t - p.damping * gate_slope * approach)
+    return adj_depth, magnitude * adj_force + adj_approach * vel, adj_approach * normal
+
+
+@wp.func_grad(contact_force)
+def _contact_force_adjoint(pos: wp.vec2, vel: wp.vec2, p: PointNav2DParams, adj_ret: wp.vec2):
+    adj_pos = wp.vec2(0.0, 0.0)
+    adj_vel = wp.vec2(0.0, 0.0)
+    for k in range(_NUM_OBSTACLES):
+        offset = pos - obstacle_center(p, k)
+        distance = wp.length(offset)
+        reach = obstacle_radius(k) + p.body_radius
+        if distance < reach:
+            core = p.normal_core * reach
+            scale = wp.max(distance, core)
+            normal = offset / scale
+            adj_depth, adj_normal, adj_v = _penalty_force_adjoint(reach - distance, normal, vel, p, adj_ret)
+            adj_vel = adj_vel + adj_v
+            # normal = offset / scale, depth = reach - distance, distance = |offset|
+            adj_distance = -adj_depth
+            if distance > core:
+                adj_distance = adj_distance - wp.dot(offset, adj_normal) / (scale * scale)
+            adj_offset = adj_normal / scale
+            if distance > 0.0:  # wp.length's adjoint: none at zero length
+                adj_offset = adj_offset + offset / distance * adj_distance
+            adj_pos = adj_pos + adj_offset
+    # the walls: depth pos[0] - limit along (-1, 0), -limit - pos[0] along (1, 0), and so on; constant normals
+    limit = p.arena_half_width - p.body_radius
+    if pos[0] > limit:
+        adj_depth, adj_normal, adj_v = _penalty_force_adjoint(pos[0] - limit, wp.vec2(-1.0, 0.0), vel, p, adj_ret)
+        adj_pos = adj_pos + wp.vec2(adj_depth, 0.0)
+        adj_vel = adj_vel + adj_v
+    if pos[0] < -limit:
+        adj_depth, adj_normal, adj_v = _penalty_force_adjoint(-limit - pos[0], wp.vec2(1.0, 0.0), vel, p, adj_ret)
+        adj_pos = adj_pos - wp.vec2(adj_depth, 0.0)
+        adj_vel = adj_vel + adj_v
+    if pos[1] > limit:
+        adj_depth, adj_normal, adj_v = _penalty_force_adjoint(pos[1] - limit, wp.vec2(0.0, -1.0), vel, p, adj_ret)
+        adj_pos = adj_pos + wp.vec2(0.0, adj_depth)
+        adj_vel = adj_vel + adj_v
+    if pos[1] < -limit:
+        adj_depth, adj_normal, adj_v = _penalty_force_adjoint(-limit - pos[1], wp.vec2(0.0, 1.0), vel, p, adj_ret)
+        adj_pos = adj_pos - wp.vec2(0.0, adj_depth)
+        adj_vel = adj_vel + adj_v
+    wp.adjoint[pos] += adj_pos
+    wp.adjoint[vel] += adj_vel
+
+
 def _make_advance(pre_contact: bool):
     """The substeps of one control step under the force ``applied``, with the exact contact law or the
     pre-contact surrogate's (``pre_contact``)."""
