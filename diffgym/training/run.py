@@ -244,6 +244,11 @@ def default_run_dir(config: TrainConfig, root: str | Path = "runs") -> Path:
     return Path(root) / f"{config.algo}__{config.task_name}__s{config.seed}__{stamp}"
 
 
+FIELDS_ADDED_EMPTY = ("randomize", "eval_randomize", "wrappers")
+"""``TrainConfig`` fields added after runs were first saved, whose default (empty: none) is what every run
+saved before them did: a saved config without them is read as holding ``{}``."""
+
+
 def config_differences(saved: Mapping[str, Any], requested: Mapping[str, Any],
                        ignore: frozenset[str] = RESUMABLE_CHANGES) -> list[str]:
     """``"key (old -> new)"`` for every dotted config key whose value differs (top-level ``ignore`` keys
@@ -449,8 +454,9 @@ class Run:
     def _refuse_other_config(self, saved: Mapping[str, Any], source: Path) -> None:
         if self._upgrade_config is not None:
             saved = self._upgrade_config(dict(saved))
-        # a field the saving version did not have yet held its default then (e.g. ``randomize``)
-        saved = {**TrainConfig(algo=self.config.algo, env_id=self.config.env_id).to_dict(), **saved}
+        # fields added since runs were first saved held their (empty) defaults before they existed; any other
+        # missing field stays a difference, so a later change of a default cannot pass unseen
+        saved = {**{name: {} for name in FIELDS_ADDED_EMPTY if name not in saved}, **saved}
         differences = config_differences(saved, self.config.to_dict())
         if differences:
             raise ConfigMismatch(f"{self.dir} holds a run with another config ({source.name} differs in "
