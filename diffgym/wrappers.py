@@ -296,11 +296,10 @@ class ActionDelay(TensorVectorWrapper):
     def differentiable_step(self, state: SimState, action: torch.Tensor,
                             physics: Mapping[str, torch.Tensor] | None = None) -> StepOutput:
         inner, pending = self._split(state)
-        if not isinstance(action, torch.Tensor) or action.shape != (inner.batch_size, self.act_dim):
-            raise ValueError(f"action must be a torch tensor of shape ({inner.batch_size}, {self.act_dim}), got "
-                             f"{getattr(action, 'shape', type(action).__name__)}")
+        # checked now, as step() does, not when the env applies it steps later: an error points at this step
+        self.sim.check_action(action, inner.batch_size)
         out = self.env.differentiable_step(inner, pending[:, 0], physics)
-        queue = torch.cat([pending[:, 1:], action.to(pending.dtype)[:, None]], dim=1)
+        queue = torch.cat([pending[:, 1:], action[:, None]], dim=1)
         return dataclasses.replace(out, state=self._delayed(out.state, queue))
 
     def restart(self, state: SimState, mask: torch.Tensor, seeds: torch.Tensor | None = None

@@ -176,6 +176,21 @@ def test_bad_wrapper_arguments_are_refused():
         delayed.differentiable_step(make_venv().sim.reset(torch.zeros(N), torch.zeros(N)), torch.zeros(N, 1))
 
 
+def test_a_delayed_differentiable_step_checks_the_action_it_queues():
+    delayed = ActionDelay(make_venv(), steps=2)
+    delayed.reset(seed=0)
+    state = delayed.get_state()
+    nan_action = torch.zeros(N, 1)
+    nan_action[1, 0] = float("nan")
+    for action, message in [(nan_action, r"action contains NaN or Inf at \(env, dim\) \[\(1, 0\)\]"),
+                            (torch.zeros(N, 1, dtype=torch.float64), "got dtype torch.float64"),
+                            (torch.zeros(N, 2), r"got shape \(3, 2\)"),
+                            ([0.0] * N, "action must be a torch.float32 tensor")]:
+        with pytest.raises((ValueError, TypeError), match=message) as error:
+            delayed.differentiable_step(state, action)
+        assert "\n" not in str(error.value)
+
+
 # ------------------------------------------------------------------------------------ from the config
 def test_wrappers_from_the_config_are_checked_in_one_line():
     sets = ["wrappers.action_delay=2", "wrappers.observation_noise=0.05"]
