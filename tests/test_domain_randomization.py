@@ -54,6 +54,15 @@ def test_a_task_without_physical_parameters_is_refused():
         check_config_ranges(config)
 
 
+@pytest.mark.parametrize("algo", ["apg", "ppo"])
+def test_the_python_api_refuses_bad_ranges_before_the_run_directory_exists(tmp_path, algo):
+    run_dir = tmp_path / "run"
+    config = TrainConfig(algo=algo, env_id=POINT_MASS, run_dir=str(run_dir), eval_randomize={"mass": [0.0, 2.0]})
+    with pytest.raises(ValueError, match=r"eval_randomize.mass = \[0(\.0)?, 2(\.0)?\] leaves") as error:
+        load_trainer(algo).train(config, progress=False)
+    assert "\n" not in str(error.value) and not run_dir.exists()
+
+
 def test_set_overrides_build_the_ranges_and_round_trip():
     config = resolve_config("ppo", POINT_MASS, key_values(["randomize.mass=[0.5,2]", "eval_randomize.mass=[1,1.5]"]))
     assert config.randomize == {"mass": [0.5, 2.0]} and config.eval_randomize == {"mass": [1.0, 1.5]}

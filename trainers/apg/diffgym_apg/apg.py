@@ -31,6 +31,7 @@ import torch
 
 from diffgym.training import ActorCritic, ObservationNormalizer, Run, TrainConfig, clip_gradients, make_optimizer
 from diffgym.training.gradients import actor_parameters
+from diffgym.training.randomization import check_config_ranges
 from diffgym.training.rollout import EnvBatch, EvaluationCadence, Rollout, evaluate_and_checkpoint, unroll
 
 from diffgym_apg.config import APGConfig, upgrade_config
@@ -230,6 +231,7 @@ def train(config: TrainConfig, progress: bool = True, params: APGConfig | None =
     Returns the run directory (``config.yaml``, ``metrics.jsonl``, TensorBoard events, checkpoints).
     """
     params = checked_params(config) if params is None else params
+    check_config_ranges(config)  # randomize and eval_randomize, before the run directory is made
     config = TrainConfig.from_dict(upgrade_config(config.to_dict()))  # config.yaml in today's format
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
