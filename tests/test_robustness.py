@@ -125,9 +125,10 @@ def test_several_runs_aggregate_by_their_iqm(run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("vary, message", [
-    ("stiffness=1:2", "DiffGym/PointMass1D-v0 has no physical parameter 'stiffness'; its parameters: mass"),
+    ("stiffness=1:2", "--vary names ['stiffness'], not physical parameters of DiffGym/PointMass1D-v0; its "
+                      "parameters: mass"),
     ("mass=2:1", "--vary mass=2:1: LO (2) must be below HI (1)"),
-    ("mass=0:2", "--vary mass=0:2 leaves DiffGym/PointMass1D-v0's physics_bounds [0.001, 1000] for mass"),
+    ("mass=0:2", "--vary mass = [0, 2] leaves DiffGym/PointMass1D-v0's valid range of mass, [0.001, 1000]"),
     ("mass=0.5:2:1", "--vary mass=0.5:2:1: N must be >= 2"),
     ("mass=0.5", "--vary: expected PARAM=LO:HI[:N] such as mass=0.5:2:7, got 'mass=0.5'"),
 ])
@@ -148,7 +149,7 @@ def test_what_is_not_a_run_of_a_task_with_parameters_is_refused(run, tmp_path, c
     toy.mkdir()
     config = yaml.safe_load((run / "config.yaml").read_text())
     (toy / "config.yaml").write_text(yaml.safe_dump({**config, "env_id": toy_step_reward.ENV_ID}))
-    assert f"{toy_step_reward.ENV_ID} has no physical parameters to vary" in one_line_error(
+    assert f"{toy_step_reward.ENV_ID} has no physical parameters" in one_line_error(
         capsys, ["robustness", str(toy), "--vary", "mass=0.5:2"])
     assert "runs are of different tasks" in one_line_error(
         capsys, ["robustness", str(run), str(toy), "--vary", "mass=0.5:2"])

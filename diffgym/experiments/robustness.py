@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from diffgym.experiments.report import iqm_with_ci
+from diffgym.training.randomization import check_ranges
 
 DEFAULT_POINTS = 7
 """Grid points per varied parameter when ``--vary`` gives no ``N``."""
@@ -87,6 +88,15 @@ class TaskPhysics:
     nominal: dict[str, float]
     """Each parameter's constructor value: what every env uses unless told otherwise."""
 
+    # read by randomization.check_ranges, as it reads them off a simulator
+    @property
+    def physical_params(self) -> tuple[str, ...]:
+        return self.names
+
+    @property
+    def physics_bounds(self) -> dict[str, tuple[float, float]]:
+        return self.bounds
+
 
 def task_physics(env_id: str, env_kwargs: Mapping[str, Any] | None = None) -> TaskPhysics:
     """Read the physical parameters off a one-env vector env of the task."""
@@ -107,23 +117,15 @@ def task_physics(env_id: str, env_kwargs: Mapping[str, Any] | None = None) -> Ta
 
 
 def check_variations(variations: Sequence[Variation], physics: TaskPhysics) -> None:
-    """A one-line ``ValueError`` for a task without physical parameters, a parameter varied twice, one
-    the task does not have, or a range outside the task's ``physics_bounds``."""
-    if not physics.names:
-        raise ValueError(f"{physics.env_id} has no physical parameters to vary (its sim's physical_params is "
-                         "empty)")
+    """A one-line ``ValueError`` for a parameter varied twice, or what
+    :func:`~diffgym.training.randomization.check_ranges` refuses (a task without physical parameters, a
+    parameter the task does not have, a range outside its ``physics_bounds``)."""
     seen: set[str] = set()
     for variation in variations:
-        if variation.name not in physics.names:
-            raise ValueError(f"{physics.env_id} has no physical parameter {variation.name!r}; its parameters: "
-                             f"{', '.join(physics.names)}")
         if variation.name in seen:
             raise ValueError(f"--vary {variation.name} is given twice; vary each parameter once")
         seen.add(variation.name)
-        low, high = physics.bounds[variation.name]
-        if variation.low < low or variation.high > high:
-            raise ValueError(f"--vary {variation.name}={variation.low:g}:{variation.high:g} leaves "
-                             f"{physics.env_id}'s physics_bounds [{low:g}, {high:g}] for {variation.name}")
+    check_ranges({v.name: (v.low, v.high) for v in variations}, physics, physics.env_id, "--vary")
 
 
 def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:

@@ -64,8 +64,11 @@ def check_ranges(ranges: Mapping[str, Sequence[float]], sim: Any, task: str, key
     """``ranges`` checked against the task's simulator ``sim`` (class or instance): every name one of its
     ``physical_params``, every range inside its ``physics_bounds``. Returns them in ``physical_params``
     order (so the draws do not depend on the order the config lists them in); a one-line ``ValueError``
-    naming the config field ``key`` and the task ``task`` otherwise."""
+    naming the task ``task`` and where the ranges come from otherwise: ``key`` is a config field
+    (``randomize``, a range said as ``randomize.mass``) or a command-line option (``--vary``, a range said
+    as ``--vary mass``)."""
     checked = normalized_ranges(ranges, key)
+    separator = " " if key.startswith("--") else "."
     params = tuple(getattr(sim, "physical_params", ()) or ())
     if checked and not params:
         raise ValueError(f"{key} names {sorted(checked)}, but {task} has no physical parameters to randomize")
@@ -77,7 +80,7 @@ def check_ranges(ranges: Mapping[str, Sequence[float]], sim: Any, task: str, key
     for name, (low, high) in checked.items():
         valid_low, valid_high = bounds.get(name, (-math.inf, math.inf))
         if low < valid_low or high > valid_high:
-            raise ValueError(f"{key}.{name} = [{low:g}, {high:g}] leaves {task}'s valid range of {name}, "
+            raise ValueError(f"{key}{separator}{name} = [{low:g}, {high:g}] leaves {task}'s valid range of {name}, "
                              f"[{valid_low:g}, {valid_high:g}]")
     return {name: (checked[name][0], checked[name][1]) for name in params if name in checked}
 
