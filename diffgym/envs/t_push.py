@@ -349,12 +349,106 @@ def friction_impulse(p: TPushParams, friction: float, elastic: float, slip: floa
     return coeff * h * slip / (1.0 + coeff * h * inv_mass)
 
 
+@wp.func
+def wall_normal(side: int) -> wp.vec2:
+    """The inward normal of the arena's side 0 (x = -0.5), 1 (x = 0.5), 2 (y = -0.5) or 3 (y = 0.5)."""
+    wall_n = wp.vec2(1.0, 0.0)
+    if side == 1:
+        wall_n = wp.vec2(-1.0, 0.0)
+    if side == 2:
+        wall_n = wp.vec2(0.0, 1.0)
+    if side == 3:
+        wall_n = wp.vec2(0.0, -1.0)
+    return wall_n
+
+
+@wp.func
+def smooth_relu_slope(x: float, s: float) -> float:
+    """The derivative of ``smooth_relu(x, s)``: 1 for x >= s, else 3 t^2 - 2 t^3 with t = clamp((x + s) / 2s)."""
+    t = wp.clamp((x + s) / (2.0 * s), 0.0, 1.0)
+    return wp.where(x >= s, 1.0, t * t * (3.0 - 2.0 * t))
+
+
+# The exact walls' adjoint, written by hand. Warp's generated adjoint of a function replays it and then
+# reverses it with every intermediate's adjoint zero-initialised, all 24 corner-wall branches included
+# whether or not they touch: about twelve times the walls' forward cost, once per substep (a quarter of
+# the whole backward pass out of contact). This one recomputes only what the chain rule needs, inside the
+# branches in contact. The same derivatives as the generated adjoint, term for term (equal to float32
+# round-off: only the order of the sums differs).
+def _block_wall_wrench_adjoint(p: TPushParams, xb: wp.vec2, c: float, s: float, vb: wp.vec2, omega: float,
+                               contact_stiffness: float, force_b: wp.vec2, torque_b: float, adj_ret: wp.vec3):
+    adj_force = wp.vec2(adj_ret[0], adj_ret[1])
+    adj_torque = adj_ret[2]
+    adj_xb = wp.vec2(0.0, 0.0)
+    adj_vb = wp.vec2(0.0, 0.0)
+    adj_c = float(0.0)
+    adj_s = float(0.0)
+    adj_omega = float(0.0)
+    adj_stiffness = float(0.0)
+    for side in range(4):
+        wall_n = wall_normal(side)
+        for k in range(8):
+            if k != 2 and k != 5:
+                vertex = outline_vertex(p, k)
+                r = rotate_cs(c, s, vertex)
+                gap = wp.dot(xb + r, wall_n) + p.arena_half
+                if gap < p.contact_smoothing:  # the exact law's reach
+                    ramp = smooth_relu(-gap, p.contact_smoothing)
+                    elastic = contact_stiffness * ramp
+                    v_n = wp.dot(vb + omega * perp(r), wall_n)
+                    fw = normal_force(p, elastic, v_n) * wall_n
+                    # torque += cross2(r, fw), force += fw, fw = elastic (1 - c_d v_n) wall_n
+                    adj_fw = adj_force + adj_torque * perp(r)
+                    adj_r = adj_torque * wp.vec2(fw[1], -fw[0])
+                    adj_normal = wp.dot(adj_fw, wall_n)
+                    adj_elastic = adj_normal * (1.0 - p.contact_damping * v_n)
+                    adj_v_n = -adj_normal * elastic * p.contact_damping
+                    adj_stiffness = adj_stiffness + adj_elastic * ramp
+                    adj_gap = -adj_elastic * contact_stiffness * smooth_relu_slope(-gap, p.contact_smoothing)
+                    # v_n = (vb + omega perp(r)) . n, gap = (xb + r) . n + half, r = rotate(c, s) vertex
+                    adj_vb = adj_vb + adj_v_n * wall_n
+                    adj_omega = adj_omega + adj_v_n * wp.dot(perp(r), wall_n)
+                    adj_r = adj_r + (adj_v_n * omega) * wp.vec2(wall_n[1], -wall_n[0]) + adj_gap * wall_n
+                    adj_xb = adj_xb + adj_gap * wall_n
+                    adj_c = adj_c + adj_r[0] * vertex[0] + adj_r[1] * vertex[1]
+                    adj_s = adj_s + adj_r[1] * vertex[0] - adj_r[0] * vertex[1]
+    wp.adjoint[xb] += adj_xb
+    wp.adjoint[c] += adj_c
+    wp.adjoint[s] += adj_s
+    wp.adjoint[vb] += adj_vb
+    wp.adjoint[omega] += adj_omega
+    wp.adjoint[contact_stiffness] += adj_stiffness
+    wp.adjoint[force_b] += adj_force
+    wp.adjoint[torque_b] += adj_torque
+
+
 def _make_advance(pre_contact: bool):
     """The substeps of one control step (``advance``) and one of them (``substep``), with the exact contact
     law or with the pre-contact surrogate's (``pre_contact``)."""
     elastic_force, contact_reach = _contact_law(pre_contact)
     variant = "pre_contact" if pre_contact else "exact"
     module = "unique" if pre_contact else None
+
+    def block_wall_wrench(p: TPushParams, xb: wp.vec2, c: float, s: float, vb: wp.vec2, omega: float,
+                          contact_stiffness: float, force_b: wp.vec2, torque_b: float) -> wp.vec3:
+        """``force_b`` and ``torque_b`` plus the walls' forces on the T's hull corners and their torque,
+        as ``(force x, force y, torque)``; the block's angle is given by its cosine ``c`` and sine ``s``."""
+        for side in range(4):
+            wall_n = wall_normal(side)
+            for k in range(8):
+                if k != 2 and k != 5:  # only the six convex-hull corners (not the concave 2, 5) can touch a wall
+                    r = rotate_cs(c, s, outline_vertex(p, k))
+                    gap_v = wp.dot(xb + r, wall_n) + p.arena_half
+                    if gap_v < contact_reach(p):
+                        v_n = wp.dot(vb + omega * perp(r), wall_n)
+                        fw = normal_force(p, elastic_force(p, contact_stiffness, gap_v), v_n) * wall_n
+                        force_b = force_b + fw
+                        torque_b = torque_b + cross2(r, fw)
+        return wp.vec3(force_b[0], force_b[1], torque_b)
+
+    block_wall_wrench = wp.func(block_wall_wrench, name=f"block_wall_wrench_{variant}", module=module)
+    if not pre_contact:
+        wp.func_grad(block_wall_wrench)(_block_wall_wrench_adjoint)
 
     def substep(p: TPushParams, h: float, command: wp.vec2, xp: wp.vec2, vp: wp.vec2, xb: wp.vec2,
                 theta: float, vb: wp.vec2, omega: float, block_mass: float, block_inertia: float,
@@ -409,26 +503,14 @@ def _make_advance(pre_contact: bool):
 
         # walls (frictionless): inward normals of the arena's four sides; the same broad phase
         for side in range(4):
-            wall_n = wp.vec2(1.0, 0.0)
-            if side == 1:
-                wall_n = wp.vec2(-1.0, 0.0)
-            if side == 2:
-                wall_n = wp.vec2(0.0, 1.0)
-            if side == 3:
-                wall_n = wp.vec2(0.0, -1.0)
+            wall_n = wall_normal(side)
             gap_p = wp.dot(xp, wall_n) + p.arena_half - p.pusher_radius
             if gap_p < contact_reach(p):
                 force_p = force_p + normal_force(p, elastic_force(p, contact_stiffness, gap_p),
                                                  wp.dot(vp, wall_n)) * wall_n
-            for k in range(8):
-                if k != 2 and k != 5:  # only the six convex-hull corners (not the concave 2, 5) can touch a wall
-                    r = rotate_cs(c, s, outline_vertex(p, k))
-                    gap_v = wp.dot(xb + r, wall_n) + p.arena_half
-                    if gap_v < contact_reach(p):
-                        v_n = wp.dot(vb + omega * perp(r), wall_n)
-                        fw = normal_force(p, elastic_force(p, contact_stiffness, gap_v), v_n) * wall_n
-                        force_b = force_b + fw
-                        torque_b = torque_b + cross2(r, fw)
+        wrench = block_wall_wrench(p, xb, c, s, vb, omega, contact_stiffness, force_b, torque_b)
+        force_b = wp.vec2(wrench[0], wrench[1])
+        torque_b = wrench[2]
 
         # pusher: velocity servo F = servo_gain (v_cmd - v), implicit in v
         vp_next = (vp + (h * force_p + impulse_p) / p.pusher_mass + (h * p.servo_gain / p.pusher_mass) * command) \
