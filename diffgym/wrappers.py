@@ -149,8 +149,15 @@ class TensorVectorWrapper(gym.vector.VectorWrapper):
         inner = self.env.wrapper_state() if isinstance(self.env, TensorVectorWrapper) else {}
         return {**inner, **self._own_state()}
 
-    def load_wrapper_state(self, saved: Mapping[str, Any]) -> None:
+    def check_wrapper_state(self, saved: Mapping[str, Any]) -> None:
+        """A one-line ``ValueError`` unless :meth:`load_wrapper_state` can load ``saved``; changes nothing,
+        so a caller loading more than the wrappers checks everything before it loads anything."""
         self._check_own_state(saved)
+        if isinstance(self.env, TensorVectorWrapper):
+            self.env.check_wrapper_state(saved)
+
+    def load_wrapper_state(self, saved: Mapping[str, Any]) -> None:
+        self.check_wrapper_state(saved)
         if isinstance(self.env, TensorVectorWrapper):
             self.env.load_wrapper_state(saved)
         self._load_own_state(saved)

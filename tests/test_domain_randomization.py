@@ -18,6 +18,7 @@ from diffgym.training import TrainConfig
 from diffgym.training.evaluation import evaluate_config, evaluate_policy
 from diffgym.training.randomization import PhysicsRandomizer, check_config_ranges, task_sim_class
 from diffgym.training.rollout import EnvBatch
+from diffgym.wrappers import wrap_vector_env
 
 POINT_MASS = "DiffGym/PointMass1D-v0"
 N = 4
@@ -91,6 +92,26 @@ def test_draws_are_reproducible_per_env_inside_the_range_and_redrawn_only_where_
     assert torch.equal(b.values["mass"], second) and torch.equal(b.draw(mask)["mass"], expected)
 
 
+def test_a_bad_saved_randomization_is_refused_in_one_line_and_changes_nothing():
+    randomizer = PhysicsRandomizer({"mass": [0.5, 2.0]}, make_venv().sim, 4, seed=3)
+    randomizer.draw()
+    saved, before = randomizer.state_dict(), randomizer.state_dict()
+    nan = saved["values"]["mass"].clone()
+    nan[2] = float("nan")
+    for broken, message in [({**saved, "values": {"mass": nan}}, r"saved values of mass must be a tensor of shape "
+                                                                  r"\(4,\) inside \[0.5, 2\]"),
+                            ({**saved, "draws": -1}, "draws must be a whole number >= 0"),
+                            ({**saved, "generator": {"state": 1}}, "generator state is not a PCG64 state"),
+                            ({"values": {}}, "lacks generator, draws or values")]:
+        with pytest.raises(ValueError, match=message) as error:
+            randomizer.load_state_dict(broken)
+        assert "\n" not in str(error.value)
+    assert randomizer.generator.bit_generator.state == before["generator"]
+    assert torch.equal(randomizer.values["mass"], before["values"]["mass"])
+    with pytest.raises(ValueError, match=r"the saved envs hold no domain randomization, but this run randomizes"):
+        randomizer.check_saved_envs({"state": ()})
+
+
 def test_env_batch_steps_with_the_drawn_physics_and_redraws_only_restarted_envs():
     venv = make_venv()
     envs = EnvBatch(venv, seed=7, device=torch.device("cpu"), randomize={"mass": [0.5, 2.0]})
@@ -113,6 +134,74 @@ def test_env_batch_steps_with_the_drawn_physics_and_redraws_only_restarted_envs(
     plain = EnvBatch(make_venv(), seed=7, device=torch.device("cpu"))
     assert torch.equal(twin.physics["mass"], masses) and plain.physics is None
     assert twin.seeds.bit_generator.state == plain.seeds.bit_generator.state
+
+
+def _corrupted(saved: dict, where: str) -> dict:
+    """A copy of an envs' state dict with one part broken: the wrappers' state or the envs' own."""
+    broken = dict(saved)
+    if where == "wrappers":  # EnvBatch keeps the wrappers' state apart; the PPO adapter's wrapped env, with its own
+        if "wrappers" in saved:
+            broken["wrappers"] = {**saved["wrappers"]}
+        broken.get("wrappers", broken).pop("observation_noise")
+    else:
+        broken["state"] = [t[:1] for t in saved["state"]]  # one env's fields where every env's belong
+    return broken
+
+
+def _snapshot(saved: dict) -> list:
+    """The tensors and generator states of a state dict, flattened for comparison."""
+    out = []
+    for value in (saved[key] for key in sorted(saved)):
+        if isinstance(value, dict):
+            out.extend(_snapshot(value))
+        elif isinstance(value, (list, tuple)):
+            out.extend(value)
+        else:
+            out.append(value)
+    return out
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+                                    for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("where", ["wrappers", "state"])
+def test_a_bad_checkpoint_leaves_the_env_batch_as_it_was(where):
+    def batch(seed):
+        venv = wrap_vector_env(make_venv(), {"observation_noise": 0.1})
+        return EnvBatch(venv, seed=seed, device=torch.device("cpu"), randomize={"mass": [0.5, 2.0]})
+
+    envs, other = batch(7), batch(8)
+    saved = other.state_dict()
+    before = _snapshot(envs.state_dict())
+    with pytest.raises(ValueError) as error:
+        envs.load_state_dict(_corrupted(saved, where))
+    assert "\n" not in str(error.value)
+    assert _same(_snapshot(envs.state_dict()), before)
+    envs.load_state_dict(saved)  # the intact one loads
+    assert _same(_snapshot(envs.state_dict()), _snapshot(saved))
+
+
+@pytest.mark.parametrize("where", ["wrappers", "state"])
+def test_a_bad_checkpoint_leaves_the_ppo_adapter_as_it_was(where):
+    pytest.importorskip("diffgym_ppo")
+    from diffgym_ppo import SB3VecEnvAdapter
+
+    def adapter(seed):
+        made = SB3VecEnvAdapter.make(POINT_MASS, 3, randomize={"mass": [0.5, 2.0]}, randomize_seed=seed,
+                                     wrappers={"observation_noise": 0.1})
+        made.reset()
+        return made
+
+    envs, other = adapter(11), adapter(12)
+    saved = other.state_dict()
+    before, physics = _snapshot(envs.state_dict()), envs.venv.unwrapped.get_physics()["mass"]
+    with pytest.raises(ValueError) as error:
+        envs.load_state_dict(_corrupted(saved, where))
+    assert "\n" not in str(error.value)
+    assert _same(_snapshot(envs.state_dict()), before)
+    assert torch.equal(envs.venv.unwrapped.get_physics()["mass"], physics)
 
 
 def test_ppo_adapter_sets_each_new_episodes_physics_at_the_autoreset():

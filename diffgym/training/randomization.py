@@ -156,6 +156,12 @@ class PhysicsRandomizer:
         self.draws += count
         return self.values
 
+    @staticmethod
+    def summary_of(randomizer: "PhysicsRandomizer | None") -> dict[str, float]:
+        """What a run logs of its envs' current physics with its evaluations (``physics/<name>_mean``,
+        ``_min``, ``_max``); empty without randomization (``randomizer`` None)."""
+        return {} if randomizer is None else randomizer.summary("physics")
+
     def summary(self, prefix: str) -> dict[str, float]:
         """``{prefix/<name>_mean, _min, _max}`` over the envs' current values (what a run logs)."""
         out: dict[str, float] = {}
@@ -170,17 +176,45 @@ class PhysicsRandomizer:
         return {"generator": self.generator.bit_generator.state, "draws": self.draws,
                 "values": {name: value.detach().cpu().clone() for name, value in self.values.items()}}
 
-    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
-        """Back to where :meth:`state_dict` found the randomizer (checked before anything changes)."""
+    def check_state_dict(self, saved: Any) -> None:
+        """A one-line ``ValueError`` unless ``saved`` is a :meth:`state_dict` this randomizer can load:
+        the same names, ``(num_envs,)`` values inside their ranges, a state of its generator. Changes
+        nothing, so a caller loading more than the randomizer checks everything before it loads anything."""
         if not isinstance(saved, Mapping) or not {"generator", "draws", "values"} <= set(saved):
             raise ValueError("the saved domain randomization lacks generator, draws or values; expected what "
                              "PhysicsRandomizer.state_dict() returns")
-        values = saved["values"]
-        if set(values) != set(self.ranges):
-            raise ValueError(f"the saved domain randomization draws {sorted(values)}, this run {sorted(self.ranges)}")
+        values, draws = saved["values"], saved["draws"]
+        if not isinstance(values, Mapping) or set(values) != set(self.ranges):
+            drawn = sorted(values) if isinstance(values, Mapping) else repr(values)
+            raise ValueError(f"the saved domain randomization draws {drawn}, this run {sorted(self.ranges)}")
+        if isinstance(draws, bool) or not isinstance(draws, int) or draws < 0:
+            raise ValueError(f"the saved domain randomization's draws must be a whole number >= 0, got {draws!r}")
         for name, value in values.items():
-            if not isinstance(value, torch.Tensor) or value.shape != (self.num_envs,):
-                raise ValueError(f"saved values of {name} must be a tensor of shape ({self.num_envs},)")
+            lo, hi = self._limits[name]
+            if not isinstance(value, torch.Tensor) or value.shape != (self.num_envs,) \
+                    or not bool(((value >= float(lo)) & (value <= float(hi))).all()):
+                raise ValueError(f"saved values of {name} must be a tensor of shape ({self.num_envs},) inside "
+                                 f"[{lo:g}, {hi:g}]")
+        try:  # the generator's own check, on a throwaway one of its kind
+            type(self.generator.bit_generator)().state = saved["generator"]
+        except (TypeError, ValueError, KeyError) as error:
+            raise ValueError(f"the saved domain randomization's generator state is not a "
+                             f"{type(self.generator.bit_generator).__name__} state: {error}") from None
+
+    def check_saved_envs(self, saved_envs: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The randomization in a saved envs' state (its ``physics`` entry, as ``EnvBatch`` and PPO's
+        adapter save it), checked (:meth:`check_state_dict`); a one-line ``ValueError`` if it has none, a
+        run that randomizes cannot resume from envs that did not. Changes nothing."""
+        if "physics" not in saved_envs:
+            raise ValueError("the saved envs hold no domain randomization, but this run randomizes "
+                             f"{sorted(self.ranges)}")
+        self.check_state_dict(saved_envs["physics"])
+        return saved_envs["physics"]
+
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
+        """Back to where :meth:`state_dict` found the randomizer (checked before anything changes)."""
+        self.check_state_dict(saved)
+        values = saved["values"]
         self.generator.bit_generator.state = saved["generator"]
         self.draws = int(saved["draws"])
         self.values = {name: values[name].to(device=self.device, dtype=torch.float32).clone() for name in self.ranges}

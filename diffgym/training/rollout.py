@@ -21,7 +21,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from diffgym.core.env import DiffGymVectorEnv
+from diffgym.core.env import DiffGymVectorEnv, _describe
 from diffgym.core.sim import StepOutput
 from diffgym.core.state import SimState
 from diffgym.training.evaluation import evaluate_config, train_env_seed
@@ -115,7 +115,7 @@ class EnvBatch:
     def physics_summary(self) -> dict[str, float]:
         """Mean, min and max of each randomized parameter over the envs' current episodes (a run logs them
         with its evaluations as ``physics/<name>_mean`` ...); empty without randomization."""
-        return {} if self.randomizer is None else self.randomizer.summary("physics")
+        return PhysicsRandomizer.summary_of(self.randomizer)
 
     def record(self, reward: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
         """Accumulate undiscounted episode returns; return every env's return so far, this step's reward
@@ -136,18 +136,47 @@ class EnvBatch:
                 **({"wrappers": self.venv.wrapper_state()} if isinstance(self.venv, TensorVectorWrapper) else {})}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Put the envs back where :meth:`state_dict` found them; everything is checked before anything
+        changes, so a bad checkpoint leaves the batch as it was (a one-line ``ValueError``)."""
+        missing = [key for key in ("state", "obs", "seeds", "episode_return", "episode_length") if key not in saved]
+        if missing:
+            raise ValueError(f"the saved envs lack {missing}; expected what EnvBatch.state_dict() returns")
+        # the saved tensors must be of the kind the batch holds now (same shapes and dtypes)
+        now = {"obs": self.obs, "episode_return": self.episode_return, "episode_length": self.episode_length}
+        fields = self.state.tensors()
+        saved_fields = saved["state"]
+        if not isinstance(saved_fields, (list, tuple)) or len(saved_fields) != len(fields) or not all(
+                _like(value, current) for value, current in zip(saved_fields, fields)):
+            raise ValueError(f"the saved envs' state must be {len(fields)} tensors shaped as "
+                             f"{type(self.state).__name__}'s fields {[tuple(t.shape) for t in fields]}")
+        for key, current in now.items():
+            if not _like(saved[key], current):
+                raise ValueError(f"the saved envs' {key} must be a {current.dtype} tensor of shape "
+                                 f"{tuple(current.shape)}, got {_describe(saved[key])}")
+        try:  # the generator's own check, on a throwaway one of its kind
+            type(self.seeds.bit_generator)().state = saved["seeds"]
+        except (TypeError, ValueError, KeyError) as error:
+            raise ValueError(f"the saved envs' seeds are not a {type(self.seeds.bit_generator).__name__} "
+                             f"state: {error}") from None
         if self.randomizer is not None:
-            if "physics" not in saved:
-                raise ValueError("the saved envs hold no domain randomization, but this run randomizes "
-                                 f"{sorted(self.randomizer.ranges)}")
-            self.randomizer.load_state_dict(saved["physics"])
+            self.randomizer.check_saved_envs(saved)
         if isinstance(self.venv, TensorVectorWrapper):  # e.g. the observation noise's generator
+            self.venv.check_wrapper_state(saved.get("wrappers", {}))
+        # everything checked: nothing below raises on this checkpoint
+        if self.randomizer is not None:
+            self.randomizer.load_state_dict(saved["physics"])
+        if isinstance(self.venv, TensorVectorWrapper):
             self.venv.load_wrapper_state(saved.get("wrappers", {}))
-        self.state = type(self.state)(*(t.to(self.device) for t in saved["state"]))
+        self.state = type(self.state)(*(t.to(self.device) for t in saved_fields))
         self.obs = saved["obs"].to(self.device)
         self.seeds.bit_generator.state = saved["seeds"]
         self.episode_return = saved["episode_return"].to(self.device)
         self.episode_length = saved["episode_length"].to(self.device)
+
+
+def _like(value: Any, current: torch.Tensor) -> bool:
+    """Whether ``value`` is a tensor of ``current``'s shape and dtype (a saved one that can replace it)."""
+    return isinstance(value, torch.Tensor) and value.shape == current.shape and value.dtype == current.dtype
 
 
 @dataclasses.dataclass

@@ -94,7 +94,7 @@ class SB3VecEnvAdapter(VecEnv):
     def physics_summary(self) -> dict[str, float]:
         """Mean, min and max of each randomized parameter over the envs' current episodes
         (``physics/<name>_mean`` ...), as APG's ``EnvBatch`` logs them; empty without randomization."""
-        return {} if self.randomizer is None else self.randomizer.summary("physics")
+        return PhysicsRandomizer.summary_of(self.randomizer)
 
     # ------------------------------------------------------------------------- checkpoint / resume
     def state_dict(self) -> dict[str, Any]:
@@ -109,14 +109,14 @@ class SB3VecEnvAdapter(VecEnv):
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         """Put the envs back where :meth:`state_dict` found them; seeds passed to ``seed()`` are dropped
-        (they would restart the episodes on the next reset)."""
-        if self.randomizer is not None:
-            if "physics" not in saved:
-                raise ValueError("the saved envs hold no domain randomization, but this run randomizes "
-                                 f"{sorted(self.randomizer.ranges)}")
-            self.randomizer.load_state_dict(saved["physics"])
-            self._native().set_physics(self.randomizer.values)
+        (they would restart the episodes on the next reset). Everything is checked before anything
+        changes: the randomization here, the envs' state by the env's own ``load_state_dict``, which checks
+        before it loads and runs first, so a bad checkpoint leaves the envs as they were."""
+        physics = self.randomizer.check_saved_envs(saved) if self.randomizer is not None else None
         self._stateful().load_state_dict(saved)
+        if self.randomizer is not None:
+            self.randomizer.load_state_dict(physics)  # checked above: loads
+            self._native().set_physics(self.randomizer.values)
         self._reset_seeds()
         self._reset_options()
 
