@@ -15,7 +15,7 @@ import yaml
 
 from diffgym import policy_commands
 from diffgym.cli import main
-from diffgym.experiments.robustness import Variation, wilson_interval
+from diffgym.experiments.robustness import Variation, point_result, wilson_interval
 from diffgym.plugins import load_trainer, resolve_config
 from diffgym.training.run import evaluation_milestones, read_metrics
 
@@ -59,6 +59,19 @@ def test_the_grid_includes_the_nominal_value_once():
     assert Variation("mass", 2.0, 3.0, 2).values([1.0]) == [2.0, 3.0]  # outside the range: not added
     # the values asked for, not linspace's float noise (0.7999999999999999, 0.9999999999999999)
     assert Variation("gain", 0.1, 2.0, 20).values([1.0]) == [round(0.1 * k, 1) for k in range(1, 21)]
+
+
+
+def test_the_nominal_point_is_the_one_equal_at_float32():
+    # 5000.04 is another float32 than 5000 (its neighbours there are 0.0005 apart), but within rtol 1e-5
+    assert Variation("contact_stiffness", 4000.0, 6000.0, 3).values([5000.04]) == [4000.0, 5000.0, 5000.04, 6000.0]
+    # a value the float32 env cannot tell from the grid's adds no point
+    assert Variation("mass", 0.5, 2.0, 3).values([1.25 + 1e-9]) == [0.5, 1.25, 2.0]
+    evaluation = {"eval_success_rate": 0.5, "eval_return": 1.0, "eval_return_ci_low": 0.0, "eval_return_ci_high": 2.0,
+                  "eval_return_std": 1.0, "eval_episode_length": 10.0}
+    assert not point_result(5000.0, evaluation, 10, nominal=5000.04)["nominal"]
+    assert point_result(5000.04, evaluation, 10, nominal=5000.04)["nominal"]
+    assert point_result(0.3, evaluation, 10, nominal=float(np.float32(0.3)))["nominal"]
 
 
 def test_the_physics_set_at_reset_survives_autoresets():

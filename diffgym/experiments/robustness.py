@@ -53,8 +53,17 @@ class Variation:
         the curve then passes through the nominal point itself."""
         # 12 significant digits: linspace's 0.7999999999999999 is the 0.8 the user asked for
         grid = [float(f"{v:.12g}") for v in np.linspace(self.low, self.high, self.points)]
-        extra = [float(v) for v in nominals if self.low <= v <= self.high and not np.isclose(grid, v).any()]
-        return sorted(set(grid + extra))
+        values = list(grid)
+        for nominal in nominals:
+            if self.low <= nominal <= self.high and not any(same_float32(nominal, v) for v in values):
+                values.append(float(nominal))
+        return sorted(values)
+
+
+def same_float32(a: float, b: float) -> bool:
+    """Whether two parameter values are the same to the env, which holds them as float32: a grid point
+    is the nominal one only then (a relative tolerance would take 5000 for a contact stiffness of 5000.04)."""
+    return bool(np.float32(a) == np.float32(b))
 
 
 def parse_variation(text: str) -> Variation:
@@ -148,7 +157,7 @@ def point_result(value: float, evaluation: Mapping[str, float], episodes: int, n
     interval; ``nominal`` marks the run's own nominal value."""
     successes = round(evaluation["eval_success_rate"] * episodes)
     low, high = wilson_interval(successes, episodes)
-    return {"value": value, "nominal": bool(np.isclose(value, nominal)),
+    return {"value": value, "nominal": same_float32(value, nominal),
             "success_rate": evaluation["eval_success_rate"], "success_ci_low": low, "success_ci_high": high,
             "return": evaluation["eval_return"], "return_ci_low": evaluation["eval_return_ci_low"],
             "return_ci_high": evaluation["eval_return_ci_high"], "return_std": evaluation["eval_return_std"],
