@@ -28,6 +28,8 @@ def test_tpush_mass_and_friction_are_recovered_within_5_percent_from_the_default
     assert (float(defaults["block_mass"]), float(defaults["contact_friction"])) == (1.0, 0.30000001192092896)
     assert truth == {"block_mass": 0.75, "contact_friction": 0.39}
     for name in truth:
+        # 5 %: the bound the issue sets; 1 %: the precision docs/api.md states for this deterministic example
         assert abs(identified[name] - truth[name]) < 0.05 * truth[name], (name, identified[name])
+        assert abs(identified[name] - truth[name]) < 0.01 * truth[name], (name, identified[name])
     print(f"sysid example: {identified} in {elapsed:.1f} s")
     assert elapsed < 60, f"the example took {elapsed:.1f} s"
