@@ -4,9 +4,10 @@ A config's ``randomize`` (training envs) and ``eval_randomize`` (evaluation envs
 ``physical_params`` to ``[low, high]`` ranges. A :class:`PhysicsRandomizer` holds one value per env and
 parameter, drawn uniformly from its range at the start of every episode of that env (the first reset and
 every restart or autoreset, :meth:`PhysicsRandomizer.draw` with the restarted envs' mask), from a NumPy
-generator seeded from the run's seed on a stream of its own, so the same seed draws the same values and
-the draws leave the reset seeds' generators alone. Its :meth:`~PhysicsRandomizer.state_dict` (generator
-and current values) goes into checkpoints, so a resumed run draws what the uninterrupted one would.
+generator seeded from the run's seed on a stream of its own, so the same seed and the same episode ends
+draw the same values (the first draw, every env's, depends on the seed alone) and the draws leave the
+reset seeds' generators alone. Its :meth:`~PhysicsRandomizer.state_dict` (generator and current values)
+goes into checkpoints, so a resumed run draws what the uninterrupted one would.
 
 Who applies the values: :class:`~diffgym.training.rollout.EnvBatch` passes them to
 ``differentiable_step(..., physics=...)`` (APG), the PPO adapter sets them in the native vector env after
