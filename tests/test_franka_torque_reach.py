@@ -295,6 +295,37 @@ def test_a_differentiated_step_replays_its_recording_and_matches_an_eager_tape(m
         np.testing.assert_allclose(ours.numpy(), eager.grad.numpy(), rtol=1e-4, atol=1e-6)
 
 
+def test_without_graphs_as_on_cuda_steps_and_gradients_are_the_captured_ones(monkeypatch):
+    """On CUDA the engine captures no graph (torch's default stream, where its launches run, refuses a
+    capture) and issues the recorded launches again at every step: that path, run on the CPU, gives what
+    the graphs give, bit for bit (two chained differentiated steps, so the first step's backward recomputes
+    its forward, and an untaped step), and captures nothing."""
+    import types
+
+    import warp as wp
+    from diffgym.core import newton_task
+
+    assert newton_task._captures_graphs(wp.get_device("cpu"))
+    assert not newton_task._captures_graphs(types.SimpleNamespace(is_cuda=True))
+
+    def steps(sim):
+        start = sim.reset(torch.arange(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32))
+        action = torch.linspace(-0.8, 0.8, 14).reshape(2, 7).requires_grad_(True)
+        last = sim.step(sim.step(start, action).state, 0.5 * action)
+        last.reward.sum().backward()
+        with torch.no_grad():
+            untaped = sim.step(start, action)
+        assert bool((action.grad != 0).any()) and not torch.equal(untaped.state.q, start.q)  # something to compare
+        return [*last.state.tensors(), last.reward, action.grad, *untaped.state.tensors()]
+
+    captured = steps(_sim())
+    monkeypatch.setattr(newton_task, "_captures_graphs", lambda device: False)
+    monkeypatch.setattr(wp, "ScopedCapture", lambda *args, **kwargs: pytest.fail("captured a graph"))
+    direct = steps(_sim())
+    for ours, graphs in zip(direct, captured, strict=True):
+        assert torch.equal(ours, graphs)
+
+
 def test_backward_twice_on_one_model_gives_the_same_gradient():
     """Gradient ownership across tapes: the model's arrays are on every step's tape; two backwards through
     the same shared model (and a retained graph run twice) give identical gradients."""

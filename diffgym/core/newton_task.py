@@ -17,8 +17,9 @@ Reset and observation are kernels as in a kernel task, and validation, ``info`` 
 
 Gradients. With autograd recording, step 2 is one ``torch.autograd.Function`` (:class:`_NewtonDynamics`)
 replaying the batch size's :class:`_TapedStep`: the substeps recorded once on a ``wp.Tape`` over fixed
-buffers and captured as Warp graphs (forward, gradient zeroing, backward), so a step costs no Python per
-kernel launch, no model, solver or state construction and no host sync (it was ~450 ``wp.launch`` calls,
+buffers and, on the CPU, captured as Warp graphs (forward, gradient zeroing, backward; on CUDA the same
+launches are issued again from Python, :class:`_Replay`), so a CPU step costs no Python per kernel launch,
+and no step any model, solver or state construction or a host sync (it was ~450 ``wp.launch`` calls,
 21 states and 10 solvers built per step: docs/benchmarks.md has the before and after). The rules hold:
 
 * a solver per substep: every substep reads a fresh copy of the previous state and writes a fresh state
@@ -34,7 +35,8 @@ kernel launch, no model, solver or state construction and no host sync (it was ~
   clones.
 
 Without autograd (``torch.no_grad()``, ``env.step``, PPO) the substeps run on a cached solver and two
-cached states used in turn, also captured as a graph: nothing is recorded, so reusing them breaks no rule.
+cached states used in turn, also replayed (a graph on the CPU): nothing is recorded, so reusing them
+breaks no rule.
 The caches are per sim and batch size and not locked: step one sim from one thread at a time.
 
 Newton is an optional extra: this module imports without it, and constructing a Newton task without it
@@ -45,7 +47,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import torch
 import warp as wp
@@ -90,7 +92,7 @@ class NewtonSim(DiffSim):
         require_newton()  # one line saying how to install it, before anything else can fail
         super().__init__(device, max_episode_steps)
         self._models: dict[int, newton.Model] = {}
-        # per batch size, the control step captured as Warp graphs on fixed buffers (taped, and forward only)
+        # per batch size, the control step replayed on fixed buffers (taped, and forward only; :class:`_Replay`)
         self._taped: dict[int, _TapedStep] = {}
         self._forward_only: dict[int, _ForwardOnlyStep] = {}
 
@@ -147,20 +149,42 @@ class NewtonSim(DiffSim):
         return step
 
 
-def _capture(device: Any, record: Any) -> Any:
-    """The launches ``record()`` makes, captured as a Warp graph (CPU or CUDA) that ``wp.capture_launch``
-    replays on the same arrays without Python: on this 2-core CPU a launch through ``wp.launch`` costs ~25 us
-    of argument packing and a step has ~450 of them (docs/benchmarks.md). On the CPU the capture records
-    without running, so ``record`` must not read back what it computes."""
-    with wp.ScopedCapture(device=device) as capture:
-        record()
-    return capture.graph
+def _captures_graphs(device: Any) -> bool:
+    """Whether the launches on Warp device ``device`` are replayed from a captured graph: on the CPU only.
+    On CUDA they run on torch's current stream (:func:`_on_torch_stream`), by default its legacy stream,
+    on which CUDA refuses to capture; capturing on a stream of its own would need events ordering it with
+    torch's work before and after every replay, which no GPU here could test."""
+    return not device.is_cuda
+
+
+class _Replay:
+    """The launches ``record()`` makes, run again on the same arrays at each call.
+
+    On the CPU they are captured once as a Warp graph that ``wp.capture_launch`` replays without Python:
+    a launch through ``wp.launch`` costs ~25 us of argument packing on this 2-core CPU and a step has ~450
+    of them (docs/benchmarks.md). The capture records without running, so ``record`` must not read back
+    what it computes. On CUDA (:func:`_captures_graphs`) ``record()`` itself runs at every call: the
+    same launches in the same order, issued from Python (untested: no GPU here)."""
+
+    def __init__(self, device: Any, record: Callable[[], Any]):
+        self._record = record
+        self._graph = None
+        if _captures_graphs(device):
+            with wp.ScopedCapture(device=device) as capture:
+                record()
+            self._graph = capture.graph
+
+    def __call__(self) -> None:
+        if self._graph is None:
+            self._record()
+        else:
+            wp.capture_launch(self._graph)
 
 
 class _ForwardOnlyStep:
     """The untaped control step of one batch size (``torch.no_grad()``, ``env.step``, PPO): one cached
-    solver and two states used in turn, captured once as a graph. Nothing is recorded, so reusing them
-    breaks no gradient rule."""
+    solver and two states used in turn, replayed (:class:`_Replay`: a graph on the CPU). Nothing is
+    recorded, so reusing them breaks no gradient rule."""
 
     def __init__(self, sim: NewtonSim, model: "newton.Model"):
         newton = require_newton()
@@ -180,7 +204,7 @@ class _ForwardOnlyStep:
                     solver.step(states[k % 2], states[1 - k % 2], control, None, sim.dt / sim.substeps)
 
             substeps()  # outside the capture: loads the kernels and allocates the solver's buffers
-            self.graph = _capture(model.device, substeps)
+            self.replay = _Replay(model.device, substeps)
             self.final = states[sim.substeps % 2]
             self._alive = (solver, states, control)  # what the graph writes through must outlive it
 
@@ -188,7 +212,7 @@ class _ForwardOnlyStep:
             joint_f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with _on_torch_stream(self.device):
             _load((self.joint_q, self.joint_qd, self.joint_f), (joint_q, joint_qd, joint_f))
-            wp.capture_launch(self.graph)
+            self.replay()
             # clones: the next step rewrites the cached states
             return wp.to_torch(self.final.joint_q).clone(), wp.to_torch(self.final.joint_qd).clone()
 
@@ -207,11 +231,11 @@ def _copy_joint_state(q: wp.array(dtype=wp.float32), qd: wp.array(dtype=wp.float
 class _TapedStep:
     """The recorded control step of one batch size: ``substeps`` Featherstone substeps on fixed buffers
     (a fresh input and output state and a solver of its own per substep, as :func:`simulate` lays them out)
-    recorded once on a ``wp.Tape``, then captured as three Warp graphs: the forward, the zeroing of every
-    gradient the backward accumulates into (the tape's arrays, the model's, the inputs'), and the backward,
-    captured from the tape's adjoint launches recorded one by one (``wp.launch(..., adjoint=True,
-    record_cmd=True)``): a graph captured from ``tape.backward`` itself replayed wrong gradients and
-    corrupted the heap on the CPU (Warp 1.19).
+    recorded once on a ``wp.Tape``, then replayed as three :class:`_Replay` (Warp graphs on the CPU): the
+    forward, the zeroing of every gradient the backward accumulates into (the tape's arrays, the model's,
+    the inputs'), and the backward, made of the tape's adjoint launches recorded one by one
+    (``wp.launch(..., adjoint=True, record_cmd=True)``): a graph captured from ``tape.backward`` itself
+    replayed wrong gradients and corrupted the heap on the CPU (Warp 1.19).
 
     The buffers hold one step's intermediates at a time. ``owner`` names the autograd call whose forward
     they hold; a backward whose forward has since been overwritten (the earlier steps of a chained rollout)
@@ -256,11 +280,11 @@ class _TapedStep:
             # (Newton does so on a state's first step) and records the tape
             self.tape = wp.Tape()
             forward(self.tape)
-            # the same launches on the same arrays, replayed without Python (the tape of this run is dropped)
-            self.forward_graph = _capture(model.device, lambda: forward(wp.Tape()))
+            # the same launches on the same arrays, replayed (the tape of each run is dropped)
+            self.forward_replay = _Replay(model.device, lambda: forward(wp.Tape()))
             self.outputs = (states[-1].joint_q, states[-1].joint_qd)
             adjoints = [_recorded_adjoint(self.tape, entry) for entry in reversed(self.tape.launches)]
-            self.backward_graph = _capture(model.device, lambda: [launch.launch() for launch in adjoints])
+            self.backward_replay = _Replay(model.device, lambda: [launch.launch() for launch in adjoints])
 
             def zero_gradients() -> None:
                 self.tape.zero()  # every gradient the adjoint launches above read or write
@@ -268,13 +292,13 @@ class _TapedStep:
                 for array in self.inputs:
                     array.grad.zero_()
 
-            self.zero_graph = _capture(model.device, zero_gradients)
+            self.zero_replay = _Replay(model.device, zero_gradients)
 
     def forward(self, owner: object, joint_q: torch.Tensor, joint_qd: torch.Tensor, joint_f: torch.Tensor) -> None:
         """Run the step on these inputs, its intermediates kept for ``owner``'s backward."""
         with _on_torch_stream(self.device):
             _load(self.inputs, (joint_q, joint_qd, joint_f))
-            wp.capture_launch(self.forward_graph)
+            self.forward_replay()
         self.owner = owner
 
     def backward(self, owner: object, inputs: Sequence[torch.Tensor],
@@ -284,11 +308,11 @@ class _TapedStep:
             self.forward(owner, *inputs)
         with _on_torch_stream(self.device):
             # zero first: the tape's arrays and the model's hold an earlier backward's sums
-            wp.capture_launch(self.zero_graph)
+            self.zero_replay()
             for output, grad in zip(self.outputs, output_grads):
                 if grad is not None:
                     wp.to_torch(output.grad, requires_grad=False).copy_(grad)
-            wp.capture_launch(self.backward_graph)
+            self.backward_replay()
             # clones: the next backward zeroes and rewrites these buffers
             return [wp.to_torch(array.grad, requires_grad=False).clone() for array in self.inputs]
 
