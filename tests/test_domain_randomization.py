@@ -143,6 +143,8 @@ def _corrupted(saved: dict, where: str) -> dict:
         if "wrappers" in saved:
             broken["wrappers"] = {**saved["wrappers"]}
         broken.get("wrappers", broken).pop("observation_noise")
+    elif where == "seeds":
+        broken["seeds"] = {"bit_generator": "MT19937"}
     else:
         broken["state"] = [t[:1] for t in saved["state"]]  # one env's fields where every env's belong
     return broken
@@ -166,7 +168,7 @@ def _same(a: list, b: list) -> bool:
                                     for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("where", ["wrappers", "state"])
+@pytest.mark.parametrize("where", ["wrappers", "state", "seeds"])
 def test_a_bad_checkpoint_leaves_the_env_batch_as_it_was(where):
     def batch(seed):
         venv = wrap_vector_env(make_venv(), {"observation_noise": 0.1})

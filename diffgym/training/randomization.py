@@ -96,6 +96,16 @@ def check_config_ranges(config: Any) -> None:
             check_ranges(ranges, task_sim_class(config.env_id), config.env_id, key)
 
 
+def check_generator_state(generator: np.random.Generator, state: Any, name: str) -> None:
+    """A one-line ``ValueError`` (naming ``name``) unless ``state`` can be set on ``generator``'s bit
+    generator; checked on a throwaway one of its kind, so ``generator`` is left as it was."""
+    kind = type(generator.bit_generator)
+    try:
+        kind().state = state
+    except (TypeError, ValueError, KeyError) as error:
+        raise ValueError(f"{name} state is not a {kind.__name__} state: {error}") from None
+
+
 def _float32_inside(low: float, high: float) -> tuple[np.float32, np.float32]:
     """The float32 bounds nearest to ``[low, high]`` that lie inside it, so a float64 draw rounded to
     float32 never leaves the range (and with it the task's valid domain)."""
@@ -196,11 +206,7 @@ class PhysicsRandomizer:
                     or not bool(((value >= float(lo)) & (value <= float(hi))).all()):
                 raise ValueError(f"saved values of {name} must be a tensor of shape ({self.num_envs},) inside "
                                  f"[{lo:g}, {hi:g}]")
-        try:  # the generator's own check, on a throwaway one of its kind
-            type(self.generator.bit_generator)().state = saved["generator"]
-        except (TypeError, ValueError, KeyError) as error:
-            raise ValueError(f"the saved domain randomization's generator state is not a "
-                             f"{type(self.generator.bit_generator).__name__} state: {error}") from None
+        check_generator_state(self.generator, saved["generator"], "the saved domain randomization's generator")
 
     def check_saved_envs(self, saved_envs: Mapping[str, Any]) -> Mapping[str, Any]:
         """The randomization in a saved envs' state (its ``physics`` entry, as ``EnvBatch`` and PPO's

@@ -27,7 +27,7 @@ from diffgym.core.state import SimState
 from diffgym.training.evaluation import evaluate_config, train_env_seed
 from diffgym.training.networks import ActorCritic
 from diffgym.training.normalization import ObservationNormalizer
-from diffgym.training.randomization import PhysicsRandomizer
+from diffgym.training.randomization import PhysicsRandomizer, check_generator_state
 from diffgym.training.run import Run
 from diffgym.training.spec import TrainConfig
 from diffgym.wrappers import TensorVectorWrapper, wrap_vector_env
@@ -153,11 +153,7 @@ class EnvBatch:
             if not _like(saved[key], current):
                 raise ValueError(f"the saved envs' {key} must be a {current.dtype} tensor of shape "
                                  f"{tuple(current.shape)}, got {_describe(saved[key])}")
-        try:  # the generator's own check, on a throwaway one of its kind
-            type(self.seeds.bit_generator)().state = saved["seeds"]
-        except (TypeError, ValueError, KeyError) as error:
-            raise ValueError(f"the saved envs' seeds are not a {type(self.seeds.bit_generator).__name__} "
-                             f"state: {error}") from None
+        check_generator_state(self.seeds, saved["seeds"], "the saved envs' seeds")
         if self.randomizer is not None:
             self.randomizer.check_saved_envs(saved)
         if isinstance(self.venv, TensorVectorWrapper):  # e.g. the observation noise's generator
