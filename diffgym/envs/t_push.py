@@ -289,6 +289,72 @@ def box_signed_distance(q: wp.vec2, center: wp.vec2, half: wp.vec2, rounding: fl
     return dist, normal, q - dist * normal
 
 
+@wp.struct
+class BoxDistance:
+    """``box_signed_distance``'s three results as one value (a Warp function's custom adjoint takes one)."""
+    dist: float
+    normal: wp.vec2
+    point: wp.vec2
+
+
+@wp.func
+def box_distance(q: wp.vec2, center: wp.vec2, half: wp.vec2, rounding: float) -> BoxDistance:
+    """``box_signed_distance`` (the same values), with a hand-written adjoint."""
+    dist, normal, point = box_signed_distance(q, center, half, rounding)
+    result = BoxDistance()
+    result.dist = dist
+    result.normal = normal
+    result.point = point
+    return result
+
+
+# Written by hand because every substep computes both boxes' distances to find the boxes in reach, and
+# Warp's generated adjoint replays and reverses both, with every intermediate's adjoint zero-initialised,
+# even for a box out of reach whose results get no gradient (a quarter of the backward pass). This one
+# returns at once when no gradient comes in, and otherwise applies the chain rule to the values it
+# recomputes: the same derivatives as the generated adjoint, term for term (equal to float32 round-off),
+# including its choices at the kinks (``wp.abs`` passes +1 at 0, like the sign ``box_signed_distance`` uses).
+@wp.func_grad(box_distance)
+def _box_distance_adjoint(q: wp.vec2, center: wp.vec2, half: wp.vec2, rounding: float, adj_ret: BoxDistance):
+    adj_dist = adj_ret.dist
+    adj_normal = adj_ret.normal
+    adj_point = adj_ret.point
+    if (adj_dist != 0.0 or adj_normal[0] != 0.0 or adj_normal[1] != 0.0 or adj_point[0] != 0.0
+            or adj_point[1] != 0.0):
+        d = q - center
+        ex = wp.abs(d[0]) - half[0]
+        ey = wp.abs(d[1]) - half[1]
+        sx = wp.where(d[0] >= 0.0, 1.0, -1.0)
+        sy = wp.where(d[1] >= 0.0, 1.0, -1.0)
+        adj_ex = float(0.0)
+        adj_ey = float(0.0)
+        # point = q - dist * normal
+        adj_q = adj_point
+        if ex > 0.0 or ey > 0.0:
+            ax = softplus(ex, rounding)
+            ay = softplus(ey, rounding)
+            dist = wp.sqrt(ax * ax + ay * ay)
+            gx = sigmoid(ex / rounding)  # d ax / d ex
+            gy = sigmoid(ey / rounding)
+            m = wp.vec2(sx * gx * ax, sy * gy * ay)
+            normal = wp.normalize(m)
+            adj_dist = adj_dist - wp.dot(adj_point, normal)
+            adj_normal = adj_normal - dist * adj_point
+            # normal = m / |m|
+            adj_m = (adj_normal - normal * wp.dot(normal, adj_normal)) / wp.length(m)
+            # m = (sx gx ax, sy gy ay), dist = sqrt(ax^2 + ay^2); d gx / d ex = gx (1 - gx) / rounding
+            adj_ex = adj_dist * ax / dist * gx + adj_m[0] * sx * (gx * (1.0 - gx) / rounding * ax + gx * gx)
+            adj_ey = adj_dist * ay / dist * gy + adj_m[1] * sy * (gy * (1.0 - gy) / rounding * ay + gy * gy)
+        else:
+            # the nearest face: dist = ex along (sx, 0) or ey along (0, sy), constant normals
+            if ex > ey:
+                adj_ex = adj_dist - adj_point[0] * sx
+            else:
+                adj_ey = adj_dist - adj_point[1] * sy
+        # ex = |d_x| - half_x, d = q - center
+        wp.adjoint[q] += adj_q + wp.vec2(sx * adj_ex, sy * adj_ey)
+
+
 @wp.func
 def smooth_min(a: float, b: float, k: float) -> float:
     """Polynomial smooth minimum (C1): min(a, b) when |a - b| >= k, at most k/4 below it otherwise."""
@@ -475,7 +541,10 @@ def _make_advance(pre_contact: bool):
             if box == 1:
                 center = p.stem_center
                 half = p.stem_half
-            dist, n_local, c_local = box_signed_distance(q, center, half, p.corner_smoothing)
+            box_dist = box_distance(q, center, half, p.corner_smoothing)
+            dist = box_dist.dist
+            n_local = box_dist.normal
+            c_local = box_dist.point
             gap = dist - p.pusher_radius
             # Broad phase: the penalty's ramp is exactly zero for gap >= s (the surrogate's tail beyond its
             # distance), and so are the force, the friction (proportional to it) and their derivatives, so
