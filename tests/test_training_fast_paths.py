@@ -39,6 +39,18 @@ def test_normalizer_statistics_are_cached_until_they_change():
     assert normalizer._statistics(torch.float64)[1].dtype == torch.float64  # one cache per dtype asked
 
 
+def test_a_normalization_under_inference_mode_leaves_later_gradients_working():
+    """Statistics computed under ``torch.inference_mode`` (an evaluation) are not cached: a later
+    differentiable step would have to save those inference tensors for its backward."""
+    normalizer = ObservationNormalizer(3, NormalizerSpec())
+    normalizer.update(torch.randn(50, 3) * 3.0 + 1.0)
+    with torch.inference_mode():
+        normalizer(torch.randn(4, 3))
+    obs = torch.randn(4, 3, requires_grad=True)
+    normalizer(obs).square().sum().backward()
+    assert obs.grad is not None and torch.isfinite(obs.grad).all()
+
+
 def test_record_returns_the_running_returns_and_restarts_finished_envs():
     venv = gym.make_vec("DiffGym/PointMass1D-v0", num_envs=3, vectorization_mode="vector_entry_point")
     envs = EnvBatch(venv, 0, torch.device("cpu"))

@@ -42,7 +42,9 @@ class ObservationNormalizer(nn.Module):
         tensors are never written in place, so a graph that saved them stays valid; their values are those
         the computation below gives, bit for bit."""
         mean, var = self.mean, self.var
-        if mean.is_inference() or var.is_inference():  # inference tensors keep no version counter
+        # inference tensors keep no version counter, and tensors made under inference mode cannot be saved
+        # for a later backward: neither is cached
+        if mean.is_inference() or var.is_inference() or torch.is_inference_mode_enabled():
             return mean.to(dtype), torch.sqrt(var + self.spec.epsilon).to(dtype)
         versions = (mean._version, var._version, dtype)
         cached = self._cached_statistics
