@@ -224,7 +224,7 @@ def unroll(model: ActorCritic, normalizer: ObservationNormalizer, envs: EnvBatch
     """
     state, obs = envs.state, envs.obs
     sim = getattr(envs.venv, "sim", None)
-    step = _state_checked_once(envs, sim, state)
+    step = _unroll_step(envs, sim, state)
     start_obs, rewards, next_obs, terminated, truncated, returns_so_far = [], [], [], [], [], []
     actions, obs_normalized, noises, pre_squashes = [], [], [], []
     diverged_any = torch.zeros(envs.num_envs, dtype=torch.bool, device=envs.device)
@@ -264,7 +264,7 @@ def unroll(model: ActorCritic, normalizer: ObservationNormalizer, envs: EnvBatch
     return rollout, state, obs
 
 
-def _state_checked_once(envs: EnvBatch, sim: Any, state: SimState) -> Callable[[SimState, torch.Tensor], StepOutput]:
+def _unroll_step(envs: EnvBatch, sim: Any, state: SimState) -> Callable[[SimState, torch.Tensor], StepOutput]:
     """The batch's ``differentiable_step`` for :func:`unroll`, validating the state only where it has to.
 
     The env's step validates the state it starts from on every call (types, shapes and a domain check of
@@ -272,8 +272,9 @@ def _state_checked_once(envs: EnvBatch, sim: Any, state: SimState) -> Callable[[
     output that the loop found inside the domain, or a fresh restart, so where the env's step is
     ``DiffSim.step`` itself the start state is validated here, once, and the steps skip that check; the
     action and the physics are still checked at every step, as ``DiffSim.step`` does. A vector env with
-    its own ``differentiable_step`` (a wrapper) keeps it."""
-    if sim is None or getattr(type(envs.venv), "differentiable_step", None) is not DiffGymVectorEnv.differentiable_step:
+    its own ``differentiable_step`` (a wrapper), or an ``EnvBatch`` subclass overriding it, keeps it."""
+    if (sim is None or type(envs).differentiable_step is not EnvBatch.differentiable_step
+            or getattr(type(envs.venv), "differentiable_step", None) is not DiffGymVectorEnv.differentiable_step):
         return envs.differentiable_step
     sim.check_state(state)
     batch = envs.num_envs
