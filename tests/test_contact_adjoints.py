@@ -173,3 +173,110 @@ def test_point_nav_contact_force_adjoint_matches_central_differences():
     in_contact = torch.ones(count, dtype=torch.bool)
     in_contact[3::4] = False
     assert (grads[0][~in_contact] == 0).all() and (grads[0][in_contact].norm(dim=1) > 1).all()
+
+
+@wp.kernel(module="unique")
+def _t_push_box_distance(q: wp.array(dtype=wp.vec2), p: t_push.TPushParams, weights: wp.array(dtype=wp.vec3),
+                         point_weights: wp.array(dtype=wp.vec2), out: wp.array(dtype=float)):
+    i = wp.tid()
+    box = t_push.box_distance(q[i], p.bar_center, p.bar_half, p.corner_smoothing)
+    w = weights[i]
+    out[i] = w[0] * box.dist + w[1] * box.normal[0] + w[2] * box.normal[1] + wp.dot(point_weights[i], box.point)
+
+
+def test_t_push_box_distance_adjoint_matches_central_differences():
+    """Around the T's bar: near its corners (within a few corner-smoothing widths, where the rounded
+    distance's normal turns), off its faces, and inside it."""
+    sim = t_push.TPush()
+    generator = torch.Generator().manual_seed(0)
+    centre, half = torch.tensor(t_push.BAR_CENTER, dtype=torch.float32), torch.tensor([0.1, 0.025])
+    corners = centre + half * torch.tensor([[1.0, 1.0], [-1.0, 1.0], [-1.0, -1.0], [1.0, -1.0]])
+    near_corners = corners.repeat(8, 1) + 0.006 * (2 * torch.rand(32, 2, generator=generator) - 1)
+    off_faces = centre + torch.tensor([[0.0, 0.04], [0.13, 0.01], [-0.05, -0.03], [0.115, -0.015]])
+    inside = centre + torch.tensor([[0.02, 0.01], [-0.09, -0.02], [0.05, 0.02], [0.0, -0.005]])
+    q = torch.cat([near_corners, off_faces, inside])
+    count = len(q)
+    weights = torch.randn(count, 3, generator=generator)
+    point_weights = torch.randn(count, 2, generator=generator)
+
+    def values(points, tape=None):
+        q_array = wp.from_torch(points.contiguous(), dtype=wp.vec2, requires_grad=True)
+        out = wp.zeros(count, dtype=float, requires_grad=True)
+        inputs = [q_array, sim.params, wp.from_torch(weights, dtype=wp.vec3),
+                  wp.from_torch(point_weights, dtype=wp.vec2)]
+        if tape is None:
+            wp.launch(_t_push_box_distance, count, inputs=inputs, outputs=[out])
+            return wp.to_torch(out).double()
+        with tape:
+            wp.launch(_t_push_box_distance, count, inputs=inputs, outputs=[out])
+        tape.backward(grads={out: wp.ones(count, dtype=float)})
+        return wp.to_torch(q_array.grad).double()
+
+    grad = values(q, wp.Tape())
+    eps = 1e-5
+    for axis in range(2):
+        plus, minus = q.clone(), q.clone()
+        plus[:, axis] += eps
+        minus[:, axis] -= eps
+        central = (values(plus) - values(minus)) / (plus[:, axis].double() - minus[:, axis].double())
+        torch.testing.assert_close(grad[:, axis], central, rtol=1e-2, atol=0.05)
+    assert float(grad[:32].abs().max()) > 50  # the corners' turning normals are in the gradient
+
+
+@wp.kernel(module="unique")
+def _t_push_block_wall_wrench(xb: wp.array(dtype=wp.vec2), c: wp.array(dtype=float), s: wp.array(dtype=float),
+                              vb: wp.array(dtype=wp.vec2), omega: wp.array(dtype=float),
+                              stiffness: wp.array(dtype=float), p: t_push.TPushParams,
+                              weights: wp.array(dtype=wp.vec3), out: wp.array(dtype=float)):
+    i = wp.tid()
+    # nonzero running sums, as in a substep after the pusher's contacts
+    wrench = t_push.block_wall_wrench(p, xb[i], c[i], s[i], vb[i], omega[i], stiffness[i], wp.vec2(0.5, -0.25), 0.125)
+    out[i] = wp.dot(weights[i], wrench)
+
+
+def test_t_push_block_wall_wrench_adjoint_matches_central_differences():
+    """The T's hull corners 0.3-8 mm into each wall (inside and beyond the 1 mm onset band), moving and
+    spinning, and a T clear of the walls (no gradient but the running sums')."""
+    sim = t_push.TPush()
+    generator = torch.Generator().manual_seed(1)
+    count = 24
+    angles = 2 * np.pi * torch.rand(count, generator=generator)
+    outward = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]]).repeat(count // 4, 1)
+    depth = torch.tensor([0.0003, 0.0008, 0.002, 0.008]).repeat_interleave(count // 4)
+    corners = sim.hull_vertices(torch.zeros(count, 2), angles)
+    reach = (corners * outward[:, None]).sum(-1).amax(dim=1)
+    xb = outward * (t_push.ARENA_HALF + depth - reach)[:, None]
+    xb[-1] = 0.0  # clear of every wall
+    inputs = {"xb": xb, "c": torch.cos(angles), "s": torch.sin(angles),
+              "vb": 0.3 * torch.randn(count, 2, generator=generator), "omega": torch.randn(count, generator=generator),
+              "stiffness": 2000.0 + 8000.0 * torch.rand(count, generator=generator)}
+    steps = {"xb": 2e-5, "c": 1e-3, "s": 1e-3, "vb": 1e-3, "omega": 1e-3, "stiffness": 1.0}  # float32: not smaller
+    weights = torch.randn(count, 3, generator=generator)
+
+    def values(tensors, tape=None):
+        arrays = {name: wp.from_torch(t.contiguous(), dtype=wp.vec2 if t.dim() == 2 else wp.float32,
+                                   requires_grad=True)
+                  for name, t in tensors.items()}
+        out = wp.zeros(count, dtype=float, requires_grad=True)
+        launch_inputs = [*arrays.values(), sim.params, wp.from_torch(weights, dtype=wp.vec3)]
+        if tape is None:
+            wp.launch(_t_push_block_wall_wrench, count, inputs=launch_inputs, outputs=[out])
+            return wp.to_torch(out).double()
+        with tape:
+            wp.launch(_t_push_block_wall_wrench, count, inputs=launch_inputs, outputs=[out])
+        tape.backward(grads={out: wp.ones(count, dtype=float)})
+        return {name: wp.to_torch(a.grad).double().reshape(count, -1) for name, a in arrays.items()}
+
+    grads = values(inputs, wp.Tape())
+    for name, grad in grads.items():
+        for axis in range(grad.shape[1]):
+            plus, minus = dict(inputs), dict(inputs)
+            plus[name], minus[name] = inputs[name].clone(), inputs[name].clone()
+            (plus[name][:, axis] if grad.shape[1] > 1 else plus[name]).add_(steps[name])
+            (minus[name][:, axis] if grad.shape[1] > 1 else minus[name]).sub_(steps[name])
+            spacing = (plus[name] - minus[name]).double().reshape(count, -1)[:, axis]
+            central = (values(plus) - values(minus)) / spacing
+            torch.testing.assert_close(grad[:, axis], central, rtol=1e-2, atol=2e-3 * float(grad.abs().max()),
+                                       msg=lambda m: f"d/d{name}[{axis}]: {m}")
+        assert float(grad[:-1].abs().max()) > 0, name
+    assert float(grads["xb"][-1].abs().max()) == 0.0 and float(grads["omega"][-1]) == 0.0

@@ -489,8 +489,9 @@ def _block_wall_wrench_adjoint(p: TPushParams, xb: wp.vec2, c: float, s: float, 
 
 
 def _make_advance(pre_contact: bool):
-    """The substeps of one control step (``advance``) and one of them (``substep``), with the exact contact
-    law or with the pre-contact surrogate's (``pre_contact``)."""
+    """The substeps of one control step (``advance``), one of them (``substep``) and the walls' wrench on the
+    T in one (``block_wall_wrench``), with the exact contact law or with the pre-contact surrogate's
+    (``pre_contact``)."""
     elastic_force, contact_reach = _contact_law(pre_contact)
     variant = "pre_contact" if pre_contact else "exact"
     module = "unique" if pre_contact else None
@@ -614,10 +615,10 @@ def _make_advance(pre_contact: bool):
                                                    contact_stiffness)
         return xp, vp, xb, theta, vb, omega
 
-    return wp.func(advance, name=f"advance_{variant}", module=module), substep
+    return wp.func(advance, name=f"advance_{variant}", module=module), substep, block_wall_wrench
 
 
-advance, substep = _make_advance(pre_contact=False)
+advance, substep, block_wall_wrench = _make_advance(pre_contact=False)
 
 
 _Observation = wp.types.vector(length=11, dtype=float)
@@ -786,7 +787,7 @@ def t_push_step(
 
 
 # --------------------------------------------------------------- pre-contact gradients (diffgym.envs.pre_contact)
-_surrogate_advance, _ = _make_advance(pre_contact=True)
+_surrogate_advance, _, _ = _make_advance(pre_contact=True)
 
 
 @wp.struct
