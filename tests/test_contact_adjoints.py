@@ -175,6 +175,19 @@ def test_point_nav_contact_force_adjoint_matches_central_differences():
     assert (grads[0][~in_contact] == 0).all() and (grads[0][in_contact].norm(dim=1) > 1).all()
 
 
+def _scalar_launch(kernel, count: int, inputs: list, tape=None):
+    """Launch ``kernel(*inputs, out)`` with a (count,) float output: its values (float64), or with ``tape``
+    the backward pass of their sum (the inputs' ``.grad``)."""
+    out = wp.zeros(count, dtype=float, requires_grad=True)
+    if tape is None:
+        wp.launch(kernel, count, inputs=inputs, outputs=[out])
+        return wp.to_torch(out).double()
+    with tape:
+        wp.launch(kernel, count, inputs=inputs, outputs=[out])
+    tape.backward(grads={out: wp.ones(count, dtype=float)})
+    return None
+
+
 @wp.kernel(module="unique")
 def _t_push_box_distance(q: wp.array(dtype=wp.vec2), p: t_push.TPushParams, weights: wp.array(dtype=wp.vec3),
                          point_weights: wp.array(dtype=wp.vec2), out: wp.array(dtype=float)):
@@ -201,16 +214,10 @@ def test_t_push_box_distance_adjoint_matches_central_differences():
 
     def values(points, tape=None):
         q_array = wp.from_torch(points.contiguous(), dtype=wp.vec2, requires_grad=True)
-        out = wp.zeros(count, dtype=float, requires_grad=True)
         inputs = [q_array, sim.params, wp.from_torch(weights, dtype=wp.vec3),
                   wp.from_torch(point_weights, dtype=wp.vec2)]
-        if tape is None:
-            wp.launch(_t_push_box_distance, count, inputs=inputs, outputs=[out])
-            return wp.to_torch(out).double()
-        with tape:
-            wp.launch(_t_push_box_distance, count, inputs=inputs, outputs=[out])
-        tape.backward(grads={out: wp.ones(count, dtype=float)})
-        return wp.to_torch(q_array.grad).double()
+        result = _scalar_launch(_t_push_box_distance, count, inputs, tape)
+        return result if tape is None else wp.to_torch(q_array.grad).double()
 
     grad = values(q, wp.Tape())
     eps = 1e-5
@@ -257,14 +264,10 @@ def test_t_push_block_wall_wrench_adjoint_matches_central_differences():
         arrays = {name: wp.from_torch(t.contiguous(), dtype=wp.vec2 if t.dim() == 2 else wp.float32,
                                    requires_grad=True)
                   for name, t in tensors.items()}
-        out = wp.zeros(count, dtype=float, requires_grad=True)
         launch_inputs = [*arrays.values(), sim.params, wp.from_torch(weights, dtype=wp.vec3)]
+        result = _scalar_launch(_t_push_block_wall_wrench, count, launch_inputs, tape)
         if tape is None:
-            wp.launch(_t_push_block_wall_wrench, count, inputs=launch_inputs, outputs=[out])
-            return wp.to_torch(out).double()
-        with tape:
-            wp.launch(_t_push_block_wall_wrench, count, inputs=launch_inputs, outputs=[out])
-        tape.backward(grads={out: wp.ones(count, dtype=float)})
+            return result
         return {name: wp.to_torch(a.grad).double().reshape(count, -1) for name, a in arrays.items()}
 
     grads = values(inputs, wp.Tape())
