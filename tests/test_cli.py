@@ -309,3 +309,13 @@ def test_train_takes_algorithm_and_task_from_a_config_file(counting, capsys, tmp
 
     printed = yaml.safe_load(capsys.readouterr().out)
     assert (printed["algo"], printed["env_id"], printed["run_dir"]) == ("counting", ENV, None)
+
+
+@pytest.mark.parametrize("argv", [["eval", "run"], ["robustness", "run", "--vary", "mass=0.5:2:3"],
+                                  ["train", "--algo", "counting", "--env", ENV]])
+def test_a_negative_seed_is_refused_at_argument_parsing(argv, counting, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main([*argv, "--seed", "-1"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"diffgym {argv[0]}: error: argument --seed: expected a whole number >= 0, got '-1'")

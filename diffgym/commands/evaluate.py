@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from diffgym.commands.options import add_policy_source_arguments, load_policy_source
+from diffgym.commands.options import add_policy_source_arguments, load_policy_source, seed_number
 
 HELP = "evaluate a trained policy on its run's and on fresh seeds; --video records episodes"
 
@@ -33,7 +33,7 @@ FRESH_SEED_OFFSET = 1000
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_policy_source_arguments(parser)
     parser.add_argument("--episodes", type=int, default=None, help="fresh episodes (default: the run's eval_episodes)")
-    parser.add_argument("--seed", type=int, default=None,
+    parser.add_argument("--seed", type=seed_number, default=None,
                         help=f"evaluation seed of the fresh episodes (default: the run's seed + {FRESH_SEED_OFFSET})")
     parser.add_argument("--env", default=None,
                         help="evaluate on another registered task id with the same spaces (default: the run's task)")

@@ -57,6 +57,17 @@ def count(text: str) -> int:
     return int(value)
 
 
+def seed_number(text: str) -> int:
+    """A seed: a whole number >= 0 (gymnasium and NumPy refuse negative ones, deep inside a run)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
 def parse_value(text: str) -> Any:
     """A YAML scalar/list (``32``, ``[64, 64]``, ``true``, ``null``); numbers such as ``1e-3`` that
     YAML 1.1 leaves as strings become floats."""

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from diffgym.commands.evaluate import FRESH_SEED_OFFSET
-from diffgym.commands.options import add_out_argument, one_line
+from diffgym.commands.options import add_out_argument, one_line, seed_number
 
 HELP = "a policy's success and return as the task's physical parameters vary (--vary mass=0.25:4:9)"
 CHECKPOINTS = ("final", "best")
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "at a time")
     parser.add_argument("--episodes", type=int, default=None,
                         help="episodes per point (default: each run's eval_episodes)")
-    parser.add_argument("--seed", type=int, default=None,
+    parser.add_argument("--seed", type=seed_number, default=None,
                         help=f"evaluation seed of every point (default: each run's seed + {FRESH_SEED_OFFSET}, "
                              "the fresh seeds of `diffgym eval`)")
     parser.add_argument("--checkpoint", choices=CHECKPOINTS, default="final",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from diffgym.commands.options import (add_budget_arguments, add_override_arguments, check_schedule_flags, one_line,
-                                      overrides)
+                                      overrides, seed_number)
 from diffgym.threads import add_threads_argument
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--algo", help="trainer plugin name (see `diffgym trainers`); required unless --config "
                                        "names it")
     parser.add_argument("--env", help="task id, e.g. DiffGym/PointMass1D-v0; required unless --config names it")
-    parser.add_argument("--seed", type=int, help=f"training seed (default: {_PER_TASK})")
+    parser.add_argument("--seed", type=seed_number, help=f"training seed (default: {_PER_TASK})")
     parser.add_argument("--num-envs", type=int, metavar="N", help=f"parallel envs (default: {_PER_TASK})")
     add_budget_arguments(parser, required=False, eval_default=_PER_TASK, budget_default=_PER_TASK)
     parser.add_argument("--eval-episodes", type=int, metavar="N",
