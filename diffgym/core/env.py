@@ -72,34 +72,42 @@ class _TensorAPI:
         """A copy of the per-env physical parameters ``step`` uses: name -> ``(batch,)`` tensor."""
         return {name: t.clone() for name, t in zip(self.sim.physical_params, self._physics)}
 
-    def set_physics(self, physics: Mapping[str, Any], mask: torch.Tensor | None = None) -> None:
+    def set_physics(self, physics: Mapping[str, Any], mask: torch.Tensor | np.ndarray | list | None = None) -> None:
         """Set the per-env physical parameters later ``step`` calls use, without a reset (e.g. a new
         episode's values right after an autoreset): ``reset``'s ``options["physics"]`` (name -> a number or
-        ``(batch,)`` values), changed only where ``mask`` (``(batch,)`` bool) is true."""
-        self._apply_physics_option({"physics": physics}, mask)
+        ``(batch,)`` values), changed only where ``mask`` (``(batch,)`` bool: a NumPy array, list or
+        tensor, like ``reset``'s ``options["reset_mask"]``) is true."""
+        if mask is not None:
+            mask = _bool_mask(mask, self._batch, self.sim.device, "set_physics's mask")
+        self._apply_physics_option({"physics": physics}, mask, given_as="set_physics's physics")
 
     def _init_physics(self) -> None:
         self._physics = tuple(self.sim.default_physics(self._batch).values())
 
-    def _apply_physics_option(self, options: dict | None, mask: torch.Tensor | None = None) -> None:
+    def _apply_physics_option(self, options: dict | None, mask: torch.Tensor | None = None,
+                              given_as: str = "options['physics']") -> None:
         """Set the per-env physics from ``options["physics"]`` (name -> a number, or ``(batch,)`` values),
-        only where ``mask`` is true. Everything is validated before anything changes."""
+        only where ``mask`` (a checked bool tensor) is true. Everything is validated before anything
+        changes; errors name the physics as the caller passed it (``given_as``)."""
         given = (options or {}).get("physics")
         if given is None:
             return
         if not isinstance(given, Mapping):
-            raise TypeError(f"options['physics'] must be a mapping of names in {self.sim.physical_params} to "
+            raise TypeError(f"{given_as} must be a mapping of names in {self.sim.physical_params} to "
                             f"values, got {type(given).__name__}")
         shape = (self._batch,)
         values: dict[str, torch.Tensor] = {}
         for name, value in given.items():
             if name not in self.sim.physical_params:
-                raise ValueError(f"options['physics'] names '{name}', which is not a physical parameter of "
+                raise ValueError(f"{given_as} names '{name}', which is not a physical parameter of "
                                  f"{type(self.sim).__name__}; expected names in {self.sim.physical_params}")
-            tensor = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else np.asarray(value),
-                                     dtype=torch.float32, device=self.sim.device)
+            array = value.detach() if isinstance(value, torch.Tensor) else np.asarray(value)
+            # strings, None and other objects become non-numeric arrays, which torch refuses without a name
+            if isinstance(array, np.ndarray) and array.dtype.kind not in "biuf":
+                raise TypeError(f"{given_as}['{name}'] must be a number or {shape} numbers, got {value!r}")
+            tensor = torch.as_tensor(array, dtype=torch.float32, device=self.sim.device)
             if tensor.shape not in ((), shape):
-                raise ValueError(f"options['physics']['{name}'] must be a number or have shape {shape}, "
+                raise ValueError(f"{given_as}['{name}'] must be a number or have shape {shape}, "
                                  f"got shape {tuple(tensor.shape)}")
             values[name] = tensor.expand(shape)
         current = dict(zip(self.sim.physical_params, self._physics))
@@ -144,6 +152,22 @@ def check_device(device: str | torch.device) -> None:
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} requested, but torch {torch.__version__} sees no CUDA GPU; "
                          "use device 'cpu'")
+
+
+def _bool_mask(mask: Any, size: int, device: torch.device | str, what: str) -> torch.Tensor:
+    """A ``(size,)`` bool mask given as a NumPy array, a list or a tensor, as a bool tensor on ``device``;
+    anything else (another shape, a non-bool dtype, which would silently index or broadcast) is a
+    one-line ``ValueError`` naming ``what``."""
+    array = mask.detach() if isinstance(mask, torch.Tensor) else np.asarray(mask) if isinstance(
+        mask, (np.ndarray, list, tuple)) else None
+    is_bool = array is not None and (array.dtype == torch.bool if isinstance(array, torch.Tensor)
+                                     else array.dtype == np.bool_)
+    if not is_bool or tuple(array.shape) != (size,):
+        got = _describe(mask) if isinstance(mask, torch.Tensor) else (
+            f"{type(mask).__name__} of dtype {array.dtype} and shape {tuple(array.shape)}" if array is not None
+            else type(mask).__name__)
+        raise ValueError(f"{what} must be a bool array, list or tensor of shape ({size},), got {got}")
+    return torch.as_tensor(array, device=device)
 
 
 def _describe(value: Any) -> str:
@@ -474,11 +498,7 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
             raise ValueError(f"seed must be an int or a list of {self.num_envs} seeds, got {len(seed)}")
         mask = torch.ones(self.num_envs, dtype=torch.bool, device=device)
         if options and "reset_mask" in options:
-            reset_mask = options["reset_mask"]
-            if not isinstance(reset_mask, np.ndarray) or reset_mask.shape != (self.num_envs,) or \
-                    reset_mask.dtype != np.bool_:
-                raise ValueError(f"options['reset_mask'] must be a bool numpy array of shape ({self.num_envs},)")
-            mask = torch.as_tensor(reset_mask, device=device)
+            mask = _bool_mask(options["reset_mask"], self.num_envs, device, "options['reset_mask']")
         if self._state is None:
             mask = torch.ones_like(mask)  # the first reset starts every env
         self._apply_physics_option(options, mask)
