@@ -1,6 +1,8 @@
 """Bad ``set_physics`` masks and non-numeric physics values are one-line errors naming what was expected
 and the API the caller used; a NumPy, list or tensor bool mask works for ``set_physics`` as for ``reset``."""
 
+from pathlib import Path
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -49,3 +51,12 @@ def test_a_non_numeric_physics_value_names_the_parameter_and_the_api(venv, value
 def test_an_unknown_name_in_set_physics_does_not_mention_options(venv):
     with pytest.raises(ValueError, match=r"^set_physics's physics names 'mas', which is not a physical parameter"):
         venv.set_physics({"mas": 1.0})
+
+
+def test_the_api_doc_reads_a_made_envs_physics_through_unwrapped():
+    env = gym.make("DiffGym/PointMass1D-v0")
+    env.reset(options={"physics": {"mass": 2.0}})
+    assert not hasattr(env, "get_physics")  # gymnasium's wrappers do not forward it
+    assert env.unwrapped.get_physics()["mass"].tolist() == [2.0]
+    doc = (Path(__file__).parents[1] / "docs" / "api.md").read_text()
+    assert "`env.unwrapped.get_physics()`" in doc and "`env.get_physics()`" not in doc
