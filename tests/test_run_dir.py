@@ -269,3 +269,12 @@ def test_a_trainer_resumes_from_the_previous_checkpoint_when_the_latest_is_corru
     # the rows up to the previous checkpoint (40) are kept; 40..80 is trained again, identically
     assert [strip(r) for r in resumed[:len(rows)]] == [strip(r) for r in rows]
     assert [r["env_steps"] for r in resumed if "eval_return" in r] == [0, 40, 80, 120]
+
+
+def test_a_mapping_emptied_or_filled_reads_as_one_change_and_a_changed_entry_by_its_dotted_key():
+    randomized, plain = {"seed": 0, "randomize": {"mass": [0.5, 2.0]}}, {"seed": 0, "randomize": {}}
+    assert run_mod.config_differences(randomized, plain) == ["randomize ({'mass': [0.5, 2.0]} -> {})"]
+    assert run_mod.config_differences(plain, randomized) == ["randomize ({} -> {'mass': [0.5, 2.0]})"]
+    wider = {"seed": 0, "randomize": {"mass": [0.5, 3.0], "friction": [0.1, 1.0]}}
+    assert run_mod.config_differences(randomized, wider) == [
+        "randomize.mass ([0.5, 2.0] -> [0.5, 3.0])", "randomize.friction ('<unset>' -> [0.1, 1.0])"]

@@ -252,12 +252,23 @@ saved before them did: a saved config without them is read as holding ``{}``."""
 def config_differences(saved: Mapping[str, Any], requested: Mapping[str, Any],
                        ignore: frozenset[str] = RESUMABLE_CHANGES) -> list[str]:
     """``"key (old -> new)"`` for every dotted config key whose value differs (top-level ``ignore`` keys
-    excepted), in the config's field order; both sides are ``TrainConfig.to_dict()`` mappings."""
-    old, new = _flatten(saved), _flatten(requested)
-    keys = list(dict.fromkeys([*new, *old]))
-    missing = "<unset>"
-    return [f"{key} ({old.get(key, missing)!r} -> {new.get(key, missing)!r})" for key in keys
-            if key.split(".")[0] not in ignore and old.get(key, missing) != new.get(key, missing)]
+    excepted), in the config's field order; both sides are ``TrainConfig.to_dict()`` mappings. A mapping
+    that is empty on one side reads as one change of the whole mapping (``randomize ({'mass': [0.5, 2.0]}
+    -> {})``); only where both sides have entries are they compared key by key (``randomize.mass ...``)."""
+    return [change for key in dict.fromkeys([*requested, *saved]) if key not in ignore
+            for change in _value_differences(key, saved.get(key, _UNSET), requested.get(key, _UNSET))]
+
+
+_UNSET = "<unset>"
+"""How a key one side of a config comparison lacks is shown."""
+
+
+def _value_differences(key: str, old: Any, new: Any) -> list[str]:
+    """:func:`config_differences` of one dotted key's values."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping) and old and new:
+        return [change for name in dict.fromkeys([*new, *old])
+                for change in _value_differences(f"{key}.{name}", old.get(name, _UNSET), new.get(name, _UNSET))]
+    return [] if old == new else [f"{key} ({old!r} -> {new!r})"]
 
 
 class Run:
@@ -498,16 +509,6 @@ def _announce(line: str) -> None:
     """A line on stdout that leaves any progress bar intact."""
     tqdm.write(line, file=sys.stdout)
     sys.stdout.flush()
-
-
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def one_line(error: BaseException) -> str:
