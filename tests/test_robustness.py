@@ -173,3 +173,21 @@ def test_what_is_not_a_run_of_a_task_with_parameters_is_refused(run, tmp_path, c
     assert "mass is given twice" in one_line_error(
         capsys, ["robustness", str(run), "--vary", "mass=0.5:2", "--vary", "mass=1:3"])
     assert not any(path.name == "robustness" for path in tmp_path.rglob("*"))
+
+
+def test_a_checkpoint_file_or_safetensors_policy_is_scored_like_its_run(run, tmp_path, capsys, monkeypatch):
+    checkpoint = sorted((run / "checkpoints").glob("step_*.pt"))[-1]
+    exported = tmp_path / "policy.safetensors"
+    assert main(["export", str(run), "--out", str(exported)]) == 0
+    scored = {}
+    for source in (run, checkpoint, exported):
+        out = tmp_path / f"out_{source.name}"
+        assert main(["robustness", str(source), "--vary", "mass=0.5:2:2", "--episodes", "4", "--out", str(out)]) == 0
+        scored[source] = json.loads((out / "robustness.json").read_text())["parameters"]["mass"]["runs"]
+    assert scored[checkpoint] == scored[run] == scored[exported]
+    capsys.readouterr()
+    monkeypatch.setattr(policy_commands, "evaluate", pytest.fail)
+    assert f"{tmp_path / 'nope.pt'} does not exist" in one_line_error(
+        capsys, ["robustness", str(tmp_path / "nope.pt"), "--vary", "mass=0.5:2"])
+    assert "--checkpoint best picks among a run directory's checkpoints" in one_line_error(
+        capsys, ["robustness", str(exported), "--vary", "mass=0.5:2", "--checkpoint", "best"])

@@ -1,6 +1,7 @@
 """``diffgym robustness``: a trained policy's success and return as the task's physical parameters vary.
 
-``diffgym robustness RUN [RUN ...] --vary PARAM=LO:HI[:N]`` scores each run's deterministic policy at N
+``diffgym robustness RUN [RUN ...] --vary PARAM=LO:HI[:N]`` scores each run's deterministic policy (a RUN
+may also be one checkpoint file or ``.safetensors`` policy, as for ``diffgym eval``) at N
 evenly spaced values of each varied parameter (one parameter at a time, the others nominal, not drawn
 from the run's ``eval_randomize``), with the value set in every env through the vector env's ``reset``
 options, the envs inside the run's ``wrappers``; several runs (seeds) are summarised by
@@ -24,7 +25,8 @@ CHECKPOINTS = ("final", "best")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dirs", nargs="+", metavar="RUN",
-                        help="run directories of one task (several, e.g. seeds, are summarised by their IQM)")
+                        help="run directories, checkpoint files or .safetensors policies of one task (several, "
+                             "e.g. seeds, are summarised by their IQM)")
     parser.add_argument("--vary", action="append", default=[], required=True, metavar="PARAM=LO:HI[:N]",
                         help="a physical parameter and the range to sweep it over, N evenly spaced values (default "
                              "N: 7; the nominal value is added when it lies inside); repeatable, one parameter "
@@ -80,8 +82,15 @@ def _runs_under_test(args: argparse.Namespace, variations) -> list:
     paths = [Path(text) for text in args.run_dirs]
     if len({path.resolve() for path in paths}) < len(paths):
         raise ValueError("a run directory is given twice; each run counts once in the IQM")
-    configs = []
+    configs, policy_files = [], {}
     for path in paths:
+        if not path.is_dir():  # a checkpoint or .safetensors policy: its config (task, wrappers) is inside it
+            if args.checkpoint == "best":
+                raise ValueError(f"{path} is one policy file; --checkpoint best picks among a run directory's "
+                                 "checkpoints: give the run directory")
+            policy_files[path] = load_policy(path)  # a missing path: "does not exist", as in `diffgym eval`
+            configs.append(policy_files[path].config)
+            continue
         if not (path / "config.yaml").is_file():
             raise FileNotFoundError(f"{path} is not a run directory: it has no config.yaml")
         try:
@@ -99,15 +108,17 @@ def _runs_under_test(args: argparse.Namespace, variations) -> list:
             check_variations(variations, physics_of[key])
     runs = []
     for path, config, key in zip(paths, configs, kwargs_keys):
-        step = None
-        if args.checkpoint == "best":
+        if path in policy_files:
+            policy = policy_files[path]
+        elif args.checkpoint == "best":
             metrics = path / "metrics.jsonl"
             milestones = evaluation_milestones(read_metrics(metrics)) if metrics.is_file() else {}
             if "best" not in milestones:
                 raise ValueError(f"{path} has no evaluations in metrics.jsonl to pick the best checkpoint by; "
                                  "use --checkpoint final")
-            step = milestones["best"]
-        policy = load_policy(path, step=step)
+            policy = load_policy(path, step=milestones["best"])
+        else:
+            policy = load_policy(path)
         episodes = args.episodes or config.eval_episodes
         if episodes > limit:
             raise ValueError(f"{path}: eval_episodes {episodes} is above {limit}; give --episodes")
@@ -117,7 +128,9 @@ def _runs_under_test(args: argparse.Namespace, variations) -> list:
 
 
 def _default_out(run_dirs: list[Path]) -> Path:
-    """``RUN/robustness`` for one run; for several, ``robustness`` in the folder that holds them all."""
-    if len(run_dirs) == 1:
-        return run_dirs[0] / "robustness"
-    return Path(os.path.commonpath([str(path.resolve()) for path in run_dirs])) / "robustness"
+    """``RUN/robustness`` for one run (a policy file's: its folder's); for several, ``robustness`` in the
+    folder that holds them all."""
+    folders = [path if path.is_dir() else path.parent for path in run_dirs]
+    if len(folders) == 1:
+        return folders[0] / "robustness"
+    return Path(os.path.commonpath([str(path.resolve()) for path in folders])) / "robustness"

@@ -169,6 +169,7 @@ class RunUnderTest:
     """A run's policy and how it is scored."""
 
     run_dir: Path
+    """The run directory, checkpoint file or ``.safetensors`` policy it was given as."""
     policy: Any
     """The :class:`diffgym.policy.Policy` of the chosen checkpoint."""
     episodes: int
