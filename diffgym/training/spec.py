@@ -315,6 +315,17 @@ def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
     return cls(**kwargs)
 
 
+_MAPPING_ENTRIES = {
+    "TrainConfig.randomize": "randomize.PARAM=[low,high] (e.g. --set randomize.mass=[0.5,2])",
+    "TrainConfig.eval_randomize": "eval_randomize.PARAM=[low,high] (e.g. --set eval_randomize.mass=[0.5,2])",
+    "TrainConfig.env_kwargs": "env_kwargs.KEY=VALUE (e.g. --set env_kwargs.mass=2)",
+    "TrainConfig.wrappers": "wrappers.NAME=VALUE (e.g. --set wrappers.action_delay=2)",
+    "TrainConfig.algo_params": "algo_params.KEY=VALUE (e.g. --param KEY=VALUE)",
+}
+"""How a mapping field's entries are written as dotted keys, for the error when one is given a non-mapping
+(``--set randomize=[0.5,2]`` reads as a range for the whole mapping)."""
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -338,7 +349,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         return tuple(_coerce(t, v, where) for t, v in zip(item_types, value))
     if origin is dict or tp is dict:
         if not isinstance(value, Mapping):
-            raise ValueError(f"{where} must be a mapping, got {value!r}")
+            entries = f", given entry by entry as {_MAPPING_ENTRIES[where]}" if where in _MAPPING_ENTRIES else ""
+            raise ValueError(f"{where} must be a mapping{entries}, got {value!r}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
