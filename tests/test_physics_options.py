@@ -29,6 +29,7 @@ def test_set_physics_takes_a_numpy_list_or_tensor_bool_mask(venv, mask):
     (torch.tensor([1, 0, 0, 1]), "torch.int64 of shape (4,) on cpu"),
     ([1, 0, 0, 1], "list of dtype int64 and shape (4,)"),
     ("yes", "str"),
+    ([[True], [False, True], [True], [True]], "list"),  # ragged: NumPy cannot make an array of it
 ])
 def test_set_physics_refuses_a_bad_mask_in_one_line(venv, mask, got):
     before = venv.get_physics()["mass"].clone()

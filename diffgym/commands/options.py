@@ -59,13 +59,9 @@ def count(text: str) -> int:
 
 def seed_number(text: str) -> int:
     """A seed: a whole number >= 0 (gymnasium and NumPy refuse negative ones, deep inside a run)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
+    if not text.strip().isdecimal():  # also refuses "-1" and "1.5"
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
+    return int(text)
 
 
 def parse_value(text: str) -> Any:

@@ -3,6 +3,7 @@ for all N envs). Both expose the tensor API ``get_state`` / ``set_state`` / ``di
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, ClassVar, Mapping
 
@@ -158,8 +159,12 @@ def _bool_mask(mask: Any, size: int, device: torch.device | str, what: str) -> t
     """A ``(size,)`` bool mask given as a NumPy array, a list or a tensor, as a bool tensor on ``device``;
     anything else (another shape, a non-bool dtype, which would silently index or broadcast) is a
     one-line ``ValueError`` naming ``what``."""
-    array = mask.detach() if isinstance(mask, torch.Tensor) else np.asarray(mask) if isinstance(
-        mask, (np.ndarray, list, tuple)) else None
+    array = None
+    if isinstance(mask, torch.Tensor):
+        array = mask.detach()
+    elif isinstance(mask, (np.ndarray, list, tuple)):
+        with contextlib.suppress(ValueError):  # a ragged list: refused below as not a (size,) array
+            array = np.asarray(mask)
     is_bool = array is not None and (array.dtype == torch.bool if isinstance(array, torch.Tensor)
                                      else array.dtype == np.bool_)
     if not is_bool or tuple(array.shape) != (size,):
