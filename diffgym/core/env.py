@@ -20,6 +20,7 @@ from diffgym.core.bridge import debug_outputs_enabled, record_launch
 from diffgym.core.multistep import RolloutOutput
 from diffgym.core.sim import DiffSim, StepOutput
 from diffgym.core.state import SimState
+from diffgym.core.tensor_checks import describe_value
 
 _SEED_MASK = 0x7FFFFFFF  # Warp's RNG takes int32 seeds
 
@@ -168,18 +169,11 @@ def _bool_mask(mask: Any, size: int, device: torch.device | str, what: str) -> t
     is_bool = array is not None and (array.dtype == torch.bool if isinstance(array, torch.Tensor)
                                      else array.dtype == np.bool_)
     if not is_bool or tuple(array.shape) != (size,):
-        got = _describe(mask) if isinstance(mask, torch.Tensor) else (
+        got = describe_value(mask) if isinstance(mask, torch.Tensor) else (
             f"{type(mask).__name__} of dtype {array.dtype} and shape {tuple(array.shape)}" if array is not None
             else type(mask).__name__)
         raise ValueError(f"{what} must be a bool array, list or tensor of shape ({size},), got {got}")
     return torch.as_tensor(array, device=device)
-
-
-def _describe(value: Any) -> str:
-    """What a bad tensor argument was, for a one-line error."""
-    if isinstance(value, torch.Tensor):
-        return f"{value.dtype} of shape {tuple(value.shape)} on {value.device}"
-    return type(value).__name__
 
 
 def _spaces(sim: DiffSim) -> tuple[spaces.Box, spaces.Box]:
@@ -543,12 +537,12 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
         if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.shape == (self.num_envs,)
                 and mask.device == device):
             raise ValueError(f"mask must be a torch.bool tensor of shape ({self.num_envs},) on {device}, got "
-                             f"{_describe(mask)}")
+                             f"{describe_value(mask)}")
         if seeds is not None:
             if not (isinstance(seeds, torch.Tensor) and not seeds.is_floating_point() and not seeds.is_complex()
                     and seeds.dtype != torch.bool and seeds.shape == (self.num_envs,)):
                 raise ValueError(f"seeds must be an integer tensor of shape ({self.num_envs},), got "
-                                 f"{_describe(seeds)}")
+                                 f"{describe_value(seeds)}")
             seeds = (seeds.to(device=device, dtype=torch.int64) & _SEED_MASK).to(torch.int32)
         return self._restart(state, mask, seeds)
 
@@ -637,7 +631,7 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
         for key, dtype in expected.items():
             value = saved[key]
             if not (isinstance(value, torch.Tensor) and value.dtype == dtype and value.shape == (n,)):
-                raise ValueError(f"saved['{key}'] must be a {dtype} tensor of shape ({n},), got {_describe(value)}")
+                raise ValueError(f"saved['{key}'] must be a {dtype} tensor of shape ({n},), got {describe_value(value)}")
         fields = self.sim.state_type.field_names()
         if len(saved["state"]) != len(fields):
             raise ValueError(f"saved['state'] must hold one tensor per field of {self.sim.state_type.__name__} "

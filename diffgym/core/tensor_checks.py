@@ -34,3 +34,10 @@ def check_float32(value: Any, name: str, shape: tuple[int | str, ...], axes: str
         bad = [tuple(i) for i in (~finite).nonzero().tolist()[:8]]
         raise ValueError(f"{name} contains NaN or Inf at {axes} {bad}; it must be finite")
     return value
+
+
+def describe_value(value: Any) -> str:
+    """What a bad tensor argument was, for a one-line error."""
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} of shape {tuple(value.shape)} on {value.device}"
+    return type(value).__name__

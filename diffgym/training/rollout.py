@@ -21,7 +21,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from diffgym.core.env import DiffGymVectorEnv, _describe
+from diffgym.core.env import DiffGymVectorEnv
+from diffgym.core.tensor_checks import describe_value
 from diffgym.core.sim import StepOutput
 from diffgym.core.state import SimState
 from diffgym.training.evaluation import evaluate_config, train_env_seed
@@ -152,7 +153,7 @@ class EnvBatch:
         for key, current in now.items():
             if not _like(saved[key], current):
                 raise ValueError(f"the saved envs' {key} must be a {current.dtype} tensor of shape "
-                                 f"{tuple(current.shape)}, got {_describe(saved[key])}")
+                                 f"{tuple(current.shape)}, got {describe_value(saved[key])}")
         check_generator_state(self.seeds, saved["seeds"], "the saved envs' seeds")
         if self.randomizer is not None:
             self.randomizer.check_saved_envs(saved)
