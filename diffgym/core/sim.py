@@ -88,6 +88,8 @@ class DiffSim:
     physics_bounds: ClassVar[dict[str, tuple[float, float]]] = {}
     """The valid range ``[low, high]`` of each physical parameter, checked by ``check_physics`` (values
     must also be finite); the task documents why the dynamics stay finite inside it."""
+    physics_units: ClassVar[dict[str, str]] = {}
+    """Each physical parameter's unit, for messages (a name without one is written bare)."""
 
     params: Any
     """The ``wp.struct`` of constants passed to every kernel; set by the subclass's ``__init__``."""
@@ -277,6 +279,15 @@ class DiffSim:
             tensors.append(value)
         self._check_physics_domain(dict(zip(self.physical_params, tensors)))
         return tuple(tensors)
+
+    def check_default_physics(self, **defaults: float) -> None:
+        """A one-line ``ValueError`` unless every constructor default (name=value) lies inside its
+        ``physics_bounds`` (NaN refused): the default is what a per-env value falls back to."""
+        for name, value in defaults.items():
+            low, high = self.physics_bounds[name]
+            if not low <= value <= high:
+                unit = self.physics_units.get(name)
+                raise ValueError(f"{name} must lie in [{low:g}, {high:g}]{' ' + unit if unit else ''}, got {value!r}")
 
     def _check_physics_domain(self, physics: Mapping[str, torch.Tensor]) -> None:
         """Finite values inside ``physics_bounds``, with one line naming the parameter and the first bad env."""

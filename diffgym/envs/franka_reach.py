@@ -243,9 +243,7 @@ class FrankaReach(DiffSim):
                 raise ValueError(f"{name} must be positive, got {value}")
         if not reset_noise >= 0:
             raise ValueError(f"reset_noise must be >= 0, got {reset_noise}")
-        low, high = self.physics_bounds["velocity_gain"]
-        if not low <= velocity_gain <= high:
-            raise ValueError(f"velocity_gain must lie in [{low:g}, {high:g}], got {velocity_gain!r}")
+        self.check_default_physics(velocity_gain=velocity_gain)
         self.distance_threshold = float(distance_threshold)
         self.velocity_scale = float(velocity_scale)
         self.params = FrankaReachParams()

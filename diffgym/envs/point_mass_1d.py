@@ -132,6 +132,7 @@ class PointMass1D(DiffSim):
     # Down to 1 g a full push changes the speed by at most 50 m/s per step, so an episode's states stay
     # far inside state_bounds and its rewards finite; above 1 t a push barely moves the mass at all.
     physics_bounds = {"mass": (1.0e-3, 1.0e3)}
+    physics_units = {"mass": "kg"}
     # Far beyond any reachable state (1e9 m takes ~9e5 steps at full force) and small enough that the
     # squared error in the reward stays finite in float32.
     state_bounds = {"x": 1.0e9, "v": 1.0e9, "goal": 1.0e9}
@@ -140,9 +141,7 @@ class PointMass1D(DiffSim):
                  action_cost: float = 0.01, success_distance: float = 0.05, success_speed: float = 0.1,
                  mass: float = 1.0):
         super().__init__(device, max_episode_steps)
-        low, high = self.physics_bounds["mass"]
-        if not low <= mass <= high:
-            raise ValueError(f"mass must lie in [{low:g}, {high:g}] kg, got {mass!r}")
+        self.check_default_physics(mass=mass)
         self.params = PointMass1DParams()
         self.params.dt = self.dt
         self.params.mass = mass

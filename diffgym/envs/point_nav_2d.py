@@ -558,6 +558,7 @@ class PointNav2D(DiffSim):
     state_bounds = {"pos": POSITION_BOUND, "vel": VELOCITY_BOUND, "goal": POSITION_BOUND}
     physical_params = ("mass", "drag")
     physics_bounds = {"mass": MASS_RANGE, "drag": DRAG_RANGE}
+    physics_units = {"mass": "kg", "drag": "N s/m"}
     straight_through_step_kernel = _pre_contact_step_kernel(straight_through_outputs=True)
     """The step kernel of a sim built with ``contact_gradient_distance > 0`` (``diffgym.envs.pre_contact``)."""
     surrogate_step_kernel = _pre_contact_step_kernel(straight_through_outputs=False)
@@ -573,11 +574,7 @@ class PointNav2D(DiffSim):
                              f"{contact_smoothing} and {success_distance}")
         if penetration_weight < 0:
             raise ValueError(f"penetration_weight must be non-negative, got {penetration_weight}")
-        # the defaults of the per-env physical parameters must lie where a per-env value may
-        for name, value, unit in (("mass", mass, "kg"), ("drag", drag, "N s/m")):
-            low, high = self.physics_bounds[name]
-            if not low <= value <= high:
-                raise ValueError(f"{name} must lie in [{low:g}, {high:g}] {unit}, got {value!r}")
+        self.check_default_physics(mass=mass, drag=drag)
         self.params = PointNav2DParams()
         self.params.dt = self.dt
         self.params.mass = mass

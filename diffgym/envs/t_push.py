@@ -935,6 +935,7 @@ class TPush(DiffSim):
     """The surrogate step in the forward pass too: for tests only (``pre_contact.surrogate_forward``)."""
     physical_params = ("block_mass", "contact_friction", "table_friction", "contact_stiffness")
     physics_bounds = PHYSICS_BOUNDS
+    physics_units = PHYSICS_UNITS
 
     def __init__(self, device: str = "cpu", max_episode_steps: int | None = None, *,
                  max_speed: float = 0.5, servo_gain: float = 40.0, pusher_mass: float = 0.2,
@@ -947,11 +948,8 @@ class TPush(DiffSim):
         contact_gradient_distance = check_contact_gradient_distance(contact_gradient_distance)
         if not MIN_START_SPREAD <= start_spread <= 1.0:
             raise ValueError(f"start_spread must be in [{MIN_START_SPREAD}, 1], got {start_spread}")
-        for name, value in (("block_mass", block_mass), ("contact_friction", contact_friction),
-                            ("table_friction", table_friction), ("contact_stiffness", contact_stiffness)):
-            low, high = PHYSICS_BOUNDS[name]
-            if not low <= value <= high:  # also refuses NaN
-                raise ValueError(f"{name} must lie in [{low:g}, {high:g}] {PHYSICS_UNITS[name]}, got {value!r}")
+        self.check_default_physics(block_mass=block_mass, contact_friction=contact_friction,
+                                   table_friction=table_friction, contact_stiffness=contact_stiffness)
         for name, value in (("max_speed", max_speed), ("servo_gain", servo_gain), ("pusher_mass", pusher_mass),
                             ("contact_smoothing", contact_smoothing),
                             ("corner_smoothing", corner_smoothing), ("friction_smoothing", friction_smoothing),
