@@ -34,7 +34,7 @@ import os
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 from weakref import WeakKeyDictionary
 
 import torch
@@ -371,3 +371,30 @@ def record_launch(kernel, dim: int, inputs: Sequence[torch.Tensor], params: Sequ
         outputs=[wp.from_torch(t, dtype=arg_types[first_out + j].dtype, requires_grad=False)
                  for j, t in enumerate(outputs)],
     )
+
+
+class Replay:
+    """The launches ``record()`` makes, run again on the same arrays at each call.
+
+    On the CPU they are captured once as a Warp graph that ``wp.capture_launch`` replays in one call into
+    Warp's C++, instead of a launch each through Python, whose argument packing is most of a small kernel's
+    cost (a FrankaReach step and its info kernel: ~3 us replayed against ~20 us launched; a Newton control
+    step's ~450 launches: ~25 us each; docs/benchmarks.md). The capture records without running, so
+    ``record`` must not read back what it computes, and a replay reads the arrays' current contents, like
+    the launches. Warp's CPU capture is process-global: a Warp CPU launch from another thread during the
+    capture would be recorded instead of run. With ``capture`` false (where the caller's launches cannot be
+    captured) ``record()`` itself runs at every call: the same launches in the same order, from Python."""
+
+    def __init__(self, device: Any, record: Callable[[], Any], capture: bool = True):
+        self._record = record
+        self._graph = None
+        if capture:
+            with wp.ScopedCapture(device=device) as capture:
+                record()
+            self._graph = capture.graph
+
+    def __call__(self) -> None:
+        if self._graph is None:
+            self._record()
+        else:
+            wp.capture_launch(self._graph)

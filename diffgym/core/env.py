@@ -16,7 +16,7 @@ from gymnasium.envs.registration import EnvSpec
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from diffgym.core.bridge import debug_outputs_enabled, record_launch
+from diffgym.core.bridge import Replay, debug_outputs_enabled, record_launch
 from diffgym.core.multistep import RolloutOutput
 from diffgym.core.sim import DiffSim, StepOutput
 from diffgym.core.state import SimState
@@ -198,20 +198,9 @@ def _row(observations: np.ndarray | dict[str, np.ndarray], index: int) -> np.nda
     return observations[index]
 
 
-def _cpu_graph(launches: list[wp.Launch]) -> wp.Graph:
-    """A Warp CPU graph of ``launches``, replayed in order by one ``wp.capture_launch``: one call into
-    Warp's C++ instead of a ``Launch.launch()`` each, whose ctypes argument packing is most of a small
-    kernel's cost (a FrankaReach step and its info kernel: ~3 us replayed against ~20 us launched, on the
-    2-core VM under load). Capturing only records (nothing runs), and a replay reads the buffers' current
-    contents, like the launches. Warp's CPU capture is process-global: a Warp CPU launch from another
-    thread during these few microseconds would be recorded here instead of run."""
-    wp.capture_begin(device="cpu")
-    try:
-        for launch in launches:
-            launch.launch()
-    finally:
-        graph = wp.capture_end(device="cpu")
-    return graph
+def _replay(launches: list[wp.Launch]) -> Replay:
+    """``launches`` replayed in order as one CPU graph (the fast path runs on the CPU only)."""
+    return Replay("cpu", lambda: [launch.launch() for launch in launches])
 
 
 class _FastPath:
@@ -256,8 +245,8 @@ class _FastPath:
         self.info_np = {name: t.numpy() for name, t in self.info.items()}
         self.info_launches = [record_launch(sim.info_kernel, 1, [*state.tensors(), self.obs, self.reward], params,
                                             list(self.info.values())) for state in self.states] if self.info else []
-        self.reset_graphs = [_cpu_graph([self.reset_launches[k], self.observe_launches[k]]) for k in (0, 1)]
-        self.step_graphs = [_cpu_graph([self.step_launches[k], *self.info_launches[1 - k:2 - k]]) for k in (0, 1)]
+        self.reset_replays = [_replay([self.reset_launches[k], self.observe_launches[k]]) for k in (0, 1)]
+        self.step_replays = [_replay([self.step_launches[k], *self.info_launches[1 - k:2 - k]]) for k in (0, 1)]
         self.current = 0  # index of the buffer set holding the env's state
 
     @property
@@ -273,13 +262,13 @@ class _FastPath:
         """Reset the current buffers from RNG stream ``(seed, episode)`` and observe them into ``obs``."""
         self.seed.copy_(seed)
         self.episode.copy_(episode)
-        wp.capture_launch(self.reset_graphs[self.current])
+        self.reset_replays[self.current]()
 
     def step(self, action: np.ndarray) -> None:
         """Clip ``action`` (validated by the caller) into the action buffer and step into the other buffers."""
         np.copyto(self.action_np, action.reshape(self.action_np.shape), casting="unsafe")
         np.clip(self.action_np, -1.0, 1.0, out=self.action_np)
-        wp.capture_launch(self.step_graphs[self.current])  # the step, then the info kernel on its outputs
+        self.step_replays[self.current]()  # the step, then the info kernel on its outputs
         self.current = 1 - self.current
 
     def info_values(self) -> dict[str, Any]:

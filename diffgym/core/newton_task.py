@@ -18,7 +18,7 @@ Reset and observation are kernels as in a kernel task, and validation, ``info`` 
 Gradients. With autograd recording, step 2 is one ``torch.autograd.Function`` (:class:`_NewtonDynamics`)
 replaying the batch size's :class:`_TapedStep`: the substeps recorded once on a ``wp.Tape`` over fixed
 buffers and, on the CPU, captured as Warp graphs (forward, gradient zeroing, backward; on CUDA the same
-launches are issued again from Python, :class:`_Replay`), so a CPU step costs no Python per kernel launch,
+launches are issued again from Python, :class:`Replay`), so a CPU step costs no Python per kernel launch,
 and no step any model, solver or state construction or a host sync (it was ~450 ``wp.launch`` calls,
 21 states and 10 solvers built per step: docs/benchmarks.md has the before and after). The rules hold:
 
@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 import torch
 import warp as wp
 
-from diffgym.core.bridge import Out, warp_call, warp_device
+from diffgym.core.bridge import Out, Replay, warp_call, warp_device
 from diffgym.core.contract import FieldSpec, check_newton_sim_class
 from diffgym.core.newton_sim import require_newton
 from diffgym.core.sim import DiffSim, StepOutput
@@ -92,7 +92,7 @@ class NewtonSim(DiffSim):
         require_newton()  # one line saying how to install it, before anything else can fail
         super().__init__(device, max_episode_steps)
         self._models: dict[int, newton.Model] = {}
-        # per batch size, the control step replayed on fixed buffers (taped, and forward only; :class:`_Replay`)
+        # per batch size, the control step replayed on fixed buffers (taped, and forward only; :class:`Replay`)
         self._taped: dict[int, _TapedStep] = {}
         self._forward_only: dict[int, _ForwardOnlyStep] = {}
 
@@ -157,33 +157,14 @@ def _captures_graphs(device: Any) -> bool:
     return not device.is_cuda
 
 
-class _Replay:
-    """The launches ``record()`` makes, run again on the same arrays at each call.
-
-    On the CPU they are captured once as a Warp graph that ``wp.capture_launch`` replays without Python:
-    a launch through ``wp.launch`` costs ~25 us of argument packing on this 2-core CPU and a step has ~450
-    of them (docs/benchmarks.md). The capture records without running, so ``record`` must not read back
-    what it computes. On CUDA (:func:`_captures_graphs`) ``record()`` itself runs at every call: the
-    same launches in the same order, issued from Python (untested: no GPU here)."""
-
-    def __init__(self, device: Any, record: Callable[[], Any]):
-        self._record = record
-        self._graph = None
-        if _captures_graphs(device):
-            with wp.ScopedCapture(device=device) as capture:
-                record()
-            self._graph = capture.graph
-
-    def __call__(self) -> None:
-        if self._graph is None:
-            self._record()
-        else:
-            wp.capture_launch(self._graph)
+def _replay(device: Any, record: Callable[[], Any]) -> Replay:
+    """``record``'s launches replayed on ``device``: from a graph where :func:`_captures_graphs`."""
+    return Replay(device, record, capture=_captures_graphs(device))
 
 
 class _ForwardOnlyStep:
     """The untaped control step of one batch size (``torch.no_grad()``, ``env.step``, PPO): one cached
-    solver and two states used in turn, replayed (:class:`_Replay`: a graph on the CPU). Nothing is
+    solver and two states used in turn, replayed (:class:`Replay`: a graph on the CPU). Nothing is
     recorded, so reusing them breaks no gradient rule."""
 
     def __init__(self, sim: NewtonSim, model: "newton.Model"):
@@ -204,7 +185,7 @@ class _ForwardOnlyStep:
                     solver.step(states[k % 2], states[1 - k % 2], control, None, sim.dt / sim.substeps)
 
             substeps()  # outside the capture: loads the kernels and allocates the solver's buffers
-            self.replay = _Replay(model.device, substeps)
+            self.replay = _replay(model.device, substeps)
             self.final = states[sim.substeps % 2]
             self._alive = (solver, states, control)  # what the graph writes through must outlive it
 
@@ -231,7 +212,7 @@ def _copy_joint_state(q: wp.array(dtype=wp.float32), qd: wp.array(dtype=wp.float
 class _TapedStep:
     """The recorded control step of one batch size: ``substeps`` Featherstone substeps on fixed buffers
     (a fresh input and output state and a solver of its own per substep, as :func:`simulate` lays them out)
-    recorded once on a ``wp.Tape``, then replayed as three :class:`_Replay` (Warp graphs on the CPU): the
+    recorded once on a ``wp.Tape``, then replayed as three :class:`Replay` (Warp graphs on the CPU): the
     forward, the zeroing of every gradient the backward accumulates into (the tape's arrays, the model's,
     the inputs'), and the backward, made of the tape's adjoint launches recorded one by one
     (``wp.launch(..., adjoint=True, record_cmd=True)``): a graph captured from ``tape.backward`` itself
@@ -281,10 +262,10 @@ class _TapedStep:
             self.tape = wp.Tape()
             forward(self.tape)
             # the same launches on the same arrays, replayed (the tape of each run is dropped)
-            self.forward_replay = _Replay(model.device, lambda: forward(wp.Tape()))
+            self.forward_replay = _replay(model.device, lambda: forward(wp.Tape()))
             self.outputs = (states[-1].joint_q, states[-1].joint_qd)
             adjoints = [_recorded_adjoint(self.tape, entry) for entry in reversed(self.tape.launches)]
-            self.backward_replay = _Replay(model.device, lambda: [launch.launch() for launch in adjoints])
+            self.backward_replay = _replay(model.device, lambda: [launch.launch() for launch in adjoints])
 
             def zero_gradients() -> None:
                 self.tape.zero()  # every gradient the adjoint launches above read or write
@@ -292,7 +273,7 @@ class _TapedStep:
                 for array in self.inputs:
                     array.grad.zero_()
 
-            self.zero_replay = _Replay(model.device, zero_gradients)
+            self.zero_replay = _replay(model.device, zero_gradients)
 
     def forward(self, owner: object, joint_q: torch.Tensor, joint_qd: torch.Tensor, joint_f: torch.Tensor) -> None:
         """Run the step on these inputs, its intermediates kept for ``owner``'s backward."""
