@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo demo-open-loop test test-slow bench bench-overhead bench-peers gpu-check clean
+.PHONY: install demo demo-open-loop results test test-slow bench bench-overhead bench-peers gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ demo: install
 
 demo-open-loop: install
 	$(PY) -m diffgym.demos.open_loop $(DEMO_OPEN_LOOP_ARGS)
+
+# Every learning-curve table and plot of docs/results.md from docs/results/experiments.yml: trains the runs
+# that are missing (hours on 2 cores; resumable), rewrites the reports. RESULTS_ARGS: experiment names,
+# --list, --runner ray, --workers N (docs/results.md, "Reproducing").
+results: install
+	$(VENV)/bin/diffgym results $(RESULTS_ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

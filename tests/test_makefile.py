@@ -114,6 +114,13 @@ def test_demo_runs_in_a_tiny_budget(tmp_path):
     assert "| apg | " in report and "| ppo | " in report
 
 
+@checks("results")
+def test_results_lists_the_manifest_s_experiments():
+    done = make("results", "RESULTS_ARGS=--list")
+    assert done.returncode == 0, done.stderr
+    assert "reuse_PointMass1D (DiffGym/PointMass1D-v0) -> " in done.stdout and "'apg, reuse.epochs=4': apg" in done.stdout
+
+
 @checks("demo-open-loop")
 def test_demo_open_loop_runs(tmp_path):
     done = make("demo-open-loop", "DEMO_OPEN_LOOP_ARGS=--iterations 2 --num-envs 2")

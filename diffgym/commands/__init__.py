@@ -22,6 +22,7 @@ COMMANDS = {
     "robustness": "robustness",
     "compare": "compare",
     "ablate": "ablate",
+    "results": "results",
     "tune": "tune",
     "grad-stats": "grad_stats",
     "feasibility": "feasibility",

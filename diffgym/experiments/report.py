@@ -82,11 +82,21 @@ def iqm_with_ci(scores: dict[str, np.ndarray], reps: int = 2000, seed: int = 0):
         # rliable's IQM (25 % trimmed mean over runs) of each column, vectorized over columns
         return trim_mean(matrix, proportiontocut=0.25, axis=0)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # arch's RandomState deprecation, inside rliable
-        point, interval = rly.get_interval_estimates(scores, per_column, reps=reps,
-                                                     random_state=np.random.RandomState(seed))
-    return {k: (point[k], interval[k][0], interval[k][1]) for k in scores}
+    # rliable's stratified bootstrap draws its resamples from numpy's global generator (its random_state
+    # reaches only arch's unused one), so the global generator is seeded here, afresh for each label so that
+    # a label's interval does not depend on the others in the report, and restored afterwards.
+    saved = np.random.get_state()
+    results = {}
+    try:
+        for label, matrix in scores.items():
+            np.random.seed(seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # arch's RandomState deprecation, inside rliable
+                point, interval = rly.get_interval_estimates({label: matrix}, per_column, reps=reps)
+            results[label] = (point[label], interval[label][0], interval[label][1])
+    finally:
+        np.random.set_state(saved)
+    return results
 
 
 def curves(groups: dict[str, list[RunRecord]], axis: str, metric: str, num_points: int = 40, log: bool = False):

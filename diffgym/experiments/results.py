@@ -1,0 +1,278 @@
+"""``diffgym results``: every learning-curve table and plot of ``docs/results.md`` from one manifest.
+
+A results manifest (YAML; the project's is ``docs/results/experiments.yml``) names experiments. Each is
+a set of labelled groups of training runs on one task (a trainer, its budget and overrides, over the
+experiment's seeds, all on one evaluation schedule) and the report drawn from them: curves against env
+steps and gradient steps, the threshold table with per-seed costs and the baseline/contender ratios
+(:func:`diffgym.experiments.report.write_report`). ``run_experiments`` trains what is missing through a
+sweep runner (local processes or Ray; finished runs are reused, interrupted ones resume), writes each
+report into the manifest's folder and, where a Markdown document carries the experiment's markers,
+replaces the table between them::
+
+    <!-- results: reuse_PointMass1D -->
+    ...the threshold table, rewritten by every `diffgym results` run...
+    <!-- /results: reuse_PointMass1D -->
+
+Run directories live under ``runs_dir/<experiment>/<group>__s<seed>``; one made with another config than
+the manifest now asks for is refused (naming the fields) rather than silently reported under a new label.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from diffgym.experiments.report import SUCCESS_THRESHOLD, write_report
+from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
+from diffgym.experiments.training_runs import reuse_plan
+from diffgym.plugins import resolve_config
+from diffgym.training.spec import TrainConfig
+
+EXPERIMENT_KEYS = {"title", "env", "seeds", "eval_every", "groups", "report_dir", "baseline", "contender",
+                   "log_x", "threshold", "set"}
+GROUP_KEYS = {"label", "algo", "env_steps", "set", "seeds", "eval_every"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Runs of one trainer setting: ``algo`` with ``overrides`` (dotted config keys) for ``env_steps``,
+    evaluated every ``eval_every`` env steps (the experiment's unless the group names its own)."""
+
+    label: str
+    algo: str
+    env_steps: int
+    overrides: Mapping[str, Any]
+    seeds: tuple[int, ...]
+    eval_every: int
+
+    @property
+    def slug(self) -> str:
+        """The label as a run-directory name."""
+        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", self.label).strip("_")
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """One report: ``groups`` on task ``env``."""
+
+    name: str
+    title: str
+    env: str
+    groups: tuple[Group, ...]
+    report_dir: Path
+    baseline: str | None = None
+    contender: str | None = None
+    log_x: bool = False
+    threshold: float = SUCCESS_THRESHOLD
+
+    def configs(self, runs_dir: str | Path) -> list[TrainConfig]:
+        """Every run as a config: each group's trainer defaults for the task, its overrides, the seed, its
+        budget and its evaluation interval."""
+        configs = []
+        for item in self.groups:
+            for seed in item.seeds:
+                configs.append(resolve_config(item.algo, self.env, {
+                    **item.overrides, "seed": seed, "total_env_steps": item.env_steps,
+                    "eval_every_env_steps": item.eval_every,
+                    "run_dir": str(Path(runs_dir) / self.name / f"{item.slug}__s{seed}")}))
+        return configs
+
+    def labels(self, configs: Sequence[TrainConfig]) -> dict[str, str]:
+        """Run directory name -> its group's label, for the configs of :meth:`configs`."""
+        names = iter(Path(c.run_dir).name for c in configs)
+        return {next(names): item.label for item in self.groups for _ in item.seeds}
+
+
+def _fail(where: str, message: str) -> ValueError:
+    return ValueError(f"{where}: {message}")
+
+
+def _positive_int(value: Any, where: str, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value <= 0:
+        raise _fail(where, f"{key} must be a positive whole number, got {value!r}")
+    return int(value)
+
+
+def _seeds(value: Any, where: str) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return tuple(range(value))  # a count: seeds 0..S-1, as compare and ablate take them
+    if (isinstance(value, list) and value and len(set(value)) == len(value)
+            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value)):
+        return tuple(value)
+    raise _fail(where, f"seeds must be a positive count or a list of distinct seeds >= 0, got {value!r}")
+
+
+def _overrides(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise _fail(where, f"set must map dotted config keys to values, e.g. {{algo_params.reuse.epochs: 4}}, "
+                           f"got {value!r}")
+    return dict(value)
+
+
+def parse_experiment(name: str, entry: Any, folder: Path) -> Experiment:
+    """One manifest entry, with a one-line ``ValueError`` naming the experiment and the key at fault."""
+    where = f"experiment {name!r}"
+    if not _NAME.match(name):
+        raise _fail(where, "names are letters, digits, '_', '-' and '.', starting with a letter or digit")
+    if not isinstance(entry, dict):
+        raise _fail(where, f"expected a mapping of {sorted(EXPERIMENT_KEYS)}, got {type(entry).__name__}")
+    unknown = sorted(set(entry) - EXPERIMENT_KEYS)
+    missing = sorted({"env", "seeds", "eval_every", "groups"} - set(entry))
+    if unknown or missing:
+        raise _fail(where, f"unknown key {unknown[0]!r} (expected {sorted(EXPERIMENT_KEYS)})" if unknown
+                    else f"missing key {missing[0]!r}")
+    seeds = _seeds(entry["seeds"], where)
+    eval_every = _positive_int(entry["eval_every"], where, "eval_every")
+    shared = _overrides(entry.get("set"), where)
+    if not isinstance(entry["groups"], list) or not entry["groups"]:
+        raise _fail(where, "groups must be a non-empty list of {label, algo, env_steps[, set, seeds]}")
+    groups = []
+    for index, item in enumerate(entry["groups"]):
+        at = f"{where}, group {index + 1}"
+        if not isinstance(item, dict):
+            raise _fail(at, f"expected a mapping of {sorted(GROUP_KEYS)}, got {item!r}")
+        unknown = sorted(set(item) - GROUP_KEYS)
+        missing = sorted({"label", "algo", "env_steps"} - set(item))
+        if unknown or missing:
+            raise _fail(at, f"unknown key {unknown[0]!r} (expected {sorted(GROUP_KEYS)})" if unknown
+                        else f"missing key {missing[0]!r}")
+        if not isinstance(item["label"], str) or not item["label"].strip():
+            raise _fail(at, f"label must be a non-empty string, got {item['label']!r}")
+        groups.append(Group(item["label"], str(item["algo"]), _positive_int(item["env_steps"], at, "env_steps"),
+                            {**shared, **_overrides(item.get("set"), at)},
+                            _seeds(item["seeds"], at) if "seeds" in item else seeds,
+                            _positive_int(item["eval_every"], at, "eval_every") if "eval_every" in item else eval_every))
+    labels = [g.label for g in groups]
+    slugs = [g.slug for g in groups]
+    if len(set(labels)) != len(labels) or len(set(slugs)) != len(slugs):
+        raise _fail(where, f"group labels must differ (also as directory names), got {labels}")
+    for role in ("baseline", "contender"):
+        if entry.get(role) is not None and entry[role] not in labels:
+            raise _fail(where, f"{role} {entry[role]!r} is not one of the group labels {labels}")
+    threshold = entry.get("threshold", SUCCESS_THRESHOLD)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        raise _fail(where, f"threshold must be a success rate in (0, 1], got {threshold!r}")
+    report_dir = entry.get("report_dir", name)
+    if not isinstance(report_dir, str) or Path(report_dir).is_absolute() or ".." in Path(report_dir).parts:
+        raise _fail(where, f"report_dir must be a relative path inside the manifest's folder, got {report_dir!r}")
+    return Experiment(name, str(entry.get("title") or name), str(entry["env"]), tuple(groups), folder / report_dir,
+                      entry.get("baseline"), entry.get("contender"), bool(entry.get("log_x", False)), float(threshold))
+
+
+def load_manifest(path: str | Path) -> dict[str, Experiment]:
+    """The manifest's experiments by name, in file order; reports go to paths relative to its folder."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read the manifest ({error.strerror or error})") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("experiments"), dict) or not data["experiments"]:
+        raise ValueError(f"{path}: expected a top-level 'experiments:' mapping of names to experiments")
+    return {str(name): parse_experiment(str(name), entry, path.parent) for name, entry in data["experiments"].items()}
+
+
+def select(experiments: Mapping[str, Experiment], names: Sequence[str]) -> list[Experiment]:
+    """The named experiments (all when ``names`` is empty), with a one-line error for an unknown name."""
+    for name in names:
+        if name not in experiments:
+            raise ValueError(f"no experiment {name!r} in the manifest (it has {', '.join(experiments)})")
+    return [experiments[n] for n in names] if names else list(experiments.values())
+
+
+def config_changes(configs: Sequence[TrainConfig]) -> list[tuple[str, list[str]]]:
+    """``(run directory, [fields])`` for each existing run whose saved config differs from the one asked
+    for in anything but its budget and evaluation schedule (which ``reuse_plan`` judges)."""
+    ignored = {"run_dir", "total_env_steps", "eval_every_env_steps", "eval_schedule", "eval_first_env_steps",
+               "eval_growth", "eval_episodes"}
+    changed = []
+    for config in configs:
+        saved_path = Path(config.run_dir) / "config.yaml"
+        if not saved_path.exists():
+            continue
+        saved, wanted = TrainConfig.load(saved_path).to_dict(), config.to_dict()
+        fields = sorted(_differences(saved, wanted, "", ignored))
+        if fields:
+            changed.append((str(config.run_dir), fields))
+    return changed
+
+
+def _differences(saved: Any, wanted: Any, prefix: str, ignored: set[str]) -> list[str]:
+    """Dotted keys whose values differ. A key the saved config lacks is a setting added after that run was
+    made: settings are added with the default that keeps the earlier behaviour, so it is not a difference."""
+    if isinstance(saved, dict) and isinstance(wanted, dict):
+        out = []
+        for key in sorted(saved):
+            dotted = f"{prefix}{key}"
+            if dotted not in ignored:
+                out += _differences(saved[key], wanted.get(key), f"{dotted}.", ignored)
+        return out
+    return [] if saved == wanted else [prefix.rstrip(".")]
+
+
+def check_runs(experiment: Experiment, configs: Sequence[TrainConfig], extend: bool = False) -> str:
+    """What the experiment's existing run directories reuse (one line, maybe empty); a one-line
+    ``ValueError`` where one was made with another setting, budget or schedule (unless ``extend``, which
+    allows only the last two)."""
+    changed = config_changes(configs)
+    if changed:
+        run_dir, fields = changed[0]
+        more = f" (and {len(changed) - 1} more runs)" if len(changed) > 1 else ""
+        raise ValueError(f"experiment {experiment.name!r}: {run_dir} was trained with another setting "
+                         f"({', '.join(fields[:4])}{', ...' if len(fields) > 4 else ''}){more}; move it away "
+                         "or pass another --runs-dir")
+    return reuse_plan(configs, extend)
+
+
+def replace_block(document: str, name: str, block: str) -> tuple[str, bool]:
+    """``document`` with the text between ``name``'s markers replaced by ``block``; whether it had them."""
+    pattern = re.compile(rf"(<!-- results: {re.escape(name)} -->\n).*?(\n<!-- /results: {re.escape(name)} -->)",
+                         re.DOTALL)
+    if not pattern.search(document):
+        return document, False
+    return pattern.sub(lambda m: m.group(1) + block.strip("\n") + m.group(2), document, count=1), True
+
+
+def run_experiment(experiment: Experiment, runs_dir: str | Path, runner: Runner | None = None,
+                   extend: bool = False) -> tuple[Path, str]:
+    """Train the experiment's missing runs, write its report; the report's path and its table."""
+    configs = experiment.configs(runs_dir)
+    reused = check_runs(experiment, configs, extend)
+    if reused:
+        print(f"results {experiment.name}: {reused}", flush=True)
+    save_sweep(configs, Path(runs_dir) / experiment.name / "sweep.jsonl")
+    run_dirs = (runner or LocalRunner()).run(configs)
+    labels = experiment.labels(configs)
+    report = write_report(run_dirs, experiment.report_dir, experiment.title, key=lambda run: labels[run.path.name],
+                          threshold=experiment.threshold, baseline=experiment.baseline,
+                          contender=experiment.contender, log_x=experiment.log_x)
+    # the report is "# title", the table, then the plots' image links
+    table = report.read_text().split("\n", 1)[1].split("\n![")[0].strip("\n")
+    return report, table
+
+
+def run_experiments(experiments: Sequence[Experiment], runs_dir: str | Path, runner: Runner | None = None,
+                    document: str | Path | None = None, extend: bool = False) -> dict[str, Path]:
+    """:func:`run_experiment` for each, in order; then the tables between each experiment's markers in
+    ``document`` (if given) rewritten. Returns each experiment's report path."""
+    reports, tables = {}, {}
+    for experiment in experiments:
+        reports[experiment.name], tables[experiment.name] = run_experiment(experiment, runs_dir, runner, extend)
+    if document is not None:
+        path = Path(document)
+        text = path.read_text()
+        for name, table in tables.items():
+            text, found = replace_block(text, name, table)
+            if not found:
+                print(f"results {name}: {path} has no '<!-- results: {name} -->' markers; its table is only in "
+                      f"{reports[name]}", flush=True)
+        path.write_text(text)
+    return reports

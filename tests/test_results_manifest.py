@@ -1,0 +1,158 @@
+"""``diffgym results``: a manifest of experiments -> runs, reports and the tables of a document."""
+
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from diffgym.experiments import report as report_module
+from diffgym.experiments.report import iqm_with_ci
+from diffgym.experiments.results import config_changes, load_manifest, replace_block, run_experiments, select
+from diffgym.experiments.sweep import LocalRunner
+from tests.test_experiments import ENV, trainers  # noqa: F401 - the scripted trainers' fixture
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def quick_reports(monkeypatch):
+    """Reports without drawing (the plots are compare's, tested there) and with a short bootstrap."""
+    monkeypatch.setattr(report_module, "plot_curves", lambda groups, axis, metric, path, *args: path.touch())
+    monkeypatch.setattr(report_module, "iqm_with_ci", functools.partial(iqm_with_ci, reps=50))
+
+
+def manifest(tmp_path: Path, experiments: dict) -> Path:
+    path = tmp_path / "results" / "experiments.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"experiments": experiments}, sort_keys=False))
+    return path
+
+
+SCRIPTED = {"title": "scripted", "env": ENV, "seeds": 2, "eval_every": 5000, "baseline": "slow",
+            "contender": "fast, K 16", "report_dir": "scripted/report",
+            "groups": [{"label": "slow", "algo": "slow_algo", "env_steps": 100000},
+                       {"label": "fast, K 16", "algo": "fast_algo", "env_steps": 20000,
+                        "set": {"algo_params.segment_length": 16}, "eval_every": 2500}]}
+
+
+def test_manifest_groups_become_runs_with_their_own_settings(tmp_path, trainers):
+    experiment = load_manifest(manifest(tmp_path, {"scripted": SCRIPTED}))["scripted"]
+    configs = experiment.configs(tmp_path / "runs")
+    assert [Path(c.run_dir).name for c in configs] == ["slow__s0", "slow__s1", "fast_K_16__s0", "fast_K_16__s1"]
+    assert [c.total_env_steps for c in configs] == [100000, 100000, 20000, 20000]
+    assert [c.eval_every_env_steps for c in configs] == [5000, 5000, 2500, 2500]  # a group's own interval
+    assert [c.algo_params["segment_length"] for c in configs] == [8, 8, 16, 16]
+    assert experiment.report_dir == tmp_path / "results" / "scripted" / "report"  # beside the manifest
+    assert experiment.labels(configs) == {"slow__s0": "slow", "slow__s1": "slow", "fast_K_16__s0": "fast, K 16",
+                                          "fast_K_16__s1": "fast, K 16"}
+
+
+def test_reports_tables_and_document_blocks_and_a_rerun_trains_nothing(tmp_path, trainers, quick_reports, capsys):
+    path = manifest(tmp_path, {"scripted": SCRIPTED})
+    document = tmp_path / "results.md"
+    document.write_text("intro\n<!-- results: scripted -->\nold table\n<!-- /results: scripted -->\noutro\n")
+    experiments = select(load_manifest(path), [])
+    reports = run_experiments(experiments, tmp_path / "runs", LocalRunner(workers=1), document)
+    summary = json.loads((reports["scripted"].parent / "summary.json").read_text())
+    # the scripted trainers solve at (1 + seed) x 50k (slow) and (1 + seed) x 5k x 8/16 (fast, K 16)
+    assert summary["slow"]["env_steps_to_threshold"] == [50000, 100000]
+    assert summary["fast, K 16"]["env_steps_to_threshold"] == [2500, 5000]
+    assert summary["ratios"]["env_steps"] == pytest.approx(75000 / 3750)
+    text = document.read_text()
+    assert text.startswith("intro\n<!-- results: scripted -->\n| algorithm |") and text.endswith(
+        "\n<!-- /results: scripted -->\noutro\n")
+    assert "old table" not in text and "Ratio slow/fast, K 16" in text and "| fast, K 16 | 2,500 (" in text
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("metrics.jsonl")}
+    run_experiments(experiments, tmp_path / "runs", LocalRunner(workers=1), document)
+    assert "4 already finished, 0 to run" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("metrics.jsonl")} == before
+    assert document.read_text() == text  # the same runs give the same table, intervals included
+
+
+def test_a_run_made_with_another_setting_is_refused_naming_it(tmp_path, trainers, quick_reports):
+    path = manifest(tmp_path, {"scripted": SCRIPTED})
+    experiment = load_manifest(path)["scripted"]
+    run_experiments([experiment], tmp_path / "runs", LocalRunner(workers=1))
+    changed = {**SCRIPTED, "groups": [{**SCRIPTED["groups"][0], "set": {"algo_params.segment_length": 32}},
+                                      SCRIPTED["groups"][1]]}
+    experiment = load_manifest(manifest(tmp_path / "changed", {"scripted": changed}))["scripted"]
+    assert config_changes(experiment.configs(tmp_path / "runs"))[0][1] == ["algo_params.segment_length"]
+    with pytest.raises(ValueError, match=r"slow__s0 was trained with another setting \(algo_params.segment_length\) "
+                                         r"\(and 1 more runs\)"):
+        run_experiments([experiment], tmp_path / "runs", LocalRunner(workers=1))
+    # a field the saved config lacks was added after that run: its default kept the run's behaviour
+    saved = tmp_path / "runs" / "scripted" / "fast_K_16__s0" / "config.yaml"
+    data = yaml.safe_load(saved.read_text())
+    del data["algo_params"]["bootstrap"]
+    saved.write_text(yaml.safe_dump(data))
+    original = load_manifest(path)["scripted"]
+    assert config_changes(original.configs(tmp_path / "runs")) == []
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"env": ENV, "seeds": 2, "eval_every": 5000}, "experiment 'e': missing key 'groups'"),
+    ({**SCRIPTED, "budget": 3}, "experiment 'e': unknown key 'budget'"),
+    ({**SCRIPTED, "seeds": [1, 1]}, "seeds must be a positive count or a list of distinct seeds"),
+    ({**SCRIPTED, "eval_every": 0}, "eval_every must be a positive whole number, got 0"),
+    ({**SCRIPTED, "baseline": "ppo"}, "baseline 'ppo' is not one of the group labels"),
+    ({**SCRIPTED, "threshold": 1.5}, r"threshold must be a success rate in \(0, 1\]"),
+    ({**SCRIPTED, "report_dir": "../elsewhere"}, "report_dir must be a relative path inside"),
+    ({**SCRIPTED, "groups": [SCRIPTED["groups"][0], SCRIPTED["groups"][0]]}, "group labels must differ"),
+    ({**SCRIPTED, "groups": [{"label": "a", "algo": "slow_algo"}]}, "group 1: missing key 'env_steps'"),
+    ({**SCRIPTED, "groups": [{**SCRIPTED["groups"][0], "set": ["x=1"]}]}, "set must map dotted config keys"),
+])
+def test_manifest_errors_name_the_experiment_and_the_key(tmp_path, entry, message):
+    with pytest.raises(ValueError, match=message):
+        load_manifest(manifest(tmp_path, {"e": entry}))
+
+
+def test_cli_lists_and_refuses_in_one_line(tmp_path, trainers):
+    path = manifest(tmp_path, {"scripted": SCRIPTED})
+    bad = tmp_path / "bad.yml"
+    bad.write_text("experiments: [1, 2]\n")
+    for argv, expected in ((["--manifest", str(bad)], "expected a top-level 'experiments:' mapping"),
+                           (["nope", "--manifest", str(path)], "no experiment 'nope' in the manifest (it has scripted)")):
+        run = subprocess.run([sys.executable, "-m", "diffgym.cli", "results", *argv], capture_output=True, text=True,
+                             cwd=tmp_path)
+        assert run.returncode != 0 and run.stderr.strip().count("\n") == 0, run.stderr
+        assert run.stderr.startswith("diffgym results: ") and expected in run.stderr
+    with pytest.raises(ValueError, match="no experiment 'x'"):
+        select(load_manifest(path), ["x"])
+
+
+def test_replace_block_touches_only_its_own_markers():
+    text = ("<!-- results: a -->\nA\n<!-- /results: a -->\n<!-- results: ab -->\nAB\n<!-- /results: ab -->\n")
+    new, found = replace_block(text, "a", "| new |\n")
+    assert found and new == text.replace("\nA\n", "\n| new |\n")
+    assert replace_block(text, "c", "x") == (text, False)
+
+
+def test_the_project_manifest_resolves_every_run():
+    experiments = load_manifest(REPO / "docs" / "results" / "experiments.yml")
+    document = (REPO / "docs" / "results.md").read_text()
+    for experiment in experiments.values():
+        configs = experiment.configs("runs/results")  # every trainer, task and override resolves
+        assert len({c.run_dir for c in configs}) == len(configs)
+        assert experiment.report_dir.is_relative_to(REPO / "docs" / "results")
+    marked = [name for name in experiments if f"<!-- results: {name} -->" in document]
+    assert marked, "docs/results.md marks no experiment's table"
+
+
+def test_interval_estimates_do_not_depend_on_the_global_generator_or_other_labels():
+    scores = {"a": np.array([[0.9], [1.0], [0.8], [0.95], [0.97]]), "b": np.array([[0.5], [0.9], [0.1], [0.7], [0.2]])}
+    estimate = functools.partial(iqm_with_ci, reps=200)
+    first = estimate(scores)
+    for draws in range(1, 4):  # rliable resamples from numpy's global generator: its state must not matter
+        np.random.rand(draws)
+        again = estimate(scores)
+        assert all(np.array_equal(first[k][i], again[k][i]) for k in scores for i in range(3))
+    alone = estimate({"a": scores["a"]})["a"]
+    assert all(np.array_equal(alone[i], first["a"][i]) for i in range(3))
+    state = np.random.get_state()
+    estimate(scores)
+    assert np.array_equal(np.random.get_state()[1], state[1])  # the caller's generator is left as it was
