@@ -5,7 +5,8 @@ kernel's Warp-generated adjoint. Warp's gradient-ownership rules are honoured by
 
 * every call allocates fresh output tensors, so nothing recorded in a graph is ever overwritten;
 * incoming output gradients are cloned into buffers the adjoint launch owns (Warp adjoints may
-  accumulate into them), so autograd's tensors are never modified;
+  accumulate into them), so autograd's tensors are never modified; an output no gradient reaches gets a
+  null adjoint array, which Warp's adjoints read as zero;
 * input gradients are accumulated into freshly zeroed buffers and handed to autograd, which sums
   them with other uses of the same tensor. No ``wp.Tape`` is kept alive between calls.
 
@@ -325,6 +326,8 @@ class _KernelFunction(torch.autograd.Function):
         ctx.params, ctx.plan, ctx.n_in = params, plan, len(inputs)
         ctx.save_for_backward(*inputs, *outputs)  # also guards against in-place edits before backward
         ctx.mark_non_differentiable(*(o for o in outputs if not o.is_floating_point()))
+        # an output no gradient reaches (often the observation) comes to backward as None, not as zeros
+        ctx.set_materialize_grads(False)
         return outputs
 
     @staticmethod
@@ -333,11 +336,12 @@ class _KernelFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         inputs, outputs = saved[: ctx.n_in], saved[ctx.n_in:]
         wants = ctx.needs_input_grad[4:]
-        # fresh buffers: Warp adjoints accumulate into them, and autograd's grads must stay untouched
+        # fresh buffers: Warp adjoints accumulate into them, and autograd's grads must stay untouched; an
+        # output without a gradient gets a null adjoint array, which Warp's adjoints read as zeros (no buffer
+        # to allocate, zero and pass)
         adj_inputs = [torch.zeros_like(t) if want and t.is_floating_point() else None
                       for t, want in zip(inputs, wants)]
-        adj_outputs = [g.contiguous().clone() if o.is_floating_point() and g is not None
-                       else (torch.zeros_like(o) if o.is_floating_point() else None)
+        adj_outputs = [g.contiguous().clone() if o.is_floating_point() and g is not None else None
                        for o, g in zip(outputs, grad_outputs)]
         ctx.plan.launch_adjoint(inputs, ctx.params, outputs, adj_inputs, adj_outputs)
         return (None, None, None, None, *adj_inputs)
