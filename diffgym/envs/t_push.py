@@ -86,6 +86,8 @@ MIN_START_SPREAD = 0.3
 """The narrowest ``start_spread``: the block's start is always at least D = 0.1 m from the goal pose, and
 below this spread too few poses that far are drawn (at 0.3 about a quarter of the draws, at 0.25 4 %)."""
 _HULL = T_OUTLINE[[0, 1, 3, 4, 6, 7]]  # the convex-hull corners (the concave 2 and 5 never touch a wall)
+_HULL_REACH = wp.constant(1.001 * float(np.linalg.norm(_HULL, axis=1).max()))
+"""The hull corners' largest distance from the centre of mass [m], with a margin for float32 rotations."""
 
 PHYSICS_BOUNDS = {
     "block_mass": (0.5, 2.0),
@@ -254,10 +256,24 @@ def sigmoid(x: float) -> float:
     return 1.0 / (1.0 + wp.exp(-x))
 
 
+@wp.struct
+class BoxDistance:
+    """``box_signed_distance``'s three results as one value (a Warp function's custom adjoint takes one), and
+    the intermediates its gradient needs (``ax``, ``ay``: the softplus of the excesses, ``gx``, ``gy``: their
+    slopes; outside the box only)."""
+    dist: float
+    normal: wp.vec2
+    point: wp.vec2
+    ax: float
+    ay: float
+    gx: float
+    gy: float
+
+
 @wp.func
-def box_signed_distance(q: wp.vec2, center: wp.vec2, half: wp.vec2, rounding: float):
+def box_distance(q: wp.vec2, center: wp.vec2, half: wp.vec2, rounding: float) -> BoxDistance:
     """Signed distance from body-frame point q to a box with rounded corners, its outward unit
-    normal and the surface point it measures to (body frame).
+    normal and the surface point it measures to (body frame), with a hand-written adjoint.
 
     Outside, the Euclidean distance ``|max(|q - c| - half, 0)|`` has a normal that turns abruptly
     where a face region meets a corner region, so a disc's contact force would only be C0 there and
@@ -271,14 +287,21 @@ def box_signed_distance(q: wp.vec2, center: wp.vec2, half: wp.vec2, rounding: fl
     ey = wp.abs(d[1]) - half[1]
     sx = wp.where(d[0] >= 0.0, 1.0, -1.0)
     sy = wp.where(d[1] >= 0.0, 1.0, -1.0)
+    result = BoxDistance()
     dist = float(0.0)
     normal = wp.vec2(0.0, 0.0)
     if ex > 0.0 or ey > 0.0:
         ax = softplus(ex, rounding)
         ay = softplus(ey, rounding)
         dist = wp.sqrt(ax * ax + ay * ay)
+        gx = sigmoid(ex / rounding)  # d ax / d ex
+        gy = sigmoid(ey / rounding)
         # the gradient of dist (up to the positive factor 1 / dist)
-        normal = wp.normalize(wp.vec2(sx * sigmoid(ex / rounding) * ax, sy * sigmoid(ey / rounding) * ay))
+        normal = wp.normalize(wp.vec2(sx * gx * ax, sy * gy * ay))
+        result.ax = ax
+        result.ay = ay
+        result.gx = gx
+        result.gy = gy
     else:
         if ex > ey:
             dist = ex
@@ -286,39 +309,35 @@ def box_signed_distance(q: wp.vec2, center: wp.vec2, half: wp.vec2, rounding: fl
         else:
             dist = ey
             normal = wp.vec2(0.0, sy)
-    return dist, normal, q - dist * normal
-
-
-@wp.struct
-class BoxDistance:
-    """``box_signed_distance``'s three results as one value (a Warp function's custom adjoint takes one)."""
-    dist: float
-    normal: wp.vec2
-    point: wp.vec2
+    result.dist = dist
+    result.normal = normal
+    result.point = q - dist * normal
+    return result
 
 
 @wp.func
-def box_distance(q: wp.vec2, center: wp.vec2, half: wp.vec2, rounding: float) -> BoxDistance:
-    """``box_signed_distance`` (the same values), with a hand-written adjoint."""
-    dist, normal, point = box_signed_distance(q, center, half, rounding)
-    result = BoxDistance()
-    result.dist = dist
-    result.normal = normal
-    result.point = point
-    return result
+def box_signed_distance(q: wp.vec2, center: wp.vec2, half: wp.vec2, rounding: float):
+    """``box_distance``'s distance, normal and surface point."""
+    box = box_distance(q, center, half, rounding)
+    return box.dist, box.normal, box.point
 
 
 # Written by hand because every substep computes both boxes' distances to find the boxes in reach, and
 # Warp's generated adjoint replays and reverses both, with every intermediate's adjoint zero-initialised,
 # even for a box out of reach whose results get no gradient (a quarter of the backward pass). This one
-# returns at once when no gradient comes in, and otherwise applies the chain rule to the values it
-# recomputes: the same derivatives as the generated adjoint, term for term (equal to float32 round-off),
-# including its choices at the kinks (``wp.abs`` passes +1 at 0, like the sign ``box_signed_distance`` uses).
-@wp.func_grad(box_distance)
-def _box_distance_adjoint(q: wp.vec2, center: wp.vec2, half: wp.vec2, rounding: float, adj_ret: BoxDistance):
+# returns at once when no gradient comes in, and otherwise applies the chain rule to the intermediates
+# ``box_distance`` returns with its results: the same derivatives as the generated adjoint, term for term
+# (equal to float32 round-off), including its choices at the kinks (``wp.abs`` passes +1 at 0, like the
+# sign ``box_distance`` uses).
+@wp.func
+def box_distance_gradient(q: wp.vec2, center: wp.vec2, half: wp.vec2, rounding: float, box: BoxDistance,
+                          adj_ret: BoxDistance):
+    """The gradient of ``box = box_distance(q, center, half, rounding)`` with respect to ``q``, given the
+    gradients ``adj_ret`` of its distance, normal and point."""
     adj_dist = adj_ret.dist
     adj_normal = adj_ret.normal
     adj_point = adj_ret.point
+    adj_q = wp.vec2(0.0, 0.0)
     if (adj_dist != 0.0 or adj_normal[0] != 0.0 or adj_normal[1] != 0.0 or adj_point[0] != 0.0
             or adj_point[1] != 0.0):
         d = q - center
@@ -331,13 +350,13 @@ def _box_distance_adjoint(q: wp.vec2, center: wp.vec2, half: wp.vec2, rounding: 
         # point = q - dist * normal
         adj_q = adj_point
         if ex > 0.0 or ey > 0.0:
-            ax = softplus(ex, rounding)
-            ay = softplus(ey, rounding)
-            dist = wp.sqrt(ax * ax + ay * ay)
-            gx = sigmoid(ex / rounding)  # d ax / d ex
-            gy = sigmoid(ey / rounding)
+            ax = box.ax
+            ay = box.ay
+            dist = box.dist
+            gx = box.gx
+            gy = box.gy
             m = wp.vec2(sx * gx * ax, sy * gy * ay)
-            normal = wp.normalize(m)
+            normal = box.normal
             adj_dist = adj_dist - wp.dot(adj_point, normal)
             adj_normal = adj_normal - dist * adj_point
             # normal = m / |m|
@@ -352,7 +371,16 @@ def _box_distance_adjoint(q: wp.vec2, center: wp.vec2, half: wp.vec2, rounding: 
             else:
                 adj_ey = adj_dist - adj_point[1] * sy
         # ex = |d_x| - half_x, d = q - center
-        wp.adjoint[q] += adj_q + wp.vec2(sx * adj_ex, sy * adj_ey)
+        adj_q = adj_q + wp.vec2(sx * adj_ex, sy * adj_ey)
+    return adj_q
+
+
+@wp.func_grad(box_distance)
+def _box_distance_adjoint(q: wp.vec2, center: wp.vec2, half: wp.vec2, rounding: float, adj_ret: BoxDistance):
+    if (adj_ret.dist != 0.0 or adj_ret.normal[0] != 0.0 or adj_ret.normal[1] != 0.0 or adj_ret.point[0] != 0.0
+            or adj_ret.point[1] != 0.0):
+        box = box_distance(q, center, half, rounding)
+        wp.adjoint[q] += box_distance_gradient(q, center, half, rounding, box, adj_ret)
 
 
 @wp.func
@@ -441,10 +469,12 @@ def smooth_relu_slope(x: float, s: float) -> float:
 # the whole backward pass out of contact). This one recomputes only what the chain rule needs, inside the
 # branches in contact. The same derivatives as the generated adjoint, term for term (equal to float32
 # round-off: only the order of the sums differs).
-def _block_wall_wrench_adjoint(p: TPushParams, xb: wp.vec2, c: float, s: float, vb: wp.vec2, omega: float,
-                               contact_stiffness: float, force_b: wp.vec2, torque_b: float, adj_ret: wp.vec3):
-    adj_force = wp.vec2(adj_ret[0], adj_ret[1])
-    adj_torque = adj_ret[2]
+@wp.func
+def block_wall_wrench_gradients(p: TPushParams, xb: wp.vec2, c: float, s: float, vb: wp.vec2, omega: float,
+                                contact_stiffness: float, adj_force: wp.vec2, adj_torque: float):
+    """The gradients of the exact ``block_wall_wrench`` with respect to ``xb``, ``c``, ``s``, ``vb``, ``omega``
+    and ``contact_stiffness``, given those ``adj_force`` and ``adj_torque`` of the wrench it returns (the
+    running sums it adds to take them unchanged)."""
     adj_xb = wp.vec2(0.0, 0.0)
     adj_vb = wp.vec2(0.0, 0.0)
     adj_c = float(0.0)
@@ -453,31 +483,43 @@ def _block_wall_wrench_adjoint(p: TPushParams, xb: wp.vec2, c: float, s: float, 
     adj_stiffness = float(0.0)
     for side in range(4):
         wall_n = wall_normal(side)
-        for k in range(8):
-            if k != 2 and k != 5:
-                vertex = outline_vertex(p, k)
-                r = rotate_cs(c, s, vertex)
-                gap = wp.dot(xb + r, wall_n) + p.arena_half
-                if gap < p.contact_smoothing:  # the exact law's reach
-                    ramp = smooth_relu(-gap, p.contact_smoothing)
-                    elastic = contact_stiffness * ramp
-                    v_n = wp.dot(vb + omega * perp(r), wall_n)
-                    fw = normal_force(p, elastic, v_n) * wall_n
-                    # torque += cross2(r, fw), force += fw, fw = elastic (1 - c_d v_n) wall_n
-                    adj_fw = adj_force + adj_torque * perp(r)
-                    adj_r = adj_torque * wp.vec2(fw[1], -fw[0])
-                    adj_normal = wp.dot(adj_fw, wall_n)
-                    adj_elastic = adj_normal * (1.0 - p.contact_damping * v_n)
-                    adj_v_n = -adj_normal * elastic * p.contact_damping
-                    adj_stiffness = adj_stiffness + adj_elastic * ramp
-                    adj_gap = -adj_elastic * contact_stiffness * smooth_relu_slope(-gap, p.contact_smoothing)
-                    # v_n = (vb + omega perp(r)) . n, gap = (xb + r) . n + half, r = rotate(c, s) vertex
-                    adj_vb = adj_vb + adj_v_n * wall_n
-                    adj_omega = adj_omega + adj_v_n * wp.dot(perp(r), wall_n)
-                    adj_r = adj_r + (adj_v_n * omega) * wp.vec2(wall_n[1], -wall_n[0]) + adj_gap * wall_n
-                    adj_xb = adj_xb + adj_gap * wall_n
-                    adj_c = adj_c + adj_r[0] * vertex[0] + adj_r[1] * vertex[1]
-                    adj_s = adj_s + adj_r[1] * vertex[0] - adj_r[0] * vertex[1]
+        # no corner within the law's reach of this wall (no gradient) while the centre of mass is farther
+        # from it than the hull's radius: then its six corner tests are skipped
+        if wp.dot(xb, wall_n) + p.arena_half - _HULL_REACH < p.contact_smoothing:
+            for k in range(8):
+                if k != 2 and k != 5:
+                    vertex = outline_vertex(p, k)
+                    r = rotate_cs(c, s, vertex)
+                    gap = wp.dot(xb + r, wall_n) + p.arena_half
+                    if gap < p.contact_smoothing:  # the exact law's reach
+                        ramp = smooth_relu(-gap, p.contact_smoothing)
+                        elastic = contact_stiffness * ramp
+                        v_n = wp.dot(vb + omega * perp(r), wall_n)
+                        fw = normal_force(p, elastic, v_n) * wall_n
+                        # torque += cross2(r, fw), force += fw, fw = elastic (1 - c_d v_n) wall_n
+                        adj_fw = adj_force + adj_torque * perp(r)
+                        adj_r = adj_torque * wp.vec2(fw[1], -fw[0])
+                        adj_normal = wp.dot(adj_fw, wall_n)
+                        adj_elastic = adj_normal * (1.0 - p.contact_damping * v_n)
+                        adj_v_n = -adj_normal * elastic * p.contact_damping
+                        adj_stiffness = adj_stiffness + adj_elastic * ramp
+                        adj_gap = -adj_elastic * contact_stiffness * smooth_relu_slope(-gap, p.contact_smoothing)
+                        # v_n = (vb + omega perp(r)) . n, gap = (xb + r) . n + half, r = rotate(c, s) vertex
+                        adj_vb = adj_vb + adj_v_n * wall_n
+                        adj_omega = adj_omega + adj_v_n * wp.dot(perp(r), wall_n)
+                        adj_r = adj_r + (adj_v_n * omega) * wp.vec2(wall_n[1], -wall_n[0]) + adj_gap * wall_n
+                        adj_xb = adj_xb + adj_gap * wall_n
+                        adj_c = adj_c + adj_r[0] * vertex[0] + adj_r[1] * vertex[1]
+                        adj_s = adj_s + adj_r[1] * vertex[0] - adj_r[0] * vertex[1]
+    return adj_xb, adj_c, adj_s, adj_vb, adj_omega, adj_stiffness
+
+
+def _block_wall_wrench_adjoint(p: TPushParams, xb: wp.vec2, c: float, s: float, vb: wp.vec2, omega: float,
+                               contact_stiffness: float, force_b: wp.vec2, torque_b: float, adj_ret: wp.vec3):
+    adj_force = wp.vec2(adj_ret[0], adj_ret[1])
+    adj_torque = adj_ret[2]
+    adj_xb, adj_c, adj_s, adj_vb, adj_omega, adj_stiffness = block_wall_wrench_gradients(
+        p, xb, c, s, vb, omega, contact_stiffness, adj_force, adj_torque)
     wp.adjoint[xb] += adj_xb
     wp.adjoint[c] += adj_c
     wp.adjoint[s] += adj_s
@@ -488,10 +530,68 @@ def _block_wall_wrench_adjoint(p: TPushParams, xb: wp.vec2, c: float, s: float, 
     wp.adjoint[torque_b] += adj_torque
 
 
+_BoxRow = wp.types.vector(length=9, dtype=wp.float32)
+_BoxDistances = wp.types.matrix(shape=(2, 9), dtype=wp.float32)  # a BoxDistance per row: bar, stem
+
+
+@wp.func
+def box_row(box: BoxDistance) -> _BoxRow:
+    """A ``BoxDistance`` as a row of floats (a matrix row can hold it: a struct cannot be indexed)."""
+    return _BoxRow(box.dist, box.normal[0], box.normal[1], box.point[0], box.point[1], box.ax, box.ay, box.gx, box.gy)
+
+
+@wp.func
+def box_from_row(row: _BoxRow) -> BoxDistance:
+    box = BoxDistance()
+    box.dist = row[0]
+    box.normal = wp.vec2(row[1], row[2])
+    box.point = wp.vec2(row[3], row[4])
+    box.ax = row[5]
+    box.ay = row[6]
+    box.gx = row[7]
+    box.gy = row[8]
+    return box
+
+
+@wp.struct
+class PusherContacts:
+    """What the pusher's contacts add to a substep (``pusher_contacts``) as one value."""
+    force_p: wp.vec2
+    force_b: wp.vec2
+    torque_b: float
+    impulse_p: wp.vec2
+    impulse_b: wp.vec2
+    ang_impulse_b: float
+    touching: int
+    """Bit 0: the bar in reach, bit 1: the stem, bit 2: a wall (no force, no gradient without one)."""
+    boxes: _BoxDistances
+    """The pusher's ``box_distance`` to the bar (row 0) and the stem (row 1), as ``box_row``'s."""
+
+
+@wp.struct
+class SubstepRecord:
+    """A substep's new state and what ``exact_step``'s adjoint needs of it (``substep_record``)."""
+    pusher_pos: wp.vec2
+    pusher_vel: wp.vec2
+    block_pos: wp.vec2
+    block_angle: float
+    block_vel: wp.vec2
+    block_angvel: float
+    momentum_b: wp.vec2
+    """h times the block's force (walls included) plus its friction impulse."""
+    momentum_omega: float
+    """The same for its torque."""
+    touching: int
+    """``PusherContacts.touching``."""
+    boxes: _BoxDistances
+    """``PusherContacts.boxes``."""
+
+
 def _make_advance(pre_contact: bool):
-    """The substeps of one control step (``advance``), one of them (``substep``) and the walls' wrench on the
-    T in one (``block_wall_wrench``), with the exact contact law or with the pre-contact surrogate's
-    (``pre_contact``)."""
+    """The substeps of one control step (``advance``), one of them (``substep``; ``substep_record``, which also
+    returns what ``exact_step``'s adjoint needs), the pusher's contacts in one (``pusher_contacts``) and the
+    walls' wrench on the T in one (``block_wall_wrench``), with the exact contact law or with the pre-contact
+    surrogate's (``pre_contact``)."""
     elastic_force, contact_reach = _contact_law(pre_contact)
     variant = "pre_contact" if pre_contact else "exact"
     module = "unique" if pre_contact else None
@@ -517,24 +617,25 @@ def _make_advance(pre_contact: bool):
     if not pre_contact:
         wp.func_grad(block_wall_wrench)(_block_wall_wrench_adjoint)
 
-    def substep(p: TPushParams, h: float, command: wp.vec2, xp: wp.vec2, vp: wp.vec2, xb: wp.vec2,
-                theta: float, vb: wp.vec2, omega: float, block_mass: float, block_inertia: float,
-                contact_friction: float, table_friction: float, contact_stiffness: float):
-        """One semi-implicit Euler substep of the pusher + block system with the env's physical parameters;
-        returns the new state."""
+    def pusher_contacts(p: TPushParams, h: float, xp: wp.vec2, vp: wp.vec2, xb: wp.vec2, c: float, s: float,
+                        vb: wp.vec2, omega: float, block_mass: float, block_inertia: float, contact_friction: float,
+                        contact_stiffness: float) -> PusherContacts:
+        """The pusher's contacts in a substep (with the T's two boxes and the walls): the forces and friction
+        impulses on the pusher and the block, and the bits of those in reach (``PusherContacts``); the block's
+        angle is given by its cosine ``c`` and sine ``s``."""
         force_p = wp.vec2(0.0, 0.0)
         force_b = wp.vec2(0.0, 0.0)
         torque_b = float(0.0)
         impulse_p = wp.vec2(0.0, 0.0)
         impulse_b = wp.vec2(0.0, 0.0)
         ang_impulse_b = float(0.0)
+        touching = int(0)
+        boxes = _BoxDistances()
         # The servo is integrated implicitly, so over a substep the pusher resists like this mass.
         pusher_eff_mass = p.pusher_mass + h * p.servo_gain
 
         # pusher-block: a penalty per box (their sum is the union's penalty wherever one box is in range,
         # and the correct two-normal force in the T's concave corners; no min() kink)
-        c = wp.cos(theta)
-        s = wp.sin(theta)
         q = rotate_cs(c, -s, xp - xb)
         for box in range(2):
             center = p.bar_center
@@ -546,12 +647,14 @@ def _make_advance(pre_contact: bool):
             dist = box_dist.dist
             n_local = box_dist.normal
             c_local = box_dist.point
+            boxes[box] = box_row(box_dist)
             gap = dist - p.pusher_radius
             # Broad phase: the penalty's ramp is exactly zero for gap >= s (the surrogate's tail beyond its
             # distance), and so are the force, the friction (proportional to it) and their derivatives, so
             # skipping them changes no value and no gradient; it spares the forward and, above all, the
             # adjoint the contact terms of every box out of reach.
             if gap < contact_reach(p):
+                touching = touching | (1 << box)
                 n = rotate_cs(c, s, n_local)
                 r = rotate_cs(c, s, c_local)  # contact point relative to the block's centre of mass
                 v_rel = vp - (vb + omega * perp(r))
@@ -576,26 +679,72 @@ def _make_advance(pre_contact: bool):
             wall_n = wall_normal(side)
             gap_p = wp.dot(xp, wall_n) + p.arena_half - p.pusher_radius
             if gap_p < contact_reach(p):
+                touching = touching | 4
                 force_p = force_p + normal_force(p, elastic_force(p, contact_stiffness, gap_p),
                                                  wp.dot(vp, wall_n)) * wall_n
-        wrench = block_wall_wrench(p, xb, c, s, vb, omega, contact_stiffness, force_b, torque_b)
-        force_b = wp.vec2(wrench[0], wrench[1])
-        torque_b = wrench[2]
+        contacts = PusherContacts()
+        contacts.force_p = force_p
+        contacts.force_b = force_b
+        contacts.torque_b = torque_b
+        contacts.impulse_p = impulse_p
+        contacts.impulse_b = impulse_b
+        contacts.ang_impulse_b = ang_impulse_b
+        contacts.touching = touching
+        contacts.boxes = boxes
+        return contacts
 
-        # pusher: velocity servo F = servo_gain (v_cmd - v), implicit in v
-        vp_next = (vp + (h * force_p + impulse_p) / p.pusher_mass + (h * p.servo_gain / p.pusher_mass) * command) \
-            / (1.0 + h * p.servo_gain / p.pusher_mass)
-        # block-table friction: mu m g times the gradient of the pseudo-Huber norm of the twist (v, rho w)
-        # (an ellipsoidal limit surface whose torque limit is mu m g rho), linearly implicit like above
-        rho = p.friction_radius
-        speed = wp.sqrt(wp.dot(vb, vb) + rho * rho * omega * omega + p.friction_smoothing * p.friction_smoothing)
-        drag = table_friction * block_mass * p.gravity / speed
-        vb_next = (vb + (h * force_b + impulse_b) / block_mass) / (1.0 + h * drag / block_mass)
-        omega_next = (omega + (h * torque_b + ang_impulse_b) / block_inertia) \
-            / (1.0 + h * drag * rho * rho / block_inertia)
-        return xp + h * vp_next, vp_next, xb + h * vb_next, theta + h * omega_next, vb_next, omega_next
+    pusher_contacts = wp.func(pusher_contacts, name=f"pusher_contacts_{variant}", module=module)
 
-    substep = wp.func(substep, name=f"substep_{variant}", module=module)
+    def make_substep(record: bool):
+        def substep(p: TPushParams, h: float, command: wp.vec2, xp: wp.vec2, vp: wp.vec2, xb: wp.vec2,
+                    theta: float, vb: wp.vec2, omega: float, block_mass: float, block_inertia: float,
+                    contact_friction: float, table_friction: float, contact_stiffness: float):
+            """One semi-implicit Euler substep of the pusher + block system with the env's physical parameters;
+            returns the new state (``record``: as a ``SubstepRecord``, with what ``exact_step``'s adjoint needs)."""
+            c = wp.cos(theta)
+            s = wp.sin(theta)
+            contacts = pusher_contacts(p, h, xp, vp, xb, c, s, vb, omega, block_mass, block_inertia,
+                                       contact_friction, contact_stiffness)
+            force_p = contacts.force_p
+            impulse_p = contacts.impulse_p
+            impulse_b = contacts.impulse_b
+            ang_impulse_b = contacts.ang_impulse_b
+            wrench = block_wall_wrench(p, xb, c, s, vb, omega, contact_stiffness, contacts.force_b, contacts.torque_b)
+            force_b = wp.vec2(wrench[0], wrench[1])
+            torque_b = wrench[2]
+
+            # pusher: velocity servo F = servo_gain (v_cmd - v), implicit in v
+            vp_next = (vp + (h * force_p + impulse_p) / p.pusher_mass
+                       + (h * p.servo_gain / p.pusher_mass) * command) / (1.0 + h * p.servo_gain / p.pusher_mass)
+            # block-table friction: mu m g times the gradient of the pseudo-Huber norm of the twist (v, rho w)
+            # (an ellipsoidal limit surface whose torque limit is mu m g rho), linearly implicit like above
+            rho = p.friction_radius
+            speed = wp.sqrt(wp.dot(vb, vb) + rho * rho * omega * omega + p.friction_smoothing * p.friction_smoothing)
+            drag = table_friction * block_mass * p.gravity / speed
+            momentum_b = h * force_b + impulse_b
+            momentum_omega = h * torque_b + ang_impulse_b
+            vb_next = (vb + momentum_b / block_mass) / (1.0 + h * drag / block_mass)
+            omega_next = (omega + momentum_omega / block_inertia) / (1.0 + h * drag * rho * rho / block_inertia)
+            if wp.static(record):
+                out = SubstepRecord()
+                out.pusher_pos = xp + h * vp_next
+                out.pusher_vel = vp_next
+                out.block_pos = xb + h * vb_next
+                out.block_angle = theta + h * omega_next
+                out.block_vel = vb_next
+                out.block_angvel = omega_next
+                out.momentum_b = momentum_b
+                out.momentum_omega = momentum_omega
+                out.touching = contacts.touching
+                out.boxes = contacts.boxes
+                return out
+            else:
+                return xp + h * vp_next, vp_next, xb + h * vb_next, theta + h * omega_next, vb_next, omega_next
+
+        name = f"substep_record_{variant}" if record else f"substep_{variant}"
+        return wp.func(substep, name=name, module=module)
+
+    substep = make_substep(False)
 
     def advance(p: TPushParams, command: wp.vec2, pusher: wp.vec2, pusher_vel: wp.vec2, block: wp.vec2,
                 angle: float, block_vel: wp.vec2, angvel: float, block_mass: float, contact_friction: float,
@@ -615,10 +764,11 @@ def _make_advance(pre_contact: bool):
                                                    contact_stiffness)
         return xp, vp, xb, theta, vb, omega
 
-    return wp.func(advance, name=f"advance_{variant}", module=module), substep, block_wall_wrench
+    advance = wp.func(advance, name=f"advance_{variant}", module=module)
+    return advance, substep, make_substep(True), pusher_contacts, block_wall_wrench
 
 
-advance, substep, block_wall_wrench = _make_advance(pre_contact=False)
+advance, substep, substep_record, pusher_contacts, block_wall_wrench = _make_advance(pre_contact=False)
 
 
 _Observation = wp.types.vector(length=11, dtype=float)
@@ -648,6 +798,375 @@ def step_reward(p: TPushParams, xp: wp.vec2, xb: wp.vec2, theta: float, prev_pus
     # leaves its optimal policies unchanged (a discounted objective would need gamma Phi(s')); off by default
     face = face_potential(p, xp, xb) - face_potential(p, prev_pusher, prev_block)
     return -distance - p.shaping_weight * approach + p.face_shaping_weight * face, distance
+
+
+# ------------------------------------------------------------------------------- the step and its adjoint
+# The exact step kernel integrates the control step in one function, ``exact_step``, whose replay and adjoint
+# are written by hand. Warp's adjoint of a kernel first replays the whole kernel, then reverses it with
+# generated adjoints, and each generated adjoint of a function replays that function once more and
+# zero-initialises every intermediate's adjoint: the 20 substeps were integrated twice more in the backward
+# pass and reversed at several times their cost. Here the kernel's replay reads the state the forward pass
+# stored (the observation's and the reward's generated adjoints need it; they run once per step), and the
+# adjoint integrates the substeps once, keeping each one's start state and what its reverse needs
+# (``substep_record``), then sweeps back through them by hand: the servo, the table friction and the
+# integration; the walls on the T (``block_wall_wrench_gradients``); the pusher's contacts where one is in
+# reach (``pusher_contacts_gradients``, from the box distances the substep measured). The same derivatives
+# as the generated adjoints (equal to float32 round-off: the order of the sums differs, and a few divisions
+# became multiplications by a reciprocal), with their choices at the kinks.
+@wp.struct
+class _Motion:
+    """A state's float fields as one value (a Warp function's custom replay needs a single return value)."""
+    pusher_pos: wp.vec2
+    pusher_vel: wp.vec2
+    block_pos: wp.vec2
+    block_angle: float
+    block_vel: wp.vec2
+    block_angvel: float
+
+
+@wp.func
+def _motion(xp: wp.vec2, vp: wp.vec2, xb: wp.vec2, theta: float, vb: wp.vec2, omega: float) -> _Motion:
+    m = _Motion()
+    m.pusher_pos = xp
+    m.pusher_vel = vp
+    m.block_pos = xb
+    m.block_angle = theta
+    m.block_vel = vb
+    m.block_angvel = omega
+    return m
+
+
+@wp.func
+def exact_step(p: TPushParams, command: wp.vec2, pusher: wp.vec2, pusher_vel: wp.vec2, block: wp.vec2,
+               angle: float, block_vel: wp.vec2, angvel: float, block_mass: float, contact_friction: float,
+               table_friction: float, contact_stiffness: float, i: int, pusher_pos_next: wp.array(dtype=wp.vec2),
+               pusher_vel_next: wp.array(dtype=wp.vec2), block_pos_next: wp.array(dtype=wp.vec2),
+               block_angle_next: wp.array(dtype=float), block_vel_next: wp.array(dtype=wp.vec2),
+               block_angvel_next: wp.array(dtype=float)) -> _Motion:
+    """``advance``: the exact step of env ``i`` under the pusher's velocity ``command``. The step kernel's
+    next-state arrays are passed for the replay, which reads the state the forward pass stored there (an
+    adjoint's replay skips a kernel's array stores, so they still hold it)."""
+    xp, vp, xb, theta, vb, omega = advance(p, command, pusher, pusher_vel, block, angle, block_vel, angvel,
+                                           block_mass, contact_friction, table_friction, contact_stiffness)
+    return _motion(xp, vp, xb, theta, vb, omega)
+
+
+@wp.func_replay(exact_step)
+def _exact_step_replay(p: TPushParams, command: wp.vec2, pusher: wp.vec2, pusher_vel: wp.vec2, block: wp.vec2,
+                       angle: float, block_vel: wp.vec2, angvel: float, block_mass: float, contact_friction: float,
+                       table_friction: float, contact_stiffness: float, i: int,
+                       pusher_pos_next: wp.array(dtype=wp.vec2), pusher_vel_next: wp.array(dtype=wp.vec2),
+                       block_pos_next: wp.array(dtype=wp.vec2), block_angle_next: wp.array(dtype=float),
+                       block_vel_next: wp.array(dtype=wp.vec2), block_angvel_next: wp.array(dtype=float)):
+    # the step the forward pass computed, bit for bit, for the observation's and the reward's adjoints
+    return _motion(pusher_pos_next[i], pusher_vel_next[i], block_pos_next[i], block_angle_next[i],
+                   block_vel_next[i], block_angvel_next[i])
+
+
+@wp.func
+def pusher_contacts_gradients(p: TPushParams, h: float, xp: wp.vec2, vp: wp.vec2, xb: wp.vec2, c: float, s: float,
+                              vb: wp.vec2, omega: float, block_mass: float, block_inertia: float,
+                              contact_friction: float, contact_stiffness: float, touching: int,
+                              boxes: _BoxDistances, adj: PusherContacts):
+    """The gradients of the exact ``pusher_contacts`` with respect to ``xp``, ``vp``, ``xb``, ``c``, ``s``,
+    ``vb``, ``omega``, ``block_mass``, ``block_inertia``, ``contact_friction`` and ``contact_stiffness``, given
+    the contacts in reach there and the pusher's distances to the boxes (its ``touching`` and ``boxes``) and
+    the gradients ``adj`` of its results."""
+    adj_xp = wp.vec2(0.0, 0.0)
+    adj_vp = wp.vec2(0.0, 0.0)
+    adj_xb = wp.vec2(0.0, 0.0)
+    adj_vb = wp.vec2(0.0, 0.0)
+    adj_c = float(0.0)
+    adj_s = float(0.0)
+    adj_omega = float(0.0)
+    adj_mass = float(0.0)
+    adj_inertia = float(0.0)
+    adj_friction = float(0.0)
+    adj_stiffness = float(0.0)
+    sc = p.contact_smoothing
+    if (touching & 3) != 0:
+        # reciprocals once: divisions are much of this function's cost (the gradient moves by round-off)
+        inv_pusher_mass = 1.0 / (p.pusher_mass + h * p.servo_gain)  # the servo's effective mass
+        inv_block_mass = 1.0 / block_mass
+        inv_inertia = 1.0 / block_inertia
+        d = xp - xb
+        q = rotate_cs(c, -s, d)
+        adj_q = wp.vec2(0.0, 0.0)
+        adj_fn_direction = adj.force_p - adj.force_b  # force_p += fn n, force_b -= fn n
+        adj_j_direction = adj.impulse_b - adj.impulse_p  # impulse_p -= j t, impulse_b += j t
+        for box in range(2):
+            if (touching & (1 << box)) != 0:
+                center = p.bar_center
+                half = p.bar_half
+                if box == 1:
+                    center = p.stem_center
+                    half = p.stem_half
+                box_dist = box_from_row(boxes[box])
+                n_local = box_dist.normal
+                c_local = box_dist.point
+                gap = box_dist.dist - p.pusher_radius
+                n = rotate_cs(c, s, n_local)
+                r = rotate_cs(c, s, c_local)
+                v_rel = vp - (vb + omega * perp(r))
+                ramp = smooth_relu(-gap, sc)
+                elastic = contact_stiffness * ramp
+                v_n = wp.dot(v_rel, n)
+                fn = normal_force(p, elastic, v_n)
+                t = perp(n)
+                rt = cross2(r, t)
+                inv_mass = inv_pusher_mass + inv_block_mass + rt * rt * inv_inertia
+                slip = wp.dot(v_rel, t)
+                inv_width = 1.0 / wp.sqrt(slip * slip + p.friction_smoothing * p.friction_smoothing)
+                coeff = contact_friction * elastic * inv_width
+                inv_denominator = 1.0 / (1.0 + coeff * h * inv_mass)
+                j = coeff * h * slip * inv_denominator
+                # force_p += fn n, force_b -= fn n, torque_b -= fn cross2(r, n)
+                cross_rn = cross2(r, n)
+                adj_fn = wp.dot(adj_fn_direction, n) - adj.torque_b * cross_rn
+                adj_n = fn * adj_fn_direction - (adj.torque_b * fn) * wp.vec2(-r[1], r[0])
+                adj_r = -(adj.torque_b * fn) * wp.vec2(n[1], -n[0])
+                # impulse_b += j t (the pusher's the opposite), ang_impulse_b += j rt
+                adj_j = wp.dot(adj_j_direction, t) + adj.ang_impulse_b * rt
+                adj_t = j * adj_j_direction
+                adj_rt = adj.ang_impulse_b * j
+                # j = coeff h slip / (1 + coeff h inv_mass), coeff = mu elastic / sqrt(slip^2 + delta^2)
+                adj_numerator = adj_j * inv_denominator
+                adj_denominator = -adj_numerator * j
+                adj_coeff = adj_numerator * h * slip + adj_denominator * h * inv_mass
+                adj_slip = adj_numerator * coeff * h
+                adj_inv_mass = adj_denominator * coeff * h
+                adj_coeff_width = adj_coeff * inv_width
+                adj_friction = adj_friction + adj_coeff_width * elastic
+                adj_elastic = adj_coeff_width * contact_friction
+                adj_slip = adj_slip - adj_coeff_width * coeff * slip * inv_width
+                # inv_mass = 1 / m_p + 1 / m + rt^2 / I
+                adj_mass = adj_mass - adj_inv_mass * inv_block_mass * inv_block_mass
+                adj_rt_inertia = adj_inv_mass * rt * inv_inertia
+                adj_rt = adj_rt + 2.0 * adj_rt_inertia
+                adj_inertia = adj_inertia - adj_rt_inertia * rt * inv_inertia
+                # slip = v_rel . t, rt = cross2(r, t), t = perp(n)
+                adj_v_rel = adj_slip * t
+                adj_t = adj_t + adj_slip * v_rel + adj_rt * wp.vec2(-r[1], r[0])
+                adj_r = adj_r + adj_rt * wp.vec2(t[1], -t[0])
+                adj_n = adj_n + wp.vec2(adj_t[1], -adj_t[0])
+                # fn = elastic (1 - c_d v_n), v_n = v_rel . n (the law evaluated twice: the same elastic)
+                adj_elastic = adj_elastic + adj_fn * (1.0 - p.contact_damping * v_n)
+                adj_v_n = -adj_fn * elastic * p.contact_damping
+                adj_v_rel = adj_v_rel + adj_v_n * n
+                adj_n = adj_n + adj_v_n * v_rel
+                # elastic = stiffness * smooth_relu(-gap, s)
+                adj_stiffness = adj_stiffness + adj_elastic * ramp
+                adj_gap = -adj_elastic * contact_stiffness * smooth_relu_slope(-gap, sc)
+                # v_rel = vp - vb - omega perp(r)
+                adj_vp = adj_vp + adj_v_rel
+                adj_vb = adj_vb - adj_v_rel
+                adj_omega = adj_omega - wp.dot(adj_v_rel, perp(r))
+                adj_r = adj_r + omega * wp.vec2(-adj_v_rel[1], adj_v_rel[0])
+                # n = rotate(c, s) n_local, r = rotate(c, s) c_local
+                adj_c = adj_c + wp.dot(adj_n, n_local) + wp.dot(adj_r, c_local)
+                adj_s = (adj_s + adj_n[1] * n_local[0] - adj_n[0] * n_local[1]
+                         + adj_r[1] * c_local[0] - adj_r[0] * c_local[1])
+                adj_box = BoxDistance()
+                adj_box.dist = adj_gap
+                adj_box.normal = wp.vec2(c * adj_n[0] + s * adj_n[1], -s * adj_n[0] + c * adj_n[1])
+                adj_box.point = wp.vec2(c * adj_r[0] + s * adj_r[1], -s * adj_r[0] + c * adj_r[1])
+                adj_q = adj_q + box_distance_gradient(q, center, half, p.corner_smoothing, box_dist, adj_box)
+        # q = rotate(c, -s) (xp - xb)
+        adj_d = wp.vec2(c * adj_q[0] - s * adj_q[1], s * adj_q[0] + c * adj_q[1])
+        adj_c = adj_c + wp.dot(adj_q, d)
+        adj_s = adj_s + adj_q[0] * d[1] - adj_q[1] * d[0]
+        adj_xp = adj_xp + adj_d
+        adj_xb = adj_xb - adj_d
+    if (touching & 4) != 0:  # the walls on the pusher: force_p += elastic (1 - c_d v_n) n
+        for side in range(4):
+            wall_n = wall_normal(side)
+            gap_p = wp.dot(xp, wall_n) + p.arena_half - p.pusher_radius
+            if gap_p < sc:
+                ramp = smooth_relu(-gap_p, sc)
+                v_n = wp.dot(vp, wall_n)
+                adj_f = wp.dot(adj.force_p, wall_n)
+                adj_elastic = adj_f * (1.0 - p.contact_damping * v_n)
+                adj_vp = adj_vp - (adj_f * contact_stiffness * ramp * p.contact_damping) * wall_n
+                adj_stiffness = adj_stiffness + adj_elastic * ramp
+                adj_xp = adj_xp - (adj_elastic * contact_stiffness * smooth_relu_slope(-gap_p, sc)) * wall_n
+    return (adj_xp, adj_vp, adj_xb, adj_c, adj_s, adj_vb, adj_omega, adj_mass, adj_inertia, adj_friction,
+            adj_stiffness)
+
+
+_SubstepVec2s = wp.types.matrix(shape=(SUBSTEPS, 2), dtype=wp.float32)  # one vec2 per substep
+_SubstepFloats = wp.types.vector(length=SUBSTEPS, dtype=wp.float32)
+_SubstepInts = wp.types.vector(length=SUBSTEPS, dtype=wp.int32)
+_SubstepBoxes = wp.types.matrix(shape=(SUBSTEPS, 9), dtype=wp.float32)  # a box_row per substep
+
+
+@wp.func_grad(exact_step)
+def _exact_step_adjoint(p: TPushParams, command: wp.vec2, pusher: wp.vec2, pusher_vel: wp.vec2, block: wp.vec2,
+                        angle: float, block_vel: wp.vec2, angvel: float, block_mass: float, contact_friction: float,
+                        table_friction: float, contact_stiffness: float, i: int,
+                        pusher_pos_next: wp.array(dtype=wp.vec2), pusher_vel_next: wp.array(dtype=wp.vec2),
+                        block_pos_next: wp.array(dtype=wp.vec2), block_angle_next: wp.array(dtype=float),
+                        block_vel_next: wp.array(dtype=wp.vec2), block_angvel_next: wp.array(dtype=float),
+                        adj_ret: _Motion):
+    h = p.dt / float(_SUBSTEPS)
+    inertia = block_mass * p.block_inertia_per_mass
+    # The substeps again, keeping each one's start state (index k) and the end state; while loops, which
+    # Warp never unrolls: 20 inlined copies of a substep and its adjoint would make slow, oversized code.
+    xps = _SubstepVec2s()
+    vps = _SubstepVec2s()
+    xbs = _SubstepVec2s()
+    vbs = _SubstepVec2s()
+    thetas = _SubstepFloats()
+    omegas = _SubstepFloats()
+    momenta_b = _SubstepVec2s()
+    momenta_omega = _SubstepFloats()
+    touching = _SubstepInts()
+    bars = _SubstepBoxes()
+    stems = _SubstepBoxes()
+    xp = pusher
+    vp = pusher_vel
+    xb = block
+    theta = angle
+    vb = block_vel
+    omega = angvel
+    k = int(0)
+    while k < _SUBSTEPS:
+        xps[k] = xp
+        vps[k] = vp
+        xbs[k] = xb
+        thetas[k] = theta
+        vbs[k] = vb
+        omegas[k] = omega
+        record = substep_record(p, h, command, xp, vp, xb, theta, vb, omega, block_mass, inertia, contact_friction,
+                                table_friction, contact_stiffness)
+        momenta_b[k] = record.momentum_b
+        momenta_omega[k] = record.momentum_omega
+        touching[k] = record.touching
+        bars[k] = record.boxes[0]
+        stems[k] = record.boxes[1]
+        xp = record.pusher_pos
+        vp = record.pusher_vel
+        xb = record.block_pos
+        theta = record.block_angle
+        vb = record.block_vel
+        omega = record.block_angvel
+        k = k + 1
+
+    adj_xp = adj_ret.pusher_pos
+    adj_vp = adj_ret.pusher_vel
+    adj_xb = adj_ret.block_pos
+    adj_theta = adj_ret.block_angle
+    adj_vb = adj_ret.block_vel
+    adj_omega = adj_ret.block_angvel
+
+    # the substeps in reverse; adj_* hold the gradients of substep k's results, then of its start state
+    adj_command = wp.vec2(0.0, 0.0)
+    adj_mass = float(0.0)
+    adj_inertia = float(0.0)
+    adj_contact_friction = float(0.0)
+    adj_table_friction = float(0.0)
+    adj_stiffness = float(0.0)
+    rho = p.friction_radius
+    servo = h * p.servo_gain / p.pusher_mass
+    # reciprocals once: divisions were much of the sweep's cost (the gradient moves by round-off)
+    inv_inertia = 1.0 / inertia
+    inv_block_mass = 1.0 / block_mass
+    inv_pusher_mass = 1.0 / p.pusher_mass
+    inv_servo = 1.0 / (1.0 + servo)
+    k = _SUBSTEPS
+    while k > 0:
+        k = k - 1
+        vp_next = vp  # substep k's results: the state after it
+        vb_next = vb
+        omega_next = omega
+        xp = xps[k]
+        vp = vps[k]
+        xb = xbs[k]
+        theta = thetas[k]
+        vb = vbs[k]
+        omega = omegas[k]
+        # positions and angle: x' = x + h v'
+        adj_vp_next = adj_vp + h * adj_xp
+        adj_vb_next = adj_vb + h * adj_xb
+        adj_omega_next = adj_omega + h * adj_theta
+        # the table friction's drag, as the substep computes it
+        inv_speed = 1.0 / wp.sqrt(wp.dot(vb, vb) + rho * rho * omega * omega
+                                  + p.friction_smoothing * p.friction_smoothing)
+        drag = table_friction * block_mass * p.gravity * inv_speed
+        # omega' = (omega + momentum_omega / I) / (1 + h drag rho^2 / I)
+        adj_numerator = adj_omega_next / (1.0 + h * drag * rho * rho * inv_inertia)
+        adj_denominator = -adj_numerator * omega_next
+        adj_omega = adj_numerator
+        adj_inertia = adj_inertia - (adj_numerator * momenta_omega[k]
+                                     + adj_denominator * h * drag * rho * rho) * inv_inertia * inv_inertia
+        adj_drag = adj_denominator * h * rho * rho * inv_inertia
+        adj_torque_b = adj_numerator * h * inv_inertia
+        adj_ang_impulse_b = adj_numerator * inv_inertia
+        # vb' = (vb + momentum_b / m) / (1 + h drag / m)
+        adj_numerator_b = adj_vb_next / (1.0 + h * drag * inv_block_mass)
+        adj_denominator = -wp.dot(adj_numerator_b, vb_next)
+        adj_vb = adj_numerator_b
+        adj_mass = adj_mass - (wp.dot(adj_numerator_b, momenta_b[k])
+                               + adj_denominator * h * drag) * inv_block_mass * inv_block_mass
+        adj_drag = adj_drag + adj_denominator * h * inv_block_mass
+        adj_force_b = adj_numerator_b * (h * inv_block_mass)
+        adj_impulse_b = adj_numerator_b * inv_block_mass
+        # drag = mu m g / speed, speed = sqrt(|vb|^2 + rho^2 omega^2 + delta^2)
+        adj_table_friction = adj_table_friction + adj_drag * block_mass * p.gravity * inv_speed
+        adj_mass = adj_mass + adj_drag * table_friction * p.gravity * inv_speed
+        adj_speed_squared = -0.5 * adj_drag * drag * inv_speed * inv_speed
+        adj_vb = adj_vb + 2.0 * adj_speed_squared * vb
+        adj_omega = adj_omega + 2.0 * adj_speed_squared * rho * rho * omega
+        # vp' = (vp + (h force_p + impulse_p) / m_p + servo command) / (1 + servo)
+        adj_numerator_p = adj_vp_next * inv_servo
+        adj_vp = adj_numerator_p
+        adj_force_p = adj_numerator_p * (h * inv_pusher_mass)
+        adj_impulse_p = adj_numerator_p * inv_pusher_mass
+        adj_command = adj_command + servo * adj_numerator_p
+        # the walls on the T (they add to the pusher's force and torque on it, which pass through)
+        c = wp.cos(theta)
+        s = wp.sin(theta)
+        w_xb, adj_c, adj_s, w_vb, w_omega, w_stiffness = block_wall_wrench_gradients(
+            p, xb, c, s, vb, omega, contact_stiffness, adj_force_b, adj_torque_b)
+        adj_xb = adj_xb + w_xb
+        adj_vb = adj_vb + w_vb
+        adj_omega = adj_omega + w_omega
+        adj_stiffness = adj_stiffness + w_stiffness
+        if touching[k] != 0:  # the pusher's contacts, where one is in reach (none: no force, no gradient)
+            adj_contacts = PusherContacts()
+            adj_contacts.force_p = adj_force_p
+            adj_contacts.force_b = adj_force_b
+            adj_contacts.torque_b = adj_torque_b
+            adj_contacts.impulse_p = adj_impulse_p
+            adj_contacts.impulse_b = adj_impulse_b
+            adj_contacts.ang_impulse_b = adj_ang_impulse_b
+            g_xp, g_vp, g_xb, g_c, g_s, g_vb, g_omega, g_mass, g_inertia, g_friction, g_stiffness = \
+                pusher_contacts_gradients(p, h, xp, vp, xb, c, s, vb, omega, block_mass, inertia, contact_friction,
+                                          contact_stiffness, touching[k], wp.matrix_from_rows(bars[k], stems[k]),
+                                          adj_contacts)
+            adj_xp = adj_xp + g_xp
+            adj_vp = adj_vp + g_vp
+            adj_xb = adj_xb + g_xb
+            adj_c = adj_c + g_c
+            adj_s = adj_s + g_s
+            adj_vb = adj_vb + g_vb
+            adj_omega = adj_omega + g_omega
+            adj_mass = adj_mass + g_mass
+            adj_inertia = adj_inertia + g_inertia
+            adj_contact_friction = adj_contact_friction + g_friction
+            adj_stiffness = adj_stiffness + g_stiffness
+        # c = cos theta, s = sin theta
+        adj_theta = adj_theta - s * adj_c + c * adj_s
+    wp.adjoint[command] += adj_command
+    wp.adjoint[pusher] += adj_xp
+    wp.adjoint[pusher_vel] += adj_vp
+    wp.adjoint[block] += adj_xb
+    wp.adjoint[angle] += adj_theta
+    wp.adjoint[block_vel] += adj_vb
+    wp.adjoint[angvel] += adj_omega
+    wp.adjoint[block_mass] += adj_mass + adj_inertia * p.block_inertia_per_mass
+    wp.adjoint[contact_friction] += adj_contact_friction
+    wp.adjoint[table_friction] += adj_table_friction
+    wp.adjoint[contact_stiffness] += adj_stiffness
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -752,24 +1271,16 @@ def t_push_step(
 ):
     i = wp.tid()
     command = p.max_speed * wp.vec2(action[i, 0], action[i, 1])
-    # ``advance``'s substeps written out here, not called: Warp's adjoint of a function replays its forward
-    # before reversing it, so behind a call all 20 substeps would be integrated once more in the backward
-    # pass (the kernel's own replay already computes every substep's state). Same ops, same order.
-    h = p.dt / float(_SUBSTEPS)
-    mass = block_mass[i]
-    inertia = mass * p.block_inertia_per_mass
-    mu_contact = contact_friction[i]
-    mu_table = table_friction[i]
-    stiffness = contact_stiffness[i]
-    xp = pusher_pos[i]
-    vp = pusher_vel[i]
-    xb = block_pos[i]
-    theta = block_angle[i]
-    vb = block_vel[i]
-    omega = block_angvel[i]
-    for _ in range(_SUBSTEPS):
-        xp, vp, xb, theta, vb, omega = substep(p, h, command, xp, vp, xb, theta, vb, omega, mass, inertia,
-                                               mu_contact, mu_table, stiffness)
+    state = exact_step(p, command, pusher_pos[i], pusher_vel[i], block_pos[i], block_angle[i], block_vel[i],
+                       block_angvel[i], block_mass[i], contact_friction[i], table_friction[i], contact_stiffness[i],
+                       i, pusher_pos_next, pusher_vel_next, block_pos_next, block_angle_next, block_vel_next,
+                       block_angvel_next)
+    xp = state.pusher_pos
+    vp = state.pusher_vel
+    xb = state.block_pos
+    theta = state.block_angle
+    vb = state.block_vel
+    omega = state.block_angvel
     pusher_pos_next[i] = xp
     pusher_vel_next[i] = vp
     block_pos_next[i] = xb
@@ -777,7 +1288,10 @@ def t_push_step(
     block_vel_next[i] = vb
     block_angvel_next[i] = omega
     step_next[i] = step[i] + 1
-    _write_observation(i, observation(xp, vp, xb, theta, vb, omega), obs)
+    # the kernel's own stores: the adjoint's replay skips a kernel's array stores, not a called function's
+    o = observation(xp, vp, xb, theta, vb, omega)
+    for k in range(11):
+        obs[i, k] = o[k]
     r, distance = step_reward(p, xp, xb, theta, pusher_pos[i], block_pos[i])
     reward[i] = r
     terminated[i] = 0
@@ -787,30 +1301,7 @@ def t_push_step(
 
 
 # --------------------------------------------------------------- pre-contact gradients (diffgym.envs.pre_contact)
-_surrogate_advance, _, _ = _make_advance(pre_contact=True)
-
-
-@wp.struct
-class _Motion:
-    """A state's float fields as one value (a Warp function's custom replay needs a single return value)."""
-    pusher_pos: wp.vec2
-    pusher_vel: wp.vec2
-    block_pos: wp.vec2
-    block_angle: float
-    block_vel: wp.vec2
-    block_angvel: float
-
-
-@wp.func
-def _motion(xp: wp.vec2, vp: wp.vec2, xb: wp.vec2, theta: float, vb: wp.vec2, omega: float) -> _Motion:
-    m = _Motion()
-    m.pusher_pos = xp
-    m.pusher_vel = vp
-    m.block_pos = xb
-    m.block_angle = theta
-    m.block_vel = vb
-    m.block_angvel = omega
-    return m
+_surrogate_advance, _, _, _, _ = _make_advance(pre_contact=True)
 
 
 @wp.func
