@@ -1,8 +1,8 @@
 """``diffgym results``: every learning-curve table and plot of ``docs/results.md`` from one manifest.
 
 A results manifest (YAML; the project's is ``docs/results/experiments.yml``) names experiments. Each is
-a set of labelled groups of training runs on one task (a trainer, its budget and overrides, over the
-experiment's seeds, all on one evaluation schedule) and the report drawn from them: curves against env
+a set of labelled groups of training runs on one task (a trainer, its budget, overrides and evaluation
+interval, over the experiment's seeds) and the report drawn from them: curves against env
 steps and gradient steps, the threshold table with per-seed costs and the baseline/contender ratios
 (:func:`diffgym.experiments.report.write_report`). ``run_experiments`` trains what is missing through a
 sweep runner (local processes or Ray; finished runs are reused, interrupted ones resume), writes each
@@ -261,18 +261,19 @@ def run_experiment(experiment: Experiment, runs_dir: str | Path, runner: Runner 
 
 def run_experiments(experiments: Sequence[Experiment], runs_dir: str | Path, runner: Runner | None = None,
                     document: str | Path | None = None, extend: bool = False) -> dict[str, Path]:
-    """:func:`run_experiment` for each, in order; then the tables between each experiment's markers in
-    ``document`` (if given) rewritten. Returns each experiment's report path."""
-    reports, tables = {}, {}
+    """:func:`run_experiment` for each, in order, each followed by its table between its markers in
+    ``document`` (if given), so an experiment that fails later leaves the finished ones written. Returns
+    each experiment's report path."""
+    reports = {}
     for experiment in experiments:
-        reports[experiment.name], tables[experiment.name] = run_experiment(experiment, runs_dir, runner, extend)
-    if document is not None:
+        reports[experiment.name], table = run_experiment(experiment, runs_dir, runner, extend)
+        if document is None:
+            continue
         path = Path(document)
-        text = path.read_text()
-        for name, table in tables.items():
-            text, found = replace_block(text, name, table)
-            if not found:
-                print(f"results {name}: {path} has no '<!-- results: {name} -->' markers; its table is only in "
-                      f"{reports[name]}", flush=True)
-        path.write_text(text)
+        text, found = replace_block(path.read_text(), experiment.name, table)
+        if found:
+            path.write_text(text)
+        else:
+            print(f"results {experiment.name}: {path} has no '<!-- results: {experiment.name} -->' markers; its "
+                  f"table is only in {reports[experiment.name]}", flush=True)
     return reports
