@@ -410,3 +410,64 @@ def test_t_push_pusher_contacts_gradients_match_central_differences():
                                        msg=lambda m: f"d/d{name}[{axis}]: {m}")
             column += 1
     assert float(gradient[:-1].abs().amax(dim=1).min()) > 0 and float(gradient[-1].abs().max()) == 0.0
+
+
+@wp.kernel(module="unique")
+def _t_push_reward(xp: wp.array(dtype=wp.vec2), xb: wp.array(dtype=wp.vec2), theta: wp.array(dtype=float),
+                   prev_pusher: wp.array(dtype=wp.vec2), prev_block: wp.array(dtype=wp.vec2), p: t_push.TPushParams,
+                   distance_weight: wp.array(dtype=float), out: wp.array(dtype=float)):
+    i = wp.tid()
+    result = t_push.step_reward_result(p, xp[i], xb[i], theta[i], prev_pusher[i], prev_block[i])
+    out[i] = result.reward + distance_weight[i] * result.distance
+
+
+def test_t_push_reward_adjoint_matches_central_differences():
+    """The reward with both shapings on: the pusher 0.5 mm into and out of the T's bar (inside the 1 mm onset
+    of the approach shaping), 3 mm into and out of it (beyond), where the boxes' distances blend (the concave
+    corner), and far from the T; the block near and far from the goal pose."""
+    sim = t_push.TPush(shaping_weight=0.1, face_shaping_weight=0.5)
+    radius = float(sim.params.pusher_radius)
+    generator = torch.Generator().manual_seed(3)
+    bar, stem = torch.tensor(t_push.BAR_CENTER, dtype=torch.float32), torch.tensor(t_push.STEM_CENTER,
+                                                                                  dtype=torch.float32)
+    local = [bar + torch.tensor([0.03, 0.025 + radius + gap]) for gap in (-0.003, -0.0005, 0.0005, 0.003)]
+    # in the concave corner, 1 mm nearer the stem or the bar: the boxes' distances blend (smooth_min)
+    local += [torch.tensor([stem[0] + 0.025 + radius + gap + skew, bar[1] - 0.025 - radius - gap])
+              for gap, skew in ((0.0005, 0.001), (0.002, -0.001))]
+    local += [bar + torch.tensor([0.0, 0.2])]
+    count = 2 * len(local)
+    angles = 2 * np.pi * torch.rand(count, generator=generator)
+    xb = torch.cat([0.05 * (2 * torch.rand(count // 2, 2, generator=generator) - 1),  # near the goal
+                    0.3 * (2 * torch.rand(count // 2, 2, generator=generator) - 1)])
+    rotation = torch.stack([torch.stack([torch.cos(angles), -torch.sin(angles)], -1),
+                            torch.stack([torch.sin(angles), torch.cos(angles)], -1)], -2)
+    xp = xb + (rotation @ torch.stack(local + local)[..., None])[..., 0]
+    inputs = {"xp": xp, "xb": xb, "theta": angles, "prev_pusher": xp + 0.01 * torch.randn(count, 2, generator=generator),
+              "prev_block": xb + 0.01 * torch.randn(count, 2, generator=generator)}
+    steps = {"xp": 2e-5, "xb": 2e-5, "theta": 1e-4, "prev_pusher": 2e-5, "prev_block": 2e-5}
+    distance_weight = torch.randn(count, generator=generator)
+
+    def values(tensors, tape=None):
+        arrays = {name: wp.from_torch(t.contiguous(), dtype=wp.vec2 if t.dim() == 2 else wp.float32,
+                                   requires_grad=True) for name, t in tensors.items()}
+        result = _scalar_launch(_t_push_reward, count,
+                                [*arrays.values(), sim.params, wp.from_torch(distance_weight)], tape)
+        if tape is None:
+            return result
+        return {name: wp.to_torch(a.grad).double().reshape(count, -1) for name, a in arrays.items()}
+
+    grads = values(inputs, wp.Tape())
+    value = values(inputs).detach()
+    for name, grad in grads.items():
+        for axis in range(grad.shape[1]):
+            plus, minus = dict(inputs), dict(inputs)
+            plus[name], minus[name] = inputs[name].clone(), inputs[name].clone()
+            (plus[name][:, axis] if grad.shape[1] > 1 else plus[name]).add_(steps[name])
+            (minus[name][:, axis] if grad.shape[1] > 1 else minus[name]).sub_(steps[name])
+            spacing = (plus[name] - minus[name]).double().reshape(count, -1)[:, axis]
+            central = (values(plus) - values(minus)) / spacing
+            noise = 4 * 2.0 ** -23 * float(value.abs().max()) / float(spacing.min())
+            torch.testing.assert_close(grad[:, axis], central, rtol=1e-2,
+                                       atol=max(2e-3 * float(grad.abs().max()), noise),
+                                       msg=lambda m: f"d/d{name}[{axis}]: {m}")
+        assert float(grad.abs().max()) > 0, name

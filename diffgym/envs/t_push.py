@@ -785,11 +785,18 @@ def _write_observation(i: int, o: _Observation, obs: wp.array2d(dtype=float)):
         obs[i, k] = o[k]
 
 
+@wp.struct
+class Reward:
+    """A step's reward and keypoint distance as one value (a Warp function's custom adjoint takes one)."""
+    reward: float
+    distance: float
+
+
 @wp.func
-def step_reward(p: TPushParams, xp: wp.vec2, xb: wp.vec2, theta: float, prev_pusher: wp.vec2,
-                prev_block: wp.vec2):
+def step_reward_result(p: TPushParams, xp: wp.vec2, xb: wp.vec2, theta: float, prev_pusher: wp.vec2,
+                       prev_block: wp.vec2) -> Reward:
     """The reward of a step that ends with the pusher at ``xp`` and the block at (``xb``, ``theta``), and
-    the keypoint distance D of that pose to the goal pose."""
+    the keypoint distance D of that pose to the goal pose, with a hand-written adjoint."""
     distance = mean_keypoint_distance(p, xb, theta)
     # shaping: a smoothed max(gap, 0), so it is zero (and gradient-free) in contact
     approach = smooth_relu(pusher_gap(p, xp, xb, theta), p.contact_smoothing)
@@ -797,7 +804,107 @@ def step_reward(p: TPushParams, xp: wp.vec2, xb: wp.vec2, theta: float, prev_pus
     # Phi(s_T) - Phi(s_0) over an episode, so it shifts the undiscounted return by a bounded amount and
     # leaves its optimal policies unchanged (a discounted objective would need gamma Phi(s')); off by default
     face = face_potential(p, xp, xb) - face_potential(p, prev_pusher, prev_block)
-    return -distance - p.shaping_weight * approach + p.face_shaping_weight * face, distance
+    result = Reward()
+    result.reward = -distance - p.shaping_weight * approach + p.face_shaping_weight * face
+    result.distance = distance
+    return result
+
+
+@wp.func_replay(step_reward_result)
+def _step_reward_result_replay(p: TPushParams, xp: wp.vec2, xb: wp.vec2, theta: float, prev_pusher: wp.vec2,
+                               prev_block: wp.vec2):
+    # Wherever an adjoint replays it, its results are only stored or returned, and neither needs a value to
+    # be reversed (its own adjoint below recomputes what it needs).
+    return Reward()
+
+
+@wp.func
+def face_potential_gradient(p: TPushParams, pusher: wp.vec2, block: wp.vec2):
+    """The gradients of ``face_potential(p, pusher, block)`` with respect to ``pusher`` and ``block``."""
+    rel = pusher - block
+    away = block - p.goal_pos
+    r = wp.sqrt(wp.dot(rel, rel) + 1.0e-6)
+    g = wp.sqrt(wp.dot(away, away) + 1.0e-6)
+    fade = wp.tanh(g / 0.05)
+    alignment = wp.dot(rel, away)
+    # face = fade(g) alignment / (r g): r = |rel| and g = |away|, smoothed
+    scale = fade / (r * g)
+    d_rel = scale * (away - (alignment / (r * r)) * rel)
+    d_away = scale * (rel - (alignment / (g * g)) * away) + ((1.0 - fade * fade) / 0.05 * alignment / (r * g * g)) * away
+    return d_rel, d_away - d_rel
+
+
+# The reward's adjoint, written by hand: Warp's generated one replays the reward (32 rotations' sines and
+# cosines, two box distances, the face potentials) and then each of its functions once more, after the
+# kernel's own replay. The same derivatives as the generated adjoint (equal to float32 round-off), with its
+# choices at the kinks: ``wp.clamp`` passes the gradient to its argument on [low, high), ``wp.where``'s
+# branch at the switch; the face potentials only where their weight is nonzero.
+@wp.func_grad(step_reward_result)
+def _step_reward_result_adjoint(p: TPushParams, xp: wp.vec2, xb: wp.vec2, theta: float, prev_pusher: wp.vec2,
+                                prev_block: wp.vec2, adj_ret: Reward):
+    adj_distance = adj_ret.distance - adj_ret.reward
+    adj_xp = wp.vec2(0.0, 0.0)
+    adj_xb = wp.vec2(0.0, 0.0)
+    adj_theta = float(0.0)
+    c = wp.cos(theta)
+    s = wp.sin(theta)
+    if adj_distance != 0.0:
+        # distance = mean over the outline vertices v of |xb + rotate(theta) v - goal - rotate(goal angle) v|
+        adj_norm = adj_distance / 8.0
+        for k in range(8):
+            v = outline_vertex(p, k)
+            d = xb + rotate_cs(c, s, v) - p.goal_pos - rotate(p.goal_angle, v)
+            adj_d = (adj_norm / wp.sqrt(wp.dot(d, d) + 1.0e-12)) * d
+            adj_xb = adj_xb + adj_d
+            adj_theta = adj_theta + wp.dot(adj_d, wp.vec2(-s * v[0] - c * v[1], c * v[0] - s * v[1]))
+    adj_approach = -p.shaping_weight * adj_ret.reward
+    if adj_approach != 0.0:
+        # approach = smooth_relu(smooth_min(bar, stem) - radius), the boxes' distances at q = rotate(-theta) d
+        d = xp - xb
+        q = rotate_cs(c, -s, d)
+        bar = box_distance(q, p.bar_center, p.bar_half, p.corner_smoothing)
+        stem = box_distance(q, p.stem_center, p.stem_half, p.corner_smoothing)
+        blend = p.corner_smoothing
+        gap = smooth_min(bar.dist, stem.dist, blend) - p.pusher_radius
+        adj_gap = adj_approach * smooth_relu_slope(gap, p.contact_smoothing)
+        u = 0.5 + 0.5 * (stem.dist - bar.dist) / blend
+        t = wp.clamp(u, 0.0, 1.0)
+        adj_t = float(0.0)
+        if u >= 0.0 and u < 1.0:
+            adj_t = adj_gap * ((bar.dist - stem.dist) - blend * (1.0 - 2.0 * t)) * 0.5 / blend
+        adj_bar = BoxDistance()
+        adj_bar.dist = adj_gap * t - adj_t
+        adj_stem = BoxDistance()
+        adj_stem.dist = adj_gap * (1.0 - t) + adj_t
+        adj_q = (box_distance_gradient(q, p.bar_center, p.bar_half, p.corner_smoothing, bar, adj_bar)
+                 + box_distance_gradient(q, p.stem_center, p.stem_half, p.corner_smoothing, stem, adj_stem))
+        adj_d = wp.vec2(c * adj_q[0] - s * adj_q[1], s * adj_q[0] + c * adj_q[1])
+        adj_theta = adj_theta + adj_q[0] * q[1] - adj_q[1] * q[0]
+        adj_xp = adj_xp + adj_d
+        adj_xb = adj_xb - adj_d
+    adj_prev_pusher = wp.vec2(0.0, 0.0)
+    adj_prev_block = wp.vec2(0.0, 0.0)
+    adj_face = p.face_shaping_weight * adj_ret.reward
+    if adj_face != 0.0:
+        d_pusher, d_block = face_potential_gradient(p, xp, xb)
+        adj_xp = adj_xp + adj_face * d_pusher
+        adj_xb = adj_xb + adj_face * d_block
+        d_pusher, d_block = face_potential_gradient(p, prev_pusher, prev_block)
+        adj_prev_pusher = -adj_face * d_pusher
+        adj_prev_block = -adj_face * d_block
+    wp.adjoint[xp] += adj_xp
+    wp.adjoint[xb] += adj_xb
+    wp.adjoint[theta] += adj_theta
+    wp.adjoint[prev_pusher] += adj_prev_pusher
+    wp.adjoint[prev_block] += adj_prev_block
+
+
+@wp.func
+def step_reward(p: TPushParams, xp: wp.vec2, xb: wp.vec2, theta: float, prev_pusher: wp.vec2,
+                prev_block: wp.vec2):
+    """``step_reward_result``'s reward and distance."""
+    result = step_reward_result(p, xp, xb, theta, prev_pusher, prev_block)
+    return result.reward, result.distance
 
 
 # ------------------------------------------------------------------------------- the step and its adjoint
@@ -1292,11 +1399,11 @@ def t_push_step(
     o = observation(xp, vp, xb, theta, vb, omega)
     for k in range(11):
         obs[i, k] = o[k]
-    r, distance = step_reward(p, xp, xb, theta, pusher_pos[i], block_pos[i])
-    reward[i] = r
+    rewarded = step_reward_result(p, xp, xb, theta, pusher_pos[i], block_pos[i])
+    reward[i] = rewarded.reward
     terminated[i] = 0
     success[i] = 0
-    if distance < p.success_distance:
+    if rewarded.distance < p.success_distance:
         success[i] = 1
 
 
