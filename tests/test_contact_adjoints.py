@@ -208,6 +208,27 @@ def _scalar_launch(kernel, count: int, inputs: list, tape=None):
     return None
 
 
+def _assert_central_differences(values, inputs: dict, steps: dict, grads: dict) -> None:
+    """Check each gradient in ``grads`` (name -> ``(count, width)``) against central differences of
+    ``values(inputs)`` (one float64 per element) with the per-input ``steps``: to 1 %, or to 0.2 % of the
+    gradient's largest entry, or to the differences' float32 round-off (a few ulps of the values over the
+    spacing), whichever is largest."""
+    reference = values(inputs).detach()
+    count, scale = len(reference), float(reference.abs().max())
+    for name, grad in grads.items():
+        for axis in range(grad.shape[1]):
+            plus, minus = dict(inputs), dict(inputs)
+            plus[name], minus[name] = inputs[name].clone(), inputs[name].clone()
+            (plus[name][:, axis] if inputs[name].dim() == 2 else plus[name]).add_(steps[name])
+            (minus[name][:, axis] if inputs[name].dim() == 2 else minus[name]).sub_(steps[name])
+            spacing = (plus[name] - minus[name]).double().reshape(count, -1)[:, axis]
+            central = (values(plus) - values(minus)).detach() / spacing
+            noise = 4 * 2.0 ** -23 * scale / float(spacing.min())
+            torch.testing.assert_close(grad[:, axis], central, rtol=1e-2,
+                                       atol=max(2e-3 * float(grad.abs().max()), noise),
+                                       msg=lambda m: f"d/d{name}[{axis}]: {m}")
+
+
 @wp.kernel(module="unique")
 def _t_push_box_distance(q: wp.array(dtype=wp.vec2), p: t_push.TPushParams, weights: wp.array(dtype=wp.vec3),
                          point_weights: wp.array(dtype=wp.vec2), out: wp.array(dtype=float)):
@@ -291,16 +312,8 @@ def test_t_push_block_wall_wrench_adjoint_matches_central_differences():
         return {name: wp.to_torch(a.grad).double().reshape(count, -1) for name, a in arrays.items()}
 
     grads = values(inputs, wp.Tape())
+    _assert_central_differences(values, inputs, steps, grads)
     for name, grad in grads.items():
-        for axis in range(grad.shape[1]):
-            plus, minus = dict(inputs), dict(inputs)
-            plus[name], minus[name] = inputs[name].clone(), inputs[name].clone()
-            (plus[name][:, axis] if grad.shape[1] > 1 else plus[name]).add_(steps[name])
-            (minus[name][:, axis] if grad.shape[1] > 1 else minus[name]).sub_(steps[name])
-            spacing = (plus[name] - minus[name]).double().reshape(count, -1)[:, axis]
-            central = (values(plus) - values(minus)) / spacing
-            torch.testing.assert_close(grad[:, axis], central, rtol=1e-2, atol=2e-3 * float(grad.abs().max()),
-                                       msg=lambda m: f"d/d{name}[{axis}]: {m}")
         assert float(grad[:-1].abs().max()) > 0, name
     assert float(grads["xb"][-1].abs().max()) == 0.0 and float(grads["omega"][-1]) == 0.0
 
@@ -393,22 +406,10 @@ def test_t_push_pusher_contacts_gradients_match_central_differences():
                   outputs=[value, gradient])
         return wp.to_torch(value).double(), wp.to_torch(gradient).double()
 
-    value, gradient = launch(inputs)
-    column = 0
-    for name, tensor in inputs.items():
-        for axis in range(tensor.shape[1] if tensor.dim() == 2 else 1):
-            plus, minus = dict(inputs), dict(inputs)
-            plus[name], minus[name] = tensor.clone(), tensor.clone()
-            (plus[name][:, axis] if tensor.dim() == 2 else plus[name]).add_(steps[name])
-            (minus[name][:, axis] if tensor.dim() == 2 else minus[name]).sub_(steps[name])
-            spacing = (plus[name] - minus[name]).double().reshape(count, -1)[:, axis]
-            central = (launch(plus)[0] - launch(minus)[0]) / spacing
-            grad = gradient[:, column]
-            # the central difference's float32 round-off: a few ulps of the value over the spacing
-            noise = 4 * 2.0 ** -23 * float(value.abs().max()) / float(spacing.min())
-            torch.testing.assert_close(grad, central, rtol=1e-2, atol=max(2e-3 * float(grad.abs().max()), noise),
-                                       msg=lambda m: f"d/d{name}[{axis}]: {m}")
-            column += 1
+    gradient = launch(inputs)[1]
+    widths = [t.shape[1] if t.dim() == 2 else 1 for t in inputs.values()]
+    grads = dict(zip(inputs, gradient.split(widths, dim=1)))  # the kernel's columns, in the inputs' order
+    _assert_central_differences(lambda tensors: launch(tensors)[0], inputs, steps, grads)
     assert float(gradient[:-1].abs().amax(dim=1).min()) > 0 and float(gradient[-1].abs().max()) == 0.0
 
 
@@ -457,17 +458,6 @@ def test_t_push_reward_adjoint_matches_central_differences():
         return {name: wp.to_torch(a.grad).double().reshape(count, -1) for name, a in arrays.items()}
 
     grads = values(inputs, wp.Tape())
-    value = values(inputs).detach()
+    _assert_central_differences(values, inputs, steps, grads)
     for name, grad in grads.items():
-        for axis in range(grad.shape[1]):
-            plus, minus = dict(inputs), dict(inputs)
-            plus[name], minus[name] = inputs[name].clone(), inputs[name].clone()
-            (plus[name][:, axis] if grad.shape[1] > 1 else plus[name]).add_(steps[name])
-            (minus[name][:, axis] if grad.shape[1] > 1 else minus[name]).sub_(steps[name])
-            spacing = (plus[name] - minus[name]).double().reshape(count, -1)[:, axis]
-            central = (values(plus) - values(minus)) / spacing
-            noise = 4 * 2.0 ** -23 * float(value.abs().max()) / float(spacing.min())
-            torch.testing.assert_close(grad[:, axis], central, rtol=1e-2,
-                                       atol=max(2e-3 * float(grad.abs().max()), noise),
-                                       msg=lambda m: f"d/d{name}[{axis}]: {m}")
         assert float(grad.abs().max()) > 0, name
