@@ -208,6 +208,18 @@ def _scalar_launch(kernel, count: int, inputs: list, tape=None):
     return None
 
 
+def _taped_values(kernel, tensors: dict, extra_inputs: list, tape=None):
+    """``kernel(*tensors, *extra_inputs, out)``'s values (float64), or with ``tape`` the gradients of their
+    sum with respect to ``tensors`` (name -> ``(count, width)``)."""
+    count = len(next(iter(tensors.values())))
+    arrays = {name: wp.from_torch(t.contiguous(), dtype=wp.vec2 if t.dim() == 2 else wp.float32, requires_grad=True)
+              for name, t in tensors.items()}
+    result = _scalar_launch(kernel, count, [*arrays.values(), *extra_inputs], tape)
+    if tape is None:
+        return result
+    return {name: wp.to_torch(a.grad).double().reshape(count, -1) for name, a in arrays.items()}
+
+
 def _assert_central_differences(values, inputs: dict, steps: dict, grads: dict) -> None:
     """Check each gradient in ``grads`` (name -> ``(count, width)``) against central differences of
     ``values(inputs)`` (one float64 per element) with the per-input ``steps``: to 1 %, or to 0.2 % of the
@@ -302,14 +314,8 @@ def test_t_push_block_wall_wrench_adjoint_matches_central_differences():
     weights = torch.randn(count, 3, generator=generator)
 
     def values(tensors, tape=None):
-        arrays = {name: wp.from_torch(t.contiguous(), dtype=wp.vec2 if t.dim() == 2 else wp.float32,
-                                   requires_grad=True)
-                  for name, t in tensors.items()}
-        launch_inputs = [*arrays.values(), sim.params, wp.from_torch(weights, dtype=wp.vec3)]
-        result = _scalar_launch(_t_push_block_wall_wrench, count, launch_inputs, tape)
-        if tape is None:
-            return result
-        return {name: wp.to_torch(a.grad).double().reshape(count, -1) for name, a in arrays.items()}
+        return _taped_values(_t_push_block_wall_wrench, tensors, [sim.params, wp.from_torch(weights, dtype=wp.vec3)],
+                             tape)
 
     grads = values(inputs, wp.Tape())
     _assert_central_differences(values, inputs, steps, grads)
@@ -443,19 +449,14 @@ def test_t_push_reward_adjoint_matches_central_differences():
     rotation = torch.stack([torch.stack([torch.cos(angles), -torch.sin(angles)], -1),
                             torch.stack([torch.sin(angles), torch.cos(angles)], -1)], -2)
     xp = xb + (rotation @ torch.stack(local + local)[..., None])[..., 0]
-    inputs = {"xp": xp, "xb": xb, "theta": angles, "prev_pusher": xp + 0.01 * torch.randn(count, 2, generator=generator),
+    inputs = {"xp": xp, "xb": xb, "theta": angles,
+              "prev_pusher": xp + 0.01 * torch.randn(count, 2, generator=generator),
               "prev_block": xb + 0.01 * torch.randn(count, 2, generator=generator)}
     steps = {"xp": 2e-5, "xb": 2e-5, "theta": 1e-4, "prev_pusher": 2e-5, "prev_block": 2e-5}
     distance_weight = torch.randn(count, generator=generator)
 
     def values(tensors, tape=None):
-        arrays = {name: wp.from_torch(t.contiguous(), dtype=wp.vec2 if t.dim() == 2 else wp.float32,
-                                   requires_grad=True) for name, t in tensors.items()}
-        result = _scalar_launch(_t_push_reward, count,
-                                [*arrays.values(), sim.params, wp.from_torch(distance_weight)], tape)
-        if tape is None:
-            return result
-        return {name: wp.to_torch(a.grad).double().reshape(count, -1) for name, a in arrays.items()}
+        return _taped_values(_t_push_reward, tensors, [sim.params, wp.from_torch(distance_weight)], tape)
 
     grads = values(inputs, wp.Tape())
     _assert_central_differences(values, inputs, steps, grads)
