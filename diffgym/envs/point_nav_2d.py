@@ -73,6 +73,13 @@ whose top speed sqrt(2) / drag = 0.71 m/s still crosses the arena within an epis
 _NUM_OBSTACLES = wp.constant(NUM_OBSTACLES)  # compile-time trip counts so the adjoint replays every loop
 _SUBSTEPS = wp.constant(SUBSTEPS)
 _MAX_RESET_TRIES = wp.constant(MAX_RESET_TRIES)
+# ``contact_force_and_touching``'s bitmask of the surfaces in range: bit k for obstacle k, then one bit per
+# wall after the obstacles' (derived from their count, so another obstacle cannot take a wall's bit)
+_TOUCHING_WALL_POS_X = wp.constant(1 << NUM_OBSTACLES)
+_TOUCHING_WALL_NEG_X = wp.constant(1 << (NUM_OBSTACLES + 1))
+_TOUCHING_WALL_POS_Y = wp.constant(1 << (NUM_OBSTACLES + 2))
+_TOUCHING_WALL_NEG_Y = wp.constant(1 << (NUM_OBSTACLES + 3))
+assert NUM_OBSTACLES + 4 <= 31, "the touching bitmask is a signed 32-bit int: at most 27 obstacles"
 _ObstacleMatrix = wp.types.matrix(shape=(NUM_OBSTACLES, 3), dtype=wp.float32)
 # A compile-time constant rather than a field of the params struct: every read of a struct's matrix field
 # copies the whole matrix, and its adjoint adds a whole matrix to the struct's (never used) adjoint, which
@@ -176,8 +183,8 @@ def _make_contact_force(pre_contact: bool):
             # than its distance) exerts exactly zero force with exactly zero derivatives, so it is skipped,
             # sparing the forward and above all the adjoint its terms.
             force = wp.vec2(0.0, 0.0)
-            # with_touching: also which surfaces are in range, bit k for obstacle k, bits 5-8 for the walls
-            # at +x, -x, +y and -y (the whole step's adjoint then skips the others without measuring them)
+            # with_touching: also which surfaces are in range, bit k for obstacle k, then the walls at +x, -x,
+            # +y and -y (_TOUCHING_WALL_*; the whole step's adjoint then skips the others without measuring them)
             touching = int(0)
             for k in range(_NUM_OBSTACLES):
                 offset = pos - obstacle_center(p, k)
@@ -197,16 +204,16 @@ def _make_contact_force(pre_contact: bool):
                 wall_range = limit - p.contact_gradient_distance
             if pos[0] > wall_range:
                 force = force + penalty_force(pos[0] - limit, wp.vec2(-1.0, 0.0), vel, p)
-                touching = touching | 32
+                touching = touching | _TOUCHING_WALL_POS_X
             if pos[0] < -wall_range:
                 force = force + penalty_force(-limit - pos[0], wp.vec2(1.0, 0.0), vel, p)
-                touching = touching | 64
+                touching = touching | _TOUCHING_WALL_NEG_X
             if pos[1] > wall_range:
                 force = force + penalty_force(pos[1] - limit, wp.vec2(0.0, -1.0), vel, p)
-                touching = touching | 128
+                touching = touching | _TOUCHING_WALL_POS_Y
             if pos[1] < -wall_range:
                 force = force + penalty_force(-limit - pos[1], wp.vec2(0.0, 1.0), vel, p)
-                touching = touching | 256
+                touching = touching | _TOUCHING_WALL_NEG_Y
             if wp.static(with_touching):
                 return force, touching
             else:
@@ -329,19 +336,19 @@ def contact_force_gradients(pos: wp.vec2, vel: wp.vec2, p: PointNav2DParams, tou
             adj_pos = adj_pos + adj_offset
     # the walls: depth pos[0] - limit along (-1, 0), -limit - pos[0] along (1, 0), and so on; constant normals
     limit = p.arena_half_width - p.body_radius
-    if (touching & 32) != 0:  # pos[0] > limit
+    if (touching & _TOUCHING_WALL_POS_X) != 0:  # pos[0] > limit
         adj_depth, adj_normal, adj_v = _penalty_force_adjoint(pos[0] - limit, wp.vec2(-1.0, 0.0), vel, p, adj_ret)
         adj_pos = adj_pos + wp.vec2(adj_depth, 0.0)
         adj_vel = adj_vel + adj_v
-    if (touching & 64) != 0:  # pos[0] < -limit
+    if (touching & _TOUCHING_WALL_NEG_X) != 0:  # pos[0] < -limit
         adj_depth, adj_normal, adj_v = _penalty_force_adjoint(-limit - pos[0], wp.vec2(1.0, 0.0), vel, p, adj_ret)
         adj_pos = adj_pos - wp.vec2(adj_depth, 0.0)
         adj_vel = adj_vel + adj_v
-    if (touching & 128) != 0:  # pos[1] > limit
+    if (touching & _TOUCHING_WALL_POS_Y) != 0:  # pos[1] > limit
         adj_depth, adj_normal, adj_v = _penalty_force_adjoint(pos[1] - limit, wp.vec2(0.0, -1.0), vel, p, adj_ret)
         adj_pos = adj_pos + wp.vec2(0.0, adj_depth)
         adj_vel = adj_vel + adj_v
-    if (touching & 256) != 0:  # pos[1] < -limit
+    if (touching & _TOUCHING_WALL_NEG_Y) != 0:  # pos[1] < -limit
         adj_depth, adj_normal, adj_v = _penalty_force_adjoint(-limit - pos[1], wp.vec2(0.0, 1.0), vel, p, adj_ret)
         adj_pos = adj_pos - wp.vec2(0.0, adj_depth)
         adj_vel = adj_vel + adj_v
