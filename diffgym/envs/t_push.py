@@ -42,10 +42,23 @@ BAR_CENTER = _BAR_CENTER_DRAW - _COM_DRAW
 """Bar centre in the body frame (origin at the centre of mass) [m]."""
 STEM_CENTER = _STEM_CENTER_DRAW - _COM_DRAW
 """Stem centre in the body frame [m]."""
-T_OUTLINE = np.array([  # body frame, counter-clockwise; also the reward keypoints
-    [-0.10, 0.05], [-0.10, 0.0], [-0.025, 0.0], [-0.025, -0.15],
-    [0.025, -0.15], [0.025, 0.0], [0.10, 0.0], [0.10, 0.05],
-]) - _COM_DRAW
+BAR_HALF = (BAR_SIZE[0] / 2, BAR_SIZE[1] / 2)
+"""Half the bar's width and height [m] (``TPushParams.bar_half``)."""
+STEM_HALF = (STEM_SIZE[0] / 2, STEM_SIZE[1] / 2)
+"""Half the stem's width and height [m] (``TPushParams.stem_half``)."""
+
+
+def t_outline(bar_center, bar_half, stem_center, stem_half) -> np.ndarray:
+    """The T's 8 outline vertices ``(8, 2)`` in the body frame, counter-clockwise from the bar's top left,
+    built from its two boxes exactly as the kernels' ``outline_vertex`` builds them from the params."""
+    (bcx, bcy), (bhx, bhy), (scx, scy), (shx, shy) = bar_center, bar_half, stem_center, stem_half
+    return np.array([[bcx - bhx, bcy + bhy], [bcx - bhx, bcy - bhy], [scx - shx, scy + shy], [scx - shx, scy - shy],
+                     [scx + shx, scy - shy], [scx + shx, scy + shy], [bcx + bhx, bcy - bhy], [bcx + bhx, bcy + bhy]])
+
+
+T_OUTLINE = t_outline(BAR_CENTER, BAR_HALF, STEM_CENTER, STEM_HALF)
+"""The outline in the body frame; also the reward keypoints. From the same boxes as the params' (``TPush``
+checks that they agree), so ``_HULL_REACH`` below bounds the hull the kernels' gradients see."""
 
 
 def t_inertia_per_mass() -> float:
@@ -88,6 +101,18 @@ below this spread too few poses that far are drawn (at 0.3 about a quarter of th
 _HULL = T_OUTLINE[[0, 1, 3, 4, 6, 7]]  # the convex-hull corners (the concave 2 and 5 never touch a wall)
 _HULL_REACH = wp.constant(1.001 * float(np.linalg.norm(_HULL, axis=1).max()))
 """The hull corners' largest distance from the centre of mass [m], with a margin for float32 rotations."""
+
+
+def _check_outline_matches_hull(p) -> None:
+    """Raise unless the params' boxes (``outline_vertex``'s source) give ``T_OUTLINE`` to float32 round-off:
+    ``block_wall_wrench_gradients`` skips a wall the T's centre of mass is farther from than ``_HULL_REACH``,
+    which is measured on ``T_OUTLINE``, so a larger T in the params would silently lose its walls' gradients."""
+    boxes = [np.array(list(v), dtype=np.float64) for v in (p.bar_center, p.bar_half, p.stem_center, p.stem_half)]
+    mismatch = float(np.abs(t_outline(*boxes) - T_OUTLINE).max())
+    if mismatch > 1e-6:  # float32 round-off of the params' values is ~1e-8 m
+        raise ValueError(f"TPushParams' bar and stem boxes must give the T outline T_OUTLINE (whose hull radius "
+                         f"bounds the walls' gradients), got vertices up to {mismatch:.3g} m away from it")
+
 
 PHYSICS_BOUNDS = {
     "block_mass": (0.5, 2.0),
@@ -796,7 +821,19 @@ class Reward:
 def step_reward_result(p: TPushParams, xp: wp.vec2, xb: wp.vec2, theta: float, prev_pusher: wp.vec2,
                        prev_block: wp.vec2) -> Reward:
     """The reward of a step that ends with the pusher at ``xp`` and the block at (``xb``, ``theta``), and
-    the keypoint distance D of that pose to the goal pose, with a hand-written adjoint."""
+    the keypoint distance D of that pose to the goal pose, with a hand-written adjoint and replay.
+
+    The replay (what a kernel's adjoint runs in place of this call before reversing the kernel) returns
+    zeros, not these values: recomputing them would cost the reward once more per backward pass. So in a
+    differentiated kernel its results may only be stored to arrays (``reward[i] = r``), compared in a branch
+    that only stores (``if distance < success_distance: success[i] = 1``), returned, or passed to a function
+    whose adjoint ignores their value (``straight_through``'s exact argument). They must not reach any
+    operation whose adjoint reads its operands' values (a product, a division, a ``wp.sqrt``, another
+    function with a generated adjoint) nor decide a branch that computes something differentiated, nor be
+    added to a differentiated value that such an operation reads later: the adjoint would silently use
+    zeros there. This function's own adjoint recomputes everything it needs from its inputs, so calling it
+    (or ``step_reward``) under those rules, as the exact and the pre-contact step kernels do, gives exact
+    gradients."""
     distance = mean_keypoint_distance(p, xb, theta)
     # shaping: a smoothed max(gap, 0), so it is zero (and gradient-free) in contact
     approach = smooth_relu(pusher_gap(p, xp, xb, theta), p.contact_smoothing)
@@ -813,8 +850,7 @@ def step_reward_result(p: TPushParams, xp: wp.vec2, xb: wp.vec2, theta: float, p
 @wp.func_replay(step_reward_result)
 def _step_reward_result_replay(p: TPushParams, xp: wp.vec2, xb: wp.vec2, theta: float, prev_pusher: wp.vec2,
                                prev_block: wp.vec2):
-    # Wherever an adjoint replays it, its results are only stored or returned, and neither needs a value to
-    # be reversed (its own adjoint below recomputes what it needs).
+    # zeros: see step_reward_result's docstring for what a caller may do with the replayed results
     return Reward()
 
 
@@ -902,7 +938,8 @@ def _step_reward_result_adjoint(p: TPushParams, xp: wp.vec2, xb: wp.vec2, theta:
 @wp.func
 def step_reward(p: TPushParams, xp: wp.vec2, xb: wp.vec2, theta: float, prev_pusher: wp.vec2,
                 prev_block: wp.vec2):
-    """``step_reward_result``'s reward and distance."""
+    """``step_reward_result``'s reward and distance; in a kernel's adjoint replay both are zero, so its
+    caller must use them only as ``step_reward_result``'s docstring allows."""
     result = step_reward_result(p, xp, xb, theta, prev_pusher, prev_block)
     return result.reward, result.distance
 
@@ -1577,9 +1614,10 @@ class TPush(DiffSim):
         p.block_inertia_per_mass = t_inertia_per_mass()
         p.friction_radius = t_mean_radius()
         p.bar_center = wp.vec2(*BAR_CENTER)
-        p.bar_half = wp.vec2(BAR_SIZE[0] / 2, BAR_SIZE[1] / 2)
+        p.bar_half = wp.vec2(*BAR_HALF)
         p.stem_center = wp.vec2(*STEM_CENTER)
-        p.stem_half = wp.vec2(STEM_SIZE[0] / 2, STEM_SIZE[1] / 2)
+        p.stem_half = wp.vec2(*STEM_HALF)
+        _check_outline_matches_hull(p)
         p.contact_stiffness = contact_stiffness
         p.contact_damping = contact_damping
         p.contact_smoothing = contact_smoothing
