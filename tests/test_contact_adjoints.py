@@ -88,46 +88,130 @@ def _contact_states(venv, steps: int):
     return states, actions
 
 
+# The arena's outward directions: its four walls, then its four corners (two walls at once)
+_OUTWARD = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0],
+                         [1.0, 1.0], [-1.0, 1.0], [-1.0, -1.0], [1.0, -1.0]])
+
+
+def _point_nav_wall_state(venv):
+    """32 points pressing into each wall and each corner at full force, 4 per side: 0.5 mm into the wall
+    moving outwards at 2 m/s (it passes the spring's 10 mm onset band within the step and is still in the
+    wall at its end, where the reward's wall term acts), 12 mm at 1 m/s (also still in at the end), and
+    20 mm at 2 m/s and 30 mm at 0.5 m/s (thrown back out of the wall by the end); and the action."""
+    state = venv.get_state()
+    generator = torch.Generator().manual_seed(4)
+    outward = _OUTWARD.repeat_interleave(4, dim=0)
+    depth = torch.tensor([0.0005, 0.012, 0.02, 0.03]).repeat(8)
+    speed = torch.tensor([2.0, 1.0, 2.0, 0.5]).repeat(8)
+    along = 1.5 * (2 * torch.rand(32, generator=generator) - 1)  # along a wall: anywhere but its corners
+    limit = point_nav_2d.ARENA_HALF_WIDTH - point_nav_2d.BODY_RADIUS
+    pos = torch.where(outward != 0, outward * (limit + depth)[:, None], along[:, None])
+    vel = outward / outward.norm(dim=1, keepdim=True) * speed[:, None]
+    return type(state)(pos, vel, state.goal, state.step), outward
+
+
+def _t_push_wall_state(venv):
+    """32 TPush states against the walls: the T pressed into each wall (a hull corner 2-8 mm into it, beyond
+    the 1 mm onset band) by the pusher on its stem's end and by its own velocity, 4 per wall; the T pressed into
+    both walls of each corner of the arena, 2 per corner; the pusher 5-20 mm into each wall and 10 mm into each
+    corner at full speed, 1 per side (the T clear of it); and the action."""
+    sim, state = venv.sim, venv.get_state()
+    generator = torch.Generator().manual_seed(6)
+    half, radius = t_push.ARENA_HALF, float(sim.params.pusher_radius)
+    depth = torch.tensor([0.002, 0.004, 0.006, 0.008])
+    # the T against a wall, its bar towards it (tilted up to 0.3 rad, so a corner leads)
+    wall_out = _OUTWARD[:4].repeat_interleave(4, dim=0)
+    tilt = 0.3 * (2 * torch.rand(16, generator=generator) - 1)
+    wall_angle = torch.atan2(wall_out[:, 1], wall_out[:, 0]) - np.pi / 2 + tilt
+    # the T in a corner, at any angle
+    corner_out = _OUTWARD[4:].repeat_interleave(2, dim=0)
+    corner_angle = 2 * np.pi * torch.rand(8, generator=generator)
+    angle = torch.cat([wall_angle, corner_angle])
+    outward = torch.cat([wall_out, corner_out])
+    corners = sim.hull_vertices(torch.zeros(24, 2), angle)
+    sign = torch.where(outward != 0, outward.sign(), torch.zeros(()))
+    reach = (corners * sign[:, None]).amax(dim=1)  # each axis's farthest corner towards its wall
+    block_depth = torch.cat([depth.repeat(4), depth[[0, 3]].repeat(4)])
+    along = 0.2 * (2 * torch.rand(24, generator=generator) - 1)
+    block_pos = torch.where(sign != 0, sign * (half + block_depth[:, None] - reach), along[:, None])
+    # the pusher on the stem's end (the bar faces the wall), 0.5 mm into it, or clear of the T in a corner
+    stem_end = torch.tensor(t_push.STEM_CENTER, dtype=torch.float32) + torch.tensor(
+        [0.0, -t_push.STEM_SIZE[1] / 2 - radius + 0.0005])
+    c, s = torch.cos(angle), torch.sin(angle)
+    on_stem = block_pos + torch.stack([c * stem_end[0] - s * stem_end[1], s * stem_end[0] + c * stem_end[1]], -1)
+    pusher_pos = torch.where(torch.arange(24)[:, None] < 16, on_stem,
+                             block_pos - 0.25 * outward / outward.norm(dim=1, keepdim=True))
+    # the pusher against each wall (5-20 mm in) and each corner (10 mm into both walls), the T near the centre
+    pusher_depth = torch.tensor([0.005, 0.01, 0.015, 0.02, 0.01, 0.01, 0.01, 0.01])
+    along = 0.3 * (2 * torch.rand(8, 2, generator=generator) - 1)
+    pusher_pos = torch.cat([pusher_pos, torch.where(_OUTWARD != 0, _OUTWARD * (half - radius + pusher_depth)[:, None],
+                                                    along)])
+    action = torch.cat([outward, _OUTWARD])
+    block_pos = torch.cat([block_pos, 0.05 * (2 * torch.rand(8, 2, generator=generator) - 1)])
+    angle = torch.cat([angle, 2 * np.pi * torch.rand(8, generator=generator)])
+    block_vel = torch.cat([0.1 * outward, torch.zeros(8, 2)])
+    wall_state = type(state)(pusher_pos, 0.3 * action, block_pos, angle, block_vel,
+                             torch.randn(32, generator=generator), state.step)
+    sim.check_state(wall_state)  # within the valid domain (the T's corners at most 30 mm into a wall)
+    return wall_state, action
+
+
+def _assert_step_is_the_reference_step(env_id: str, sim, reference, state, action, generator) -> None:
+    """``sim._step``'s values from ``state`` under ``action`` equal ``reference``'s (``advance``, the observation
+    and the reward, differentiated by a Warp tape) bit for bit, and its gradients of a random weighting of
+    every output equal the reference's to float32 round-off."""
+    batch = state.batch_size
+    physics = [t.clone().requires_grad_(True) for t in sim._default_physics(batch)]
+    leaves = [t.clone().requires_grad_(True) for t in state.tensors()[:-1]]
+    leaf_action = action.clone().requires_grad_(True)
+    out = sim._step(type(state)(*leaves, state.step), leaf_action, physics)
+    results = [*out.state.tensors()[:-1], out.obs, out.reward]
+    weights = [torch.randn(t.shape, generator=generator) for t in results]
+    sum(((t * w).sum() for t, w in zip(results, weights)), torch.zeros(())).backward()
+
+    arrays = [wp.from_torch(t.detach().contiguous(), dtype=arg.type.dtype, requires_grad=True)
+              for t, arg in zip([*state.tensors()[:-1], action, *physics], reference.adj.args)]
+    outputs = [wp.zeros(t.shape[:1] if arg.type.ndim == 1 else t.shape, dtype=arg.type.dtype, requires_grad=True)
+               for t, arg in zip(results, reference.adj.args[-len(results):])]
+    tape = wp.Tape()
+    with tape:
+        wp.launch(reference, batch, inputs=[*arrays, sim.params], outputs=outputs)
+    tape.backward(grads={o: wp.from_torch(w.contiguous(), dtype=o.dtype) for o, w in zip(outputs, weights)})
+
+    names = [*state.field_names()[:-1], "obs", "reward"]
+    for name, ours, theirs in zip(names, results, outputs):
+        assert torch.equal(ours.detach(), wp.to_torch(theirs)), f"{env_id}: {name} differs from the reference's"
+    names = [*state.field_names()[:-1], "action", *sim.physical_params]
+    for name, leaf, array in zip(names, [*leaves, leaf_action, *physics], arrays, strict=True):
+        expected = wp.to_torch(array.grad)
+        # float32 round-off: the hand-written adjoint sums the same terms in another order
+        torch.testing.assert_close(leaf.grad, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()),
+                                   msg=lambda m: f"{env_id}: gradient of {name}: {m}")
+    assert leaf_action.grad.abs().max() > 0
+
+
 @pytest.mark.slow  # compiles a kernel of its own (TPush: 20 unrolled substeps)
-@pytest.mark.parametrize("env_id, make_reference", [("DiffGym/PointNav2D-v0", _point_nav_kernel),
-                                                    ("DiffGym/TPush-v1", _t_push_kernel)])
-def test_step_is_the_reference_step_and_its_gradients_to_round_off(env_id, make_reference):
+@pytest.mark.parametrize("env_id, make_reference, wall_state", [
+    ("DiffGym/PointNav2D-v0", _point_nav_kernel, _point_nav_wall_state),
+    ("DiffGym/TPush-v1", _t_push_kernel, _t_push_wall_state)])
+def test_step_is_the_reference_step_and_its_gradients_to_round_off(env_id, make_reference, wall_state):
+    """Free, then in contact with the obstacles or the T, then pressed into the walls and the arena's corners
+    (PointNav2D's point; TPush's T, pushed, and its pusher)."""
     venv = gym.make_vec(env_id, num_envs=32, device="cpu")
     venv.reset(seed=5)
-    sim = venv.sim
     reference = make_reference()
     states, actions = _contact_states(venv, 12)
     generator = torch.Generator().manual_seed(0)
-    for state, action in zip(states[::3], actions[::3]):  # free at first, then in contact
-        physics = [t.clone().requires_grad_(True) for t in sim._default_physics(32)]
-        leaves = [t.clone().requires_grad_(True) for t in state.tensors()[:-1]]
-        leaf_action = action.clone().requires_grad_(True)
-        out = sim._step(type(state)(*leaves, state.step), leaf_action, physics)
-        results = [*out.state.tensors()[:-1], out.obs, out.reward]
-        weights = [torch.randn(t.shape, generator=generator) for t in results]
-        sum(((t * w).sum() for t, w in zip(results, weights)), torch.zeros(())).backward()
+    for state, action in [*zip(states[::3], actions[::3]), wall_state(venv)]:
+        _assert_step_is_the_reference_step(env_id, venv.sim, reference, state, action, generator)
 
-        # the reference: ``advance``, the observation and the reward, differentiated by a Warp tape
-        arrays = [wp.from_torch(t.detach().contiguous(), dtype=arg.type.dtype, requires_grad=True)
-                  for t, arg in zip([*state.tensors()[:-1], action, *physics], reference.adj.args)]
-        outputs = [wp.zeros(t.shape[:1] if arg.type.ndim == 1 else t.shape, dtype=arg.type.dtype,
-                            requires_grad=True)
-                   for t, arg in zip(results, reference.adj.args[-len(results):])]
-        tape = wp.Tape()
-        with tape:
-            wp.launch(reference, 32, inputs=[*arrays, sim.params], outputs=outputs)
-        tape.backward(grads={o: wp.from_torch(w.contiguous(), dtype=o.dtype) for o, w in zip(outputs, weights)})
 
-        names = [*state.field_names()[:-1], "obs", "reward"]
-        for name, ours, theirs in zip(names, results, outputs):
-            assert torch.equal(ours.detach(), wp.to_torch(theirs)), f"{env_id}: {name} differs from the reference's"
-        names = [*state.field_names()[:-1], "action", *sim.physical_params]
-        for name, leaf, array in zip(names, [*leaves, leaf_action, *physics], arrays, strict=True):
-            expected = wp.to_torch(array.grad)
-            # float32 round-off: the hand-written adjoint sums the same terms in another order
-            torch.testing.assert_close(leaf.grad, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()),
-                                       msg=lambda m: f"{env_id}: gradient of {name}: {m}")
-        assert leaf_action.grad.abs().max() > 0
+def test_t_push_refuses_params_whose_t_is_not_the_outline(monkeypatch):
+    """The walls' gradients skip a wall farther from the T's centre of mass than the hull radius measured on
+    ``T_OUTLINE``: a sim whose params describe a larger T must not be built."""
+    monkeypatch.setattr(t_push, "BAR_HALF", (0.15, 0.025))
+    with pytest.raises(ValueError, match="T_OUTLINE"):
+        t_push.TPush()
 
 
 @wp.kernel(module="unique")
