@@ -48,8 +48,9 @@ def test_manifest_groups_become_runs_with_their_own_settings(tmp_path, trainers)
     assert [c.eval_every_env_steps for c in configs] == [5000, 5000, 2500, 2500]  # a group's own interval
     assert [c.algo_params["segment_length"] for c in configs] == [8, 8, 16, 16]
     assert experiment.report_dir == tmp_path / "results" / "scripted" / "report"  # beside the manifest
-    assert experiment.labels(configs) == {"slow__s0": "slow", "slow__s1": "slow", "fast_K_16__s0": "fast, K 16",
-                                          "fast_K_16__s1": "fast, K 16"}
+    assert {p.name: label for p, label in experiment.labels(tmp_path / "runs").items()} == {
+        "slow__s0": "slow", "slow__s1": "slow", "fast_K_16__s0": "fast, K 16", "fast_K_16__s1": "fast, K 16"}
+    assert set(experiment.labels(tmp_path / "runs")) == {Path(c.run_dir) for c in configs}
 
 
 def test_reports_tables_and_document_blocks_and_a_rerun_trains_nothing(tmp_path, trainers, quick_reports, capsys):
@@ -85,13 +86,17 @@ def test_a_run_made_with_another_setting_is_refused_naming_it(tmp_path, trainers
     with pytest.raises(ValueError, match=r"slow__s0 was trained with another setting \(algo_params.segment_length\) "
                                          r"\(and 1 more runs\)"):
         run_experiments([experiment], tmp_path / "runs", LocalRunner(workers=1))
-    # a field the saved config lacks was added after that run: its default kept the run's behaviour
+    # a field the saved config lacks was added after that run, with the default that kept its behaviour: a
+    # difference only where the manifest asks for another value than the trainer's default
     saved = tmp_path / "runs" / "scripted" / "fast_K_16__s0" / "config.yaml"
     data = yaml.safe_load(saved.read_text())
-    del data["algo_params"]["bootstrap"]
+    del data["algo_params"]["bootstrap"], data["algo_params"]["segment_length"]
     saved.write_text(yaml.safe_dump(data))
     original = load_manifest(path)["scripted"]
-    assert config_changes(original.configs(tmp_path / "runs")) == []
+    assert config_changes(original.configs(tmp_path / "runs")) == [(str(saved.parent), ["algo_params.segment_length"])]
+    data["algo_params"]["segment_length"] = 16
+    saved.write_text(yaml.safe_dump(data))
+    assert config_changes(original.configs(tmp_path / "runs")) == []  # bootstrap absent, "none" is the default
 
 
 @pytest.mark.parametrize("entry, message", [
@@ -101,7 +106,9 @@ def test_a_run_made_with_another_setting_is_refused_naming_it(tmp_path, trainers
     ({**SCRIPTED, "eval_every": 0}, "eval_every must be a positive whole number, got 0"),
     ({**SCRIPTED, "baseline": "ppo"}, "baseline 'ppo' is not one of the group labels"),
     ({**SCRIPTED, "threshold": 1.5}, r"threshold must be a success rate in \(0, 1\]"),
-    ({**SCRIPTED, "report_dir": "../elsewhere"}, "report_dir must be a relative path inside"),
+    ({**SCRIPTED, "report_dir": "../elsewhere"}, "report_dir must be a folder inside"),
+    ({**SCRIPTED, "report_dir": "."}, "report_dir must be a folder inside"),
+    ({**SCRIPTED, "log_x": "false"}, "log_x must be true or false, got 'false'"),
     ({**SCRIPTED, "groups": [SCRIPTED["groups"][0], SCRIPTED["groups"][0]]}, "group labels must differ"),
     ({**SCRIPTED, "groups": [{"label": "a", "algo": "slow_algo"}]}, "group 1: missing key 'env_steps'"),
     ({**SCRIPTED, "groups": [{**SCRIPTED["groups"][0], "set": ["x=1"]}]}, "set must map dotted config keys"),
@@ -111,11 +118,24 @@ def test_manifest_errors_name_the_experiment_and_the_key(tmp_path, entry, messag
         load_manifest(manifest(tmp_path, {"e": entry}))
 
 
+def test_repeated_names_and_shared_report_folders_are_refused(tmp_path):
+    path = tmp_path / "twice.yml"
+    path.write_text("experiments:\n  a: {}\n  a: {}\n")
+    with pytest.raises(ValueError, match="key 'a' appears twice"):
+        load_manifest(path)
+    with pytest.raises(ValueError, match="experiments 'a' and 'b' share report_dir"):
+        load_manifest(manifest(tmp_path, {"a": SCRIPTED, "b": SCRIPTED}))
+    assert [e.name for e in select(load_manifest(manifest(tmp_path, {"a": SCRIPTED})), ["a", "a"])] == ["a"]
+
+
 def test_cli_lists_and_refuses_in_one_line(tmp_path, trainers):
     path = manifest(tmp_path, {"scripted": SCRIPTED})
     bad = tmp_path / "bad.yml"
     bad.write_text("experiments: [1, 2]\n")
+    stray = tmp_path / "stray.yml"
+    stray.write_text(yaml.safe_dump({"experiments": {"scripted": SCRIPTED}, "defaults": {}}))
     for argv, expected in ((["--manifest", str(bad)], "expected a top-level 'experiments:' mapping"),
+                           (["--manifest", str(stray)], "unknown top-level key 'defaults'"),
                            (["nope", "--manifest", str(path)], "no experiment 'nope' in the manifest (it has scripted)")):
         run = subprocess.run([sys.executable, "-m", "diffgym.cli", "results", *argv], capture_output=True, text=True,
                              cwd=tmp_path)
@@ -130,6 +150,11 @@ def test_replace_block_touches_only_its_own_markers():
     new, found = replace_block(text, "a", "| new |\n")
     assert found and new == text.replace("\nA\n", "\n| new |\n")
     assert replace_block(text, "c", "x") == (text, False)
+    empty = "<!-- results: e -->\n<!-- /results: e -->\n"
+    assert replace_block(empty, "e", "| t |") == ("<!-- results: e -->\n| t |\n<!-- /results: e -->\n", True)
+    crlf = "a\r\n<!-- results: e -->\r\nold\r\n<!-- /results: e -->\r\nb\r\n"
+    assert replace_block(crlf, "e", "| t |\n| u |") == (
+        "a\r\n<!-- results: e -->\r\n| t |\r\n| u |\r\n<!-- /results: e -->\r\nb\r\n", True)
 
 
 def test_the_project_manifest_resolves_every_run():

@@ -30,6 +30,7 @@ from diffgym.experiments.report import SUCCESS_THRESHOLD, write_report
 from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
 from diffgym.experiments.training_runs import reuse_plan
 from diffgym.plugins import resolve_config
+from diffgym.training.run import replace_atomically
 from diffgym.training.spec import TrainConfig
 
 EXPERIMENT_KEYS = {"title", "env", "seeds", "eval_every", "groups", "report_dir", "baseline", "contender",
@@ -70,22 +71,20 @@ class Experiment:
     log_x: bool = False
     threshold: float = SUCCESS_THRESHOLD
 
+    def run_dir(self, runs_dir: str | Path, group: Group, seed: int) -> Path:
+        return Path(runs_dir) / self.name / f"{group.slug}__s{seed}"
+
     def configs(self, runs_dir: str | Path) -> list[TrainConfig]:
         """Every run as a config: each group's trainer defaults for the task, its overrides, the seed, its
         budget and its evaluation interval."""
-        configs = []
-        for item in self.groups:
-            for seed in item.seeds:
-                configs.append(resolve_config(item.algo, self.env, {
+        return [resolve_config(item.algo, self.env, {
                     **item.overrides, "seed": seed, "total_env_steps": item.env_steps,
-                    "eval_every_env_steps": item.eval_every,
-                    "run_dir": str(Path(runs_dir) / self.name / f"{item.slug}__s{seed}")}))
-        return configs
+                    "eval_every_env_steps": item.eval_every, "run_dir": str(self.run_dir(runs_dir, item, seed))})
+                for item in self.groups for seed in item.seeds]
 
-    def labels(self, configs: Sequence[TrainConfig]) -> dict[str, str]:
-        """Run directory name -> its group's label, for the configs of :meth:`configs`."""
-        names = iter(Path(c.run_dir).name for c in configs)
-        return {next(names): item.label for item in self.groups for _ in item.seeds}
+    def labels(self, runs_dir: str | Path) -> dict[Path, str]:
+        """Run directory -> its group's label."""
+        return {self.run_dir(runs_dir, item, seed): item.label for item in self.groups for seed in item.seeds}
 
 
 def _fail(where: str, message: str) -> ValueError:
@@ -160,8 +159,11 @@ def parse_experiment(name: str, entry: Any, folder: Path) -> Experiment:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
         raise _fail(where, f"threshold must be a success rate in (0, 1], got {threshold!r}")
     report_dir = entry.get("report_dir", name)
-    if not isinstance(report_dir, str) or Path(report_dir).is_absolute() or ".." in Path(report_dir).parts:
-        raise _fail(where, f"report_dir must be a relative path inside the manifest's folder, got {report_dir!r}")
+    if (not isinstance(report_dir, str) or Path(report_dir).is_absolute() or ".." in Path(report_dir).parts
+            or Path(report_dir) == Path(".")):
+        raise _fail(where, f"report_dir must be a folder inside the manifest's folder, got {report_dir!r}")
+    if not isinstance(entry.get("log_x", False), bool):
+        raise _fail(where, f"log_x must be true or false, got {entry['log_x']!r}")
     return Experiment(name, str(entry.get("title") or name), str(entry["env"]), tuple(groups), folder / report_dir,
                       entry.get("baseline"), entry.get("contender"), bool(entry.get("log_x", False)), float(threshold))
 
@@ -170,14 +172,36 @@ def load_manifest(path: str | Path) -> dict[str, Experiment]:
     """The manifest's experiments by name, in file order; reports go to paths relative to its folder."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except OSError as error:
         raise ValueError(f"{path}: cannot read the manifest ({error.strerror or error})") from None
     except yaml.YAMLError as error:
         raise ValueError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
     if not isinstance(data, dict) or not isinstance(data.get("experiments"), dict) or not data["experiments"]:
         raise ValueError(f"{path}: expected a top-level 'experiments:' mapping of names to experiments")
-    return {str(name): parse_experiment(str(name), entry, path.parent) for name, entry in data["experiments"].items()}
+    unknown = sorted(set(data) - {"experiments", "settings"})
+    if unknown:  # `settings:` holds YAML anchors the experiments refer to (e.g. a trainer's earlier default)
+        raise ValueError(f"{path}: unknown top-level key {unknown[0]!r} (expected 'experiments' and 'settings')")
+    experiments = {str(name): parse_experiment(str(name), entry, path.parent)
+                   for name, entry in data["experiments"].items()}
+    seen: dict[Path, str] = {}
+    for experiment in experiments.values():
+        other = seen.setdefault(experiment.report_dir, experiment.name)
+        if other != experiment.name:
+            raise ValueError(f"{path}: experiments {other!r} and {experiment.name!r} share report_dir "
+                             f"{experiment.report_dir}; each report needs its own folder")
+    return experiments
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that repeats a key (which would drop all but the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        repeated = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+        if repeated is not None:
+            raise yaml.constructor.ConstructorError(None, None, f"key {repeated!r} appears twice", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 def select(experiments: Mapping[str, Experiment], names: Sequence[str]) -> list[Experiment]:
@@ -185,35 +209,48 @@ def select(experiments: Mapping[str, Experiment], names: Sequence[str]) -> list[
     for name in names:
         if name not in experiments:
             raise ValueError(f"no experiment {name!r} in the manifest (it has {', '.join(experiments)})")
-    return [experiments[n] for n in names] if names else list(experiments.values())
+    return [experiments[n] for n in dict.fromkeys(names)] if names else list(experiments.values())
 
 
 def config_changes(configs: Sequence[TrainConfig]) -> list[tuple[str, list[str]]]:
     """``(run directory, [fields])`` for each existing run whose saved config differs from the one asked
-    for in anything but its budget and evaluation schedule (which ``reuse_plan`` judges)."""
+    for in anything but its budget and evaluation schedule (which ``reuse_plan`` judges).
+
+    A field the saved config lacks is a setting added after that run was made, with the default that keeps
+    the earlier behaviour: it differs only where the config asked for now sets it to something else than the
+    trainer's default for the task."""
     ignored = {"run_dir", "total_env_steps", "eval_every_env_steps", "eval_schedule", "eval_first_env_steps",
                "eval_growth", "eval_episodes"}
-    changed = []
+    changed, defaults = [], {}
     for config in configs:
         saved_path = Path(config.run_dir) / "config.yaml"
         if not saved_path.exists():
             continue
-        saved, wanted = TrainConfig.load(saved_path).to_dict(), config.to_dict()
-        fields = sorted(_differences(saved, wanted, "", ignored))
+        key = (config.algo, config.env_id)
+        if key not in defaults:
+            defaults[key] = resolve_config(config.algo, config.env_id).to_dict()
+        fields = sorted(_differences(TrainConfig.load(saved_path).to_dict(), config.to_dict(), defaults[key], "",
+                                     ignored))
         if fields:
             changed.append((str(config.run_dir), fields))
     return changed
 
 
-def _differences(saved: Any, wanted: Any, prefix: str, ignored: set[str]) -> list[str]:
-    """Dotted keys whose values differ. A key the saved config lacks is a setting added after that run was
-    made: settings are added with the default that keeps the earlier behaviour, so it is not a difference."""
+_ABSENT = object()
+
+
+def _differences(saved: Any, wanted: Any, default: Any, prefix: str, ignored: set[str]) -> list[str]:
+    """Dotted keys whose values differ, judging a key ``saved`` lacks against ``default`` (see
+    :func:`config_changes`)."""
+    if saved is _ABSENT:
+        saved = default
     if isinstance(saved, dict) and isinstance(wanted, dict):
+        default = default if isinstance(default, dict) else {}
         out = []
-        for key in sorted(saved):
+        for key in sorted(set(saved) | set(wanted)):
             dotted = f"{prefix}{key}"
             if dotted not in ignored:
-                out += _differences(saved[key], wanted.get(key), f"{dotted}.", ignored)
+                out += _differences(saved.get(key, _ABSENT), wanted.get(key), default.get(key), f"{dotted}.", ignored)
         return out
     return [] if saved == wanted else [prefix.rstrip(".")]
 
@@ -229,16 +266,19 @@ def check_runs(experiment: Experiment, configs: Sequence[TrainConfig], extend: b
         raise ValueError(f"experiment {experiment.name!r}: {run_dir} was trained with another setting "
                          f"({', '.join(fields[:4])}{', ...' if len(fields) > 4 else ''}){more}; move it away "
                          "or pass another --runs-dir")
-    return reuse_plan(configs, extend)
+    return reuse_plan(configs, extend, out_flag="--runs-dir")
 
 
 def replace_block(document: str, name: str, block: str) -> tuple[str, bool]:
     """``document`` with the text between ``name``'s markers replaced by ``block``; whether it had them."""
-    pattern = re.compile(rf"(<!-- results: {re.escape(name)} -->\n).*?(\n<!-- /results: {re.escape(name)} -->)",
+    pattern = re.compile(rf"(<!-- results: {re.escape(name)} -->(\r?\n))(?:.*?\r?\n)?(<!-- /results: {re.escape(name)} -->)",
                          re.DOTALL)
-    if not pattern.search(document):
+    match = pattern.search(document)
+    if match is None:
         return document, False
-    return pattern.sub(lambda m: m.group(1) + block.strip("\n") + m.group(2), document, count=1), True
+    newline = match.group(2)  # the file's own line ending
+    body = newline.join(block.strip("\n").split("\n")) + newline
+    return document[:match.start()] + match.group(1) + body + match.group(3) + document[match.end():], True
 
 
 def run_experiment(experiment: Experiment, runs_dir: str | Path, runner: Runner | None = None,
@@ -250,8 +290,8 @@ def run_experiment(experiment: Experiment, runs_dir: str | Path, runner: Runner 
         print(f"results {experiment.name}: {reused}", flush=True)
     save_sweep(configs, Path(runs_dir) / experiment.name / "sweep.jsonl")
     run_dirs = (runner or LocalRunner()).run(configs)
-    labels = experiment.labels(configs)
-    report = write_report(run_dirs, experiment.report_dir, experiment.title, key=lambda run: labels[run.path.name],
+    labels = experiment.labels(runs_dir)
+    report = write_report(run_dirs, experiment.report_dir, experiment.title, key=lambda run: labels[Path(run.path)],
                           threshold=experiment.threshold, baseline=experiment.baseline,
                           contender=experiment.contender, log_x=experiment.log_x)
     # the report is "# title", the table, then the plots' image links
@@ -270,9 +310,10 @@ def run_experiments(experiments: Sequence[Experiment], runs_dir: str | Path, run
         if document is None:
             continue
         path = Path(document)
-        text, found = replace_block(path.read_text(), experiment.name, table)
-        if found:
-            path.write_text(text)
+        with open(path, newline="") as file:  # as it is, line endings included
+            text, found = replace_block(file.read(), experiment.name, table)
+        if found:  # written beside and renamed over it: an interrupted write leaves the document whole
+            replace_atomically(path, lambda tmp: open(tmp, "w", newline="").write(text))
         else:
             print(f"results {experiment.name}: {path} has no '<!-- results: {experiment.name} -->' markers; its "
                   f"table is only in {reports[experiment.name]}", flush=True)

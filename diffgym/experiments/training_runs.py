@@ -42,14 +42,15 @@ def is_finished(config: TrainConfig) -> bool:
     return bool(evals) and evals[-1]["env_steps"] >= config.total_env_steps
 
 
-def reuse_plan(configs: Sequence[TrainConfig], extend: bool = False) -> str:
+def reuse_plan(configs: Sequence[TrainConfig], extend: bool = False, out_flag: str = "--out") -> str:
     """What a sweep started into existing run directories reuses, as one line (empty when none holds
     results): finished runs are reused as they are, interrupted ones resume from their last checkpoint.
 
     Runs made with another budget, evaluation schedule (interval, ``eval_schedule`` and, for a geometric
     one, its first point and growth) or number of evaluation episodes would be
     continued (or, finished beyond a smaller budget, reused) under the new schedule, so one curve would
-    mix two: that raises ``ValueError`` naming them, unless ``extend``."""
+    mix two: that raises ``ValueError`` naming them, unless ``extend``. ``out_flag``: the command's flag that
+    chooses where the runs go, named in those errors."""
     finished, resumed, rescheduled = [], [], []
     for config in configs:
         run_dir = Path(config.run_dir or "")
@@ -59,7 +60,7 @@ def reuse_plan(configs: Sequence[TrainConfig], extend: bool = False) -> str:
             saved = TrainConfig.load(run_dir / "config.yaml")
         except Exception as error:  # a damaged file: the run would fail on it too, with less context
             raise ValueError(f"{run_dir / 'config.yaml'}: cannot read the earlier run's config "
-                             f"({' '.join(str(error).split())}); choose another --out") from None
+                             f"({' '.join(str(error).split())}); choose another {out_flag}") from None
         changes = schedule_changes(saved, config)
         if changes:
             rescheduled.append((run_dir.name, changes))
@@ -70,7 +71,7 @@ def reuse_plan(configs: Sequence[TrainConfig], extend: bool = False) -> str:
         raise ValueError(f"{len(rescheduled)} of the runs in {Path(configs[0].run_dir).parent} were made with "
                          f"another budget or evaluation schedule ({name}: {', '.join(changes)}{others}); "
                          "continuing them would mix two schedules in one curve: pass --extend to continue "
-                         "them anyway, or choose another --out")
+                         f"them anyway, or choose another {out_flag}")
     parts = []
     if rescheduled:
         parts.append(f"extending {len(rescheduled)} run(s) made with another schedule ({', '.join(rescheduled[0][1])})")
