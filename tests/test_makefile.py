@@ -102,7 +102,7 @@ def test_demo_command_is_a_valid_compare(tmp_path, monkeypatch):
     with pytest.raises(ZeroDivisionError):  # the stub: nothing trains
         main([*command[1:], "--out", str(tmp_path)])
     env_id, algos, seeds, env_steps = calls[0][:4]
-    assert (env_id, algos, seeds, env_steps) == ("DiffGym/PointMass1D-v0", ["apg", "ppo"], 3, 300_000)
+    assert (env_id, algos, seeds, env_steps) == ("DiffGym/PointMass1D-v0", ["apg", "ppo"], 3, 100_000)
 
 
 @pytest.mark.slow

@@ -136,7 +136,8 @@ def test_cli_lists_and_refuses_in_one_line(tmp_path, trainers):
     stray.write_text(yaml.safe_dump({"experiments": {"scripted": SCRIPTED}, "defaults": {}}))
     for argv, expected in ((["--manifest", str(bad)], "expected a top-level 'experiments:' mapping"),
                            (["--manifest", str(stray)], "unknown top-level key 'defaults'"),
-                           (["nope", "--manifest", str(path)], "no experiment 'nope' in the manifest (it has scripted)")):
+                           (["nope", "--manifest", str(path)],
+                            "no experiment 'nope' in the manifest (it has scripted)")):
         run = subprocess.run([sys.executable, "-m", "diffgym.cli", "results", *argv], capture_output=True, text=True,
                              cwd=tmp_path)
         assert run.returncode != 0 and run.stderr.strip().count("\n") == 0, run.stderr
@@ -164,8 +165,10 @@ def test_the_project_manifest_resolves_every_run():
         configs = experiment.configs("runs/results")  # every trainer, task and override resolves
         assert len({c.run_dir for c in configs}) == len(configs)
         assert experiment.report_dir.is_relative_to(REPO / "docs" / "results")
-    marked = [name for name in experiments if f"<!-- results: {name} -->" in document]
-    assert marked, "docs/results.md marks no experiment's table"
+    unmarked = [name for name in experiments
+                if f"<!-- results: {name} -->" not in document or f"<!-- /results: {name} -->" not in document]
+    assert not unmarked, f"docs/results.md has no table block for {unmarked}"
+    assert "(filled by `diffgym results" not in document, "a table block was never filled"
 
 
 def test_interval_estimates_do_not_depend_on_the_global_generator_or_other_labels():

@@ -147,7 +147,8 @@ def parse_experiment(name: str, entry: Any, folder: Path) -> Experiment:
         groups.append(Group(item["label"], str(item["algo"]), _positive_int(item["env_steps"], at, "env_steps"),
                             {**shared, **_overrides(item.get("set"), at)},
                             _seeds(item["seeds"], at) if "seeds" in item else seeds,
-                            _positive_int(item["eval_every"], at, "eval_every") if "eval_every" in item else eval_every))
+                            _positive_int(item["eval_every"], at, "eval_every") if "eval_every" in item
+                            else eval_every))
     labels = [g.label for g in groups]
     slugs = [g.slug for g in groups]
     if len(set(labels)) != len(labels) or len(set(slugs)) != len(slugs):
@@ -197,7 +198,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a mapping that repeats a key (which would drop all but the last)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        # the keys written in this mapping (a merge key, `<<: *anchor`, brings others in: those may be overridden)
+        keys = [key.value for key, _ in node.value
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge"]
         repeated = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
         if repeated is not None:
             raise yaml.constructor.ConstructorError(None, None, f"key {repeated!r} appears twice", node.start_mark)
@@ -271,8 +274,8 @@ def check_runs(experiment: Experiment, configs: Sequence[TrainConfig], extend: b
 
 def replace_block(document: str, name: str, block: str) -> tuple[str, bool]:
     """``document`` with the text between ``name``'s markers replaced by ``block``; whether it had them."""
-    pattern = re.compile(rf"(<!-- results: {re.escape(name)} -->(\r?\n))(?:.*?\r?\n)?(<!-- /results: {re.escape(name)} -->)",
-                         re.DOTALL)
+    start, end = re.escape(f"<!-- results: {name} -->"), re.escape(f"<!-- /results: {name} -->")
+    pattern = re.compile(rf"({start}(\r?\n))(?:.*?\r?\n)?({end})", re.DOTALL)
     match = pattern.search(document)
     if match is None:
         return document, False
