@@ -112,6 +112,7 @@ def test_a_run_made_with_another_setting_is_refused_naming_it(tmp_path, trainers
     ({**SCRIPTED, "groups": [SCRIPTED["groups"][0], SCRIPTED["groups"][0]]}, "group labels must differ"),
     ({**SCRIPTED, "groups": [{"label": "a", "algo": "slow_algo"}]}, "group 1: missing key 'env_steps'"),
     ({**SCRIPTED, "groups": [{**SCRIPTED["groups"][0], "set": ["x=1"]}]}, "set must map dotted config keys"),
+    ({**SCRIPTED, "set": {"seed": 3}}, "set names 'seed', which the manifest sets with 'seeds'"),
 ])
 def test_manifest_errors_name_the_experiment_and_the_key(tmp_path, entry, message):
     with pytest.raises(ValueError, match=message):

@@ -106,12 +106,20 @@ def _seeds(value: Any, where: str) -> tuple[int, ...]:
     raise _fail(where, f"seeds must be a positive count or a list of distinct seeds >= 0, got {value!r}")
 
 
+_SET_BY_THE_MANIFEST = {"algo": "algo", "env_id": "env", "seed": "seeds", "total_env_steps": "env_steps",
+                        "eval_every_env_steps": "eval_every", "run_dir": "the runs directory"}
+"""Config fields a group's own keys set, which ``set`` would silently lose to them."""
+
+
 def _overrides(value: Any, where: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise _fail(where, f"set must map dotted config keys to values, e.g. {{algo_params.reuse.epochs: 4}}, "
                            f"got {value!r}")
+    taken = sorted(set(value) & set(_SET_BY_THE_MANIFEST))
+    if taken:
+        raise _fail(where, f"set names {taken[0]!r}, which the manifest sets with {_SET_BY_THE_MANIFEST[taken[0]]!r}")
     return dict(value)
 
 
