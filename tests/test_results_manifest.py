@@ -70,7 +70,8 @@ def test_reports_tables_and_document_blocks_and_a_rerun_trains_nothing(tmp_path,
     assert "old table" not in text and "Ratio slow/fast, K 16" in text and "| fast, K 16 | 2,500 (" in text
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("metrics.jsonl")}
     run_experiments(experiments, tmp_path / "runs", LocalRunner(workers=1), document)
-    assert "4 already finished, 0 to run" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "4 already finished, 0 to run" in out and f"results scripted: table written in {document}" in out
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("metrics.jsonl")} == before
     assert document.read_text() == text  # the same runs give the same table, intervals included
 
@@ -113,10 +114,28 @@ def test_a_run_made_with_another_setting_is_refused_naming_it(tmp_path, trainers
     ({**SCRIPTED, "groups": [{"label": "a", "algo": "slow_algo"}]}, "group 1: missing key 'env_steps'"),
     ({**SCRIPTED, "groups": [{**SCRIPTED["groups"][0], "set": ["x=1"]}]}, "set must map dotted config keys"),
     ({**SCRIPTED, "set": {"seed": 3}}, "set names 'seed', which the manifest sets with 'seeds'"),
+    ({**SCRIPTED, "groups": [{**SCRIPTED["groups"][0], "label": "a | b"}]}, "label must be text with a letter"),
+    ({**SCRIPTED, "groups": [{**SCRIPTED["groups"][0], "label": "%%%"}]}, "label must be text with a letter"),
 ])
 def test_manifest_errors_name_the_experiment_and_the_key(tmp_path, entry, message):
     with pytest.raises(ValueError, match=message):
         load_manifest(manifest(tmp_path, {"e": entry}))
+
+
+def test_a_shorter_budget_and_a_document_without_the_markers_are_refused_before_training(tmp_path, trainers,
+                                                                                          quick_reports):
+    path = manifest(tmp_path, {"scripted": SCRIPTED})
+    run_experiments(list(load_manifest(path).values()), tmp_path / "runs", LocalRunner(workers=1))
+    shorter = {**SCRIPTED, "groups": [{**SCRIPTED["groups"][0], "env_steps": 50000}, SCRIPTED["groups"][1]]}
+    experiment = load_manifest(manifest(tmp_path / "shorter", {"scripted": shorter}))["scripted"]
+    with pytest.raises(ValueError, match=r"slow__s0 was trained for 100,000 env steps, more than the 50,000"):
+        run_experiments([experiment], tmp_path / "runs", LocalRunner(workers=1), extend=True)
+    document = tmp_path / "doc.md"
+    document.write_text("<!-- results: scripted -->\n<!-- /results -->\n")
+    fresh = load_manifest(manifest(tmp_path / "fresh", {"scripted": SCRIPTED}))["scripted"]
+    with pytest.raises(ValueError, match=r"has no <!-- /results: scripted --> after <!-- results: scripted -->"):
+        run_experiments([fresh], tmp_path / "fresh_runs", LocalRunner(workers=1), document)
+    assert not (tmp_path / "fresh_runs").exists()  # refused before any run
 
 
 def test_repeated_names_and_shared_report_folders_are_refused(tmp_path):

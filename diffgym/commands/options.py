@@ -153,11 +153,12 @@ def add_out_argument(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--out", default=None, metavar="DIR", help=f"output directory (default: {default})")
 
 
-def add_extend_argument(parser: argparse.ArgumentParser) -> None:
-    """``--extend``: a sweep may continue the runs in its ``--out`` made with another schedule
+def add_extend_argument(parser: argparse.ArgumentParser, out_flag: str = "--out",
+                        budget: str = "--env-steps, --eval-every") -> None:
+    """``--extend``: a sweep may continue the runs in its ``out_flag`` made with another schedule
     (``diffgym.experiments.training_runs.reuse_plan``)."""
     parser.add_argument("--extend", action="store_true",
-                        help="continue runs already in --out that were made with another --env-steps, --eval-every, "
+                        help=f"continue runs already in {out_flag} that were made with another {budget}, "
                              "evaluation schedule or eval_episodes (refused otherwise: their curves would mix two "
                              "schedules)")
 
@@ -202,7 +203,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser, seeds_of: str, scope: s
     add_runner_arguments(parser)
 
 
-def add_runner_arguments(parser: argparse.ArgumentParser) -> None:
+def add_runner_arguments(parser: argparse.ArgumentParser, out_flag: str = "--out") -> None:
     """The flags that choose where a sweep's runs execute (``compare``, ``ablate``, ``tune``)."""
     group = parser.add_argument_group("where the runs execute")
     group.add_argument("--runner", choices=("local", "ray"), default="local",
@@ -217,8 +218,8 @@ def add_runner_arguments(parser: argparse.ArgumentParser) -> None:
                        help="GPUs Ray reserves for each run (a fraction shares one); above 0 runs train on it "
                             "(default: 0)")
     group.add_argument("--shared-out", action="store_true",
-                       help="--out is on storage every Ray node mounts at the same path: runs write there directly "
-                            "instead of being copied back to this machine")
+                       help=f"{out_flag} is on storage every Ray node mounts at the same path: runs write there "
+                            "directly instead of being copied back to this machine")
 
 
 def make_runner(args: argparse.Namespace, command: str) -> Runner:

@@ -26,34 +26,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs-dir", type=Path, default=Path("runs") / "results",
                         help="where the run directories go, one folder per experiment (default: runs/results)")
     parser.add_argument("--document", type=Path, default=None,
-                        help="Markdown file whose '<!-- results: NAME -->' blocks get the new tables (default: "
-                             f"{DEFAULT_DOCUMENT} beside the default manifest; none for another manifest)")
+                        help="Markdown file whose blocks between '<!-- results: NAME -->' and "
+                             "'<!-- /results: NAME -->' (each on its own line) get the new tables (default: "
+                             f"{DEFAULT_DOCUMENT} with the default manifest; none for another manifest)")
     parser.add_argument("--list", action="store_true", help="list the experiments and their runs, train nothing")
     parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: CPU count)")
     add_threads_argument(parser, "each run")
-    add_extend_argument(parser)
-    add_runner_arguments(parser)
+    add_extend_argument(parser, out_flag="--runs-dir", budget="budget (env_steps), eval_every")
+    add_runner_arguments(parser, out_flag="--runs-dir")
 
 
 def describe(experiment) -> str:
+    def schedule(group) -> str:
+        every = f"every {group.eval_every:,}"
+        if group.overrides.get("eval_schedule") != "geometric":
+            return f"evaluated {every}"
+        first, growth = group.overrides.get("eval_first_env_steps", 1000), group.overrides.get("eval_growth", 1.25)
+        return f"evaluated from {first:,} env steps, each gap {growth}x the last, up to {every}"
+
     groups = "".join(f"\n  {g.label!r}: {g.algo}, {g.env_steps:,} env steps, seeds {','.join(map(str, g.seeds))}, "
-                     f"evaluated every {g.eval_every:,}" for g in experiment.groups)
+                     f"{schedule(g)}" for g in experiment.groups)
     return f"{experiment.name} ({experiment.env}) -> {experiment.report_dir}{groups}"
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffgym.experiments.results import check_runs, load_manifest, run_experiments, select
+    from diffgym.experiments.results import check_markers, check_runs, load_manifest, run_experiments, select
     from diffgym.experiments.sweep import SweepFailed
     from diffgym.threads import resolve_threads
 
     document = args.document
-    if document is None and args.manifest == DEFAULT_MANIFEST and DEFAULT_DOCUMENT.exists():
+    if document is None and args.manifest.resolve() == DEFAULT_MANIFEST.resolve() and DEFAULT_DOCUMENT.exists():
         document = DEFAULT_DOCUMENT
-    try:  # a bad manifest, unknown task or trainer, a run dir made otherwise: one line, before any run starts
+    try:  # a bad manifest or document, unknown task or trainer, a run dir made otherwise: one line, before any run
         resolve_threads(args.threads)
+        if args.workers is not None and args.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {args.workers}")
         experiments = select(load_manifest(args.manifest), args.names)
-        if document is not None and not Path(document).is_file():
-            raise ValueError(f"--document {document}: no such file")
+        if document is not None and not args.list:
+            check_markers(document, [e.name for e in experiments])
         for experiment in experiments:
             configs = experiment.configs(args.runs_dir)
             if not args.list:
@@ -69,6 +79,4 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"diffgym results: {error}")
     for name, report in reports.items():
         print(f"{name}: {report}")
-    if document is not None:
-        print(f"tables rewritten in {document}")
     return 0

@@ -76,11 +76,19 @@ class Experiment:
 
     def configs(self, runs_dir: str | Path) -> list[TrainConfig]:
         """Every run as a config: each group's trainer defaults for the task, its overrides, the seed, its
-        budget and its evaluation interval."""
-        return [resolve_config(item.algo, self.env, {
+        budget and its evaluation interval. A setting the trainer refuses is a one-line ``ValueError`` naming
+        the experiment and the group."""
+        configs = []
+        for item in self.groups:
+            try:
+                configs += [resolve_config(item.algo, self.env, {
                     **item.overrides, "seed": seed, "total_env_steps": item.env_steps,
                     "eval_every_env_steps": item.eval_every, "run_dir": str(self.run_dir(runs_dir, item, seed))})
-                for item in self.groups for seed in item.seeds]
+                    for seed in item.seeds]
+            except (KeyError, TypeError, ValueError) as error:
+                message = error.args[0] if isinstance(error, KeyError) and error.args else error
+                raise ValueError(f"experiment {self.name!r}, group {item.label!r}: {message}") from None
+        return configs
 
     def labels(self, runs_dir: str | Path) -> dict[Path, str]:
         """Run directory -> its group's label."""
@@ -150,8 +158,11 @@ def parse_experiment(name: str, entry: Any, folder: Path) -> Experiment:
         if unknown or missing:
             raise _fail(at, f"unknown key {unknown[0]!r} (expected {sorted(GROUP_KEYS)})" if unknown
                         else f"missing key {missing[0]!r}")
-        if not isinstance(item["label"], str) or not item["label"].strip():
-            raise _fail(at, f"label must be a non-empty string, got {item['label']!r}")
+        label = item["label"]
+        if (not isinstance(label, str) or not re.sub(r"[^A-Za-z0-9]", "", label) or "|" in label
+                or "\n" in label):
+            raise _fail(at, f"label must be text with a letter or digit, without '|' or line breaks (it names a "
+                            f"table row and a run folder), got {label!r}")
         groups.append(Group(item["label"], str(item["algo"]), _positive_int(item["env_steps"], at, "env_steps"),
                             {**shared, **_overrides(item.get("set"), at)},
                             _seeds(item["seeds"], at) if "seeds" in item else seeds,
@@ -181,7 +192,8 @@ def load_manifest(path: str | Path) -> dict[str, Experiment]:
     """The manifest's experiments by name, in file order; reports go to paths relative to its folder."""
     path = Path(path)
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        with open(path) as stream:  # a stream, so YAML's errors name the file
+            data = yaml.load(stream, Loader=_UniqueKeyLoader)
     except OSError as error:
         raise ValueError(f"{path}: cannot read the manifest ({error.strerror or error})") from None
     except yaml.YAMLError as error:
@@ -270,6 +282,13 @@ def check_runs(experiment: Experiment, configs: Sequence[TrainConfig], extend: b
     """What the experiment's existing run directories reuse (one line, maybe empty); a one-line
     ``ValueError`` where one was made with another setting, budget or schedule (unless ``extend``, which
     allows only the last two)."""
+    shortened = [c for c in configs if (Path(c.run_dir) / "config.yaml").exists()
+                 and TrainConfig.load(Path(c.run_dir) / "config.yaml").total_env_steps > c.total_env_steps]
+    if shortened:  # its curve and final values would be the longer run's, under the shorter budget's label
+        saved = TrainConfig.load(Path(shortened[0].run_dir) / "config.yaml").total_env_steps
+        raise ValueError(f"experiment {experiment.name!r}: {shortened[0].run_dir} was trained for {saved:,} env "
+                         f"steps, more than the {shortened[0].total_env_steps:,} asked for now; move it away or pass "
+                         "another --runs-dir")
     changed = config_changes(configs)
     if changed:
         run_dir, fields = changed[0]
@@ -278,6 +297,22 @@ def check_runs(experiment: Experiment, configs: Sequence[TrainConfig], extend: b
                          f"({', '.join(fields[:4])}{', ...' if len(fields) > 4 else ''}){more}; move it away "
                          "or pass another --runs-dir")
     return reuse_plan(configs, extend, out_flag="--runs-dir")
+
+
+def check_markers(document: str | Path, names: Sequence[str]) -> None:
+    """A one-line ``ValueError`` unless ``document`` holds each experiment's opening marker followed by its
+    closing one (checked before any training, so hours of runs do not end in a table with nowhere to go)."""
+    path = Path(document)
+    if not path.is_file():
+        raise ValueError(f"--document {path}: not a file")
+    text = path.read_text()
+    for name in names:
+        opening, closing = f"<!-- results: {name} -->", f"<!-- /results: {name} -->"
+        start = text.find(opening)
+        if start < 0 or text.find(closing, start) < 0:
+            missing = opening if start < 0 else f"{closing} after {opening}"
+            raise ValueError(f"{path} has no {missing}: the table of experiment {name!r} goes between the two "
+                             "markers, each on a line of its own")
 
 
 def replace_block(document: str, name: str, block: str) -> tuple[str, bool]:
@@ -314,7 +349,9 @@ def run_experiments(experiments: Sequence[Experiment], runs_dir: str | Path, run
                     document: str | Path | None = None, extend: bool = False) -> dict[str, Path]:
     """:func:`run_experiment` for each, in order, each followed by its table between its markers in
     ``document`` (if given), so an experiment that fails later leaves the finished ones written. Returns
-    each experiment's report path."""
+    each experiment's report path. The document's markers are checked before anything trains."""
+    if document is not None:
+        check_markers(document, [e.name for e in experiments])
     reports = {}
     for experiment in experiments:
         reports[experiment.name], table = run_experiment(experiment, runs_dir, runner, extend)
@@ -323,9 +360,10 @@ def run_experiments(experiments: Sequence[Experiment], runs_dir: str | Path, run
         path = Path(document)
         with open(path, newline="") as file:  # as it is, line endings included
             text, found = replace_block(file.read(), experiment.name, table)
-        if found:  # written beside and renamed over it: an interrupted write leaves the document whole
-            replace_atomically(path, lambda tmp: open(tmp, "w", newline="").write(text))
-        else:
-            print(f"results {experiment.name}: {path} has no '<!-- results: {experiment.name} -->' markers; its "
-                  f"table is only in {reports[experiment.name]}", flush=True)
+        if not found:  # the markers were there when the command started
+            raise ValueError(f"{path}: the markers of experiment {experiment.name!r} went away during the run; its "
+                             f"table is in {reports[experiment.name]}")
+        # written beside and renamed over it: an interrupted write leaves the document whole
+        replace_atomically(path, lambda tmp: open(tmp, "w", newline="").write(text))
+        print(f"results {experiment.name}: table written in {path}", flush=True)
     return reports
