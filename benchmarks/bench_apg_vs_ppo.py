@@ -86,14 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     clocks = ("wall", "cpu")
     per_1k: dict[tuple[str, str, str, str], list[float]] = {}  # (task, tree, algo, clock) -> s per 1,000 env steps
     ratios: dict[tuple[str, str, str], list[float]] = {}  # (task, tree, clock) -> APG / PPO within a round
-    num_envs: dict[tuple[str, str], int] = {}
+    num_envs: dict[tuple[str, str, str], int] = {}  # (task, tree, algo): the trees' settings may differ
     for repeat in range(args.repeats):
         for env_id in tasks:
             for label, tree in trees.items():
                 taken: dict[tuple[str, str], float] = {}
                 for algo in ALGOS:
                     result = _run_child(tree, algo, env_id, args.env_steps)
-                    num_envs[(env_id, algo)] = int(result["num_envs"])
+                    num_envs[(env_id, label, algo)] = int(result["num_envs"])
                     for clock in clocks:
                         taken[(algo, clock)] = result[clock] * 1000 / result["env_steps"]
                         per_1k.setdefault((env_id, label, algo, clock), []).append(taken[(algo, clock)])
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             cells = [f"{median(env_id, label, algo, 'wall'):.3f} ({median(env_id, label, algo, 'cpu'):.3f})"
                      for algo in ALGOS]
             ratio = " ".join(f"{statistics.median(ratios[(env_id, label, clock)]):.2f}x" for clock in clocks)
-            print(f"| {env_id} | {label} | {num_envs[(env_id, 'apg')]} | {cells[0]} | {num_envs[(env_id, 'ppo')]} | "
+            print(f"| {env_id} | {label} | {num_envs[(env_id, label, 'apg')]} | {cells[0]} | "
+                  f"{num_envs[(env_id, label, 'ppo')]} | "
                   f"{cells[1]} | {ratio.replace(' ', ' (')}) |")
     if args.baseline is not None:
         print("\n| task | APG before / after, s / 1k steps, wall (CPU) | speed-up, wall (CPU) |")
