@@ -75,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         reports = run_experiments(experiments, args.runs_dir, make_runner(args, "results"), document, args.extend)
-    except SweepFailed as error:
-        raise SystemExit(f"diffgym results: {error}")
+    except (SweepFailed, ValueError) as error:  # a failed run; the document's markers gone during the run
+        raise SystemExit(f"diffgym results: {one_line(error)}")
     for name, report in reports.items():
         print(f"{name}: {report}")
     return 0
