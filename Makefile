@@ -20,7 +20,7 @@ $(STAMP): $(PY) setup.cfg pyproject.toml constraints.txt $(wildcard trainers/*/s
 
 install: $(STAMP)
 
-# The main job: APG vs PPO on PointMass1D under the evaluation protocol (~5 min on 2 CPU cores), evaluated
+# The main job: APG vs PPO on PointMass1D under the evaluation protocol (~3 min on 2 CPU cores), evaluated
 # densely early (from 1,000 env steps, each gap 1.25x the last, up to 5,000) so the ratio is resolved.
 # DEMO_ARGS come last, so they override the flags before them (e.g. --env-steps 2000 --out /tmp/demo).
 demo: install
