@@ -242,18 +242,24 @@ def config_changes(configs: Sequence[TrainConfig]) -> list[tuple[str, list[str]]
     A field the saved config lacks is a setting added after that run was made, with the default that keeps
     the earlier behaviour: it differs only where the config asked for now sets it to something else than the
     trainer's default for the task."""
+    return _config_changes(_saved_configs(configs))
+
+
+def _saved_configs(configs: Sequence[TrainConfig]) -> list[tuple[TrainConfig, TrainConfig]]:
+    """``(asked for, saved)`` for each config whose run directory already holds a ``config.yaml``."""
+    return [(config, TrainConfig.load(Path(config.run_dir) / "config.yaml")) for config in configs
+            if (Path(config.run_dir) / "config.yaml").exists()]
+
+
+def _config_changes(pairs: Sequence[tuple[TrainConfig, TrainConfig]]) -> list[tuple[str, list[str]]]:
     ignored = {"run_dir", "total_env_steps", "eval_every_env_steps", "eval_schedule", "eval_first_env_steps",
                "eval_growth", "eval_episodes"}
     changed, defaults = [], {}
-    for config in configs:
-        saved_path = Path(config.run_dir) / "config.yaml"
-        if not saved_path.exists():
-            continue
+    for config, saved in pairs:
         key = (config.algo, config.env_id)
         if key not in defaults:
             defaults[key] = resolve_config(config.algo, config.env_id).to_dict()
-        fields = sorted(_differences(TrainConfig.load(saved_path).to_dict(), config.to_dict(), defaults[key], "",
-                                     ignored))
+        fields = sorted(_differences(saved.to_dict(), config.to_dict(), defaults[key], "", ignored))
         if fields:
             changed.append((str(config.run_dir), fields))
     return changed
@@ -282,14 +288,14 @@ def check_runs(experiment: Experiment, configs: Sequence[TrainConfig], extend: b
     """What the experiment's existing run directories reuse (one line, maybe empty); a one-line
     ``ValueError`` where one was made with another setting, budget or schedule (unless ``extend``, which
     allows only the last two)."""
-    shortened = [c for c in configs if (Path(c.run_dir) / "config.yaml").exists()
-                 and TrainConfig.load(Path(c.run_dir) / "config.yaml").total_env_steps > c.total_env_steps]
+    pairs = _saved_configs(configs)  # each saved config read once for both checks
+    shortened = [(config, saved) for config, saved in pairs if saved.total_env_steps > config.total_env_steps]
     if shortened:  # its curve and final values would be the longer run's, under the shorter budget's label
-        saved = TrainConfig.load(Path(shortened[0].run_dir) / "config.yaml").total_env_steps
-        raise ValueError(f"experiment {experiment.name!r}: {shortened[0].run_dir} was trained for {saved:,} env "
-                         f"steps, more than the {shortened[0].total_env_steps:,} asked for now; move it away or pass "
-                         "another --runs-dir")
-    changed = config_changes(configs)
+        config, saved = shortened[0]
+        raise ValueError(f"experiment {experiment.name!r}: {config.run_dir} was trained for "
+                         f"{saved.total_env_steps:,} env steps, more than the {config.total_env_steps:,} asked for "
+                         "now; move it away or pass another --runs-dir")
+    changed = _config_changes(pairs)
     if changed:
         run_dir, fields = changed[0]
         more = f" (and {len(changed) - 1} more runs)" if len(changed) > 1 else ""
