@@ -248,7 +248,7 @@ def test_evaluation_draws_its_own_ranges_and_is_nominal_without_them():
 
 # ------------------------------------------------------------------------------------ exact resume
 def _rows(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in ("wall_time", "time/fps")}
+    return [{k: v for k, v in row.items() if k not in ("wall_time", "eval_wall_time", "time/fps")}
             for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
 

@@ -17,6 +17,7 @@ from diffgym.experiments.report import load_run, threshold_table, group
 from diffgym.experiments.sweep import LocalRunner, is_finished, load_sweep, save_sweep
 from diffgym.plugins import register_trainer
 from diffgym.training.run import Run, read_metrics
+from diffgym.training.spec import TrainConfig
 
 ENV = "DiffGym/PointMass1D-v0"
 
@@ -480,3 +481,37 @@ def test_report_plots_draw_thresholds_and_offer_a_log_axis(tmp_path, trainers, m
     assert linear.axes[0].get_xscale() == "linear" and len(linear.axes[0].get_lines()) == 1
     assert report_module.curves_figure(groups, "wall_time", "eval_return", "t", log_x=True).axes[0].get_xscale() \
         == "linear"
+
+
+def test_report_lists_the_training_wall_clock_without_evaluations_and_n_a_where_not_recorded(tmp_path, monkeypatch):
+    from diffgym.training import run as run_module
+
+    clock = [0.0]
+    monkeypatch.setattr(run_module.time, "perf_counter", lambda: clock[0])
+
+    def scripted(algo: str, seed: int, train_seconds: float, eval_seconds: float) -> Path:
+        config = TrainConfig(algo=algo, env_id=ENV, seed=seed, total_env_steps=2000, eval_every_env_steps=1000,
+                             run_dir=str(tmp_path / f"{algo}_{seed}"))
+        with Run(config, progress=False) as run:
+            for steps, success in ((0, 0.0), (1000, 0.5), (2000, 1.0)):
+                clock[0] += train_seconds if steps else 0.0
+                with run.evaluating():
+                    clock[0] += eval_seconds
+                    run.log(steps, steps // 100, eval_return=-1.0, eval_success_rate=success)
+        return run.dir
+
+    dirs = [scripted("cheap_evals", 0, 10.0, 1.0), scripted("dear_evals", 0, 1.0, 10.0)]
+    _, summary = threshold_table(group(load_run(d) for d in dirs), baseline="cheap_evals", contender="dear_evals")
+    # solved at the third evaluation: two training stretches, three evaluations, all before the row
+    assert summary["cheap_evals"]["median_wall_time_to_threshold"] == 23.0
+    assert summary["cheap_evals"]["median_train_wall_time_to_threshold"] == 20.0
+    assert summary["dear_evals"]["median_wall_time_to_threshold"] == 32.0
+    assert summary["dear_evals"]["median_train_wall_time_to_threshold"] == 2.0
+    assert summary["ratios"]["train_wall_time"] == pytest.approx(10.0)
+    # rows written before evaluation time was recorded: the training column says n/a, no ratio
+    metrics = Path(dirs[1]) / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "eval_wall_time"}) + "\n"
+                               for line in metrics.read_text().splitlines()))
+    table, summary = threshold_table(group(load_run(d) for d in dirs), baseline="cheap_evals", contender="dear_evals")
+    assert summary["ratios"]["train_wall_time"] is None and summary["ratios"]["wall_time"] == pytest.approx(23 / 32)
+    assert "| dear_evals | 1/1 | 2,000 | 20 | 32 | n/a |" in table

@@ -192,7 +192,7 @@ def _resume_config(tmp_path, name, **changes):
 
 def _rows(run_dir):
     """Every metrics row without the wall-clock columns."""
-    return [{k: v for k, v in r.items() if k not in ("wall_time", "time/fps")}
+    return [{k: v for k, v in r.items() if k not in ("wall_time", "eval_wall_time", "time/fps")}
             for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
 

@@ -40,7 +40,7 @@ def local_ray():
 
 def _deterministic(rows: list[dict]) -> list[dict]:
     """Metrics rows without what measures time."""
-    return [{k: v for k, v in row.items() if k != "wall_time" and not k.startswith("time/")} for row in rows]
+    return [{k: v for k, v in row.items() if k not in ("wall_time", "eval_wall_time") and not k.startswith("time/")} for row in rows]
 
 
 def test_compare_on_ray_equals_the_local_runner(tmp_path, local_ray, capsys, monkeypatch):

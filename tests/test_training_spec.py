@@ -319,3 +319,41 @@ def test_both_trainers_write_shared_tensorboard_tags(tmp_path):
         tags[algo] = set(events.Tags()["scalars"])
     shared = {"policy/std", "eval/return", "eval/success_rate", "progress/grad_steps"}
     assert shared <= tags["apg"] and shared <= tags["ppo"], tags
+
+
+def test_run_counts_time_inside_evaluating_as_evaluation_time_and_resume_continues_it(tmp_path, monkeypatch):
+    from diffgym.training import run as run_module
+    from diffgym.training.run import read_metrics
+
+    clock = [100.0]
+    monkeypatch.setattr(run_module.time, "perf_counter", lambda: clock[0])
+    config = TrainConfig(algo="x", env_id=ENV_ID, total_env_steps=300, eval_every_env_steps=100,
+                         run_dir=str(tmp_path / "run"))
+    with Run(config, progress=False) as run:
+        clock[0] += 2.0  # training
+        with run.evaluating():
+            clock[0] += 0.5
+            with run.evaluating():  # nested: counted once
+                clock[0] += 0.25
+            run.log(100, 10, eval_success_rate=0.5)  # mid-evaluation: counted up to now
+            clock[0] += 0.25  # the checkpoint after the row
+        clock[0] += 1.0
+        run.log(150, 15, loss=1.0)
+    rows = read_metrics(tmp_path / "run")
+    assert [(r["wall_time"], r["eval_wall_time"]) for r in rows] == [(2.75, 0.75), (4.0, 1.0)]
+    with Run(config, progress=False) as run:  # resumed from the checkpoint at 100 env steps
+        run.resume_from(100)
+        with run.evaluating():
+            clock[0] += 2.0
+        run.log(200, 20, loss=1.0)
+    assert read_metrics(tmp_path / "run")[-1]["eval_wall_time"] == 2.75
+    # rows of an attempt that did not record it: the evaluation time of the resumed run stays unknown
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(
+        json.dumps({k: v for k, v in json.loads(line).items() if k != "eval_wall_time"}) for line in lines) + "\n")
+    with Run(config, progress=False) as run:
+        run.resume_from(200)
+        with run.evaluating():
+            clock[0] += 1.0
+        run.log(300, 30, loss=1.0)
+    assert "eval_wall_time" not in read_metrics(tmp_path / "run")[-1]

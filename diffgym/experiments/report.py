@@ -18,8 +18,13 @@ import numpy as np
 from diffgym.training.run import SUCCESS_THRESHOLD, read_metrics
 from diffgym.training.spec import TrainConfig
 
-AXES = ("env_steps", "grad_steps", "wall_time")
-AXIS_LABELS = {"env_steps": "environment steps", "grad_steps": "gradient steps", "wall_time": "wall-clock (s)"}
+AXES = ("env_steps", "grad_steps", "wall_time", "train_wall_time")
+AXIS_LABELS = {"env_steps": "environment steps", "grad_steps": "gradient steps", "wall_time": "wall-clock (s)",
+               "train_wall_time": "training wall-clock (s)"}
+"""``train_wall_time`` is ``wall_time`` less the evaluations and their checkpoints (``eval_wall_time``,
+:meth:`~diffgym.training.run.Run.evaluating`): how often a run is evaluated is the protocol's choice, and a
+dense schedule weighs most on the run that learns in the fewest env steps. NaN for runs that did not record
+it (before 2026-12-07)."""
 
 
 @dataclass
@@ -57,8 +62,10 @@ def load_run(path: str | Path) -> RunRecord:
     rows = [r for r in read_metrics(path) if "eval_success_rate" in r]
     if not rows:
         raise ValueError(f"{path}: no evaluation rows in metrics.jsonl")
-    keys = (*AXES, "eval_return", "eval_success_rate")
-    return RunRecord(path, config, {k: np.array([float(r[k]) for r in rows]) for k in keys})
+    keys = ("env_steps", "grad_steps", "wall_time", "eval_return", "eval_success_rate")
+    evals = {k: np.array([float(r[k]) for r in rows]) for k in keys}
+    evals["train_wall_time"] = evals["wall_time"] - np.array([float(r.get("eval_wall_time", math.nan)) for r in rows])
+    return RunRecord(path, config, evals)
 
 
 def group(runs: Iterable[RunRecord], key: Callable[[RunRecord], str] = lambda r: r.label) -> dict[str, list[RunRecord]]:
@@ -186,6 +193,8 @@ def threshold_lines(groups: dict[str, list[RunRecord]], threshold: float) -> dic
 
 
 def _fmt(value: float) -> str:
+    if math.isnan(value):
+        return "n/a"  # not recorded (train_wall_time of older runs)
     if math.isinf(value):
         return "not reached"
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
@@ -221,12 +230,13 @@ def threshold_table(groups: dict[str, list[RunRecord]], threshold: float = SUCCE
             "final_return_ci": [float(returns[label][1][0]), float(returns[label][2][0])],
         }
     lines = [f"| algorithm | runs reaching {threshold:.0%} success | env steps to it | gradient steps to it | "
-             "wall-clock to it (s) | final success, IQM [95% CI] | final return, IQM [95% CI] |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "wall-clock to it (s) | of which training (s) | final success, IQM [95% CI] | final return, IQM [95% CI] |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, s in summary.items():
         lines.append(
             f"| {label} | {s['reached']}/{s['runs']} | {_fmt(s['median_env_steps_to_threshold'])} | "
             f"{_fmt(s['median_grad_steps_to_threshold'])} | {_fmt(s['median_wall_time_to_threshold'])} | "
+            f"{_fmt(s['median_train_wall_time_to_threshold'])} | "
             f"{s['final_success_iqm']:.2f} [{s['final_success_ci'][0]:.2f}, {s['final_success_ci'][1]:.2f}] | "
             f"{s['final_return_iqm']:.2f} [{s['final_return_ci'][0]:.2f}, {s['final_return_ci'][1]:.2f}] |")
     ratios = {}
@@ -234,7 +244,7 @@ def threshold_table(groups: dict[str, list[RunRecord]], threshold: float = SUCCE
         for axis in AXES:
             b = summary[baseline][f"median_{axis}_to_threshold"]
             c = summary[contender][f"median_{axis}_to_threshold"]
-            ratios[axis] = b / c if math.isfinite(b) and math.isfinite(c) and c > 0 else None
+            ratios[axis] = b / c if math.isfinite(b) and math.isfinite(c) and c > 0 else None  # NaN: not recorded
         shown = ", ".join(f"{AXIS_LABELS[a]} {'n/a' if r is None else f'{r:.1f}x'}" for a, r in ratios.items())
         lines.append("")
         lines.append(f"Ratio {baseline}/{contender} of the median cost to reach {threshold:.0%} success: {shown}.")

@@ -334,9 +334,10 @@ def evaluate_and_checkpoint(run: Run, model: ActorCritic, normalizer: Observatio
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
         return model.act(normalizer(obs_t), deterministic=True).cpu().numpy()
 
-    result = evaluate_config(act or deterministic, config)
-    run.log(env_steps, grad_steps, **result, **(envs.physics_summary() if envs is not None else {}))
-    run.save_checkpoint({"actor_critic": model.state_dict(), "normalizer": normalizer.state_dict(),
-                         **(extra or {}), "config": config.to_dict(), "env_steps": env_steps,
-                         "grad_steps": grad_steps}, env_steps)
+    with run.evaluating():  # left out of the training wall-clock (Run.evaluating)
+        result = evaluate_config(act or deterministic, config)
+        run.log(env_steps, grad_steps, **result, **(envs.physics_summary() if envs is not None else {}))
+        run.save_checkpoint({"actor_critic": model.state_dict(), "normalizer": normalizer.state_dict(),
+                             **(extra or {}), "config": config.to_dict(), "env_steps": env_steps,
+                             "grad_steps": grad_steps}, env_steps)
     return result

@@ -3,8 +3,9 @@
 * ``config.yaml``: the :class:`~diffgym.training.spec.TrainConfig` (with the resolved ``run_dir``);
 * TensorBoard event files (every logged scalar, x-axis = env steps);
 * ``metrics.jsonl``: one JSON object per :meth:`Run.log` call with ``env_steps``, ``grad_steps``,
-  ``wall_time`` (seconds since the run started) and the logged scalars (evaluation rows carry
-  ``eval_return`` and ``eval_success_rate``);
+  ``wall_time`` (seconds since the run started), ``eval_wall_time`` (of those, the seconds spent inside
+  :meth:`Run.evaluating`: evaluations and the checkpoints saved with them) and the logged scalars
+  (evaluation rows carry ``eval_return`` and ``eval_success_rate``);
 * ``checkpoints/step_<env_steps>.pt``: whatever dict the trainer saves; the newest
   ``config.keep_checkpoints`` of them and those at the evaluations a report reads are kept
   (:meth:`Run.save_checkpoint`);
@@ -316,6 +317,8 @@ class Run:
         self._metrics: IO[str] | None = None
         self.writer: Any = None
         self._start = time.perf_counter()
+        self._eval_time: float | None = 0.0  # seconds inside evaluating(); None: unknown (see resume_from)
+        self._eval_started: float | None = None
         self._bar = tqdm(total=config.total_env_steps, unit="step", unit_scale=True, dynamic_ncols=True,
                          desc=f"{config.algo} {config.task_name}", disable=not progress)
         self._closed = False
@@ -324,6 +327,32 @@ class Run:
     def wall_time(self) -> float:
         """Seconds since the run started."""
         return time.perf_counter() - self._start
+
+    @property
+    def eval_wall_time(self) -> float | None:
+        """Of :attr:`wall_time`, the seconds spent inside :meth:`evaluating` so far (an evaluation under
+        way counted up to now); ``None`` for a run resumed from rows that did not record it."""
+        if self._eval_time is None:
+            return None
+        running = 0.0 if self._eval_started is None else time.perf_counter() - self._eval_started
+        return self._eval_time + running
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Count the time inside as evaluation time (``eval_wall_time``): the protocol's measurements and
+        the checkpoints saved with them, which a report can leave out of the training wall-clock
+        (``wall_time - eval_wall_time``) since how often a run is evaluated is the protocol's choice, not
+        the algorithm's. Nested blocks count once."""
+        if self._eval_started is not None:
+            yield
+            return
+        self._eval_started = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed, self._eval_started = time.perf_counter() - self._eval_started, None
+            if self._eval_time is not None:
+                self._eval_time += elapsed
 
     def progress(self, env_steps: int) -> None:
         """Advance the progress bar to ``env_steps`` without logging anything."""
@@ -339,6 +368,9 @@ class Run:
         assert self._metrics is not None and self.writer is not None
         row: dict[str, Any] = {"env_steps": int(env_steps), "grad_steps": int(grad_steps),
                                "wall_time": round(self.wall_time, 3)}
+        eval_wall_time = self.eval_wall_time
+        if eval_wall_time is not None:
+            row["eval_wall_time"] = round(eval_wall_time, 3)
         for name, value in scalars.items():
             value = float(value)
             row[name] = value if math.isfinite(value) else str(value)  # JSON has no NaN/inf
@@ -419,6 +451,9 @@ class Run:
         self._open_records(kept, purge_step=int(env_steps) + 1)
         if kept:
             self._start -= float(kept[-1]["wall_time"])
+            # rows written before evaluation time was recorded: the training wall-clock stays unknown
+            earlier = kept[-1].get("eval_wall_time")
+            self._eval_time = None if earlier is None else float(earlier)
         self.progress(env_steps)
         budget = self.config.total_env_steps
         _announce(f"already finished: {env_steps} of {budget} env steps (raise total_env_steps to continue it)"

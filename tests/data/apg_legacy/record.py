@@ -45,7 +45,7 @@ if __name__ == "__main__":
         with tempfile.TemporaryDirectory() as tmp:
             full = Path(tmp) / "full"
             load_trainer("apg").train(config(name, FULL, full), progress=False)
-            rows = [{k: v for k, v in r.items() if k != "wall_time"} for r in read_metrics(full)]
+            rows = [{k: v for k, v in r.items() if k not in ("wall_time", "eval_wall_time")} for r in read_metrics(full)]
             (HERE / f"{name}.full.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             half = HERE / name
             shutil.rmtree(half, ignore_errors=True)

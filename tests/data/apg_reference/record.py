@@ -30,7 +30,7 @@ PREFIXES = {  # task -> (trainer, env steps, evaluation interval): each covers e
     # first, flat config format; the documented setting is the default of `apg-ppo` since.
     "TPush-v1": ("apg-ppo", "DiffGym/TPush-v1", 13312, 6656),
 }
-IGNORED = ("wall_time",)
+IGNORED = ("wall_time", "eval_wall_time")
 """Columns that differ between two identical runs."""
 
 

@@ -336,7 +336,8 @@ class _RunCallback(BaseCallback):
         if steps >= self.cadence.next_eval and not last_step_of_rollout:
             self._evaluate()
             # the evaluated parameters, for diffgym eval / load_policy; a resume passes over this snapshot
-            self.run.save_checkpoint(policy_snapshot(self.ppo, self.config), steps)
+            with self.run.evaluating():
+                self.run.save_checkpoint(policy_snapshot(self.ppo, self.config), steps)
         return True
 
     def _on_rollout_start(self) -> None:
@@ -355,12 +356,14 @@ class _RunCallback(BaseCallback):
     def _evaluate(self) -> None:
         policy = self.ppo.policy
         policy.set_training_mode(False)
-        result = evaluate_config(policy.act_deterministic, self.config)
         env_steps = int(self.ppo.num_timesteps)
-        self.run.log(env_steps, self.ppo.grad_steps, **result, **self.envs.physics_summary())
+        with self.run.evaluating():  # left out of the training wall-clock, with the checkpoints after it
+            result = evaluate_config(policy.act_deterministic, self.config)
+            self.run.log(env_steps, self.ppo.grad_steps, **result, **self.envs.physics_summary())
         self.last_eval = env_steps
         self.cadence.evaluated(env_steps)
 
     def _checkpoint(self) -> None:
-        self.run.save_checkpoint(checkpoint(self.ppo, self.config), self.ppo.num_timesteps)
+        with self.run.evaluating():  # a checkpoint follows an evaluation (Run.evaluating)
+            self.run.save_checkpoint(checkpoint(self.ppo, self.config), self.ppo.num_timesteps)
         self.last_checkpoint = int(self.ppo.num_timesteps)
