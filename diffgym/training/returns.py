@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from diffgym.training.normalization import ObservationNormalizer
@@ -36,11 +37,12 @@ def lambda_returns(rewards: torch.Tensor, tails: torch.Tensor, cut: torch.Tensor
     zero (cut the last step to close it with its tail instead).
     """
     returns = torch.empty_like(rewards)
-    following = torch.zeros_like(rewards[0])
-    for t in reversed(range(rewards.shape[0])):
-        blended = following if lam == 1.0 else (1.0 - lam) * tails[t] + lam * following
-        following = rewards[t] + gamma * torch.where(cut[t], tails[t], blended)
-        returns[t] = following
+    xp, (rewards_, tails_, cut_, returns_) = scan_arrays(rewards, tails, cut, returns)
+    following = xp.zeros_like(rewards_[0])
+    for t in reversed(range(rewards_.shape[0])):
+        blended = following if lam == 1.0 else (1.0 - lam) * tails_[t] + lam * following
+        following = rewards_[t] + gamma * xp.where(cut_[t], tails_[t], blended)
+        returns_[t] = following
     return returns
 
 
@@ -48,11 +50,34 @@ def piece_discounts(done: torch.Tensor, gamma: float, dtype: torch.dtype) -> tor
     """``(K, N)``: ``gamma^(t - b)`` with ``b`` the first step of the episode piece ``t`` belongs to
     (the discount restarts at 1 after every episode end)."""
     discounts = torch.empty(done.shape, dtype=dtype, device=done.device)
-    discount = torch.ones(done.shape[1], dtype=dtype, device=done.device)
-    for t in range(done.shape[0]):
-        discounts[t] = discount
-        discount = torch.where(done[t], torch.ones_like(discount), gamma * discount)
+    if done.shape[0] == 0:
+        return discounts
+    xp, (done_, discounts_) = scan_arrays(done, discounts)
+    one = xp.ones_like(discounts_[0])
+    discount = one
+    for t in range(done_.shape[0]):
+        discounts_[t] = discount
+        discount = xp.where(done_[t], one, gamma * discount)
     return discounts
+
+
+def scan_arrays(*tensors: torch.Tensor) -> tuple[Any, list[Any]]:
+    """The array module and arrays a scan over time steps runs on (those above; ``EnvBatch.record``): NumPy
+    views of the tensors (sharing their memory) where they are float32, float64, int64 or bool CPU tensors
+    and no gradient is asked of them, else the tensors.
+
+    A scan is K steps of a few elementwise operations on ``(N,)`` rows; NumPy does each in well under a
+    microsecond where a torch op costs a few, and in the same IEEE arithmetic (NumPy, like torch, rounds a
+    Python scalar to the array's dtype before multiplying), so the results are the same bits
+    (``tests/test_apg_fast_paths.py`` compares the two)."""
+    on_host = all(t.device.type == "cpu" and t.dtype in _HOST_DTYPES for t in tensors) and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    if not on_host:
+        return torch, list(tensors)
+    return np, [t.detach().numpy() for t in tensors]
+
+
+_HOST_DTYPES = (torch.float32, torch.float64, torch.int64, torch.bool)
 
 
 def _segment_cut(terminated: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
