@@ -142,6 +142,7 @@ class DiffSim:
         self._step_specs_cache: dict[int, list[Out]] = {}
         # the default physics per batch size, with the struct values it was filled from (rebuilt if edited)
         self._default_physics_cache: dict[int, tuple[tuple[float, ...], tuple[torch.Tensor, ...]]] = {}
+        self._step_bounds_cache: tuple[tuple, torch.Tensor] | None = None  # see step_bounds
 
     # ----------------------------------------------------------------------------- pure API
     def reset(self, seed: torch.Tensor, episode: torch.Tensor) -> SimState:
@@ -333,6 +334,41 @@ class DiffSim:
         if inside is None:
             return self._outside_task_domain(state)
         return ~inside | self._outside_task_domain(state)
+
+    def diverged(self, out: StepOutput) -> torch.Tensor:
+        """``(B,)`` bool: the envs that a step's ``out`` took out of the valid domain: a non-finite observation
+        or reward, or a next state :meth:`outside_domain` flags. The same flags as
+        ``~(isfinite(out.obs).all(1) & isfinite(out.reward)) | outside_domain(out.state)`` (trainers ask at
+        every step), in five torch ops where that takes five per state field and five more: the observation,
+        the reward and the state's float fields side by side, one row per env, compared at once with a row of
+        bounds (:meth:`step_bounds`)."""
+        if (out.obs.dtype != torch.float32 or out.reward.dtype != torch.float32
+                or type(self).outside_domain is not DiffSim.outside_domain):  # not what step_bounds describes
+            return ~(torch.isfinite(out.obs).all(dim=1) & torch.isfinite(out.reward)) | self.outside_domain(out.state)
+        batch = out.reward.shape[0]
+        row = torch.cat([out.obs.detach(), out.reward.detach()[:, None],
+                         *(t.detach().reshape(batch, -1) for name, t in zip(self._fields, out.state.tensors())
+                           if name != "step")], dim=1)
+        outside = ~(row.abs() <= self.step_bounds(out.obs.shape[1])).all(dim=1)
+        if type(self)._outside_task_domain is DiffSim._outside_task_domain:  # (which flags nothing)
+            return outside
+        return outside | self._outside_task_domain(out.state)
+
+    def step_bounds(self, obs_dim: int) -> torch.Tensor:
+        """The float32 row :meth:`diverged` compares ``|x|`` with: float32's largest finite value for the
+        ``obs_dim`` observation columns and the reward (which need only be finite), then each float state
+        field's bound from ``state_bounds`` once per element, as :meth:`outside_domain` applies it (a float32
+        comparison with a Python bound rounds the bound to float32, as this row holds it). Built once per
+        observation width and set of bounds (a task may set ``state_bounds`` per instance)."""
+        key = (obs_dim, tuple(self.state_bounds.items()))
+        if self._step_bounds_cache is None or self._step_bounds_cache[0] != key:
+            bounds = [_FLOAT32_MAX] * (obs_dim + 1)
+            for name in self._fields:
+                if name != "step":
+                    bound = min(self.state_bounds.get(name, _FLOAT32_MAX), _FLOAT32_MAX)
+                    bounds += [bound] * int(np.prod(self.state_type.shapes[name]))
+            self._step_bounds_cache = (key, torch.tensor(bounds, dtype=torch.float32, device=self.device))
+        return self._step_bounds_cache[1]
 
     def _outside_task_domain(self, state: SimState) -> torch.Tensor:
         """Task-specific domain limits beyond ``state_bounds`` (``(B,)`` bool); none by default."""

@@ -16,19 +16,22 @@ def check_float32(value: Any, name: str, shape: tuple[int | str, ...], axes: str
     A ``str`` entry of ``shape`` names a free dimension of any size >= 1 (``("T", 4, 2)``); ``unit`` is
     said after the shape (``" in rad"``); ``axes`` names the indices of non-finite entries in the error
     (``"(env, dim)"``, the first eight listed)."""
-    free = [d for d in shape if isinstance(d, str)]
-    expected = (f"a torch.float32 tensor of shape ({', '.join(str(d) for d in shape)}{',' if len(shape) == 1 else ''})"
+    # the expected form is spelled out only for an error: a trainer checks an action at every step
+    def expected() -> str:
+        free = [d for d in shape if isinstance(d, str)]
+        return (f"a torch.float32 tensor of shape ({', '.join(str(d) for d in shape)}{',' if len(shape) == 1 else ''})"
                 f"{unit}{f' on {device}' if device is not None else ''}"
                 f"{' with ' + ', '.join(f'{d} >= 1' for d in free) if free else ''}")
+
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+        raise TypeError(f"{name} must be {expected()}, got {type(value).__name__}")
     if value.dim() != len(shape) or any(size < 1 if isinstance(d, str) else size != d
                                         for d, size in zip(shape, value.shape)):
-        raise ValueError(f"{name} must be {expected}, got shape {tuple(value.shape)}")
+        raise ValueError(f"{name} must be {expected()}, got shape {tuple(value.shape)}")
     if value.dtype != torch.float32:
-        raise ValueError(f"{name} must be {expected}, got dtype {value.dtype}")
+        raise ValueError(f"{name} must be {expected()}, got dtype {value.dtype}")
     if device is not None and value.device != device:
-        raise ValueError(f"{name} must be {expected}, got device {value.device}")
+        raise ValueError(f"{name} must be {expected()}, got device {value.device}")
     finite = torch.isfinite(value)
     if not bool(finite.all()):
         bad = [tuple(i) for i in (~finite).nonzero().tolist()[:8]]

@@ -29,6 +29,7 @@ from diffgym.training.evaluation import evaluate_config, train_env_seed
 from diffgym.training.networks import ActorCritic
 from diffgym.training.normalization import ObservationNormalizer
 from diffgym.training.randomization import PhysicsRandomizer, check_generator_state
+from diffgym.training.returns import scan_arrays
 from diffgym.training.run import Run
 from diffgym.training.spec import TrainConfig
 from diffgym.wrappers import TensorVectorWrapper, wrap_vector_env
@@ -119,16 +120,28 @@ class EnvBatch:
         return PhysicsRandomizer.summary_of(self.randomizer)
 
     def record(self, reward: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
-        """Accumulate undiscounted episode returns; return every env's return so far, this step's reward
-        included, as an ``(N,)`` float64 tensor: where ``done``, that of the episode that just ended.
+        """Accumulate undiscounted episode returns over one step (``reward``, ``done``: ``(N,)``) or over
+        the steps of a segment in order (``(K, N)``, time first); return every env's return so far at each
+        step, that step's reward included, as float64 of the same shape: where ``done``, that of the episode
+        that just ended. Finished envs start over from zero.
 
         The ended episodes' returns stay on the tensor: a caller that steps many times reads them out once
         (``returns[done].tolist()`` over the stacked steps, as :func:`unroll` does), instead of a host
-        sync at every step. Finished envs start over from zero."""
-        returns = self.episode_return + reward.detach().double()
-        self.episode_return = returns.masked_fill(done, 0.0)
-        self.episode_length = (self.episode_length + 1).masked_fill(done, 0)
-        return returns
+        sync at every step; and it records the whole segment at once, after its steps, where a record per
+        step would cost five torch ops. The steps run on NumPy views where the tensors are on the CPU
+        (:func:`~diffgym.training.returns.scan_arrays`): the same float64 sums."""
+        steps = reward.dim() == 2
+        rewards, done = (reward, done) if steps else (reward[None], done[None])
+        returns = torch.empty(rewards.shape, dtype=torch.float64, device=self.device)
+        xp, (rewards_, done_, returns_, running, length) = scan_arrays(
+            rewards.detach().double(), done, returns, self.episode_return, self.episode_length)
+        for t in range(rewards_.shape[0]):
+            returns_[t] = running + rewards_[t]
+            running = xp.where(done_[t], 0.0, returns_[t])
+            length = xp.where(done_[t], 0, length + 1)
+        self.episode_return = torch.as_tensor(running, device=self.device)
+        self.episode_length = torch.as_tensor(length, device=self.device)
+        return returns if steps else returns[0]
 
     def state_dict(self) -> dict[str, Any]:
         return {"state": self.state.detach().tensors(), "obs": self.obs, "seeds": self.seeds.bit_generator.state,
@@ -226,16 +239,17 @@ def unroll(model: ActorCritic, normalizer: ObservationNormalizer, envs: EnvBatch
     state, obs = envs.state, envs.obs
     sim = getattr(envs.venv, "sim", None)
     step = _unroll_step(envs, sim, state)
-    start_obs, rewards, next_obs, terminated, truncated, returns_so_far = [], [], [], [], [], []
+    start_obs, rewards, next_obs, terminated, truncated, finite_rewards = [], [], [], [], [], []
     actions, obs_normalized, noises, pre_squashes = [], [], [], []
     diverged_any = torch.zeros(envs.num_envs, dtype=torch.bool, device=envs.device)
     for _ in range(steps):
         obs_norm = normalizer(obs)
         action, pre_squash, noise = model.sample(obs_norm)
         out = step(state, action)
-        diverged = ~(torch.isfinite(out.obs).all(dim=1) & torch.isfinite(out.reward))
-        if sim is not None:  # finite but outside the task's valid domain: the next step would reject it
-            diverged = diverged | sim.outside_domain(out.state)
+        if sim is not None:  # not finite, or finite but outside the task's valid domain (the next step would reject it)
+            diverged = sim.diverged(out)
+        else:
+            diverged = ~(torch.isfinite(out.obs).all(dim=1) & torch.isfinite(out.reward))
         # Divergence is rare: without it the masking below would only copy (values and gradients alike),
         # so it is skipped, sparing each step five torch ops and an autograd node.
         step_obs, step_terminated, finite_reward = out.obs, out.terminated, out.reward
@@ -248,17 +262,19 @@ def unroll(model: ActorCritic, normalizer: ObservationNormalizer, envs: EnvBatch
         rewards.append(out.reward)
         next_obs.append(step_obs)  # before any reset: the tail value of a truncated episode uses it
         terminated.append(step_terminated)
-        truncated.append(out.truncated & ~step_terminated)
+        truncated.append(out.truncated)  # a termination takes precedence: masked once, after the loop
         actions.append(action)
         obs_normalized.append(obs_norm.detach())
         noises.append(noise)
         pre_squashes.append(pre_squash.detach())
-        done = step_terminated | truncated[-1]
-        returns_so_far.append(envs.record(finite_reward, done))
+        done = step_terminated | out.truncated
+        finite_rewards.append(finite_reward)
         state, obs = envs.restart_finished(out.state, step_obs, done)
-    terminated, truncated = torch.stack(terminated), torch.stack(truncated)
+    terminated = torch.stack(terminated)
+    truncated = torch.stack(truncated) & ~terminated
+    done = terminated | truncated
     # the ended episodes' returns in step order, env order within a step: one host sync per segment
-    finished = torch.stack(returns_so_far)[terminated | truncated].tolist()
+    finished = envs.record(torch.stack(finite_rewards), done)[done].tolist()
     rollout = Rollout(torch.stack(start_obs), torch.stack(rewards), torch.stack(next_obs), terminated, truncated,
                       diverged_any, finished, actions, torch.stack(obs_normalized), torch.stack(noises),
                       torch.stack(pre_squashes))
