@@ -31,6 +31,7 @@ import torch
 
 from diffgym.training import ActorCritic, ObservationNormalizer, Run, TrainConfig, clip_gradients, make_optimizer
 from diffgym.training.gradients import actor_parameters
+from diffgym.training.optim import adam_step
 from diffgym.training.randomization import check_config_ranges
 from diffgym.training.rollout import EnvBatch, EvaluationCadence, Rollout, evaluate_and_checkpoint, unroll
 
@@ -143,7 +144,7 @@ def segment_step(learner: Learner, segment: Rollout, params: APGConfig, config: 
         grad_norm = clip_gradients(learner.actor_parameters, config.optimizer)
     reuse = ReuseBatch.of(learner.model, objective) if params.reuse.enabled and math.isfinite(grad_norm) else None
     if math.isfinite(grad_norm):
-        learner.optimizer.step()
+        adam_step(learner.optimizer)
     else:
         learner.skipped_updates += 1
     learner.optimizer.zero_grad(set_to_none=True)
