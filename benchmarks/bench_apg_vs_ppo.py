@@ -2,11 +2,13 @@
 
     OMP_NUM_THREADS=1 python benchmarks/bench_apg_vs_ppo.py                        # this tree only
     OMP_NUM_THREADS=1 python benchmarks/bench_apg_vs_ppo.py --baseline /tmp/base   # and a second tree
+    OMP_NUM_THREADS=1 python benchmarks/bench_apg_vs_ppo.py --apg-param reuse.epochs=4  # APG with --param
     python benchmarks/bench_apg_vs_ppo.py --quick                                  # a smoke run
 
 Every run is ``diffgym train --algo A --env T`` with the trainer's own defaults for the task
-(``hyperparams/apg.yml``, ``hyperparams/ppo.yml``) except the budget (``--env-steps``, the same for both
-trainers) and the evaluation schedule: one evaluation at env step 0 and one at the budget, each of one
+(``hyperparams/apg.yml``, ``hyperparams/ppo.yml``), and APG with any ``--apg-param`` settings (what ``diffgym
+train --param`` sets), except the budget (``--env-steps``, the same for both trainers) and the evaluation
+schedule: one evaluation at env step 0 and one at the budget, each of one
 episode. A run is a child process (one torch thread); it times from the moment the evaluation at env step 0
 has been logged (so imports, env and model construction and that evaluation are left out) to the end of
 ``train`` (the last evaluation, of one episode, stays in: well under 1 % of a run). Runs alternate: every
@@ -26,14 +28,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 HERE = Path(__file__).resolve().parent.parent
 TASKS = ("DiffGym/PointMass1D-v0", "DiffGym/PointNav2D-v0", "DiffGym/FrankaReach-v0")
 ALGOS = ("apg", "ppo")
 
 
-def _child(algo: str, env_id: str, env_steps: int) -> dict[str, float]:
-    """Train once in this process; seconds from the logged evaluation at env step 0 to the end of train."""
+def _child(algo: str, env_id: str, env_steps: int, params: dict[str, Any] | None = None) -> dict[str, float]:
+    """Train once in this process; seconds from the logged evaluation at env step 0 to the end of train.
+    ``params``: ``algo_params`` settings (dotted keys below it, as ``--param`` takes them)."""
     import torch
 
     import diffgym  # noqa: F401  (registers the tasks)
@@ -49,7 +55,8 @@ def _child(algo: str, env_id: str, env_steps: int) -> dict[str, float]:
 
     with tempfile.TemporaryDirectory() as run_dir:
         config = resolve_config(algo, env_id, {"total_env_steps": env_steps, "eval_every_env_steps": env_steps,
-                                               "eval_episodes": 1, "run_dir": str(Path(run_dir) / "run")})
+                                               "eval_episodes": 1, "run_dir": str(Path(run_dir) / "run"),
+                                               **{f"algo_params.{key}": value for key, value in (params or {}).items()}})
         train = load_trainer(algo).train
         with log_hook(mark):
             train(config, progress=False)
@@ -57,12 +64,12 @@ def _child(algo: str, env_id: str, env_steps: int) -> dict[str, float]:
     return {"wall": wall, "cpu": cpu, "env_steps": env_steps, "num_envs": config.num_envs}
 
 
-def _run_child(tree: Path, algo: str, env_id: str, env_steps: int) -> dict[str, float]:
+def _run_child(tree: Path, algo: str, env_id: str, env_steps: int, params: dict[str, Any]) -> dict[str, float]:
     paths = [tree, tree / "trainers" / "apg", tree / "trainers" / "ppo"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in paths), "OMP_NUM_THREADS": "1"}
     # cwd=tree: ``python -c`` puts the working directory ahead of PYTHONPATH on sys.path
     code = (f"import json, sys; sys.path.insert(0, {str(HERE / 'benchmarks')!r}); import bench_apg_vs_ppo as b; "
-            f"print(json.dumps(b._child({algo!r}, {env_id!r}, {env_steps})))")
+            f"print(json.dumps(b._child({algo!r}, {env_id!r}, {env_steps}, {params!r})))")
     done = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"bench_apg_vs_ppo: {algo} on {env_id} in {tree} failed:\n{done.stderr[-3000:]}")
@@ -76,7 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task ids")
     parser.add_argument("--baseline", type=Path, help="a second source tree (before), run alternately with this one")
     parser.add_argument("--quick", action="store_true", help="smoke run: PointMass1D, 1024 env steps, one round")
+    parser.add_argument("--apg-param", action="append", default=[], metavar="KEY=VALUE",
+                        help="an algo_params setting of every APG run, as `diffgym train --param` takes it "
+                             "(e.g. reuse.epochs=4); repeatable")
     args = parser.parse_args(argv)
+    apg_params = {}
+    for setting in args.apg_param:
+        key, sep, value = setting.partition("=")
+        if not sep or not key:
+            parser.error(f"--apg-param takes KEY=VALUE, got {setting!r}")
+        apg_params[key] = yaml.safe_load(value)
     tasks = args.tasks.split(",")
     if args.quick:
         tasks, args.env_steps, args.repeats = [TASKS[0]], 1024, 1
@@ -92,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, tree in trees.items():
                 taken: dict[tuple[str, str], float] = {}
                 for algo in ALGOS:
-                    result = _run_child(tree, algo, env_id, args.env_steps)
+                    result = _run_child(tree, algo, env_id, args.env_steps, apg_params if algo == "apg" else {})
                     num_envs[(env_id, label, algo)] = int(result["num_envs"])
                     for clock in clocks:
                         taken[(algo, clock)] = result[clock] * 1000 / result["env_steps"]
@@ -106,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(per_1k[key])
 
     print(f"\n{args.env_steps} env steps per run, medians of {args.repeats} interleaved rounds; "
-          f"seconds per 1,000 env steps, wall-clock (CPU time of the process in brackets)\n")
+          f"seconds per 1,000 env steps, wall-clock (CPU time of the process in brackets)"
+          f"{'; APG with ' + ' '.join(args.apg_param) if args.apg_param else ''}\n")
     print("| task | tree | APG envs | APG s / 1k steps | PPO envs | PPO s / 1k steps | APG / PPO |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for env_id in tasks:
