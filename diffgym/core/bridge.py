@@ -13,9 +13,11 @@ kernel's Warp-generated adjoint. Warp's gradient-ownership rules are honoured by
 Per-call overhead is kept near Warp's launch floor: the first call of a kernel with a given launch dim,
 device, input shapes/dtypes and output specs builds a :class:`LaunchPlan` (argument types looked up,
 Warp array descriptors built and launch parameters packed, i.e. a recorded ``wp.Launch``); later calls
-only write the tensors' data pointers into the recorded descriptors and replay the launch. Calls that
-need no gradient (``torch.no_grad()`` or no input requiring grad) skip the autograd function entirely.
-Only fresh tensors pass through a plan, so the ownership rules above are unchanged.
+only write the tensors' data pointers into the recorded descriptors and replay the launch (on the CPU the
+adjoint launch's arguments stay packed in the structs Warp's compiled adjoint reads, so a backward call does
+not repack them: :class:`_PackedCpuAdjoint`). Calls that need no gradient (``torch.no_grad()`` or no input
+requiring grad) skip the autograd function entirely. Only fresh tensors pass through a plan, so the
+ownership rules above are unchanged.
 
 Kernel calling convention: ``kernel(*inputs, *params, *outputs)`` where inputs and outputs are
 arrays (torch tensors here; the Warp dtype comes from the kernel's annotation, so a ``(B, 2)`` tensor
@@ -31,6 +33,7 @@ kernel forgets to write comes back as whatever the allocator had in that memory.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import threading
 from dataclasses import dataclass
@@ -158,12 +161,71 @@ class _ArgSlot:
     """One array argument of a recorded launch: the ``array_t`` the launch reads, whose data pointer is
     rewritten per call (shape and strides were fixed when the plan was built for this shape)."""
 
-    __slots__ = ("index", "real", "is_null")
+    __slots__ = ("index", "own", "real", "is_null")
 
-    def __init__(self, index: int, real: Any):
+    def __init__(self, index: int, own: Any):
         self.index = index  # position in the kernel's argument list
-        self.real = real  # the array_t with this plan's shape and strides
+        self.own = own  # the array_t with this plan's shape and strides
+        self.real = own  # where the launch reads it: ``own`` itself, or a view of a packed copy of it
         self.is_null = False  # adjoint slots switch to a null array when autograd wants no gradient
+
+
+class _PackedCpuAdjoint:
+    """A recorded CPU adjoint launch whose arguments stay packed between calls.
+
+    ``Launch.launch`` on the CPU copies every argument into a fresh ctypes struct per call (two structs for
+    an adjoint: the arguments and their adjoints, ~40 field copies for a contact task's step), most of a
+    small adjoint launch's cost. Here the two structs are built once and the plan's slots are views into
+    them, so a call writes only data pointers and calls the compiled adjoint, as ``Launch.launch`` would
+    (same entry point, same argument values: the same gradients bit for bit). Only for launches Warp would
+    run that way itself: CPU, one thread per block. A launch under a CPU graph capture raises, as
+    ``Launch.launch`` does for a bridge launch (which keeps no Warp arrays to record), instead of running
+    unrecorded."""
+
+    def __init__(self, launch):
+        self.launch = launch
+        labels = [arg.label for arg in launch.kernel.adj.args]
+        count = len(labels)
+        # params[0] is the launch bounds, then the arguments, then their adjoints (Warp's layout)
+        self.args = self._struct(labels, launch.params[1:1 + count])
+        self.adj_args = self._struct(labels, launch.params[1 + count:1 + 2 * count])
+        self.labels = labels
+        self.bounds = ctypes.byref(launch.params[0])  # keeps the bounds struct alive with the reference
+        self.entry = launch.hooks.backward
+
+    @staticmethod
+    def _struct(labels: Sequence[str], values: Sequence[Any]):
+        struct_type = type("PackedArgs", (ctypes.Structure,), {"_fields_": [(label, type(value))
+                                                                        for label, value in zip(labels, values)]})
+        struct = struct_type()
+        for label, value in zip(labels, values):
+            setattr(struct, label, value)
+        return struct
+
+    @staticmethod
+    def usable(launch, wp_device) -> bool:
+        """Whether ``Launch.launch`` would run ``launch`` as one call of its compiled adjoint (CPU, one
+        thread per block: no tiles)."""
+        return wp_device.is_cpu and launch.block_dim <= 1
+
+    def view(self, index: int, adjoint: bool):
+        """The ``array_t`` of argument ``index`` inside the packed struct (writing its fields writes the struct)."""
+        return getattr(self.adj_args if adjoint else self.args, self.labels[index])
+
+    def set(self, index: int, value: Any, adjoint: bool) -> None:
+        """Copy a packed value (a ctypes struct or scalar, as ``Launch.params`` holds) into argument ``index``."""
+        setattr(self.adj_args if adjoint else self.args, self.labels[index], value)
+
+    def copy_params(self, indices: Sequence[int]) -> None:
+        """Copy the arguments at ``indices`` from the recorded launch (where the plan set them, converted)."""
+        for index in indices:
+            setattr(self.args, self.labels[index], self.launch.params[1 + index])
+
+    def __call__(self, wp_device) -> None:
+        if wp_device.is_capturing:
+            raise RuntimeError(f"kernel {self.launch.kernel.key}: a bridge adjoint launch cannot be recorded in a "
+                               "CPU graph capture (it keeps no Warp arrays to record)")
+        self.entry(self.bounds, ctypes.byref(self.args), ctypes.byref(self.adj_args))
 
 
 class LaunchPlan:
@@ -192,9 +254,9 @@ class LaunchPlan:
         self.out_slots = self._own_slots(self.forward, range(self.out_first, self.out_first + len(outputs)),
                                          outputs, adjoint=False)
         self.adjoint: Any = None  # recorded lazily by ``launch_adjoint``, with the slots below
+        self.adjoint_packed: _PackedCpuAdjoint | None = None
         self.adj_fwd_slots: list[_ArgSlot] = []
-        self.adj_in_slots: list[_ArgSlot] = []
-        self.adj_out_slots: list[_ArgSlot] = []
+        self.adj_grad_slots: list[_ArgSlot] = []  # the adjoints of the inputs, then of the outputs
 
     # ----------------------------------------------------------------------------- building
     def _warp(self, tensor: torch.Tensor, index: int):
@@ -256,29 +318,53 @@ class LaunchPlan:
                        adj_outputs: Sequence[torch.Tensor | None]) -> None:
         with self.lock:
             if self.adjoint is None:
-                launch = self._record(True, inputs, outputs)
-                out_indices = range(self.out_first, len(self.arg_types))
-                self.adj_fwd_slots = (self._own_slots(launch, range(self.n_in), inputs, adjoint=False)
-                                      + self._own_slots(launch, out_indices, outputs, adjoint=False))
-                # a gradient has its tensor's shape, so the forward tensors describe the adjoint arrays
-                self.adj_in_slots = self._own_slots(launch, range(self.n_in), inputs, adjoint=True)
-                self.adj_out_slots = self._own_slots(launch, out_indices, outputs, adjoint=True)
-                self.adjoint = launch
-            launch = self.adjoint
+                self._record_adjoint(inputs, outputs)
+            packed = self.adjoint_packed
             for slot, tensor in zip(self.adj_fwd_slots, (*inputs, *outputs)):
                 slot.real.data = tensor.data_ptr()
-            for slot, grad in zip((*self.adj_in_slots, *self.adj_out_slots), (*adj_inputs, *adj_outputs)):
+            for slot, grad in zip(self.adj_grad_slots, (*adj_inputs, *adj_outputs)):
                 if grad is None:
                     if not slot.is_null:  # no gradient wanted: a null array, as Warp gets for ``None``
-                        launch.set_param_at_index_from_ctype(slot.index, type(slot.real)(), adjoint=True)
+                        self._set_adjoint_array(slot, type(slot.own)())
                         slot.is_null = True
                 else:
-                    slot.real.data = grad.data_ptr()
                     if slot.is_null:
-                        launch.set_param_at_index_from_ctype(slot.index, slot.real, adjoint=True)
+                        self._set_adjoint_array(slot, slot.own)
                         slot.is_null = False
-            self._set_params(launch, params)
-            launch.launch(_warp_stream(self.device))
+                    slot.real.data = grad.data_ptr()
+            self._set_params(self.adjoint, params)
+            if packed is None:
+                self.adjoint.launch(_warp_stream(self.device))
+            else:
+                packed.copy_params(range(self.n_in, self.out_first))
+                packed(self.wp_device)
+
+    def _record_adjoint(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> None:
+        """Record the adjoint launch and give the plan its slots; on the CPU the slots of the forward
+        arguments become views into the packed arguments (:class:`_PackedCpuAdjoint`)."""
+        launch = self._record(True, inputs, outputs)
+        out_indices = range(self.out_first, len(self.arg_types))
+        self.adj_fwd_slots = (self._own_slots(launch, range(self.n_in), inputs, adjoint=False)
+                              + self._own_slots(launch, out_indices, outputs, adjoint=False))
+        # a gradient has its tensor's shape, so the forward tensors describe the adjoint arrays
+        self.adj_grad_slots = (self._own_slots(launch, range(self.n_in), inputs, adjoint=True)
+                               + self._own_slots(launch, out_indices, outputs, adjoint=True))
+        if _PackedCpuAdjoint.usable(launch, self.wp_device):
+            self.adjoint_packed = packed = _PackedCpuAdjoint(launch)
+            # written per call through views into the packed arguments, which hold copies of the slots' arrays
+            for slot in self.adj_fwd_slots:
+                slot.real = packed.view(slot.index, adjoint=False)
+            for slot in self.adj_grad_slots:
+                slot.real = packed.view(slot.index, adjoint=True)
+        self.adjoint = launch
+
+    def _set_adjoint_array(self, slot: _ArgSlot, array: Any) -> None:
+        """Install ``array`` (the slot's own ``array_t``, or a null one for no gradient) as the adjoint of
+        argument ``slot.index``; a packed argument gets a copy, which ``slot.real`` views."""
+        if self.adjoint_packed is None:
+            self.adjoint.set_param_at_index_from_ctype(slot.index, array, adjoint=True)
+        else:
+            self.adjoint_packed.set(slot.index, array, adjoint=True)
 
 
 _PLANS_PER_KERNEL = 64  # distinct shapes per kernel kept; beyond that the kernel's plans are rebuilt
@@ -318,6 +404,13 @@ def _launch(kernel, dim: int, params: tuple, out_specs: tuple[Out, ...],
     return outputs, plan
 
 
+def _owned_copy(grad: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``grad`` that nothing else holds: ``contiguous()`` itself when it had to copy (an
+    expanded gradient, such as a sum's), else a clone."""
+    contiguous = grad.contiguous()
+    return contiguous.clone() if contiguous is grad else contiguous
+
+
 class _KernelFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernel, dim: int, params: tuple, out_specs: tuple[Out, ...], *inputs: torch.Tensor):
@@ -341,7 +434,7 @@ class _KernelFunction(torch.autograd.Function):
         # to allocate, zero and pass)
         adj_inputs = [torch.zeros_like(t) if want and t.is_floating_point() else None
                       for t, want in zip(inputs, wants)]
-        adj_outputs = [g.contiguous().clone() if o.is_floating_point() and g is not None else None
+        adj_outputs = [_owned_copy(g) if o.is_floating_point() and g is not None else None
                        for o, g in zip(outputs, grad_outputs)]
         ctx.plan.launch_adjoint(inputs, ctx.params, outputs, adj_inputs, adj_outputs)
         return (None, None, None, None, *adj_inputs)
