@@ -546,3 +546,75 @@ def test_t_push_reward_adjoint_matches_central_differences():
     _assert_central_differences(values, inputs, steps, grads)
     for name, grad in grads.items():
         assert float(grad.abs().max()) > 0, name
+
+
+_SubstepRow = wp.types.vector(length=10, dtype=float)
+
+
+@wp.kernel(module="unique")
+def _t_push_substeps(xp: wp.array(dtype=wp.vec2), vp: wp.array(dtype=wp.vec2), xb: wp.array(dtype=wp.vec2),
+                     theta: wp.array(dtype=float), vb: wp.array(dtype=wp.vec2), omega: wp.array(dtype=float),
+                     command: wp.array(dtype=wp.vec2), p: t_push.TPushParams, plain: wp.array2d(dtype=float),
+                     recorded: wp.array2d(dtype=float), bits: wp.array2d(dtype=wp.int32)):
+    """A substep by ``substep`` (the forward pass's) and by ``substep_record`` (the adjoint's), and the contact
+    bits: the recorded ones, then those ``pusher_contacts`` and ``wall_corners_in_reach`` find."""
+    i = wp.tid()
+    h = p.dt / float(t_push.SUBSTEPS)
+    mass = 1.3
+    inertia = mass * p.block_inertia_per_mass
+    x_p, v_p, x_b, angle, v_b, w = t_push.substep(p, h, command[i], xp[i], vp[i], xb[i], theta[i], vb[i], omega[i],
+                                                  mass, inertia, 0.4, 0.3, 6000.0)
+    r = t_push.substep_record(p, h, command[i], xp[i], vp[i], xb[i], theta[i], vb[i], omega[i], mass, inertia, 0.4,
+                              0.3, 6000.0)
+    a = _SubstepRow(x_p[0], x_p[1], v_p[0], v_p[1], x_b[0], x_b[1], angle, v_b[0], v_b[1], w)
+    b = _SubstepRow(r.pusher_pos[0], r.pusher_pos[1], r.pusher_vel[0], r.pusher_vel[1], r.block_pos[0],
+                    r.block_pos[1], r.block_angle, r.block_vel[0], r.block_vel[1], r.block_angvel)
+    for k in range(10):
+        plain[i, k] = a[k]
+        recorded[i, k] = b[k]
+    c = wp.cos(theta[i])
+    s = wp.sin(theta[i])
+    contacts = t_push.pusher_contacts(p, h, xp[i], vp[i], xb[i], c, s, vb[i], omega[i], mass, inertia, 0.4, 6000.0)
+    bits[i, 0] = r.touching
+    bits[i, 1] = contacts.touching
+    bits[i, 2] = r.wall_corners
+    bits[i, 3] = t_push.wall_corners_in_reach(p, xb[i], c, s)
+
+
+def test_t_push_recorded_substep_is_the_substep_bit_for_bit():
+    """``exact_step``'s adjoint integrates with ``substep_record``, which skips the distance to a box the
+    pusher is beyond the reach of by a bound, and records the bits of the contacts in reach: its substep
+    must be the forward pass's bit for bit, and its bits those the contact code finds, wherever the pusher is
+    around the T (4000 poses in and around the boxes' reach, including the bound's edge) and with the T's hull
+    corners up to 3 mm on either side of a wall's reach."""
+    sim = t_push.TPush()
+    generator = torch.Generator().manual_seed(9)
+    count = 4000
+    angle = 2 * np.pi * torch.rand(count, generator=generator)
+    c, s = torch.cos(angle), torch.sin(angle)
+    # the pusher anywhere in the T's bounding box grown by 12 mm (about 6 % of it within 2 mm of a reach)
+    outline = torch.tensor(t_push.T_OUTLINE, dtype=torch.float32)
+    low, high = outline.amin(dim=0) - 0.012, outline.amax(dim=0) + 0.012
+    local = low + (high - low) * torch.rand(count, 2, generator=generator)
+    # the T with its farthest corner towards a random wall 3 mm short of it to 3 mm into it
+    xb = 0.2 * (2 * torch.rand(count, 2, generator=generator) - 1)
+    outward = _OUTWARD[:4][torch.randint(0, 4, (count,), generator=generator)]
+    reach = (sim.hull_vertices(torch.zeros(count, 2), angle) * outward[:, None]).sum(-1).amax(dim=1)
+    depth = 0.006 * torch.rand(count, generator=generator) - 0.003
+    along = (xb * outward).sum(-1, keepdim=True)
+    xb = xb + (t_push.ARENA_HALF + depth - reach)[:, None] * outward - along * outward
+    xp = xb + torch.stack([c * local[:, 0] - s * local[:, 1], s * local[:, 0] + c * local[:, 1]], -1)
+    vp, vb = 0.3 * torch.randn(count, 2, generator=generator), 0.2 * torch.randn(count, 2, generator=generator)
+    omega, command = torch.randn(count, generator=generator), 0.1 * torch.randn(count, 2, generator=generator)
+    arrays = [wp.from_torch(t.contiguous(), dtype=wp.vec2 if t.dim() == 2 else wp.float32)
+              for t in (xp, vp, xb, angle, vb, omega, command)]
+    plain, recorded = wp.zeros((count, 10), dtype=float), wp.zeros((count, 10), dtype=float)
+    bits = wp.zeros((count, 4), dtype=wp.int32)
+    wp.launch(_t_push_substeps, count, inputs=[*arrays, sim.params], outputs=[plain, recorded, bits])
+    assert torch.equal(wp.to_torch(plain), wp.to_torch(recorded))
+    bits = wp.to_torch(bits)
+    assert torch.equal(bits[:, 0], bits[:, 1]) and torch.equal(bits[:, 2], bits[:, 3])
+    # every case is there: each box in reach and out of it, walls' corners in reach and none
+    for bit in (1, 2):
+        assert 50 < int((bits[:, 0] & bit != 0).sum()) < count - 50
+    assert 200 < int((bits[:, 2] != 0).sum()) < count - 200

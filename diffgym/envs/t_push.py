@@ -105,7 +105,7 @@ _HULL_REACH = wp.constant(1.001 * float(np.linalg.norm(_HULL, axis=1).max()))
 
 def _check_outline_matches_hull(p) -> None:
     """Raise unless the params' boxes (``outline_vertex``'s source) give ``T_OUTLINE`` to float32 round-off:
-    ``block_wall_wrench_gradients`` skips a wall the T's centre of mass is farther from than ``_HULL_REACH``,
+    ``wall_corners_in_reach`` skips a wall the T's centre of mass is farther from than ``_HULL_REACH``,
     which is measured on ``T_OUTLINE``, so a larger T in the params would silently lose its walls' gradients."""
     boxes = [np.array(list(v), dtype=np.float64) for v in (p.bar_center, p.bar_half, p.stem_center, p.stem_half)]
     mismatch = float(np.abs(t_outline(*boxes) - T_OUTLINE).max())
@@ -488,18 +488,43 @@ def smooth_relu_slope(x: float, s: float) -> float:
     return wp.where(x >= s, 1.0, t * t * (3.0 - 2.0 * t))
 
 
+@wp.func
+def wall_corner_bit(side: int, k: int) -> int:
+    """The bit of the T's hull corner ``k`` (``outline_vertex``; not the concave 2 or 5) against wall ``side``
+    (``wall_normal``) in a mask of the corners within the contact law's reach of the walls: 6 bits a wall."""
+    return 1 << (side * 6 + k - k // 3)
+
+
+@wp.func
+def wall_corners_in_reach(p: TPushParams, xb: wp.vec2, c: float, s: float) -> int:
+    """The bits (``wall_corner_bit``) of the hull corners within the exact contact law's reach of a wall, the
+    test ``block_wall_wrench`` makes; the block's angle is given by its cosine ``c`` and sine ``s``."""
+    corners = int(0)
+    for side in range(4):
+        wall_n = wall_normal(side)
+        # no corner within the law's reach of this wall while the centre of mass is farther from it than
+        # the hull's radius: then its six corner tests are skipped
+        if wp.dot(xb, wall_n) + p.arena_half - _HULL_REACH < p.contact_smoothing:
+            for k in range(8):
+                if k != 2 and k != 5:
+                    if wp.dot(xb + rotate_cs(c, s, outline_vertex(p, k)), wall_n) + p.arena_half < p.contact_smoothing:
+                        corners = corners | wall_corner_bit(side, k)
+    return corners
+
+
 # The exact walls' adjoint, written by hand. Warp's generated adjoint of a function replays it and then
 # reverses it with every intermediate's adjoint zero-initialised, all 24 corner-wall branches included
 # whether or not they touch: about twelve times the walls' forward cost, once per substep (a quarter of
-# the whole backward pass out of contact). This one recomputes only what the chain rule needs, inside the
-# branches in contact. The same derivatives as the generated adjoint, term for term (equal to float32
+# the whole backward pass out of contact). This one recomputes only what the chain rule needs, for the
+# corners in reach. The same derivatives as the generated adjoint, term for term (equal to float32
 # round-off: only the order of the sums differs).
 @wp.func
 def block_wall_wrench_gradients(p: TPushParams, xb: wp.vec2, c: float, s: float, vb: wp.vec2, omega: float,
-                                contact_stiffness: float, adj_force: wp.vec2, adj_torque: float):
+                                contact_stiffness: float, adj_force: wp.vec2, adj_torque: float, corners: int):
     """The gradients of the exact ``block_wall_wrench`` with respect to ``xb``, ``c``, ``s``, ``vb``, ``omega``
     and ``contact_stiffness``, given those ``adj_force`` and ``adj_torque`` of the wrench it returns (the
-    running sums it adds to take them unchanged)."""
+    running sums it adds to take them unchanged) and the hull corners in reach of a wall there (``corners``:
+    ``wall_corners_in_reach``'s bits, or those ``block_wall_wrench_record`` returned)."""
     adj_xb = wp.vec2(0.0, 0.0)
     adj_vb = wp.vec2(0.0, 0.0)
     adj_c = float(0.0)
@@ -507,16 +532,14 @@ def block_wall_wrench_gradients(p: TPushParams, xb: wp.vec2, c: float, s: float,
     adj_omega = float(0.0)
     adj_stiffness = float(0.0)
     for side in range(4):
-        wall_n = wall_normal(side)
-        # no corner within the law's reach of this wall (no gradient) while the centre of mass is farther
-        # from it than the hull's radius: then its six corner tests are skipped
-        if wp.dot(xb, wall_n) + p.arena_half - _HULL_REACH < p.contact_smoothing:
+        if (corners & (63 << (side * 6))) != 0:
+            wall_n = wall_normal(side)
             for k in range(8):
                 if k != 2 and k != 5:
-                    vertex = outline_vertex(p, k)
-                    r = rotate_cs(c, s, vertex)
-                    gap = wp.dot(xb + r, wall_n) + p.arena_half
-                    if gap < p.contact_smoothing:  # the exact law's reach
+                    if (corners & wall_corner_bit(side, k)) != 0:
+                        vertex = outline_vertex(p, k)
+                        r = rotate_cs(c, s, vertex)
+                        gap = wp.dot(xb + r, wall_n) + p.arena_half
                         ramp = smooth_relu(-gap, p.contact_smoothing)
                         elastic = contact_stiffness * ramp
                         v_n = wp.dot(vb + omega * perp(r), wall_n)
@@ -544,7 +567,7 @@ def _block_wall_wrench_adjoint(p: TPushParams, xb: wp.vec2, c: float, s: float, 
     adj_force = wp.vec2(adj_ret[0], adj_ret[1])
     adj_torque = adj_ret[2]
     adj_xb, adj_c, adj_s, adj_vb, adj_omega, adj_stiffness = block_wall_wrench_gradients(
-        p, xb, c, s, vb, omega, contact_stiffness, adj_force, adj_torque)
+        p, xb, c, s, vb, omega, contact_stiffness, adj_force, adj_torque, wall_corners_in_reach(p, xb, c, s))
     wp.adjoint[xb] += adj_xb
     wp.adjoint[c] += adj_c
     wp.adjoint[s] += adj_s
@@ -602,14 +625,22 @@ class SubstepRecord:
     block_angle: float
     block_vel: wp.vec2
     block_angvel: float
+    cos_angle: float
+    """The cosine of the block's angle at the substep's start (as the substep computed it)."""
+    sin_angle: float
+    """Its sine."""
+    friction_speed: float
+    """The pseudo-Huber norm of the block's twist the table friction divides by (``speed``)."""
     momentum_b: wp.vec2
     """h times the block's force (walls included) plus its friction impulse."""
     momentum_omega: float
     """The same for its torque."""
     touching: int
     """``PusherContacts.touching``."""
+    wall_corners: int
+    """The T's hull corners in reach of a wall (``block_wall_wrench_record``)."""
     boxes: _BoxDistances
-    """``PusherContacts.boxes``."""
+    """``PusherContacts.boxes`` of the boxes in reach (``touching``); the others' rows may be zero."""
 
 
 def _make_advance(pre_contact: bool):
@@ -621,104 +652,133 @@ def _make_advance(pre_contact: bool):
     variant = "pre_contact" if pre_contact else "exact"
     module = "unique" if pre_contact else None
 
-    def block_wall_wrench(p: TPushParams, xb: wp.vec2, c: float, s: float, vb: wp.vec2, omega: float,
-                          contact_stiffness: float, force_b: wp.vec2, torque_b: float) -> wp.vec3:
-        """``force_b`` and ``torque_b`` plus the walls' forces on the T's hull corners and their torque,
-        as ``(force x, force y, torque)``; the block's angle is given by its cosine ``c`` and sine ``s``."""
-        for side in range(4):
-            wall_n = wall_normal(side)
-            for k in range(8):
-                if k != 2 and k != 5:  # only the six convex-hull corners (not the concave 2, 5) can touch a wall
-                    r = rotate_cs(c, s, outline_vertex(p, k))
-                    gap_v = wp.dot(xb + r, wall_n) + p.arena_half
-                    if gap_v < contact_reach(p):
-                        v_n = wp.dot(vb + omega * perp(r), wall_n)
-                        fw = normal_force(p, elastic_force(p, contact_stiffness, gap_v), v_n) * wall_n
-                        force_b = force_b + fw
-                        torque_b = torque_b + cross2(r, fw)
-        return wp.vec3(force_b[0], force_b[1], torque_b)
+    def make_block_wall_wrench(record: bool):
+        def block_wall_wrench(p: TPushParams, xb: wp.vec2, c: float, s: float, vb: wp.vec2, omega: float,
+                              contact_stiffness: float, force_b: wp.vec2, torque_b: float):
+            """``force_b`` and ``torque_b`` plus the walls' forces on the T's hull corners and their torque,
+            as ``(force x, force y, torque)``; the block's angle is given by its cosine ``c`` and sine ``s``
+            (``record``: and the bits of the corners in reach, ``wall_corner_bit``)."""
+            if wp.static(record):
+                corners = int(0)
+            for side in range(4):
+                wall_n = wall_normal(side)
+                for k in range(8):
+                    if k != 2 and k != 5:  # only the six convex-hull corners (not the concave 2, 5) touch a wall
+                        r = rotate_cs(c, s, outline_vertex(p, k))
+                        gap_v = wp.dot(xb + r, wall_n) + p.arena_half
+                        if gap_v < contact_reach(p):
+                            v_n = wp.dot(vb + omega * perp(r), wall_n)
+                            fw = normal_force(p, elastic_force(p, contact_stiffness, gap_v), v_n) * wall_n
+                            force_b = force_b + fw
+                            torque_b = torque_b + cross2(r, fw)
+                            if wp.static(record):
+                                corners = corners | wall_corner_bit(side, k)
+            if wp.static(record):
+                return wp.vec3(force_b[0], force_b[1], torque_b), corners
+            else:
+                return wp.vec3(force_b[0], force_b[1], torque_b)
 
-    block_wall_wrench = wp.func(block_wall_wrench, name=f"block_wall_wrench_{variant}", module=module)
+        name = f"block_wall_wrench_record_{variant}" if record else f"block_wall_wrench_{variant}"
+        return wp.func(block_wall_wrench, name=name, module=module)
+
+    block_wall_wrench = make_block_wall_wrench(False)
+    block_wall_wrench_record = make_block_wall_wrench(True)
     if not pre_contact:
         wp.func_grad(block_wall_wrench)(_block_wall_wrench_adjoint)
 
-    def pusher_contacts(p: TPushParams, h: float, xp: wp.vec2, vp: wp.vec2, xb: wp.vec2, c: float, s: float,
-                        vb: wp.vec2, omega: float, block_mass: float, block_inertia: float, contact_friction: float,
-                        contact_stiffness: float) -> PusherContacts:
-        """The pusher's contacts in a substep (with the T's two boxes and the walls): the forces and friction
-        impulses on the pusher and the block, and the bits of those in reach (``PusherContacts``); the block's
-        angle is given by its cosine ``c`` and sine ``s``."""
-        force_p = wp.vec2(0.0, 0.0)
-        force_b = wp.vec2(0.0, 0.0)
-        torque_b = float(0.0)
-        impulse_p = wp.vec2(0.0, 0.0)
-        impulse_b = wp.vec2(0.0, 0.0)
-        ang_impulse_b = float(0.0)
-        touching = int(0)
-        boxes = _BoxDistances()
-        # The servo is integrated implicitly, so over a substep the pusher resists like this mass.
-        pusher_eff_mass = p.pusher_mass + h * p.servo_gain
+    def make_pusher_contacts(record: bool):
+        def pusher_contacts(p: TPushParams, h: float, xp: wp.vec2, vp: wp.vec2, xb: wp.vec2, c: float, s: float,
+                            vb: wp.vec2, omega: float, block_mass: float, block_inertia: float, contact_friction: float,
+                            contact_stiffness: float) -> PusherContacts:
+            """The pusher's contacts in a substep (with the T's two boxes and the walls): the forces and friction
+            impulses on the pusher and the block, and the bits of those in reach (``PusherContacts``); the block's
+            angle is given by its cosine ``c`` and sine ``s``."""
+            force_p = wp.vec2(0.0, 0.0)
+            force_b = wp.vec2(0.0, 0.0)
+            torque_b = float(0.0)
+            impulse_p = wp.vec2(0.0, 0.0)
+            impulse_b = wp.vec2(0.0, 0.0)
+            ang_impulse_b = float(0.0)
+            touching = int(0)
+            boxes = _BoxDistances()
+            # The servo is integrated implicitly, so over a substep the pusher resists like this mass.
+            pusher_eff_mass = p.pusher_mass + h * p.servo_gain
 
-        # pusher-block: a penalty per box (their sum is the union's penalty wherever one box is in range,
-        # and the correct two-normal force in the T's concave corners; no min() kink)
-        q = rotate_cs(c, -s, xp - xb)
-        for box in range(2):
-            center = p.bar_center
-            half = p.bar_half
-            if box == 1:
-                center = p.stem_center
-                half = p.stem_half
-            box_dist = box_distance(q, center, half, p.corner_smoothing)
-            dist = box_dist.dist
-            n_local = box_dist.normal
-            c_local = box_dist.point
-            boxes[box] = box_row(box_dist)
-            gap = dist - p.pusher_radius
-            # Broad phase: the penalty's ramp is exactly zero for gap >= s (the surrogate's tail beyond its
-            # distance), and so are the force, the friction (proportional to it) and their derivatives, so
-            # skipping them changes no value and no gradient; it spares the forward and, above all, the
-            # adjoint the contact terms of every box out of reach.
-            if gap < contact_reach(p):
-                touching = touching | (1 << box)
-                n = rotate_cs(c, s, n_local)
-                r = rotate_cs(c, s, c_local)  # contact point relative to the block's centre of mass
-                v_rel = vp - (vb + omega * perp(r))
-                elastic = elastic_force(p, contact_stiffness, gap)
-                # the normal force evaluates the law again rather than reusing ``elastic``: the adjoint then
-                # sums the gap's two paths in the order it always has, so the exact law's gradients stay
-                # bit for bit those of every run recorded before the surrogate existed
-                fn = normal_force(p, elastic_force(p, contact_stiffness, gap), wp.dot(v_rel, n))
-                force_p = force_p + fn * n
-                force_b = force_b - fn * n
-                torque_b = torque_b - fn * cross2(r, n)
-                t = perp(n)
-                rt = cross2(r, t)
-                inv_mass = 1.0 / pusher_eff_mass + 1.0 / block_mass + rt * rt / block_inertia
-                j = friction_impulse(p, contact_friction, elastic, wp.dot(v_rel, t), inv_mass, h)
-                impulse_p = impulse_p - j * t
-                impulse_b = impulse_b + j * t
-                ang_impulse_b = ang_impulse_b + j * rt
+            # pusher-block: a penalty per box (their sum is the union's penalty wherever one box is in range,
+            # and the correct two-normal force in the T's concave corners; no min() kink)
+            q = rotate_cs(c, -s, xp - xb)
+            for box in range(2):
+                center = p.bar_center
+                half = p.bar_half
+                if box == 1:
+                    center = p.stem_center
+                    half = p.stem_half
+                if wp.static(record):
+                    # The recorded substeps are the backward pass's, which needs only the boxes in reach. The
+                    # box's distance is at least its larger excess (box_distance's |q - c| - half; softplus(e)
+                    # >= max(e, 0), and the rounded sqrt of a sum of squares is at least each term's root, also
+                    # in float32), so a box whose excess is beyond reach is out of reach: its distance (exps
+                    # and logs, half a substep's cost) is not computed, its force is zero either way (the same
+                    # state, bit for bit), and its row, unused, stays zero. The forward pass keeps its code.
+                    offset = q - center
+                    excess = wp.max(wp.abs(offset[0]) - half[0], wp.abs(offset[1]) - half[1])
+                    if excess - p.pusher_radius >= contact_reach(p):
+                        continue
+                box_dist = box_distance(q, center, half, p.corner_smoothing)
+                dist = box_dist.dist
+                n_local = box_dist.normal
+                c_local = box_dist.point
+                boxes[box] = box_row(box_dist)
+                gap = dist - p.pusher_radius
+                # Broad phase: the penalty's ramp is exactly zero for gap >= s (the surrogate's tail beyond its
+                # distance), and so are the force, the friction (proportional to it) and their derivatives, so
+                # skipping them changes no value and no gradient; it spares the forward and, above all, the
+                # adjoint the contact terms of every box out of reach.
+                if gap < contact_reach(p):
+                    touching = touching | (1 << box)
+                    n = rotate_cs(c, s, n_local)
+                    r = rotate_cs(c, s, c_local)  # contact point relative to the block's centre of mass
+                    v_rel = vp - (vb + omega * perp(r))
+                    elastic = elastic_force(p, contact_stiffness, gap)
+                    # the normal force evaluates the law again rather than reusing ``elastic``: the adjoint then
+                    # sums the gap's two paths in the order it always has, so the exact law's gradients stay
+                    # bit for bit those of every run recorded before the surrogate existed
+                    fn = normal_force(p, elastic_force(p, contact_stiffness, gap), wp.dot(v_rel, n))
+                    force_p = force_p + fn * n
+                    force_b = force_b - fn * n
+                    torque_b = torque_b - fn * cross2(r, n)
+                    t = perp(n)
+                    rt = cross2(r, t)
+                    inv_mass = 1.0 / pusher_eff_mass + 1.0 / block_mass + rt * rt / block_inertia
+                    j = friction_impulse(p, contact_friction, elastic, wp.dot(v_rel, t), inv_mass, h)
+                    impulse_p = impulse_p - j * t
+                    impulse_b = impulse_b + j * t
+                    ang_impulse_b = ang_impulse_b + j * rt
 
-        # walls (frictionless): inward normals of the arena's four sides; the same broad phase
-        for side in range(4):
-            wall_n = wall_normal(side)
-            gap_p = wp.dot(xp, wall_n) + p.arena_half - p.pusher_radius
-            if gap_p < contact_reach(p):
-                touching = touching | 4
-                force_p = force_p + normal_force(p, elastic_force(p, contact_stiffness, gap_p),
-                                                 wp.dot(vp, wall_n)) * wall_n
-        contacts = PusherContacts()
-        contacts.force_p = force_p
-        contacts.force_b = force_b
-        contacts.torque_b = torque_b
-        contacts.impulse_p = impulse_p
-        contacts.impulse_b = impulse_b
-        contacts.ang_impulse_b = ang_impulse_b
-        contacts.touching = touching
-        contacts.boxes = boxes
-        return contacts
+            # walls (frictionless): inward normals of the arena's four sides; the same broad phase
+            for side in range(4):
+                wall_n = wall_normal(side)
+                gap_p = wp.dot(xp, wall_n) + p.arena_half - p.pusher_radius
+                if gap_p < contact_reach(p):
+                    touching = touching | 4
+                    force_p = force_p + normal_force(p, elastic_force(p, contact_stiffness, gap_p),
+                                                     wp.dot(vp, wall_n)) * wall_n
+            contacts = PusherContacts()
+            contacts.force_p = force_p
+            contacts.force_b = force_b
+            contacts.torque_b = torque_b
+            contacts.impulse_p = impulse_p
+            contacts.impulse_b = impulse_b
+            contacts.ang_impulse_b = ang_impulse_b
+            contacts.touching = touching
+            contacts.boxes = boxes
+            return contacts
 
-    pusher_contacts = wp.func(pusher_contacts, name=f"pusher_contacts_{variant}", module=module)
+        name = f"pusher_contacts_record_{variant}" if record else f"pusher_contacts_{variant}"
+        return wp.func(pusher_contacts, name=name, module=module)
+
+    pusher_contacts = make_pusher_contacts(False)
+    pusher_contacts_record = make_pusher_contacts(True)
 
     def make_substep(record: bool):
         def substep(p: TPushParams, h: float, command: wp.vec2, xp: wp.vec2, vp: wp.vec2, xb: wp.vec2,
@@ -728,13 +788,22 @@ def _make_advance(pre_contact: bool):
             returns the new state (``record``: as a ``SubstepRecord``, with what ``exact_step``'s adjoint needs)."""
             c = wp.cos(theta)
             s = wp.sin(theta)
-            contacts = pusher_contacts(p, h, xp, vp, xb, c, s, vb, omega, block_mass, block_inertia,
-                                       contact_friction, contact_stiffness)
+            if wp.static(record):
+                contacts = pusher_contacts_record(p, h, xp, vp, xb, c, s, vb, omega, block_mass, block_inertia,
+                                                  contact_friction, contact_stiffness)
+            else:
+                contacts = pusher_contacts(p, h, xp, vp, xb, c, s, vb, omega, block_mass, block_inertia,
+                                           contact_friction, contact_stiffness)
             force_p = contacts.force_p
             impulse_p = contacts.impulse_p
             impulse_b = contacts.impulse_b
             ang_impulse_b = contacts.ang_impulse_b
-            wrench = block_wall_wrench(p, xb, c, s, vb, omega, contact_stiffness, contacts.force_b, contacts.torque_b)
+            if wp.static(record):
+                wrench, wall_corners = block_wall_wrench_record(p, xb, c, s, vb, omega, contact_stiffness,
+                                                                contacts.force_b, contacts.torque_b)
+            else:
+                wrench = block_wall_wrench(p, xb, c, s, vb, omega, contact_stiffness, contacts.force_b,
+                                           contacts.torque_b)
             force_b = wp.vec2(wrench[0], wrench[1])
             torque_b = wrench[2]
 
@@ -758,9 +827,13 @@ def _make_advance(pre_contact: bool):
                 out.block_angle = theta + h * omega_next
                 out.block_vel = vb_next
                 out.block_angvel = omega_next
+                out.cos_angle = c
+                out.sin_angle = s
+                out.friction_speed = speed
                 out.momentum_b = momentum_b
                 out.momentum_omega = momentum_omega
                 out.touching = contacts.touching
+                out.wall_corners = wall_corners
                 out.boxes = contacts.boxes
                 return out
             else:
@@ -1016,6 +1089,26 @@ def pusher_contacts_gradients(p: TPushParams, h: float, xp: wp.vec2, vp: wp.vec2
     ``vb``, ``omega``, ``block_mass``, ``block_inertia``, ``contact_friction`` and ``contact_stiffness``, given
     the contacts in reach there and the pusher's distances to the boxes (its ``touching`` and ``boxes``) and
     the gradients ``adj`` of its results."""
+    return pusher_contacts_gradients_given_reciprocals(
+        p, h, xp, vp, xb, c, s, vb, omega, _pusher_inverse_mass(p, h), 1.0 / block_mass, 1.0 / block_inertia,
+        contact_friction, contact_stiffness, touching, boxes, adj)
+
+
+@wp.func
+def _pusher_inverse_mass(p: TPushParams, h: float) -> float:
+    """The inverse of the mass the pusher resists with over a substep (its servo is implicit)."""
+    return 1.0 / (p.pusher_mass + h * p.servo_gain)
+
+
+@wp.func
+def pusher_contacts_gradients_given_reciprocals(p: TPushParams, h: float, xp: wp.vec2, vp: wp.vec2, xb: wp.vec2,
+                                                c: float, s: float, vb: wp.vec2, omega: float, inv_pusher_mass: float,
+                                                inv_block_mass: float, inv_inertia: float, contact_friction: float,
+                                                contact_stiffness: float, touching: int, boxes: _BoxDistances,
+                                                adj: PusherContacts):
+    """``pusher_contacts_gradients`` given the reciprocals of the pusher's effective mass
+    (``_pusher_inverse_mass``), the block's mass and its inertia, which stay the same over a control step's
+    substeps: ``exact_step``'s adjoint computes them once instead of three divisions per substep."""
     adj_xp = wp.vec2(0.0, 0.0)
     adj_vp = wp.vec2(0.0, 0.0)
     adj_xb = wp.vec2(0.0, 0.0)
@@ -1029,10 +1122,6 @@ def pusher_contacts_gradients(p: TPushParams, h: float, xp: wp.vec2, vp: wp.vec2
     adj_stiffness = float(0.0)
     sc = p.contact_smoothing
     if (touching & 3) != 0:
-        # reciprocals once: divisions are much of this function's cost (the gradient moves by round-off)
-        inv_pusher_mass = 1.0 / (p.pusher_mass + h * p.servo_gain)  # the servo's effective mass
-        inv_block_mass = 1.0 / block_mass
-        inv_inertia = 1.0 / block_inertia
         d = xp - xb
         q = rotate_cs(c, -s, d)
         adj_q = wp.vec2(0.0, 0.0)
@@ -1159,11 +1248,14 @@ def _exact_step_adjoint(p: TPushParams, command: wp.vec2, pusher: wp.vec2, pushe
     vps = _SubstepVec2s()
     xbs = _SubstepVec2s()
     vbs = _SubstepVec2s()
-    thetas = _SubstepFloats()
+    cosines = _SubstepFloats()  # of the start angles: the sweep needs no angle, only these
+    sines = _SubstepFloats()
     omegas = _SubstepFloats()
     momenta_b = _SubstepVec2s()
     momenta_omega = _SubstepFloats()
+    friction_speeds = _SubstepFloats()
     touching = _SubstepInts()
+    wall_corners = _SubstepInts()
     bars = _SubstepBoxes()
     stems = _SubstepBoxes()
     xp = pusher
@@ -1177,14 +1269,17 @@ def _exact_step_adjoint(p: TPushParams, command: wp.vec2, pusher: wp.vec2, pushe
         xps[k] = xp
         vps[k] = vp
         xbs[k] = xb
-        thetas[k] = theta
         vbs[k] = vb
         omegas[k] = omega
         record = substep_record(p, h, command, xp, vp, xb, theta, vb, omega, block_mass, inertia, contact_friction,
                                 table_friction, contact_stiffness)
+        cosines[k] = record.cos_angle
+        sines[k] = record.sin_angle
         momenta_b[k] = record.momentum_b
         momenta_omega[k] = record.momentum_omega
+        friction_speeds[k] = record.friction_speed
         touching[k] = record.touching
+        wall_corners[k] = record.wall_corners
         bars[k] = record.boxes[0]
         stems[k] = record.boxes[1]
         xp = record.pusher_pos
@@ -1215,6 +1310,7 @@ def _exact_step_adjoint(p: TPushParams, command: wp.vec2, pusher: wp.vec2, pushe
     inv_inertia = 1.0 / inertia
     inv_block_mass = 1.0 / block_mass
     inv_pusher_mass = 1.0 / p.pusher_mass
+    inv_effective_pusher_mass = _pusher_inverse_mass(p, h)
     inv_servo = 1.0 / (1.0 + servo)
     k = _SUBSTEPS
     while k > 0:
@@ -1225,16 +1321,14 @@ def _exact_step_adjoint(p: TPushParams, command: wp.vec2, pusher: wp.vec2, pushe
         xp = xps[k]
         vp = vps[k]
         xb = xbs[k]
-        theta = thetas[k]
         vb = vbs[k]
         omega = omegas[k]
         # positions and angle: x' = x + h v'
         adj_vp_next = adj_vp + h * adj_xp
         adj_vb_next = adj_vb + h * adj_xb
         adj_omega_next = adj_omega + h * adj_theta
-        # the table friction's drag, as the substep computes it
-        inv_speed = 1.0 / wp.sqrt(wp.dot(vb, vb) + rho * rho * omega * omega
-                                  + p.friction_smoothing * p.friction_smoothing)
+        # the table friction's drag, from the speed the substep computed
+        inv_speed = 1.0 / friction_speeds[k]
         drag = table_friction * block_mass * p.gravity * inv_speed
         # omega' = (omega + momentum_omega / I) / (1 + h drag rho^2 / I)
         adj_numerator = adj_omega_next / (1.0 + h * drag * rho * rho * inv_inertia)
@@ -1267,10 +1361,10 @@ def _exact_step_adjoint(p: TPushParams, command: wp.vec2, pusher: wp.vec2, pushe
         adj_impulse_p = adj_numerator_p * inv_pusher_mass
         adj_command = adj_command + servo * adj_numerator_p
         # the walls on the T (they add to the pusher's force and torque on it, which pass through)
-        c = wp.cos(theta)
-        s = wp.sin(theta)
+        c = cosines[k]
+        s = sines[k]
         w_xb, adj_c, adj_s, w_vb, w_omega, w_stiffness = block_wall_wrench_gradients(
-            p, xb, c, s, vb, omega, contact_stiffness, adj_force_b, adj_torque_b)
+            p, xb, c, s, vb, omega, contact_stiffness, adj_force_b, adj_torque_b, wall_corners[k])
         adj_xb = adj_xb + w_xb
         adj_vb = adj_vb + w_vb
         adj_omega = adj_omega + w_omega
@@ -1284,9 +1378,10 @@ def _exact_step_adjoint(p: TPushParams, command: wp.vec2, pusher: wp.vec2, pushe
             adj_contacts.impulse_b = adj_impulse_b
             adj_contacts.ang_impulse_b = adj_ang_impulse_b
             g_xp, g_vp, g_xb, g_c, g_s, g_vb, g_omega, g_mass, g_inertia, g_friction, g_stiffness = \
-                pusher_contacts_gradients(p, h, xp, vp, xb, c, s, vb, omega, block_mass, inertia, contact_friction,
-                                          contact_stiffness, touching[k], wp.matrix_from_rows(bars[k], stems[k]),
-                                          adj_contacts)
+                pusher_contacts_gradients_given_reciprocals(
+                    p, h, xp, vp, xb, c, s, vb, omega, inv_effective_pusher_mass, inv_block_mass, inv_inertia,
+                    contact_friction, contact_stiffness, touching[k], wp.matrix_from_rows(bars[k], stems[k]),
+                    adj_contacts)
             adj_xp = adj_xp + g_xp
             adj_vp = adj_vp + g_vp
             adj_xb = adj_xb + g_xb
