@@ -15,7 +15,9 @@ Per task and batch size, a 32-step rollout of ``DiffSim._step`` calls from the r
 The controller runs once, without gradients, to record its actions; the timed rollouts replay them open
 loop. Times are CPU time (``time.process_time``: one thread, so other jobs on a shared machine matter less
 than for wall-clock) of the forward without autograd and of the forward with autograd plus the backward of
-the summed rewards into the actions, medians of ``--repeats`` after two warm-ups.
+the summed rewards into the actions, medians of ``--repeats`` samples after two warm-ups. A sample repeats
+the rollout until it has run ``MIN_SAMPLE`` and takes the mean: a 64-env rollout lasts 1.5-25 ms, where one
+run's time moved a ratio by 0.1 or more from run to run.
 
 With ``--trees A,B`` the same measurement runs in alternating processes that import ``diffgym`` from each
 source tree (``--rounds`` rounds, medians over the rounds), so a before/after comparison sees the same
@@ -63,6 +65,19 @@ def controller_actions(sim, state, scenario: str, steps: int = STEPS) -> torch.T
     return torch.stack(actions)
 
 
+MIN_SAMPLE = 0.05
+"""CPU seconds a timed sample lasts at least (``sample``)."""
+
+
+def sample(sim, state, actions: torch.Tensor, backward: bool) -> float:
+    """CPU seconds of one rollout: the mean over as many as last ``MIN_SAMPLE`` together (at least one)."""
+    calls, total = 0, 0.0
+    while total < MIN_SAMPLE:
+        total += rollout(sim, state, actions, backward)
+        calls += 1
+    return total / calls
+
+
 def rollout(sim, state, actions: torch.Tensor, backward: bool) -> float:
     """CPU seconds of one rollout (forward without autograd, or forward and backward)."""
     start = time.process_time()
@@ -98,7 +113,7 @@ def measure(tasks, sizes, repeats: int) -> dict[str, dict[str, float]]:
                 times = {"fwd": [], "fwd_bwd": []}
                 for repeat in range(repeats + 2):  # two warm-ups: kernel loads, allocator
                     for key, backward in (("fwd", False), ("fwd_bwd", True)):
-                        seconds = rollout(sim, start, actions, backward)
+                        seconds = sample(sim, start, actions, backward)
                         if repeat >= 2:
                             times[key].append(seconds)
                 results[f"{env_id}|{batch}|{scenario}"] = {k: statistics.median(v) for k, v in times.items()}
