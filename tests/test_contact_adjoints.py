@@ -592,7 +592,7 @@ def test_t_push_recorded_substep_is_the_substep_bit_for_bit():
     count = 4000
     angle = 2 * np.pi * torch.rand(count, generator=generator)
     c, s = torch.cos(angle), torch.sin(angle)
-    # the pusher anywhere in the T's bounding box grown by 12 mm (about 6 % of it within 2 mm of a reach)
+    # the pusher anywhere in the T's bounding box grown by 12 mm (5 % of the poses within 2 mm of the bound's edge)
     outline = torch.tensor(t_push.T_OUTLINE, dtype=torch.float32)
     low, high = outline.amin(dim=0) - 0.012, outline.amax(dim=0) + 0.012
     local = low + (high - low) * torch.rand(count, 2, generator=generator)
