@@ -1,6 +1,7 @@
 """APG's cheaper paths (issue 27, item 1) give what the plain computations give, bit for bit: the fused
 divergence check of a step, the scans on the host, episode returns recorded once per segment, the
-segment loss as one autograd node and the multi-tensor Adam step."""
+segment loss as one autograd node, the multi-tensor Adam step and the column variance of per-env
+gradients."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 import diffgym  # noqa: F401  (registers the tasks)
 from diffgym.training import OptimizerSpec, make_optimizer, mlp
+from diffgym.training.gradients import column_variance
 from diffgym.training.optim import adam_step, clip_gradients
 from diffgym.training.returns import lambda_returns, piece_discounts, scan_arrays
 from diffgym.training.rollout import EnvBatch
@@ -150,3 +152,15 @@ def test_adam_step_and_the_clip_give_torchs_bits():
     for index, state in states[0].items():
         for key, value in state.items():
             assert same_bits(value, states[1][index][key])
+
+
+def test_column_variance_gives_the_bits_of_torchs_var():
+    generator = torch.Generator().manual_seed(0)
+    for rows in (2, 3, 4, 8, 64):
+        for columns in (1, 2, 17, 4612):
+            for scale in (1e-9, 1.0, 1e7):
+                samples = (torch.randn(rows, columns, generator=generator, dtype=torch.float64) * scale
+                           + float(torch.randn(1, generator=generator)) * scale)
+                if rows == 4:  # an exploding gradient: non-finite entries
+                    samples[0, 0], samples[-1, -1] = float("inf"), float("nan")
+                assert same_bits(column_variance(samples), samples.var(dim=0, unbiased=True)), (rows, columns)
