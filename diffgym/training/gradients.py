@@ -145,9 +145,9 @@ def column_variance(samples: torch.Tensor) -> torch.Tensor:
     fraction of its cost on the CPU. There torch reduces each of several columns with Welford's recurrence,
     one column after another (for the per-env gradients, N = 4 by P ~ 4.6k: ~0.45 ms on one thread, where
     the gradients themselves cost ~1 ms); here the same recurrence, in the same float64 operations, runs
-    over all columns at once: N steps of five vector ops (~0.07 ms). A single column (torch reduces it
-    as a whole, in two passes) and other devices (whose kernels combine partial sums in other orders) get
-    torch's own ``var``; ``tests/test_apg_fast_paths.py`` compares the two."""
+    over all columns at once: N steps of five vector ops (~0.07 ms). A single column (which torch reduces
+    along another path, with other bits) and other devices (whose kernels combine partial sums in other
+    orders) get torch's own ``var``; ``tests/test_apg_fast_paths.py`` compares the two."""
     if samples.device.type != "cpu" or samples.shape[1] < 2:
         return samples.var(dim=0, unbiased=True)
     mean = m2 = torch.zeros_like(samples[0])
