@@ -92,6 +92,14 @@ def test_a_segment_is_recorded_as_its_steps_one_by_one():
     assert same_bits(segment.record(rewards, done), expected)
     assert same_bits(segment.episode_return, stepwise.episode_return)
     assert torch.equal(segment.episode_length, stepwise.episode_length)
+    # both against the torch formula record() had before issue 27 (one step at a time)
+    running, length, returns = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.int64), []
+    for reward, ended in zip(rewards, done):
+        returns.append(running + reward.double())
+        running = returns[-1].masked_fill(ended, 0.0)
+        length = (length + 1).masked_fill(ended, 0)
+    assert same_bits(expected, torch.stack(returns))
+    assert same_bits(segment.episode_return, running) and torch.equal(segment.episode_length, length)
 
 
 def looped_segment_loss(rewards, next_values, terminated, truncated, gamma):
@@ -164,3 +172,15 @@ def test_column_variance_gives_the_bits_of_torchs_var():
                 if rows == 4:  # an exploding gradient: non-finite entries
                     samples[0, 0], samples[-1, -1] = float("inf"), float("nan")
                 assert same_bits(column_variance(samples), samples.var(dim=0, unbiased=True)), (rows, columns)
+
+
+def test_adam_step_leaves_an_optimizer_with_step_hooks_to_its_own_step():
+    network = mlp(3, (8,), 1, "tanh", 1.0)
+    optimizer = make_optimizer(network.parameters(), OptimizerSpec(lr=1e-3))
+    calls = []
+    optimizer.register_step_post_hook(lambda *args: calls.append(1))
+    for _ in range(3):
+        for p in network.parameters():
+            p.grad = torch.ones_like(p)
+        adam_step(optimizer)
+    assert len(calls) == 3  # every step ran the hook, not only the first (which creates the state)

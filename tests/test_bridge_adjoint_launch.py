@@ -65,3 +65,19 @@ def test_packed_adjoint_refuses_a_cpu_graph_capture():
         with wp.ScopedCapture(device="cpu"):
             loss.backward()
     assert leaf.grad is None and not wp.get_device("cpu").is_capturing  # the capture ended with the error
+
+
+def test_packed_adjoint_is_used_only_on_the_warp_release_it_reads(monkeypatch):
+    venv = gym.make_vec("DiffGym/PointNav2D-v0", num_envs=2)
+    venv.reset(seed=0)
+    sim, state = venv.sim, venv.get_state()
+    action = torch.tensor([[0.3, -0.2], [0.9, 0.1]])
+    bridge._plans.clear()
+    packed = _gradients(sim, state, action, "obs pos")
+    monkeypatch.setattr(wp.config, "version", "1.20.0")
+    bridge._plans.clear()
+    unpacked = _gradients(sim, state, action, "obs pos")
+    (plan,) = bridge._plans[sim.step_kernel].values()
+    assert plan.adjoint_packed is None  # another release: Warp's own Launch.launch
+    assert all(torch.equal(a, b) for a, b in zip(packed, unpacked))
+    bridge._plans.clear()

@@ -357,3 +357,26 @@ def test_run_counts_time_inside_evaluating_as_evaluation_time_and_resume_continu
             clock[0] += 1.0
         run.log(300, 30, loss=1.0)
     assert "eval_wall_time" not in read_metrics(tmp_path / "run")[-1]
+
+
+def test_an_error_inside_evaluating_still_counts_its_time_and_an_evaluation_outside_it_leaves_the_split_unknown(
+        tmp_path, monkeypatch):
+    from diffgym.training import run as run_module
+    from diffgym.training.run import read_metrics
+
+    clock = [0.0]
+    monkeypatch.setattr(run_module.time, "perf_counter", lambda: clock[0])
+    config = TrainConfig(algo="x", env_id=ENV_ID, total_env_steps=300, eval_every_env_steps=100,
+                         run_dir=str(tmp_path / "run"))
+    with Run(config, progress=False) as run:
+        with pytest.raises(RuntimeError):
+            with run.evaluating():
+                clock[0] += 1.5
+                raise RuntimeError("evaluation failed")
+        clock[0] += 1.0
+        run.log(100, 1, loss=0.0)
+        run.log(200, 2, eval_success_rate=0.5)  # a trainer evaluating without evaluating(): timed as training
+        run.log(300, 3, loss=0.0)
+    rows = read_metrics(tmp_path / "run")
+    assert rows[0]["eval_wall_time"] == 1.5 and rows[0]["wall_time"] == 2.5
+    assert "eval_wall_time" not in rows[1] and "eval_wall_time" not in rows[2]

@@ -170,6 +170,10 @@ class _ArgSlot:
         self.is_null = False  # adjoint slots switch to a null array when autograd wants no gradient
 
 
+_PACKED_WARP_RELEASE = "1.19."
+"""The Warp release :class:`_PackedCpuAdjoint` was written and tested against (constraints.txt pins it)."""
+
+
 class _PackedCpuAdjoint:
     """A recorded CPU adjoint launch whose arguments stay packed between calls.
 
@@ -205,8 +209,10 @@ class _PackedCpuAdjoint:
     @staticmethod
     def usable(launch, wp_device) -> bool:
         """Whether ``Launch.launch`` would run ``launch`` as one call of its compiled adjoint (CPU, one
-        thread per block: no tiles)."""
-        return wp_device.is_cpu and launch.block_dim <= 1
+        thread per block: no tiles), on the Warp release whose ``Launch`` layout this reads (``params[0]``
+        the bounds, then the arguments, then their adjoints; ``hooks.backward``): under another release
+        the launch goes through ``Launch.launch`` as before, rather than through a layout nobody checked."""
+        return wp_device.is_cpu and launch.block_dim <= 1 and wp.config.version.startswith(_PACKED_WARP_RELEASE)
 
     def view(self, index: int, adjoint: bool):
         """The ``array_t`` of argument ``index`` inside the packed struct (writing its fields writes the struct)."""

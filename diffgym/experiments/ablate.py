@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import gymnasium as gym
 import numpy as np
 
-from diffgym.experiments.report import SUCCESS_THRESHOLD, group, load_run, threshold_table
+from diffgym.experiments.report import SUCCESS_THRESHOLD, group, load_run, nan_as_null, threshold_table
 from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
 from diffgym.experiments.training_runs import reuse_plan
 from diffgym.plugins import resolve_config
@@ -146,7 +146,7 @@ def ablate(env_id: str, grid: dict[str, Sequence[Any]], seeds: int, env_steps: i
                 keys[0], column_key)
         figures = ("\n![final success](heatmap_final_success.png)\n"
                    "![steps to threshold](heatmap_steps_to_threshold.png)\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(nan_as_null(summary), indent=2) + "\n")
     report = out / "report.md"
     report.write_text(f"# {name}: {algo} grid over {' x '.join(keys)} ({seeds} seeds, {env_steps:,} env steps)\n\n"
                       f"{table}\n{figures}")

@@ -23,8 +23,9 @@ AXIS_LABELS = {"env_steps": "environment steps", "grad_steps": "gradient steps",
                "train_wall_time": "training wall-clock (s)"}
 """``train_wall_time`` is ``wall_time`` less the evaluations and their checkpoints (``eval_wall_time``,
 :meth:`~diffgym.training.run.Run.evaluating`): how often a run is evaluated is the protocol's choice, and a
-dense schedule weighs most on the run that learns in the fewest env steps. NaN for runs that did not record
-it (before 2026-12-07)."""
+dense schedule weighs most on the run that learns in the fewest env steps. NaN where a row does not record
+it (runs before 2026-12-07, runs resumed from their rows, trainers that evaluate outside ``evaluating``);
+``null`` in ``summary.json``."""
 
 
 @dataclass
@@ -149,7 +150,7 @@ def curves_figure(groups: dict[str, list[RunRecord]], axis: str, metric: str, ti
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    log = log_x and axis != "wall_time"
+    log = log_x and not axis.endswith("wall_time")
     stats = curves(groups, axis, metric, log=log)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for label, (grid, (iqm, lower, upper)) in stats.items():
@@ -162,7 +163,7 @@ def curves_figure(groups: dict[str, list[RunRecord]], axis: str, metric: str, ti
     ax.set_title(title)
     low = min(grid[0] for grid, _ in stats.values())
     high = max(grid[-1] for grid, _ in stats.values())
-    if log or (axis != "wall_time" and low > 0 and high / low > 100):
+    if log or (not axis.endswith("wall_time") and low > 0 and high / low > 100):
         ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -230,7 +231,7 @@ def threshold_table(groups: dict[str, list[RunRecord]], threshold: float = SUCCE
             "final_return_ci": [float(returns[label][1][0]), float(returns[label][2][0])],
         }
     lines = [f"| algorithm | runs reaching {threshold:.0%} success | env steps to it | gradient steps to it | "
-             "wall-clock to it (s) | of which training (s) | final success, IQM [95% CI] | final return, IQM [95% CI] |",
+             "wall-clock to it (s) | training wall-clock to it (s) | final success, IQM [95% CI] | final return, IQM [95% CI] |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, s in summary.items():
         lines.append(
@@ -251,6 +252,15 @@ def threshold_table(groups: dict[str, list[RunRecord]], threshold: float = SUCCE
     lines += ["", *per_seed_table(summary, threshold)]
     summary["ratios"] = ratios
     return "\n".join(lines), summary
+
+
+def nan_as_null(value):
+    """``value`` with every NaN float (a cost that was not recorded) replaced by ``None``, JSON's null."""
+    if isinstance(value, dict):
+        return {k: nan_as_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [nan_as_null(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def per_seed_table(summary: dict[str, dict], threshold: float) -> list[str]:
@@ -281,7 +291,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, title: str
         for metric in ("eval_success_rate", "eval_return"):
             plot_curves(groups, axis, metric, out / f"{metric}_vs_{axis}.png", title, lines.get(metric), log_x)
     table, summary = threshold_table(groups, threshold, baseline, contender)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(nan_as_null(summary), indent=2) + "\n")
     report = out / "report.md"
     images = "\n".join(f"![{m} vs {a}]({m}_vs_{a}.png)" for a in ("env_steps", "grad_steps")
                        for m in ("eval_success_rate", "eval_return"))

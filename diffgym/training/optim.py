@@ -23,6 +23,16 @@ _PLAIN_ADAM = {"amsgrad": False, "maximize": False, "weight_decay": 0, "capturab
 """The settings of a :func:`make_optimizer` Adam group: what :func:`adam_step` implements."""
 
 
+def _has_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` would run step hooks (the optimizer's or torch's global ones)."""
+    from torch.optim import optimizer as optimizer_module
+
+    return bool(getattr(optimizer, "_optimizer_step_pre_hooks", None)
+                or getattr(optimizer, "_optimizer_step_post_hooks", None)
+                or getattr(optimizer_module, "_global_optimizer_pre_hooks", None)
+                or getattr(optimizer_module, "_global_optimizer_post_hooks", None))
+
+
 @torch.no_grad()
 def adam_step(optimizer: torch.optim.Adam) -> None:
     """``optimizer.step()`` of an Adam that :func:`make_optimizer` made, with the same arithmetic and state, bit
@@ -33,16 +43,17 @@ def adam_step(optimizer: torch.optim.Adam) -> None:
     which on the CPU loops over the very same per-tensor kernels in C++, so the bits do not change. (These
     are the calls of torch's own multi-tensor Adam, ``foreach=True``, without its regrouping of the tensors
     by device and dtype and its step wrapper, which cost about what the calls save: it was no faster.)
-    Parameters without a gradient are left alone, as ``step`` does. Hooks registered on the optimizer are
-    not run; an optimizer with other settings, several groups, or a parameter it has never stepped (whose
-    state ``step`` creates) steps with ``optimizer.step()``."""
+    Parameters without a gradient are left alone, as ``step`` does. An optimizer with step hooks (its own or
+    torch's global ones, which only ``step()`` runs), other settings, several groups, or a parameter it has
+    never stepped (whose state ``step`` creates) steps with ``optimizer.step()``."""
     plain = type(optimizer) is torch.optim.Adam and len(optimizer.param_groups) == 1
     (group,) = optimizer.param_groups if plain else (None,)
     params = [] if group is None else [p for p in group["params"] if p.grad is not None]
     states = [optimizer.state.get(p) for p in params]
     if (group is None or any(group.get(key, value) != value for key, value in _PLAIN_ADAM.items())
             or not all(states) or any(p.grad.is_sparse or p.is_complex() for p in params)
-            or any(isinstance(group[key], torch.Tensor) for key in ("lr", "betas"))):
+            or any(isinstance(value, torch.Tensor) for value in (group["lr"], group["eps"], *group["betas"]))
+            or _has_step_hooks(optimizer)):
         optimizer.step()
         return
     if not params:

@@ -268,7 +268,7 @@ def unroll(model: ActorCritic, normalizer: ObservationNormalizer, envs: EnvBatch
         noises.append(noise)
         pre_squashes.append(pre_squash.detach())
         done = step_terminated | out.truncated
-        finite_rewards.append(finite_reward)
+        finite_rewards.append(finite_reward.detach())  # record() reads values only
         state, obs = envs.restart_finished(out.state, step_obs, done)
     terminated = torch.stack(terminated)
     truncated = torch.stack(truncated) & ~terminated

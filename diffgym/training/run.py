@@ -331,11 +331,17 @@ class Run:
     @property
     def eval_wall_time(self) -> float | None:
         """Of :attr:`wall_time`, the seconds spent inside :meth:`evaluating` so far (an evaluation under
-        way counted up to now); ``None`` for a run resumed from rows that did not record it."""
+        way counted up to now); ``None`` where that is unknown: a run resumed from rows that did not record
+        it, or one that logged an evaluation row outside :meth:`evaluating`."""
+        return self._clock()[1]
+
+    def _clock(self) -> tuple[float, float | None]:
+        """``(wall_time, eval_wall_time)`` from one reading of the clock."""
+        now = time.perf_counter()
         if self._eval_time is None:
-            return None
-        running = 0.0 if self._eval_started is None else time.perf_counter() - self._eval_started
-        return self._eval_time + running
+            return now - self._start, None
+        running = 0.0 if self._eval_started is None else now - self._eval_started
+        return now - self._start, self._eval_time + running
 
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
@@ -366,9 +372,13 @@ class Run:
         if self._metrics is None:  # no resume_from(): a fresh start replaces any earlier attempt's records
             self._open_records([], purge_step=0)
         assert self._metrics is not None and self.writer is not None
+        if "eval_success_rate" in scalars and self._eval_started is None:
+            # an evaluation timed as training (a trainer that does not use evaluating()): from here on the
+            # split is unknown, and the rows say so by leaving it out
+            self._eval_time = None
+        wall_time, eval_wall_time = self._clock()
         row: dict[str, Any] = {"env_steps": int(env_steps), "grad_steps": int(grad_steps),
-                               "wall_time": round(self.wall_time, 3)}
-        eval_wall_time = self.eval_wall_time
+                               "wall_time": round(wall_time, 3)}
         if eval_wall_time is not None:
             row["eval_wall_time"] = round(eval_wall_time, 3)
         for name, value in scalars.items():

@@ -256,9 +256,11 @@ def train(config: TrainConfig, progress: bool = True, params: APGConfig | None =
         cadence = EvaluationCadence(config, env_steps, resumed=saved is not None)
 
         def evaluate() -> None:
-            resume = {**learner.state_dict(), "envs": envs.state_dict(), "torch_rng": torch.get_rng_state(),
-                      **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
-            evaluate_and_checkpoint(run, learner.model, learner.normalizer, env_steps, grad_steps, resume, envs=envs)
+            with run.evaluating():  # the checkpoint's contents too, as PPO's (Run.evaluating)
+                resume = {**learner.state_dict(), "envs": envs.state_dict(), "torch_rng": torch.get_rng_state(),
+                          **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+                evaluate_and_checkpoint(run, learner.model, learner.normalizer, env_steps, grad_steps, resume,
+                                        envs=envs)
             cadence.evaluated(env_steps)
 
         if saved is None:

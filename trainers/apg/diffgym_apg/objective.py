@@ -22,8 +22,9 @@ def segment_actor_loss(rewards: torch.Tensor, next_values: torch.Tensor, termina
                        truncated: torch.Tensor, gamma: float) -> torch.Tensor:
     """``-(sum over pieces of discounted rewards + discounted tail value) / (N * K)`` (SHAC's loss).
 
-    Differentiable in ``rewards`` and ``next_values``: the gradient of the tail value with respect to
-    the boundary observation flows back into the whole segment.
+    Differentiable in ``rewards`` and ``next_values``, once (its backward is closed-form, not itself
+    differentiable): the gradient of the tail value with respect to the boundary observation flows back into
+    the whole segment.
     """
     return _SegmentLoss.apply(rewards, next_values, terminated, truncated, gamma)
 
