@@ -231,7 +231,8 @@ def threshold_table(groups: dict[str, list[RunRecord]], threshold: float = SUCCE
             "final_return_ci": [float(returns[label][1][0]), float(returns[label][2][0])],
         }
     lines = [f"| algorithm | runs reaching {threshold:.0%} success | env steps to it | gradient steps to it | "
-             "wall-clock to it (s) | training wall-clock to it (s) | final success, IQM [95% CI] | final return, IQM [95% CI] |",
+             "wall-clock to it (s) | training wall-clock to it (s) | final success, IQM [95% CI] | "
+             "final return, IQM [95% CI] |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, s in summary.items():
         lines.append(
