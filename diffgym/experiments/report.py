@@ -241,6 +241,8 @@ def threshold_table(groups: dict[str, list[RunRecord]], threshold: float = SUCCE
             f"{_fmt(s['median_train_wall_time_to_threshold'])} | "
             f"{s['final_success_iqm']:.2f} [{s['final_success_ci'][0]:.2f}, {s['final_success_ci'][1]:.2f}] | "
             f"{s['final_return_iqm']:.2f} [{s['final_return_ci'][0]:.2f}, {s['final_return_ci'][1]:.2f}] |")
+    lines += ["", "Training wall-clock: the wall-clock less the evaluations and the checkpoints saved with them "
+              "(`docs/protocol.md`); n/a where a run did not record that split."]
     ratios = {}
     if baseline in summary and contender in summary:
         for axis in AXES:

@@ -372,10 +372,13 @@ class Run:
         if self._metrics is None:  # no resume_from(): a fresh start replaces any earlier attempt's records
             self._open_records([], purge_step=0)
         assert self._metrics is not None and self.writer is not None
-        if "eval_success_rate" in scalars and self._eval_started is None:
+        if "eval_success_rate" in scalars and self._eval_started is None and self._eval_time is not None:
             # an evaluation timed as training (a trainer that does not use evaluating()): from here on the
             # split is unknown, and the rows say so by leaving it out
             self._eval_time = None
+            warnings.warn(f"{self.dir}: an evaluation row was logged outside Run.evaluating(), so this run's "
+                          "training wall-clock (without evaluations) is unknown from here on; evaluate inside "
+                          "`with run.evaluating():` (docs/plugins.md)", stacklevel=2)
         wall_time, eval_wall_time = self._clock()
         row: dict[str, Any] = {"env_steps": int(env_steps), "grad_steps": int(grad_steps),
                                "wall_time": round(wall_time, 3)}
