@@ -142,7 +142,7 @@ class DiffSim:
         self._step_specs_cache: dict[int, list[Out]] = {}
         # the default physics per batch size, with the struct values it was filled from (rebuilt if edited)
         self._default_physics_cache: dict[int, tuple[tuple[float, ...], tuple[torch.Tensor, ...]]] = {}
-        self._step_bounds_cache: tuple[tuple, torch.Tensor] | None = None  # see step_bounds
+        self._bounds_rows: dict[tuple, torch.Tensor] = {}  # see _beyond_bounds
 
     # ----------------------------------------------------------------------------- pure API
     def reset(self, seed: torch.Tensor, episode: torch.Tensor) -> SimState:
@@ -321,54 +321,46 @@ class DiffSim:
         """``(B,)`` bool: the envs whose state is not finite or lies outside the task's valid domain
         (``state_bounds`` and the task's own :meth:`_outside_task_domain`). ``check_state`` rejects such a
         state; trainers restart those envs instead of stepping them (``diffgym.training.rollout.unroll``)."""
-        # |x| <= bound is false for NaN and +-inf as well, so one comparison per field tests both (trainers
-        # call this on every step); a field without a bound, or with one beyond float32, has float32's largest
-        # finite value as its bound, which exactly the finite values meet
-        inside = None
-        for name, tensor in zip(self._fields, state.tensors()):
-            if name == "step":
-                continue
-            bound = min(self.state_bounds.get(name, _FLOAT32_MAX), _FLOAT32_MAX)
-            rows = (tensor.detach().reshape(len(tensor), -1).abs() <= bound).all(dim=1)
-            inside = rows if inside is None else inside & rows
-        if inside is None:
-            return self._outside_task_domain(state)
-        return ~inside | self._outside_task_domain(state)
+        return self._beyond_bounds(self._float_state_row(state), 0) | self._outside_task_domain(state)
 
     def diverged(self, out: StepOutput) -> torch.Tensor:
         """``(B,)`` bool: the envs that a step's ``out`` took out of the valid domain: a non-finite observation
         or reward, or a next state :meth:`outside_domain` flags. The same flags as
         ``~(isfinite(out.obs).all(1) & isfinite(out.reward)) | outside_domain(out.state)`` (trainers ask at
-        every step), in five torch ops where that takes five per state field and five more: the observation,
-        the reward and the state's float fields side by side, one row per env, compared at once with a row of
-        bounds (:meth:`step_bounds`)."""
+        every step), in one comparison: the observation, the reward and the state's float fields side by
+        side, one row per env, against one row of bounds (:meth:`_beyond_bounds`)."""
         if (out.obs.dtype != torch.float32 or out.reward.dtype != torch.float32
-                or type(self).outside_domain is not DiffSim.outside_domain):  # not what step_bounds describes
+                or type(self).outside_domain is not DiffSim.outside_domain):  # not what the bounds row describes
             return ~(torch.isfinite(out.obs).all(dim=1) & torch.isfinite(out.reward)) | self.outside_domain(out.state)
-        batch = out.reward.shape[0]
-        row = torch.cat([out.obs.detach(), out.reward.detach()[:, None],
-                         *(t.detach().reshape(batch, -1) for name, t in zip(self._fields, out.state.tensors())
-                           if name != "step")], dim=1)
-        outside = ~(row.abs() <= self.step_bounds(out.obs.shape[1])).all(dim=1)
+        row = torch.cat([out.obs.detach(), out.reward.detach()[:, None], self._float_state_row(out.state)], dim=1)
+        outside = self._beyond_bounds(row, out.obs.shape[1] + 1)
         if type(self)._outside_task_domain is DiffSim._outside_task_domain:  # (which flags nothing)
             return outside
         return outside | self._outside_task_domain(out.state)
 
-    def step_bounds(self, obs_dim: int) -> torch.Tensor:
-        """The float32 row :meth:`diverged` compares ``|x|`` with: float32's largest finite value for the
-        ``obs_dim`` observation columns and the reward (which need only be finite), then each float state
-        field's bound from ``state_bounds`` once per element, as :meth:`outside_domain` applies it (a float32
-        comparison with a Python bound rounds the bound to float32, as this row holds it). Built once per
-        observation width and set of bounds (a task may set ``state_bounds`` per instance)."""
-        key = (obs_dim, tuple(self.state_bounds.items()))
-        if self._step_bounds_cache is None or self._step_bounds_cache[0] != key:
-            bounds = [_FLOAT32_MAX] * (obs_dim + 1)
+    def _float_state_row(self, state: SimState) -> torch.Tensor:
+        """``(B, F)``: the state's float fields (all but ``step``), detached, side by side in field order."""
+        batch = state.batch_size
+        fields = [t.detach().reshape(batch, -1) for name, t in zip(self._fields, state.tensors()) if name != "step"]
+        return torch.cat(fields, dim=1) if fields else torch.zeros(batch, 0, device=self.device)
+
+    def _beyond_bounds(self, row: torch.Tensor, finite_columns: int) -> torch.Tensor:
+        """``(B,)`` bool: some ``|x|`` of ``row`` exceeds its bound. The first ``finite_columns`` columns need
+        only be finite (bound: float32's largest finite value); the rest are :meth:`_float_state_row`'s, each
+        bounded by its field's ``state_bounds`` entry (float32's largest value without one). ``|x| <= bound``
+        is false for NaN and +-inf as well, so one comparison tests both; the row of bounds is float32, as a
+        float32 tensor's comparison with a Python bound rounds it. Built once per width and set of bounds (a
+        task may set ``state_bounds`` per instance)."""
+        key = (finite_columns, tuple(self.state_bounds.items()))
+        bounds = self._bounds_rows.get(key)
+        if bounds is None:
+            values = [_FLOAT32_MAX] * finite_columns
             for name in self._fields:
                 if name != "step":
                     bound = min(self.state_bounds.get(name, _FLOAT32_MAX), _FLOAT32_MAX)
-                    bounds += [bound] * int(np.prod(self.state_type.shapes[name]))
-            self._step_bounds_cache = (key, torch.tensor(bounds, dtype=torch.float32, device=self.device))
-        return self._step_bounds_cache[1]
+                    values += [bound] * int(np.prod(self.state_type.shapes[name]))
+            bounds = self._bounds_rows[key] = torch.tensor(values, dtype=torch.float32, device=self.device)
+        return ~(row.abs() <= bounds).all(dim=1)
 
     def _outside_task_domain(self, state: SimState) -> torch.Tensor:
         """Task-specific domain limits beyond ``state_bounds`` (``(B,)`` bool); none by default."""
