@@ -3,11 +3,12 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_apg_vs_ppo.py                        # this tree only
     OMP_NUM_THREADS=1 python benchmarks/bench_apg_vs_ppo.py --baseline /tmp/base   # and a second tree
     OMP_NUM_THREADS=1 python benchmarks/bench_apg_vs_ppo.py --apg-param reuse.epochs=4  # APG with --param
+    OMP_NUM_THREADS=1 python benchmarks/bench_apg_vs_ppo.py --apg-set num_envs=8        # APG with --set
     python benchmarks/bench_apg_vs_ppo.py --quick                                  # a smoke run
 
 Every run is ``diffgym train --algo A --env T`` with the trainer's own defaults for the task
-(``hyperparams/apg.yml``, ``hyperparams/ppo.yml``), and APG with any ``--apg-param`` settings (what ``diffgym
-train --param`` sets), except the budget (``--env-steps``, the same for both trainers) and the evaluation
+(``hyperparams/apg.yml``, ``hyperparams/ppo.yml``), and APG with any ``--apg-param`` and ``--apg-set``
+settings (what ``diffgym train --param`` and ``--set`` set), except the budget (``--env-steps``, the same for both trainers) and the evaluation
 schedule: one evaluation at env step 0 and one at the budget, each of one
 episode. A run is a child process (one torch thread); it times from the moment the evaluation at env step 0
 has been logged (so imports, env and model construction and that evaluation are left out) to the end of
@@ -37,9 +38,9 @@ TASKS = ("DiffGym/PointMass1D-v0", "DiffGym/PointNav2D-v0", "DiffGym/FrankaReach
 ALGOS = ("apg", "ppo")
 
 
-def _child(algo: str, env_id: str, env_steps: int, params: dict[str, Any] | None = None) -> dict[str, float]:
+def _child(algo: str, env_id: str, env_steps: int, overrides: dict[str, Any] | None = None) -> dict[str, float]:
     """Train once in this process; seconds from the logged evaluation at env step 0 to the end of train.
-    ``params``: ``algo_params`` settings (dotted keys below it, as ``--param`` takes them)."""
+    ``overrides``: config settings by dotted key, as ``diffgym train --set`` takes them."""
     import torch
 
     import diffgym  # noqa: F401  (registers the tasks)
@@ -56,7 +57,7 @@ def _child(algo: str, env_id: str, env_steps: int, params: dict[str, Any] | None
     with tempfile.TemporaryDirectory() as run_dir:
         config = resolve_config(algo, env_id, {"total_env_steps": env_steps, "eval_every_env_steps": env_steps,
                                                "eval_episodes": 1, "run_dir": str(Path(run_dir) / "run"),
-                                               **{f"algo_params.{key}": value for key, value in (params or {}).items()}})
+                                               **(overrides or {})})
         train = load_trainer(algo).train
         with log_hook(mark):
             train(config, progress=False)
@@ -64,16 +65,29 @@ def _child(algo: str, env_id: str, env_steps: int, params: dict[str, Any] | None
     return {"wall": wall, "cpu": cpu, "env_steps": env_steps, "num_envs": config.num_envs}
 
 
-def _run_child(tree: Path, algo: str, env_id: str, env_steps: int, params: dict[str, Any]) -> dict[str, float]:
+def _run_child(tree: Path, algo: str, env_id: str, env_steps: int, overrides: dict[str, Any]) -> dict[str, float]:
     paths = [tree, tree / "trainers" / "apg", tree / "trainers" / "ppo"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in paths), "OMP_NUM_THREADS": "1"}
     # cwd=tree: ``python -c`` puts the working directory ahead of PYTHONPATH on sys.path
     code = (f"import json, sys; sys.path.insert(0, {str(HERE / 'benchmarks')!r}); import bench_apg_vs_ppo as b; "
-            f"print(json.dumps(b._child({algo!r}, {env_id!r}, {env_steps}, {params!r})))")
+            f"print(json.dumps(b._child({algo!r}, {env_id!r}, {env_steps}, {overrides!r})))")
     done = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"bench_apg_vs_ppo: {algo} on {env_id} in {tree} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def overrides(params: list[str], settings: list[str]) -> dict[str, Any]:
+    """The dotted config overrides of ``--apg-param KEY=VALUE`` (under ``algo_params``) and ``--apg-set
+    KEY=VALUE`` (any field), values read as YAML, as ``diffgym train`` reads them."""
+    result: dict[str, Any] = {}
+    for flag, prefix, given in (("--apg-param", "algo_params.", params), ("--apg-set", "", settings)):
+        for setting in given:
+            key, sep, value = setting.partition("=")
+            if not sep or not key:
+                raise ValueError(f"{flag} takes KEY=VALUE, got {setting!r}")
+            result[prefix + key] = yaml.safe_load(value)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,13 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--apg-param", action="append", default=[], metavar="KEY=VALUE",
                         help="an algo_params setting of every APG run, as `diffgym train --param` takes it "
                              "(e.g. reuse.epochs=4); repeatable")
+    parser.add_argument("--apg-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any config setting of every APG run, as `diffgym train --set` takes it "
+                             "(e.g. num_envs=8); repeatable")
     args = parser.parse_args(argv)
-    apg_params = {}
-    for setting in args.apg_param:
-        key, sep, value = setting.partition("=")
-        if not sep or not key:
-            parser.error(f"--apg-param takes KEY=VALUE, got {setting!r}")
-        apg_params[key] = yaml.safe_load(value)
+    try:
+        apg_overrides = overrides(args.apg_param, args.apg_set)
+    except ValueError as error:
+        parser.error(str(error))
     tasks = args.tasks.split(",")
     if args.quick:
         tasks, args.env_steps, args.repeats = [TASKS[0]], 1024, 1
@@ -108,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, tree in trees.items():
                 taken: dict[tuple[str, str], float] = {}
                 for algo in ALGOS:
-                    result = _run_child(tree, algo, env_id, args.env_steps, apg_params if algo == "apg" else {})
+                    result = _run_child(tree, algo, env_id, args.env_steps, apg_overrides if algo == "apg" else {})
                     num_envs[(env_id, label, algo)] = int(result["num_envs"])
                     for clock in clocks:
                         taken[(algo, clock)] = result[clock] * 1000 / result["env_steps"]
@@ -123,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{args.env_steps} env steps per run, medians of {args.repeats} interleaved rounds; "
           f"seconds per 1,000 env steps, wall-clock (CPU time of the process in brackets)"
-          f"{'; APG with ' + ' '.join(args.apg_param) if args.apg_param else ''}\n")
+          f"{'; APG with ' + ' '.join(args.apg_param + args.apg_set) if apg_overrides else ''}\n")
     print("| task | tree | APG envs | APG s / 1k steps | PPO envs | PPO s / 1k steps | APG / PPO |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for env_id in tasks:

@@ -743,6 +743,34 @@ def test_the_first_reuse_step_is_the_analytic_gradient_and_the_clip_stops_moved_
     torch.testing.assert_close(torch.stack(recording.seen).mean(dim=0), expected, rtol=1e-4, atol=1e-7)
 
 
+def test_the_kl_term_descends_where_every_sample_left_the_clip(tmp_path):
+    """With ``kl_coef`` > 0 and no trusted sample, a reuse step descends ``kl_coef`` times the mean
+    KL(pi_old || pi_theta) alone: its gradient through the actor's means and the log-std."""
+    from diffgym.training import OptimizerSpec
+    from diffgym_apg.reuse import ReuseBatch, ReuseConfig, reuse_steps
+
+    config = small_config(tmp_path, POINT_MASS, "none", num_envs=3)
+    learner, envs, params = make_learner(config)
+    torch.manual_seed(5)
+    segment, _, _ = unroll(learner.model, learner.normalizer, envs, 6)
+    learner.optimizer.zero_grad()
+    _, objective = policy_gradient(learner, segment, params)
+    batch = ReuseBatch.of(learner.model, objective)
+    with torch.no_grad():
+        learner.model.log_std.add_(0.5)
+        learner.model.actor[-1].bias.add_(0.3)
+    model = learner.model
+    moved = torch.distributions.Normal(model.actor(batch.obs), model.log_std.exp().expand(batch.obs.shape[0], -1))
+    kl = torch.distributions.kl_divergence(batch.acting, moved).sum(-1).mean()
+    expected = torch.cat([g.flatten() for g in torch.autograd.grad(0.5 * kl, learner.actor_parameters)])
+    recording = _Recording(learner.actor_parameters)
+    stats = reuse_steps(ReuseConfig(epochs=1, clip_range=0.01, kl_coef=0.5), model, batch, learner.actor_parameters,
+                        recording, OptimizerSpec(max_grad_norm=1e9))
+    assert stats["reuse_clip_fraction"] == 1.0 and stats["reuse_grad_steps"] == 1
+    assert stats["reuse_kl"] == pytest.approx(float(kl), rel=1e-5)
+    torch.testing.assert_close(recording.seen[0], expected, rtol=1e-5, atol=1e-8)
+
+
 def test_an_ablation_over_flat_and_sectioned_keys_reports_each_cell(tmp_path):
     """The grid may name APG's first-format keys (``segment_length``) or sectioned ones (``reuse.epochs``):
     each cell is reported under the name the grid gave it, though the config stores it in its section."""

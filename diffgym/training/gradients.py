@@ -87,10 +87,11 @@ def per_env_likelihood_gradients(model: ActorCritic, obs_normalized: torch.Tenso
 
 
 def surrogate_for_adjoints(model: ActorCritic, obs_normalized: torch.Tensor, noise: torch.Tensor,
-                           action_adjoints: torch.Tensor) -> torch.Tensor:
+                           action_adjoints: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
     """A scalar whose parameter gradient is ``sum_{t,i} (da_{t,i}/dtheta)^T lambda_{t,i}``: the batch's
-    analytic gradient without per-env samples (one policy forward and backward)."""
-    mean = model.actor(obs_normalized.detach())
+    analytic gradient without per-env samples (one policy forward and backward). ``mean``: the actor's
+    output for these observations where the caller has it already (with its graph)."""
+    mean = model.actor(obs_normalized.detach()) if mean is None else mean
     actions = model.squash(mean + model.log_std.exp() * noise.detach())
     return (actions * action_adjoints.detach()).sum()
 

@@ -384,12 +384,17 @@ class Run:
                                "wall_time": round(wall_time, 3)}
         if eval_wall_time is not None:
             row["eval_wall_time"] = round(eval_wall_time, 3)
+        from tensorboard.compat.proto.summary_pb2 import Summary  # late, as SummaryWriter (_open_records)
+
+        values = []
         for name, value in scalars.items():
             value = float(value)
             row[name] = value if math.isfinite(value) else str(value)  # JSON has no NaN/inf
-            self.writer.add_scalar(self.tensorboard_tags.get(name, name), value, global_step=int(env_steps),
-                                   walltime=time.time())
-        self.writer.add_scalar("progress/grad_steps", int(grad_steps), global_step=int(env_steps))
+            values.append(Summary.Value(tag=self.tensorboard_tags.get(name, name), simple_value=value))
+        values.append(Summary.Value(tag="progress/grad_steps", simple_value=float(grad_steps)))
+        # the row's scalars as one event, as `add_scalar` writes each (same tags, values and step): one
+        # event per scalar cost ~0.1 ms each, a tenth of an APG update on the small tasks
+        self.writer._get_file_writer().add_summary(Summary(value=values), int(env_steps), time.time())
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
         self.progress(env_steps)

@@ -97,24 +97,34 @@ def reuse_steps(config: ReuseConfig, model: ActorCritic, batch: ReuseBatch, para
     old_log_prob = batch.acting.log_prob(pre_squash).sum(-1)
     steps = skipped = 0
     clipped, last_kl = [], math.nan
-    for _ in range(config.epochs):
+    for epoch in range(config.epochs):
         order = torch.randperm(obs.shape[0], device=obs.device)
-        for index in order.tensor_split(config.minibatches):
-            dist = model.distribution(obs[index])
-            ratio = (dist.log_prob(pre_squash[index]).sum(-1) - old_log_prob[index]).exp()
-            trusted = ((ratio - 1.0).abs() <= config.clip_range).to(adjoints.dtype)
-            kl = torch.distributions.kl_divergence(
-                torch.distributions.Normal(batch.acting.mean[index], batch.acting.stddev[index]), dist).sum(-1).mean()
+        for part, index in enumerate(order.tensor_split(config.minibatches)):
+            last = epoch == config.epochs - 1 and part == config.minibatches - 1
+            # one actor pass: the surrogate's actions and the ratio's Gaussian share its means; the ratio
+            # only masks samples, so only a KL term in the loss needs a graph through the Gaussian, and the
+            # statistic needs only the last minibatch's KL
+            mean = model.actor(obs[index])
+            with torch.set_grad_enabled(bool(config.kl_coef)):
+                dist = torch.distributions.Normal(mean if config.kl_coef else mean.detach(),
+                                                  model.log_std.exp().expand_as(mean))
+                ratio = (dist.log_prob(pre_squash[index]).sum(-1) - old_log_prob[index]).exp()
+                trusted = ((ratio - 1.0).abs() <= config.clip_range).to(adjoints.dtype)
+                kl = torch.distributions.kl_divergence(
+                    torch.distributions.Normal(batch.acting.mean[index], batch.acting.stddev[index]),
+                    dist).sum(-1).mean() if config.kl_coef or last else None
             clipped.append(1.0 - float(trusted.mean()))
-            last_kl = float(kl.detach())
+            if last:
+                last_kl = float(kl.detach())
             if not config.kl_coef and not bool(trusted.any()):
                 continue  # nothing to descend: a step would only carry Adam's momentum past the clip
             # the samples of a minibatch stand for the whole segment: the surrogate's scale is the segment's
             share = obs.shape[0] / index.numel()
             surrogate = share * scale * surrogate_for_adjoints(model, obs[index], noise[index],
-                                                               adjoints[index] * trusted[:, None])
+                                                               adjoints[index] * trusted[:, None], mean=mean)
+            loss = surrogate + config.kl_coef * kl if config.kl_coef else surrogate
             steps += 1
-            skipped += not descend(optimizer, surrogate + config.kl_coef * kl, parameters, optimizer_spec)
+            skipped += not descend(optimizer, loss, parameters, optimizer_spec)
     optimizer.zero_grad(set_to_none=True)
     return {"reuse_grad_steps": float(steps), "reuse_skipped_steps": float(skipped),
             "reuse_clip_fraction": sum(clipped) / len(clipped) if clipped else math.nan,
