@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 HERE = Path(__file__).resolve().parent.parent
 TASKS = ("DiffGym/PointMass1D-v0", "DiffGym/PointNav2D-v0", "DiffGym/FrankaReach-v0")
@@ -77,16 +76,26 @@ def _run_child(tree: Path, algo: str, env_id: str, env_steps: int, overrides: di
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def overrides(params: list[str], settings: list[str]) -> dict[str, Any]:
+FIXED_BY_THE_BENCHMARK = ("total_env_steps", "eval_every_env_steps", "eval_schedule", "eval_first_env_steps",
+                          "eval_growth", "eval_episodes", "run_dir")
+"""What every run of the benchmark shares (the budget and the evaluation at its two ends): not settable."""
+
+
+def apg_overrides(params: list[str], settings: list[str]) -> dict[str, Any]:
     """The dotted config overrides of ``--apg-param KEY=VALUE`` (under ``algo_params``) and ``--apg-set
-    KEY=VALUE`` (any field), values read as YAML, as ``diffgym train`` reads them."""
+    KEY=VALUE`` (any field but :data:`FIXED_BY_THE_BENCHMARK`), values read as ``diffgym train`` reads them."""
+    from diffgym.commands.options import parse_value
+
     result: dict[str, Any] = {}
     for flag, prefix, given in (("--apg-param", "algo_params.", params), ("--apg-set", "", settings)):
         for setting in given:
             key, sep, value = setting.partition("=")
+            key = key.strip()
             if not sep or not key:
                 raise ValueError(f"{flag} takes KEY=VALUE, got {setting!r}")
-            result[prefix + key] = yaml.safe_load(value)
+            if prefix + key in FIXED_BY_THE_BENCHMARK:
+                raise ValueError(f"{flag} {key}: the benchmark sets it for every run (--env-steps sets the budget)")
+            result[prefix + key] = parse_value(value)
     return result
 
 
@@ -105,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(e.g. num_envs=8); repeatable")
     args = parser.parse_args(argv)
     try:
-        apg_overrides = overrides(args.apg_param, args.apg_set)
+        overrides = apg_overrides(args.apg_param, args.apg_set)
     except ValueError as error:
         parser.error(str(error))
     tasks = args.tasks.split(",")
@@ -123,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, tree in trees.items():
                 taken: dict[tuple[str, str], float] = {}
                 for algo in ALGOS:
-                    result = _run_child(tree, algo, env_id, args.env_steps, apg_overrides if algo == "apg" else {})
+                    result = _run_child(tree, algo, env_id, args.env_steps, overrides if algo == "apg" else {})
                     num_envs[(env_id, label, algo)] = int(result["num_envs"])
                     for clock in clocks:
                         taken[(algo, clock)] = result[clock] * 1000 / result["env_steps"]
@@ -138,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{args.env_steps} env steps per run, medians of {args.repeats} interleaved rounds; "
           f"seconds per 1,000 env steps, wall-clock (CPU time of the process in brackets)"
-          f"{'; APG with ' + ' '.join(args.apg_param + args.apg_set) if apg_overrides else ''}\n")
+          f"{'; APG with ' + ' '.join(args.apg_param + args.apg_set) if overrides else ''}\n")
     print("| task | tree | APG envs | APG s / 1k steps | PPO envs | PPO s / 1k steps | APG / PPO |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for env_id in tasks:

@@ -764,11 +764,31 @@ def test_the_kl_term_descends_where_every_sample_left_the_clip(tmp_path):
     kl = torch.distributions.kl_divergence(batch.acting, moved).sum(-1).mean()
     expected = torch.cat([g.flatten() for g in torch.autograd.grad(0.5 * kl, learner.actor_parameters)])
     recording = _Recording(learner.actor_parameters)
-    stats = reuse_steps(ReuseConfig(epochs=1, clip_range=0.01, kl_coef=0.5), model, batch, learner.actor_parameters,
+    stats = reuse_steps(ReuseConfig(epochs=1, clip_range=1e-6, kl_coef=0.5), model, batch, learner.actor_parameters,
                         recording, OptimizerSpec(max_grad_norm=1e9))
     assert stats["reuse_clip_fraction"] == 1.0 and stats["reuse_grad_steps"] == 1
     assert stats["reuse_kl"] == pytest.approx(float(kl), rel=1e-5)
     torch.testing.assert_close(recording.seen[0], expected, rtol=1e-5, atol=1e-8)
+
+
+def test_reuse_takes_no_more_minibatches_than_kept_samples(tmp_path):
+    """A segment that keeps fewer samples than ``reuse.minibatches`` splits them one per minibatch: no
+    empty minibatch (whose share would divide by zero and whose statistics would be NaN)."""
+    from diffgym.training import OptimizerSpec
+    from diffgym_apg.reuse import ReuseBatch, ReuseConfig, reuse_steps
+
+    config = small_config(tmp_path, POINT_MASS, "none", num_envs=3)
+    learner, envs, params = make_learner(config)
+    torch.manual_seed(5)
+    segment, _, _ = unroll(learner.model, learner.normalizer, envs, 1)  # 3 samples
+    learner.optimizer.zero_grad()
+    _, objective = policy_gradient(learner, segment, params)
+    recording = _Recording(learner.actor_parameters)
+    stats = reuse_steps(ReuseConfig(epochs=1, minibatches=5, kl_coef=0.1), learner.model,
+                        ReuseBatch.of(learner.model, objective), learner.actor_parameters, recording,
+                        OptimizerSpec(max_grad_norm=1e9))
+    assert stats["reuse_grad_steps"] == 3 and len(recording.seen) == 3
+    assert math.isfinite(stats["reuse_clip_fraction"]) and math.isfinite(stats["reuse_kl"])
 
 
 def test_an_ablation_over_flat_and_sectioned_keys_reports_each_cell(tmp_path):

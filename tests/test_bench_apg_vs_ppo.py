@@ -13,13 +13,14 @@ _spec.loader.exec_module(bench)
 
 
 def test_param_goes_under_algo_params_and_set_names_any_field():
-    assert bench.overrides(["reuse.epochs=4", "gamma=0.99"], ["num_envs=8", "eval_episodes=1"]) == {
-        "algo_params.reuse.epochs": 4, "algo_params.gamma": 0.99, "num_envs": 8, "eval_episodes": 1}
+    assert bench.apg_overrides(["reuse.epochs=4", "gamma=0.99"], ["num_envs=8", "policy.log_std_init=-1"]) == {
+        "algo_params.reuse.epochs": 4, "algo_params.gamma": 0.99, "num_envs": 8, "policy.log_std_init": -1}
 
 
-def test_values_read_as_yaml():
-    assert bench.overrides(["segment.length=adaptive", "value.bootstrap=none"], []) == {
-        "algo_params.segment.length": "adaptive", "algo_params.value.bootstrap": "none"}
+def test_values_read_as_diffgym_train_reads_them():
+    assert bench.apg_overrides(["segment.length=adaptive", "value.bootstrap=none", "policy_gradient.lr=1e-3"], []) == {
+        "algo_params.segment.length": "adaptive", "algo_params.value.bootstrap": "none",
+        "algo_params.policy_gradient.lr": 1e-3}
 
 
 @pytest.mark.parametrize("flag", ["--apg-param", "--apg-set"])
@@ -28,3 +29,10 @@ def test_a_setting_without_a_value_is_refused_in_one_line(flag, capsys):
         bench.main([flag, "num_envs"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"{flag} takes KEY=VALUE, got 'num_envs'" in err
+
+
+@pytest.mark.parametrize("setting", ["total_env_steps=100", "eval_episodes=4", "run_dir=/tmp/x"])
+def test_what_every_run_shares_cannot_be_set_for_apg_alone(setting, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--apg-set", setting])
+    assert "the benchmark sets it for every run" in capsys.readouterr().err.strip().splitlines()[-1]

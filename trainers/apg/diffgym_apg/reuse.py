@@ -97,10 +97,12 @@ def reuse_steps(config: ReuseConfig, model: ActorCritic, batch: ReuseBatch, para
     old_log_prob = batch.acting.log_prob(pre_squash).sum(-1)
     steps = skipped = 0
     clipped, last_kl = [], math.nan
+    # no more minibatches than samples (a segment with envs left out may keep few): each has at least one
+    minibatches = max(1, min(config.minibatches, obs.shape[0]))
     for epoch in range(config.epochs):
         order = torch.randperm(obs.shape[0], device=obs.device)
-        for part, index in enumerate(order.tensor_split(config.minibatches)):
-            last = epoch == config.epochs - 1 and part == config.minibatches - 1
+        for part, index in enumerate(order.tensor_split(minibatches)):
+            last = epoch == config.epochs - 1 and part == minibatches - 1
             # one actor pass: the surrogate's actions and the ratio's Gaussian share its means; the ratio
             # only masks samples, so only a KL term in the loss needs a graph through the Gaussian, and the
             # statistic needs only the last minibatch's KL
