@@ -392,8 +392,9 @@ class Run:
             row[name] = value if math.isfinite(value) else str(value)  # JSON has no NaN/inf
             values.append(Summary.Value(tag=self.tensorboard_tags.get(name, name), simple_value=value))
         values.append(Summary.Value(tag="progress/grad_steps", simple_value=float(grad_steps)))
-        # the row's scalars as one event, as `add_scalar` writes each (same tags, values and step): one
-        # event per scalar cost ~0.1 ms each, a tenth of an APG update on the small tasks
+        # one event per row, not one per scalar (each event has a fixed cost in the writer, and APG logs a
+        # row per update: docs/benchmarks.md, fifth round); built as `add_scalar` builds each (same tags,
+        # float32 values and step) for the file writer `add_scalar` uses (torch's private `_get_file_writer`)
         self.writer._get_file_writer().add_summary(Summary(value=values), int(env_steps), time.time())
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
