@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import torch
@@ -162,6 +163,63 @@ def _replay(device: Any, record: Callable[[], Any]) -> Replay:
     return Replay(device, record, capture=_captures_graphs(device))
 
 
+MAX_PLAIN_MASS_MATRIX_SIZE = 16
+"""Articulations of at most this many joints and dofs get :func:`_mass_matrix_kernel` on the CPU: its loops have
+constant bounds that Warp unrolls (its ``max_unroll``), so its generated adjoint is exact."""
+
+
+@functools.cache
+def _mass_matrix_kernel(num_joints: int, num_dofs: int) -> Any:
+    """The joint-space mass matrix ``H = sum_b J_b^T M_b J_b`` of every articulation of one size group, as
+    ``SolverFeatherstone``'s tile kernel (``use_tile_gemm``, without ``fuse_cholesky``) computes it and with
+    its signature (``J``, ``M`` -> ``H``), from the same 6 x 6 diagonal blocks of ``M`` in the same body
+    order, but as plain per-thread matrix products: one thread per articulation, the other lanes of the
+    tiled launch idle. On the CPU Warp runs a tile kernel's matrix products about 4.5x slower and their
+    adjoint about 5x slower than this (docs/benchmarks.md); its ``H`` and gradients came out the same."""
+    body_jacobian = wp.types.matrix(shape=(6, num_dofs), dtype=wp.float32)
+    joint_matrix = wp.types.matrix(shape=(num_dofs, num_dofs), dtype=wp.float32)
+
+    @wp.func
+    def body_term(J: wp.array3d(dtype=float), M: wp.array3d(dtype=float), art: int, body: int):
+        jacobian = body_jacobian()
+        inertia = wp.spatial_matrix()
+        for r in range(6):
+            for c in range(wp.static(num_dofs)):
+                jacobian[r, c] = J[art, 6 * body + r, c]
+            for c in range(6):
+                inertia[r, c] = M[art, 6 * body + r, 6 * body + c]
+        return wp.transpose(jacobian) @ (inertia @ jacobian)
+
+    @wp.kernel(module="unique")
+    def mass_matrix(J: wp.array3d(dtype=float), M: wp.array3d(dtype=float),
+                    # outputs
+                    H: wp.array3d(dtype=float)):
+        art, lane = wp.tid()
+        if lane == 0:
+            h = joint_matrix()
+            for body in range(wp.static(num_joints)):
+                h = h + body_term(J, M, art, body)
+            for r in range(wp.static(num_dofs)):
+                for c in range(wp.static(num_dofs)):
+                    H[art, r, c] = h[r, c]
+
+    return mass_matrix
+
+
+def _plain_mass_matrix_on_cpu(solver: Any) -> Any:
+    """``solver`` with :func:`_mass_matrix_kernel` in place of its tile mass-matrix kernels, on the CPU, where it
+    runs the same products faster; unchanged elsewhere (on CUDA the tile kernel's threads cooperate) and
+    where the solver fuses the Cholesky factorisation into that kernel (another signature)."""
+    kernels = getattr(solver, "_tile_kernels_by_size", None)
+    fused = solver.fuse_cholesky and not getattr(solver, "_has_joint_mimics", False)
+    if solver.model.device.is_cuda or not getattr(solver, "use_tile_gemm", False) or not kernels or fused:
+        return solver
+    for size in list(kernels):
+        if max(size) <= MAX_PLAIN_MASS_MATRIX_SIZE:
+            kernels[size] = _mass_matrix_kernel(*size)
+    return solver
+
+
 class _ForwardOnlyStep:
     """The untaped control step of one batch size (``torch.no_grad()``, ``env.step``, PPO): one cached
     solver and two states used in turn, replayed (:class:`Replay`: a graph on the CPU). Nothing is
@@ -173,7 +231,7 @@ class _ForwardOnlyStep:
         with _on_torch_stream(self.device):
             self.joint_q, self.joint_qd, self.joint_f = (
                 wp.zeros(model.joint_dof_count, dtype=wp.float32, device=model.device) for _ in range(3))
-            solver = newton.solvers.SolverFeatherstone(model, **sim.solver_options)
+            solver = _plain_mass_matrix_on_cpu(newton.solvers.SolverFeatherstone(model, **sim.solver_options))
             states = [model.state(requires_grad=False), model.state(requires_grad=False)]
             control = model.control(clone_variables=False)
             control.joint_f = self.joint_f
@@ -231,7 +289,8 @@ class _TapedStep:
         with _on_torch_stream(self.device):
             self.inputs = tuple(wp.zeros(dofs, dtype=wp.float32, device=model.device, requires_grad=True)
                                 for _ in range(3))
-            solvers = [newton.solvers.SolverFeatherstone(model, **sim.solver_options) for _ in range(sim.substeps)]
+            solvers = [_plain_mass_matrix_on_cpu(newton.solvers.SolverFeatherstone(model, **sim.solver_options))
+                       for _ in range(sim.substeps)]
             control = model.control(clone_variables=False)
             control.joint_f = self.inputs[2]
             # Allocated here, outside the capture: a replay writes through the pointers the capture saw, so
