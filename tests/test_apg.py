@@ -696,18 +696,25 @@ class _Recording(torch.optim.Optimizer):
         self.seen.append(torch.cat([p.grad.flatten() for group in self.param_groups for p in group["params"]]))
 
 
+def _analytic_step_on_a_segment(tmp_path, steps: int):
+    """A 3-env PointMass1D learner, a segment of ``steps`` steps, and its objective after the analytic
+    gradient (left in the actor's ``.grad``)."""
+    config = small_config(tmp_path, POINT_MASS, "none", num_envs=3)
+    learner, envs, params = make_learner(config)
+    torch.manual_seed(5)
+    segment, _, _ = unroll(learner.model, learner.normalizer, envs, steps)
+    learner.optimizer.zero_grad()
+    _, objective = policy_gradient(learner, segment, params)
+    return learner, segment, objective
+
+
 def test_the_first_reuse_step_is_the_analytic_gradient_and_the_clip_stops_moved_samples(tmp_path):
     """At the parameters that acted, the surrogate's gradient is the segment's analytic gradient (the
     action adjoints through the policy); a sample whose ratio left the clip range contributes nothing."""
     from diffgym.training import OptimizerSpec
     from diffgym_apg.reuse import ReuseBatch, ReuseConfig, reuse_steps
 
-    config = small_config(tmp_path, POINT_MASS, "none", num_envs=3)
-    learner, envs, params = make_learner(config)
-    torch.manual_seed(5)
-    segment, _, _ = unroll(learner.model, learner.normalizer, envs, 6)
-    learner.optimizer.zero_grad()
-    _, objective = policy_gradient(learner, segment, params)
+    learner, segment, objective = _analytic_step_on_a_segment(tmp_path, 6)
     analytic = torch.cat([p.grad.flatten() for p in learner.actor_parameters])
     assert float(analytic.norm()) > 1e-4
     recording = _Recording(learner.actor_parameters)
@@ -749,12 +756,7 @@ def test_the_kl_term_descends_where_every_sample_left_the_clip(tmp_path):
     from diffgym.training import OptimizerSpec
     from diffgym_apg.reuse import ReuseBatch, ReuseConfig, reuse_steps
 
-    config = small_config(tmp_path, POINT_MASS, "none", num_envs=3)
-    learner, envs, params = make_learner(config)
-    torch.manual_seed(5)
-    segment, _, _ = unroll(learner.model, learner.normalizer, envs, 6)
-    learner.optimizer.zero_grad()
-    _, objective = policy_gradient(learner, segment, params)
+    learner, segment, objective = _analytic_step_on_a_segment(tmp_path, 6)
     batch = ReuseBatch.of(learner.model, objective)
     with torch.no_grad():
         learner.model.log_std.add_(0.5)
@@ -777,12 +779,7 @@ def test_reuse_takes_no_more_minibatches_than_kept_samples(tmp_path):
     from diffgym.training import OptimizerSpec
     from diffgym_apg.reuse import ReuseBatch, ReuseConfig, reuse_steps
 
-    config = small_config(tmp_path, POINT_MASS, "none", num_envs=3)
-    learner, envs, params = make_learner(config)
-    torch.manual_seed(5)
-    segment, _, _ = unroll(learner.model, learner.normalizer, envs, 1)  # 3 samples
-    learner.optimizer.zero_grad()
-    _, objective = policy_gradient(learner, segment, params)
+    learner, _, objective = _analytic_step_on_a_segment(tmp_path, 1)  # 3 samples
     recording = _Recording(learner.actor_parameters)
     stats = reuse_steps(ReuseConfig(epochs=1, minibatches=5, kl_coef=0.1), learner.model,
                         ReuseBatch.of(learner.model, objective), learner.actor_parameters, recording,
