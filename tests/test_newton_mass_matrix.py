@@ -3,6 +3,7 @@
 
 import numpy as np
 import pytest
+import torch
 import warp as wp
 
 from tests.conftest import requires_newton
@@ -53,12 +54,70 @@ def test_the_plain_kernel_gives_the_tile_kernels_mass_matrix_and_gradients_bit_f
     np.testing.assert_array_equal(plain_dM, tile_dM)
 
 
-@pytest.mark.parametrize("options, replaced", [({}, True), ({"fuse_cholesky": True}, False),
-                                               ({"use_tile_gemm": False}, False)])
+@pytest.mark.parametrize("size", [(2, 3), (7, 7), (4, 17)])
+def test_the_plain_kernel_is_exact_whatever_warps_global_unroll_limit(size, monkeypatch):
+    """Its adjoint is exact only with its loops unrolled: the module's own ``max_unroll`` covers them even
+    when the global setting is lower (4 here) or the size beyond Warp's default limit (17 dofs)."""
+    from diffgym.core.newton_task import _mass_matrix_kernel
+
+    monkeypatch.setattr(wp.config, "max_unroll", 4)
+    _mass_matrix_kernel.cache_clear()
+    try:
+        kernel = _mass_matrix_kernel(*size)
+        num_joints, num_dofs = size
+        rng = np.random.default_rng(1)
+        J_values = rng.standard_normal((3, 6 * num_joints, num_dofs)).astype(np.float32)
+        M_values = np.zeros((3, 6 * num_joints, 6 * num_joints), np.float32)
+        H_ref = np.zeros((3, num_dofs, num_dofs))
+        seed = rng.standard_normal((3, num_dofs, num_dofs)).astype(np.float32)
+        dJ_ref = np.zeros(J_values.shape)
+        for body in range(num_joints):
+            block = rng.standard_normal((3, 6, 6)).astype(np.float32)
+            M_values[:, 6 * body:6 * body + 6, 6 * body:6 * body + 6] = block @ block.transpose(0, 2, 1)
+            J_b = J_values[:, 6 * body:6 * body + 6].astype(np.float64)
+            M_b = M_values[:, 6 * body:6 * body + 6, 6 * body:6 * body + 6].astype(np.float64)
+            H_ref += J_b.transpose(0, 2, 1) @ M_b @ J_b
+            # d/dJ_b of sum(seed * J_b^T M_b J_b) = M_b J_b seed^T + M_b^T J_b seed
+            dJ_ref[:, 6 * body:6 * body + 6] = M_b @ J_b @ seed.transpose(0, 2, 1) + M_b.transpose(0, 2, 1) @ J_b @ seed
+        J = wp.array(J_values, requires_grad=True)
+        M = wp.array(M_values, requires_grad=True)
+        H = wp.zeros(seed.shape, dtype=float, requires_grad=True)
+        _launch(kernel, J, M, H)
+        H.grad.assign(seed)
+        _launch(kernel, J, M, H, adjoint=True)
+        np.testing.assert_allclose(H.numpy(), H_ref, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(J.grad.numpy(), dJ_ref, rtol=1e-4, atol=1e-3)
+    finally:
+        _mass_matrix_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("options, replaced", [({}, True), ({"fuse_cholesky": True}, False)])
 def test_only_the_unfused_tile_kernel_is_replaced_on_the_cpu(options, replaced):
-    from diffgym.core.newton_task import _mass_matrix_kernel, _plain_mass_matrix_on_cpu
+    from diffgym.core.newton_task import _plain_mass_matrix_on_cpu
 
     solver = _plain_mass_matrix_on_cpu(_solver(2, **options))
-    kernels = getattr(solver, "_tile_kernels_by_size", {}) or {}
-    assert all((kernel is _mass_matrix_kernel(*size)) == replaced for size, kernel in kernels.items())
-    assert bool(kernels) or not replaced
+    ((_, kernel),) = solver._tile_kernels_by_size.items()
+    assert _is_plain(kernel) == replaced
+
+
+def _is_plain(kernel) -> bool:
+    return kernel.func.__qualname__.startswith("_mass_matrix_kernel.")
+
+
+def test_the_engines_solvers_use_the_plain_kernel():
+    """Both the recorded step's solvers (one per substep) and the forward-only step's."""
+    import gymnasium as gym
+
+    venv = gym.make_vec("DiffGym/FrankaTorqueReach-v0", num_envs=2)
+    venv.reset(seed=0)
+    state = venv.get_state()
+    action = torch.zeros((2, venv.single_action_space.shape[0]))
+    venv.differentiable_step(state, action.clone().requires_grad_(True))
+    with torch.no_grad():
+        venv.differentiable_step(state, action)
+    sim = venv.sim
+    solvers = [*sim._taped[2]._alive[0], sim._forward_only[2]._alive[0]]
+    assert len(solvers) == sim.substeps + 1
+    for solver in solvers:
+        ((_, kernel),) = solver._tile_kernels_by_size.items()
+        assert _is_plain(kernel)

@@ -164,8 +164,8 @@ def _replay(device: Any, record: Callable[[], Any]) -> Replay:
 
 
 MAX_PLAIN_MASS_MATRIX_SIZE = 16
-"""Articulations of at most this many joints and dofs get :func:`_mass_matrix_kernel` on the CPU: its loops have
-constant bounds that Warp unrolls (its ``max_unroll``), so its generated adjoint is exact."""
+"""Articulations of at most this many joints and dofs get :func:`_mass_matrix_kernel` on the CPU (its unrolled
+code grows with the square of the dofs; Franka's arm has 7)."""
 
 
 @functools.cache
@@ -173,9 +173,12 @@ def _mass_matrix_kernel(num_joints: int, num_dofs: int) -> Any:
     """The joint-space mass matrix ``H = sum_b J_b^T M_b J_b`` of every articulation of one size group, as
     ``SolverFeatherstone``'s tile kernel (``use_tile_gemm``, without ``fuse_cholesky``) computes it and with
     its signature (``J``, ``M`` -> ``H``), from the same 6 x 6 diagonal blocks of ``M`` in the same body
-    order, but as plain per-thread matrix products: one thread per articulation, the other lanes of the
-    tiled launch idle. On the CPU Warp runs a tile kernel's matrix products about 4.5x slower and their
-    adjoint about 5x slower than this (docs/benchmarks.md); its ``H`` and gradients came out the same."""
+    order, but as plain per-thread matrix products: one thread per articulation (lane 0 of its block, where
+    a launch has several lanes). On the CPU Warp runs a tile kernel's matrix products about 4.5x slower and
+    their adjoint about 5x slower than this (docs/benchmarks.md); its ``H`` and gradients came out the same.
+    Its loops must be unrolled for Warp's generated adjoint to be exact (a loop Warp keeps accumulates
+    ``h`` wrongly in the backward), so the module's ``max_unroll`` covers every loop bound, whatever
+    ``wp.config.max_unroll`` says."""
     body_jacobian = wp.types.matrix(shape=(6, num_dofs), dtype=wp.float32)
     joint_matrix = wp.types.matrix(shape=(num_dofs, num_dofs), dtype=wp.float32)
 
@@ -190,7 +193,7 @@ def _mass_matrix_kernel(num_joints: int, num_dofs: int) -> Any:
                 inertia[r, c] = M[art, 6 * body + r, 6 * body + c]
         return wp.transpose(jacobian) @ (inertia @ jacobian)
 
-    @wp.kernel(module="unique")
+    @wp.kernel(module="unique", module_options={"max_unroll": max(6, num_joints, num_dofs)})
     def mass_matrix(J: wp.array3d(dtype=float), M: wp.array3d(dtype=float),
                     # outputs
                     H: wp.array3d(dtype=float)):
