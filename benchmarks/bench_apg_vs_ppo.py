@@ -8,8 +8,8 @@
 
 Every run is ``diffgym train --algo A --env T`` with the trainer's own defaults for the task
 (``hyperparams/apg.yml``, ``hyperparams/ppo.yml``), and APG with any ``--apg-param`` and ``--apg-set``
-settings (what ``diffgym train --param`` and ``--set`` set), except the budget (``--env-steps``, the same for both trainers) and the evaluation
-schedule: one evaluation at env step 0 and one at the budget, each of one
+settings (what ``diffgym train --param`` and ``--set`` set), except the budget (``--env-steps``, the same for
+both trainers) and the evaluation schedule: one evaluation at env step 0 and one at the budget, each of one
 episode. A run is a child process (one torch thread); it times from the moment the evaluation at env step 0
 has been logged (so imports, env and model construction and that evaluation are left out) to the end of
 ``train`` (the last evaluation, of one episode, stays in: well under 1 % of a run). Runs alternate: every
@@ -30,7 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
 
 HERE = Path(__file__).resolve().parent.parent
 TASKS = ("DiffGym/PointMass1D-v0", "DiffGym/PointNav2D-v0", "DiffGym/FrankaReach-v0")
