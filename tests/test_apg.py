@@ -672,6 +672,19 @@ def test_the_estimator_of_docs_apg_md_is_one_file_and_one_config_section(tmp_pat
 
 
 # ------------------------------------------------------------------------------------ rollout reuse
+def test_lr_decay_shrinks_the_segment_steps_rate_after_every_update(tmp_path):
+    """Two updates at ``lr_decay: 0.5``: the Adam the segment and reuse steps share ends at a quarter of
+    its rate (and saves it, so a resumed run continues the schedule); 1 leaves it alone."""
+    for decay, factor in ((0.5, 0.25), (1.0, 1.0)):
+        config = small_config(tmp_path, POINT_MASS, "none", name=f"decay{decay}",
+                              **{"algo_params.policy_gradient.lr_decay": decay, "algo_params.reuse.epochs": 1})
+        saved = latest_checkpoint(train(config, progress=False))
+        assert saved["actor_optimizer"]["param_groups"][0]["lr"] == pytest.approx(config.optimizer.lr * factor)
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"policy_gradient.lr_decay must be in \(0, 1\]"):
+            APGConfig.from_config(config.with_overrides({"algo_params.policy_gradient.lr_decay": bad}))
+
+
 def test_reuse_steps_count_as_gradient_steps_and_no_env_steps(tmp_path):
     config = small_config(tmp_path, POINT_MASS, "critic", **{"algo_params.reuse.epochs": 3,
                                                             "algo_params.reuse.minibatches": 2})

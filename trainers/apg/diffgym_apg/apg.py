@@ -154,6 +154,9 @@ def segment_step(learner: Learner, segment: Rollout, params: APGConfig, config: 
                                  config.optimizer))
         steps += int(stats["reuse_grad_steps"])
         learner.skipped_updates += int(stats["reuse_skipped_steps"])
+    if params.policy_gradient.lr_decay != 1.0:  # after every update, skipped or not; the rate is Adam state (resumed)
+        for group in learner.optimizer.param_groups:
+            group["lr"] *= params.policy_gradient.lr_decay
     return stats, grad_norm, steps
 
 

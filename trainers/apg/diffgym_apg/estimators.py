@@ -59,6 +59,10 @@ class PolicyGradientConfig:
     lr: float | None = None
     """Adam learning rate of the segment step; None: the shared ``optimizer.lr``. Beside a likelihood-ratio
     path the analytic steps need a far smaller rate than its clipped epochs (``docs/apg.md``, TPush)."""
+    lr_decay: float = 1.0
+    """Factor on that learning rate after every segment step (Brax's APG: 0.997): the reuse steps, which
+    share its Adam, follow it. 1: constant. A rate that shrinks keeps a policy that has reached its goal
+    from drifting away again under the short segments' noisy steps."""
     env_gradient_clip: float = 0.0
     """A robust mean of the analytic gradient: each env's share of it (its row of the per-env
     decomposition) is scaled down to at most this multiple of the batch's median per-env norm before the
@@ -72,6 +76,8 @@ class PolicyGradientConfig:
             raise ValueError(f"policy_gradient.estimator must be one of {sorted(known)}, got {self.estimator!r}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"policy_gradient.lr must be > 0 (or None: the shared optimizer.lr), got {self.lr}")
+        if not 0.0 < self.lr_decay <= 1.0:  # NaN fails too
+            raise ValueError(f"policy_gradient.lr_decay must be in (0, 1] (1: constant), got {self.lr_decay}")
         if not self.env_gradient_clip >= 0:  # NaN fails too
             raise ValueError(f"policy_gradient.env_gradient_clip must be >= 0 (0: off), got {self.env_gradient_clip}")
         # (estimator none takes no step, so nothing here applies: a grid over estimators may keep the rest)
