@@ -60,8 +60,8 @@ class PolicyGradientConfig:
     """Adam learning rate of the segment step; None: the shared ``optimizer.lr``. Beside a likelihood-ratio
     path the analytic steps need a far smaller rate than its clipped epochs (``docs/apg.md``, TPush)."""
     lr_decay: float = 1.0
-    """Factor on that learning rate after every segment step (Brax's APG: 0.997): the reuse steps, which
-    share its Adam, follow it. 1: constant. A rate that shrinks keeps a policy that has reached its goal
+    """Factor on that learning rate after every update (Brax's APG: 0.997), so the schedule is per update, not
+    per env step (it depends on K); the reuse steps, which share its Adam, follow it. 1: constant. A rate that shrinks keeps a policy that has reached its goal
     from drifting away again under the short segments' noisy steps."""
     env_gradient_clip: float = 0.0
     """A robust mean of the analytic gradient: each env's share of it (its row of the per-env
