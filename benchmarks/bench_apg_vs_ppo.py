@@ -98,6 +98,19 @@ def apg_overrides(params: list[str], settings: list[str]) -> dict[str, Any]:
     return result
 
 
+def _check_apg_settings(parser: argparse.ArgumentParser, tasks: list[str], overrides: dict[str, Any]) -> None:
+    """Resolve every task's APG config here, so that a bad setting is one line before any run starts."""
+    import diffgym  # noqa: F401  (registers the tasks)
+    from diffgym.plugins import load_trainer, resolve_config
+
+    for env_id in tasks:
+        try:
+            load_trainer("apg").check_config(resolve_config("apg", env_id, overrides))
+        except (ValueError, KeyError, TypeError) as error:
+            message = str(error.args[0]) if error.args else repr(error)
+            parser.error(f"APG's settings on {env_id}: {message.splitlines()[0]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env-steps", type=int, default=16384, help="budget of every run (default 16384)")
@@ -121,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         tasks, args.env_steps, args.repeats = [TASKS[0]], 1024, 1
     if args.env_steps < 1 or args.repeats < 1:
         parser.error(f"--env-steps and --repeats must be >= 1, got {args.env_steps} and {args.repeats}")
+    _check_apg_settings(parser, tasks, overrides)
     trees = {"after": HERE} if args.baseline is None else {"before": args.baseline.resolve(), "after": HERE}
     clocks = ("wall", "cpu")
     per_1k: dict[tuple[str, str, str, str], list[float]] = {}  # (task, tree, algo, clock) -> s per 1,000 env steps

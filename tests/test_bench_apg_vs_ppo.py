@@ -36,3 +36,14 @@ def test_what_every_run_shares_cannot_be_set_for_apg_alone(setting, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--apg-set", setting])
     assert "the benchmark sets it for every run" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("flag, setting, message", [("--apg-set", "num_envs=abc", "num_envs must be an integer"),
+                                                    ("--apg-param", "policy_gradient.lr_decay=0", "lr_decay must be"),
+                                                    ("--apg-set", "nosuch=1", "nosuch")])
+def test_a_bad_apg_setting_is_one_line_before_any_run(flag, setting, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--quick", flag, setting])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "error: APG's settings on" in err[-1] and "Traceback" not in "\n".join(err)
