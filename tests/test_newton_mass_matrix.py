@@ -25,28 +25,36 @@ def _launch(kernel, J, M, H, adjoint=False):
     wp.launch_tiled(kernel, dim=[J.shape[0]], inputs=[J, M], outputs=[H], block_dim=256, **kwargs)
 
 
+def _random_inputs(rng, batch: int, num_joints: int, num_dofs: int):
+    """``J``, an ``M`` of symmetric positive 6 x 6 blocks on the diagonal (as eval_rigid_mass writes it) and a
+    seed for ``H``'s gradient, float32."""
+    J_values = rng.standard_normal((batch, 6 * num_joints, num_dofs)).astype(np.float32)
+    M_values = np.zeros((batch, 6 * num_joints, 6 * num_joints), np.float32)
+    for body in range(num_joints):
+        block = rng.standard_normal((batch, 6, 6)).astype(np.float32)
+        M_values[:, 6 * body:6 * body + 6, 6 * body:6 * body + 6] = block @ block.transpose(0, 2, 1)
+    return J_values, M_values, rng.standard_normal((batch, num_dofs, num_dofs)).astype(np.float32)
+
+
+def _forward_and_adjoint(kernel, J_values, M_values, seed):
+    """``H`` and, for ``seed`` as its gradient, the gradients of ``J`` and ``M``."""
+    J = wp.array(J_values, requires_grad=True)
+    M = wp.array(M_values, requires_grad=True)
+    H = wp.zeros(seed.shape, dtype=float, requires_grad=True)
+    _launch(kernel, J, M, H)
+    H.grad.assign(seed)
+    _launch(kernel, J, M, H, adjoint=True)
+    return H.numpy(), J.grad.numpy(), M.grad.numpy()
+
+
 def test_the_plain_kernel_gives_the_tile_kernels_mass_matrix_and_gradients_bit_for_bit():
     from diffgym.core.newton_task import _mass_matrix_kernel
 
     solver = _solver(5)
     ((size, tile_kernel),) = solver._tile_kernels_by_size.items()
-    rng = np.random.default_rng(0)
-    num_joints, _ = size
-    J_values = rng.standard_normal(solver._J_by_size[size].shape).astype(np.float32)
-    M_values = np.zeros(solver._M_by_size[size].shape, np.float32)
-    for body in range(num_joints):  # symmetric positive 6 x 6 blocks on the diagonal, as eval_rigid_mass writes
-        block = rng.standard_normal((J_values.shape[0], 6, 6)).astype(np.float32)
-        M_values[:, 6 * body:6 * body + 6, 6 * body:6 * body + 6] = block @ block.transpose(0, 2, 1)
-    seed = rng.standard_normal(solver._H_by_size[size].shape).astype(np.float32)
-    results = []
-    for kernel in (tile_kernel, _mass_matrix_kernel(*size)):
-        J = wp.array(J_values, requires_grad=True)
-        M = wp.array(M_values, requires_grad=True)
-        H = wp.zeros(seed.shape, dtype=float, requires_grad=True)
-        _launch(kernel, J, M, H)
-        H.grad.assign(seed)
-        _launch(kernel, J, M, H, adjoint=True)
-        results.append((H.numpy(), J.grad.numpy(), M.grad.numpy()))
+    J_values, M_values, seed = _random_inputs(np.random.default_rng(0), solver._J_by_size[size].shape[0], *size)
+    results = [_forward_and_adjoint(kernel, J_values, M_values, seed)
+               for kernel in (tile_kernel, _mass_matrix_kernel(*size))]
     (tile_H, tile_dJ, tile_dM), (plain_H, plain_dJ, plain_dM) = results
     assert np.abs(tile_H).max() > 1.0 and np.abs(tile_dJ).max() > 1.0 and np.abs(tile_dM).max() > 0.1
     np.testing.assert_array_equal(plain_H, tile_H)
@@ -65,28 +73,18 @@ def test_the_plain_kernel_is_exact_whatever_warps_global_unroll_limit(size, monk
     try:
         kernel = _mass_matrix_kernel(*size)
         num_joints, num_dofs = size
-        rng = np.random.default_rng(1)
-        J_values = rng.standard_normal((3, 6 * num_joints, num_dofs)).astype(np.float32)
-        M_values = np.zeros((3, 6 * num_joints, 6 * num_joints), np.float32)
-        H_ref = np.zeros((3, num_dofs, num_dofs))
-        seed = rng.standard_normal((3, num_dofs, num_dofs)).astype(np.float32)
+        J_values, M_values, seed = _random_inputs(np.random.default_rng(1), 3, num_joints, num_dofs)
+        H_ref = np.zeros(seed.shape)
         dJ_ref = np.zeros(J_values.shape)
         for body in range(num_joints):
-            block = rng.standard_normal((3, 6, 6)).astype(np.float32)
-            M_values[:, 6 * body:6 * body + 6, 6 * body:6 * body + 6] = block @ block.transpose(0, 2, 1)
             J_b = J_values[:, 6 * body:6 * body + 6].astype(np.float64)
             M_b = M_values[:, 6 * body:6 * body + 6, 6 * body:6 * body + 6].astype(np.float64)
             H_ref += J_b.transpose(0, 2, 1) @ M_b @ J_b
             # d/dJ_b of sum(seed * J_b^T M_b J_b) = M_b J_b seed^T + M_b^T J_b seed
             dJ_ref[:, 6 * body:6 * body + 6] = M_b @ J_b @ seed.transpose(0, 2, 1) + M_b.transpose(0, 2, 1) @ J_b @ seed
-        J = wp.array(J_values, requires_grad=True)
-        M = wp.array(M_values, requires_grad=True)
-        H = wp.zeros(seed.shape, dtype=float, requires_grad=True)
-        _launch(kernel, J, M, H)
-        H.grad.assign(seed)
-        _launch(kernel, J, M, H, adjoint=True)
-        np.testing.assert_allclose(H.numpy(), H_ref, rtol=1e-4, atol=1e-3)
-        np.testing.assert_allclose(J.grad.numpy(), dJ_ref, rtol=1e-4, atol=1e-3)
+        H, dJ, _ = _forward_and_adjoint(kernel, J_values, M_values, seed)
+        np.testing.assert_allclose(H, H_ref, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(dJ, dJ_ref, rtol=1e-4, atol=1e-3)
     finally:
         _mass_matrix_kernel.cache_clear()
 
