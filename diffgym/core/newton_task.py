@@ -56,7 +56,7 @@ import warp as wp
 from diffgym.core.bridge import Out, Replay, warp_call, warp_device
 from diffgym.core.contract import FieldSpec, check_newton_sim_class
 from diffgym.core.newton_sim import require_newton
-from diffgym.core.sim import DiffSim, StepOutput
+from diffgym.core.sim import DiffSim, StepOutput, clip_to_action_box
 from diffgym.core.state import SimState
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -122,7 +122,7 @@ class NewtonSim(DiffSim):
               physics: Sequence[torch.Tensor] | None = None) -> StepOutput:
         batch = state.batch_size
         tensors = state.tensors()
-        (joint_f,) = warp_call(self.control_kernel, batch, [*tensors, action.clamp(-1.0, 1.0)], [self.params],
+        (joint_f,) = warp_call(self.control_kernel, batch, [*tensors, clip_to_action_box(action)], [self.params],
                                [Out((batch * self.dofs_per_env,))])
         q_name, qd_name = self.joint_fields
         joint_q, joint_qd = self.advance(getattr(state, q_name).reshape(-1), getattr(state, qd_name).reshape(-1),
