@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import gymnasium as gym
@@ -669,6 +670,19 @@ def test_the_estimator_of_docs_apg_md_is_one_file_and_one_config_section(tmp_pat
         checked_params(config.replace(num_envs=2))
     with pytest.raises(ValueError, match="unknown PolicyGradientConfig field"):  # another estimator's option
         APGConfig.from_params({"policy_gradient": {"estimator": "analytic", "analytic_weight": 0.8}})
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("gamma", "abc", "gamma must be a number, got 'abc'"),
+    ("reuse.epochs", 1.5, "reuse.epochs must be an integer, got 1.5"),
+    ("policy_gradient.lr_decay", "abc", "policy_gradient.lr_decay must be a number, got 'abc'"),
+    ("proximal.n_steps", 1.5, "proximal.n_steps must be an integer, got 1.5"),
+])
+def test_a_bad_value_is_named_by_the_key_given_to_param(key, value, message):
+    section, _, name = key.rpartition(".")
+    params = {section: {name: value}} if section else {name: value}
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        APGConfig.from_params(params)
 
 
 # ------------------------------------------------------------------------------------ rollout reuse

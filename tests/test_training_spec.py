@@ -53,6 +53,7 @@ def test_config_overrides_and_coercion(tmp_path):
     ({"normalizer.enabled": "yes"}, "true or false"),
     ({"optimizer.betas": [0.9]}, "2 items"),
     ({"seeds": 1}, "unknown config key"),
+    ({"policy.log_std_init": "abc"}, "^policy.log_std_init must be a number, got 'abc'$"),  # the key as typed
 ])
 def test_config_rejects_bad_values(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):

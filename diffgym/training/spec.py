@@ -153,7 +153,7 @@ class TrainConfig:
         for name in ("policy", "normalizer", "optimizer"):  # accept plain mappings, e.g. from kwargs
             value = getattr(self, name)
             if isinstance(value, Mapping):
-                setattr(self, name, from_dict(_FIELD_TYPES[name], value))
+                setattr(self, name, from_dict(_FIELD_TYPES[name], value, f"{name}."))
         for name in ("num_envs", "total_env_steps", "eval_every_env_steps", "eval_episodes", "eval_first_env_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -302,16 +302,23 @@ def _to_builtin(value: Any) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
-    """Build dataclass ``cls`` from a mapping, coercing values to the annotated field types."""
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str | None = None) -> T:
+    """Build dataclass ``cls`` from a mapping, coercing values to the annotated field types.
+
+    A bad value's error names the field as ``prefix + name``, the dotted key a user writes (``prefix``
+    ``"policy."`` gives ``policy.log_std_init must be a number``), or as ``ClassName.name`` without one;
+    nested dataclass fields extend the key (``segment.length``)."""
     if not isinstance(data, Mapping):
-        raise ValueError(f"{cls.__name__} must be given as a mapping, got {type(data).__name__}")
+        where = prefix[:-1] if prefix else cls.__name__
+        raise ValueError(f"{where} must be given as a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {names}")
-    kwargs = {name: _coerce(hints[name], data[name], f"{cls.__name__}.{name}") for name in names if name in data}
+    kwargs = {name: _coerce(hints[name], data[name], f"{cls.__name__}.{name}" if prefix is None else prefix + name,
+                            (prefix or "") + name)
+              for name in names if name in data}
     return cls(**kwargs)
 
 
@@ -326,7 +333,8 @@ _MAPPING_ENTRIES = {
 (``--set randomize=[0.5,2]`` reads as a range for the whole mapping)."""
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
+def _coerce(tp: Any, value: Any, where: str, key: str | None = None) -> Any:
+    """``value`` as type ``tp``; errors name it ``where``, a nested dataclass's fields ``key.field``."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -334,12 +342,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         errors = []
         for option in (a for a in args if a is not type(None)):
             try:
-                return _coerce(option, value, where)
+                return _coerce(option, value, where, key)
             except (TypeError, ValueError) as error:
                 errors.append(str(error))
         raise ValueError("; ".join(errors))
     if dataclasses.is_dataclass(tp):
-        return value if isinstance(value, tp) else from_dict(tp, value)
+        return value if isinstance(value, tp) else from_dict(tp, value, (key or where) + ".")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{where} must be a list, got {value!r}")

@@ -96,7 +96,7 @@ class PolicyGradientConfig:
         known = registered_estimators()
         if name not in known:
             raise ValueError(f"policy_gradient.estimator must be one of {sorted(known)}, got {name!r}")
-        return from_dict(known[name].Config, section)
+        return from_dict(known[name].Config, section, "policy_gradient.")
 
 
 class Estimator:
