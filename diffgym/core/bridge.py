@@ -259,6 +259,10 @@ class LaunchPlan:
         self.in_slots = self._own_slots(self.forward, range(self.n_in), inputs, adjoint=False)
         self.out_slots = self._own_slots(self.forward, range(self.out_first, self.out_first + len(outputs)),
                                          outputs, adjoint=False)
+        # which inputs and outputs are floats (can carry gradients), looked up once, not on every call
+        self.float_inputs = tuple(t.is_floating_point() for t in inputs)
+        self.float_outputs = tuple(t.is_floating_point() for t in outputs)
+        self.non_float_outputs = tuple(j for j, is_float in enumerate(self.float_outputs) if not is_float)
         self.adjoint: Any = None  # recorded lazily by ``launch_adjoint``, with the slots below
         self.adjoint_packed: _PackedCpuAdjoint | None = None
         self.adj_fwd_slots: list[_ArgSlot] = []
@@ -424,7 +428,7 @@ class _KernelFunction(torch.autograd.Function):
         # the backward replays this plan's adjoint: kept here, its key (every input's shape) is not rebuilt
         ctx.params, ctx.plan, ctx.n_in = params, plan, len(inputs)
         ctx.save_for_backward(*inputs, *outputs)  # also guards against in-place edits before backward
-        ctx.mark_non_differentiable(*(o for o in outputs if not o.is_floating_point()))
+        ctx.mark_non_differentiable(*[outputs[j] for j in plan.non_float_outputs])
         # an output no gradient reaches (often the observation) comes to backward as None, not as zeros
         ctx.set_materialize_grads(False)
         return outputs
@@ -438,11 +442,12 @@ class _KernelFunction(torch.autograd.Function):
         # fresh buffers: Warp adjoints accumulate into them, and autograd's grads must stay untouched; an
         # output without a gradient gets a null adjoint array, which Warp's adjoints read as zeros (no buffer
         # to allocate, zero and pass)
-        adj_inputs = [torch.zeros_like(t) if want and t.is_floating_point() else None
-                      for t, want in zip(inputs, wants)]
-        adj_outputs = [_owned_copy(g) if o.is_floating_point() and g is not None else None
-                       for o, g in zip(outputs, grad_outputs)]
-        ctx.plan.launch_adjoint(inputs, ctx.params, outputs, adj_inputs, adj_outputs)
+        plan = ctx.plan
+        adj_inputs = [torch.zeros_like(t) if want and is_float else None
+                      for t, want, is_float in zip(inputs, wants, plan.float_inputs)]
+        adj_outputs = [_owned_copy(g) if is_float and g is not None else None
+                       for g, is_float in zip(grad_outputs, plan.float_outputs)]
+        plan.launch_adjoint(inputs, ctx.params, outputs, adj_inputs, adj_outputs)
         return (None, None, None, None, *adj_inputs)
 
 
