@@ -36,7 +36,7 @@ def make_venv(num_envs: int = N, **kwargs) -> gym.vector.VectorEnv:
     (["eval_randomize.mass=[0,2]"], r"eval_randomize.mass = \[0, 2\] leaves DiffGym/PointMass1D-v0's valid "
                                     r"range of mass, \[0.001, 1000\]"),
     (["randomize.mass=2"], r"randomize.mass must be \[low, high\]"),
-    (["randomize=[0.5,2]"], r"^TrainConfig.randomize must be a mapping, given entry by entry as "
+    (["randomize=[0.5,2]"], r"^randomize must be a mapping, given entry by entry as "
                             r"randomize.PARAM=\[low,high\] \(e.g. --set randomize.mass=\[0.5,2\]\), got \[0.5, 2\]$"),
 ])
 def test_bad_ranges_are_refused_in_one_line_when_the_config_is_built(sets, message):

@@ -194,7 +194,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``, values are type-checked."""
-        return from_dict(cls, data)
+        return from_dict(cls, data, "")
 
     def save(self, path: str | Path) -> None:
         """Write the config as YAML (``.yaml``/``.yml``) or JSON (``.json``)."""
@@ -305,9 +305,9 @@ def _to_builtin(value: Any) -> Any:
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str | None = None) -> T:
     """Build dataclass ``cls`` from a mapping, coercing values to the annotated field types.
 
-    A bad value's error names the field as ``prefix + name``, the dotted key a user writes (``prefix``
-    ``"policy."`` gives ``policy.log_std_init must be a number``), or as ``ClassName.name`` without one;
-    nested dataclass fields extend the key (``segment.length``)."""
+    Errors name a field as ``prefix + name``, the dotted key a user writes (``prefix`` ``"policy."`` gives
+    ``policy.log_std_init must be a number``; ``""`` a top-level key), or as ``ClassName.name`` without a
+    prefix; nested dataclass fields extend the key (``segment.length``)."""
     if not isinstance(data, Mapping):
         where = prefix[:-1] if prefix else cls.__name__
         raise ValueError(f"{where} must be given as a mapping, got {type(data).__name__}")
@@ -315,7 +315,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str | None = None) 
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {names}")
+        if prefix is None:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {names}")
+        raise ValueError(f"unknown key(s) {[prefix + key for key in unknown]}; valid keys: "
+                         f"{[prefix + name for name in names]}")
     kwargs = {name: _coerce(hints[name], data[name], f"{cls.__name__}.{name}" if prefix is None else prefix + name,
                             (prefix or "") + name)
               for name in names if name in data}
@@ -323,11 +326,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str | None = None) 
 
 
 _MAPPING_ENTRIES = {
-    "TrainConfig.randomize": "randomize.PARAM=[low,high] (e.g. --set randomize.mass=[0.5,2])",
-    "TrainConfig.eval_randomize": "eval_randomize.PARAM=[low,high] (e.g. --set eval_randomize.mass=[0.5,2])",
-    "TrainConfig.env_kwargs": "env_kwargs.KEY=VALUE (e.g. --set env_kwargs.mass=2)",
-    "TrainConfig.wrappers": "wrappers.NAME=VALUE (e.g. --set wrappers.action_delay=2)",
-    "TrainConfig.algo_params": "algo_params.KEY=VALUE (e.g. --param KEY=VALUE)",
+    "randomize": "randomize.PARAM=[low,high] (e.g. --set randomize.mass=[0.5,2])",
+    "eval_randomize": "eval_randomize.PARAM=[low,high] (e.g. --set eval_randomize.mass=[0.5,2])",
+    "env_kwargs": "env_kwargs.KEY=VALUE (e.g. --set env_kwargs.mass=2)",
+    "wrappers": "wrappers.NAME=VALUE (e.g. --set wrappers.action_delay=2)",
+    "algo_params": "algo_params.KEY=VALUE (e.g. --param KEY=VALUE)",
 }
 """How a mapping field's entries are written as dotted keys, for the error when one is given a non-mapping
 (``--set randomize=[0.5,2]`` reads as a range for the whole mapping)."""
