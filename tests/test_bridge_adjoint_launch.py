@@ -81,3 +81,55 @@ def test_packed_adjoint_is_used_only_on_the_warp_release_it_reads(monkeypatch):
     assert plan.adjoint_packed is None  # another release: Warp's own Launch.launch
     assert all(torch.equal(a, b) for a, b in zip(packed, unpacked))
     bridge._plans.clear()
+
+
+# ------------------------------------------------------------------------ output gradients left uncloned
+@wp.func
+def _double(value: float):
+    return 2.0 * value
+
+
+@wp.kernel
+def _outputs_of_every_kind(x: wp.array(dtype=float), stored: wp.array(dtype=float),
+                           stored_2d: wp.array2d(dtype=float), read_back: wp.array(dtype=float),
+                           added_to: wp.array(dtype=float), atomic: wp.array(dtype=float),
+                           component: wp.array(dtype=wp.vec2), passed_on: wp.array(dtype=float)):
+    i = wp.tid()
+    stored[i] = _double(x[i])
+    stored_2d[i, 0] = x[i]
+    stored_2d[i, 1] = 3.0 * x[i]
+    read_back[i] = x[i]
+    added_to[i] = read_back[i] * x[i]
+    added_to[i] += x[i]
+    wp.atomic_add(atomic, i, x[i])
+    component[i][0] = x[i]
+    _fill(passed_on, i, x[i])
+
+
+@wp.func
+def _fill(out: wp.array(dtype=float), i: int, value: float):
+    out[i] = value
+
+
+def test_only_outputs_the_kernel_just_stores_to_are_marked_read_only():
+    assert bridge.outputs_only_stored(_outputs_of_every_kind, 7) == (True, True, False, False, False, False, False)
+
+
+def test_a_gradient_the_adjoint_reads_is_passed_and_one_it_may_write_is_cloned():
+    """Backward with caller-given output gradients: every one of them is unchanged afterwards, and the
+    input's gradient is the kernel's derivative, whether the bridge passed a gradient as it is (outputs only
+    stored to) or cloned it (an output read back, whose adjoint the launch accumulates into)."""
+    x = torch.tensor([0.5, -1.0, 2.0]).requires_grad_(True)
+    specs = [bridge.Out((3,)), bridge.Out((3, 2)), bridge.Out((3,)), bridge.Out((3,)), bridge.Out((3,)),
+             bridge.Out((3, 2)), bridge.Out((3,))]
+    outputs = bridge.warp_call(_outputs_of_every_kind, 3, [x], [], specs)
+    weights = [torch.full(o.shape, float(n + 1)) for n, o in enumerate(outputs)]
+    given = [w.clone() for w in weights]
+    torch.autograd.backward([o for o in outputs], given)
+    for before, after in zip(weights, given):
+        assert torch.equal(before, after)
+    w = [float(n + 1) for n in range(len(outputs))]
+    # d/dx of: w0*2x + w1*(x + 3x) + w2*x + w3*(x*x + x) + w5*x (the component) + w6*x; the atomic output is
+    # added to, not stored, so bridge outputs start from the sentinel/empty memory: its gradient still flows
+    expected = (2 * w[0] + 4 * w[1] + w[2] + w[3] * (2 * x.detach() + 1) + w[4] + w[5] + w[6])
+    torch.testing.assert_close(x.grad, expected)

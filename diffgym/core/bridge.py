@@ -4,9 +4,12 @@
 kernel's Warp-generated adjoint. Warp's gradient-ownership rules are honoured by construction:
 
 * every call allocates fresh output tensors, so nothing recorded in a graph is ever overwritten;
-* incoming output gradients are cloned into buffers the adjoint launch owns (Warp adjoints may
-  accumulate into them), so autograd's tensors are never modified; an output no gradient reaches gets a
-  null adjoint array, which Warp's adjoints read as zero;
+* incoming output gradients are cloned into buffers the adjoint launch owns wherever the adjoint could
+  write into them (a kernel that reads an output back, or passes it on, accumulates into its adjoint), so
+  autograd's tensors are never modified; an output the kernel only stores to (``out[i] = value``, checked in
+  its source: :func:`outputs_only_stored`) has an adjoint that is read and never written, and gets the
+  gradient itself. An output no gradient reaches gets a null adjoint array, which Warp's adjoints read as
+  zero;
 * input gradients are accumulated into freshly zeroed buffers and handed to autograd, which sums
   them with other uses of the same tensor. No ``wp.Tape`` is kept alive between calls.
 
@@ -32,9 +35,12 @@ kernel forgets to write comes back as whatever the allocator had in that memory.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import ctypes
+import inspect
 import os
+import textwrap
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -234,6 +240,36 @@ class _PackedCpuAdjoint:
         self.entry(self.bounds, ctypes.byref(self.args), ctypes.byref(self.adj_args))
 
 
+def outputs_only_stored(kernel, n_outputs: int) -> tuple[bool, ...]:
+    """For each of the kernel's last ``n_outputs`` arguments (its outputs): whether its body only ever
+    stores to it, as ``out[index] = value``. Warp's adjoint of such a store reads the output's adjoint and
+    never writes it (``adj_array_store``, with the bridge's arrays carrying no ``grad`` of their own), so
+    the incoming gradient can be handed to the adjoint launch as it is. Any other use (a read, ``+=``, an
+    atomic, a component store ``out[i][0] = v``, passing the array to a function or another name, its
+    ``shape``) may accumulate into that adjoint, and so does a kernel whose source cannot be read: False."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(kernel.func)))
+    except (OSError, TypeError, SyntaxError):
+        return (False,) * n_outputs
+    function = next((node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)), None)
+    if function is None:
+        return (False,) * n_outputs
+    names = [arg.arg for arg in function.args.args][-n_outputs:] if n_outputs else []
+    parents = {child: parent for parent in ast.walk(function) for child in ast.iter_child_nodes(parent)}
+
+    def only_stored(name: str) -> bool:
+        for node in ast.walk(function):
+            if isinstance(node, ast.Name) and node.id == name:
+                subscript = parents.get(node)
+                if not (isinstance(subscript, ast.Subscript) and subscript.value is node
+                        and isinstance(subscript.ctx, ast.Store)
+                        and isinstance(parents.get(subscript), ast.Assign) and subscript in parents[subscript].targets):
+                    return False
+        return True
+
+    return tuple(only_stored(name) for name in names) if len(names) == n_outputs else (False,) * n_outputs
+
+
 class LaunchPlan:
     """Recorded launches of one kernel for one combination of launch dim, device, input shapes/dtypes and
     output specs (the cache key). Built on the first call with that key: argument types are looked up,
@@ -263,6 +299,8 @@ class LaunchPlan:
         self.float_inputs = tuple(t.is_floating_point() for t in inputs)
         self.float_outputs = tuple(t.is_floating_point() for t in outputs)
         self.non_float_outputs = tuple(j for j, is_float in enumerate(self.float_outputs) if not is_float)
+        # outputs whose incoming gradient the adjoint launch only reads: passed as they are, not cloned
+        self.output_grads_read_only = outputs_only_stored(kernel, len(outputs))
         self.adjoint: Any = None  # recorded lazily by ``launch_adjoint``, with the slots below
         self.adjoint_packed: _PackedCpuAdjoint | None = None
         self.adj_fwd_slots: list[_ArgSlot] = []
@@ -439,14 +477,16 @@ class _KernelFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         inputs, outputs = saved[: ctx.n_in], saved[ctx.n_in:]
         wants = ctx.needs_input_grad[4:]
-        # fresh buffers: Warp adjoints accumulate into them, and autograd's grads must stay untouched; an
-        # output without a gradient gets a null adjoint array, which Warp's adjoints read as zeros (no buffer
-        # to allocate, zero and pass)
+        # fresh buffers for the inputs: Warp adjoints accumulate into them. An output's gradient is cloned
+        # where the adjoint may write into it (autograd's grads must stay untouched), passed as it is where
+        # the kernel only stores to that output; one without a gradient gets a null adjoint array, which
+        # Warp's adjoints read as zeros (no buffer to allocate, zero and pass)
         plan = ctx.plan
         adj_inputs = [torch.zeros_like(t) if want and is_float else None
                       for t, want, is_float in zip(inputs, wants, plan.float_inputs)]
-        adj_outputs = [_owned_copy(g) if is_float and g is not None else None
-                       for g, is_float in zip(grad_outputs, plan.float_outputs)]
+        adj_outputs = [None if g is None or not is_float else g.contiguous() if read_only else _owned_copy(g)
+                       for g, is_float, read_only in zip(grad_outputs, plan.float_outputs,
+                                                         plan.output_grads_read_only)]
         plan.launch_adjoint(inputs, ctx.params, outputs, adj_inputs, adj_outputs)
         return (None, None, None, None, *adj_inputs)
 
