@@ -166,6 +166,15 @@ def test_cli_lists_and_refuses_in_one_line(tmp_path, trainers):
         select(load_manifest(path), ["x"])
 
 
+def test_list_shows_each_group_s_settings(tmp_path, trainers):
+    from diffgym.commands.results import describe
+    (experiment,) = load_manifest(manifest(tmp_path, {"scripted": SCRIPTED})).values()
+    lines = describe(experiment).splitlines()
+    assert lines[1] == "  'slow': slow_algo, 100,000 env steps, seeds 0,1, evaluated every 5,000"
+    assert lines[2] == ("  'fast, K 16': fast_algo, 20,000 env steps, seeds 0,1, evaluated every 2,500; "
+                        "algo_params.segment_length=16")
+
+
 def test_replace_block_touches_only_its_own_markers():
     text = ("<!-- results: a -->\nA\n<!-- /results: a -->\n<!-- results: ab -->\nAB\n<!-- /results: ab -->\n")
     new, found = replace_block(text, "a", "| new |\n")

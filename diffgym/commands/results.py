@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from diffgym.commands.options import add_extend_argument, add_runner_arguments, make_runner, one_line
@@ -14,6 +15,8 @@ continue from their checkpoints."""
 
 DEFAULT_MANIFEST = Path("docs") / "results" / "experiments.yml"
 DEFAULT_DOCUMENT = Path("docs") / "results.md"
+SCHEDULE_KEYS = ("eval_schedule", "eval_first_env_steps", "eval_growth")
+"""Overrides ``--list`` shows as the evaluation schedule rather than as settings."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,8 +47,14 @@ def describe(experiment) -> str:
         first, growth = group.overrides.get("eval_first_env_steps", 1000), group.overrides.get("eval_growth", 1.25)
         return f"evaluated from {first:,} env steps, each gap {growth}x the last, up to {every}"
 
+    def settings(group) -> str:
+        """The group's config overrides as ``--set`` takes them (the schedule's are shown above)."""
+        shown = {key: value for key, value in group.overrides.items() if key not in SCHEDULE_KEYS}
+        return "".join(f"; {key}={value if isinstance(value, str) else json.dumps(value, separators=(',', ':'))}"
+                       for key, value in sorted(shown.items()))
+
     groups = "".join(f"\n  {g.label!r}: {g.algo}, {g.env_steps:,} env steps, seeds {','.join(map(str, g.seeds))}, "
-                     f"{schedule(g)}" for g in experiment.groups)
+                     f"{schedule(g)}{settings(g)}" for g in experiment.groups)
     return f"{experiment.name} ({experiment.env}) -> {experiment.report_dir}{groups}"
 
 
