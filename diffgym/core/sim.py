@@ -22,8 +22,8 @@ _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 def clip_to_action_box(action: torch.Tensor) -> torch.Tensor:
     """``action.clamp(-1, 1)``: the same values and the same gradients (1 inside the box and on its edge,
     0 outside, 0 for NaN). Where the action needs a gradient, lies on the CPU and is in the box already,
-    it is returned as it is: checking that costs a step less than clamp's autograd node and its backward
-    (about 7 of a PointNav2D step's 130 us forward and backward at 64 envs, ``docs/benchmarks.md``). On a
+    it is returned as it is: checking that costs less than clamp's autograd node and its backward (which
+    were about 7 of a PointNav2D step's 136 us forward and backward at 64 envs, ``docs/benchmarks.md``). On a
     GPU the check would make the host wait for the device, so there the clamp always runs."""
     if action.requires_grad and action.device.type == "cpu" and torch.is_grad_enabled() \
             and bool(action.abs().le(1.0).all()):
