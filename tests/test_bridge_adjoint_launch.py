@@ -129,7 +129,6 @@ def test_a_gradient_the_adjoint_reads_is_passed_and_one_it_may_write_is_cloned()
     for before, after in zip(weights, given):
         assert torch.equal(before, after)
     w = [float(n + 1) for n in range(len(outputs))]
-    # d/dx of: w0*2x + w1*(x + 3x) + w2*x + w3*(x*x + x) + w5*x (the component) + w6*x; the atomic output is
-    # added to, not stored, so bridge outputs start from the sentinel/empty memory: its gradient still flows
+    # d/dx of w0*2x + w1*(x + 3x) + w2*x + w3*(x*x + x) + w4*x (the atomic add) + w5*x (component 0) + w6*x
     expected = (2 * w[0] + 4 * w[1] + w[2] + w[3] * (2 * x.detach() + 1) + w[4] + w[5] + w[6])
     torch.testing.assert_close(x.grad, expected)
