@@ -12,7 +12,7 @@ import random
 from collections import deque
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -43,6 +43,19 @@ PPO_PARAMS: dict[str, Any] = {
     "normalize_reward": False,   # scale rewards by a running std of the discounted return (SB3 VecNormalize)
 }
 """Every PPO hyperparameter read from ``TrainConfig.algo_params`` and its default."""
+
+NUMBER_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "gamma": (lambda x: 0.0 < x <= 1.0, "in (0, 1]"),
+    "gae_lambda": (lambda x: 0.0 <= x <= 1.0, "in [0, 1]"),
+    "clip_range": (lambda x: x > 0.0, "> 0"),
+    "clip_range_vf": (lambda x: x > 0.0, "> 0"),
+    "ent_coef": (lambda x: x >= 0.0, ">= 0"),
+    "vf_coef": (lambda x: x >= 0.0, ">= 0"),
+    "target_kl": (lambda x: x > 0.0, "> 0"),
+}
+"""PPO's real-valued settings and the values SB3 can run with (checked before any run)."""
+OPTIONAL_PARAMS = ("clip_range_vf", "target_kl")
+"""Settings that ``null`` turns off."""
 
 TENSORBOARD_TAGS = {"train/std": "policy/std", "train/value_loss": "losses/value_loss",
                     "train/policy_gradient_loss": "losses/policy_gradient_loss", "train/entropy_loss": "losses/entropy_loss",
@@ -98,6 +111,17 @@ class PPOTrainer:
             value = params[name]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"algo_params.{name} must be a whole number >= 1, got {value!r}")
+        for name, (accepts, expected) in NUMBER_RANGES.items():
+            value = params[name]
+            if value is None and name in OPTIONAL_PARAMS:
+                continue
+            number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            if not (number and accepts(value)):
+                also = " or null (off)" if name in OPTIONAL_PARAMS else ""
+                raise ValueError(f"algo_params.{name} must be a number {expected}{also}, got {value!r}")
+        for name in ("normalize_advantage", "normalize_reward"):
+            if not isinstance(params[name], bool):
+                raise ValueError(f"algo_params.{name} must be true or false, got {params[name]!r}")
         rollout = params["n_steps"] * config.num_envs
         if rollout % params["batch_size"]:
             raise ValueError(f"batch_size {params['batch_size']} must divide n_steps * num_envs = {rollout}")
