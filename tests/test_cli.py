@@ -317,6 +317,18 @@ def test_train_takes_algorithm_and_task_from_a_config_file(counting, capsys, tmp
     assert (printed["algo"], printed["env_id"], printed["run_dir"]) == ("counting", ENV, None)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("seed: 1\n", "missing key(s) ['algo', 'env_id']: a config file holds a whole run's config"),
+    ("policy: [1, 2\n", "not valid YAML: expected ',' or ']', but got '<stream end>' (line 2, column 1)"),
+    ("- 1\n- 2\n", "expected a mapping of TrainConfig fields, got list"),
+])
+def test_a_bad_config_file_is_one_line_naming_the_file_once(text, message, capsys, tmp_path):
+    (tmp_path / "bad.yaml").write_text(text)
+    err = one_line_error(capsys, ["train", "--config", str(tmp_path / "bad.yaml"), "--print-config"])
+    assert err.startswith(f"diffgym train: --config {tmp_path / 'bad.yaml'}: {message}")
+    assert err.count(str(tmp_path / "bad.yaml")) == 1
+
+
 @pytest.mark.parametrize("argv", [["eval", "run"], ["robustness", "run", "--vary", "mass=0.5:2:3"],
                                   ["train", "--algo", "counting", "--env", ENV]])
 def test_a_negative_seed_is_refused_at_argument_parsing(argv, counting, capsys):

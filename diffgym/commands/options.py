@@ -46,6 +46,16 @@ def one_line(error: BaseException) -> str:
     return " ".join(text.split()) or type(error).__name__
 
 
+def yaml_problem(error: BaseException) -> str:
+    """A YAML parse error on one line: what is wrong and where (line and column), without YAML's excerpt of
+    the text."""
+    problem = getattr(error, "problem", None) or getattr(error, "context", None)
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    if problem and mark is not None:
+        return f"not valid YAML: {problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return f"not valid YAML: {one_line(error)}"
+
+
 def count(text: str) -> int:
     """A non-negative integer that may be written ``1e6``."""
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from diffgym.commands.options import (add_budget_arguments, add_override_arguments, check_schedule_flags, one_line,
-                                      overrides, seed_number)
+                                      overrides, seed_number, yaml_problem)
 from diffgym.threads import add_threads_argument
 
 if TYPE_CHECKING:
@@ -67,8 +67,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         base = TrainConfig.load(args.config) if args.config else None
     except (OSError, ValueError, yaml.YAMLError) as error:  # missing, unreadable, not YAML, not a config
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
-        return _refuse(f"--config {args.config}: {reason}")
+        if isinstance(error, yaml.YAMLError):
+            reason = yaml_problem(error)
+        else:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+        return _refuse(f"--config {args.config}: {reason.removeprefix(f'{args.config}: ')}")  # the path once
     if base is not None and args.run_dir is None:
         # an earlier run's config.yaml names its run_dir: repeating that run must not write into it
         changes["run_dir"] = None

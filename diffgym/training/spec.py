@@ -213,7 +213,13 @@ class TrainConfig:
         data = json.loads(text) if Path(path).suffix == ".json" else yaml.safe_load(text)
         if not isinstance(data, Mapping):
             raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(data).__name__}")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ValueError as error:
+            if str(error).startswith("missing key(s)"):  # e.g. a file of a few settings, not a whole config
+                raise ValueError(f"{error}: a config file holds a whole run's config, as `diffgym train ... "
+                                 f"--print-config` prints it") from None
+            raise
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with top-level fields changed (nested specs may be given as dicts)."""
@@ -319,6 +325,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str | None = None) 
             raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {names}")
         raise ValueError(f"unknown key(s) {[prefix + key for key in unknown]}; valid keys: "
                          f"{[prefix + name for name in names]}")
+    missing = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+               if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        where = [f"{cls.__name__}.{name}" if prefix is None else prefix + name for name in missing]
+        raise ValueError(f"missing key(s) {where}")
     kwargs = {name: _coerce(hints[name], data[name], f"{cls.__name__}.{name}" if prefix is None else prefix + name,
                             (prefix or "") + name)
               for name in names if name in data}
