@@ -62,8 +62,10 @@ class NormalizerSpec:
     """Added to the running variance before the square root."""
 
     def __post_init__(self) -> None:
-        if self.clip <= 0 or self.epsilon < 0:
-            raise ValueError(f"need clip > 0 and epsilon >= 0, got clip={self.clip}, epsilon={self.epsilon}")
+        if not self.clip > 0:  # NaN fails too
+            raise ValueError(f"normalizer.clip must be > 0, got {self.clip}")
+        if not self.epsilon >= 0:
+            raise ValueError(f"normalizer.epsilon must be >= 0, got {self.epsilon}")
 
 
 @dataclasses.dataclass
@@ -82,9 +84,11 @@ class OptimizerSpec:
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if self.lr <= 0 or self.eps < 0:
-            raise ValueError(f"need lr > 0 and eps >= 0, got lr={self.lr}, eps={self.eps}")
+            raise ValueError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas}")
+        if not self.lr > 0:  # NaN fails too
+            raise ValueError(f"optimizer.lr must be > 0, got {self.lr}")
+        if not self.eps >= 0:
+            raise ValueError(f"optimizer.eps must be >= 0, got {self.eps}")
 
 
 @dataclasses.dataclass

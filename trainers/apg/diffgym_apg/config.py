@@ -55,7 +55,7 @@ class APGConfig:
     def __post_init__(self) -> None:
         self.policy_gradient = PolicyGradientConfig.parse(self.policy_gradient)
         if not 0.0 < self.gamma <= 1.0:
-            raise ValueError(f"need 0 < gamma <= 1, got {self.gamma}")
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
         estimator = registered_estimators()[self.policy_gradient.estimator]
         if self.segment.adaptive and not estimator.analytic:
             raise ValueError(f"segment.length 'adaptive' compares the analytic gradient with the likelihood ratio: "
