@@ -244,7 +244,8 @@ class TrainConfig:
             free_form = ("algo_params", "env_kwargs", "randomize", "eval_randomize", "wrappers")
             open_sections = tuple(data.get(key) for key in free_form)
             if not any(node is section for section in open_sections) and leaf not in node:
-                raise ValueError(f"unknown config key {dotted!r}")
+                where = ".".join(parents) or "the config"
+                raise ValueError(f"unknown config key {dotted!r}; {where} has: {', '.join(sorted(node))}")
             node[leaf] = _to_builtin(value)
         return self.from_dict(data)
 
