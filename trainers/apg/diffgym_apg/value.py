@@ -68,9 +68,10 @@ class ValueConfig:
         if self.epochs < 1 or self.minibatches < 1:
             raise ValueError(f"value.epochs and value.minibatches must be >= 1, got {self.epochs} and "
                              f"{self.minibatches}")
-        if not (0.0 <= self.td_lambda <= 1.0 and 0.0 < self.target_tau <= 1.0):
-            raise ValueError(f"need 0 <= value.td_lambda <= 1 and 0 < value.target_tau <= 1, got {self.td_lambda} "
-                             f"and {self.target_tau}")
+        if not 0.0 <= self.td_lambda <= 1.0:  # NaN fails too
+            raise ValueError(f"value.td_lambda must be in [0, 1], got {self.td_lambda}")
+        if not 0.0 < self.target_tau <= 1.0:
+            raise ValueError(f"value.target_tau must be in (0, 1], got {self.target_tau}")
         if self.critics < 1:
             raise ValueError(f"value.critics must be >= 1, got {self.critics}")
         if self.critics > 1 and self.bootstrap != "critic":
