@@ -187,6 +187,8 @@ def test_a_trainer_that_declares_dict_observations_gets_them(counting, capsys):
     (["train", "--algo", "ppo", "--env", ENV, "--param", "n_steps=-3"],
      "algo_params.n_steps must be a whole number >= 1, got -3"),
     (["train", "--algo", "ppo", "--env", ENV, "--param", "gamma=abc"], "algo_params.gamma must be a number in (0, 1]"),
+    (["train", "--algo", "ppo", "--env", ENV, "--param", "batch_size=1", "--param", "n_steps=4"],
+     "algo_params.batch_size must be >= 2 with normalize_advantage"),
     (["train", "--algo", "ppo", "--env", ENV, "--param", "clip_range=-1"], "algo_params.clip_range must be a number > 0"),
     (["train", "--algo", "ppo", "--env", ENV, "--param", "target_kl=0"],
      "algo_params.target_kl must be a number > 0 or null (off), got 0"),

@@ -1,6 +1,7 @@
 """The PPO plugin: the SB3 VecEnv adapter, the spec-built policy, tiny learns on every task, and the
 marked learning check."""
 
+import dataclasses
 import json
 
 import gymnasium as gym
@@ -265,3 +266,17 @@ def test_tiny_learn_on_cuda(tmp_path):
     checkpoint = torch.load(sorted((run_dir / "checkpoints").glob("*.pt"))[-1], weights_only=True)
     assert checkpoint["actor_critic"]["log_std"].device.type == "cuda"
     assert float(checkpoint["normalizer"]["count"]) == 8 + 128
+
+
+def test_ppo_reads_numbers_yaml_keeps_as_text_and_numpy_scalars():
+    """YAML reads ``1e-5`` (no dot) as text, a config built in Python may hold numpy scalars: PPO's check
+    takes both as the numbers they are, and hands SB3 floats."""
+    from diffgym.plugins import load_trainer, resolve_config
+
+    config = resolve_config("ppo", "DiffGym/PointMass1D-v0", {})
+    config = dataclasses.replace(config, algo_params={**config.algo_params, "ent_coef": "1e-5",
+                                                      "gamma": np.float32(0.99), "target_kl": None})
+    assert isinstance(config.algo_params["gamma"], np.float32)  # kept as given (``replace`` would convert it)
+    params = load_trainer("ppo").check_config(config)
+    assert params["ent_coef"] == 1e-5 and params["gamma"] == pytest.approx(0.99) and params["target_kl"] is None
+    assert type(params["ent_coef"]) is float and type(params["gamma"]) is float

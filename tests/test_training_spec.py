@@ -45,8 +45,8 @@ def test_config_overrides_and_coercion(tmp_path):
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({"optimizer.learning_rate": 1.0}, r"^unknown config key 'optimizer.learning_rate'; optimizer has: betas, eps, lr, "
-                                       r"max_grad_norm$"),
+    ({"optimizer.learning_rate": 1.0}, r"^unknown config key 'optimizer.learning_rate'; the keys optimizer holds: betas, "
+                                       r"eps, lr, max_grad_norm$"),
     ({"policy.activation": "sigmoid"}, "activation"),
     ({"policy.squash": "none"}, "squash"),
     ({"num_envs": 0}, "num_envs"),

@@ -215,6 +215,8 @@ class TrainConfig:
         """Read a config written by :meth:`save` (YAML or JSON, chosen by suffix)."""
         text = Path(path).read_text()
         data = json.loads(text) if Path(path).suffix == ".json" else yaml.safe_load(text)
+        if data is None:
+            raise ValueError(f"{path}: the file is empty (a config file holds a whole run's config)")
         if not isinstance(data, Mapping):
             raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(data).__name__}")
         try:
@@ -245,7 +247,7 @@ class TrainConfig:
             open_sections = tuple(data.get(key) for key in free_form)
             if not any(node is section for section in open_sections) and leaf not in node:
                 where = ".".join(parents) or "the config"
-                raise ValueError(f"unknown config key {dotted!r}; {where} has: {', '.join(sorted(node))}")
+                raise ValueError(f"unknown config key {dotted!r}; the keys {where} holds: {', '.join(sorted(node))}")
             node[leaf] = _to_builtin(value)
         return self.from_dict(data)
 

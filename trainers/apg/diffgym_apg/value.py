@@ -63,7 +63,7 @@ class ValueConfig:
     def __post_init__(self) -> None:
         if self.bootstrap not in BOOTSTRAP_MODES:
             raise ValueError(f"value.bootstrap must be one of {BOOTSTRAP_MODES}, got {self.bootstrap!r}")
-        if self.lr <= 0:
+        if not self.lr > 0:  # NaN fails too
             raise ValueError(f"value.lr must be > 0, got {self.lr}")
         if self.epochs < 1 or self.minibatches < 1:
             raise ValueError(f"value.epochs and value.minibatches must be >= 1, got {self.epochs} and "

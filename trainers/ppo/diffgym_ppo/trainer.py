@@ -7,7 +7,9 @@ statistics as plain numbers, never as pickled SB3 or NumPy objects.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 import random
 from collections import deque
 from importlib import resources
@@ -115,13 +117,20 @@ class PPOTrainer:
             value = params[name]
             if value is None and name in OPTIONAL_PARAMS:
                 continue
-            number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            if isinstance(value, str):  # YAML reads 1e-5 (no dot) as text; --param and APG's sections take it
+                with contextlib.suppress(ValueError):
+                    value = float(value)
+            number = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
             if not (number and accepts(value)):
                 also = " or null (off)" if name in OPTIONAL_PARAMS else ""
-                raise ValueError(f"algo_params.{name} must be a number {expected}{also}, got {value!r}")
+                raise ValueError(f"algo_params.{name} must be a number {expected}{also}, got {params[name]!r}")
+            params[name] = float(value)
         for name in ("normalize_advantage", "normalize_reward"):
             if not isinstance(params[name], bool):
                 raise ValueError(f"algo_params.{name} must be true or false, got {params[name]!r}")
+        if params["normalize_advantage"] and params["batch_size"] < 2:  # SB3 asserts it
+            raise ValueError("algo_params.batch_size must be >= 2 with normalize_advantage (a minibatch's "
+                             f"advantages are normalized by their spread), got {params['batch_size']}")
         rollout = params["n_steps"] * config.num_envs
         if rollout % params["batch_size"]:
             raise ValueError(f"batch_size {params['batch_size']} must divide n_steps * num_envs = {rollout}")
