@@ -198,7 +198,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``, values are type-checked."""
-        return from_dict(cls, data, "")
+        return from_dict(cls, data)
 
     def save(self, path: str | Path) -> None:
         """Write the config as YAML (``.yaml``/``.yml``) or JSON (``.json``)."""
@@ -315,32 +315,26 @@ def _to_builtin(value: Any) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str | None = None) -> T:
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, coercing values to the annotated field types.
 
-    Errors name a field as ``prefix + name``, the dotted key a user writes (``prefix`` ``"policy."`` gives
-    ``policy.log_std_init must be a number``; ``""`` a top-level key), or as ``ClassName.name`` without a
-    prefix; nested dataclass fields extend the key (``segment.length``)."""
+    Errors name a field by the dotted key a user writes, ``prefix + name`` (``prefix`` ``"policy."`` gives
+    ``policy.log_std_init must be a number``; ``""`` a top-level key); nested dataclass fields extend the
+    key (``segment.length``)."""
     if not isinstance(data, Mapping):
-        where = prefix[:-1] if prefix else cls.__name__
-        raise ValueError(f"{where} must be given as a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        raise ValueError(f"{prefix[:-1] or cls.__name__} must be given as a mapping, got {type(data).__name__}")
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    names = [f.name for f in fields]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        if prefix is None:
-            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {names}")
         raise ValueError(f"unknown key(s) {[prefix + key for key in unknown]}; valid keys: "
                          f"{[prefix + name for name in names]}")
-    missing = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+    missing = [prefix + f.name for f in fields
                if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
-        where = [f"{cls.__name__}.{name}" if prefix is None else prefix + name for name in missing]
-        raise ValueError(f"missing key(s) {where}")
-    kwargs = {name: _coerce(hints[name], data[name], f"{cls.__name__}.{name}" if prefix is None else prefix + name,
-                            (prefix or "") + name)
-              for name in names if name in data}
-    return cls(**kwargs)
+        raise ValueError(f"missing key(s) {missing}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: _coerce(hints[name], data[name], prefix + name) for name in names if name in data})
 
 
 _MAPPING_ENTRIES = {
@@ -354,8 +348,9 @@ _MAPPING_ENTRIES = {
 (``--set randomize=[0.5,2]`` reads as a range for the whole mapping)."""
 
 
-def _coerce(tp: Any, value: Any, where: str, key: str | None = None) -> Any:
-    """``value`` as type ``tp``; errors name it ``where``, a nested dataclass's fields ``key.field``."""
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """``value`` as type ``tp``; errors name it by its dotted key ``where``, a nested dataclass's fields
+    ``where.field``."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -363,12 +358,12 @@ def _coerce(tp: Any, value: Any, where: str, key: str | None = None) -> Any:
         errors = []
         for option in (a for a in args if a is not type(None)):
             try:
-                return _coerce(option, value, where, key)
+                return _coerce(option, value, where)
             except (TypeError, ValueError) as error:
                 errors.append(str(error))
         raise ValueError("; ".join(errors))
     if dataclasses.is_dataclass(tp):
-        return value if isinstance(value, tp) else from_dict(tp, value, (key or where) + ".")
+        return value if isinstance(value, tp) else from_dict(tp, value, where + ".")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{where} must be a list, got {value!r}")

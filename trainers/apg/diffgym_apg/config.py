@@ -88,7 +88,7 @@ class APGConfig:
     @classmethod
     def from_params(cls, algo_params: Mapping[str, Any]) -> APGConfig:
         """From ``algo_params`` in either format."""
-        return from_dict(cls, upgrade_params(algo_params), "")  # errors name the keys as --param takes them
+        return from_dict(cls, upgrade_params(algo_params))  # errors name the keys as --param takes them
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> APGConfig:

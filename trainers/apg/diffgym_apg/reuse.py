@@ -108,8 +108,7 @@ def reuse_steps(config: ReuseConfig, model: ActorCritic, batch: ReuseBatch, para
             # statistic needs only the last minibatch's KL
             mean = model.actor(obs[index])
             with torch.set_grad_enabled(bool(config.kl_coef)):
-                dist = torch.distributions.Normal(mean if config.kl_coef else mean.detach(),
-                                                  model.log_std.exp().expand_as(mean))
+                dist = torch.distributions.Normal(mean, model.log_std.exp().expand_as(mean))
                 ratio = (dist.log_prob(pre_squash[index]).sum(-1) - old_log_prob[index]).exp()
                 trusted = ((ratio - 1.0).abs() <= config.clip_range).to(adjoints.dtype)
                 kl = torch.distributions.kl_divergence(
