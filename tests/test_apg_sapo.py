@@ -47,7 +47,8 @@ def test_config_sections_validate_and_name_what_they_need(tmp_path):
     cases = [
         ({"policy_gradient": {"estimator": "hybrid"}}, "needs policy_gradient.estimator 'analytic'"),
         ({"reuse": {"epochs": 2}}, "needs reuse.epochs 0"),
-        ({"value": {"bootstrap": "mc", "critics": 2}}, "needs value.bootstrap 'critic'"),
+        ({"value": {"bootstrap": "mc", "critics": 2}}, "needs value.bootstrap 'critic', not 'mc'$"),
+        ({"value": {"bootstrap": "gae", "critics": 2}}, "not 'gae' \\(bootstrap 'gae' is trainer apg-ppo's"),
         ({"value": {"critics": 0}}, "value.critics must be >= 1"),
         ({"entropy": {"alpha_init": 0.0}}, "entropy.alpha_init must be"),
         ({"entropy": {"lr": -1.0}}, "entropy.lr must be > 0"),

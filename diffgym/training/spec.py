@@ -326,9 +326,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     fields = dataclasses.fields(cls)  # type: ignore[arg-type]
     names = [f.name for f in fields]
     unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ValueError(f"unknown key(s) {[prefix + key for key in unknown]}; valid keys: "
-                         f"{[prefix + name for name in names]}")
+    if unknown:  # worded as TrainConfig.with_overrides words a misnamed --set key
+        keys = ", ".join(repr(prefix + key) for key in unknown)
+        holds = f"the keys {prefix[:-1]} holds" if prefix else "valid keys"
+        raise ValueError(f"unknown config key{'s' if len(unknown) > 1 else ''} {keys}; {holds}: {', '.join(names)}")
     missing = [prefix + f.name for f in fields
                if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:

@@ -75,8 +75,10 @@ class ValueConfig:
         if self.critics < 1:
             raise ValueError(f"value.critics must be >= 1, got {self.critics}")
         if self.critics > 1 and self.bootstrap != "critic":
+            owner = " (bootstrap 'gae' is trainer apg-ppo's: its proximal section fits one value network)" \
+                if self.bootstrap == "gae" else ""
             raise ValueError(f"value.critics {self.critics} bootstraps the TD(lambda) targets with their minimum: it "
-                             f"needs value.bootstrap 'critic', not {self.bootstrap!r}")
+                             f"needs value.bootstrap 'critic', not {self.bootstrap!r}{owner}")
         if self.normalize_reward and self.bootstrap == "none":
             raise ValueError("value.normalize_reward scales the value network, which bootstrap 'none' does not have")
 
