@@ -8,6 +8,7 @@ status 2 (``diffgym <command>: <why>``).
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 
@@ -35,6 +36,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
+    # a task of one's own, ``--env my_task:My/Task-v0``, imports my_task.py from where the command runs, as
+    # ``python -m`` would; appended, so a local file never shadows an installed package
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     chosen = next((w for w in words if not w.startswith("-")), "")  # the subcommand: the first word
     # no subcommand (``diffgym --help``): none's arguments; an unknown one: all, for argparse's error
     parser = build_parser(only=chosen if chosen in COMMANDS or not chosen else None)

@@ -25,6 +25,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from diffgym.core.registration import task_spec
 from diffgym.training.gradients import (compare_estimators, hybrid_weight, leave_one_out_baseline,
                                         per_env_analytic_gradients, per_env_likelihood_gradients,
                                         sample_statistics)
@@ -39,7 +40,7 @@ away from training and evaluation seeds."""
 
 def default_horizons(env_id: str, start_after: int = 0) -> list[int]:
     """1, 2, 4, ... up to the steps left in an episode after ``start_after`` (which is included)."""
-    episode = gym.spec(env_id).max_episode_steps
+    episode = task_spec(env_id).max_episode_steps
     horizon = episode - start_after if episode else 256
     out, h = [], 1
     while h < horizon:
@@ -114,7 +115,7 @@ def gradient_stats(env_id: str, horizons: Sequence[int] | None = None, num_envs:
     """
     import diffgym  # noqa: F401  (registers the tasks)
 
-    episode = gym.spec(env_id).max_episode_steps
+    episode = task_spec(env_id).max_episode_steps
     if start_after < 0 or (episode is not None and start_after >= episode):
         raise ValueError(f"--start-after must be >= 0 and below the episode length {episode}, got {start_after}")
     horizons = list(horizons or default_horizons(env_id, start_after))

@@ -120,11 +120,17 @@ def check_task(env_id: str) -> None:
     """A one-line ``ValueError`` naming the registered DiffGym tasks if ``env_id`` is not registered."""
     import gymnasium as gym
 
+    from diffgym.core.registration import task_spec
+
     try:
-        gym.spec(env_id)
+        task_spec(env_id)
+    except ImportError as error:
+        raise ValueError(f"unknown task {env_id!r}: its module does not import ({error}); the module before "
+                         f"':' is imported from the current directory or the Python path") from None
     except gym.error.Error as error:
         known = ", ".join(e for e in gym.registry if e.startswith("DiffGym/"))
-        raise ValueError(f"unknown task {env_id!r} ({error}); DiffGym tasks: {known}") from None
+        raise ValueError(f"unknown task {env_id!r} ({error}); DiffGym tasks: {known}; a task of your own: "
+                         f"--env your_module:Your/Task-v0 (docs/adding_a_task.md)") from None
 
 
 def resolve_config(algo: str, env_id: str, overrides: Mapping[str, Any] | None = None,
@@ -164,9 +170,9 @@ def resolve_config(algo: str, env_id: str, overrides: Mapping[str, Any] | None =
 
     check_config_ranges(config)
     check = getattr(trainer, "check_config", None)
-    if check is not None:
+    if check is not None:  # first: its messages know the trainer's ranges
         check(config)
-    return config
+    return _typed_as_defaults(trainer, env_id, config)
 
 
 def task_observation_space(env_id: str, env_kwargs: Mapping[str, Any]) -> Any:
@@ -206,10 +212,11 @@ def task_arguments(env_id: str) -> list[str]:
     error messages; empty where they cannot be read."""
     import inspect
 
-    import gymnasium as gym
     from gymnasium.envs.registration import load_env_creator
 
-    entry_point = gym.spec(env_id).entry_point
+    from diffgym.core.registration import task_spec
+
+    entry_point = task_spec(env_id).entry_point
     try:
         creator = load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
         signature = inspect.signature(getattr(creator, "sim_class", creator))
@@ -230,3 +237,36 @@ def _check_algo_params(trainer: Trainer, env_id: str, keys: Sequence[str]) -> No
     unknown = sorted(set(keys) - known)
     if unknown:
         raise ValueError(f"unknown algo_params {unknown} for trainer {trainer.name!r}; it has: {', '.join(sorted(known))}")
+
+
+def _typed_as_defaults(trainer: Trainer, env_id: str, config: TrainConfig) -> TrainConfig:
+    """A first-level ``algo_params`` value whose default is a number must be a number too (text such as
+    ``1e-5``, which YAML leaves a string, becomes one), and one whose default is a boolean a boolean: so
+    every trainer, a third party's too, refuses ``--sigma abc`` before its run starts rather than failing
+    inside it. Returns ``config`` with such text made numbers."""
+    defaults = dict(dict(trainer.default_config(env_id) or {}).get("algo_params", {}) or {})
+    numbers = {}
+    for key, value in config.algo_params.items():
+        default = defaults.get(key)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ValueError(f"algo_params.{key} must be true or false (its default is {default}), got {value!r}")
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and value is not None:
+            number = _as_number(value, integer=isinstance(default, int))
+            if number is None:
+                raise ValueError(f"algo_params.{key} must be a number (its default is {default}), got {value!r}")
+            if number is not value:
+                numbers[f"algo_params.{key}"] = number
+    return config.with_overrides(numbers) if numbers else config
+
+
+def _as_number(value: Any, integer: bool) -> int | float | None:
+    """``value`` if it is a number; a number's text as an int (``integer`` and written as one) or a float;
+    else ``None``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, str):
+        return None
+    try:
+        return int(value) if integer and value.strip().lstrip("+-").isdigit() else float(value)
+    except ValueError:
+        return None

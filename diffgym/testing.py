@@ -1,4 +1,5 @@
-"""Gradient checks for DiffGym tasks (and third-party tasks honouring the same contract).
+"""Gradient checks for DiffGym tasks (and third-party tasks honouring the same contract), and the list of
+tasks the repository's contract suites check (:func:`tasks_under_test`).
 
 The sims run in float32, so finite differences use a step ``eps`` large enough to beat round-off and
 compare with ``|fd - ad| <= atol + rtol * |ad|``.
@@ -6,6 +7,7 @@ compare with ``|fd - ad| <= atol + rtol * |ad|``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -13,6 +15,16 @@ import torch
 
 from diffgym.core.sim import DiffSim
 from diffgym.core.state import SimState
+
+
+def tasks_under_test() -> tuple[str, ...]:
+    """The tasks the repository's contract suites (``tests/test_contract.py``, ``tests/test_states.py``) check:
+    every registered DiffGym task, or, with ``DIFFGYM_TASKS="my_task:Mine/Task-v0,..."`` in the environment,
+    those tasks of one's own (``docs/adding_a_task.md``)."""
+    import diffgym
+
+    chosen = [task.strip() for task in os.environ.get("DIFFGYM_TASKS", "").split(",") if task.strip()]
+    return tuple(chosen) or diffgym.ALL_TASK_IDS
 
 
 def float_fields(state: SimState) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import diffgym  # noqa: F401
+import diffgym
 from diffgym import cli, plugins
 from diffgym.training import TrainConfig
 
@@ -20,12 +20,19 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV_ID = "DiffGym/PointMass1D-v0"
 
 
+def doc_plugin_files() -> dict[str, str]:
+    """The files of docs/plugins.md's minimal trainer, by name."""
+    blocks = re.findall(r"```(?:ini|python|toml)\n# my_trainer/(\S+)\n(.*?)```", (ROOT / "docs/plugins.md").read_text(),
+                        re.S)
+    files = dict(blocks)
+    assert set(files) == {"pyproject.toml", "setup.cfg", "my_diffgym_trainer.py"}
+    return files
+
+
 @pytest.fixture
 def doc_plugin(tmp_path, monkeypatch):
     """The minimal trainer of docs/plugins.md, made importable with real entry-point metadata."""
-    blocks = re.findall(r"```(?:ini|python)\n# my_trainer/(\S+)\n(.*?)```", (ROOT / "docs/plugins.md").read_text(), re.S)
-    files = dict(blocks)
-    assert set(files) == {"setup.cfg", "my_diffgym_trainer.py"}
+    files = doc_plugin_files()
     site = tmp_path / "site"
     site.mkdir()
     (site / "my_diffgym_trainer.py").write_text(files["my_diffgym_trainer.py"])
@@ -64,8 +71,16 @@ def test_doc_plugin_is_discovered_and_trains_through_the_cli(doc_plugin, tmp_pat
     assert len(list((run_dir / "checkpoints").glob("step_*.pt"))) == 3
 
 
-def test_cli_lists_installed_plugins_in_a_fresh_process(doc_plugin):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(doc_plugin), os.environ.get("PYTHONPATH", "")])}
+def test_doc_plugin_installs_with_pip_and_is_listed_in_a_fresh_process(tmp_path):
+    """The page's files as they are, installed by pip (into a folder, not the venv): what a reader runs."""
+    package = tmp_path / "my_trainer"
+    package.mkdir()
+    for name, text in doc_plugin_files().items():
+        (package / name).write_text(text)
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+                    "--no-build-isolation", "--target", str(site), str(package)], check=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-m", "diffgym.cli", "trainers", "-v"], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=120, check=True).stdout
     assert re.search(r"^ppo\s", out, re.M) and re.search(r"^short-horizon\s+minimal example", out, re.M)
@@ -122,6 +137,14 @@ def test_cli_print_config_applies_flags_sets_and_params(monkeypatch, capsys, tmp
     # a hyperparameter the trainer's defaults do not list is a typo, not a new setting
     assert cli.main(["train", "--algo", "echo", "--env", ENV_ID, "--param", "gamma=0.9", "--print-config"]) == 2
     assert "unknown algo_params ['gamma'] for trainer 'echo'; it has: alpha, beta" in capsys.readouterr().err
+    # a value whose default is a number must be one, for any trainer, before its run starts
+    assert cli.main(["train", "--algo", "echo", "--env", ENV_ID, "--param", "alpha=abc", "--print-config"]) == 2
+    assert capsys.readouterr().err.strip() == ("diffgym train: algo_params.alpha must be a number (its default is 1), "
+                                              "got 'abc'")
+    text_number = {**printed, "algo_params": {"alpha": "7", "beta": None}}  # as YAML keeps '7' or 1e-5: text
+    TrainConfig.from_dict(text_number).save(saved)
+    assert cli.main(["train", "--algo", "echo", "--env", ENV_ID, "--config", str(saved), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["algo_params"]["alpha"] == 7
 
 
 def test_shared_specs_come_from_diffgym_for_every_trainer(monkeypatch):
@@ -144,3 +167,47 @@ def test_shared_specs_come_from_diffgym_for_every_trainer(monkeypatch):
     plugins.register_trainer("greedy", Greedy())
     with pytest.raises(ValueError, match="shared by every trainer"):
         plugins.resolve_config("greedy", "DiffGym/PointMass1D-v0")
+
+
+def test_a_task_of_ones_own_runs_as_module_colon_id(monkeypatch, capsys, tmp_path):
+    """Gymnasium's ``module:Namespace/Task-vN`` form, as ``gym.make`` takes it: the CLI imports the module
+    (here from the directory it runs in) so that its ``register_task`` runs; errors stay one line."""
+    (tmp_path / "my_probe_task.py").write_text(
+        "from diffgym import register_task\n"
+        "register_task('ProbeOwn/PointMass-v0', 'diffgym.envs.point_mass_1d:PointMass1DEnv',\n"
+        "              max_episode_steps=30, reward_threshold=-1.0)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # main() appends the working directory
+    monkeypatch.delitem(sys.modules, "my_probe_task", raising=False)
+    assert cli.main(["train", "--algo", "ppo", "--env", "my_probe_task:ProbeOwn/PointMass-v0",
+                     "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["env_id"] == "my_probe_task:ProbeOwn/PointMass-v0"
+    from diffgym.core.registration import task_spec
+    assert task_spec("my_probe_task:ProbeOwn/PointMass-v0").max_episode_steps == 30
+    assert cli.main(["train", "--algo", "ppo", "--env", "no_such_module:ProbeOwn/PointMass-v0",
+                     "--print-config"]) == 2
+    assert "its module does not import (No module named 'no_such_module')" in capsys.readouterr().err
+    assert cli.main(["train", "--algo", "ppo", "--env", "Unregistered/Task-v0", "--print-config"]) == 2
+    assert "a task of your own: --env your_module:Your/Task-v0" in capsys.readouterr().err
+    # a run on it evaluates where its module imports, and is refused in one line where it does not
+    run = tmp_path / "run"
+    assert cli.main(["train", "--algo", "apg", "--env", "my_probe_task:ProbeOwn/PointMass-v0", "--num-envs", "4",
+                     "--total-env-steps", "32", "--eval-every", "32", "--set", "eval_episodes=2",
+                     "--param", "segment.length=8", "--run-dir", str(run), "--no-progress"]) == 0
+    assert cli.main(["eval", str(run), "--episodes", "2"]) == 0
+    (tmp_path / "my_probe_task.py").rename(tmp_path / "moved_away.py")
+    del sys.modules["my_probe_task"]
+    capsys.readouterr()
+    assert cli.main(["eval", str(run), "--episodes", "2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "diffgym eval: unknown task 'my_probe_task:ProbeOwn/PointMass-v0': its module does not import (No module "
+        "named 'my_probe_task'); the module before ':' is imported from the current directory or the Python path"]
+
+
+def test_contract_suites_check_the_tasks_diffgym_tasks_names(monkeypatch):
+    from diffgym.testing import tasks_under_test
+
+    monkeypatch.delenv("DIFFGYM_TASKS", raising=False)
+    assert tasks_under_test() == diffgym.ALL_TASK_IDS
+    monkeypatch.setenv("DIFFGYM_TASKS", "my_task:Mine/A-v0, my_task:Mine/B-v0")
+    assert tasks_under_test() == ("my_task:Mine/A-v0", "my_task:Mine/B-v0")

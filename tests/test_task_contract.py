@@ -151,7 +151,7 @@ def toy_step_sometimes_unwritten(x: wp.array(dtype=float), v: wp.array(dtype=flo
                                  success: wp.array(dtype=wp.int32)):
     i = wp.tid()
     x_next[i] = x[i] + v[i] * p.dt
-    if action[i, 0] > 0.0:  # v_next is left unwritten for every env pushed left
+    if action[i, 0] >= 0.0:  # v_next is left unwritten for every env pushed left (not at the first-use check's 0)
         v_next[i] = v[i]
     step_next[i] = step[i] + 1
     obs[i, 0] = x[i]
@@ -327,6 +327,10 @@ def test_intermediate_class_without_kernels_is_not_checked():
         state_type = ToyState  # kernels come from a subclass
 
     assert not hasattr(Base, "_field_specs")
+    # but it cannot be built: a task that forgot a kernel is told which, not an AttributeError at reset
+    with pytest.raises(TaskContractError, match="^Base is not a complete task: it does not define reset_kernel, "
+                                                "observe_kernel, step_kernel"):
+        Base()
 
 
 # ------------------------------------------------------------------- the debug mode of the bridge
@@ -352,6 +356,19 @@ def test_output_left_unwritten_on_some_paths_fails_in_debug_mode():
                                        "unwritten in 2 of 4 rows (batch entries [1, 3])")
 
 
+def test_first_use_checks_every_task_class_for_writes_past_an_output():
+    """An ``obs_dim`` smaller than the columns the kernels write would corrupt memory: each task class's
+    first reset runs its kernels once in debug mode, whose guard rows catch it in one line."""
+    narrow = define_sim(obs_dim=1)  # toy_observe writes obs[i, 1]
+    for _ in range(2):  # not marked checked after a failure: every use says it
+        with pytest.raises(UnwrittenOutputError, match=r"^kernel toy_observe: output argument 4 'obs' was written "
+                                                       r"past its end \(shape \(1, 1\)\)"):
+            narrow().reset(torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(UnwrittenOutputError, match="past its end"):  # the single env (its fast path) too
+        type("NarrowEnv", (ToyEnv,), {"sim_class": narrow})().reset(seed=0)
+    assert not debug_outputs_enabled()
+
+
 def test_debug_mode_tells_computed_nan_from_unwritten():
     sim = define_sim(step_kernel=toy_step_nan)()
     state = sim.reset(torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32))
@@ -361,6 +378,13 @@ def test_debug_mode_tells_computed_nan_from_unwritten():
 
 
 # ------------------------------------------------------------------- frozen states and outputs
+def test_a_task_without_render_state_says_what_rendering_needs():
+    sim = ToySim()
+    with pytest.raises(NotImplementedError, match=r"^ToySim does not draw itself: define render_state\(state, "
+                                                  r"index\) returning an \(H, W, 3\) uint8 frame"):
+        sim.render_state(sim.reset(torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)))
+
+
 def test_states_and_step_outputs_are_frozen():
     sim = ToySim()
     state = sim.reset(torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32))

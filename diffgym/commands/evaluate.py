@@ -77,8 +77,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if policy is None:
         return 2
     try:
-        if args.env is not None:
-            library.check_policy_fits(policy, args.env)
+        # the run's own task too: one trained on a task of one's own needs it registered here
+        library.check_policy_fits(policy, args.env or policy.config.env_id)
         library.check_protocol_fits(policy, args.env, args.nominal)
     except ValueError as error:
         print(f"diffgym eval: {error}", file=sys.stderr)

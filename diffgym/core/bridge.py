@@ -28,9 +28,11 @@ feeds a ``wp.array(dtype=wp.vec2)``) and params are scalars or Warp structs that
 
 Debug mode (``DIFFGYM_DEBUG_OUTPUTS=1`` in the environment, or :func:`debug_outputs`): outputs are
 filled with a sentinel (a NaN with a DiffGym payload for float32, the int32 minimum for int32) instead
-of ``torch.empty``, and every launch checks that the kernel overwrote every element, raising
-:class:`UnwrittenOutputError` naming the kernel and the argument otherwise. Without it an output a
-kernel forgets to write comes back as whatever the allocator had in that memory.
+of ``torch.empty``, with two rows of sentinels after each, and every launch checks that the kernel
+overwrote every element and none past the end, raising :class:`UnwrittenOutputError` naming the kernel and
+the argument otherwise. Without it an output a kernel forgets to write comes back as whatever the allocator
+had in that memory, and a write past an output's end corrupts other memory. Every task class runs its
+first reset, observation and step in this mode (:meth:`diffgym.core.sim.DiffSim.check_launches`).
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ _debug_outputs = os.environ.get("DIFFGYM_DEBUG_OUTPUTS", "") not in ("", "0")
 
 
 class UnwrittenOutputError(RuntimeError):
-    """Debug mode found an output element that a kernel launch did not write."""
+    """Debug mode found an output element that a kernel launch did not write, or a write past an output's
+    end."""
 
 
 def debug_outputs_enabled() -> bool:
@@ -91,16 +94,41 @@ def debug_outputs(enabled: bool = True) -> Iterator[None]:
         _debug_outputs = previous
 
 
+_GUARD_ROWS = 2
+"""Debug mode: sentinel rows allocated after each output, so a write past its end lands there, is found,
+and corrupts nothing (a kernel writing ``obs[i, obs_dim]`` would otherwise write outside the tensor)."""
+
+
 def allocate_output(spec: Out, device: torch.device, debug: bool) -> torch.Tensor:
     """A fresh output tensor for ``spec``: uninitialised, or sentinel-filled when ``debug`` (the value of
-    :func:`debug_outputs_enabled` when the launch began, so one launch never mixes the two)."""
+    :func:`debug_outputs_enabled` when the launch began, so one launch never mixes the two), followed in
+    its storage by ``_GUARD_ROWS`` rows of sentinels (:func:`check_written` reads them)."""
     if not debug:
         return torch.empty(spec.shape, dtype=spec.dtype, device=device)
-    if spec.dtype == torch.float32:
-        return torch.full(spec.shape, _FLOAT32_SENTINEL_BITS, dtype=torch.int32, device=device).view(torch.float32)
-    if spec.dtype.is_floating_point:
-        return torch.full(spec.shape, float("nan"), dtype=spec.dtype, device=device)
-    return torch.full(spec.shape, torch.iinfo(spec.dtype).min, dtype=spec.dtype, device=device)
+    if not spec.shape:
+        return _sentinels((1,), spec.dtype, device)[0]
+    return _sentinels((spec.shape[0] + _GUARD_ROWS, *spec.shape[1:]), spec.dtype, device)[:spec.shape[0]]
+
+
+def _sentinels(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if dtype == torch.float32:
+        return torch.full(shape, _FLOAT32_SENTINEL_BITS, dtype=torch.int32, device=device).view(torch.float32)
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, torch.iinfo(dtype).min, dtype=dtype, device=device)
+
+
+def _past_the_end(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The up to ``_GUARD_ROWS`` rows' worth of elements that follow a contiguous ``tensor`` in its storage:
+    its guard rows, or, for one step of a stacked rollout output, the next step's rows (still sentinels
+    when this step is checked). ``None`` where nothing follows."""
+    if tensor.dim() == 0 or not tensor.is_contiguous():
+        return None
+    start = tensor.storage_offset() + tensor.numel()
+    count = min(_GUARD_ROWS * tensor[0].numel(), tensor.untyped_storage().nbytes() // tensor.element_size() - start)
+    if count <= 0:
+        return None
+    return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(tensor.untyped_storage(), start, (count,))
 
 
 def _unwritten(tensor: torch.Tensor) -> torch.Tensor:
@@ -114,9 +142,15 @@ def _unwritten(tensor: torch.Tensor) -> torch.Tensor:
 
 def check_written(kernel, outputs: Sequence[torch.Tensor], first_output: int) -> None:
     """Raise :class:`UnwrittenOutputError` if a debug-mode launch of ``kernel`` left a sentinel in
-    ``outputs`` (its arguments from index ``first_output`` on)."""
+    ``outputs`` (its arguments from index ``first_output`` on), or wrote past the end of one."""
     args = kernel.adj.args
     for j, tensor in enumerate(outputs):
+        beyond = _past_the_end(tensor)
+        if beyond is not None and not bool(_unwritten(beyond).all()):
+            raise UnwrittenOutputError(
+                f"kernel {kernel.key}: output argument {first_output + j} '{args[first_output + j].label}' was written "
+                f"past its end (shape {tuple(tensor.shape)}): a kernel writes only inside its outputs (for obs: "
+                f"obs_dim columns) (DIFFGYM_DEBUG_OUTPUTS)")
         mask = _unwritten(tensor)
         if bool(mask.any()):
             rows = mask.reshape(mask.shape[0], -1).any(dim=1) if mask.dim() else mask.reshape(1)

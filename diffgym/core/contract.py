@@ -68,6 +68,13 @@ class _Slot:
     kind: tuple[int, Any, str] | None = None  # for fixed arguments
 
 
+KERNEL_TASK_PARTS = ("state_type", "reset_kernel", "observe_kernel", "step_kernel")
+"""What a kernel task class defines; a class without all of them is an intermediate one (not checked, not
+buildable)."""
+NEWTON_TASK_PARTS = ("state_type", "reset_kernel", "observe_kernel", "control_kernel", "outcome_kernel")
+"""What a Newton task class defines (:func:`check_newton_sim_class`)."""
+
+
 def check_sim_class(sim: type) -> dict[str, FieldSpec] | None:
     """Check a kernel task ``sim`` (a :class:`~diffgym.core.sim.DiffSim` subclass) against the task
     contract; return the derived per-field specs.
@@ -75,8 +82,7 @@ def check_sim_class(sim: type) -> dict[str, FieldSpec] | None:
     Returns ``None`` for an intermediate class that does not yet name its state type and all three
     kernels (it is checked when a subclass completes it). Raises :class:`TaskContractError`.
     """
-    names = ("state_type", "reset_kernel", "observe_kernel", "step_kernel")
-    if any(getattr(sim, name, None) is None for name in names):
+    if any(getattr(sim, name, None) is None for name in KERNEL_TASK_PARTS):
         return None
     fields = _check_state_type(sim, sim.state_type)
     _check_dimensions(sim)
@@ -147,8 +153,7 @@ def check_newton_sim_class(sim: type) -> dict[str, FieldSpec] | None:
     state fields holding joint positions and velocities, each of per-env shape ``(dofs_per_env,)``) and
     overrides ``build_model``. Per-env physical parameters are not supported (the model's are shared).
     """
-    names = ("state_type", "reset_kernel", "observe_kernel", "control_kernel", "outcome_kernel")
-    if any(getattr(sim, name, None) is None for name in names):
+    if any(getattr(sim, name, None) is None for name in NEWTON_TASK_PARTS):
         return None
     fields = _check_state_type(sim, sim.state_type)
     _check_dimensions(sim, extra=("dofs_per_env", "substeps"))

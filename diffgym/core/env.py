@@ -218,6 +218,7 @@ class _FastPath:
     def __init__(self, sim: DiffSim, physics: tuple[torch.Tensor, ...], info_kernel: bool):
         """``physics``: the env's ``(1,)`` physical-parameter tensors, read by every recorded step;
         ``info_kernel``: replay the sim's ``info_kernel`` after every step into the ``info`` buffers."""
+        sim.check_launches()  # the buffers below are exactly the outputs' size: a write past one corrupts memory
         specs = sim._state_specs(1)
         self.states = [sim.state_type(*(torch.zeros(s.shape, dtype=s.dtype) for s in specs)) for _ in range(2)]
         self.steps = [state.step.numpy() for state in self.states]  # NumPy views of the step counters

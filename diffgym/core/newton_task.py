@@ -54,7 +54,7 @@ import torch
 import warp as wp
 
 from diffgym.core.bridge import Out, Replay, warp_call, warp_device
-from diffgym.core.contract import FieldSpec, check_newton_sim_class
+from diffgym.core.contract import NEWTON_TASK_PARTS, FieldSpec, check_newton_sim_class
 from diffgym.core.newton_sim import require_newton
 from diffgym.core.sim import DiffSim, StepOutput, clip_to_action_box
 from diffgym.core.state import SimState
@@ -84,6 +84,8 @@ class NewtonSim(DiffSim):
     substeps: ClassVar[int]
     solver_options: ClassVar[dict[str, Any]] = {}
     """Keyword arguments of the task's ``SolverFeatherstone`` (e.g. ``use_tile_gemm``)."""
+
+    contract_parts = NEWTON_TASK_PARTS
 
     @classmethod
     def _check_contract(cls) -> dict[str, FieldSpec] | None:

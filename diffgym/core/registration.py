@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
@@ -37,3 +38,14 @@ def register_task(env_id: str, entry_point: str, *, max_episode_steps: int, rewa
         reward_threshold=reward_threshold,
         kwargs={"max_episode_steps": max_episode_steps, **kwargs},
     )
+
+
+def task_spec(env_id: str) -> gym.envs.registration.EnvSpec:
+    """``gym.spec`` that also takes Gymnasium's ``module:Namespace/Task-vN`` form, as ``gym.make`` and
+    ``gym.make_vec`` do: the module (a third-party task's file or package, whose import registers it) is
+    imported first. So a task outside DiffGym runs in every command as ``--env my_task:My/Task-v0``, and a
+    run's ``config.yaml`` names the module that registers its task."""
+    module, _, name = env_id.rpartition(":")
+    if module:
+        importlib.import_module(module)
+    return gym.spec(name)

@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from diffgym.core.bridge import Out, warp_call
-from diffgym.core.contract import FieldSpec, check_info_kernel, check_sim_class
+from diffgym.core.bridge import Out, debug_outputs, warp_call
+from diffgym.core.contract import (KERNEL_TASK_PARTS, FieldSpec, TaskContractError, check_info_kernel,
+                                   check_sim_class)
 from diffgym.core.multistep import RolloutOutput, fused_step_launches
 from diffgym.core.state import SimState
 from diffgym.core.tensor_checks import check_float32
@@ -53,6 +55,10 @@ class StepOutput:
     @property
     def done(self) -> torch.Tensor:
         return self.terminated | self.truncated
+
+
+_LAUNCHES_CHECKED: weakref.WeakSet[type] = weakref.WeakSet()
+"""The task classes whose first launches :meth:`DiffSim.check_launches` has checked in this process."""
 
 
 class DiffSim:
@@ -118,6 +124,9 @@ class DiffSim:
     """Derived when a subclass is defined: ``has_fast_path`` and ``_step`` not overridden, i.e. a step is
     the single step-kernel launch that the single env's fast path and the fused rollout replay."""
 
+    contract_parts: ClassVar[tuple[str, ...]] = KERNEL_TASK_PARTS
+    """The class attributes a task of this kind defines (named when an incomplete class is built)."""
+
     info_kernel: ClassVar[Any] = None
     """Optional Warp kernel computing the task's ``info`` extras from a step's outputs,
     ``info_kernel(*next_state, obs, reward, params, # outputs: info_<key>, ...)``
@@ -143,6 +152,10 @@ class DiffSim:
         return check_sim_class(cls)
 
     def __init__(self, device: str | torch.device = "cpu", max_episode_steps: int | None = None):
+        if getattr(type(self), "_field_specs", None) is None:  # the contract never ran: an intermediate class
+            missing = [name for name in self.contract_parts if getattr(self, name, None) is None]
+            raise TaskContractError(f"{type(self).__name__} is not a complete task: it does not define "
+                                    f"{', '.join(missing)} (docs/adding_a_task.md)")
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -160,6 +173,27 @@ class DiffSim:
     # ----------------------------------------------------------------------------- pure API
     def reset(self, seed: torch.Tensor, episode: torch.Tensor) -> SimState:
         """Initial states for a batch: env ``i`` draws from Warp's RNG stream ``(seed[i], episode[i])``."""
+        self.check_launches()
+        return self._reset(seed, episode)
+
+    def check_launches(self) -> None:
+        """Once per task class and process, before its first use: reset, observe and step one env in the
+        bridge's debug mode (:func:`~diffgym.core.bridge.debug_outputs`). A kernel that leaves an output
+        unwritten, or writes past one's end (say ``obs_dim`` smaller than the columns the observation
+        writes, which would corrupt memory), raises ``UnwrittenOutputError`` here, naming the kernel and
+        the argument, instead of returning garbage."""
+        cls = type(self)
+        if cls in _LAUNCHES_CHECKED:
+            return
+        first = torch.zeros(1, dtype=torch.int32, device=self.device)
+        with debug_outputs(), torch.no_grad():
+            state = self._reset(first, first)
+            self._observe(state)
+            if self.steps_as_one_kernel:  # a task with its own _step (Newton) checks its own launches
+                self._step(state, torch.zeros(1, self.act_dim, device=self.device))
+        _LAUNCHES_CHECKED.add(cls)
+
+    def _reset(self, seed: torch.Tensor, episode: torch.Tensor) -> SimState:
         batch = int(seed.shape[0])
         state_specs = self._state_specs(batch)
         with torch.no_grad():
@@ -258,7 +292,9 @@ class DiffSim:
         return dict(zip(self.info_shapes, extras))
 
     def render_state(self, state: SimState, index: int = 0) -> np.ndarray:
-        raise NotImplementedError
+        """An ``(H, W, 3)`` uint8 RGB frame of env ``index`` of ``state``, for ``render_mode="rgb_array"``."""
+        raise NotImplementedError(f"{type(self).__name__} does not draw itself: define render_state(state, index) "
+                                  "returning an (H, W, 3) uint8 frame to render it (docs/adding_a_task.md)")
 
     # ----------------------------------------------------------------------------- checks
     def check_action(self, action: Any, batch: int) -> torch.Tensor:

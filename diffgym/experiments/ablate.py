@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import gymnasium as gym
 import numpy as np
 
+from diffgym.core.registration import task_spec
 from diffgym.experiments.report import SUCCESS_THRESHOLD, group, load_run, nan_as_null, threshold_table
 from diffgym.experiments.sweep import LocalRunner, Runner, save_sweep
 from diffgym.experiments.training_runs import reuse_plan
@@ -30,7 +31,7 @@ def parse_values(text: str, env_id: str) -> list[Any]:
     """``"8,full,adaptive"`` -> ``[8, <episode length>, "adaptive"]`` (YAML scalars)."""
     import yaml
 
-    horizon = gym.spec(env_id).max_episode_steps
+    horizon = task_spec(env_id).max_episode_steps
     values = []
     for item in (s.strip() for s in str(text).split(",")):
         if item:

@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 # SUCCESS_THRESHOLD is the protocol's; run.py keeps it too (checkpoints at the first solving evaluation)
+from diffgym.core.registration import task_spec
 from diffgym.training.run import SUCCESS_THRESHOLD, read_metrics
 from diffgym.training.spec import TrainConfig
 
@@ -136,8 +137,8 @@ def reward_threshold(env_id: str) -> float | None:
     import diffgym  # noqa: F401  (registers the tasks)
 
     try:
-        return gym.spec(env_id).reward_threshold
-    except gym.error.Error:
+        return task_spec(env_id).reward_threshold
+    except (gym.error.Error, ImportError):  # a task not registered (or not importable) on this machine
         return None
 
 

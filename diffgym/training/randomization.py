@@ -52,10 +52,11 @@ def normalized_ranges(ranges: Any, key: str) -> dict[str, list[float]]:
 def task_sim_class(env_id: str) -> Any:
     """The simulator class of a registered DiffGym task (``sim_class`` of its env), or ``None`` for a
     task that has none (then it has no physical parameters either)."""
-    import gymnasium as gym
     from gymnasium.envs.registration import load_env_creator
 
-    entry_point = gym.spec(env_id).entry_point
+    from diffgym.core.registration import task_spec
+
+    entry_point = task_spec(env_id).entry_point
     creator = load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
     return getattr(creator, "sim_class", None)
 
