@@ -145,7 +145,10 @@ def resolve_config(algo: str, env_id: str, overrides: Mapping[str, Any] | None =
         if owned:
             raise ValueError(f"trainer {algo!r} sets {owned} in its defaults; policy, normalizer and optimizer "
                              "are shared by every trainer and come from diffgym.training.shared_specs")
-        config = TrainConfig.from_dict({**defaults, **shared_specs(env_id), "algo": algo, "env_id": env_id})
+        try:
+            config = TrainConfig.from_dict({**defaults, **shared_specs(env_id), "algo": algo, "env_id": env_id})
+        except ValueError as error:  # the plugin's own defaults, not anything the user typed
+            raise ValueError(f"trainer {algo!r}'s default_config({env_id!r}): {error}") from None
     else:
         config = base.replace(algo=algo, env_id=env_id)
     config = config.with_overrides(overrides or {})

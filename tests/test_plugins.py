@@ -85,6 +85,9 @@ def test_doc_plugin_installs_with_pip_and_is_listed_in_a_fresh_process(tmp_path)
                          env=env, cwd=ROOT, timeout=120, check=True).stdout
     assert re.search(r"^ppo\s", out, re.M) and re.search(r"^short-horizon\s+minimal example", out, re.M)
     assert "my_diffgym_trainer:ShortHorizonTrainer (my-diffgym-trainer 0.1.0)" in out
+    lines = out.splitlines()  # one column for every name, however long (short-horizon: 13 characters)
+    row = next(i for i, line in enumerate(lines) if line.startswith("short-horizon"))
+    assert lines[row].index("minimal example") == lines[row + 1].index("entry point")
 
 
 class _EchoTrainer:
@@ -113,6 +116,11 @@ def test_load_trainer_errors(monkeypatch):
     monkeypatch.setattr(plugins, "_registered", {})
     with pytest.raises(KeyError, match="no trainer plugin named 'nope'.*installed: .*ppo"):
         plugins.load_trainer("nope")
+    plugins.register_trainer("bad-defaults", type("BadDefaults", (_EchoTrainer,), {
+        "default_config": lambda self, env_id: {"horizon": 5}})())
+    with pytest.raises(ValueError, match="^trainer 'bad-defaults'.s default_config\\('DiffGym/PointMass1D-v0'\\): "
+                                         "unknown config key 'horizon'"):
+        plugins.resolve_config("bad-defaults", ENV_ID)
     plugins.register_trainer("broken", object())
     with pytest.raises(TypeError, match="missing \\['name', 'default_config', 'train'\\]"):
         plugins.load_trainer("broken")

@@ -20,19 +20,20 @@ def run(args: argparse.Namespace) -> int:
     if not names:
         print("no trainer plugins installed (entry-point group 'diffgym.trainers'); try `make install`")
         return 1
+    width = max(12, *(len(name) for name in names))  # one column, however long a plugin's name
     for name in names:
         try:
             trainer = load_trainer(name)
             description = getattr(trainer, "description", "")
         except Exception as error:  # a broken plugin must not hide the others
             trainer, description = None, f"[failed to load: {type(error).__name__}: {error}]"
-        line = f"{name:<12} {description}"
+        line = f"{name:<{width}} {description}"
         if args.verbose and name in installed:
             ep = installed[name]
             dist = f" ({ep.dist.name} {ep.dist.version})" if ep.dist else ""
-            line += f"\n{'':<12} entry point {ep.value}{dist}"
+            line += f"\n{'':<{width}} entry point {ep.value}{dist}"
         if args.verbose and trainer is not None:
             for flag, help_text in trainer_flags(trainer).items():
-                line += f"\n{'':<12} --{flag}: {help_text}"
+                line += f"\n{'':<{width}} --{flag}: {help_text}"
         print(line)
     return 0
