@@ -164,6 +164,8 @@ def resolve_config(algo: str, env_id: str, overrides: Mapping[str, Any] | None =
     from diffgym.core.env import check_device
 
     check_device(config.device)
+    numbers = _typed_as_defaults("env_kwargs", config.env_kwargs, task_defaults(env_id))
+    config = config.with_overrides(numbers) if numbers else config
     observation_space = task_observation_space(env_id, config.env_kwargs)
     if type(observation_space).__name__ == "Dict" and not getattr(trainer, "dict_observations", False):
         raise ValueError(f"trainer {algo!r} trains on Box observations, but {env_id}'s observation is a Dict "
@@ -175,7 +177,9 @@ def resolve_config(algo: str, env_id: str, overrides: Mapping[str, Any] | None =
     check = getattr(trainer, "check_config", None)
     if check is not None:  # first: its messages know the trainer's ranges
         check(config)
-    return _typed_as_defaults(trainer, env_id, config)
+    trainer_defaults = dict(dict(trainer.default_config(env_id) or {}).get("algo_params", {}) or {})
+    numbers = _typed_as_defaults("algo_params", config.algo_params, trainer_defaults)
+    return config.with_overrides(numbers) if numbers else config
 
 
 def task_observation_space(env_id: str, env_kwargs: Mapping[str, Any]) -> Any:
@@ -213,6 +217,12 @@ def task_observation_space(env_id: str, env_kwargs: Mapping[str, Any]) -> Any:
 def task_arguments(env_id: str) -> list[str]:
     """The constructor arguments a registered task takes (its simulator's, for a DiffGym task), for
     error messages; empty where they cannot be read."""
+    return list(task_defaults(env_id))
+
+
+def task_defaults(env_id: str) -> dict[str, Any]:
+    """The constructor arguments a registered task takes (its simulator's, for a DiffGym task) and their
+    defaults (``inspect.Parameter.empty`` where none); empty where they cannot be read."""
     import inspect
 
     from gymnasium.envs.registration import load_env_creator
@@ -224,10 +234,10 @@ def task_arguments(env_id: str) -> list[str]:
         creator = load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
         signature = inspect.signature(getattr(creator, "sim_class", creator))
     except (TypeError, ValueError, ImportError, AttributeError):
-        return []
+        return {}
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [name for name, parameter in signature.parameters.items()
-            if parameter.kind in named and name not in ("self", "device", "render_mode")]
+    return {name: parameter.default for name, parameter in signature.parameters.items()
+            if parameter.kind in named and name not in ("self", "device", "render_mode")}
 
 
 def _check_algo_params(trainer: Trainer, env_id: str, keys: Sequence[str]) -> None:
@@ -242,24 +252,24 @@ def _check_algo_params(trainer: Trainer, env_id: str, keys: Sequence[str]) -> No
         raise ValueError(f"unknown algo_params {unknown} for trainer {trainer.name!r}; it has: {', '.join(sorted(known))}")
 
 
-def _typed_as_defaults(trainer: Trainer, env_id: str, config: TrainConfig) -> TrainConfig:
-    """A first-level ``algo_params`` value whose default is a number must be a number too (text such as
-    ``1e-5``, which YAML leaves a string, becomes one), and one whose default is a boolean a boolean: so
-    every trainer, a third party's too, refuses ``--sigma abc`` before its run starts rather than failing
-    inside it. Returns ``config`` with such text made numbers."""
-    defaults = dict(dict(trainer.default_config(env_id) or {}).get("algo_params", {}) or {})
+def _typed_as_defaults(section: str, values: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """A value of ``section`` (``algo_params``: the trainer's per-task defaults; ``env_kwargs``: the task's
+    constructor's) whose default is a number must be a number too, and one whose default is a boolean a
+    boolean: so every trainer and task, a third party's too, refuses ``--sigma abc`` before its run starts
+    rather than failing inside it. Returns the dotted overrides that make text numbers (``1e-5``, which
+    YAML leaves a string) numbers."""
     numbers = {}
-    for key, value in config.algo_params.items():
+    for key, value in values.items():
         default = defaults.get(key)
         if isinstance(default, bool) and not isinstance(value, bool):
-            raise ValueError(f"algo_params.{key} must be true or false (its default is {default}), got {value!r}")
+            raise ValueError(f"{section}.{key} must be true or false (its default is {default}), got {value!r}")
         if isinstance(default, (int, float)) and not isinstance(default, bool) and value is not None:
             number = _as_number(value, integer=isinstance(default, int))
             if number is None:
-                raise ValueError(f"algo_params.{key} must be a number (its default is {default}), got {value!r}")
+                raise ValueError(f"{section}.{key} must be a number (its default is {default}), got {value!r}")
             if number is not value:
-                numbers[f"algo_params.{key}"] = number
-    return config.with_overrides(numbers) if numbers else config
+                numbers[f"{section}.{key}"] = number
+    return numbers
 
 
 def _as_number(value: Any, integer: bool) -> int | float | None:

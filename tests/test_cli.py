@@ -184,6 +184,8 @@ def test_a_trainer_that_declares_dict_observations_gets_them(counting, capsys):
      "unknown env_kwargs ['mas'] for DiffGym/PointMass1D-v0; it takes: max_episode_steps, action_cost"),
     (["train", "--algo", "counting", "--env", ENV, "--set", "env_kwargs.mass=-1"],
      "mass must lie in [0.001, 1000] kg, got -1 (making DiffGym/PointMass1D-v0 with env_kwargs {'mass': -1})"),
+    (["train", "--algo", "counting", "--env", ENV, "--set", "env_kwargs.mass=abc"],
+     "env_kwargs.mass must be a number (its default is 1.0), got 'abc'"),
     (["train", "--algo", "ppo", "--env", ENV, "--param", "n_steps=-3"],
      "algo_params.n_steps must be a whole number >= 1, got -3"),
     (["train", "--algo", "ppo", "--env", ENV, "--param", "gamma=abc"], "algo_params.gamma must be a number in (0, 1]"),
