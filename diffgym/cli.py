@@ -38,8 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
     # a task of one's own, ``--env my_task:My/Task-v0``, imports my_task.py from where the command runs, as
     # ``python -m`` would; appended, so a local file never shadows an installed package
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
+    try:
+        here = os.getcwd()
+    except OSError:  # a working directory deleted since: nothing to import from it
+        here = None
+    if here is not None and here not in sys.path:
+        sys.path.append(here)
     chosen = next((w for w in words if not w.startswith("-")), "")  # the subcommand: the first word
     # no subcommand (``diffgym --help``): none's arguments; an unknown one: all, for argparse's error
     parser = build_parser(only=chosen if chosen in COMMANDS or not chosen else None)

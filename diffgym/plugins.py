@@ -17,7 +17,7 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
-from diffgym.training.spec import TrainConfig
+from diffgym.training.spec import TrainConfig, parse_number
 from diffgym.training.shared_specs import SHARED_SECTIONS, shared_specs
 
 ENTRY_POINT_GROUP = "diffgym.trainers"
@@ -164,8 +164,9 @@ def resolve_config(algo: str, env_id: str, overrides: Mapping[str, Any] | None =
     from diffgym.core.env import check_device
 
     check_device(config.device)
-    numbers = _typed_as_defaults("env_kwargs", config.env_kwargs, task_defaults(env_id))
-    config = config.with_overrides(numbers) if numbers else config
+    task_kwargs = task_defaults(env_id)
+    config = config.with_overrides(_numbers_from_text("env_kwargs", config.env_kwargs, task_kwargs))
+    _check_types("env_kwargs", config.env_kwargs, task_kwargs)
     observation_space = task_observation_space(env_id, config.env_kwargs)
     if type(observation_space).__name__ == "Dict" and not getattr(trainer, "dict_observations", False):
         raise ValueError(f"trainer {algo!r} trains on Box observations, but {env_id}'s observation is a Dict "
@@ -174,12 +175,13 @@ def resolve_config(algo: str, env_id: str, overrides: Mapping[str, Any] | None =
     from diffgym.training.randomization import check_config_ranges
 
     check_config_ranges(config)
-    check = getattr(trainer, "check_config", None)
-    if check is not None:  # first: its messages know the trainer's ranges
-        check(config)
     trainer_defaults = dict(dict(trainer.default_config(env_id) or {}).get("algo_params", {}) or {})
-    numbers = _typed_as_defaults("algo_params", config.algo_params, trainer_defaults)
-    return config.with_overrides(numbers) if numbers else config
+    config = config.with_overrides(_numbers_from_text("algo_params", config.algo_params, trainer_defaults))
+    check = getattr(trainer, "check_config", None)
+    if check is not None:  # before the type check: its messages know the trainer's ranges
+        check(config)
+    _check_types("algo_params", config.algo_params, trainer_defaults)
+    return config
 
 
 def task_observation_space(env_id: str, env_kwargs: Mapping[str, Any]) -> Any:
@@ -252,34 +254,27 @@ def _check_algo_params(trainer: Trainer, env_id: str, keys: Sequence[str]) -> No
         raise ValueError(f"unknown algo_params {unknown} for trainer {trainer.name!r}; it has: {', '.join(sorted(known))}")
 
 
-def _typed_as_defaults(section: str, values: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """A value of ``section`` (``algo_params``: the trainer's per-task defaults; ``env_kwargs``: the task's
-    constructor's) whose default is a number must be a number too, and one whose default is a boolean a
-    boolean: so every trainer and task, a third party's too, refuses ``--sigma abc`` before its run starts
-    rather than failing inside it. Returns the dotted overrides that make text numbers (``1e-5``, which
-    YAML leaves a string) numbers."""
+def _numbers_from_text(section: str, values: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The dotted overrides that turn a value of ``section`` written as text (``1e-5``, which YAML keeps a
+    string) into a number where its default is a number (``algo_params``: the trainer's per-task defaults;
+    ``env_kwargs``: the task constructor's), so a trainer's ``check_config`` and a task see numbers."""
     numbers = {}
     for key, value in values.items():
         default = defaults.get(key)
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise ValueError(f"{section}.{key} must be true or false (its default is {default}), got {value!r}")
-        if isinstance(default, (int, float)) and not isinstance(default, bool) and value is not None:
-            number = _as_number(value, integer=isinstance(default, int))
-            if number is None:
-                raise ValueError(f"{section}.{key} must be a number (its default is {default}), got {value!r}")
-            if number is not value:
+        if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+            number = parse_number(value, integer=isinstance(default, int))
+            if number is not None:
                 numbers[f"{section}.{key}"] = number
     return numbers
 
 
-def _as_number(value: Any, integer: bool) -> int | float | None:
-    """``value`` if it is a number; a number's text as an int (``integer`` and written as one) or a float;
-    else ``None``."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return value
-    if not isinstance(value, str):
-        return None
-    try:
-        return int(value) if integer and value.strip().lstrip("+-").isdigit() else float(value)
-    except ValueError:
-        return None
+def _check_types(section: str, values: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
+    """A value of ``section`` whose default is a number must be a number, and one whose default is a
+    boolean a boolean: so every trainer and task, a third party's too, refuses ``--sigma abc`` before its
+    run starts rather than failing inside it."""
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ValueError(f"{section}.{key} must be true or false (its default is {default}), got {value!r}")
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and parse_number(value) is None:
+            raise ValueError(f"{section}.{key} must be a number (its default is {default}), got {value!r}")

@@ -149,10 +149,16 @@ def test_cli_print_config_applies_flags_sets_and_params(monkeypatch, capsys, tmp
     assert cli.main(["train", "--algo", "echo", "--env", ENV_ID, "--param", "alpha=abc", "--print-config"]) == 2
     assert capsys.readouterr().err.strip() == ("diffgym train: algo_params.alpha must be a number (its default is 1), "
                                               "got 'abc'")
+    assert cli.main(["train", "--algo", "echo", "--env", ENV_ID, "--param", "alpha=null", "--print-config"]) == 2
+    assert "algo_params.alpha must be a number (its default is 1), got None" in capsys.readouterr().err
+    # text numbers reach the trainer's own check as numbers
+    checked = []
+    plugins.register_trainer("echo", type("CheckingEcho", (_EchoTrainer,), {
+        "check_config": lambda self, config: checked.append(config.algo_params["alpha"] > 0)})())
     text_number = {**printed, "algo_params": {"alpha": "7", "beta": None}}  # as YAML keeps '7' or 1e-5: text
     TrainConfig.from_dict(text_number).save(saved)
     assert cli.main(["train", "--algo", "echo", "--env", ENV_ID, "--config", str(saved), "--print-config"]) == 0
-    assert yaml.safe_load(capsys.readouterr().out)["algo_params"]["alpha"] == 7
+    assert yaml.safe_load(capsys.readouterr().out)["algo_params"]["alpha"] == 7 and checked == [True]
 
 
 def test_shared_specs_come_from_diffgym_for_every_trainer(monkeypatch):

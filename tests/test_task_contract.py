@@ -369,6 +369,18 @@ def test_first_use_checks_every_task_class_for_writes_past_an_output():
     assert not debug_outputs_enabled()
 
 
+def test_debug_mode_is_per_thread():
+    import threading
+
+    seen, outside = [], debug_outputs_enabled()  # False, or True under DIFFGYM_DEBUG_OUTPUTS=1
+    with debug_outputs(not outside):
+        worker = threading.Thread(target=lambda: seen.append(debug_outputs_enabled()))
+        worker.start()
+        worker.join()
+        assert debug_outputs_enabled() is not outside
+    assert seen == [outside] and debug_outputs_enabled() is outside
+
+
 def test_debug_mode_tells_computed_nan_from_unwritten():
     sim = define_sim(step_kernel=toy_step_nan)()
     state = sim.reset(torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32))

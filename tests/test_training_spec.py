@@ -269,6 +269,7 @@ def test_task_names_keep_later_versions():
     assert task_name("DiffGym/PointMass1D-v0") == "PointMass1D"
     assert task_name("DiffGym/TPush-v1") == "TPush-v1"
     assert task_name("MyTask") == "MyTask"
+    assert task_name("my_task:Mine/MyTask-v1") == task_name("my_task:MyTask-v1") == "MyTask-v1"  # gym's module:id
 
 
 def test_env_kwargs_reach_training_and_evaluation_envs(tmp_path, monkeypatch):

@@ -31,8 +31,9 @@ filled with a sentinel (a NaN with a DiffGym payload for float32, the int32 mini
 of ``torch.empty``, with two rows of sentinels after each, and every launch checks that the kernel
 overwrote every element and none past the end, raising :class:`UnwrittenOutputError` naming the kernel and
 the argument otherwise. Without it an output a kernel forgets to write comes back as whatever the allocator
-had in that memory, and a write past an output's end corrupts other memory. Every task class runs its
-first reset, observation and step in this mode (:meth:`diffgym.core.sim.DiffSim.check_launches`).
+had in that memory, and a write past an output's end corrupts other memory. The mode is per thread. Every
+kernel task class runs its first reset, observation, step and info extras in this mode
+(:meth:`diffgym.core.sim.DiffSim.check_launches`; a Newton task's reset and observation).
 """
 
 from __future__ import annotations
@@ -70,7 +71,14 @@ class Out:
 # so "still holds the sentinel" means "never written", not "computed NaN".
 _FLOAT32_SENTINEL_BITS = 0x7FC0D1FF
 
-_debug_outputs = os.environ.get("DIFFGYM_DEBUG_OUTPUTS", "") not in ("", "0")
+class _DebugMode(threading.local):
+    """Per thread, so one thread's :func:`debug_outputs` block (such as a task's first-use check) neither
+    switches another's launches into debug mode nor, when blocks interleave, leaves the mode on."""
+
+    enabled = os.environ.get("DIFFGYM_DEBUG_OUTPUTS", "") not in ("", "0")
+
+
+_debug_mode = _DebugMode()
 
 
 class UnwrittenOutputError(RuntimeError):
@@ -80,18 +88,18 @@ class UnwrittenOutputError(RuntimeError):
 
 def debug_outputs_enabled() -> bool:
     """Whether outputs are sentinel-filled and checked (see the module docstring)."""
-    return _debug_outputs
+    return _debug_mode.enabled
 
 
 @contextlib.contextmanager
 def debug_outputs(enabled: bool = True) -> Iterator[None]:
-    """Within the block, fill kernel outputs with sentinels and raise if a launch leaves any unwritten."""
-    global _debug_outputs
-    previous, _debug_outputs = _debug_outputs, enabled
+    """Within the block (in this thread), fill kernel outputs with sentinels and raise if a launch leaves
+    any unwritten."""
+    previous, _debug_mode.enabled = _debug_mode.enabled, enabled
     try:
         yield
     finally:
-        _debug_outputs = previous
+        _debug_mode.enabled = previous
 
 
 _GUARD_ROWS = 2
@@ -122,7 +130,7 @@ def _past_the_end(tensor: torch.Tensor) -> torch.Tensor | None:
     """The up to ``_GUARD_ROWS`` rows' worth of elements that follow a contiguous ``tensor`` in its storage:
     its guard rows, or, for one step of a stacked rollout output, the next step's rows (still sentinels
     when this step is checked). ``None`` where nothing follows."""
-    if tensor.dim() == 0 or not tensor.is_contiguous():
+    if tensor.dim() == 0 or tensor.numel() == 0 or not tensor.is_contiguous():
         return None
     start = tensor.storage_offset() + tensor.numel()
     count = min(_GUARD_ROWS * tensor[0].numel(), tensor.untyped_storage().nbytes() // tensor.element_size() - start)
@@ -477,7 +485,7 @@ def _launch(kernel, dim: int, params: tuple, out_specs: tuple[Out, ...],
     """Allocate fresh outputs and run the forward kernel (no autograd bookkeeping); the outputs and the
     plan that launched them."""
     device = inputs[0].device
-    debug = _debug_outputs
+    debug = _debug_mode.enabled
     outputs = tuple(allocate_output(s, device, debug) for s in out_specs)
     plan = launch_plan(kernel, dim, params, out_specs, inputs)
     plan.launch_forward(inputs, params, outputs)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import weakref
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -59,6 +60,7 @@ class StepOutput:
 
 _LAUNCHES_CHECKED: weakref.WeakSet[type] = weakref.WeakSet()
 """The task classes whose first launches :meth:`DiffSim.check_launches` has checked in this process."""
+_LAUNCHES_LOCK = threading.Lock()
 
 
 class DiffSim:
@@ -177,21 +179,25 @@ class DiffSim:
         return self._reset(seed, episode)
 
     def check_launches(self) -> None:
-        """Once per task class and process, before its first use: reset, observe and step one env in the
-        bridge's debug mode (:func:`~diffgym.core.bridge.debug_outputs`). A kernel that leaves an output
-        unwritten, or writes past one's end (say ``obs_dim`` smaller than the columns the observation
-        writes, which would corrupt memory), raises ``UnwrittenOutputError`` here, naming the kernel and
-        the argument, instead of returning garbage."""
+        """Once per task class and process, before its first use: reset, observe, step and take the info
+        extras of one env in the bridge's debug mode (:func:`~diffgym.core.bridge.debug_outputs`). A kernel
+        that leaves an output unwritten, or writes past one's end (say ``obs_dim`` smaller than the columns
+        the observation writes, which would corrupt memory), raises ``UnwrittenOutputError`` here, naming
+        the kernel and the argument, instead of returning garbage. A task with a step of its own (a Newton
+        task: a solver between its kernels) has its reset and observation checked, not its step."""
         cls = type(self)
         if cls in _LAUNCHES_CHECKED:
             return
-        first = torch.zeros(1, dtype=torch.int32, device=self.device)
-        with debug_outputs(), torch.no_grad():
-            state = self._reset(first, first)
-            self._observe(state)
-            if self.steps_as_one_kernel:  # a task with its own _step (Newton) checks its own launches
-                self._step(state, torch.zeros(1, self.act_dim, device=self.device))
-        _LAUNCHES_CHECKED.add(cls)
+        with _LAUNCHES_LOCK:
+            if cls in _LAUNCHES_CHECKED:  # another thread checked it meanwhile
+                return
+            first = torch.zeros(1, dtype=torch.int32, device=self.device)
+            with debug_outputs(), torch.no_grad():
+                state = self._reset(first, first)
+                self._observe(state)
+                if self.steps_as_one_kernel:
+                    self.info(self._step(state, torch.zeros(1, self.act_dim, device=self.device)))
+            _LAUNCHES_CHECKED.add(cls)
 
     def _reset(self, seed: torch.Tensor, episode: torch.Tensor) -> SimState:
         batch = int(seed.shape[0])

@@ -296,13 +296,27 @@ def task_name(env_id: str) -> str:
     """The task part of an id for file names: ``DiffGym/PointMass1D-v0`` -> ``PointMass1D``; later
     versions keep their suffix, ``DiffGym/TPush-v1`` -> ``TPush-v1``, so their runs and reports never
     overwrite the first version's."""
-    name, _, version = env_id.split("/")[-1].rpartition("-v")
+    bare = env_id.rpartition(":")[2].split("/")[-1]  # without Gymnasium's module: prefix and the namespace
+    name, _, version = bare.rpartition("-v")
     if not name or not version.isdigit():
-        return env_id.split("/")[-1]
+        return bare
     return name if version == "0" else f"{name}-v{version}"
 
 
 # ---------------------------------------------------------------------------------- helpers
+def parse_number(value: Any, integer: bool = False) -> int | float | None:
+    """``value`` if it is a number (not a bool); the text of one (YAML 1.1 keeps ``1e-5`` as a string) as an
+    int when ``integer`` and it is written as one, else as a float; ``None`` for anything else."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if not isinstance(value, str):
+        return None
+    try:
+        return int(value) if integer and value.strip().lstrip("+-").isdigit() else float(value)
+    except ValueError:
+        return None
+
+
 def _to_builtin(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)

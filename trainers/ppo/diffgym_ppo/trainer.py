@@ -7,7 +7,6 @@ statistics as plain numbers, never as pickled SB3 or NumPy objects.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import random
@@ -27,6 +26,7 @@ from stable_baselines3.common.vec_env import VecMonitor, VecNormalize
 from diffgym.training import EvaluationCadence, Run, TrainConfig
 from diffgym.training.evaluation import evaluate_config, train_env_seed
 from diffgym.training.randomization import check_config_ranges
+from diffgym.training.spec import parse_number
 from diffgym_ppo.policy import SpecActorCriticPolicy, SpecPPO
 from diffgym_ppo.vec_env import SB3VecEnvAdapter
 
@@ -117,9 +117,9 @@ class PPOTrainer:
             value = params[name]
             if value is None and name in OPTIONAL_PARAMS:
                 continue
-            if isinstance(value, str):  # YAML reads 1e-5 (no dot) as text; --param and APG's sections take it
-                with contextlib.suppress(ValueError):
-                    value = float(value)
+            if isinstance(value, str):  # YAML reads 1e-5 (no dot) as text (a config given to train() directly)
+                parsed = parse_number(value)
+                value = value if parsed is None else parsed
             number = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
             if not (number and accepts(value)):
                 also = " or null (off)" if name in OPTIONAL_PARAMS else ""
