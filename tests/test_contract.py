@@ -243,6 +243,30 @@ def test_gradients_reach_action_and_float_state(env_id):
         assert leaf.grad is not None and torch.isfinite(leaf.grad).all(), name
 
 
+PRE_CONTACT = {"DiffGym/PointNav2D-v0": 0.1, "DiffGym/TPush-v0": 0.05, "DiffGym/TPush-v1": 0.05}
+"""Tasks with pre-contact gradients, and a distance at which their straight-through kernel runs."""
+
+
+@pytest.mark.parametrize("env_id, kwargs", [(task, {}) for task in TASKS] + [
+    (task, {"contact_gradient_distance": distance}) for task, distance in PRE_CONTACT.items() if task in TASKS])
+def test_backward_leaves_the_forward_outputs_as_they_were(env_id, kwargs):
+    """Warp's adjoint replays each kernel's forward code: a store it replays (a called function's) would
+    rewrite an output after the step returned it, so the observation a trainer keeps would be another."""
+    venv = gym.make_vec(env_id, num_envs=3, **kwargs)
+    venv.reset(seed=4)
+    state = venv.get_state()
+    actions = torch.full((4, 3, venv.single_action_space.shape[0]), 0.3, requires_grad=True)
+    step = venv.differentiable_step(state, actions[0])
+    rollout = venv.differentiable_rollout(state, actions)
+    outputs = [step.obs, step.reward, *step.state.tensors(), rollout.obs, rollout.reward, *rollout.states.tensors()]
+    before = [t.detach().clone() for t in outputs]
+    floats = [t for t in outputs if t.is_floating_point()]
+    sum(t.sum() for t in floats).backward()
+    for name, now, then in zip(["step obs", "step reward", *step.state.field_names(), "rollout obs",
+                                "rollout reward", *rollout.states.field_names()], outputs, before):
+        assert torch.equal(now.detach(), then), f"{name} changed by backward"
+
+
 @pytest.mark.parametrize("env_id", TASKS)
 def test_render_rgb_array(env_id):
     env = gym.make(env_id, render_mode="rgb_array")

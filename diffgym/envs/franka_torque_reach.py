@@ -76,6 +76,11 @@ def _write_observation(i: int, q: vec7, qd: vec7, tcp: wp.vec3, goal: wp.vec3, o
         obs[i, 17 + k] = goal[k] - tcp[k]
 
 
+@wp.func_replay(_write_observation)
+def _write_observation_replay(i: int, q: vec7, qd: vec7, tcp: wp.vec3, goal: wp.vec3, obs: wp.array2d(dtype=float)):
+    pass  # the backward's replay must not store: it would rewrite obs (docs/adding_a_task.md)
+
+
 @wp.kernel
 def franka_torque_reach_reset(
     seed: wp.array(dtype=wp.int32),

@@ -46,6 +46,11 @@ def _write_observation(i: int, x: float, v: float, goal: float, obs: wp.array2d(
     obs[i, 2] = goal
 
 
+@wp.func_replay(_write_observation)
+def _write_observation_replay(i: int, x: float, v: float, goal: float, obs: wp.array2d(dtype=float)):
+    pass  # the backward's replay must not store: it would rewrite obs (docs/adding_a_task.md)
+
+
 @wp.kernel
 def point_mass_1d_reset(
     seed: wp.array(dtype=wp.int32),

@@ -274,6 +274,11 @@ def _write_observation(i: int, o: _Observation, obs: wp.array2d(dtype=float)):
         obs[i, k] = o[k]
 
 
+@wp.func_replay(_write_observation)
+def _write_observation_replay(i: int, o: _Observation, obs: wp.array2d(dtype=float)):
+    pass  # the backward's replay must not store: it would rewrite obs (docs/adding_a_task.md)
+
+
 @wp.func
 def step_reward(pos: wp.vec2, goal: wp.vec2, p: PointNav2DParams):
     """The reward of a step that ends at ``pos``, and the distance to the goal."""
@@ -601,8 +606,7 @@ def point_nav_2d_step(
     vel_next[i] = result.vel
     goal_next[i] = g
     step_next[i] = step[i] + 1
-    # the kernel's own stores, not _write_observation's: the adjoint's replay skips a kernel's array stores
-    # but runs a called function's, which would overwrite the observation with the empty replayed result
+    # the kernel's own stores (the adjoint's replay skips them; _write_observation's replay skips its stores too)
     for k in range(OBS_DIM):
         obs[i, k] = result.obs[k]
     reward[i] = result.reward
@@ -649,7 +653,8 @@ def _exact_advance_adjoint(p: PointNav2DParams, applied: wp.vec2, x: wp.vec2, v:
 @wp.func_replay(_exact_advance)
 def _exact_advance_replay(p: PointNav2DParams, applied: wp.vec2, x: wp.vec2, v: wp.vec2, mass: float, drag: float):
     # The backward pass never uses the exact values (they only reach straight_through's ignored argument
-    # and the array stores, which the replay skips), so it skips their substeps; the inputs stand in.
+    # and the output stores, which the replay skips, _write_observation's by its own replay), so it skips
+    # their substeps; the inputs stand in.
     return _motion(x, v)
 
 

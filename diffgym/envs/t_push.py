@@ -883,6 +883,11 @@ def _write_observation(i: int, o: _Observation, obs: wp.array2d(dtype=float)):
         obs[i, k] = o[k]
 
 
+@wp.func_replay(_write_observation)
+def _write_observation_replay(i: int, o: _Observation, obs: wp.array2d(dtype=float)):
+    pass  # the backward's replay must not store: it would rewrite obs (docs/adding_a_task.md)
+
+
 @wp.struct
 class Reward:
     """A step's reward and keypoint distance as one value (a Warp function's custom adjoint takes one)."""
@@ -1527,7 +1532,7 @@ def t_push_step(
     block_vel_next[i] = vb
     block_angvel_next[i] = omega
     step_next[i] = step[i] + 1
-    # the kernel's own stores: the adjoint's replay skips a kernel's array stores, not a called function's
+    # the kernel's own stores (the adjoint's replay skips them; _write_observation's replay skips its stores too)
     o = observation(xp, vp, xb, theta, vb, omega)
     for k in range(11):
         obs[i, k] = o[k]
@@ -1567,7 +1572,8 @@ def _exact_advance_replay(p: TPushParams, command: wp.vec2, pusher: wp.vec2, pus
                           angle: float, block_vel: wp.vec2, angvel: float, block_mass: float,
                           contact_friction: float, table_friction: float, contact_stiffness: float):
     # The backward pass never uses the exact values (they only reach straight_through's ignored argument
-    # and the array stores, which the replay skips), so it skips their 20 substeps; the inputs stand in.
+    # and the output stores, which the replay skips, _write_observation's by its own replay), so it skips
+    # their 20 substeps; the inputs stand in.
     return _motion(pusher, pusher_vel, block, angle, block_vel, angvel)
 
 
