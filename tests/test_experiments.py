@@ -245,6 +245,24 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path):
     assert text.count("| complete |") + text.count("| pruned |") + text.count("| fail |") == 6
 
 
+def test_tune_takes_a_repeated_settings_result_instead_of_running_it_again(tmp_path):
+    from diffgym.experiments.tune import tune
+
+    class Coarse(TunableTrainer):
+        def suggest_hyperparams(self, trial, env_id):  # two settings only: TPE must draw repeats
+            return {"algo_params.speed": trial.suggest_categorical("speed", [0.5, 4.0])}
+
+    register_trainer("coarse", Coarse("coarse", solve_at=0, grad_steps_per_eval=1))
+    report = tune(ENV, "coarse", trials=6, env_steps=100_000, out_dir=tmp_path, runner=LocalRunner(workers=1))
+    text = report.read_text()
+    assert len(list((tmp_path / "runs").iterdir())) == 2  # one run per distinct setting
+    assert text.count("(repeat of trial ") == 4
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "repeat of" in line]
+    values = {line.split(" | ")[4]: line.split(" | ")[2] for line in text.splitlines()
+              if line.startswith("| ") and "repeat of" not in line and "speed" in line}
+    assert all(row[2] == values[row[4]] for row in rows)  # each repeat carries its setting's result
+
+
 class FlaggedTrainer(ScriptedTrainer):
     """A third-party trainer that brings its own command-line flags and default ablation grid."""
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -148,9 +148,17 @@ def tune(env_id: str, algo: str, trials: int, env_steps: int, out_dir: str | Pat
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
     while (done := len(study.get_trials(deepcopy=False, states=finished))) < trials:
         asked = [study.ask() for _ in range(min(batch, trials - done))]
-        items = []
+        items, to_run = [], []
         for trial in asked:
             suggested = trainer.suggest_hyperparams(trial, env_id)
+            earlier = _same_setting(study, suggested, asked)
+            if earlier is not None:  # a run is deterministic in its seed: it would only repeat the earlier result
+                trial.set_user_attr("overrides", suggested)
+                trial.set_user_attr("repeat_of", earlier.number)
+                study.tell(trial, earlier.value if earlier.state == optuna.trial.TrialState.COMPLETE else None,
+                           state=earlier.state)
+                continue
+            to_run.append(trial)
             config = resolve_config(algo, env_id, {
                 **(overrides or {}), **suggested, "seed": seed, "total_env_steps": env_steps, "eval_every_env_steps": eval_every,
                 "run_dir": str(out / "runs" / f"trial_{trial.number:03d}"), **({"device": device} if device else {})})
@@ -158,10 +166,10 @@ def tune(env_id: str, algo: str, trials: int, env_steps: int, out_dir: str | Pat
             items.append((config.to_dict(), str(out / "study.log"), study_name, trial._trial_id, metric,
                           getattr(runner, "threads", None)))
         results = runner.map(run_trial, items, lambda i, r: (
-            f"trial {asked[i].number}: failed: {r['error']}" if r["error"] else
-            f"trial {asked[i].number}: {'pruned' if r['pruned'] else 'done'} at {r['env_steps']:,} env steps, "
-            f"{metric} AUC {r['value']:.3f}"))
-        for trial, result in zip(asked, results):
+            f"trial {to_run[i].number}: failed: {r['error']}" if r["error"] else
+            f"trial {to_run[i].number}: {'pruned' if r['pruned'] else 'done'} at {r['env_steps']:,} env steps, "
+            f"{metric} AUC {r['value']:.3f}")) if items else []
+        for trial, result in zip(to_run, results):
             if result["pruned"]:
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             elif math.isfinite(result["value"]):
@@ -171,6 +179,21 @@ def tune(env_id: str, algo: str, trials: int, env_steps: int, out_dir: str | Pat
     return write_reports(study, out, env_id, algo, env_steps, metric, seed)
 
 
+def _same_setting(study, suggested: Mapping[str, Any], asked: Sequence[Any]):
+    """The earliest finished (complete or pruned) trial of ``study`` that ran the ``suggested`` overrides, or
+    ``None``. TPE draws the same setting again in small categorical spaces; with the same seed and budget its
+    run would repeat the earlier one's result, so the study takes that result instead of spending the env
+    steps again. (Trials asked in the same batch are not compared: none of them has a result yet.)"""
+    import optuna
+
+    pending = {trial.number for trial in asked}
+    for earlier in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                             optuna.trial.TrialState.PRUNED)):
+        if earlier.number not in pending and earlier.user_attrs.get("overrides") == dict(suggested):
+            return earlier
+    return None
+
+
 def write_reports(study, out: Path, env_id: str, algo: str, env_steps: int, metric: str, seed: int) -> Path:
     import optuna
 
@@ -178,7 +201,10 @@ def write_reports(study, out: Path, env_id: str, algo: str, env_steps: int, metr
     for t in sorted(study.get_trials(deepcopy=True), key=lambda t: t.number):
         value = f"{t.value:.3f}" if t.value is not None else "-"
         steps = _last_env_steps(str(out / "runs" / f"trial_{t.number:03d}"))
-        rows.append(f"| {t.number} | {t.state.name.lower()} | {value} | {steps:,} | "
+        state = t.state.name.lower()
+        if "repeat_of" in t.user_attrs:
+            state += f" (repeat of trial {t.user_attrs['repeat_of']}: its result, not run again)"
+        rows.append(f"| {t.number} | {state} | {value} | {steps:,} | "
                     f"{json.dumps(t.user_attrs.get('overrides', {}), sort_keys=True)} |")
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     header = (f"# {task_name(env_id)}: tuning {algo} ({len(study.trials)} trials, {env_steps:,} env steps each, "
