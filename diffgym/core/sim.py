@@ -58,8 +58,9 @@ class StepOutput:
         return self.terminated | self.truncated
 
 
-_LAUNCHES_CHECKED: weakref.WeakSet[type] = weakref.WeakSet()
-"""The task classes whose first launches :meth:`DiffSim.check_launches` has checked in this process."""
+_LAUNCHES_CHECKED: weakref.WeakKeyDictionary[type, set[Any]] = weakref.WeakKeyDictionary()
+"""Per task class, the step kernels (an option such as pre-contact gradients picks one per instance) whose
+first launches :meth:`DiffSim.check_launches` has checked in this process."""
 _LAUNCHES_LOCK = threading.Lock()
 
 
@@ -179,17 +180,17 @@ class DiffSim:
         return self._reset(seed, episode)
 
     def check_launches(self) -> None:
-        """Once per task class and process, before its first use: reset, observe, step and take the info
-        extras of one env in the bridge's debug mode (:func:`~diffgym.core.bridge.debug_outputs`). A kernel
-        that leaves an output unwritten, or writes past one's end (say ``obs_dim`` smaller than the columns
-        the observation writes, which would corrupt memory), raises ``UnwrittenOutputError`` here, naming
-        the kernel and the argument, instead of returning garbage. A task with a step of its own (a Newton
+        """Once per task class, step kernel and process, before their first use: reset, observe, step and
+        take the info extras of one env in the bridge's debug mode (:func:`~diffgym.core.bridge.debug_outputs`).
+        A kernel that leaves an output unwritten, or writes past one's end (say ``obs_dim`` smaller than the
+        columns the observation writes, which would corrupt memory), raises ``UnwrittenOutputError`` here,
+        naming the kernel and the argument, instead of returning garbage. A task with a step of its own (a Newton
         task: a solver between its kernels) has its reset and observation checked, not its step."""
-        cls = type(self)
-        if cls in _LAUNCHES_CHECKED:
+        cls, kernel = type(self), self.step_kernel
+        if kernel in _LAUNCHES_CHECKED.get(cls, ()):
             return
         with _LAUNCHES_LOCK:
-            if cls in _LAUNCHES_CHECKED:  # another thread checked it meanwhile
+            if kernel in _LAUNCHES_CHECKED.get(cls, ()):  # another thread checked it meanwhile
                 return
             first = torch.zeros(1, dtype=torch.int32, device=self.device)
             with debug_outputs(), torch.no_grad():
@@ -197,7 +198,7 @@ class DiffSim:
                 self._observe(state)
                 if self.steps_as_one_kernel:
                     self.info(self._step(state, torch.zeros(1, self.act_dim, device=self.device)))
-            _LAUNCHES_CHECKED.add(cls)
+            _LAUNCHES_CHECKED.setdefault(cls, set()).add(kernel)
 
     def _reset(self, seed: torch.Tensor, episode: torch.Tensor) -> SimState:
         batch = int(seed.shape[0])
