@@ -18,16 +18,17 @@ if TYPE_CHECKING:  # imported on first use (see __getattr__): torch and Warp tak
     from diffgym.core.env import DiffGymEnv, DiffGymVectorEnv
     from diffgym.core.sim import DiffSim, StepOutput
     from diffgym.core.state import SimState
-    from diffgym.policy import Policy, load_policy
+    from diffgym.policy import Policy, load_policy, save_policy
 
 __version__ = "0.1.0"
 
 _LAZY = {"Out": "diffgym.core.bridge", "warp_call": "diffgym.core.bridge", "DiffGymEnv": "diffgym.core.env",
          "DiffGymVectorEnv": "diffgym.core.env", "DiffSim": "diffgym.core.sim", "StepOutput": "diffgym.core.sim",
-         "SimState": "diffgym.core.state", "Policy": "diffgym.policy", "load_policy": "diffgym.policy"}
+         "SimState": "diffgym.core.state", "Policy": "diffgym.policy", "load_policy": "diffgym.policy",
+         "save_policy": "diffgym.policy"}
 
 __all__ = ["DiffGymEnv", "DiffGymVectorEnv", "DiffSim", "Out", "Policy", "SimState", "StepOutput",
-           "load_policy", "register_task", "warp_call", "TASK_IDS", "ALL_TASK_IDS", "GOAL_TASK_IDS",
+           "load_policy", "save_policy", "register_task", "warp_call", "TASK_IDS", "ALL_TASK_IDS", "GOAL_TASK_IDS",
            "NEWTON_TASK_IDS"]
 
 

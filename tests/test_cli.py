@@ -261,6 +261,16 @@ def test_a_cuda_env_without_a_gpu_is_a_clear_value_error(make):
         getattr(gym, make)(ENV, device="cuda", **kwargs)
 
 
+@pytest.mark.parametrize("make", ["make", "make_vec"])
+def test_a_device_torch_does_not_know_is_one_line(make):
+    import gymnasium as gym
+
+    kwargs = {"num_envs": 2} if make == "make_vec" else {}
+    with pytest.raises(ValueError, match=r"^device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', "
+                                         r"got 'gpu'$"):
+        getattr(gym, make)(ENV, device="gpu", **kwargs)
+
+
 # ------------------------------------------------------------------------------- item 9: help, flags
 def _parsers() -> dict[str, argparse.ArgumentParser]:
     parser = cli.build_parser()

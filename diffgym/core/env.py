@@ -151,7 +151,11 @@ def _checked_array(action: Any, shape: tuple[int, ...]) -> np.ndarray:
 def check_device(device: str | torch.device) -> None:
     """A one-line ``ValueError`` for a CUDA device that this torch cannot use (no GPU, or a CPU-only
     build, where torch itself fails later with a bare ``AssertionError``)."""
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:  # torch's message lists every device type it knows, over several lines
+        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} requested, but torch {torch.__version__} sees no CUDA GPU; "
                          "use device 'cpu'")
 
