@@ -186,7 +186,7 @@ class DiffSim:
         columns the observation writes, which would corrupt memory), raises ``UnwrittenOutputError`` here,
         naming the kernel and the argument, instead of returning garbage. A task with a step of its own (a Newton
         task: a solver between its kernels) has its reset and observation checked, not its step."""
-        cls, kernel = type(self), self.step_kernel
+        cls, kernel = type(self), getattr(self, "step_kernel", None)  # a Newton task has none
         if kernel in _LAUNCHES_CHECKED.get(cls, ()):
             return
         with _LAUNCHES_LOCK:
