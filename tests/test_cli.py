@@ -269,6 +269,8 @@ def test_a_device_torch_does_not_know_is_one_line(make):
     with pytest.raises(ValueError, match=r"^device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', "
                                          r"got 'gpu'$"):
         getattr(gym, make)(ENV, device="gpu", **kwargs)
+    with pytest.raises(ValueError, match=r"^device must be a torch device .*, got None$"):
+        getattr(gym, make)(ENV, device=None, **kwargs)
 
 
 # ------------------------------------------------------------------------------- item 9: help, flags

@@ -257,14 +257,17 @@ def test_backward_leaves_the_forward_outputs_as_they_were(env_id, kwargs):
     state = venv.get_state()
     actions = torch.full((4, 3, venv.single_action_space.shape[0]), 0.3, requires_grad=True)
     step = venv.differentiable_step(state, actions[0])
+    observed = venv.sim.observe(step.state)
     rollout = venv.differentiable_rollout(state, actions)
-    outputs = [step.obs, step.reward, *step.state.tensors(), rollout.obs, rollout.reward, *rollout.states.tensors()]
-    before = [t.detach().clone() for t in outputs]
-    floats = [t for t in outputs if t.is_floating_point()]
-    sum(t.sum() for t in floats).backward()
-    for name, now, then in zip(["step obs", "step reward", *step.state.field_names(), "rollout obs",
-                                "rollout reward", *rollout.states.field_names()], outputs, before):
-        assert torch.equal(now.detach(), then), f"{name} changed by backward"
+    named = {"observe": observed, **{f"step {k}": v for k, v in vars(step).items() if k != "state"},
+             **{f"step {k}": v for k, v in zip(step.state.field_names(), step.state.tensors())},
+             **{f"rollout {k}": v for k, v in vars(rollout).items() if k != "states"},
+             **{f"rollout {k}": v for k, v in zip(rollout.states.field_names(), rollout.states.tensors())}}
+    assert {"step obs", "step reward", "step terminated", "step truncated", "step success"} <= set(named)
+    before = {name: t.detach().clone() for name, t in named.items()}
+    sum(t.sum() for t in named.values() if t.is_floating_point()).backward()
+    for name, now in named.items():
+        assert torch.equal(now.detach(), before[name]), f"{name} changed by backward"
 
 
 @pytest.mark.parametrize("env_id", TASKS)

@@ -261,6 +261,18 @@ def test_tune_takes_a_repeated_settings_result_instead_of_running_it_again(tmp_p
     values = {line.split(" | ")[4]: line.split(" | ")[2] for line in text.splitlines()
               if line.startswith("| ") and "repeat of" not in line and "speed" in line}
     assert all(row[2] == values[row[4]] for row in rows)  # each repeat carries its setting's result
+    import optuna
+    from diffgym.experiments.tune import _storage
+
+    study = optuna.load_study(study_name="coarse__PointMass1D", storage=_storage(tmp_path / "study.log"))
+    first = {t.params["speed"]: t for t in study.trials if "repeat_of" not in t.user_attrs}
+    for repeat in (t for t in study.trials if "repeat_of" in t.user_attrs):  # its curve too, for the pruner
+        assert repeat.intermediate_values == first[repeat.params["speed"]].intermediate_values != {}
+    # a continued study with another budget runs its settings again: another config, another result
+    tune(ENV, "coarse", trials=8, env_steps=50_000, out_dir=tmp_path, runner=LocalRunner(workers=1))
+    study = optuna.load_study(study_name="coarse__PointMass1D", storage=_storage(tmp_path / "study.log"))
+    assert (tmp_path / "runs" / "trial_006").is_dir()  # trial 6 ran, though its speed had run at 100k
+    assert all(t.user_attrs.get("repeat_of", 6) >= 6 for t in study.trials[6:])
 
 
 class FlaggedTrainer(ScriptedTrainer):

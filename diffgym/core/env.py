@@ -153,7 +153,7 @@ def check_device(device: str | torch.device) -> None:
     build, where torch itself fails later with a bare ``AssertionError``)."""
     try:
         kind = torch.device(device).type
-    except RuntimeError:  # torch's message lists every device type it knows, over several lines
+    except (RuntimeError, TypeError):  # torch's message lists every device type it knows, over several lines
         raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} requested, but torch {torch.__version__} sees no CUDA GPU; "

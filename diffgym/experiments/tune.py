@@ -31,7 +31,7 @@ import yaml
 from diffgym.experiments.sweep import LocalRunner, Runner, train_one
 from diffgym.plugins import load_trainer, resolve_config
 from diffgym.training.run import read_metrics
-from diffgym.training.spec import task_name
+from diffgym.training.spec import TrainConfig, task_name
 
 METRICS = {"success": "eval_success_rate", "return": "eval_return"}
 
@@ -60,7 +60,6 @@ def run_trial(config_dict: dict, storage_path: str, study_name: str, trial_id: i
     import optuna
 
     from diffgym.training.run import log_hook
-    from diffgym.training.spec import TrainConfig
 
     config = TrainConfig.from_dict(config_dict)
     # the pruner is not stored with the study: the worker's must be the driver's
@@ -151,18 +150,20 @@ def tune(env_id: str, algo: str, trials: int, env_steps: int, out_dir: str | Pat
         items, to_run = [], []
         for trial in asked:
             suggested = trainer.suggest_hyperparams(trial, env_id)
-            earlier = _same_setting(study, suggested, asked)
-            if earlier is not None:  # a run is deterministic in its seed: it would only repeat the earlier result
-                trial.set_user_attr("overrides", suggested)
-                trial.set_user_attr("repeat_of", earlier.number)
-                study.tell(trial, earlier.value if earlier.state == optuna.trial.TrialState.COMPLETE else None,
-                           state=earlier.state)
-                continue
-            to_run.append(trial)
             config = resolve_config(algo, env_id, {
                 **(overrides or {}), **suggested, "seed": seed, "total_env_steps": env_steps, "eval_every_env_steps": eval_every,
                 "run_dir": str(out / "runs" / f"trial_{trial.number:03d}"), **({"device": device} if device else {})})
             trial.set_user_attr("overrides", suggested)
+            trial.set_user_attr("setting", _setting(config))
+            earlier = _same_setting(study, trial.user_attrs["setting"], asked)
+            if earlier is not None:  # the same config, seed and schedule would only repeat the earlier run
+                trial.set_user_attr("repeat_of", earlier.number)
+                for step, value in earlier.intermediate_values.items():  # its curve, for the pruner and TPE
+                    trial.report(value, step)
+                study.tell(trial, earlier.value if earlier.state == optuna.trial.TrialState.COMPLETE else None,
+                           state=earlier.state)
+                continue
+            to_run.append(trial)
             items.append((config.to_dict(), str(out / "study.log"), study_name, trial._trial_id, metric,
                           getattr(runner, "threads", None)))
         results = runner.map(run_trial, items, lambda i, r: (
@@ -179,17 +180,24 @@ def tune(env_id: str, algo: str, trials: int, env_steps: int, out_dir: str | Pat
     return write_reports(study, out, env_id, algo, env_steps, metric, seed)
 
 
-def _same_setting(study, suggested: Mapping[str, Any], asked: Sequence[Any]):
-    """The earliest finished (complete or pruned) trial of ``study`` that ran the ``suggested`` overrides, or
-    ``None``. TPE draws the same setting again in small categorical spaces; with the same seed and budget its
-    run would repeat the earlier one's result, so the study takes that result instead of spending the env
-    steps again. (Trials asked in the same batch are not compared: none of them has a result yet.)"""
+def _setting(config: TrainConfig) -> str:
+    """What a trial's run depends on: its whole config but the run directory, as canonical JSON."""
+    return json.dumps({**config.to_dict(), "run_dir": None}, sort_keys=True)
+
+
+def _same_setting(study, setting: str, asked: Sequence[Any]):
+    """The earliest finished (complete or pruned) trial of ``study`` whose run had the config ``setting``
+    (:func:`_setting`), or ``None``. TPE draws the same setting again in small categorical spaces; on one
+    device, with the same seed, threads and evaluation schedule, its run would repeat the earlier one's, so
+    the study takes that result instead of spending the env steps again. A continued study with another
+    budget, seed or ``--set`` has other configs and reuses nothing. (Trials asked in the same batch are not
+    compared: none of them has a result yet.)"""
     import optuna
 
     pending = {trial.number for trial in asked}
     for earlier in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
                                                              optuna.trial.TrialState.PRUNED)):
-        if earlier.number not in pending and earlier.user_attrs.get("overrides") == dict(suggested):
+        if earlier.number not in pending and earlier.user_attrs.get("setting") == setting:
             return earlier
     return None
 
