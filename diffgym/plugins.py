@@ -139,8 +139,9 @@ def resolve_config(algo: str, env_id: str, overrides: Mapping[str, Any] | None =
     defaults (its budgets and ``algo_params``), the task's shared specs (``shared_specs``), then ``base`` (e.g. a ``--config`` file) when given, then dotted-key ``overrides``."""
     trainer = load_trainer(algo)
     check_task(env_id)
+    defaults = dict(trainer.default_config(env_id) or {})
+    trainer_params = dict(defaults.get("algo_params", {}) or {})
     if base is None:
-        defaults = dict(trainer.default_config(env_id) or {})
         owned = [section for section in SHARED_SECTIONS if section in defaults]
         if owned:
             raise ValueError(f"trainer {algo!r} sets {owned} in its defaults; policy, normalizer and optimizer "
@@ -160,7 +161,7 @@ def resolve_config(algo: str, env_id: str, overrides: Mapping[str, Any] | None =
             raise ValueError(f"these settings are trainer {data.get('algo')!r}'s now: use --algo {data.get('algo')}")
         config = TrainConfig.from_dict(data)
         set_keys = list(config.algo_params)
-    _check_algo_params(trainer, env_id, set_keys)
+    _check_algo_params(trainer, trainer_params, set_keys)
     from diffgym.core.env import check_device
 
     check_device(config.device)
@@ -175,12 +176,11 @@ def resolve_config(algo: str, env_id: str, overrides: Mapping[str, Any] | None =
     from diffgym.training.randomization import check_config_ranges
 
     check_config_ranges(config)
-    trainer_defaults = dict(dict(trainer.default_config(env_id) or {}).get("algo_params", {}) or {})
-    config = config.with_overrides(_numbers_from_text("algo_params", config.algo_params, trainer_defaults))
+    config = config.with_overrides(_numbers_from_text("algo_params", config.algo_params, trainer_params))
     check = getattr(trainer, "check_config", None)
     if check is not None:  # before the type check: its messages know the trainer's ranges
         check(config)
-    _check_types("algo_params", config.algo_params, trainer_defaults)
+    _check_types("algo_params", config.algo_params, trainer_params)
     return config
 
 
@@ -242,11 +242,11 @@ def task_defaults(env_id: str) -> dict[str, Any]:
             if parameter.kind in named and name not in ("self", "device", "render_mode")}
 
 
-def _check_algo_params(trainer: Trainer, env_id: str, keys: Sequence[str]) -> None:
+def _check_algo_params(trainer: Trainer, defaults: Mapping[str, Any], keys: Sequence[str]) -> None:
     """A misspelt hyperparameter is an error, not a silently ignored key: every ``algo_params`` key an
-    override sets (``keys``, first level) must be one the trainer's per-task defaults list (as the
-    protocol asks them to)."""
-    known = set(dict(trainer.default_config(env_id) or {}).get("algo_params", {}) or {})
+    override sets (``keys``, first level) must be one the trainer's per-task defaults (``defaults``) list
+    (as the protocol asks them to)."""
+    known = set(defaults)
     if not known:
         return  # a trainer that lists none: nothing to check against
     unknown = sorted(set(keys) - known)

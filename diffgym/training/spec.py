@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import types
 import typing
 from pathlib import Path
@@ -246,8 +247,7 @@ class TrainConfig:
             free_form = ("algo_params", "env_kwargs", "randomize", "eval_randomize", "wrappers")
             open_sections = tuple(data.get(key) for key in free_form)
             if not any(node is section for section in open_sections) and leaf not in node:
-                where = ".".join(parents) or "the config"
-                raise ValueError(f"unknown config key {dotted!r}; the keys {where} holds: {', '.join(sorted(node))}")
+                raise ValueError(unknown_keys_message([dotted], ".".join(parents) or "the config", sorted(node)))
             node[leaf] = _to_builtin(value)
         return self.from_dict(data)
 
@@ -304,10 +304,18 @@ def task_name(env_id: str) -> str:
 
 
 # ---------------------------------------------------------------------------------- helpers
+def unknown_keys_message(keys: list[str], holder: str | None, valid: list[str]) -> str:
+    """The one wording of a misnamed key, from ``--set``, ``--param`` or a config file: the dotted ``keys``
+    and what their section (``holder``; ``None``: valid keys of an unnamed section) holds instead."""
+    holds = f"the keys {holder} holds" if holder else "valid keys"
+    return (f"unknown config key{'s' if len(keys) > 1 else ''} {', '.join(map(repr, keys))}; {holds}: "
+            f"{', '.join(valid)}")
+
+
 def parse_number(value: Any, integer: bool = False) -> int | float | None:
-    """``value`` if it is a number (not a bool); the text of one (YAML 1.1 keeps ``1e-5`` as a string) as an
-    int when ``integer`` and it is written as one, else as a float; ``None`` for anything else."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    """``value`` if it is a real number (not a bool; NumPy's too); the text of one (YAML 1.1 keeps ``1e-5`` as a
+    string) as an int when ``integer`` and it is written as one, else as a float; ``None`` for anything else."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return value
     if not isinstance(value, str):
         return None
@@ -340,10 +348,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     fields = dataclasses.fields(cls)  # type: ignore[arg-type]
     names = [f.name for f in fields]
     unknown = sorted(set(data) - set(names))
-    if unknown:  # worded as TrainConfig.with_overrides words a misnamed --set key
-        keys = ", ".join(repr(prefix + key) for key in unknown)
-        holds = f"the keys {prefix[:-1]} holds" if prefix else "valid keys"
-        raise ValueError(f"unknown config key{'s' if len(unknown) > 1 else ''} {keys}; {holds}: {', '.join(names)}")
+    if unknown:
+        raise ValueError(unknown_keys_message([prefix + key for key in unknown], prefix[:-1] or None, names))
     missing = [prefix + f.name for f in fields
                if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -396,20 +402,18 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return value
         raise ValueError(f"{where} must be true or false, got {value!r}")
     if tp is int:
+        number = parse_number(value)  # YAML reads "1e6" as a string
         try:
-            number = float(value) if isinstance(value, str) else value  # YAML reads "1e6" as a string
-            if isinstance(number, bool) or not isinstance(number, (int, float)) or float(number) != int(number):
+            if number is None or float(number) != int(number):
                 raise ValueError
         except (ValueError, OverflowError):
             raise ValueError(f"{where} must be an integer, got {value!r}") from None
         return int(number)
     if tp is float:
-        if isinstance(value, bool):
+        number = parse_number(value)
+        if number is None:
             raise ValueError(f"{where} must be a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where} must be a number, got {value!r}") from None
+        return float(number)
     if tp is str:
         if not isinstance(value, str):
             raise ValueError(f"{where} must be a string, got {value!r}")

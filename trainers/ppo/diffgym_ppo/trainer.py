@@ -8,7 +8,6 @@ statistics as plain numbers, never as pickled SB3 or NumPy objects.
 from __future__ import annotations
 
 import math
-import numbers
 import random
 from collections import deque
 from importlib import resources
@@ -117,14 +116,11 @@ class PPOTrainer:
             value = params[name]
             if value is None and name in OPTIONAL_PARAMS:
                 continue
-            if isinstance(value, str):  # YAML reads 1e-5 (no dot) as text (a config given to train() directly)
-                parsed = parse_number(value)
-                value = value if parsed is None else parsed
-            number = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-            if not (number and accepts(value)):
+            number = parse_number(value)  # also YAML's text 1e-5 (no dot), in a config given to train() directly
+            if number is None or not (math.isfinite(number) and accepts(number)):
                 also = " or null (off)" if name in OPTIONAL_PARAMS else ""
                 raise ValueError(f"algo_params.{name} must be a number {expected}{also}, got {params[name]!r}")
-            params[name] = float(value)
+            params[name] = float(number)
         for name in ("normalize_advantage", "normalize_reward"):
             if not isinstance(params[name], bool):
                 raise ValueError(f"algo_params.{name} must be true or false, got {params[name]!r}")
