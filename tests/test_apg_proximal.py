@@ -17,7 +17,8 @@ from diffgym.training import OptimizerSpec
 from diffgym.training.returns import ReturnScale, clipped_surrogate_loss, gae_advantages
 from diffgym_apg.apg import apg_update, train
 from diffgym_apg.config import APGConfig
-from diffgym_apg.proximal import ProximalBuffer, ProximalConfig, clipped_epochs
+import diffgym_apg.proximal
+from diffgym_apg.proximal import ProximalBuffer, ProximalConfig, batch_advantages, clipped_epochs, likelihood_ratio_gradient
 
 from tests.test_apg import (POINT_MASS, latest_checkpoint, make_learner, pieces, random_segment, read_metrics,
                             small_config, straight_checkpoints)
@@ -155,14 +156,14 @@ def test_segment_lr_sets_the_segment_steps_rate_and_leaves_the_shared_spec_to_th
     assert learner.optimizer.param_groups[0]["betas"] == tuple(config.optimizer.betas)
 
 
-@pytest.mark.parametrize("estimator", ["none", "analytic"])
-def test_resume_with_a_half_filled_buffer_continues_identically(tmp_path, estimator):
+@pytest.mark.parametrize("estimator, gate", [("none", False), ("analytic", False), ("analytic", True)])
+def test_resume_with_a_half_filled_buffer_continues_identically(tmp_path, estimator, gate):
     # 2 envs x K = 30, horizon 90: proximal updates after segments 3 and 6; the checkpoint after segment 4
     # holds one segment in the buffer
     changes = {"num_envs": 2, "eval_every_env_steps": 4 * 60, "total_env_steps": 8 * 60,
                "algo_params.segment.length": 30, "algo_params.policy_gradient.estimator": estimator,
                "algo_params.proximal.n_steps": 90, "algo_params.proximal.batch_size": 32,
-               "algo_params.value.normalize_reward": True}
+               "algo_params.value.normalize_reward": True, "algo_params.proximal.gate_segment_steps": gate}
     straight = train(proximal_config(tmp_path, "gae", "straight", **changes), progress=False)
     halfway = straight_checkpoints(straight)[1]
     assert halfway == 4 * 60
@@ -175,6 +176,8 @@ def test_resume_with_a_half_filled_buffer_continues_identically(tmp_path, estima
 
     assert updates(resumed) == updates(straight)
     assert sum("proximal_loss" in r for r in updates(straight)) == 2
+    # the segment steps' gradients of the half-filled rollout are in the checkpoint, so the comparison matches
+    assert sum("proximal_segment_agreement" in r for r in updates(straight)) == (2 if estimator == "analytic" else 0)
     a, b = latest_checkpoint(straight), latest_checkpoint(resumed)
     for key in ("actor_critic", "normalizer", "target_critic"):
         for name in a[key]:
@@ -215,6 +218,55 @@ def test_normalize_reward_keeps_every_value_in_return_units(tmp_path, bootstrap)
     assert all(math.isfinite(r["proximal_loss"]) for r in rows if "proximal_loss" in r)
     assert any("proximal_loss" in r for r in rows)
     assert all(("proximal_value_loss" in r) == (bootstrap == "gae") for r in rows if "proximal_loss" in r)
+
+
+def test_the_likelihood_ratio_gradient_is_the_clipped_surrogates_at_the_acting_policy():
+    """What the segment steps are compared with: the gradient the clipped epochs' surrogate has before any
+    step (ratio 1), over the whole batch with its advantages normalized over the batch."""
+    learner, batch = _batch()
+    config = ProximalConfig(gae_lambda=0.95)
+    flat = likelihood_ratio_gradient(learner.model, learner.actor_parameters, batch, config, 0.99)
+    advantages, keep, _ = batch_advantages(batch, config, 0.99)
+    log_prob = learner.model.log_prob(batch["obs_normalized"][keep], batch["pre_squash"][keep])
+    torch.testing.assert_close(log_prob.detach(), batch["old_log_prob"][keep])  # the acting policy's
+    loss, _ = clipped_surrogate_loss(log_prob, batch["old_log_prob"][keep],
+                                     (advantages - advantages.mean()) / (advantages.std() + 1e-8), 0.2)
+    grads = torch.autograd.grad(loss, learner.actor_parameters, allow_unused=True)
+    expected = torch.cat([(torch.zeros_like(p) if g is None else g).flatten()
+                          for p, g in zip(learner.actor_parameters, grads)])
+    torch.testing.assert_close(flat, expected)
+    assert flat.abs().sum() > 0
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_the_gate_takes_segment_steps_only_while_they_agree_with_the_clipped_path(tmp_path, monkeypatch, sign):
+    """``proximal.gate_segment_steps``: at the clipped update the rollout's summed segment gradients are
+    compared with the path's; agreement keeps the segment steps, disagreement stops them until a later
+    comparison agrees (they are still computed and compared meanwhile)."""
+    config = proximal_config(tmp_path, "gae", **{"algo_params.proximal.gate_segment_steps": True})
+    learner, envs, params = make_learner(config)
+    observed = []
+    monkeypatch.setattr(diffgym_apg.proximal, "likelihood_ratio_gradient",
+                        lambda *args: observed.append(learner.proximal.segment_gradient.clone()) or sign * observed[-1])
+    first = apg_update(learner, envs, params, config)  # 4 of the 8 steps per env: no comparison yet
+    assert first["policy_steps"] == 1 and "proximal_segment_agreement" not in first
+    summed = learner.proximal.segment_gradient.clone()
+    second = apg_update(learner, envs, params, config)  # the buffer is full: compared, then the clipped epochs
+    assert second["proximal_segment_agreement"] == pytest.approx(sign)
+    assert second["proximal_segment_steps_taken"] == (sign > 0)
+    assert not torch.equal(observed[0], summed)  # both segments' gradients, summed
+    assert learner.proximal.segment_gradient is None  # a new sum for the next rollout
+    actor = [p.detach().clone() for p in learner.actor_parameters]
+    third = apg_update(learner, envs, params, config)
+    moved = any(not torch.equal(p, q) for p, q in zip(learner.actor_parameters, actor))
+    assert moved == (sign > 0) and third["policy_steps"] == (1 if sign > 0 else 0)
+    assert learner.proximal.segment_gradient is not None  # compared at the next update either way
+
+
+def test_the_gate_needs_a_segment_step():
+    with pytest.raises(ValueError, match="gate_segment_steps gates the segment steps: estimator 'none' takes none"):
+        APGConfig.from_params({"policy_gradient": {"estimator": "none"}, "value": {"bootstrap": "gae"},
+                               "proximal": {"gate_segment_steps": True}})
 
 
 def _batch(seed: int = 0, value_scale: float = 1.0):

@@ -135,13 +135,21 @@ def policy_gradient(learner: Learner, segment: Rollout, params: APGConfig, log_p
 def segment_step(learner: Learner, segment: Rollout, params: APGConfig, config: TrainConfig,
                  log_prob: SegmentLogProb | None = None) -> tuple[dict[str, float], float, int]:
     """Steps 2-3: the policy gradient, then one clipped Adam step, skipped where the loss or the gradient
-    is not finite (nothing reaches Adam); then any reuse steps on the same action adjoints. Returns the
-    statistics, the gradient norm of the first step and the number of steps taken."""
+    is not finite (nothing reaches Adam); then any reuse steps on the same action adjoints. With the
+    proximal section the gradient is handed to it, and where it says the segment steps disagree with its own
+    gradient (``proximal.gate_segment_steps``) no step is taken. Returns the statistics, the gradient norm of
+    the first step and the number of steps taken."""
     learner.optimizer.zero_grad(set_to_none=True)
     stats, objective = policy_gradient(learner, segment, params, log_prob)
     grad_norm = math.nan
     if math.isfinite(stats["actor_loss"]):
+        if learner.proximal is not None:
+            learner.proximal.observe_segment_gradient()
         grad_norm = clip_gradients(learner.actor_parameters, config.optimizer)
+    if learner.proximal is not None and not learner.proximal.takes_segment_steps:
+        learner.optimizer.zero_grad(set_to_none=True)
+        decay_rate(learner, params)
+        return stats, grad_norm, 0
     reuse = ReuseBatch.of(learner.model, objective) if params.reuse.enabled and math.isfinite(grad_norm) else None
     if math.isfinite(grad_norm):
         adam_step(learner.optimizer)
@@ -154,10 +162,15 @@ def segment_step(learner: Learner, segment: Rollout, params: APGConfig, config: 
                                  config.optimizer))
         steps += int(stats["reuse_grad_steps"])
         learner.skipped_updates += int(stats["reuse_skipped_steps"])
-    if params.policy_gradient.lr_decay != 1.0:  # after every update, skipped or not; the rate is Adam state (resumed)
+    decay_rate(learner, params)
+    return stats, grad_norm, steps
+
+
+def decay_rate(learner: Learner, params: APGConfig) -> None:
+    """``policy_gradient.lr_decay``, after every update, skipped or not; the rate is Adam state (resumed)."""
+    if params.policy_gradient.lr_decay != 1.0:
         for group in learner.optimizer.param_groups:
             group["lr"] *= params.policy_gradient.lr_decay
-    return stats, grad_norm, steps
 
 
 def apg_update(learner: Learner, envs: EnvBatch, params: APGConfig, config: TrainConfig,

@@ -76,6 +76,9 @@ class APGConfig:
         if self.proximal is not None and not self.value.enabled:
             raise ValueError("the proximal section's advantages need a value function: set value.bootstrap to "
                              "gae, mc or critic")
+        if self.proximal is not None and self.proximal.gate_segment_steps and not estimator.steps:
+            raise ValueError(f"proximal.gate_segment_steps gates the segment steps: estimator {estimator.name!r} takes "
+                             "none")
         if self.proximal is not None and self.value.critics != 1:
             raise ValueError(f"the proximal section reads and fits one value network: it needs value.critics 1, "
                              f"not {self.value.critics}")

@@ -53,6 +53,14 @@ class ProximalConfig:
     learning_rate: float | None = None
     """Adam learning rate of these steps; None: the shared ``optimizer.lr`` (what PPO uses). They have their
     own Adam: their gradients and the analytic ones differ in scale, so they must not share moments."""
+    gate_segment_steps: bool = False
+    """Take the segment steps only while they agree with this path. At every clipped update the segment
+    steps' gradients summed over the rollout are compared with this path's likelihood-ratio gradient of the
+    same rollout (logged as ``proximal_segment_agreement``, their cosine); the next rollout's segment steps
+    are taken only if it was positive (the first rollout's are). Both estimate the gradient of the same
+    expected return, one without bias; where the analytic one points the other way, it follows a local
+    feature of the simulator the sampled returns do not confirm (Suh et al.'s bias check, with this path's
+    batch as the reference). Needs an estimator with a segment step."""
 
     def __post_init__(self) -> None:
         for name, value, bound in (("n_steps", self.n_steps, 1), ("batch_size", self.batch_size, 2),
@@ -131,6 +139,22 @@ class ProximalPath:
         self.optimizer = make_optimizer(actor_parameters + self.value_parameters,
                                         dataclasses.replace(optimizer, lr=config.learning_rate or optimizer.lr))
         self.buffer = ProximalBuffer()
+        self.segment_gradient: torch.Tensor | None = None
+        """The segment steps' gradients summed since the last clipped update (flat, actor parameter order)."""
+        self.segment_steps_agree = True
+        """Whether the last comparison found them in agreement (``gate_segment_steps``)."""
+
+    def observe_segment_gradient(self) -> None:
+        """Add the segment step's gradient, as its estimator wrote it into the actor's ``.grad`` (before the
+        clip), to the sum compared at the next update."""
+        flat = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten()
+                          for p in self.actor_parameters])
+        self.segment_gradient = flat.clone() if self.segment_gradient is None else self.segment_gradient + flat
+
+    @property
+    def takes_segment_steps(self) -> bool:
+        """Whether the segment steps are taken now (always, unless ``gate_segment_steps`` closed them)."""
+        return self.segment_steps_agree or not self.config.gate_segment_steps
 
     def collect(self, segment: Rollout) -> None:
         """Keep a fresh segment (before any step; :meth:`ProximalBuffer.add`)."""
@@ -141,35 +165,43 @@ class ProximalPath:
         return self.buffer.steps >= self.config.n_steps
 
     def update(self) -> dict[str, float]:
-        """The clipped epochs over everything collected; their statistics."""
-        stats = clipped_epochs(self.model, self.normalizer, self.optimizer, self.actor_parameters, self.buffer.take(),
+        """The clipped epochs over everything collected; their statistics. Before them, the segment steps'
+        gradients of the same rollout are compared with this path's (``gate_segment_steps``)."""
+        batch = self.buffer.take()
+        agreement = {}
+        if self.segment_gradient is not None:
+            reference = likelihood_ratio_gradient(self.model, self.actor_parameters, batch, self.config, self.gamma)
+            cosine = float(reference @ self.segment_gradient
+                           / (reference.norm() * self.segment_gradient.norm()).clamp_min(1e-30))
+            if math.isfinite(cosine):  # (no comparison: the gate stays as it was)
+                self.segment_steps_agree = cosine > 0
+            agreement = {"proximal_segment_agreement": cosine,
+                         "proximal_segment_steps_taken": float(self.takes_segment_steps)}
+            self.segment_gradient = None
+        stats = clipped_epochs(self.model, self.normalizer, self.optimizer, self.actor_parameters, batch,
                                self.config, gamma=self.gamma, optimizer_spec=self.optimizer_spec,
                                value_parameters=self.value_parameters)
         self.value.grad_steps += int(stats["proximal_grad_steps"]) if self.value_parameters else 0
-        return stats
+        return {**stats, **agreement}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"proximal_optimizer": self.optimizer.state_dict(), "proximal_buffer": self.buffer.state_dict()}
+        return {"proximal_optimizer": self.optimizer.state_dict(), "proximal_buffer": self.buffer.state_dict(),
+                "proximal_segment_gradient": self.segment_gradient,
+                "proximal_segment_steps_agree": self.segment_steps_agree}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         if saved.get("proximal_optimizer"):
             self.optimizer.load_state_dict(saved["proximal_optimizer"])
         self.buffer.load_state_dict(saved.get("proximal_buffer", []))
+        self.segment_gradient = saved.get("proximal_segment_gradient")  # (checkpoints before it: none)
+        self.segment_steps_agree = bool(saved.get("proximal_segment_steps_agree", True))
 
 
-def clipped_epochs(model: ActorCritic, normalizer: ObservationNormalizer, optimizer: torch.optim.Optimizer,
-                   actor_parameters: list[nn.Parameter], batch: dict[str, torch.Tensor], config: ProximalConfig, *,
-                   gamma: float, optimizer_spec: OptimizerSpec, value_parameters: list[nn.Parameter] = ()
-                   ) -> dict[str, float]:
-    """Clipped-surrogate epochs on ``batch`` (from :meth:`ProximalBuffer.take`); returns the statistics.
-
-    Advantages are GAE over the batch's contiguous steps, from the values recorded at collection (as SB3
-    and CleanRL compute them), normalized per minibatch. With ``value_parameters`` each minibatch step is
-    PPO's joint step: ``surrogate + vf_coef * MSE(V, GAE return)``, one gradient clip over actor and
-    critic together, one ``optimizer`` over both (it must hold both); the batch is in the value network's
-    units (``ProximalBuffer.add``); the value fit's inputs are normalized with the current statistics,
-    those the value network is used with next. A step whose gradient is not finite is skipped. Returns
-    the mean losses, clip fraction, approximate KL, the minibatch steps taken and how many were skipped.
+def batch_advantages(batch: dict[str, torch.Tensor], config: ProximalConfig, gamma: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GAE advantages of a batch from :meth:`ProximalBuffer.take` over its contiguous steps, from the values
+    recorded at collection (as SB3 and CleanRL compute them); returns them for the kept steps (``valid`` and
+    finite), the mask of those, and the values they were computed from.
 
     Steps of envs left out (``valid`` false) neither get advantages nor pass anything to the steps
     before them: their TD errors are zero, so the last kept step's advantage is closed by its own next
@@ -182,8 +214,37 @@ def clipped_epochs(model: ActorCritic, normalizer: ObservationNormalizer, optimi
         advantages = gae_advantages(rewards, values, next_values, batch["terminated"], batch["truncated"], gamma,
                                     config.gae_lambda)
         keep = valid & torch.isfinite(advantages)
+        return advantages[keep], keep, values
+
+
+def likelihood_ratio_gradient(model: ActorCritic, actor_parameters: list[nn.Parameter],
+                              batch: dict[str, torch.Tensor], config: ProximalConfig, gamma: float) -> torch.Tensor:
+    """The gradient of the clipped surrogate at the acting policy (ratio 1, so no clip acts), over the whole
+    batch with its advantages normalized over the batch: ``-mean(A grad log pi)``, flat in
+    ``actor_parameters`` order. What the clipped epochs' first steps follow, from all the batch at once."""
+    advantages, keep, _ = batch_advantages(batch, config, gamma)
+    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    log_prob = model.log_prob(batch["obs_normalized"][keep], batch["pre_squash"][keep])
+    grads = torch.autograd.grad(-(log_prob * advantages).mean(), actor_parameters, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(actor_parameters, grads)])
+
+
+def clipped_epochs(model: ActorCritic, normalizer: ObservationNormalizer, optimizer: torch.optim.Optimizer,
+                   actor_parameters: list[nn.Parameter], batch: dict[str, torch.Tensor], config: ProximalConfig, *,
+                   gamma: float, optimizer_spec: OptimizerSpec, value_parameters: list[nn.Parameter] = ()
+                   ) -> dict[str, float]:
+    """Clipped-surrogate epochs on ``batch`` (from :meth:`ProximalBuffer.take`); returns the statistics.
+
+    Advantages are GAE (:func:`batch_advantages`), normalized per minibatch. With ``value_parameters`` each minibatch step is
+    PPO's joint step: ``surrogate + vf_coef * MSE(V, GAE return)``, one gradient clip over actor and
+    critic together, one ``optimizer`` over both (it must hold both); the batch is in the value network's
+    units (``ProximalBuffer.add``); the value fit's inputs are normalized with the current statistics,
+    those the value network is used with next. A step whose gradient is not finite is skipped. Returns
+    the mean losses, clip fraction, approximate KL, the minibatch steps taken and how many were skipped."""
+    advantages, keep, values = batch_advantages(batch, config, gamma)
+    with torch.no_grad():
         obs, pre_squash = batch["obs_normalized"][keep], batch["pre_squash"][keep]
-        old_log_prob, advantages = batch["old_log_prob"][keep], advantages[keep]
+        old_log_prob = batch["old_log_prob"][keep]
         value_inputs = normalizer(batch["start_obs"][keep])
         returns = advantages + values[keep]
     parameters = list(actor_parameters) + list(value_parameters)
