@@ -18,7 +18,8 @@ from diffgym.training.returns import ReturnScale, clipped_surrogate_loss, gae_ad
 from diffgym_apg.apg import apg_update, train
 from diffgym_apg.config import APGConfig
 import diffgym_apg.proximal
-from diffgym_apg.proximal import ProximalBuffer, ProximalConfig, batch_advantages, clipped_epochs, likelihood_ratio_gradient
+from diffgym_apg.proximal import (ProximalBuffer, ProximalConfig, batch_advantages, clipped_epochs,
+                                  likelihood_ratio_gradient)
 
 from tests.test_apg import (POINT_MASS, latest_checkpoint, make_learner, pieces, random_segment, read_metrics,
                             small_config, straight_checkpoints)

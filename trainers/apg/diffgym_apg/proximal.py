@@ -235,8 +235,8 @@ def clipped_epochs(model: ActorCritic, normalizer: ObservationNormalizer, optimi
                    ) -> dict[str, float]:
     """Clipped-surrogate epochs on ``batch`` (from :meth:`ProximalBuffer.take`); returns the statistics.
 
-    Advantages are GAE (:func:`batch_advantages`), normalized per minibatch. With ``value_parameters`` each minibatch step is
-    PPO's joint step: ``surrogate + vf_coef * MSE(V, GAE return)``, one gradient clip over actor and
+    Advantages are GAE (:func:`batch_advantages`), normalized per minibatch. With ``value_parameters`` each
+    minibatch step is PPO's joint step: ``surrogate + vf_coef * MSE(V, GAE return)``, one gradient clip over actor and
     critic together, one ``optimizer`` over both (it must hold both); the batch is in the value network's
     units (``ProximalBuffer.add``); the value fit's inputs are normalized with the current statistics,
     those the value network is used with next. A step whose gradient is not finite is skipped. Returns
