@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import operator
 from typing import Any, ClassVar, Mapping
 
 import gymnasium as gym
@@ -22,7 +23,58 @@ from diffgym.core.sim import DiffSim, StepOutput
 from diffgym.core.state import SimState
 from diffgym.core.tensor_checks import describe_value
 
-_SEED_MASK = 0x7FFFFFFF  # Warp's RNG takes int32 seeds
+_SEED_MASK = 0x7FFFFFFF  # Warp's RNG takes non-negative int32 seeds
+
+
+def _as_signed64(value: int) -> int:
+    """``value`` mod 2**64 as the int64 with the same bits (how a torch int64 tensor holds it)."""
+    value &= 0xFFFFFFFFFFFFFFFF
+    return value - (1 << 64) if value >> 63 else value
+
+
+_SPLITMIX_GAMMA, _SPLITMIX_MUL1, _SPLITMIX_MUL2 = (
+    _as_signed64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _splitmix64(z: torch.Tensor) -> torch.Tensor:
+    """One splitmix64 output for state ``z`` (int64, read as its unsigned bits). torch's int64 add and
+    multiply wrap mod 2**64 like uint64, but ``>>`` copies the sign bit, so each shift is masked to a
+    logical one."""
+    z = z + _SPLITMIX_GAMMA
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _SPLITMIX_MUL1
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _SPLITMIX_MUL2
+    return z ^ ((z >> 31) & ((1 << 33) - 1))
+
+
+def warp_seeds(seeds: torch.Tensor | list[int]) -> torch.Tensor:
+    """Map seeds onto Warp's RNG seed range [0, 2**31) as an int32 tensor: a seed in that range is itself
+    (every recorded stream depends on it); any other is hashed by splitmix64 into it, so seeds that differ
+    only above bit 31 (``2**31 + 5``, ``2**32 + 5``, ``5``) get different streams, colliding only by
+    chance. A tensor's int64 values are read as unsigned 64-bit (``-1`` hashes like ``2**64 - 1``);
+    Python ints must be non-negative, and one of more than 64 bits is folded 64 bits at a time."""
+    if not isinstance(seeds, torch.Tensor):
+        seeds = torch.tensor([_fold_to_int64(seed) for seed in seeds], dtype=torch.int64)
+    seeds = seeds.to(torch.int64)
+    in_range = (seeds >= 0) & (seeds <= _SEED_MASK)
+    return torch.where(in_range, seeds, _splitmix64(seeds) & _SEED_MASK).to(torch.int32)
+
+
+def _fold_to_int64(seed: int) -> int:
+    """A non-negative Python int as the int64 :func:`warp_seeds` reads: its bits if below 2**64, else the
+    splitmix64 chain over its 64-bit words (most significant first), so every bit of it counts."""
+    seed = operator.index(seed)
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed}")
+    words = []
+    while True:
+        words.append(_as_signed64(seed))
+        seed >>= 64
+        if not seed:
+            break
+    folded = torch.tensor(words.pop(), dtype=torch.int64)
+    while words:
+        folded = _splitmix64(folded) ^ words.pop()
+    return int(folded)
 
 
 class _TensorAPI:
@@ -367,7 +419,7 @@ class DiffGymEnv(_TensorAPI, gym.Env[np.ndarray, np.ndarray]):
         super().reset(seed=seed)
         if seed is not None or self._seed is None:
             value = seed if seed is not None else int(self.np_random.integers(_SEED_MASK))
-            self._seed = torch.tensor([value & _SEED_MASK], dtype=torch.int32, device=self.sim.device)
+            self._seed = warp_seeds([value]).to(self.sim.device)
             self._episode.zero_()
         else:
             self._episode += 1
@@ -501,7 +553,7 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
         seeds = seeded = None
         if seed is not None:  # a seeded env restarts its RNG stream at episode 0, like a single env
             seeded = torch.as_tensor([s is not None for s in seed], device=device)
-            seeds = torch.as_tensor([(s or 0) & _SEED_MASK for s in seed], dtype=torch.int32, device=device)
+            seeds = warp_seeds([0 if s is None else s for s in seed]).to(device)
         self._state, obs = self._restart(self._state, mask, seeds, seeded)
         self._needs_reset &= ~mask
         return self.to_gym_observation(obs, self._state), {}
@@ -537,12 +589,12 @@ class DiffGymVectorEnv(_TensorAPI, VectorEnv):
                     and seeds.dtype != torch.bool and seeds.shape == (self.num_envs,)):
                 raise ValueError(f"seeds must be an integer tensor of shape ({self.num_envs},), got "
                                  f"{describe_value(seeds)}")
-            seeds = (seeds.to(device=device, dtype=torch.int64) & _SEED_MASK).to(torch.int32)
+            seeds = warp_seeds(seeds.to(device))
         return self._restart(state, mask, seeds)
 
     def _restart(self, state: SimState | None, mask: torch.Tensor, seeds: torch.Tensor | None = None,
                  seeded: torch.Tensor | None = None) -> tuple[SimState, torch.Tensor]:
-        """:meth:`restart` on checked arguments (``seeds`` int32 and masked to Warp's seed range); ``seeded``
+        """:meth:`restart` on checked arguments (``seeds`` int32, mapped by :func:`warp_seeds`); ``seeded``
         narrows which masked envs take ``seeds`` (all of them by default); ``state`` None (the first reset)
         restarts every env."""
         episode = torch.where(mask, self._episode + 1, self._episode)
