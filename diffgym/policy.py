@@ -68,8 +68,9 @@ class Policy(nn.Module):
     forward = act
 
     def predict(self, observation: Any, state: Any = None, episode_start: Any = None,
-                deterministic: bool = True) -> tuple[np.ndarray, None]:
-        """SB3's ``predict``: NumPy observation(s) in, ``(actions, None)`` out (float32, same batch shape)."""
+                deterministic: bool = False) -> tuple[np.ndarray, None]:
+        """SB3's ``predict``: NumPy observation(s) in, ``(actions, None)`` out (float32, same batch shape).
+        As in SB3, actions are sampled unless ``deterministic=True`` (the policy's mean, what evaluations use)."""
         obs = np.asarray(observation, dtype=np.float32)
         if obs.shape[-1:] != (self.model.obs_dim,) or obs.ndim not in (1, 2):
             raise ValueError(f"observation must have shape ({self.model.obs_dim},) or (B, {self.model.obs_dim}), "

@@ -40,10 +40,14 @@ def test_every_bundled_trainer_saves_what_load_policy_needs(run):
 def test_load_policy_predicts_like_sb3_and_acts_differentiably(run):
     policy = diffgym.load_policy(run)
     assert policy.config.env_id == POINT_MASS and policy.env_steps == 64
-    single, state = policy.predict(np.zeros(3, dtype=np.float32))
-    batch, _ = policy.predict(np.zeros((5, 3)))
+    single, state = policy.predict(np.zeros(3, dtype=np.float32), deterministic=True)
+    batch, _ = policy.predict(np.zeros((5, 3)), deterministic=True)
     assert state is None and single.shape == (1,) and batch.shape == (5, 1) and batch.dtype == np.float32
     np.testing.assert_allclose(batch[0], single, rtol=0, atol=1e-6)
+    # SB3's default: sampled actions, not the mean
+    torch.manual_seed(0)
+    sampled, _ = policy.predict(np.zeros((5, 3)))
+    assert not np.allclose(sampled, batch) and np.abs(sampled).max() <= 1.0
     obs = torch.randn(4, 3, requires_grad=True)
     policy.act(obs).sum().backward()
     assert obs.grad is not None and torch.isfinite(obs.grad).all()
@@ -86,7 +90,7 @@ def test_export_matches_predict(run, tmp_path, fmt):
 
     export_policy(policy, out, fmt)
     obs = np.random.default_rng(0).normal(size=(7, 3)).astype(np.float32) * 3
-    expected, _ = policy.predict(obs)
+    expected, _ = policy.predict(obs, deterministic=True)
     if fmt == "torchscript":
         got = torch.jit.load(str(out))(torch.as_tensor(obs)).numpy()
     else:
@@ -148,7 +152,7 @@ def test_export_writes_next_to_the_run_by_default(run, tmp_path):
     assert main(["export", str(copied), "--step", "32", "--format", "safetensors"]) == 0
     obs = np.random.default_rng(1).normal(size=(6, 3)).astype(np.float32)
     scripted = torch.jit.load(str(copied / "policy.pt"))(torch.as_tensor(obs)).numpy()
-    np.testing.assert_allclose(scripted, diffgym.load_policy(copied).predict(obs)[0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(scripted, diffgym.load_policy(copied).predict(obs, deterministic=True)[0], rtol=0, atol=1e-6)
     assert diffgym.load_policy(copied / "policy_step_32.safetensors").env_steps == 32
     checkpoint = sorted((copied / "checkpoints").glob("step_*.pt"))[-1]
     assert main(["export", str(checkpoint)]) == 0  # beside the file, never over it
@@ -169,7 +173,7 @@ def test_the_shareable_policy_holds_tensors_and_config_and_loads_back(run, tmp_p
     shared, original = diffgym.load_policy(out), diffgym.load_policy(run)
     assert shared.env_steps == original.env_steps and shared.config.algo == original.config.algo
     obs = np.random.default_rng(2).normal(size=(9, 3)).astype(np.float32) * 3
-    np.testing.assert_array_equal(shared.predict(obs)[0], original.predict(obs)[0])
+    np.testing.assert_array_equal(shared.predict(obs, deterministic=True)[0], original.predict(obs, deterministic=True)[0])
     for name, tensor in original.state_dict().items():
         assert torch.equal(shared.state_dict()[name], tensor), name
     result = tmp_path / "eval.json"

@@ -280,3 +280,14 @@ def test_ppo_reads_numbers_yaml_keeps_as_text_and_numpy_scalars():
     params = load_trainer("ppo").check_config(config)
     assert params["ent_coef"] == 1e-5 and params["gamma"] == pytest.approx(0.99) and params["target_kl"] is None
     assert type(params["ent_coef"]) is float and type(params["gamma"]) is float
+
+
+def test_a_batch_size_that_does_not_divide_the_rollout_names_the_divisors_to_use_instead():
+    """``--num-envs 8`` alone on TPush-v1 (n_steps 400, batch_size 512): the one line says what would run."""
+    from diffgym.plugins import load_trainer, resolve_config
+
+    with pytest.raises(ValueError, match=r"^batch_size 512 must divide n_steps \* num_envs = 3200 \(400 x 8\): "
+                                         r"set --param batch_size=400 or 640, or another n_steps$"):
+        resolve_config("ppo", "DiffGym/TPush-v1", {"num_envs": 8})
+    fixed = resolve_config("ppo", "DiffGym/TPush-v1", {"num_envs": 8, "algo_params.batch_size": 640})
+    assert load_trainer("ppo").check_config(fixed)["batch_size"] == 640

@@ -128,8 +128,12 @@ class PPOTrainer:
             raise ValueError("algo_params.batch_size must be >= 2 with normalize_advantage (a minibatch's "
                              f"advantages are normalized by their spread), got {params['batch_size']}")
         rollout = params["n_steps"] * config.num_envs
-        if rollout % params["batch_size"]:
-            raise ValueError(f"batch_size {params['batch_size']} must divide n_steps * num_envs = {rollout}")
+        if rollout % params["batch_size"]:  # SB3 would only warn and take a last, smaller minibatch
+            divisors = [d for d in range(2, rollout + 1) if rollout % d == 0]
+            nearest = sorted(divisors, key=lambda d: (abs(d - params["batch_size"]), d))[:2]
+            raise ValueError(f"batch_size {params['batch_size']} must divide n_steps * num_envs = {rollout} "
+                             f"({params['n_steps']} x {config.num_envs}): set --param batch_size="
+                             f"{' or '.join(str(d) for d in sorted(nearest))}, or another n_steps")
         return params
 
     def train(self, config: TrainConfig, progress: bool = True) -> Path:
