@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -191,6 +192,28 @@ def test_resuming_with_another_config_is_refused_listing_the_differing_keys(tmp_
     assert TrainConfig.load(run_dir / "config.yaml").total_env_steps == 100
 
 
+def test_a_run_of_another_trainer_is_refused_by_its_algo_before_any_upgrade(tmp_path):
+    """The requested trainer's upgrade_config reads its own earlier formats only: a PPO run resumed by APG
+    is refused for its algo (not for PPO settings the APG upgrade cannot read), in either direction."""
+    from diffgym_apg import upgrade_config
+
+    ppo_params = {"n_steps": 16, "clip_range": 0.1, "gae_lambda": 0.98}
+    write_run(config(tmp_path, algo="ppo", algo_params=ppo_params))
+    with pytest.raises(run_mod.ConfigMismatch) as error:
+        Run(config(tmp_path, algo="apg"), progress=False, upgrade_config=upgrade_config)
+    assert re.search(r"\(config.yaml differs in algo \('ppo' -> 'apg'\)\); ", str(error.value)), error.value
+    # an upgrade that names an older run's algo as today's (apg's legacy runs are apg-ppo's) still resumes
+    def renamed(saved):
+        return {**saved, "algo": "ppo-v2"} if saved["algo"] == "ppo" else saved
+
+    with Run(config(tmp_path, algo="ppo-v2", algo_params=ppo_params), progress=False, upgrade_config=renamed):
+        pass
+    # the other way round (PPO has no upgrade), the same one difference
+    write_run(config(tmp_path, algo="apg", run_dir=str(tmp_path / "apg")))
+    with pytest.raises(run_mod.ConfigMismatch, match=r"\(config.yaml differs in algo \('apg' -> 'ppo'\)\); "):
+        Run(config(tmp_path, algo="ppo", algo_params=ppo_params, run_dir=str(tmp_path / "apg")), progress=False)
+
+
 def test_a_checkpoint_of_another_config_is_refused(tmp_path):
     run_dir = write_run(config(tmp_path))
     (run_dir / "config.yaml").unlink()  # only the checkpoints know the run's config now
@@ -237,6 +260,51 @@ def test_default_run_dirs_never_collide(tmp_path, monkeypatch):
     cfg = config(tmp_path, run_dir=None)
     with Run(cfg, progress=False) as first, Run(cfg, progress=False) as second:  # same second
         assert first.dir != second.dir
+
+
+def test_run_outputs_get_the_mode_a_plain_open_would_give(tmp_path):
+    """0o666 less the umask for a new file (not a temp file's owner-only 0o600), an existing file's own mode
+    when it is replaced, as ``open(path, "w")`` leaves them."""
+    previous = os.umask(0o027)
+    try:
+        run_dir = write_run(config(tmp_path))
+        written = [run_dir / "config.yaml", run_dir / "metrics.jsonl", *(p for _, p in list_checkpoints(run_dir))]
+        assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {p.name: "0o640" for p in written}
+        (run_dir / "config.yaml").chmod(0o604)
+        with Run(config(tmp_path), progress=False):  # rewrites config.yaml
+            pass
+        assert oct(stat.S_IMODE((run_dir / "config.yaml").stat().st_mode)) == "0o604"
+    finally:
+        os.umask(previous)
+
+
+@pytest.mark.parametrize("print_config", [False, True])
+def test_a_run_dir_that_cannot_be_a_directory_is_one_line_exit_2(tmp_path, capsys, print_config):
+    register_trainer("tiny", _TinyTrainer())
+    afile = tmp_path / "afile"
+    afile.touch()
+    for run_dir, reason in ((afile, f"--run-dir {afile} is a file, not a directory"),
+                            (afile / "run", f"--run-dir {afile / 'run'} cannot be created: {afile} is not a directory")):
+        code = diffgym_main(["train", "--algo", "tiny", "--env", ENV, "--run-dir", str(run_dir), "--no-progress",
+                             *(["--print-config"] if print_config else [])])
+        captured = capsys.readouterr()
+        assert (code, captured.err, captured.out) == (2, f"diffgym train: {reason}\n", "")
+
+
+def test_run_refuses_a_run_dir_it_cannot_make_in_one_line(tmp_path, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.touch()
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(afile))} is a file, not a directory$"):
+        Run(config(tmp_path, run_dir=str(afile)), progress=False)
+    with pytest.raises(ValueError, match=rf"cannot be created: {re.escape(str(afile))} is not a directory$"):
+        Run(config(tmp_path, run_dir=str(afile / "run")), progress=False)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a user without write permission sees it
+    with pytest.raises(ValueError, match=rf"run cannot be created: {re.escape(str(tmp_path))} is not writable$"):
+        Run(config(tmp_path), progress=False)
+    monkeypatch.undo()
+    if Path("/proc/self").is_dir():  # a directory no one can make a run directory in, even root
+        with pytest.raises(run_mod.RunDirError, match=r"^/proc/x cannot be created \(.+\)$"):
+            Run(config(tmp_path, run_dir="/proc/x"), progress=False)
 
 
 # ------------------------------------------------------------------- trainers: budget, evaluations

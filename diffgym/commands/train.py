@@ -86,11 +86,16 @@ def run(args: argparse.Namespace) -> int:
         configure_torch_threads(args.threads, config.device)
     except (KeyError, TypeError, ValueError) as error:
         return _refuse(one_line(error))
+    from diffgym.training.run import RunDirError, UnusableRunDir, check_run_dir, watch_runs
+
+    if config.run_dir:
+        try:
+            check_run_dir(config.run_dir)
+        except UnusableRunDir as error:  # a file, under a file, read-only: before anything is trained
+            return _refuse(f"{'--run-dir' if args.run_dir else 'run_dir'} {error}")
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
-    from diffgym.training.run import RunDirError, watch_runs
-
     train: Callable[..., Path] = load_trainer(algo).train
     with watch_runs() as opened:
         try:

@@ -18,9 +18,12 @@ A run directory is safe to re-run into:
   the lock when its process dies, however it dies, so a dead run's lock is simply taken over.
 * **Same run.** A directory that holds results is only continued with the config it was started with;
   the budget (``total_env_steps``), the evaluation cadence and episodes may change
-  (:data:`RESUMABLE_CHANGES`). Anything else raises :class:`ConfigMismatch` listing the differences.
+  (:data:`RESUMABLE_CHANGES`). Anything else raises :class:`ConfigMismatch` listing the differences
+  (only the algorithm's, when another trainer made the run).
+* **A directory.** A ``run_dir`` that is a file, lies under one, or cannot be created raises
+  :class:`UnusableRunDir`, one line (:func:`check_run_dir`).
 * **Nothing lost.** ``config.yaml``, ``metrics.jsonl`` and checkpoints are replaced atomically (a
-  uniquely named temp file, then a rename). ``metrics.jsonl`` is left alone until the trainer either
+  uniquely named temp file, then a rename), with the mode ``open(path, "w")`` would give them. ``metrics.jsonl`` is left alone until the trainer either
   resumes (:meth:`Run.resume_from` keeps the rows up to its checkpoint) or logs its first row of a fresh
   start, so a resume that fails or is killed leaves the earlier rows in place.
 * **Corrupt checkpoints.** :meth:`Run.load_latest_checkpoint` skips an unreadable checkpoint with a
@@ -44,8 +47,9 @@ import math
 import os
 import pickle
 import re
+import secrets
+import stat
 import sys
-import tempfile
 import time
 import warnings
 from datetime import datetime
@@ -81,6 +85,11 @@ class RunDirLocked(RunDirError):
 
 class ConfigMismatch(RunDirError):
     """The run directory holds a run with another config."""
+
+
+class UnusableRunDir(RunDirError, ValueError):
+    """A ``run_dir`` that is not, and cannot become, a directory a run can write in. A ``ValueError`` as
+    well, since it is a bad value in the config."""
 
 
 class CheckpointWarning(UserWarning):
@@ -289,7 +298,8 @@ class Run:
         """Logged name -> TensorBoard tag; trainers add their own names' shared tags (``docs/protocol.md``)."""
         if config.run_dir:
             run_dir = Path(config.run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
+            check_run_dir(run_dir)
+            _make_run_dir(run_dir, exist_ok=True)
         else:
             run_dir = _new_run_dir(config)
         self.config = config.replace(run_dir=str(run_dir))
@@ -517,8 +527,11 @@ class Run:
         self._refuse_other_config(saved, saved_path)
 
     def _refuse_other_config(self, saved: Mapping[str, Any], source: Path) -> None:
-        if self._upgrade_config is not None:
-            saved = self._upgrade_config(dict(saved))
+        saved = self._in_todays_format(saved)
+        if saved.get("algo") != self.config.algo:  # another trainer's settings differ in everything: say why
+            raise ConfigMismatch(f"{self.dir} holds a run with another config ({source.name} differs in algo "
+                                 f"({saved.get('algo', _UNSET)!r} -> {self.config.algo!r})); continue it with "
+                                 "its own config or choose another run_dir")
         # fields added since runs were first saved held their (empty) defaults before they existed; any other
         # missing field stays a difference, so a later change of a default cannot pass unseen
         saved = {**{name: {} for name in FIELDS_ADDED_EMPTY if name not in saved}, **saved}
@@ -527,6 +540,21 @@ class Run:
             raise ConfigMismatch(f"{self.dir} holds a run with another config ({source.name} differs in "
                                  f"{', '.join(differences)}); continue it with its own config or choose "
                                  "another run_dir")
+
+    def _in_todays_format(self, saved: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``saved`` read by the trainer's ``upgrade_config`` when it is the trainer's own run: one of its
+        algo, or one the upgrade renames to it (an older name, e.g. apg's first-format proximal runs, now
+        apg-ppo's). Another trainer's config is returned as it is, since the upgrade cannot read its
+        settings (it would refuse them, hiding that the algo differs)."""
+        if self._upgrade_config is None:
+            return saved
+        if saved.get("algo") == self.config.algo:
+            return self._upgrade_config(dict(saved))
+        try:
+            upgraded = self._upgrade_config(dict(saved))
+        except (KeyError, TypeError, ValueError):
+            return saved
+        return upgraded if upgraded.get("algo") == self.config.algo else saved
 
     def _earlier_rows(self) -> list[dict[str, Any]]:
         """An earlier attempt's rows; a line it was killed while writing is dropped with a warning."""
@@ -575,14 +603,47 @@ def _new_run_dir(config: TrainConfig) -> Path:
     """Create ``default_run_dir(config)``, or ``<it>-2``, ``-3``, ... when runs start within one second
     (``mkdir`` is atomic: two processes never get the same directory)."""
     base = default_run_dir(config)
+    check_run_dir(base)
     for attempt in itertools.count(1):
         candidate = base if attempt == 1 else base.with_name(f"{base.name}-{attempt}")
         try:
-            candidate.mkdir(parents=True)
+            _make_run_dir(candidate, exist_ok=False)
             return candidate
         except FileExistsError:
             continue
     raise AssertionError("unreachable")
+
+
+def check_run_dir(run_dir: str | Path) -> None:
+    """Raise :class:`UnusableRunDir`, one line that starts with the path, when ``run_dir`` cannot be a run
+    directory: it is a file, a file stands where a directory above it would be made, or the nearest
+    existing directory is not writable. Nothing is created, so a command can check its arguments with it
+    before any work; what only creating it shows (a filesystem that refuses) :class:`Run` reports alike."""
+    path = Path(run_dir)
+    try:
+        if path.exists() and not path.is_dir():
+            raise UnusableRunDir(f"{path} is a file, not a directory" if path.is_file() else f"{path} is not a directory")
+        nearest = next(p for p in (path, *path.parents) if p.exists())  # exists() is False under a file
+        if not nearest.is_dir():
+            raise UnusableRunDir(f"{path} cannot be created: {nearest} is not a directory")
+    except OSError as error:  # e.g. a directory above it that may not be searched
+        raise UnusableRunDir(f"{path} cannot be used ({error.strerror or one_line(error)})") from None
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UnusableRunDir(f"{path} is not writable" if nearest == path
+                             else f"{path} cannot be created: {nearest} is not writable")
+
+
+def _make_run_dir(path: Path, exist_ok: bool) -> None:
+    """``path.mkdir(parents=True)``, the OS's refusal as one line (:class:`UnusableRunDir`); without
+    ``exist_ok``, an existing ``path`` raises ``FileExistsError`` (another name is tried)."""
+    try:
+        path.mkdir(parents=True, exist_ok=exist_ok)
+    except FileExistsError:
+        if not exist_ok:
+            raise
+        raise UnusableRunDir(f"{path} is not a directory") from None  # e.g. a dangling link, made since the check
+    except OSError as error:
+        raise UnusableRunDir(f"{path} cannot be created ({error.strerror or one_line(error)})") from None
 
 
 class _NoLock:
@@ -615,13 +676,28 @@ def lock_run_dir(run_dir: Path) -> IO[str] | _NoLock:
 def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     """``write(tmp)`` a uniquely named temp file next to ``path``, then rename it over ``path``: readers
     and a crash see the old file or the new one, never a partial one, and no two writers share a temp
-    file. The temp file is removed if writing fails."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
-    os.close(fd)
-    tmp = Path(name)
+    file. The temp file is removed if writing fails. ``path`` ends up with the mode ``open(path, "w")``
+    would give it: an existing file's own, else 0o666 less the umask (not a temp file's owner-only 0o600,
+    so a run's files are as readable as its TensorBoard events)."""
+    tmp = _new_temp_file(path)
     try:
+        with contextlib.suppress(FileNotFoundError):  # a new file keeps the umask's mode
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _new_temp_file(path: Path) -> Path:
+    """Create an empty ``.<name>.<random>.tmp`` beside ``path`` that no other writer has (``O_EXCL``), with
+    mode 0o666 less the umask: the kernel applies the current umask, which a process cannot read safely
+    while other threads may create files."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}{_TMP_SUFFIX}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue  # another writer's name: draw again
