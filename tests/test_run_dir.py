@@ -284,7 +284,8 @@ def test_a_run_dir_that_cannot_be_a_directory_is_one_line_exit_2(tmp_path, capsy
     afile = tmp_path / "afile"
     afile.touch()
     for run_dir, reason in ((afile, f"--run-dir {afile} is a file, not a directory"),
-                            (afile / "run", f"--run-dir {afile / 'run'} cannot be created: {afile} is not a directory")):
+                            (afile / "run",
+                             f"--run-dir {afile / 'run'} cannot be created: {afile} is not a directory")):
         code = diffgym_main(["train", "--algo", "tiny", "--env", ENV, "--run-dir", str(run_dir), "--no-progress",
                              *(["--print-config"] if print_config else [])])
         captured = capsys.readouterr()

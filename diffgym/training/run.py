@@ -23,9 +23,10 @@ A run directory is safe to re-run into:
 * **A directory.** A ``run_dir`` that is a file, lies under one, or cannot be created raises
   :class:`UnusableRunDir`, one line (:func:`check_run_dir`).
 * **Nothing lost.** ``config.yaml``, ``metrics.jsonl`` and checkpoints are replaced atomically (a
-  uniquely named temp file, then a rename), with the mode ``open(path, "w")`` would give them. ``metrics.jsonl`` is left alone until the trainer either
-  resumes (:meth:`Run.resume_from` keeps the rows up to its checkpoint) or logs its first row of a fresh
-  start, so a resume that fails or is killed leaves the earlier rows in place.
+  uniquely named temp file, then a rename), with the mode ``open(path, "w")`` would give them.
+  ``metrics.jsonl`` is left alone until the trainer either resumes (:meth:`Run.resume_from` keeps the
+  rows up to its checkpoint) or logs its first row of a fresh start, so a resume that fails or is killed
+  leaves the earlier rows in place.
 * **Corrupt checkpoints.** :meth:`Run.load_latest_checkpoint` skips an unreadable checkpoint with a
   :class:`CheckpointWarning` naming it, sets it aside as ``*.pt.corrupt`` and loads the previous one.
 * **No code from files.** Checkpoints are read with ``torch.load(weights_only=True)`` (:func:`load_checkpoint`):
@@ -622,7 +623,8 @@ def check_run_dir(run_dir: str | Path) -> None:
     path = Path(run_dir)
     try:
         if path.exists() and not path.is_dir():
-            raise UnusableRunDir(f"{path} is a file, not a directory" if path.is_file() else f"{path} is not a directory")
+            raise UnusableRunDir(f"{path} is a file, not a directory" if path.is_file()
+                                 else f"{path} is not a directory")
         nearest = next(p for p in (path, *path.parents) if p.exists())  # exists() is False under a file
         if not nearest.is_dir():
             raise UnusableRunDir(f"{path} cannot be created: {nearest} is not a directory")
