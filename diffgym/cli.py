@@ -14,15 +14,15 @@ import sys
 
 from diffgym import __version__
 from diffgym.commands import COMMANDS, load
-from diffgym.commands.options import HelpFormatter, parse_trainer_flags
+from diffgym.commands.options import ArgumentParser, HelpFormatter, parse_trainer_flags
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The full parser, or with ``only`` the arguments of that one subcommand (the others are listed but
     take no arguments): some subcommands' argument definitions import torch, which ``diffgym --help``
     and every other subcommand should not wait for."""
-    parser = argparse.ArgumentParser(prog="diffgym", description="DiffGym: differentiable Warp environments",
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog="diffgym", description="DiffGym: differentiable Warp environments",
+                            formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"diffgym {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
@@ -30,7 +30,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=module.HELP, description=module.HELP, formatter_class=HelpFormatter)
         if only is None or name == only:
             module.add_arguments(command)
-        command.set_defaults(run=module.run)
+        command.set_defaults(run=module.run, usage_error=command.error)
     return parser
 
 
@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(only=chosen if chosen in COMMANDS or not chosen else None)
     args, extra = parser.parse_known_args(argv)
     mode = getattr(args, "plugin_flags", None)  # commands that take the chosen trainer's own flags
-    if extra and mode is None:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra and mode is None:  # the subcommand's parser's error, which names the command
+        args.usage_error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if extra and not args.algo:
             raise SystemExit(f"diffgym {args.command}: unrecognized arguments: {' '.join(extra)} (a trainer's own "

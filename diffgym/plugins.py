@@ -117,20 +117,24 @@ def load_trainer(name: str) -> Trainer:
 
 
 def check_task(env_id: str) -> None:
-    """A one-line ``ValueError`` naming the registered DiffGym tasks if ``env_id`` is not registered."""
+    """A one-line ``ValueError`` naming the registered DiffGym tasks if ``env_id`` is not registered, or is a
+    plain Gymnasium env (no ``differentiable_step``), which no command can run."""
     import gymnasium as gym
 
-    from diffgym.core.registration import task_spec
+    from diffgym.core.registration import is_diffgym_task, task_spec
 
+    tasks = (f"DiffGym tasks: {', '.join(e for e in gym.registry if e.startswith('DiffGym/'))}; a task of your "
+             "own: --env your_module:Your/Task-v0 (docs/adding_a_task.md)")
     try:
-        task_spec(env_id)
+        spec = task_spec(env_id)
     except ImportError as error:
         raise ValueError(f"unknown task {env_id!r}: its module does not import ({error}); the module before "
                          f"':' is imported from the current directory or the Python path") from None
     except gym.error.Error as error:
-        known = ", ".join(e for e in gym.registry if e.startswith("DiffGym/"))
-        raise ValueError(f"unknown task {env_id!r} ({error}); DiffGym tasks: {known}; a task of your own: "
-                         f"--env your_module:Your/Task-v0 (docs/adding_a_task.md)") from None
+        raise ValueError(f"unknown task {env_id!r} ({error}); {tasks}") from None
+    if not is_diffgym_task(spec):
+        raise ValueError(f"{env_id} is not a DiffGym task: its environment ({spec.entry_point}) has no "
+                         f"differentiable_step; diffgym runs {tasks}")
 
 
 def resolve_config(algo: str, env_id: str, overrides: Mapping[str, Any] | None = None,

@@ -15,7 +15,12 @@ is the policy alone: a run's ``wrappers`` (action delay, observation noise) belo
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import warnings
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,35 @@ from diffgym.policy import SHAREABLE_SUFFIX, Policy, save_policy
 
 EXPORT_SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx", "safetensors": SHAREABLE_SUFFIX}
 """Export format -> the file extension that names it (``diffgym export`` infers the format from it)."""
+
+RUN_FILES = {"config.yaml": "a run's config", "metrics.jsonl": "a run's log of evaluations",
+             "vec_normalize.pkl": "Stable-Baselines3's VecNormalize statistics (a pickle)"}
+"""The files of a run directory, beside its checkpoints, that hold no policy (by name)."""
+
+
+def foreign_policy_file(path: str | Path) -> str | None:
+    """What the file ``path`` is, when it is one that training or ``diffgym export`` writes but no policy
+    can be loaded from: a run's other files (:data:`RUN_FILES`, TensorBoard's event files), an ONNX export
+    (told by its extension: ONNX has no signature), a TorchScript export or Stable-Baselines3's model zip
+    (told by the names inside the zip; nothing in it is read). ``None`` for any other file."""
+    path = Path(path)
+    if path.name in RUN_FILES:
+        return RUN_FILES[path.name]
+    if path.name.startswith("events.out.tfevents."):
+        return "a TensorBoard event file (view it with tensorboard --logdir)"
+    if path.suffix.lower() == EXPORT_SUFFIXES["onnx"]:
+        return "an ONNX export (run it with onnxruntime)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):  # not a zip (nor a readable file): for the loader to judge
+        return None
+    if "_stable_baselines3_version" in names:
+        return "Stable-Baselines3's model zip (load it with stable_baselines3.PPO.load)"
+    if any(name.split("/")[1:2] == ["code"] for name in names):  # TorchScript's code; torch.save has none
+        return "a TorchScript export (load it with torch.jit.load)"
+    return None
+
 
 def _task_arguments(policy: Policy, env_id: str | None) -> dict[str, Any]:
     """The task arguments the policy was trained with (``TrainConfig.env_kwargs``), when it is run on
@@ -224,8 +258,27 @@ def export_policy(policy: Policy, path: str | Path, fmt: str | None = None) -> P
         except ImportError as error:
             raise ImportError("ONNX export needs onnx and onnxscript (pip install 'diffgym[export]', "
                               "installed by make)") from error
-        program = torch.onnx.export(module, (example,), input_names=["obs"], output_names=["action"],
-                                    dynamic_shapes={"obs": {0: torch.export.Dim("batch")}}, dynamo=True,
-                                    verbose=False)
+        with _quiet_onnx_exporter():
+            program = torch.onnx.export(module, (example,), input_names=["obs"], output_names=["action"],
+                                        dynamic_shapes={"obs": {0: torch.export.Dim("batch")}}, dynamo=True,
+                                        verbose=False)
         program.save(str(path))
     return path
+
+
+@contextlib.contextmanager
+def _quiet_onnx_exporter() -> Iterator[None]:
+    """Hide what torch's ONNX exporter says about itself, not about the policy: a line per torchvision
+    operator it skips when torchvision is not installed (a policy uses none) and torch's own deprecation
+    of ``LeafSpec``, which its exporter still uses. Everything else it says is still shown."""
+    def not_torchvision(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("torchvision is not installed")
+
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    registration.addFilter(not_torchvision)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            yield
+    finally:
+        registration.removeFilter(not_torchvision)

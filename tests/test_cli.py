@@ -207,6 +207,13 @@ def test_a_trainer_that_declares_dict_observations_gets_them(counting, capsys):
     (["train", "--env", ENV], "--algo required (or --config FILE"),
     (["feasibility", "--env", ENV, "--env-kwarg", "mas=2"], "unknown env_kwargs ['mas'] for DiffGym/PointMass1D-v0"),
     (["grad-stats", "--env", "DiffGym/Nope-v0"], "unknown task 'DiffGym/Nope-v0'"),
+    # a plain Gymnasium env, which diffgym's commands cannot run: said, naming the tasks they can
+    (["train", "--algo", "counting", "--env", "CartPole-v1"],
+     "CartPole-v1 is not a DiffGym task: its environment (gymnasium.envs.classic_control.cartpole:CartPoleEnv) "
+     "has no differentiable_step; diffgym runs DiffGym tasks: DiffGym/PointMass1D-v0, "),
+    (["grad-stats", "--env", "Pendulum-v1"], "Pendulum-v1 is not a DiffGym task"),
+    (["train", "--algo", "counting", "--env", ENV, "--set", "lr=[1"],
+     "lr=[1: '[1' is not valid YAML: expected ',' or ']'"),
 ])
 def test_bad_input_is_one_line_exit_2_before_any_work(argv, message, counting, capsys, tmp_path):
     assert message in one_line_error(capsys, argv)
@@ -238,6 +245,17 @@ def test_policy_commands_refuse_bad_input_in_one_line(trained, tmp_path, monkeyp
         capsys, ["eval", str(trained), "--env", "DiffGym/PointNav2D-v0"])
     assert "unknown task 'DiffGym/Nope-v0'" in one_line_error(capsys,
                                                               ["eval", str(trained), "--env", "DiffGym/Nope-v0"])
+    assert "Pendulum-v1 is not a DiffGym task" in one_line_error(capsys, ["eval", str(trained), "--env", "Pendulum-v1"])
+    # an output path that cannot be written: refused before the policy is evaluated or exported
+    (tmp_path / "afile").touch()
+    monkeypatch.setattr(policy_commands, "export_policy", no_evaluation)
+    for argv in (["eval", str(trained), "--video", str(tmp_path / "afile" / "v.mp4")],
+                 ["eval", str(trained), "--json", str(tmp_path / "afile" / "deeper" / "r.json")],
+                 ["export", str(trained), "--out", str(tmp_path / "afile" / "p.onnx")]):
+        err = one_line_error(capsys, argv)
+        assert f"{tmp_path / 'afile'} is " in err and "not a directory" in err, err
+    assert "it is a directory; expected a file name" in one_line_error(
+        capsys, ["eval", str(trained), "--json", str(tmp_path)])
     broken = tmp_path / "broken"
     shutil.copytree(trained, broken)
     (broken / "config.yaml").write_text("seed: [1, 2\n")
@@ -348,8 +366,21 @@ def test_a_bad_config_file_is_one_line_naming_the_file_once(text, message, capsy
 @pytest.mark.parametrize("argv", [["eval", "run"], ["robustness", "run", "--vary", "mass=0.5:2:3"],
                                   ["train", "--algo", "counting", "--env", ENV]])
 def test_a_negative_seed_is_refused_at_argument_parsing(argv, counting, capsys):
-    with pytest.raises(SystemExit) as stop:
-        cli.main([*argv, "--seed", "-1"])
-    assert stop.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"diffgym {argv[0]}: error: argument --seed: expected a whole number >= 0, got '-1'")
+    assert one_line_error(capsys, [*argv, "--seed", "-1"]) == (
+        f"diffgym {argv[0]}: argument --seed: expected a whole number >= 0, got '-1' (see diffgym {argv[0]} "
+        "--help)\n")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--algo", "counting", "--env", ENV, "--env-steps", "abc"],
+     "argument --env-steps/--total-env-steps: expected a number such as 50000 or 5e4, got 'abc'"),
+    (["eval", "run", "--step", "abc"], "argument --step: invalid int value: 'abc'"),
+    (["eval", "run", "--bogus"], "unrecognized arguments: --bogus"),
+    (["export"], "the following arguments are required: run_dir"),
+    (["train", "--algo", "apg", "--env", ENV, "--segment-length", "[1"],  # a trainer's own flag
+     "argument --segment-length: '[1' is not valid YAML"),
+])
+def test_argument_errors_are_one_line_naming_the_command_and_its_help(argv, message, counting, capsys):
+    """argparse's usage block is not printed: the reason is the one line, with where to read more."""
+    err = one_line_error(capsys, argv)
+    assert message in err and err.endswith(f"(see diffgym {argv[0]} --help)\n"), err

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -79,9 +80,20 @@ def test_mp4_video(run, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
-def test_export_matches_predict(run, tmp_path, fmt):
+def test_export_matches_predict(run, tmp_path, fmt, capfd, caplog):
     out = tmp_path / ("policy.pt" if fmt == "torchscript" else "policy.onnx")
-    assert main(["export", str(run), "--out", str(out)]) == 0  # the extension names the format
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["export", str(run), "--out", str(out)]) == 0  # the extension names the format
+    # the exporter's notes about itself (torchvision absent, its own deprecations) are not the user's business
+    assert capfd.readouterr().err == "" and not [str(w.message) for w in caught if "LeafSpec" in str(w.message)]
+    assert not [record.getMessage() for record in caplog.records if "torchvision" in record.getMessage()]
+    # what was exported is not a policy diffgym eval reads back: one line saying what it is
+    assert main(["eval", str(out)]) == 2
+    kind = ("a TorchScript export (load it with torch.jit.load)" if fmt == "torchscript"
+            else "an ONNX export (run it with onnxruntime)")
+    assert capfd.readouterr().err == (f"diffgym eval: {out} is {kind}; diffgym eval takes a run directory, a "
+                                      "checkpoint .pt or a .safetensors policy\n")
     policy = diffgym.load_policy(run)
     with torch.no_grad():  # a non-trivial normalization, so the export must carry it
         policy.normalizer.mean.copy_(torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64))
@@ -179,6 +191,25 @@ def test_the_shareable_policy_holds_tensors_and_config_and_loads_back(run, tmp_p
     result = tmp_path / "eval.json"
     assert main(["eval", str(out), "--episodes", "2", "--json", str(result)]) == 0
     assert json.loads(result.read_text())["env_steps"] == 64
+
+
+def test_a_run_s_files_that_hold_no_policy_are_named_in_one_line(tmp_path, capsys):
+    """Stable-Baselines3's model zip and the run's config: what they are, and what to give instead."""
+    import gymnasium as gym
+    from stable_baselines3 import PPO
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("algo: ppo\n")  # the zip sits in a run directory, as PPO runs save it
+    PPO("MlpPolicy", gym.make("Pendulum-v1"), n_steps=8, batch_size=8, device="cpu").save(run_dir / "sb3_model.zip")
+    for command in ("eval", "export"):
+        assert main([command, str(run_dir / "sb3_model.zip")]) == 2
+        assert capsys.readouterr().err == (
+            f"diffgym {command}: {run_dir / 'sb3_model.zip'} is Stable-Baselines3's model zip (load it with "
+            f"stable_baselines3.PPO.load); diffgym {command} takes a run directory (this file's: {run_dir}), a "
+            "checkpoint .pt or a .safetensors policy\n")
+    assert main(["eval", str(run_dir / "config.yaml")]) == 2
+    assert capsys.readouterr().err.startswith(f"diffgym eval: {run_dir / 'config.yaml'} is a run's config; ")
 
 
 def test_a_safetensors_file_that_is_not_a_policy_is_refused(tmp_path):

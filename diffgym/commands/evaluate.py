@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from diffgym.commands.options import add_policy_source_arguments, load_policy_source, seed_number
+from diffgym.commands.options import (add_policy_source_arguments, check_output_file, load_policy_source,
+                                      seed_number)
 
 HELP = "evaluate a trained policy on its run's and on fresh seeds; --video records episodes"
 
@@ -63,6 +64,12 @@ def run(args: argparse.Namespace) -> int:
         if missing:
             raise SystemExit(f"diffgym eval: --video {suffix} needs {', '.join(missing)} "
                              "(pip install 'diffgym[video]')")
+    for flag, path in (("--video", args.video), ("--json", args.json)):
+        if path:
+            try:
+                check_output_file(path)
+            except ValueError as error:
+                raise SystemExit(f"diffgym eval: {flag}: {error}") from None
     return _evaluate(args)
 
 
@@ -110,6 +117,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         results["video"] = str(path)
         print(f"  video: {path}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 

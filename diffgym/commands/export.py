@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffgym.commands.options import add_policy_source_arguments, load_policy_source
+from diffgym.commands.options import add_policy_source_arguments, check_output_file, load_policy_source
 
 HELP = "export a trained policy (normalizer + actor + squash) as TorchScript, ONNX or a shareable policy file"
 
@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else default_export_path(args.run_dir, fmt, args.step)
         if out.exists() and Path(args.run_dir).exists() and out.samefile(args.run_dir):
             raise ValueError(f"--out {out} is the policy being exported; choose another file")
+        check_output_file(out)
     except ValueError as error:
         print(f"diffgym export: {error}", file=sys.stderr)
         return 2

@@ -19,13 +19,22 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
 
 if TYPE_CHECKING:
     from diffgym.experiments.sweep import Runner
     from diffgym.training.spec import TrainConfig
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with the project's one-line usage error, ``diffgym <command>: <why> (see diffgym
+    <command> --help)``, exit status 2: argparse's own prints the usage block first, which pushes the reason
+    below a screenful of flags. ``add_subparsers`` makes the subcommands' parsers of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -76,8 +85,12 @@ def seed_number(text: str) -> int:
 
 def parse_value(text: str) -> Any:
     """A YAML scalar/list (``32``, ``[64, 64]``, ``true``, ``null``); numbers such as ``1e-3`` that
-    YAML 1.1 leaves as strings become floats."""
-    value = yaml.safe_load(text)
+    YAML 1.1 leaves as strings become floats; text YAML cannot read (``[1``) is an
+    ``argparse.ArgumentTypeError`` naming it."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is {yaml_problem(error)}") from None
     if isinstance(value, str):
         try:
             return float(value)
@@ -93,7 +106,10 @@ def key_values(pairs: list[str], prefix: str = "") -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise SystemExit(f"expected KEY=VALUE, got {pair!r}")
-        out[prefix + key.strip()] = parse_value(value)
+        try:
+            out[prefix + key.strip()] = parse_value(value)
+        except argparse.ArgumentTypeError as error:
+            raise SystemExit(f"{pair}: {error}") from None
     return out
 
 
@@ -158,6 +174,21 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
             **key_values(getattr(args, "params", []), prefix="algo_params.")}
 
 
+def check_output_file(path: str | Path) -> None:
+    """A one-line ``ValueError`` unless a file can be written at ``path``, creating its missing parent
+    directories as a run directory is created (``check_run_dir``): checked before a command starts its
+    work, so a mistyped output path costs nothing."""
+    from diffgym.training.run import check_run_dir
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"cannot write {path}: it is a directory; expected a file name")
+    try:
+        check_run_dir(path.parent)
+    except ValueError as error:
+        raise ValueError(f"cannot write {path}: {error}") from None
+
+
 def add_out_argument(parser: argparse.ArgumentParser, default: str) -> None:
     """``--out DIR``: the directory the command writes into."""
     parser.add_argument("--out", default=None, metavar="DIR", help=f"output directory (default: {default})")
@@ -183,7 +214,7 @@ def parse_trainer_flags(command: str, algo: str, extra: list[str], values: str =
         flags = trainer_flags(load_trainer(algo))
     except (KeyError, TypeError) as error:
         raise SystemExit(f"diffgym {command}: {one_line(error)}")
-    parser = argparse.ArgumentParser(prog=f"diffgym {command} --algo {algo}", add_help=False)
+    parser = ArgumentParser(prog=f"diffgym {command}", add_help=False)
     for flag, help_text in flags.items():
         parser.add_argument(f"--{flag}", dest=flag_parameter(flag), help=help_text,
                             type=str if values == "list" else parse_value)
@@ -275,7 +306,15 @@ def load_policy_source(command: str, args: argparse.Namespace):
     """The chosen policy (:class:`diffgym.policy.Policy`), or ``None`` after printing
     ``diffgym <command>: <why>`` in one line."""
     from diffgym.policy import load_policy
+    from diffgym.policy_commands import foreign_policy_file
 
+    source = Path(args.run_dir)
+    foreign = foreign_policy_file(source) if source.is_file() else None
+    if foreign:  # said before torch.load, whose error about such a file says nothing of what it is
+        print(f"diffgym {command}: {source} is {foreign}; diffgym {command} takes a run directory"
+              + (f" (this file's: {source.parent})" if (source.parent / "config.yaml").is_file() else "")
+              + ", a checkpoint .pt or a .safetensors policy", file=sys.stderr)
+        return None
     try:
         return load_policy(args.run_dir, step=args.step, legacy=args.legacy_checkpoint)
     except (FileNotFoundError, ValueError, ImportError, yaml.YAMLError) as error:

@@ -49,3 +49,15 @@ def task_spec(env_id: str) -> gym.envs.registration.EnvSpec:
     if module:
         importlib.import_module(module)
     return gym.spec(name)
+
+
+def is_diffgym_task(spec: gym.envs.registration.EnvSpec) -> bool:
+    """Whether the env ``spec`` makes has a ``differentiable_step`` (a ``DiffGymEnv``, the contract every
+    command relies on), read off its entry point without making it: ``False`` for a plain Gymnasium env
+    such as ``CartPole-v1``. An entry point that does not import is not judged here: making the task
+    reports why, in its own words."""
+    try:
+        creator = load_env_creator(spec.entry_point) if isinstance(spec.entry_point, str) else spec.entry_point
+    except (ImportError, AttributeError):
+        return True
+    return callable(getattr(creator, "differentiable_step", None))
