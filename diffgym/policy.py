@@ -102,6 +102,12 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", step: int 
         raise FileNotFoundError(f"{path} does not exist: expected a run directory, a checkpoint file or a "
                                 f"{SHAREABLE_SUFFIX} policy")
     if path.is_file():
+        from diffgym.policy_commands import foreign_policy_file  # (it imports this module)
+
+        foreign = foreign_policy_file(path)
+        if foreign:  # said before torch.load, whose error about such a file says nothing of what it is
+            raise ValueError(f"{path} is {foreign}; load_policy takes a run directory, a checkpoint .pt or a "
+                             f"{SHAREABLE_SUFFIX} policy")
         if step is not None:
             raise ValueError(f"step={step} selects a checkpoint of a run directory; {path} is one file")
         if path.suffix == SHAREABLE_SUFFIX:

@@ -210,6 +210,10 @@ def test_a_run_s_files_that_hold_no_policy_are_named_in_one_line(tmp_path, capsy
             "checkpoint .pt or a .safetensors policy\n")
     assert main(["eval", str(run_dir / "config.yaml")]) == 2
     assert capsys.readouterr().err.startswith(f"diffgym eval: {run_dir / 'config.yaml'} is a run's config; ")
+    # the Python API says the same, as a ValueError
+    with pytest.raises(ValueError, match=r"sb3_model\.zip is Stable-Baselines3's model zip .*; load_policy takes a "
+                                         r"run directory, a checkpoint \.pt or a \.safetensors policy$"):
+        diffgym.load_policy(run_dir / "sb3_model.zip")
 
 
 def test_a_safetensors_file_that_is_not_a_policy_is_refused(tmp_path):
