@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,35 @@ class Policy(nn.Module):
         return f"env_id={self.config.env_id!r}, algo={self.config.algo!r}, env_steps={self.env_steps}"
 
 
+RUN_FILES = {"config.yaml": "a run's config", "metrics.jsonl": "a run's log of evaluations",
+             "vec_normalize.pkl": "Stable-Baselines3's VecNormalize statistics (a pickle)"}
+"""The files of a run directory, beside its checkpoints, that hold no policy (by name)."""
+
+
+def foreign_policy_file(path: str | Path) -> str | None:
+    """What the file ``path`` is, when it is one that training or ``diffgym export`` writes but no policy
+    can be loaded from: a run's other files (:data:`RUN_FILES`, TensorBoard's event files), an ONNX export
+    (told by its extension: ONNX has no signature), a TorchScript export or Stable-Baselines3's model zip
+    (told by the names inside the zip; nothing in it is read). ``None`` for any other file."""
+    path = Path(path)
+    if path.name in RUN_FILES:
+        return RUN_FILES[path.name]
+    if path.name.startswith("events.out.tfevents."):
+        return "a TensorBoard event file (view it with tensorboard --logdir)"
+    if path.suffix.lower() == ".onnx":
+        return "an ONNX export (run it with onnxruntime)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):  # not a zip (nor a readable file): for the loader to judge
+        return None
+    if "_stable_baselines3_version" in names:
+        return "Stable-Baselines3's model zip (load it with stable_baselines3.PPO.load)"
+    if any(name.split("/")[1:2] == ["code"] for name in names):  # TorchScript's code; torch.save has none
+        return "a TorchScript export (load it with torch.jit.load)"
+    return None
+
+
 def load_policy(path: str | Path, device: str | torch.device = "cpu", step: int | None = None,
                 legacy: bool = False) -> Policy:
     """The policy saved in a run directory (its latest valid checkpoint, or the one at ``step`` env
@@ -102,8 +132,6 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", step: int 
         raise FileNotFoundError(f"{path} does not exist: expected a run directory, a checkpoint file or a "
                                 f"{SHAREABLE_SUFFIX} policy")
     if path.is_file():
-        from diffgym.policy_commands import foreign_policy_file  # (it imports this module)
-
         foreign = foreign_policy_file(path)
         if foreign:  # said before torch.load, whose error about such a file says nothing of what it is
             raise ValueError(f"{path} is {foreign}; load_policy takes a run directory, a checkpoint .pt or a "

@@ -19,7 +19,6 @@ import contextlib
 import logging
 import math
 import warnings
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,35 +31,6 @@ from diffgym.policy import SHAREABLE_SUFFIX, Policy, save_policy
 
 EXPORT_SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx", "safetensors": SHAREABLE_SUFFIX}
 """Export format -> the file extension that names it (``diffgym export`` infers the format from it)."""
-
-RUN_FILES = {"config.yaml": "a run's config", "metrics.jsonl": "a run's log of evaluations",
-             "vec_normalize.pkl": "Stable-Baselines3's VecNormalize statistics (a pickle)"}
-"""The files of a run directory, beside its checkpoints, that hold no policy (by name)."""
-
-
-def foreign_policy_file(path: str | Path) -> str | None:
-    """What the file ``path`` is, when it is one that training or ``diffgym export`` writes but no policy
-    can be loaded from: a run's other files (:data:`RUN_FILES`, TensorBoard's event files), an ONNX export
-    (told by its extension: ONNX has no signature), a TorchScript export or Stable-Baselines3's model zip
-    (told by the names inside the zip; nothing in it is read). ``None`` for any other file."""
-    path = Path(path)
-    if path.name in RUN_FILES:
-        return RUN_FILES[path.name]
-    if path.name.startswith("events.out.tfevents."):
-        return "a TensorBoard event file (view it with tensorboard --logdir)"
-    if path.suffix.lower() == EXPORT_SUFFIXES["onnx"]:
-        return "an ONNX export (run it with onnxruntime)"
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):  # not a zip (nor a readable file): for the loader to judge
-        return None
-    if "_stable_baselines3_version" in names:
-        return "Stable-Baselines3's model zip (load it with stable_baselines3.PPO.load)"
-    if any(name.split("/")[1:2] == ["code"] for name in names):  # TorchScript's code; torch.save has none
-        return "a TorchScript export (load it with torch.jit.load)"
-    return None
-
 
 def _task_arguments(policy: Policy, env_id: str | None) -> dict[str, Any]:
     """The task arguments the policy was trained with (``TrainConfig.env_kwargs``), when it is run on

@@ -305,8 +305,7 @@ def add_policy_source_arguments(parser: argparse.ArgumentParser) -> None:
 def load_policy_source(command: str, args: argparse.Namespace):
     """The chosen policy (:class:`diffgym.policy.Policy`), or ``None`` after printing
     ``diffgym <command>: <why>`` in one line."""
-    from diffgym.policy import load_policy
-    from diffgym.policy_commands import foreign_policy_file
+    from diffgym.policy import foreign_policy_file, load_policy
 
     source = Path(args.run_dir)
     foreign = foreign_policy_file(source) if source.is_file() else None
