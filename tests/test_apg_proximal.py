@@ -4,6 +4,7 @@ accounting, validation and exact resume with a half-filled buffer."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -16,7 +17,7 @@ from diffgym.training.rollout import unroll
 from diffgym.training import OptimizerSpec
 from diffgym.training.returns import ReturnScale, clipped_surrogate_loss, gae_advantages
 from diffgym_apg.apg import apg_update, train
-from diffgym_apg.config import APGConfig
+from diffgym_apg.config import APGConfig, upgrade_config
 import diffgym_apg.proximal
 from diffgym_apg.proximal import (ProximalBuffer, ProximalConfig, batch_advantages, clipped_epochs,
                                   likelihood_ratio_gradient)
@@ -158,13 +159,17 @@ def test_segment_lr_sets_the_segment_steps_rate_and_leaves_the_shared_spec_to_th
 
 
 @pytest.mark.parametrize("estimator, gate", [("none", False), ("analytic", False), ("analytic", True)])
-def test_resume_with_a_half_filled_buffer_continues_identically(tmp_path, estimator, gate):
+def test_resume_with_a_half_filled_buffer_continues_identically(tmp_path, monkeypatch, estimator, gate):
     # 2 envs x K = 30, horizon 90: proximal updates after segments 3 and 6; the checkpoint after segment 4
     # holds one segment in the buffer
     changes = {"num_envs": 2, "eval_every_env_steps": 4 * 60, "total_env_steps": 8 * 60,
                "algo_params.segment.length": 30, "algo_params.policy_gradient.estimator": estimator,
                "algo_params.proximal.n_steps": 90, "algo_params.proximal.batch_size": 32,
                "algo_params.value.normalize_reward": True, "algo_params.proximal.gate_segment_steps": gate}
+    if gate:  # the opposite of the path's own gradient: the first comparison closes the gate, so the
+        # checkpoint after segment 4 holds a closed gate and a half-summed gradient, both to be resumed
+        reference = diffgym_apg.proximal.likelihood_ratio_gradient
+        monkeypatch.setattr(diffgym_apg.proximal, "likelihood_ratio_gradient", lambda *args: -reference(*args))
     straight = train(proximal_config(tmp_path, "gae", "straight", **changes), progress=False)
     halfway = straight_checkpoints(straight)[1]
     assert halfway == 4 * 60
@@ -177,8 +182,13 @@ def test_resume_with_a_half_filled_buffer_continues_identically(tmp_path, estima
 
     assert updates(resumed) == updates(straight)
     assert sum("proximal_loss" in r for r in updates(straight)) == 2
-    # the segment steps' gradients of the half-filled rollout are in the checkpoint, so the comparison matches
-    assert sum("proximal_segment_agreement" in r for r in updates(straight)) == (2 if estimator == "analytic" else 0)
+    if gate:  # the gate closed at the first comparison, before the checkpoint
+        assert [r["proximal_segment_steps_next"] for r in updates(straight) if "proximal_loss" in r] == [0.0, 0.0]
+        rows = updates(straight)  # segments 4-6 gated: the 6th's steps are the clipped epochs' alone
+        assert [r["policy_steps"] for r in rows[3:5]] == [0.0, 0.0]
+        assert rows[5]["policy_steps"] == rows[5]["proximal_grad_steps"]
+    else:
+        assert not any("proximal_segment_agreement" in r for r in updates(straight))  # compared only when gating
     a, b = latest_checkpoint(straight), latest_checkpoint(resumed)
     for key in ("actor_critic", "normalizer", "target_critic"):
         for name in a[key]:
@@ -225,7 +235,7 @@ def test_the_likelihood_ratio_gradient_is_the_clipped_surrogates_at_the_acting_p
     """What the segment steps are compared with: the gradient the clipped epochs' surrogate has before any
     step (ratio 1), over the whole batch with its advantages normalized over the batch."""
     learner, batch = _batch()
-    config = ProximalConfig(gae_lambda=0.95)
+    config = ProximalConfig(gae_lambda=0.95, batch_size=8)  # summed over 5 minibatches of the 40 samples
     flat = likelihood_ratio_gradient(learner.model, learner.actor_parameters, batch, config, 0.99)
     advantages, keep, _ = batch_advantages(batch, config, 0.99)
     log_prob = learner.model.log_prob(batch["obs_normalized"][keep], batch["pre_squash"][keep])
@@ -254,7 +264,7 @@ def test_the_gate_takes_segment_steps_only_while_they_agree_with_the_clipped_pat
     summed = learner.proximal.segment_gradient.clone()
     second = apg_update(learner, envs, params, config)  # the buffer is full: compared, then the clipped epochs
     assert second["proximal_segment_agreement"] == pytest.approx(sign)
-    assert second["proximal_segment_steps_taken"] == (sign > 0)
+    assert second["proximal_segment_steps_next"] == (sign > 0)
     assert not torch.equal(observed[0], summed)  # both segments' gradients, summed
     assert learner.proximal.segment_gradient is None  # a new sum for the next rollout
     actor = [p.detach().clone() for p in learner.actor_parameters]
@@ -262,6 +272,43 @@ def test_the_gate_takes_segment_steps_only_while_they_agree_with_the_clipped_pat
     moved = any(not torch.equal(p, q) for p, q in zip(learner.actor_parameters, actor))
     assert moved == (sign > 0) and third["policy_steps"] == (1 if sign > 0 else 0)
     assert learner.proximal.segment_gradient is not None  # compared at the next update either way
+
+
+def test_the_two_paths_agree_on_point_mass_where_the_gradient_is_smooth(tmp_path):
+    """The comparison's sign convention on real gradients: on PointMass1D (no contact) the analytic segment
+    gradients and the likelihood ratio estimate the same gradient, so their cosine is clearly positive."""
+    config = proximal_config(tmp_path, "gae", **{"algo_params.proximal.gate_segment_steps": True, "num_envs": 256,
+                                                 "algo_params.proximal.n_steps": 32, "algo_params.segment.length": 8,
+                                                 "algo_params.proximal.batch_size": 256})
+    learner, envs, params = make_learner(config)
+    for _ in range(3):
+        apg_update(learner, envs, params, config)
+    stats = apg_update(learner, envs, params, config)  # 4 segments of 8 steps: the first comparison
+    assert stats["proximal_segment_agreement"] > 0.5 and stats["proximal_segment_steps_next"] == 1.0
+
+
+def test_a_gated_update_leaves_the_segment_steps_rate_as_it_was(tmp_path, monkeypatch):
+    config = proximal_config(tmp_path, "gae", **{"algo_params.proximal.gate_segment_steps": True,
+                                                 "algo_params.policy_gradient.lr_decay": 0.5})
+    learner, envs, params = make_learner(config)
+    monkeypatch.setattr(diffgym_apg.proximal, "likelihood_ratio_gradient",
+                        lambda *args: -learner.proximal.segment_gradient)
+    rate = learner.optimizer.param_groups[0]["lr"]
+    apg_update(learner, envs, params, config)
+    apg_update(learner, envs, params, config)  # two steps taken, then the gate closes
+    assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(rate * 0.25)
+    apg_update(learner, envs, params, config)  # gated
+    assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(rate * 0.25)
+
+
+def test_a_config_saved_before_a_field_existed_reads_as_it_ran():
+    """Sections' fields added later (and the reuse section) take the values that keep an earlier run as it
+    ran, so the run directory's key-by-key comparison lets it resume with its own command."""
+    full = resolve_config("apg-ppo", POINT_MASS, {}).to_dict()
+    saved = copy.deepcopy(full)
+    del saved["algo_params"]["proximal"]["gate_segment_steps"], saved["algo_params"]["policy_gradient"]["lr_decay"]
+    del saved["algo_params"]["reuse"]
+    assert upgrade_config(saved)["algo_params"] == full["algo_params"]
 
 
 def test_the_gate_needs_a_segment_step():

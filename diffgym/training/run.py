@@ -683,9 +683,9 @@ def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     so a run's files are as readable as its TensorBoard events)."""
     tmp = _new_temp_file(path)
     try:
-        with contextlib.suppress(FileNotFoundError):  # a new file keeps the umask's mode
-            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
         write(tmp)
+        with contextlib.suppress(FileNotFoundError):  # a new file keeps the umask's mode; after the write, so
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))  # a read-only file can still be replaced
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

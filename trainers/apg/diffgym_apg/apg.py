@@ -147,8 +147,7 @@ def segment_step(learner: Learner, segment: Rollout, params: APGConfig, config: 
             learner.proximal.observe_segment_gradient()
         grad_norm = clip_gradients(learner.actor_parameters, config.optimizer)
     if learner.proximal is not None and not learner.proximal.takes_segment_steps:
-        learner.optimizer.zero_grad(set_to_none=True)
-        decay_rate(learner, params)
+        learner.optimizer.zero_grad(set_to_none=True)  # no step: Adam and its rate stay as they were
         return stats, grad_norm, 0
     reuse = ReuseBatch.of(learner.model, objective) if params.reuse.enabled and math.isfinite(grad_norm) else None
     if math.isfinite(grad_norm):
@@ -162,15 +161,10 @@ def segment_step(learner: Learner, segment: Rollout, params: APGConfig, config: 
                                  config.optimizer))
         steps += int(stats["reuse_grad_steps"])
         learner.skipped_updates += int(stats["reuse_skipped_steps"])
-    decay_rate(learner, params)
-    return stats, grad_norm, steps
-
-
-def decay_rate(learner: Learner, params: APGConfig) -> None:
-    """``policy_gradient.lr_decay``, after every update, skipped or not; the rate is Adam state (resumed)."""
-    if params.policy_gradient.lr_decay != 1.0:
+    if params.policy_gradient.lr_decay != 1.0:  # after every update, skipped or not; the rate is Adam state (resumed)
         for group in learner.optimizer.param_groups:
             group["lr"] *= params.policy_gradient.lr_decay
+    return stats, grad_norm, steps
 
 
 def apg_update(learner: Learner, envs: EnvBatch, params: APGConfig, config: TrainConfig,

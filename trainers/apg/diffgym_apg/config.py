@@ -143,6 +143,22 @@ LEGACY_KEYS = {  # flat key -> (section, field)
 LEGACY_VALUES = {("policy_gradient", "estimator"): {"proximal": "none"}, ("value", "bootstrap"): {"value": "gae"}}
 
 
+FIELDS_ADDED = {("policy_gradient", "lr_decay"): 1.0, ("proximal", "gate_segment_steps"): False}
+"""Section fields added after the sectioned format, with the value that keeps a run saved before them as it
+ran; ``reuse`` is a whole section added after it (absent: no reuse steps)."""
+
+
+def fill_added_fields(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with the fields a config saved before they existed lacks (:data:`FIELDS_ADDED`, the
+    ``reuse`` section), so such a run resumes with its own command: the run directory compares the saved
+    config with the one asked for key by key."""
+    for (section, field), value in FIELDS_ADDED.items():
+        if isinstance(params.get(section), dict):
+            params[section].setdefault(field, value)
+    params.setdefault("reuse", dataclasses.asdict(ReuseConfig()))
+    return params
+
+
 def is_legacy(params: Mapping[str, Any]) -> bool:
     return "proximal_value_fit" in params or any(key in params and not isinstance(params[key], Mapping)
                                                  for key in LEGACY_KEYS)
@@ -154,7 +170,7 @@ def upgrade_params(params: Mapping[str, Any]) -> dict[str, Any]:
     they override what the section said; sectioned input passes through unchanged."""
     params = copy.deepcopy(dict(params))
     if not is_legacy(params):
-        return params
+        return fill_added_fields(params)
     value_fit = params.pop("proximal_value_fit", None)
     flat = {key: params.pop(key) for key in list(params)
             if key in LEGACY_KEYS and not isinstance(params[key], Mapping)}
@@ -192,7 +208,7 @@ def upgrade_params(params: Mapping[str, Any]) -> dict[str, Any]:
                          "fit): set value.bootstrap mc or critic for a value network fitted by its own steps")
     if "proximal" in params and params["proximal"] is None:
         del params["proximal"]
-    return params
+    return fill_added_fields(params)
 
 
 def upgrade_config(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -60,7 +60,8 @@ class ProximalConfig:
     are taken only if it was positive (the first rollout's are). Both estimate the gradient of the same
     expected return, one without bias; where the analytic one points the other way, it follows a local
     feature of the simulator the sampled returns do not confirm (Suh et al.'s bias check, with this path's
-    batch as the reference). Needs an estimator with a segment step."""
+    batch as the reference). The comparison costs one more pass over the batch per update. Needs an
+    estimator with a segment step."""
 
     def __post_init__(self) -> None:
         for name, value, bound in (("n_steps", self.n_steps, 1), ("batch_size", self.batch_size, 2),
@@ -145,10 +146,15 @@ class ProximalPath:
         """Whether the last comparison found them in agreement (``gate_segment_steps``)."""
 
     def observe_segment_gradient(self) -> None:
-        """Add the segment step's gradient, as its estimator wrote it into the actor's ``.grad`` (before the
-        clip), to the sum compared at the next update."""
+        """With ``gate_segment_steps``: add the segment step's gradient, as its estimator wrote it into the
+        actor's ``.grad`` (before the clip), to the sum compared at the next update. A gradient that is not
+        finite (its step is skipped) is left out, so it cannot spoil the comparison of the whole rollout."""
+        if not self.config.gate_segment_steps:
+            return
         flat = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten()
                           for p in self.actor_parameters])
+        if not torch.isfinite(flat).all():
+            return
         self.segment_gradient = flat.clone() if self.segment_gradient is None else self.segment_gradient + flat
 
     @property
@@ -171,12 +177,12 @@ class ProximalPath:
         agreement = {}
         if self.segment_gradient is not None:
             reference = likelihood_ratio_gradient(self.model, self.actor_parameters, batch, self.config, self.gamma)
-            cosine = float(reference @ self.segment_gradient
-                           / (reference.norm() * self.segment_gradient.norm()).clamp_min(1e-30))
-            if math.isfinite(cosine):  # (no comparison: the gate stays as it was)
+            norms = reference.norm() * self.segment_gradient.norm()
+            cosine = float(reference @ self.segment_gradient / norms) if norms > 0 else math.nan
+            if math.isfinite(cosine):  # else no comparison (e.g. no step kept): the gate stays as it was
                 self.segment_steps_agree = cosine > 0
             agreement = {"proximal_segment_agreement": cosine,
-                         "proximal_segment_steps_taken": float(self.takes_segment_steps)}
+                         "proximal_segment_steps_next": float(self.takes_segment_steps)}
             self.segment_gradient = None
         stats = clipped_epochs(self.model, self.normalizer, self.optimizer, self.actor_parameters, batch,
                                self.config, gamma=self.gamma, optimizer_spec=self.optimizer_spec,
@@ -193,7 +199,9 @@ class ProximalPath:
         if saved.get("proximal_optimizer"):
             self.optimizer.load_state_dict(saved["proximal_optimizer"])
         self.buffer.load_state_dict(saved.get("proximal_buffer", []))
-        self.segment_gradient = saved.get("proximal_segment_gradient")  # (checkpoints before it: none)
+        gradient = saved.get("proximal_segment_gradient")  # (checkpoints before it: none)
+        device = self.actor_parameters[0].device  # checkpoints are read onto the CPU
+        self.segment_gradient = None if gradient is None else gradient.to(device)
         self.segment_steps_agree = bool(saved.get("proximal_segment_steps_agree", True))
 
 
@@ -219,14 +227,21 @@ def batch_advantages(batch: dict[str, torch.Tensor], config: ProximalConfig, gam
 
 def likelihood_ratio_gradient(model: ActorCritic, actor_parameters: list[nn.Parameter],
                               batch: dict[str, torch.Tensor], config: ProximalConfig, gamma: float) -> torch.Tensor:
-    """The gradient of the clipped surrogate at the acting policy (ratio 1, so no clip acts), over the whole
-    batch with its advantages normalized over the batch: ``-mean(A grad log pi)``, flat in
-    ``actor_parameters`` order. What the clipped epochs' first steps follow, from all the batch at once."""
+    """The policy gradient of the batch at the current policy, ``-mean(A grad log pi)`` with the advantages
+    normalized over the batch, flat in ``actor_parameters`` order: the likelihood-ratio estimate the clipped
+    epochs follow, from all the batch at once and without importance weights (the segment steps taken while
+    the batch was collected moved the policy a little). Summed over minibatches of ``config.batch_size``, so
+    its memory is one clipped step's. Zero where no step is kept."""
     advantages, keep, _ = batch_advantages(batch, config, gamma)
     advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-    log_prob = model.log_prob(batch["obs_normalized"][keep], batch["pre_squash"][keep])
-    grads = torch.autograd.grad(-(log_prob * advantages).mean(), actor_parameters, allow_unused=True)
-    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(actor_parameters, grads)])
+    obs, pre_squash = batch["obs_normalized"][keep], batch["pre_squash"][keep]
+    total = [torch.zeros_like(p) for p in actor_parameters]
+    for index in torch.arange(advantages.numel(), device=advantages.device).split(config.batch_size):
+        loss = -(model.log_prob(obs[index], pre_squash[index]) * advantages[index]).sum() / advantages.numel()
+        for sum_, grad in zip(total, torch.autograd.grad(loss, actor_parameters, allow_unused=True)):
+            if grad is not None:
+                sum_ += grad
+    return torch.cat([g.flatten() for g in total])
 
 
 def clipped_epochs(model: ActorCritic, normalizer: ObservationNormalizer, optimizer: torch.optim.Optimizer,

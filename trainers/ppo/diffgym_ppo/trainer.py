@@ -129,11 +129,13 @@ class PPOTrainer:
                              f"advantages are normalized by their spread), got {params['batch_size']}")
         rollout = params["n_steps"] * config.num_envs
         if rollout % params["batch_size"]:  # SB3 would only warn and take a last, smaller minibatch
-            divisors = [d for d in range(2, rollout + 1) if rollout % d == 0]
-            nearest = sorted(divisors, key=lambda d: (abs(d - params["batch_size"]), d))[:2]
+            small = [d for d in range(1, math.isqrt(rollout) + 1) if rollout % d == 0]
+            divisors = sorted({*small, *(rollout // d for d in small)} - {1})
+            nearest = sorted(sorted(divisors, key=lambda d: (abs(d - params["batch_size"]), d))[:2])
+            instead = f"set --param batch_size={' or '.join(map(str, nearest))}, or another n_steps" if nearest \
+                else "set a larger n_steps"
             raise ValueError(f"batch_size {params['batch_size']} must divide n_steps * num_envs = {rollout} "
-                             f"({params['n_steps']} x {config.num_envs}): set --param batch_size="
-                             f"{' or '.join(str(d) for d in sorted(nearest))}, or another n_steps")
+                             f"({params['n_steps']} x {config.num_envs}): {instead}")
         return params
 
     def train(self, config: TrainConfig, progress: bool = True) -> Path:
