@@ -164,7 +164,8 @@ def test_export_writes_next_to_the_run_by_default(run, tmp_path):
     assert main(["export", str(copied), "--step", "32", "--format", "safetensors"]) == 0
     obs = np.random.default_rng(1).normal(size=(6, 3)).astype(np.float32)
     scripted = torch.jit.load(str(copied / "policy.pt"))(torch.as_tensor(obs)).numpy()
-    np.testing.assert_allclose(scripted, diffgym.load_policy(copied).predict(obs, deterministic=True)[0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(scripted, diffgym.load_policy(copied).predict(obs, deterministic=True)[0],
+                               rtol=0, atol=1e-6)
     assert diffgym.load_policy(copied / "policy_step_32.safetensors").env_steps == 32
     checkpoint = sorted((copied / "checkpoints").glob("step_*.pt"))[-1]
     assert main(["export", str(checkpoint)]) == 0  # beside the file, never over it
@@ -185,7 +186,8 @@ def test_the_shareable_policy_holds_tensors_and_config_and_loads_back(run, tmp_p
     shared, original = diffgym.load_policy(out), diffgym.load_policy(run)
     assert shared.env_steps == original.env_steps and shared.config.algo == original.config.algo
     obs = np.random.default_rng(2).normal(size=(9, 3)).astype(np.float32) * 3
-    np.testing.assert_array_equal(shared.predict(obs, deterministic=True)[0], original.predict(obs, deterministic=True)[0])
+    np.testing.assert_array_equal(shared.predict(obs, deterministic=True)[0],
+                                  original.predict(obs, deterministic=True)[0])
     for name, tensor in original.state_dict().items():
         assert torch.equal(shared.state_dict()[name], tensor), name
     result = tmp_path / "eval.json"
