@@ -107,7 +107,11 @@ def load_trainer(name: str) -> Trainer:
             installed = ", ".join(trainer_names()) or "none"
             raise KeyError(f"no trainer plugin named {name!r} (installed: {installed}); trainers are "
                            f"packages with an entry point in the {ENTRY_POINT_GROUP!r} group")
-        obj = found[name].load()
+        try:
+            obj = found[name].load()
+        except Exception as error:  # a broken plugin package: one line (a ValueError: the chosen name is unusable)
+            raise ValueError(f"trainer {name!r} failed to load ({found[name].value}): {type(error).__name__}: "
+                              f"{' '.join(str(error).split())}") from None
     trainer = obj() if isinstance(obj, type) else obj
     if not isinstance(trainer, Trainer):
         missing = [a for a in ("name", "default_config", "train") if not hasattr(trainer, a)]
@@ -261,12 +265,18 @@ def _check_algo_params(trainer: Trainer, defaults: Mapping[str, Any], keys: Sequ
 def _numbers_from_text(section: str, values: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
     """The dotted overrides that turn a value of ``section`` written as text (``1e-5``, which YAML keeps a
     string) into a number where its default is a number (``algo_params``: the trainer's per-task defaults;
-    ``env_kwargs``: the task constructor's), so a trainer's ``check_config`` and a task see numbers."""
+    ``env_kwargs``: the task constructor's), so a trainer's ``check_config`` and a task see numbers; and a
+    whole float into an int where the default is an int."""
     numbers = {}
     for key, value in values.items():
         default = defaults.get(key)
+        if (isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float)
+                and value.is_integer()):
+            numbers[f"{section}.{key}"] = int(value)  # --param n=1e1 (read as 10.0) where the default is an int
         if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
             number = parse_number(value, integer=isinstance(default, int))
+            if isinstance(default, int) and isinstance(number, float) and number.is_integer():
+                number = int(number)  # "1e1" where the default is an int: 10, as its default's type says
             if number is not None:
                 numbers[f"{section}.{key}"] = number
     return numbers

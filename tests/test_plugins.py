@@ -69,6 +69,11 @@ def test_doc_plugin_is_discovered_and_trains_through_the_cli(doc_plugin, tmp_pat
     assert [r["env_steps"] for r in evals] == [0, 320, 640]
     assert rows[-1]["grad_steps"] == 4 and any(f.name.startswith("events.out.tfevents") for f in run_dir.iterdir())
     assert len(list((run_dir / "checkpoints").glob("step_*.pt"))) == 3
+    # its check_config refuses a horizon it cannot run, in one line, before any run directory is made
+    assert cli.main(["train", "--algo", "short-horizon", "--env", ENV_ID, "--horizon", "0",
+                     "--run-dir", str(tmp_path / "refused")]) == 2
+    assert capsys.readouterr().err == "diffgym train: algo_params.horizon must be a positive integer, got 0\n"
+    assert not (tmp_path / "refused").exists()
 
 
 def test_doc_plugin_installs_with_pip_and_is_listed_in_a_fresh_process(tmp_path):
@@ -225,3 +230,43 @@ def test_contract_suites_check_the_tasks_diffgym_tasks_names(monkeypatch):
     assert tasks_under_test() == diffgym.ALL_TASK_IDS
     monkeypatch.setenv("DIFFGYM_TASKS", "my_task:Mine/A-v0, my_task:Mine/B-v0")
     assert tasks_under_test() == ("my_task:Mine/A-v0", "my_task:Mine/B-v0")
+
+
+def test_a_text_number_whose_default_is_an_int_becomes_an_int(monkeypatch, capsys):
+    monkeypatch.setattr(plugins, "_registered", {})
+    plugins.register_trainer("echo", _EchoTrainer())
+    assert cli.main(["train", "--algo", "echo", "--env", ENV_ID, "--param", "alpha=1e1", "--print-config"]) == 0
+    alpha = yaml.safe_load(capsys.readouterr().out)["algo_params"]["alpha"]
+    assert alpha == 10 and isinstance(alpha, int)
+
+
+def test_a_trainer_package_that_fails_to_import_is_one_line(monkeypatch, capsys):
+    class BrokenEntryPoint:
+        name, value = "broken-ep", "broken_pkg.trainer:Trainer"
+
+        def load(self):
+            raise ModuleNotFoundError("No module named 'broken_dependency'")
+
+    monkeypatch.setattr(plugins, "_registered", {})
+    monkeypatch.setattr(plugins, "available_trainers", lambda: {"broken-ep": BrokenEntryPoint()})
+    with pytest.raises(ValueError, match=r"^trainer 'broken-ep' failed to load \(broken_pkg\.trainer:Trainer\): "
+                                         r"ModuleNotFoundError: No module named 'broken_dependency'$"):
+        plugins.load_trainer("broken-ep")
+    assert cli.main(["train", "--algo", "broken-ep", "--env", ENV_ID, "--print-config"]) == 2
+    assert capsys.readouterr().err.startswith("diffgym train: trainer 'broken-ep' failed to load")
+
+
+def test_tune_names_a_search_space_that_draws_an_unknown_key(monkeypatch, tmp_path, capsys):
+    class Searching(_EchoTrainer):
+        def suggest_hyperparams(self, trial, env_id):
+            return {"algo_params.alhpa": trial.suggest_float("alhpa", 0.0, 1.0)}
+
+    monkeypatch.setattr(plugins, "_registered", {})
+    plugins.register_trainer("echo", Searching())
+    with pytest.raises(SystemExit) as exit_:  # how tune reports a failed study: one line
+        cli.main(["tune", "--algo", "echo", "--env", ENV_ID, "--trials", "1", "--env-steps", "100",
+                  "--out", str(tmp_path / "study")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("diffgym tune: the search space of trainer 'echo' (suggest_hyperparams) drew a setting "
+                          "it cannot run: unknown algo_params ['alhpa']")

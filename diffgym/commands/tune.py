@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = tune(args.env, args.algo, args.trials, args.env_steps, out, make_runner(args, "tune"), args.metric,
                       args.seed, args.eval_every, overrides=overrides(args))
-    except SweepFailed as error:
-        raise SystemExit(f"diffgym tune: {error}")
+    except (SweepFailed, ValueError) as error:  # ValueError: the trainer's search space drew a bad setting
+        raise SystemExit(f"diffgym tune: {one_line(error)}")
     print(report.read_text())
     best = out / "best.yaml"
     if best.exists():

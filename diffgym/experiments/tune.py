@@ -150,9 +150,16 @@ def tune(env_id: str, algo: str, trials: int, env_steps: int, out_dir: str | Pat
         items, to_run = [], []
         for trial in asked:
             suggested = trainer.suggest_hyperparams(trial, env_id)
-            config = resolve_config(algo, env_id, {
-                **(overrides or {}), **suggested, "seed": seed, "total_env_steps": env_steps, "eval_every_env_steps": eval_every,
-                "run_dir": str(out / "runs" / f"trial_{trial.number:03d}"), **({"device": device} if device else {})})
+            try:
+                config = resolve_config(algo, env_id, {
+                    **(overrides or {}), **suggested, "seed": seed, "total_env_steps": env_steps,
+                    "eval_every_env_steps": eval_every, "run_dir": str(out / "runs" / f"trial_{trial.number:03d}"),
+                    **({"device": device} if device else {})})
+            except (KeyError, TypeError, ValueError) as error:  # the trainer's search space, not the user's flags
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                message = error.args[0] if isinstance(error, KeyError) and error.args else error
+                raise ValueError(f"the search space of trainer {algo!r} (suggest_hyperparams) drew a setting it "
+                                 f"cannot run: {message}") from None
             trial.set_user_attr("overrides", suggested)
             trial.set_user_attr("setting", _setting(config))
             earlier = _same_setting(study, trial.user_attrs["setting"], asked)
