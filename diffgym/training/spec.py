@@ -246,7 +246,10 @@ class TrainConfig:
             # free-form: any key (a misnamed parameter of randomize is refused against the task)
             free_form = ("algo_params", "env_kwargs", "randomize", "eval_randomize", "wrappers")
             open_sections = tuple(data.get(key) for key in free_form)
-            if not any(node is section for section in open_sections) and leaf not in node:
+            # the sections nested in algo_params are the trainer's to check (its check_config): their fields
+            # may depend on another key (APG's policy_gradient takes the options of the estimator it names)
+            in_algo_params = parents[:1] == ["algo_params"]
+            if not any(node is section for section in open_sections) and not in_algo_params and leaf not in node:
                 raise ValueError(unknown_keys_message([dotted], ".".join(parents) or "the config", sorted(node)))
             node[leaf] = _to_builtin(value)
         return self.from_dict(data)

@@ -156,6 +156,22 @@ def fill_added_fields(params: dict[str, Any]) -> dict[str, Any]:
         if isinstance(params.get(section), dict):
             params[section].setdefault(field, value)
     params.setdefault("reuse", dataclasses.asdict(ReuseConfig()))
+    return complete_policy_gradient(params)
+
+
+def complete_policy_gradient(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with the ``policy_gradient`` section holding every field of its estimator's ``Config``
+    (a plugin's own options, at their defaults where not given), so ``--print-config`` shows them and
+    ``config.yaml`` records them: a plugin whose default changes does not resume a run unnoticed. An
+    unknown or broken estimator is left for :meth:`PolicyGradientConfig.parse` to name."""
+    section = params.get("policy_gradient")
+    if not isinstance(section, dict):
+        return params
+    name = section.get("estimator", PolicyGradientConfig.estimator)
+    estimator = registered_estimators().get(name) if isinstance(name, str) else None
+    if estimator is not None:
+        defaults = dataclasses.asdict(estimator.Config(estimator=estimator.name))
+        params["policy_gradient"] = {**defaults, **section}
     return params
 
 

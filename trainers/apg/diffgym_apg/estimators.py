@@ -31,6 +31,9 @@ ENTRY_POINT_GROUP = "diffgym_apg.estimators"
 """Installed packages declare their estimators here (``name = module:Class``), for the command line."""
 ESTIMATORS: dict[str, type[Estimator]] = {}
 """Estimators registered in this process, by name (``policy_gradient.estimator``); see :func:`registered_estimators`."""
+FAILED_ESTIMATORS: dict[str, str] = {}
+"""Installed estimators whose entry point failed to load, by name: the one-line reason. They are left out of
+:data:`ESTIMATORS`, so one broken package stops only the runs that choose its estimator."""
 _installed_loaded = False
 
 
@@ -41,13 +44,32 @@ def register_estimator(cls: type[Estimator]) -> type[Estimator]:
 
 
 def registered_estimators() -> dict[str, type[Estimator]]:
-    """Every estimator by name: the registered ones and, loaded on first use, the installed ones."""
+    """Every estimator by name: the registered ones and, loaded on first use, the installed ones that load
+    (the others are in :data:`FAILED_ESTIMATORS`)."""
     global _installed_loaded
     if not _installed_loaded:
         _installed_loaded = True
         for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-            ESTIMATORS.setdefault(entry_point.name, entry_point.load())
+            if entry_point.name in ESTIMATORS:
+                continue
+            try:
+                ESTIMATORS[entry_point.name] = entry_point.load()
+            except Exception as error:  # anything a third party's import can raise: reported when chosen
+                reason = " ".join(str(error).split()) or type(error).__name__
+                FAILED_ESTIMATORS[entry_point.name] = (f"{type(error).__name__}: {reason} "
+                                                       f"(entry point {entry_point.value})")
     return ESTIMATORS
+
+
+def estimator_class(name: str) -> type[Estimator]:
+    """The estimator ``policy_gradient.estimator`` names; a one-line ``ValueError`` for an unknown name or
+    one whose package failed to load."""
+    known = registered_estimators()
+    if name in known:
+        return known[name]
+    if name in FAILED_ESTIMATORS:
+        raise ValueError(f"policy_gradient.estimator {name!r} failed to load: {FAILED_ESTIMATORS[name]}")
+    raise ValueError(f"policy_gradient.estimator must be one of {sorted(known)}, got {name!r}")
 
 
 @dataclasses.dataclass
@@ -71,9 +93,7 @@ class PolicyGradientConfig:
     part only."""
 
     def __post_init__(self) -> None:
-        known = registered_estimators()
-        if self.estimator not in known:
-            raise ValueError(f"policy_gradient.estimator must be one of {sorted(known)}, got {self.estimator!r}")
+        estimator = estimator_class(self.estimator)
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"policy_gradient.lr must be > 0 (or None: the shared optimizer.lr), got {self.lr}")
         if not 0.0 < self.lr_decay <= 1.0:  # NaN fails too
@@ -81,7 +101,7 @@ class PolicyGradientConfig:
         if not self.env_gradient_clip >= 0:  # NaN fails too
             raise ValueError(f"policy_gradient.env_gradient_clip must be >= 0 (0: off), got {self.env_gradient_clip}")
         # (estimator none takes no step, so nothing here applies: a grid over estimators may keep the rest)
-        if self.env_gradient_clip > 0 and known[self.estimator].steps and not known[self.estimator].analytic:
+        if self.env_gradient_clip > 0 and estimator.steps and not estimator.analytic:
             raise ValueError(f"policy_gradient.env_gradient_clip ({self.env_gradient_clip}) clips the per-env analytic "
                              f"gradients: set it to 0 with estimator {self.estimator!r}")
 
@@ -92,11 +112,8 @@ class PolicyGradientConfig:
             section = dataclasses.asdict(section)
         if not isinstance(section, dict):
             raise ValueError(f"policy_gradient must be a mapping, got {section!r}")
-        name = section.get("estimator", PolicyGradientConfig.estimator)
-        known = registered_estimators()
-        if name not in known:
-            raise ValueError(f"policy_gradient.estimator must be one of {sorted(known)}, got {name!r}")
-        return from_dict(known[name].Config, section, "policy_gradient.")
+        estimator = estimator_class(section.get("estimator", PolicyGradientConfig.estimator))
+        return from_dict(estimator.Config, section, "policy_gradient.")
 
 
 class Estimator:
