@@ -9,8 +9,11 @@ import re
 import stat
 import subprocess
 import sys
+import warnings
+from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,6 +148,42 @@ def test_no_readable_checkpoint_is_an_error_that_keeps_everything(tmp_path):
         assert "\n" not in str(error.value)
     assert (run_dir / "metrics.jsonl").read_text() == before
     assert len(list_checkpoints(run_dir)) == 3
+
+
+def test_a_fresh_start_sets_an_earlier_attempts_checkpoints_aside(tmp_path):
+    """A trainer that does not resume starts afresh: the dead attempt's checkpoints (some at higher steps
+    than the new run's) would outlive the new run's under pruning by step and be what eval reads."""
+    run_dir = write_run(config(tmp_path), checkpoints=(20, 30))
+    cfg = config(tmp_path, keep_checkpoints=1)  # pruning by step: the old 20 and 30 would outlive the new 10
+    old_metrics = (run_dir / "metrics.jsonl").read_text()
+    with Run(cfg, progress=False) as run:
+        with pytest.warns(run_mod.CheckpointWarning, match="started afresh instead of resuming") as caught:
+            run.log(0, 0, loss=1.0)
+        run.save_checkpoint({"env_steps": 0}, 0)
+        run.save_checkpoint({"env_steps": 10}, 10)
+    assert [str(w.message).count("\n") for w in caught] == [0]  # one warning, one line
+    assert [step for step, _ in list_checkpoints(run_dir)] == [10] and env_steps(run_dir) == [0]
+    (aside,) = (run_dir / "checkpoints").glob("discarded-*")  # nothing lost
+    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step_000000000020.pt", "step_000000000030.pt"]
+    assert (aside / "metrics.jsonl").read_text() == old_metrics
+    # a resume of the new run moves nothing
+    with Run(cfg, progress=False) as run, warnings.catch_warnings():
+        warnings.simplefilter("error", run_mod.CheckpointWarning)
+        run.resume_from(run.load_latest_checkpoint()["env_steps"])
+        run.save_checkpoint({"env_steps": 20}, 20)
+    assert [step for step, _ in list_checkpoints(run_dir)] == [20] and len(list((run_dir / "checkpoints").iterdir())) == 2
+
+
+@pytest.mark.parametrize("entry, path, kind", [({"x": np.zeros(3)}, "x", "numpy.ndarray"),
+                                               ({"envs": {"rms": [1.0, np.float64(2.0)]}}, "envs.rms[1]", "numpy.float64"),
+                                               ({"make": lambda: 0}, "make", "function")])
+def test_a_checkpoint_that_is_not_weights_only_is_refused_when_saved(tmp_path, entry, path, kind):
+    with Run(config(tmp_path), progress=False) as run:
+        with pytest.raises(TypeError, match=rf"^checkpoint entry {re.escape(repr(path))} is a {kind}: .*weights-only") as error:
+            run.save_checkpoint({"weights": torch.zeros(2), "steps": 3, **entry}, 10)
+        assert "\n" not in str(error.value) and list_checkpoints(run.dir) == []
+        # what weights-only loading reads is accepted, a tensor subclass and an OrderedDict included
+        run.save_checkpoint({"p": torch.nn.Parameter(torch.zeros(2)), "d": OrderedDict(a=(1, "s", None))}, 10)
 
 
 def test_checkpoint_writers_never_share_a_temp_file(tmp_path, monkeypatch):

@@ -26,13 +26,18 @@ A run directory is safe to re-run into:
   uniquely named temp file, then a rename), with the mode ``open(path, "w")`` would give them.
   ``metrics.jsonl`` is left alone until the trainer either resumes (:meth:`Run.resume_from` keeps the
   rows up to its checkpoint) or logs its first row of a fresh start, so a resume that fails or is killed
-  leaves the earlier rows in place.
+  leaves the earlier rows in place. A fresh start (no :meth:`Run.resume_from` before its first row or
+  checkpoint) into a directory holding an earlier attempt's checkpoints moves them, with that attempt's
+  ``metrics.jsonl``, into ``checkpoints/discarded-<YYYYmmdd-HHMMSS>/`` and says so in one
+  :class:`CheckpointWarning`: the new run's checkpoints and metrics never mix with a dead attempt's.
 * **Corrupt checkpoints.** :meth:`Run.load_latest_checkpoint` skips an unreadable checkpoint with a
   :class:`CheckpointWarning` naming it, sets it aside as ``*.pt.corrupt`` and loads the previous one.
 * **No code from files.** Checkpoints are read with ``torch.load(weights_only=True)`` (:func:`load_checkpoint`):
   tensors and plain data only, so a run directory from someone else cannot run code when it is resumed
   or its policy loaded. A checkpoint that would need unpickling anything else is refused with
-  :class:`UnsafeCheckpointError` (one line naming the file), never set aside or skipped.
+  :class:`UnsafeCheckpointError` (one line naming the file), never set aside or skipped. So that none is
+  written, :meth:`Run.save_checkpoint` refuses such an object before writing it (``TypeError``, one line
+  naming the entry).
 
 While training, a tqdm progress bar counts env steps and shows env steps per second. Every run prints
 ``run directory: <dir>`` when it opens, and a continued one where it resumes from (``resuming from N env
@@ -42,6 +47,7 @@ steps``, or ``already finished`` when its checkpoint is at the budget).
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import json
 import math
@@ -53,6 +59,7 @@ import stat
 import sys
 import time
 import warnings
+from collections import OrderedDict
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Mapping, Sequence
@@ -94,7 +101,7 @@ class UnusableRunDir(RunDirError, ValueError):
 
 
 class CheckpointWarning(UserWarning):
-    """An unreadable checkpoint was skipped."""
+    """An unreadable checkpoint was skipped, or a fresh start set an earlier attempt's checkpoints aside."""
 
 
 class UnsafeCheckpointError(RunDirError, ValueError):
@@ -381,7 +388,7 @@ class Run:
     def log(self, env_steps: int, grad_steps: int, **scalars: float) -> None:
         """Record scalars at ``env_steps``: a ``metrics.jsonl`` row, TensorBoard scalars, the progress bar."""
         if self._metrics is None:  # no resume_from(): a fresh start replaces any earlier attempt's records
-            self._open_records([], purge_step=0)
+            self._start_afresh()
         assert self._metrics is not None and self.writer is not None
         if "eval_success_rate" in scalars and self._eval_started is None and self._eval_time is not None:
             # an evaluation timed as training (a trainer that does not use evaluating()): from here on the
@@ -422,7 +429,14 @@ class Run:
         (0: none is deleted) and those at the evaluation milestones of :func:`evaluation_milestones`.
         The newest few are what a resume needs (the latest it can continue from, and earlier ones if that
         one is unreadable: PPO's alternate with policy-only snapshots, so the default 4 holds at least two
-        it can resume from); reports read ``metrics.jsonl`` only."""
+        it can resume from); reports read ``metrics.jsonl`` only.
+
+        ``obj`` must load weights-only (:func:`load_checkpoint`): tensors and plain Python values, in dicts,
+        lists and tuples; anything else raises ``TypeError`` naming its entry, before anything is written.
+        A first checkpoint without :meth:`resume_from` is a fresh start, as a first :meth:`log` is."""
+        check_weights_only(obj)
+        if self._metrics is None:
+            self._start_afresh()
         path = self.checkpoint_dir / f"step_{int(env_steps):012d}.pt"
         replace_atomically(path, lambda tmp: torch.save(obj, tmp))
         keep = int(self.config.keep_checkpoints)
@@ -575,6 +589,25 @@ class Run:
             rows.append(row)
         return rows
 
+    def _start_afresh(self) -> None:
+        """Begin a fresh start's records: an earlier attempt's checkpoints (the trainer did not resume from
+        them) are moved aside with its metrics, so pruning by step, ``diffgym eval`` and a later resume see
+        only this run's; then ``metrics.jsonl`` starts empty."""
+        earlier = [path for pattern in ("step_*.pt", "step_*.pt.corrupt") for path in self.checkpoint_dir.glob(pattern)]
+        if earlier:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            names = itertools.chain([f"discarded-{stamp}"], (f"discarded-{stamp}-{n}" for n in itertools.count(2)))
+            aside = next(folder for folder in map(self.checkpoint_dir.joinpath, names) if not folder.exists())
+            aside.mkdir()  # we hold the run's lock: nobody else creates it meanwhile
+            for path in earlier:
+                os.replace(path, aside / path.name)
+            if self.metrics_path.exists():
+                os.replace(self.metrics_path, aside / self.metrics_path.name)
+            warnings.warn(f"{self.dir}: the trainer started afresh instead of resuming, so the earlier attempt's "
+                          f"{len(earlier)} checkpoint(s) and metrics were moved to {aside}", CheckpointWarning,
+                          stacklevel=3)
+        self._open_records([], purge_step=0)
+
     def _open_records(self, rows: list[dict[str, Any]], purge_step: int) -> None:
         """Atomically replace ``metrics.jsonl`` by ``rows`` and open it for appending; open TensorBoard.
 
@@ -586,6 +619,42 @@ class Run:
 
         earlier = any(self.dir.glob("events.out.tfevents.*"))
         self.writer = SummaryWriter(log_dir=str(self.dir), purge_step=purge_step if earlier else None)
+
+
+_PLAIN_VALUES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+"""Leaf types ``torch.load(weights_only=True)`` reads (exact types: a subclass is pickled by its class)."""
+
+
+def check_weights_only(obj: Any, where: str = "") -> None:
+    """Raise ``TypeError`` naming the first entry of ``obj`` that a weights-only load would refuse
+    (:func:`load_checkpoint`), so a checkpoint that could not be read back is refused when it is saved.
+    A walk over the types, since checkpoints are saved at every evaluation; a value of any type it does not
+    know (a tensor subclass such as ``nn.Parameter``, an ``OrderedDict``) is tried exactly: saved to memory
+    and loaded back weights-only."""
+    kind = type(obj)
+    if kind is torch.Tensor or kind in _PLAIN_VALUES:
+        return
+    if kind in (dict, OrderedDict):
+        for key, value in obj.items():
+            check_weights_only(key, f"{where} key {key!r}".strip())
+            check_weights_only(value, f"{where}.{key}" if where else str(key))
+        return
+    if kind in (list, tuple):
+        for index, value in enumerate(obj):
+            check_weights_only(value, f"{where}[{index}]")
+        return
+    buffer = io.BytesIO()
+    try:
+        torch.save(obj, buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
+    except Exception:
+        name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        advice = ("convert it with torch.as_tensor" if kind.__module__.split(".")[0] == "numpy"
+                  else "save its state (tensors and plain values, e.g. a state_dict()) instead")
+        entry = f"checkpoint entry {where!r}" if where else "the checkpoint"
+        raise TypeError(f"{entry} is a {name}: checkpoints hold tensors and plain Python values only "
+                        f"(weights-only loading); {advice}") from None
 
 
 def _announce(line: str) -> None:
