@@ -171,15 +171,18 @@ def test_a_fresh_start_sets_an_earlier_attempts_checkpoints_aside(tmp_path):
         warnings.simplefilter("error", run_mod.CheckpointWarning)
         run.resume_from(run.load_latest_checkpoint()["env_steps"])
         run.save_checkpoint({"env_steps": 20}, 20)
-    assert [step for step, _ in list_checkpoints(run_dir)] == [20] and len(list((run_dir / "checkpoints").iterdir())) == 2
+    assert [step for step, _ in list_checkpoints(run_dir)] == [20]
+    assert len(list((run_dir / "checkpoints").iterdir())) == 2
 
 
-@pytest.mark.parametrize("entry, path, kind", [({"x": np.zeros(3)}, "x", "numpy.ndarray"),
-                                               ({"envs": {"rms": [1.0, np.float64(2.0)]}}, "envs.rms[1]", "numpy.float64"),
-                                               ({"make": lambda: 0}, "make", "function")])
+@pytest.mark.parametrize("entry, path, kind", [
+    ({"x": np.zeros(3)}, "x", "numpy.ndarray"),
+    ({"envs": {"rms": [1.0, np.float64(2.0)]}}, "envs.rms[1]", "numpy.float64"),
+    ({"make": lambda: 0}, "make", "function")])
 def test_a_checkpoint_that_is_not_weights_only_is_refused_when_saved(tmp_path, entry, path, kind):
     with Run(config(tmp_path), progress=False) as run:
-        with pytest.raises(TypeError, match=rf"^checkpoint entry {re.escape(repr(path))} is a {kind}: .*weights-only") as error:
+        refused = rf"^checkpoint entry {re.escape(repr(path))} is a {kind}: .*weights-only"
+        with pytest.raises(TypeError, match=refused) as error:
             run.save_checkpoint({"weights": torch.zeros(2), "steps": 3, **entry}, 10)
         assert "\n" not in str(error.value) and list_checkpoints(run.dir) == []
         # what weights-only loading reads is accepted, a tensor subclass and an OrderedDict included

@@ -593,7 +593,8 @@ class Run:
         """Begin a fresh start's records: an earlier attempt's checkpoints (the trainer did not resume from
         them) are moved aside with its metrics, so pruning by step, ``diffgym eval`` and a later resume see
         only this run's; then ``metrics.jsonl`` starts empty."""
-        earlier = [path for pattern in ("step_*.pt", "step_*.pt.corrupt") for path in self.checkpoint_dir.glob(pattern)]
+        earlier = [path for pattern in ("step_*.pt", "step_*.pt.corrupt")
+                   for path in self.checkpoint_dir.glob(pattern)]
         if earlier:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             names = itertools.chain([f"discarded-{stamp}"], (f"discarded-{stamp}-{n}" for n in itertools.count(2)))
