@@ -60,4 +60,6 @@ def is_diffgym_task(spec: gym.envs.registration.EnvSpec) -> bool:
         creator = load_env_creator(spec.entry_point) if isinstance(spec.entry_point, str) else spec.entry_point
     except (ImportError, AttributeError):
         return True
+    if not isinstance(creator, type):  # a factory function: only making the env would tell
+        return True
     return callable(getattr(creator, "differentiable_step", None))
