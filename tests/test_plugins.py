@@ -270,3 +270,17 @@ def test_tune_names_a_search_space_that_draws_an_unknown_key(monkeypatch, tmp_pa
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("diffgym tune: the search space of trainer 'echo' (suggest_hyperparams) drew a setting "
                           "it cannot run: unknown algo_params ['alhpa']")
+
+
+def test_a_task_registered_through_a_factory_function_is_not_refused_as_a_plain_gymnasium_env():
+    """A class without ``differentiable_step`` (CartPole) is no DiffGym task; a factory function cannot be
+    judged without making the env, so it is let through to the commands' own checks."""
+    import gymnasium as gym
+
+    gym.register("Tests/FactoryTask-v0", entry_point=lambda **kwargs: gym.make(ENV_ID).unwrapped)
+    try:
+        plugins.check_task("Tests/FactoryTask-v0")
+        with pytest.raises(ValueError, match="^CartPole-v1 is not a DiffGym task"):
+            plugins.check_task("CartPole-v1")
+    finally:
+        gym.registry.pop("Tests/FactoryTask-v0")
