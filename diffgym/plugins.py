@@ -270,15 +270,13 @@ def _numbers_from_text(section: str, values: Mapping[str, Any], defaults: Mappin
     numbers = {}
     for key, value in values.items():
         default = defaults.get(key)
-        if (isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float)
-                and value.is_integer()):
-            numbers[f"{section}.{key}"] = int(value)  # --param n=1e1 (read as 10.0) where the default is an int
-        if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
-            number = parse_number(value, integer=isinstance(default, int))
-            if isinstance(default, int) and isinstance(number, float) and number.is_integer():
-                number = int(number)  # "1e1" where the default is an int: 10, as its default's type says
-            if number is not None:
-                numbers[f"{section}.{key}"] = number
+        if not isinstance(default, (int, float)) or isinstance(default, bool):
+            continue
+        number = parse_number(value, integer=isinstance(default, int))  # a number is returned as it is
+        if isinstance(default, int) and isinstance(number, float) and number.is_integer():
+            number = int(number)  # "1e1", or 10.0, where the default is an int: 10, its default's type
+        if number is not None and number is not value:
+            numbers[f"{section}.{key}"] = number
     return numbers
 
 

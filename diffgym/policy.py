@@ -44,6 +44,16 @@ _LEGACY_ADVICE = ("; a checkpoint saved before checkpoints became weights-only (
                   "with legacy=True (diffgym eval/export: --legacy-checkpoint), which runs nothing from it")
 
 
+class NotAPolicyFile(ValueError):
+    """A file that training or ``diffgym export`` writes but no policy can be loaded from
+    (:func:`foreign_policy_file`); ``kind`` says what it is."""
+
+    def __init__(self, path: Path, kind: str):
+        super().__init__(f"{path} is {kind}; load_policy takes a run directory, a checkpoint .pt or a "
+                         f"{SHAREABLE_SUFFIX} policy")
+        self.path, self.kind = path, kind
+
+
 class TaskMismatchError(ValueError):
     """A checkpoint trained on another task than the run directory it lies in."""
 
@@ -134,8 +144,7 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", step: int 
     if path.is_file():
         foreign = foreign_policy_file(path)
         if foreign:  # said before torch.load, whose error about such a file says nothing of what it is
-            raise ValueError(f"{path} is {foreign}; load_policy takes a run directory, a checkpoint .pt or a "
-                             f"{SHAREABLE_SUFFIX} policy")
+            raise NotAPolicyFile(path, foreign)
         if step is not None:
             raise ValueError(f"step={step} selects a checkpoint of a run directory; {path} is one file")
         if path.suffix == SHAREABLE_SUFFIX:

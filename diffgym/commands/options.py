@@ -305,17 +305,16 @@ def add_policy_source_arguments(parser: argparse.ArgumentParser) -> None:
 def load_policy_source(command: str, args: argparse.Namespace):
     """The chosen policy (:class:`diffgym.policy.Policy`), or ``None`` after printing
     ``diffgym <command>: <why>`` in one line."""
-    from diffgym.policy import foreign_policy_file, load_policy
+    from diffgym.policy import NotAPolicyFile, load_policy
 
-    source = Path(args.run_dir)
-    foreign = foreign_policy_file(source) if source.is_file() else None
-    if foreign:  # said before torch.load, whose error about such a file says nothing of what it is
-        print(f"diffgym {command}: {source} is {foreign}; diffgym {command} takes a run directory"
+    try:
+        return load_policy(args.run_dir, step=args.step, legacy=args.legacy_checkpoint)
+    except NotAPolicyFile as error:  # what the command takes instead, and the run the file belongs to
+        source = error.path
+        print(f"diffgym {command}: {source} is {error.kind}; diffgym {command} takes a run directory"
               + (f" (this file's: {source.parent})" if (source.parent / "config.yaml").is_file() else "")
               + ", a checkpoint .pt or a .safetensors policy", file=sys.stderr)
         return None
-    try:
-        return load_policy(args.run_dir, step=args.step, legacy=args.legacy_checkpoint)
     except (FileNotFoundError, ValueError, ImportError, yaml.YAMLError) as error:
         message = " ".join(str(error).split())
         if isinstance(error, yaml.YAMLError):  # the run's config.yaml; YAML's message does not name it

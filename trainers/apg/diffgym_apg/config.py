@@ -143,9 +143,11 @@ LEGACY_KEYS = {  # flat key -> (section, field)
 LEGACY_VALUES = {("policy_gradient", "estimator"): {"proximal": "none"}, ("value", "bootstrap"): {"value": "gae"}}
 
 
-FIELDS_ADDED = {("policy_gradient", "lr_decay"): 1.0, ("proximal", "gate_segment_steps"): False}
+FIELDS_ADDED = {("proximal", "gate_segment_steps"): False}
 """Section fields added after the sectioned format, with the value that keeps a run saved before them as it
-ran; ``reuse`` is a whole section added after it (absent: no reuse steps)."""
+ran; ``reuse`` is a whole section added after it (absent: no reuse steps). The ``policy_gradient`` section
+needs no entry: :func:`complete_policy_gradient` gives it every field of its estimator (``lr_decay``,
+added later, at its default 1: constant)."""
 
 
 def fill_added_fields(params: dict[str, Any]) -> dict[str, Any]:
