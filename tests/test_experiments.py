@@ -356,6 +356,72 @@ def test_sweep_workers_exit_when_their_parent_dies():
                 os.kill(pid, signal.SIGKILL)
 
 
+_INTERRUPTED_PARENT = """
+import sys, time
+from pathlib import Path
+from diffgym.experiments.sweep import LocalRunner
+
+def work(marker):
+    Path(marker).touch()
+    time.sleep(300)
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    try:
+        LocalRunner(workers=2).map(work, [(str(out / f"started{i}"),) for i in range(5)])
+    except KeyboardInterrupt:
+        (out / "interrupted").touch()
+        raise
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads worker pids from /proc")
+@pytest.mark.parametrize("whom", ["terminal", "parent alone"])
+def test_ctrl_c_ends_a_local_sweep_at_once_and_starts_no_queued_item(whom, tmp_path):
+    """Ctrl-C used to leave `diffgym compare` running every queued run, silently, before it exited: the
+    workers took the KeyboardInterrupt as one item's failure and went on with the queue. `terminal`: the
+    SIGINT reaches the whole process group, as Ctrl-C does; `parent alone`: `kill -INT` of the parent only."""
+    script = tmp_path / "parent.py"
+    script.write_text(_INTERRUPTED_PARENT)
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path)], start_new_session=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while not all((tmp_path / f"started{i}").exists() for i in (0, 1)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = _worker_pids(parent.pid)
+        assert len(workers) == 2
+        if whom == "terminal":
+            os.killpg(parent.pid, signal.SIGINT)
+        else:
+            parent.send_signal(signal.SIGINT)
+        _, err = parent.communicate(timeout=30)  # the queued items would take minutes
+        assert parent.returncode != 0 and (tmp_path / "interrupted").exists()
+        assert "interrupted: stopping the running items, starting none of the queued ones" in err
+        assert sorted(p.name for p in tmp_path.glob("started*")) == ["started0", "started1"]
+        assert all(map(_exited, workers))
+    finally:
+        parent.kill()
+        parent.wait()
+        for pid in workers:
+            if not _exited(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_failing_item_of_a_parallel_sweep_is_reported_and_the_others_go_on(capsys):
+    """As on Ray: the failure is named when it happens, the other items finish, and SweepFailed lists the
+    failures at the end (before, the first error surfaced only after every other run, with no line for it)."""
+    from diffgym.experiments.sweep import SweepFailed
+
+    with pytest.raises(SweepFailed, match=r"1 of 3 runs failed: item 1 \(ValueError: math domain error\)") as failed:
+        LocalRunner(workers=2).map(math.sqrt, [(4.0,), (-1.0,), (9.0,)], lambda i, r: f"sqrt {r}")
+    assert failed.value.failures == [("item 1", "ValueError: math domain error")]
+    out = capsys.readouterr().out
+    assert "item 1 failed: ValueError: math domain error" in out and "sqrt 2.0" in out and "sqrt 3.0" in out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--algo", "fast_algo", "--env", "Nope-v0"], "unknown task 'Nope-v0'"),
     (["train", "--algo", "fast_algo", "--env", ENV, "--param", "segment_lenght=4"], "unknown algo_params"),

@@ -6,10 +6,13 @@ that calls ``diffgym.experiments.sweep.train_one`` (or ``diffgym train --config`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
+import sys
 import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -68,7 +71,10 @@ class LocalRunner:
                 train_one(config.to_dict(), threads=self.threads)
         else:
             # parallel progress bars would garble the terminal: one line per finished run instead
-            self.map(train_one, [(c.to_dict(), False, self.threads) for c in todo], lambda i, _: run_summary(todo[i]))
+            _, failures = self._in_processes(train_one, [(c.to_dict(), False, self.threads) for c in todo],
+                                             [Path(c.run_dir).name for c in todo], lambda i, _: run_summary(todo[i]))
+            if failures:
+                raise SweepFailed(failures, len(configs))
         return [Path(c.run_dir) for c in configs]
 
     def map(self, work: Callable[..., Any], items: Sequence[tuple],
@@ -76,39 +82,89 @@ class LocalRunner:
         """``work(*item)`` for every item; with several workers in fresh processes with ``threads`` torch
         threads each (default one; in this process when there is one worker or one item).
         ``report(i, result)`` formats a line printed, after a ``[done/total]`` count, as each item finishes."""
-        results: list[Any] = [None] * len(items)
-
-        def finished(done: int, i: int) -> None:
-            if report:
-                print(f"[{done}/{len(items)}] {report(i, results[i])}", flush=True)
-
         if self.workers == 1 or len(items) <= 1:
+            results: list[Any] = []
             for i, item in enumerate(items):
-                results[i] = work(*item)
-                finished(i + 1, i)
+                results.append(work(*item))
+                if report:
+                    print(f"[{i + 1}/{len(items)}] {report(i, results[i])}", flush=True)
             return results
+        results, failures = self._in_processes(work, items, [f"item {i}" for i in range(len(items))], report)
+        if failures:
+            raise SweepFailed(failures, len(items))
+        return results
+
+    def _in_processes(self, work: Callable[..., Any], items: Sequence[tuple], names: Sequence[str],
+                      report: Callable[[int, Any], str] | None) -> tuple[list[Any], list[tuple[str, str]]]:
+        """``work(*item)`` for every item in a pool of fresh processes; the results, and ``(name, one-line
+        error)`` for each item that raised. As on Ray, a failing item is reported when it fails and the others
+        go on. Ctrl-C stops the running items (a KeyboardInterrupt in each: runs keep their last checkpoint)
+        and starts none of the queued ones, then re-raises, so the command ends at once and running it again
+        resumes."""
+        results: list[Any] = [None] * len(items)
+        failures: list[tuple[str, str]] = []
         context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked Warp/torch state
-        with ProcessPoolExecutor(min(self.workers, len(items)), mp_context=context,
-                                 initializer=_exit_with_parent) as pool:
+        pool = ProcessPoolExecutor(min(self.workers, len(items)), mp_context=context, initializer=_start_worker)
+        try:
             futures = {pool.submit(_with_threads, self.threads, work, *item): i for i, item in enumerate(items)}
             for done, future in enumerate(as_completed(futures), 1):
                 i = futures[future]
-                results[i] = future.result()  # re-raise a failed item's exception here
-                finished(done, i)
-        return results
+                try:
+                    results[i] = future.result()
+                except Exception as failure:  # the item's own exception, or its worker died (BrokenProcessPool)
+                    error = _one_line(failure)
+                    failures.append((names[i], error))
+                    print(f"[{done}/{len(items)}] {names[i]} failed: {error}", flush=True)
+                    continue
+                if report:
+                    print(f"[{done}/{len(items)}] {report(i, results[i])}", flush=True)
+        except KeyboardInterrupt:
+            # Ctrl-C in a terminal reaches the workers too; ``kill -INT`` of this process alone does not
+            workers = list(getattr(pool, "_processes", None) or {})
+            for pid in workers:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGINT)  # a worker takes the first SIGINT only: no second one mid-unwinding
+            print(f"\ninterrupted: stopping the running items, starting none of the queued ones", file=sys.stderr,
+                  flush=True)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            pool.shutdown(wait=True)
+        return results, failures
 
 
 def _with_threads(threads: int | None, work: Callable[..., Any], *args: Any) -> Any:
     """In a worker process: parallel work shares the cores; one thread each (the default) avoids
     oversubscription."""
+    if _interrupted:  # an item handed to this worker before Ctrl-C reached it: not started
+        raise KeyboardInterrupt("not started: the sweep was interrupted")
     import torch
 
     torch.set_num_threads(threads or 1)  # train_one then sets each run's own count (by its device)
     return work(*args)
 
 
-def _exit_with_parent() -> None:
-    """Pool-worker initializer: end this worker as soon as the process that started it dies.
+def _one_line(failure: BaseException) -> str:
+    """An item's failure as ``Type: message`` on one line."""
+    lines = [line.strip() for line in str(failure).splitlines() if line.strip()]
+    return f"{type(failure).__name__}: {lines[0]}" if lines else type(failure).__name__
+
+
+_interrupted = False  # in a pool worker: a SIGINT has arrived
+
+
+def _on_interrupt(signum: int, frame: Any) -> None:
+    """Pool workers' SIGINT handler. The first SIGINT stops the running item; later ones are ignored, so the
+    terminal's Ctrl-C and the parent's forwarded one do not interrupt a run twice, the second time while it
+    unwinds; ``_with_threads`` refuses the items this worker had already taken from the queue."""
+    global _interrupted
+    if not _interrupted:
+        _interrupted = True
+        raise KeyboardInterrupt
+
+
+def _start_worker() -> None:
+    """Pool-worker initializer: take Ctrl-C once (``_on_interrupt``) and end with the parent.
 
     Workers block on the pool's call queue, whose pipe they also hold open for writing, so they never
     see the parent go: killed alone, the parent of ``diffgym compare`` left its workers running the
@@ -117,6 +173,7 @@ def _exit_with_parent() -> None:
     it; a daemon thread waits on it and exits the worker. Its runs stop like killed ones: their
     directories stay resumable (atomic checkpoints and metrics, the lock released by the OS).
     """
+    signal.signal(signal.SIGINT, _on_interrupt)
     parent = multiprocessing.parent_process()
     if parent is None:
         return
