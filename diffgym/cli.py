@@ -14,13 +14,16 @@ import sys
 
 from diffgym import __version__
 from diffgym.commands import COMMANDS, load
-from diffgym.commands.options import ArgumentParser, HelpFormatter, parse_trainer_flags
+from diffgym.commands.options import (ArgumentParser, HelpFormatter, add_trainer_flags, trainer_params,
+                                      unknown_flags_error)
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+def build_parser(only: str | None = None, words: list[str] = ()) -> argparse.ArgumentParser:
     """The full parser, or with ``only`` the arguments of that one subcommand (the others are listed but
     take no arguments): some subcommands' argument definitions import torch, which ``diffgym --help``
-    and every other subcommand should not wait for."""
+    and every other subcommand should not wait for. A subcommand that takes a trainer's own flags gets
+    those of the trainer ``words`` name with ``--algo`` (``add_trainer_flags``), so its ``--help`` lists
+    them."""
     parser = ArgumentParser(prog="diffgym", description="DiffGym: differentiable Warp environments",
                             formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"diffgym {__version__}")
@@ -30,8 +33,23 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=module.HELP, description=module.HELP, formatter_class=HelpFormatter)
         if only is None or name == only:
             module.add_arguments(command)
+            mode = command.get_default("plugin_flags")
+            algo = _algo_named(words) or command.get_default("algo")
+            if name == only and mode is not None and algo:
+                add_trainer_flags(command, name, algo, mode)
         command.set_defaults(run=module.run, usage_error=command.error)
     return parser
+
+
+def _algo_named(words: list[str]) -> str | None:
+    """The value of ``--algo`` among ``words`` (``--algo X``, ``--algo=X``, an abbreviation), before the
+    full parse: it decides which trainer's flags the parser gets."""
+    early = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    early.add_argument("--algo")
+    try:
+        return early.parse_known_args(list(words))[0].algo
+    except argparse.ArgumentError:  # ``--algo`` without a value: the full parse says so
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,26 +63,24 @@ def main(argv: list[str] | None = None) -> int:
     if here is not None and here not in sys.path:
         sys.path.append(here)
     chosen = next((w for w in words if not w.startswith("-")), "")  # the subcommand: the first word
-    # no subcommand (``diffgym --help``): none's arguments; an unknown one: all, for argparse's error
-    parser = build_parser(only=chosen if chosen in COMMANDS or not chosen else None)
-    args, extra = parser.parse_known_args(argv)
-    mode = getattr(args, "plugin_flags", None)  # commands that take the chosen trainer's own flags
-    if extra and mode is None:  # the subcommand's parser's error, which names the command
-        args.usage_error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        if extra and not args.algo:
-            raise SystemExit(f"diffgym {args.command}: unrecognized arguments: {' '.join(extra)} (a trainer's own "
-                             "flags need --algo)")
-        args.plugin_params = parse_trainer_flags(args.command, args.algo, extra, mode) if extra else {}
+        # no subcommand (``diffgym --help``): none's arguments; an unknown one: all, for argparse's error
+        parser = build_parser(only=chosen if chosen in COMMANDS or not chosen else None, words=words)
+        args, extra = parser.parse_known_args(argv)
+        if extra and getattr(args, "plugin_flags", None) is None:  # the subcommand's parser's error, naming it
+            args.usage_error(f"unrecognized arguments: {' '.join(extra)}")
+        if extra:
+            raise SystemExit(unknown_flags_error(args.command, args.algo, extra))
+        args.plugin_params = trainer_params(args)
         return int(args.run(args) or 0)
     except KeyboardInterrupt:  # Ctrl-C: runs keep their last checkpoint and resume when started again
-        rerun = getattr(load(args.command), "RESUMED_BY_RERUN", False)
+        rerun = getattr(load(chosen), "RESUMED_BY_RERUN", False)
         again = f"; resume with: {shlex.join(['diffgym', *words])}" if rerun else ""
-        print(f"diffgym {args.command}: interrupted{again}", file=sys.stderr)
+        print(f"diffgym {chosen}: interrupted{again}", file=sys.stderr)
         return 130
     except SystemExit as stop:
         if isinstance(stop.code, str):  # a command's one-line refusal: a usage error, exit status 2
-            message = stop.code if stop.code.startswith("diffgym ") else f"diffgym {args.command}: {stop.code}"
+            message = stop.code if stop.code.startswith("diffgym ") else f"diffgym {chosen}: {stop.code}"
             print(message, file=sys.stderr)
             stop.code = 2
         raise

@@ -303,6 +303,50 @@ def test_trainer_flags_belong_to_their_trainer(tmp_path, trainers, capsys):
         main(["ablate", "--env", ENV, "--algo", "fast_algo", "--seeds", "1", "--env-steps", "10000"])
 
 
+def test_train_help_lists_the_chosen_trainers_flags(trainers, capsys):
+    from diffgym.cli import main
+
+    register_trainer("flagged", FlaggedTrainer("flagged", solve_at=5_000, grad_steps_per_eval=10))
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--algo=flagged", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert "flags of trainer 'flagged'" in out and "--segment-length VALUE" in out and "--bootstrap VALUE" in out
+    with pytest.raises(SystemExit):
+        main(["ablate", "--algo", "flagged", "--help"])
+    assert "--segment-length V1,V2,..." in capsys.readouterr().out
+
+
+class ClashingTrainer(ScriptedTrainer):
+    cli_flags = {"seed": "a seed of its own"}
+
+
+class PrefixTrainer(ScriptedTrainer):
+    cli_flags = {"eval": "an evaluation knob of its own"}  # a prefix of train's --eval-every, --eval-episodes
+
+    def default_config(self, env_id):
+        config = super().default_config(env_id)
+        return {**config, "algo_params": {**config["algo_params"], "eval": 1}}
+
+
+def test_a_trainer_flag_the_command_already_has_is_refused_and_a_prefix_is_taken_as_itself(trainers, capsys):
+    """A `cli_flags` entry equal to a core flag could never be set (the core flag wins); one that is a prefix
+    of core flags used to be read as their abbreviation (or an ambiguity error) when the words reached the
+    core parser first."""
+    from diffgym.cli import main
+
+    register_trainer("clashing", ClashingTrainer("clashing", solve_at=5_000, grad_steps_per_eval=10))
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--algo", "clashing", "--env", ENV, "--print-config"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "diffgym train: trainer 'clashing' declares --seed in its cli_flags, which diffgym train already has; "
+        "the trainer must rename it (--param seed=VALUE sets it meanwhile)")
+    register_trainer("prefix", PrefixTrainer("prefix", solve_at=5_000, grad_steps_per_eval=10))
+    assert main(["train", "--algo", "prefix", "--env", ENV, "--eval", "3", "--print-config"]) == 0
+    assert "eval: 3" in capsys.readouterr().out
+
+
 _PARENT = """
 import time
 from diffgym.experiments.sweep import LocalRunner

@@ -204,26 +204,50 @@ def add_extend_argument(parser: argparse.ArgumentParser, out_flag: str = "--out"
                              "schedules)")
 
 
-def parse_trainer_flags(command: str, algo: str, extra: list[str], values: str = "single") -> dict[str, Any]:
-    """Parse the command-line words argparse did not know as the trainer's own flags (``cli_flags``):
-    ``{algo_params key: value}``; ``values="list"`` keeps each value as text (a grid axis, ``V1,V2``).
-    Anything that is not one of the trainer's flags is a one-line error."""
-    from diffgym.plugins import flag_parameter, load_trainer, trainer_flags
+TRAINER_FLAG = "trainer_flag:"  # the prefix of a trainer flag's dest: never a core option's
+
+
+def add_trainer_flags(parser: argparse.ArgumentParser, command: str, algo: str, values: str = "single") -> None:
+    """Add the trainer's own flags (``cli_flags``) to ``command``'s parser as a group of their own, so that
+    ``--help`` lists them and argparse parses them with the core flags (a trainer flag that is a prefix of a
+    core one, ``--eval`` beside ``--eval-every``, is taken as itself, not as the abbreviation). A flag the
+    command already has is a one-line error naming it: the core flag would always win. ``values="list"``
+    keeps each value as text (a grid axis, ``V1,V2``). :func:`trainer_params` reads them back."""
+    from diffgym.plugins import load_trainer, trainer_flags
 
     try:
         flags = trainer_flags(load_trainer(algo))
-    except (KeyError, TypeError) as error:
+    except (KeyError, TypeError, ValueError) as error:  # unknown, not a Trainer, broken package
         raise SystemExit(f"diffgym {command}: {one_line(error)}")
-    parser = ArgumentParser(prog=f"diffgym {command}", add_help=False)
+    group = parser.add_argument_group(f"flags of trainer {algo!r} (each the same as --param KEY=VALUE)")
     for flag, help_text in flags.items():
-        parser.add_argument(f"--{flag}", dest=flag_parameter(flag), help=help_text,
-                            type=str if values == "list" else parse_value)
-    known, unknown = parser.parse_known_args(extra)
-    if unknown:
-        own = ", ".join(f"--{flag}" for flag in flags) or "none"
-        raise SystemExit(f"diffgym {command}: unrecognized arguments: {' '.join(unknown)} "
-                         f"(trainer {algo!r} adds the flags: {own})")
-    return {key: value for key, value in vars(known).items() if value is not None}
+        try:
+            group.add_argument(f"--{flag}", dest=f"{TRAINER_FLAG}{flag}", help=help_text, default=None,
+                               metavar="V1,V2,..." if values == "list" else "VALUE",
+                               type=str if values == "list" else parse_value)
+        except argparse.ArgumentError:
+            raise SystemExit(f"diffgym {command}: trainer {algo!r} declares --{flag} in its cli_flags, which diffgym "
+                             f"{command} already has; the trainer must rename it (--param "
+                             f"{flag.replace('-', '_')}=VALUE sets it meanwhile)") from None
+
+
+def trainer_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The trainer flags given on the command line (:func:`add_trainer_flags`), ``{algo_params key: value}``."""
+    from diffgym.plugins import flag_parameter
+
+    return {flag_parameter(dest.removeprefix(TRAINER_FLAG)): value for dest, value in vars(args).items()
+            if dest.startswith(TRAINER_FLAG) and value is not None}
+
+
+def unknown_flags_error(command: str, algo: str | None, extra: list[str]) -> str:
+    """The one line for words no flag took: which flags ``algo`` adds, or that a trainer's flags need --algo."""
+    words = " ".join(extra)
+    if not algo:
+        return f"diffgym {command}: unrecognized arguments: {words} (a trainer's own flags need --algo)"
+    from diffgym.plugins import load_trainer, trainer_flags
+
+    own = ", ".join(f"--{flag}" for flag in trainer_flags(load_trainer(algo))) or "none"
+    return f"diffgym {command}: unrecognized arguments: {words} (trainer {algo!r} adds the flags: {own})"
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser, seeds_of: str, scope: str, out_default: str) -> None:

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no progress bar: one line per evaluation instead")
     add_threads_argument(parser, "training")
     parser.epilog = ("A trainer adds its own flags (e.g. `--segment-length K` for apg), each the same as "
-                     "--param; `diffgym trainers -v` lists them. Ctrl-C stops a run where it can be resumed: "
+                     "--param; `diffgym trainers -v` lists them, and --help with --algo lists the chosen trainer's. Ctrl-C stops a run where it can be resumed: "
                      "the command to resume it is printed.")
     parser.set_defaults(plugin_flags="single")
 
