@@ -213,3 +213,15 @@ def test_interval_estimates_do_not_depend_on_the_global_generator_or_other_label
     state = np.random.get_state()
     estimate(scores)
     assert np.array_equal(np.random.get_state()[1], state[1])  # the caller's generator is left as it was
+
+
+def test_the_default_manifest_outside_the_repository_root_says_where_it_is(tmp_path, monkeypatch, capsys):
+    from diffgym.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["results", "--list"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "diffgym results: no docs/results/experiments.yml here: the project's manifest is in the DiffGym "
+        "repository, so run this from its root, or pass --manifest FILE")

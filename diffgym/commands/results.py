@@ -66,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
     document = args.document
     if document is None and args.manifest.resolve() == DEFAULT_MANIFEST.resolve() and DEFAULT_DOCUMENT.exists():
         document = DEFAULT_DOCUMENT
+    if args.manifest == DEFAULT_MANIFEST and not DEFAULT_MANIFEST.exists():  # the repository's, by a relative path
+        raise SystemExit(f"diffgym results: no {DEFAULT_MANIFEST} here: the project's manifest is in the DiffGym "
+                         "repository, so run this from its root, or pass --manifest FILE")
     try:  # a bad manifest or document, unknown task or trainer, a run dir made otherwise: one line, before any run
         resolve_threads(args.threads)
         if args.workers is not None and args.workers < 1:
