@@ -1,5 +1,6 @@
-"""Gradient checks for DiffGym tasks (and third-party tasks honouring the same contract), and the list of
-tasks the repository's contract suites check (:func:`tasks_under_test`).
+"""Gradient checks for DiffGym tasks (and third-party tasks honouring the same contract), the list of
+tasks the repository's contract suites check (:func:`tasks_under_test`), and the trainer contract's check
+(:func:`check_trainer`, with :func:`counting_simulated_steps`), for trainer plugins of one's own.
 
 The sims run in float32, so finite differences use a step ``eps`` large enough to beat round-off and
 compare with ``|fd - ad| <= atol + rtol * |ad|``.
@@ -7,9 +8,11 @@ compare with ``|fd - ad| <= atol + rtol * |ad|``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -134,3 +137,172 @@ def check_directional(sim: DiffSim, state: SimState, actions: torch.Tensor, eps:
         fd.append((_evaluate(objective, state, base + eps * u, like)
                    - _evaluate(objective, state, base - eps * u, like)) / (2 * eps))
     return GradCheck(torch.tensor(ad), torch.tensor(fd))
+
+
+# --- the trainer contract ------------------------------------------------------------------------------------
+
+
+class SimulatedSteps:
+    """Every step simulated while :func:`counting_simulated_steps` is active, per simulator: each ``step``,
+    ``differentiable_step`` and each step of a ``differentiable_rollout`` ends in a ``DiffSim``'s ``_step``
+    or ``rollout``, over all envs of the batch (resets run other kernels and are not steps)."""
+
+    def __init__(self) -> None:
+        # (id(sim), batch size) -> [sim, env steps]; the sims are kept alive meanwhile, so no id is reused
+        self._sims: dict[tuple[int, int], list] = {}
+
+    def add(self, sim: DiffSim, batch: int, env_steps: int) -> None:
+        self._sims.setdefault((id(sim), batch), [sim, 0])[1] += env_steps
+
+    def per_sim(self) -> list[tuple[int, int]]:
+        """``(batch size, env steps)`` of each simulator and batch size that stepped, in the order they first
+        stepped."""
+        return [(batch, steps) for (_, batch), (_, steps) in self._sims.items()]
+
+
+@contextlib.contextmanager
+def counting_simulated_steps() -> Iterator[SimulatedSteps]:
+    """Count every step any DiffGym simulator takes inside the block (:class:`SimulatedSteps`), whatever
+    made it: a vector env, ``differentiable_step``, a rollout, a planner's own sim."""
+    count = SimulatedSteps()
+    originals: list[tuple[type, str, Any]] = []
+
+    def counted_step(step: Callable) -> Callable:
+        def _step(sim, state, action, physics=None):
+            if not getattr(sim, "_steps_counted_above", False):
+                count.add(sim, state.batch_size, state.batch_size)
+            return step(sim, state, action, physics)
+        return _step
+
+    def counted_rollout(rollout: Callable) -> Callable:
+        def _rollout(sim, state, actions, physics=None):
+            if getattr(sim, "_steps_counted_above", False):
+                return rollout(sim, state, actions, physics)
+            count.add(sim, state.batch_size, actions.shape[0] * state.batch_size)
+            with _steps_counted_above(sim):  # a rollout that loops its own _step: counted here, once
+                return rollout(sim, state, actions, physics)
+        return _rollout
+
+    def uncounted(check_launches: Callable) -> Callable:
+        def _check_launches(sim):
+            with _steps_counted_above(sim):  # the core's one-env probe of a task's kernels: no env's step
+                return check_launches(sim)
+        return _check_launches
+
+    classes, todo = [], [DiffSim]
+    while todo:  # a task class that overrides _step (Newton's solver step) or rollout is counted too
+        cls = todo.pop()
+        classes.append(cls)
+        todo.extend(cls.__subclasses__())
+    for cls in classes:
+        for name, wrap in (("_step", counted_step), ("rollout", counted_rollout), ("check_launches", uncounted)):
+            if name in cls.__dict__:
+                originals.append((cls, name, cls.__dict__[name]))
+                setattr(cls, name, wrap(cls.__dict__[name]))
+    try:
+        yield count
+    finally:
+        for cls, name, original in reversed(originals):
+            setattr(cls, name, original)
+
+
+@contextlib.contextmanager
+def _steps_counted_above(sim: DiffSim) -> Iterator[None]:
+    sim._steps_counted_above = True
+    try:
+        yield
+    finally:
+        sim._steps_counted_above = False
+
+
+class TrainerContractError(AssertionError):
+    """A trainer broke the protocol :func:`check_trainer` checks; the message is one line naming the rule."""
+
+
+def check_trainer(algo: str, run_dir: str | Path, env_id: str = "DiffGym/PointMass1D-v0",
+                  changes: Mapping[str, Any] | None = None, resumes: bool = True,
+                  budgets: tuple[int, int] = (24, 200)) -> None:
+    """Train the trainer called ``algo`` twice on a tiny budget into ``run_dir`` (which must not exist yet) and
+    check what every comparison of DiffGym relies on (``docs/protocol.md``, ``docs/plugins.md``):
+
+    * ``train`` returns the config's run directory;
+    * it evaluates at exactly the schedule's points (a geometric schedule, 4 training envs, 3 evaluation
+      episodes: every point a whole vector step);
+    * every step it simulates for training, in any form, is a logged env step, and it stops at the budget:
+      the steps of every simulator other than the evaluations' (3 envs each, one per evaluation) equal the
+      logged env steps;
+    * the run directory holds a policy ``diffgym.load_policy`` reads (weights-only) for this task;
+    * run again with the larger budget, a trainer that ``resumes`` continues from the first run's budget,
+      simulating only the steps past it and keeping the first run's evaluations; one that does not starts
+      afresh (its earlier checkpoints set aside by ``Run``) and evaluates the whole schedule again.
+
+    ``changes``: dotted config overrides that make a run this small possible (PPO's ``algo_params.n_steps``,
+    ``algo_params.batch_size``). Raises :class:`TrainerContractError` (an ``AssertionError``) naming the rule.
+    Runs in this process, on the CPU; a few seconds for the bundled trainers."""
+    from diffgym.plugins import load_trainer, resolve_config
+    from diffgym.policy import load_policy
+    from diffgym.training.run import read_metrics
+
+    num_envs, eval_episodes = 4, 3  # different, so evaluation envs are told apart from training envs by size
+    run_dir = Path(run_dir)
+    if run_dir.exists():
+        raise ValueError(f"check_trainer: run_dir {run_dir} exists; give a fresh path")
+    trainer = load_trainer(algo)  # also checks the Trainer protocol
+    first_budget, budget = budgets
+    if first_budget % num_envs or budget % num_envs or not 0 < first_budget < budget:
+        raise ValueError(f"check_trainer: budgets must be multiples of {num_envs}, the first smaller, got {budgets}")
+    base = {"eval_schedule": "geometric", "eval_first_env_steps": 8, "eval_growth": 2.0, "eval_every_env_steps": 64,
+            "num_envs": num_envs, "eval_episodes": eval_episodes, "device": "cpu", "run_dir": str(run_dir),
+            **dict(changes or {})}
+
+    def fail(rule: str) -> TrainerContractError:
+        return TrainerContractError(f"trainer {algo!r}: {rule}")
+
+    def train(total: int) -> tuple[list[dict], list[tuple[int, int]]]:
+        config = resolve_config(algo, env_id, {**base, "total_env_steps": total})
+        with counting_simulated_steps() as count:
+            returned = trainer.train(config, progress=False) if _takes_progress(trainer) else trainer.train(config)
+        if returned is None or Path(returned).resolve() != run_dir.resolve():
+            raise fail(f"train returned {returned!r}, not the config's run_dir {str(run_dir)!r}")
+        return read_metrics(run_dir), count.per_sim()
+
+    def check(rows: list[dict], sims: list[tuple[int, int]], expected_points: list[int], start: int,
+              total: int, which: str) -> None:
+        logged = [row["env_steps"] for row in rows]
+        if any(b < a for a, b in zip(logged, logged[1:])):
+            raise fail(f"{which}: env_steps in metrics.jsonl go backwards: {logged}")
+        evaluations = [row["env_steps"] for row in rows if "eval_success_rate" in row]
+        if evaluations != expected_points:
+            raise fail(f"{which}: evaluations at env steps {evaluations}, the schedule's points are {expected_points} "
+                       "(EvaluationCadence tells when)")
+        if max(logged, default=0) != total:
+            raise fail(f"{which}: the last logged env_steps is {max(logged, default=0)}, the budget {total}")
+        evaluation_sims = [steps for batch, steps in sims if batch == eval_episodes]
+        evaluated = len([p for p in expected_points if p >= start and (p > start or start == 0)])
+        if len(evaluation_sims) != evaluated or any(steps % eval_episodes for steps in evaluation_sims):
+            raise fail(f"{which}: {len(evaluation_sims)} evaluation env(s) of {eval_episodes} episodes stepped for "
+                       f"{evaluated} evaluations (evaluate with evaluate_config or evaluate_and_checkpoint)")
+        simulated = sum(steps for batch, steps in sims if batch != eval_episodes)
+        if simulated != total - start:
+            raise fail(f"{which}: simulated {simulated:,} training env steps from env step {start:,}, logged "
+                       f"{total - start:,} (every simulated step is an env step: docs/protocol.md)")
+
+    schedule = lambda total: resolve_config(algo, env_id, {**base, "total_env_steps": total}).evaluation_points()  # noqa: E731
+    rows, sims = train(first_budget)
+    check(rows, sims, schedule(first_budget), 0, first_budget, "first run")
+    try:
+        load_policy(run_dir).act  # noqa: B018  (a weights-only checkpoint with the shared keys for this task)
+    except (FileNotFoundError, ValueError) as error:
+        raise fail(f"no policy diffgym.load_policy can read in the run directory ({' '.join(str(error).split())})")
+    rows, sims = train(budget)
+    if resumes:
+        expected = schedule(first_budget) + [p for p in schedule(budget) if p > first_budget]
+        check(rows, sims, expected, first_budget, budget, "resumed run")
+    else:
+        check(rows, sims, schedule(budget), 0, budget, "second run (no resume)")
+
+
+def _takes_progress(trainer: Any) -> bool:
+    import inspect
+
+    return "progress" in inspect.signature(trainer.train).parameters

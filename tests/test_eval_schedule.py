@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import diffgym  # noqa: F401  (registers the tasks)
-from diffgym.core.env import DiffGymVectorEnv
-from diffgym.core.sim import DiffSim
 from diffgym.plugins import load_trainer, resolve_config
+from diffgym.testing import counting_simulated_steps
 from diffgym.training import EvaluationCadence, TrainConfig
 from diffgym.training.run import read_metrics
 
@@ -82,61 +81,21 @@ def test_a_resumed_cadence_continues_the_schedule():
     assert (cadence.next_eval, cadence.steps_to_next(64, NUM_ENVS)) == (128, 16)
 
 
-class StepCounter:
-    """Counts every simulated step of every DiffGym vector env made while it is installed, per env: each
-    ``step``, ``differentiable_step`` and ``differentiable_rollout`` ends in the simulator's ``_step`` or
-    ``rollout``, which it wraps (resets run other kernels and are not steps)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch):
-        self.envs: list[list] = []  # [num_envs, the env's sim, env steps simulated]
-        init, step, rollout = DiffGymVectorEnv.__init__, DiffSim._step, DiffSim.rollout
-        counter = self
-
-        def counted_init(venv, *args, **kwargs):
-            init(venv, *args, **kwargs)
-            counter.envs.append([venv.num_envs, venv.sim, 0])
-
-        def add(sim, env_steps):
-            record = next(r for r in counter.envs if r[1] is sim)
-            record[2] += env_steps
-
-        def counted_step(sim, state, action, physics=None):
-            if not getattr(sim, "_counting_rollout", False):  # a looped rollout's steps are counted there
-                add(sim, state.batch_size)
-            return step(sim, state, action, physics)
-
-        def counted_rollout(sim, state, actions, physics=None):
-            add(sim, actions.shape[0] * state.batch_size)
-            sim._counting_rollout = True
-            try:
-                return rollout(sim, state, actions, physics)
-            finally:
-                sim._counting_rollout = False
-
-        monkeypatch.setattr(DiffGymVectorEnv, "__init__", counted_init)
-        monkeypatch.setattr(DiffSim, "_step", counted_step)
-        monkeypatch.setattr(DiffSim, "rollout", counted_rollout)
-
-    def env_steps(self, num_envs: int) -> list[int]:
-        """The steps each env of ``num_envs`` envs simulated, in the order they were made."""
-        return [steps for n, _, steps in self.envs if n == num_envs]
-
-
 @pytest.mark.parametrize("algo", list(TINY))
-def test_every_simulated_training_step_is_a_logged_env_step(algo, tmp_path, monkeypatch, one_thread):
+def test_every_simulated_training_step_is_a_logged_env_step(algo, tmp_path, one_thread):
     """Each bundled trainer evaluates at the geometric schedule's points, and the env steps it logs are
     exactly the steps its training envs simulated; evaluation episodes run in envs of their own, one per
     evaluation, and are not training env steps."""
-    counter = StepCounter(monkeypatch)
     config = resolve_config(algo, ENV, {**GEOMETRIC, **TINY[algo], "num_envs": NUM_ENVS, "total_env_steps": 200,
                                         "eval_episodes": EVAL_EPISODES, "run_dir": str(tmp_path / algo)})
-    load_trainer(algo).train(config, progress=False)
+    with counting_simulated_steps() as count:
+        load_trainer(algo).train(config, progress=False)
     rows = read_metrics(tmp_path / algo)
     evaluations = [r["env_steps"] for r in rows if "eval_success_rate" in r]
     assert evaluations == POINTS
-    assert counter.env_steps(NUM_ENVS) == [200]  # one training vector env, every step of it logged
+    assert [steps for n, steps in count.per_sim() if n == NUM_ENVS] == [200]  # one training env, every step logged
     assert max(r["env_steps"] for r in rows) == 200
-    evaluation_steps = counter.env_steps(EVAL_EPISODES)
+    evaluation_steps = [steps for n, steps in count.per_sim() if n == EVAL_EPISODES]
     assert len(evaluation_steps) == len(POINTS) and all(steps % EVAL_EPISODES == 0 for steps in evaluation_steps)
 
 

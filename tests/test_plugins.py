@@ -76,6 +76,13 @@ def test_doc_plugin_is_discovered_and_trains_through_the_cli(doc_plugin, tmp_pat
     assert not (tmp_path / "refused").exists()
 
 
+def test_doc_plugin_keeps_the_trainer_contract(doc_plugin, tmp_path):
+    """What docs/plugins.md tells a plugin author to run on their own trainer (it does not resume)."""
+    from diffgym.testing import check_trainer
+
+    check_trainer("short-horizon", tmp_path / "run", ENV_ID, resumes=False)
+
+
 def test_doc_plugin_installs_with_pip_and_is_listed_in_a_fresh_process(tmp_path):
     """The page's files as they are, installed by pip (into a folder, not the venv): what a reader runs."""
     package = tmp_path / "my_trainer"
