@@ -170,6 +170,8 @@ def resolve_config(algo: str, env_id: str, overrides: Mapping[str, Any] | None =
         config = TrainConfig.from_dict(data)
         set_keys = list(config.algo_params)
     _check_algo_params(trainer, trainer_params, set_keys)
+    if getattr(trainer, "check_config", None) is None:  # else nested sections are the trainer's to check
+        _check_nested_algo_params(trainer, trainer_params, [k for k in overrides or {} if k.startswith("algo_params.")])
     from diffgym.core.env import check_device
 
     check_device(config.device)
@@ -260,6 +262,20 @@ def _check_algo_params(trainer: Trainer, defaults: Mapping[str, Any], keys: Sequ
     unknown = sorted(set(keys) - known)
     if unknown:
         raise ValueError(f"unknown algo_params {unknown} for trainer {trainer.name!r}; it has: {', '.join(sorted(known))}")
+
+
+def _check_nested_algo_params(trainer: Trainer, defaults: Mapping[str, Any], keys: Sequence[str]) -> None:
+    """For a trainer without ``check_config``: a key an override sets inside a section of ``algo_params``
+    (``algo_params.optim.lr``) must be one that section of the trainer's defaults has. (A trainer with
+    ``check_config`` checks its sections itself: their fields may depend on another key.)"""
+    for dotted in keys:
+        *parents, leaf = dotted.split(".")[1:]
+        node: Any = defaults
+        for key in parents:
+            node = node.get(key) if isinstance(node, Mapping) else None
+        if parents and isinstance(node, Mapping) and node and leaf not in node:
+            raise ValueError(f"unknown algo_params key {'.'.join([*parents, leaf])!r} for trainer {trainer.name!r}; "
+                             f"algo_params.{'.'.join(parents)} has: {', '.join(sorted(node))}")
 
 
 def _numbers_from_text(section: str, values: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:

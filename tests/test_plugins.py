@@ -293,3 +293,27 @@ def test_a_task_registered_through_a_factory_function_is_not_refused_as_a_plain_
             plugins.check_task("CartPole-v1")
     finally:
         gym.registry.pop("Tests/FactoryTask-v0")
+
+
+class _SectionedTrainer(_EchoTrainer):
+    """Nested algo_params sections, and no check_config of its own."""
+
+    name = "sectioned"
+
+    def default_config(self, env_id):
+        return {"num_envs": 4, "algo_params": {"optim": {"lr": 0.1, "betas": [0.9, 0.99]}, "free": {}}}
+
+
+def test_a_misspelt_key_inside_an_algo_params_section_is_refused_for_a_trainer_without_check_config(monkeypatch):
+    monkeypatch.setattr(plugins, "_registered", {})
+    plugins.register_trainer("sectioned", _SectionedTrainer())
+    assert plugins.resolve_config("sectioned", ENV_ID, {"algo_params.optim.lr": 0.2}).algo_params["optim"]["lr"] == 0.2
+    with pytest.raises(ValueError, match=r"^unknown algo_params key 'optim.lrr' for trainer 'sectioned'; "
+                                         r"algo_params.optim has: betas, lr$"):
+        plugins.resolve_config("sectioned", ENV_ID, {"algo_params.optim.lrr": 0.2})
+    # an empty section is free-form: nothing to check against
+    assert plugins.resolve_config("sectioned", ENV_ID, {"algo_params.free.anything": 1}).algo_params["free"] == {
+        "anything": 1}
+    # APG checks its own sections (check_config): the core leaves them to it, and its message names the key
+    with pytest.raises(ValueError, match="lrr"):
+        plugins.resolve_config("apg", ENV_ID, {"algo_params.policy_gradient.lrr": 0.2})
