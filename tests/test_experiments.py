@@ -400,23 +400,43 @@ def test_sweep_workers_exit_when_their_parent_dies():
                 os.kill(pid, signal.SIGKILL)
 
 
-_INTERRUPTED_PARENT = """
-import sys, time
+_SWEEP_PARENT = """
+import os, sys, time
 from pathlib import Path
 from diffgym.experiments.sweep import LocalRunner
 
-def work(marker):
+def work(marker, seconds):
+    first = not Path(marker).exists()
     Path(marker).touch()
-    time.sleep(300)
+    if first and marker.endswith("dies0"):
+        os._exit(1)  # as an out-of-memory kill would end it, the first time
+    time.sleep(seconds)
+    return Path(marker).name
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1])
+    out, seconds = Path(sys.argv[1]), [float(s) for s in sys.argv[3:]]
     try:
-        LocalRunner(workers=2).map(work, [(str(out / f"started{i}"),) for i in range(5)])
+        print(LocalRunner(workers=2).map(work, [(str(out / f"{sys.argv[2]}{i}"), s) for i, s in enumerate(seconds)]))
     except KeyboardInterrupt:
         (out / "interrupted").touch()
-        raise
+        sys.exit(130)
 """
+
+
+def _sweep_parent(tmp_path: Path, name: str, seconds: list[float]) -> subprocess.Popen:
+    """A process running a LocalRunner(workers=2) sweep of items that sleep ``seconds`` each (the one named
+    ``dies0`` kills its worker the first time), in a session of its own, like a terminal's job."""
+    script = tmp_path / "parent.py"
+    script.write_text(_SWEEP_PARENT)
+    return subprocess.Popen([sys.executable, str(script), str(tmp_path), name, *map(str, seconds)],
+                            start_new_session=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(paths: list[Path], seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while not all(p.exists() for p in paths) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads worker pids from /proc")
@@ -425,16 +445,10 @@ def test_ctrl_c_ends_a_local_sweep_at_once_and_starts_no_queued_item(whom, tmp_p
     """Ctrl-C used to leave `diffgym compare` running every queued run, silently, before it exited: the
     workers took the KeyboardInterrupt as one item's failure and went on with the queue. `terminal`: the
     SIGINT reaches the whole process group, as Ctrl-C does; `parent alone`: `kill -INT` of the parent only."""
-    script = tmp_path / "parent.py"
-    script.write_text(_INTERRUPTED_PARENT)
-    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path)], start_new_session=True,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    parent = _sweep_parent(tmp_path, "started", [300] * 5)
     workers: list[int] = []
     try:
-        deadline = time.monotonic() + 90
-        while not all((tmp_path / f"started{i}").exists() for i in (0, 1)) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        _wait_for([tmp_path / "started0", tmp_path / "started1"])
         workers = _worker_pids(parent.pid)
         assert len(workers) == 2
         if whom == "terminal":
@@ -442,8 +456,9 @@ def test_ctrl_c_ends_a_local_sweep_at_once_and_starts_no_queued_item(whom, tmp_p
         else:
             parent.send_signal(signal.SIGINT)
         _, err = parent.communicate(timeout=30)  # the queued items would take minutes
-        assert parent.returncode != 0 and (tmp_path / "interrupted").exists()
+        assert parent.returncode == 130 and (tmp_path / "interrupted").exists()
         assert "interrupted: stopping the running items, starting none of the queued ones" in err
+        assert "Traceback" not in err
         assert sorted(p.name for p in tmp_path.glob("started*")) == ["started0", "started1"]
         assert all(map(_exited, workers))
     finally:
@@ -452,6 +467,32 @@ def test_ctrl_c_ends_a_local_sweep_at_once_and_starts_no_queued_item(whom, tmp_p
         for pid in workers:
             if not _exited(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads worker pids from /proc")
+def test_ctrl_c_reaching_an_idle_worker_does_not_break_the_pool(tmp_path):
+    """One item finished, its worker idle, the other running: the idle worker used to raise in the pool's
+    queue, print a traceback and break the pool, which then killed the run that was stopping."""
+    parent = _sweep_parent(tmp_path, "started", [0, 300])
+    try:
+        _wait_for([tmp_path / "started0", tmp_path / "started1"])
+        time.sleep(1.0)  # item 0 is done: its worker waits for work
+        os.killpg(parent.pid, signal.SIGINT)
+        _, err = parent.communicate(timeout=30)
+        assert parent.returncode == 130 and "Traceback" not in err, err
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_a_dead_worker_gets_its_items_run_again_in_a_fresh_pool(tmp_path):
+    """A worker killed (out of memory, a crash) takes its pool down with every unfinished item; they used to
+    fail together. Now a fresh pool runs them again (runs resume from their last checkpoint)."""
+    parent = _sweep_parent(tmp_path, "dies", [0, 0, 0])
+    out, err = parent.communicate(timeout=120)
+    assert parent.returncode == 0, err
+    assert out.strip() == "['dies0', 'dies1', 'dies2']"
+    assert "a worker process died (BrokenProcessPool: " in err and "(attempt 2 of 4; runs resume" in err
 
 
 def test_a_failing_item_of_a_parallel_sweep_is_reported_and_the_others_go_on(capsys):

@@ -43,7 +43,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from diffgym.experiments.training_runs import SweepFailed, is_finished, run_summary, train_one
+from diffgym.experiments.training_runs import SweepFailed, is_finished, one_line_error, run_summary, train_one
 from diffgym.training.run import list_checkpoints, lock_run_dir, replace_atomically
 from diffgym.training.spec import TrainConfig
 
@@ -125,7 +125,7 @@ class RayRunner:
         return [Path(c.run_dir) for c in configs]
 
     def map(self, work: Callable[..., Any], items: Sequence[tuple],
-            report: Callable[[int, Any], str] | None = None) -> list[Any]:
+            report: Callable[[int, Any], str] | None = None, names: Sequence[str] | None = None) -> list[Any]:
         """``work(*item)`` for every item, each a Ray task with the run's resources. ``work`` and the
         items' paths must be usable on the workers (``files_shared_with_workers``)."""
         import ray
@@ -144,9 +144,10 @@ class RayRunner:
             if report and error is None:
                 print(f"[{done}/{len(items)}] {report(i, results[i])}", flush=True)
             elif error:
-                print(f"[{done}/{len(items)}] item {i} failed: {error}", flush=True)
+                print(f"[{done}/{len(items)}] {labels[i]} failed: {error}", flush=True)
 
-        failures = self._gather(submit, [f"item {i}" for i in range(len(items))], settle, results)
+        labels = list(names or [f"item {i}" for i in range(len(items))])
+        failures = self._gather(submit, labels, settle, results)
         if failures:
             raise SweepFailed(failures, len(items))
         return results
@@ -290,13 +291,9 @@ def _one_line(failure: BaseException) -> str:
     """A task's failure as ``Type: message`` on one line: the run's own exception, or Ray's reason."""
     import ray
 
-    if isinstance(failure, ray.exceptions.RayTaskError):
-        cause = failure.cause if failure.cause is not None else failure
-        text = f"{type(cause).__name__}: {cause}"
-    else:  # the worker died more often than max_retries, the task was cancelled, ...
-        text = f"{type(failure).__name__}: {failure}"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(failure).__name__
+    if isinstance(failure, ray.exceptions.RayTaskError) and failure.cause is not None:
+        return one_line_error(failure.cause)
+    return one_line_error(failure)  # the worker died more often than max_retries, the task was cancelled, ...
 
 
 def _pickled_registrations(names: set[str]) -> dict[str, bytes]:

@@ -116,6 +116,12 @@ def run_summary(config: TrainConfig) -> str:
             f"({last.get('wall_time', 0):.0f} s)")
 
 
+def one_line_error(failure: BaseException) -> str:
+    """A failure as ``Type: message`` on one line (the message's first line): how a sweep names a failed run."""
+    lines = [line.strip() for line in str(failure).splitlines() if line.strip()]
+    return f"{type(failure).__name__}: {lines[0]}" if lines else type(failure).__name__
+
+
 class SweepFailed(RuntimeError):
     """Some runs of a sweep failed; the others finished. ``failures``: ``(run name, one-line error)``."""
 

@@ -176,7 +176,7 @@ def tune(env_id: str, algo: str, trials: int, env_steps: int, out_dir: str | Pat
         results = runner.map(run_trial, items, lambda i, r: (
             f"trial {to_run[i].number}: failed: {r['error']}" if r["error"] else
             f"trial {to_run[i].number}: {'pruned' if r['pruned'] else 'done'} at {r['env_steps']:,} env steps, "
-            f"{metric} AUC {r['value']:.3f}")) if items else []
+            f"{metric} AUC {r['value']:.3f}"), names=[f"trial {t.number}" for t in to_run]) if items else []
         for trial, result in zip(to_run, results):
             if result["pruned"]:
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
