@@ -36,20 +36,33 @@ def build_parser(only: str | None = None, words: list[str] = ()) -> argparse.Arg
             mode = command.get_default("plugin_flags")
             algo = _algo_named(words) or command.get_default("algo")
             if name == only and mode is not None and algo:
-                add_trainer_flags(command, name, algo, mode)
+                for flag in add_trainer_flags(command, name, algo, mode):  # an installed plugin stays usable
+                    print(f"diffgym {name}: warning: trainer {algo!r} declares {flag} in its cli_flags, which diffgym "
+                          f"{name} already has: ignored (--param {flag[2:].replace('-', '_')}=VALUE sets it)",
+                          file=sys.stderr)
         command.set_defaults(run=module.run, usage_error=command.error)
     return parser
 
 
 def _algo_named(words: list[str]) -> str | None:
-    """The value of ``--algo`` among ``words`` (``--algo X``, ``--algo=X``, an abbreviation), before the
-    full parse: it decides which trainer's flags the parser gets."""
+    """The trainer ``words`` name, before the full parse, to give the parser that trainer's flags: the value
+    of ``--algo`` (``--algo X``, ``--algo=X``, an abbreviation), else the ``algo`` of a ``--config`` file."""
     early = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     early.add_argument("--algo")
+    early.add_argument("--config")
     try:
-        return early.parse_known_args(list(words))[0].algo
+        known = early.parse_known_args(list(words))[0]
     except argparse.ArgumentError:  # ``--algo`` without a value: the full parse says so
         return None
+    if known.algo or not known.config:
+        return known.algo
+    try:  # an unreadable file is the command's to report, with its reason
+        import yaml
+
+        data = yaml.safe_load(open(known.config))
+    except (OSError, yaml.YAMLError):
+        return None
+    return data.get("algo") if isinstance(data, dict) and isinstance(data.get("algo"), str) else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if extra and getattr(args, "plugin_flags", None) is None:  # the subcommand's parser's error, naming it
             args.usage_error(f"unrecognized arguments: {' '.join(extra)}")
         if extra:
-            raise SystemExit(unknown_flags_error(args.command, args.algo, extra))
+            raise SystemExit(unknown_flags_error(args.command, _algo_named(words), extra))
         args.plugin_params = trainer_params(args)
         return int(args.run(args) or 0)
     except KeyboardInterrupt:  # Ctrl-C: runs keep their last checkpoint and resume when started again

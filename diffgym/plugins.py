@@ -161,7 +161,9 @@ def resolve_config(algo: str, env_id: str, overrides: Mapping[str, Any] | None =
     else:
         config = base.replace(algo=algo, env_id=env_id)
     config = config.with_overrides(overrides or {})
-    set_keys = [key.split(".")[1] for key in overrides or {} if key.startswith("algo_params.")]
+    # the keys the user set: the overrides', and a --config file's (``base``) every one
+    set_keys = list(config.algo_params) if base is not None else [
+        key.split(".")[1] for key in overrides or {} if key.startswith("algo_params.")]
     upgrade = getattr(trainer, "upgrade_config", None)
     if upgrade is not None:  # keys of an earlier format (a --config file, --param KEY) in today's
         data = upgrade(config.to_dict())
@@ -171,7 +173,7 @@ def resolve_config(algo: str, env_id: str, overrides: Mapping[str, Any] | None =
         set_keys = list(config.algo_params)
     _check_algo_params(trainer, trainer_params, set_keys)
     if getattr(trainer, "check_config", None) is None:  # else nested sections are the trainer's to check
-        _check_nested_algo_params(trainer, trainer_params, [k for k in overrides or {} if k.startswith("algo_params.")])
+        _check_nested_algo_params(trainer, trainer_params, config.algo_params)
     from diffgym.core.env import check_device
 
     check_device(config.device)
@@ -264,18 +266,22 @@ def _check_algo_params(trainer: Trainer, defaults: Mapping[str, Any], keys: Sequ
         raise ValueError(f"unknown algo_params {unknown} for trainer {trainer.name!r}; it has: {', '.join(sorted(known))}")
 
 
-def _check_nested_algo_params(trainer: Trainer, defaults: Mapping[str, Any], keys: Sequence[str]) -> None:
-    """For a trainer without ``check_config``: a key an override sets inside a section of ``algo_params``
-    (``algo_params.optim.lr``) must be one that section of the trainer's defaults has. (A trainer with
-    ``check_config`` checks its sections itself: their fields may depend on another key.)"""
-    for dotted in keys:
-        *parents, leaf = dotted.split(".")[1:]
-        node: Any = defaults
-        for key in parents:
-            node = node.get(key) if isinstance(node, Mapping) else None
-        if parents and isinstance(node, Mapping) and node and leaf not in node:
-            raise ValueError(f"unknown algo_params key {'.'.join([*parents, leaf])!r} for trainer {trainer.name!r}; "
-                             f"algo_params.{'.'.join(parents)} has: {', '.join(sorted(node))}")
+def _check_nested_algo_params(trainer: Trainer, defaults: Mapping[str, Any], values: Mapping[str, Any],
+                              parents: tuple[str, ...] = ()) -> None:
+    """For a trainer without ``check_config``: every key inside a section of ``algo_params`` (``values``, the
+    resolved config's, set by an override or a ``--config`` file) must be one that section of the trainer's
+    defaults has (``algo_params.optim.lrr`` is refused). An empty section in the defaults is free-form. (A
+    trainer with ``check_config`` checks its sections itself: their fields may depend on another key.)"""
+    for key, value in values.items():
+        default = defaults.get(key)
+        if not isinstance(value, Mapping) or not isinstance(default, Mapping) or not default:
+            continue
+        unknown = sorted(set(value) - set(default))
+        section = ".".join((*parents, key))
+        if unknown:
+            raise ValueError(f"unknown algo_params key '{section}.{unknown[0]}' for trainer {trainer.name!r}; "
+                             f"algo_params.{section} has: {', '.join(sorted(default))}")
+        _check_nested_algo_params(trainer, default, value, (*parents, key))
 
 
 def _numbers_from_text(section: str, values: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:

@@ -169,9 +169,11 @@ def counting_simulated_steps() -> Iterator[SimulatedSteps]:
 
     def counted_step(step: Callable) -> Callable:
         def _step(sim, state, action, physics=None):
-            if not getattr(sim, "_steps_counted_above", False):
-                count.add(sim, state.batch_size, state.batch_size)
-            return step(sim, state, action, physics)
+            if getattr(sim, "_steps_counted_above", False):
+                return step(sim, state, action, physics)
+            count.add(sim, state.batch_size, state.batch_size)
+            with _steps_counted_above(sim):  # a subclass's _step calling super()._step: one step
+                return step(sim, state, action, physics)
         return _step
 
     def counted_rollout(rollout: Callable) -> Callable:
@@ -189,19 +191,35 @@ def counting_simulated_steps() -> Iterator[SimulatedSteps]:
                 return check_launches(sim)
         return _check_launches
 
-    classes, todo = [], [DiffSim]
-    while todo:  # a task class that overrides _step (Newton's solver step) or rollout is counted too
-        cls = todo.pop()
-        classes.append(cls)
-        todo.extend(cls.__subclasses__())
-    for cls in classes:
-        for name, wrap in (("_step", counted_step), ("rollout", counted_rollout), ("check_launches", uncounted)):
+    def wrap(cls: type) -> None:
+        for name, wrapper in (("_step", counted_step), ("rollout", counted_rollout), ("check_launches", uncounted)):
             if name in cls.__dict__:
                 originals.append((cls, name, cls.__dict__[name]))
-                setattr(cls, name, wrap(cls.__dict__[name]))
+                setattr(cls, name, wrapper(cls.__dict__[name]))
+
+    todo = [DiffSim]
+    while todo:  # a task class that overrides _step (Newton's solver step) or rollout is counted too
+        cls = todo.pop()
+        wrap(cls)
+        todo.extend(cls.__subclasses__())
+    own_hook = "__init_subclass__" in DiffSim.__dict__
+    hook = DiffSim.__dict__.get("__init_subclass__")
+
+    def init_subclass(cls, **kwargs: Any) -> None:  # a task class defined inside the block (a lazy import)
+        if hook is not None:
+            hook.__func__(cls, **kwargs)
+        else:
+            super(DiffSim, cls).__init_subclass__(**kwargs)
+        wrap(cls)
+
+    DiffSim.__init_subclass__ = classmethod(init_subclass)
     try:
         yield count
     finally:
+        if own_hook:
+            DiffSim.__init_subclass__ = hook
+        else:
+            del DiffSim.__init_subclass__
         for cls, name, original in reversed(originals):
             setattr(cls, name, original)
 
@@ -225,6 +243,7 @@ def check_trainer(algo: str, run_dir: str | Path, env_id: str = "DiffGym/PointMa
     """Train the trainer called ``algo`` twice on a tiny budget into ``run_dir`` (which must not exist yet) and
     check what every comparison of DiffGym relies on (``docs/protocol.md``, ``docs/plugins.md``):
 
+    * its ``cli_flags`` are none of ``diffgym train``'s and ``diffgym ablate``'s own flags;
     * ``train`` returns the config's run directory;
     * it evaluates at exactly the schedule's points (a geometric schedule, 4 training envs, 3 evaluation
       episodes: every point a whole vector step);
@@ -287,6 +306,15 @@ def check_trainer(algo: str, run_dir: str | Path, env_id: str = "DiffGym/PointMa
             raise fail(f"{which}: simulated {simulated:,} training env steps from env step {start:,}, logged "
                        f"{total - start:,} (every simulated step is an env step: docs/protocol.md)")
 
+    for command in ("train", "ablate"):  # a flag the command has already would never reach the trainer
+        from diffgym.commands import load as load_command
+        from diffgym.commands.options import ArgumentParser, add_trainer_flags
+
+        parser = ArgumentParser(prog=f"diffgym {command}")
+        load_command(command).add_arguments(parser)
+        clashes = add_trainer_flags(parser, command, algo, parser.get_default("plugin_flags"))
+        if clashes:
+            raise fail(f"cli_flags {clashes} are flags diffgym {command} already has; rename them")
     schedule = lambda total: resolve_config(algo, env_id, {**base, "total_env_steps": total}).evaluation_points()  # noqa: E731
     rows, sims = train(first_budget)
     check(rows, sims, schedule(first_budget), 0, first_budget, "first run")

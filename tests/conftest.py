@@ -30,6 +30,22 @@ def newton_available() -> bool:
 requires_newton = pytest.mark.skipif(not newton_available(), reason="needs Newton (pip install 'diffgym[newton]')")
 
 
+TINY_RUNS = {"apg": {}, "sapo": {},
+             "apg-ppo": {"algo_params.proximal.n_steps": 8, "algo_params.proximal.batch_size": 16},
+             "ppo": {"algo_params.n_steps": 16, "algo_params.batch_size": 32}}
+"""Per bundled trainer, what makes a run of a few hundred env steps on 4 envs possible (PPO's rollout and
+minibatch sizes)."""
+
+
+@pytest.fixture
+def one_thread():
+    """Training runs use one torch thread, as every run of a sweep does; the previous count is restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests parametrized over the registered tasks skip the Newton tasks where Newton is not installed
     (they are registered, but making one needs the optional extra)."""

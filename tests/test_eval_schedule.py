@@ -5,13 +5,13 @@ step (``docs/protocol.md``, "The measurement")."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import diffgym  # noqa: F401  (registers the tasks)
 from diffgym.plugins import load_trainer, resolve_config
 from diffgym.testing import counting_simulated_steps
 from diffgym.training import EvaluationCadence, TrainConfig
 from diffgym.training.run import read_metrics
+from tests.conftest import TINY_RUNS
 
 ENV = "DiffGym/PointMass1D-v0"
 NUM_ENVS, EVAL_EPISODES = 4, 3  # different, so evaluation envs are told apart from training envs by size
@@ -19,20 +19,6 @@ GEOMETRIC = {"eval_schedule": "geometric", "eval_first_env_steps": 8, "eval_grow
 POINTS = [0, 8, 16, 32, 64, 128, 192, 200]
 """The geometric schedule above over 200 env steps: doubling from 8 until a gap would reach 64, then every
 64, and the budget; all whole vector steps of 4 envs, so every trainer evaluates exactly there."""
-TINY = {"apg": {}, "apg-ppo": {"algo_params.proximal.n_steps": 8, "algo_params.proximal.batch_size": 16},
-        "ppo": {"algo_params.n_steps": 16, "algo_params.batch_size": 32}}
-"""Per bundled trainer, what makes a 200-step run small enough (PPO's rollout and minibatch sizes)."""
-
-
-@pytest.fixture
-def one_thread():
-    """Training runs use one torch thread, as every run of a sweep does; the previous count is restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def schedule(**fields) -> TrainConfig:
     return TrainConfig(algo="x", env_id=ENV, **fields)
 
@@ -81,12 +67,12 @@ def test_a_resumed_cadence_continues_the_schedule():
     assert (cadence.next_eval, cadence.steps_to_next(64, NUM_ENVS)) == (128, 16)
 
 
-@pytest.mark.parametrize("algo", list(TINY))
+@pytest.mark.parametrize("algo", ["apg", "apg-ppo", "ppo"])
 def test_every_simulated_training_step_is_a_logged_env_step(algo, tmp_path, one_thread):
     """Each bundled trainer evaluates at the geometric schedule's points, and the env steps it logs are
     exactly the steps its training envs simulated; evaluation episodes run in envs of their own, one per
     evaluation, and are not training env steps."""
-    config = resolve_config(algo, ENV, {**GEOMETRIC, **TINY[algo], "num_envs": NUM_ENVS, "total_env_steps": 200,
+    config = resolve_config(algo, ENV, {**GEOMETRIC, **TINY_RUNS[algo], "num_envs": NUM_ENVS, "total_env_steps": 200,
                                         "eval_episodes": EVAL_EPISODES, "run_dir": str(tmp_path / algo)})
     with counting_simulated_steps() as count:
         load_trainer(algo).train(config, progress=False)
@@ -101,7 +87,7 @@ def test_every_simulated_training_step_is_a_logged_env_step(algo, tmp_path, one_
 
 @pytest.mark.parametrize("algo", ["apg", "ppo"])
 def test_a_resumed_run_continues_the_geometric_schedule(algo, tmp_path, one_thread):
-    changes = {**GEOMETRIC, **TINY[algo], "num_envs": NUM_ENVS, "eval_episodes": EVAL_EPISODES,
+    changes = {**GEOMETRIC, **TINY_RUNS[algo], "num_envs": NUM_ENVS, "eval_episodes": EVAL_EPISODES,
                "run_dir": str(tmp_path / algo)}
     trainer = load_trainer(algo)
     trainer.train(resolve_config(algo, ENV, {**changes, "total_env_steps": 24}), progress=False)

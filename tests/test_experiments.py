@@ -329,19 +329,23 @@ class PrefixTrainer(ScriptedTrainer):
         return {**config, "algo_params": {**config["algo_params"], "eval": 1}}
 
 
-def test_a_trainer_flag_the_command_already_has_is_refused_and_a_prefix_is_taken_as_itself(trainers, capsys):
-    """A `cli_flags` entry equal to a core flag could never be set (the core flag wins); one that is a prefix
-    of core flags used to be read as their abbreviation (or an ambiguity error) when the words reached the
-    core parser first."""
+def test_a_trainer_flag_the_command_already_has_is_left_out_and_a_prefix_is_taken_as_itself(trainers, capsys,
+                                                                                             tmp_path):
+    """A `cli_flags` entry equal to a core flag could never be set (the core flag wins): a warning, and the
+    contract check refuses it; one that is a prefix of core flags used to be read as their abbreviation (or an
+    ambiguity error) when the words reached the core parser first."""
     from diffgym.cli import main
 
+    from diffgym.testing import TrainerContractError, check_trainer
+
     register_trainer("clashing", ClashingTrainer("clashing", solve_at=5_000, grad_steps_per_eval=10))
-    with pytest.raises(SystemExit) as exit_:
-        main(["train", "--algo", "clashing", "--env", ENV, "--print-config"])
-    assert exit_.value.code == 2
-    assert capsys.readouterr().err.strip() == (
-        "diffgym train: trainer 'clashing' declares --seed in its cli_flags, which diffgym train already has; "
-        "the trainer must rename it (--param seed=VALUE sets it meanwhile)")
+    assert main(["train", "--algo", "clashing", "--env", ENV, "--seed", "3", "--print-config"]) == 0
+    captured = capsys.readouterr()
+    assert "seed: 3" in captured.out  # the core's --seed, as before; the plugin stays usable, with a warning
+    assert captured.err.strip() == ("diffgym train: warning: trainer 'clashing' declares --seed in its cli_flags, "
+                                    "which diffgym train already has: ignored (--param seed=VALUE sets it)")
+    with pytest.raises(TrainerContractError, match=r"cli_flags \['--seed'\] are flags diffgym train already has"):
+        check_trainer("clashing", tmp_path / "run", ENV)
     register_trainer("prefix", PrefixTrainer("prefix", solve_at=5_000, grad_steps_per_eval=10))
     assert main(["train", "--algo", "prefix", "--env", ENV, "--eval", "3", "--print-config"]) == 0
     assert "eval: 3" in capsys.readouterr().out
@@ -696,3 +700,18 @@ def test_report_lists_the_training_wall_clock_without_evaluations_and_n_a_where_
     table, summary = threshold_table(group(load_run(d) for d in dirs), baseline="cheap_evals", contender="dear_evals")
     assert summary["ratios"]["train_wall_time"] is None and summary["ratios"]["wall_time"] == pytest.approx(23 / 32)
     assert "| dear_evals | 1/1 | 2,000 | 20 | 32 | n/a |" in table
+
+
+def test_trainer_flags_work_when_only_a_config_file_names_the_trainer(trainers, tmp_path, capsys):
+    from diffgym.cli import main
+
+    register_trainer("flagged", FlaggedTrainer("flagged", solve_at=5_000, grad_steps_per_eval=10))
+    config = tmp_path / "config.yaml"
+    assert main(["train", "--algo", "flagged", "--env", ENV, "--print-config"]) == 0
+    config.write_text(capsys.readouterr().out)
+    assert main(["train", "--config", str(config), "--segment-length", "16", "--print-config"]) == 0
+    assert "segment_length: 16" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--config", str(tmp_path / "missing.yaml"), "--segment-length", "16"])
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip().endswith(
+        "(a trainer's own flags need --algo, or a readable --config FILE that names it)")

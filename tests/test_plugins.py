@@ -311,6 +311,13 @@ def test_a_misspelt_key_inside_an_algo_params_section_is_refused_for_a_trainer_w
     with pytest.raises(ValueError, match=r"^unknown algo_params key 'optim.lrr' for trainer 'sectioned'; "
                                          r"algo_params.optim has: betas, lr$"):
         plugins.resolve_config("sectioned", ENV_ID, {"algo_params.optim.lrr": 0.2})
+    # the same keys from a --config file (``base``): refused as well, at the first level too
+    base = plugins.resolve_config("sectioned", ENV_ID)
+    with pytest.raises(ValueError, match=r"^unknown algo_params key 'optim.lrr'"):
+        plugins.resolve_config("sectioned", ENV_ID, base=base.replace(
+            algo_params={**base.algo_params, "optim": {"lr": 0.1, "lrr": 0.2}}))
+    with pytest.raises(ValueError, match=r"^unknown algo_params \['typo_top'\] for trainer 'sectioned'"):
+        plugins.resolve_config("sectioned", ENV_ID, base=base.replace(algo_params={**base.algo_params, "typo_top": 1}))
     # an empty section is free-form: nothing to check against
     assert plugins.resolve_config("sectioned", ENV_ID, {"algo_params.free.anything": 1}).algo_params["free"] == {
         "anything": 1}

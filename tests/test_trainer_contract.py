@@ -10,27 +10,18 @@ import pytest
 import torch
 
 import diffgym  # noqa: F401  (registers the tasks)
+from diffgym.core.sim import DiffSim
+from diffgym.envs.point_mass_1d import PointMass1D
 from diffgym.plugins import load_trainer, register_trainer
 from diffgym.testing import TrainerContractError, check_trainer, counting_simulated_steps
+from tests.conftest import TINY_RUNS
 
 ENV = "DiffGym/PointMass1D-v0"
-SMALL = {"apg": {}, "sapo": {},
-         "apg-ppo": {"algo_params.proximal.n_steps": 8, "algo_params.proximal.batch_size": 16},
-         "ppo": {"algo_params.n_steps": 16, "algo_params.batch_size": 32}}
-"""Per bundled trainer, what makes a 200-step run small enough (PPO's rollout and minibatch sizes)."""
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.mark.parametrize("algo", list(SMALL))
+@pytest.mark.parametrize("algo", list(TINY_RUNS))
 def test_the_bundled_trainers_keep_the_contract(algo, tmp_path, one_thread):
-    check_trainer(algo, tmp_path / "run", ENV, SMALL[algo])
+    check_trainer(algo, tmp_path / "run", ENV, TINY_RUNS[algo])
 
 
 class _Wrapping:
@@ -100,3 +91,30 @@ def test_the_counter_counts_steps_rollouts_and_not_the_cores_launch_probe():
         env.sim.rollout(state, torch.zeros(7, 5, env.sim.act_dim))
         venv.close()
     assert count.per_sim() == [(5, 5 + 35)]
+
+
+_KERNEL_STEP = DiffSim._step  # as a solver step of a task's own would, it reaches no DiffSim method
+
+
+class _Halved(PointMass1D):
+    """A task whose step calls its parent's."""
+
+    def _step(self, state, action, physics=None):
+        return super()._step(state, 0.5 * action, physics)
+
+
+def test_the_counter_counts_a_task_class_defined_inside_it_and_once_per_step():
+    """A task module imported while counting (Newton's tasks are imported lazily) is counted, and a _step
+    that calls its parent's counts one step, not two."""
+    with counting_simulated_steps() as count:
+        class OwnSolver(PointMass1D):  # defined inside the block, with a step of its own
+            def _step(self, state, action, physics=None):
+                return _KERNEL_STEP(self, state, action, physics)
+
+        for sim_class, batch in ((OwnSolver, 5), (_Halved, 2)):
+            sim = sim_class(device="cpu")
+            state = sim.reset(torch.zeros(batch, dtype=torch.int32), torch.zeros(batch, dtype=torch.int32))
+            sim.step(state, torch.zeros(batch, sim.act_dim))
+            sim.rollout(state, torch.zeros(3, batch, sim.act_dim))  # a class with its own _step loops it
+    assert count.per_sim() == [(5, 5 + 15), (2, 2 + 6)]
+    assert _Halved._step.__qualname__ == "_Halved._step" and OwnSolver._step.__qualname__.endswith("OwnSolver._step")

@@ -207,12 +207,13 @@ def add_extend_argument(parser: argparse.ArgumentParser, out_flag: str = "--out"
 TRAINER_FLAG = "trainer_flag:"  # the prefix of a trainer flag's dest: never a core option's
 
 
-def add_trainer_flags(parser: argparse.ArgumentParser, command: str, algo: str, values: str = "single") -> None:
+def add_trainer_flags(parser: argparse.ArgumentParser, command: str, algo: str, values: str = "single") -> list[str]:
     """Add the trainer's own flags (``cli_flags``) to ``command``'s parser as a group of their own, so that
     ``--help`` lists them and argparse parses them with the core flags (a trainer flag that is a prefix of a
-    core one, ``--eval`` beside ``--eval-every``, is taken as itself, not as the abbreviation). A flag the
-    command already has is a one-line error naming it: the core flag would always win. ``values="list"``
-    keeps each value as text (a grid axis, ``V1,V2``). :func:`trainer_params` reads them back."""
+    core one, ``--eval`` beside ``--eval-every``, is taken as itself, not as the abbreviation). Returns the
+    flags left out because the command already has them (the core flag wins; ``check_trainer`` refuses
+    them). ``values="list"`` keeps each value as text (a grid axis, ``V1,V2``). :func:`trainer_params`
+    reads them back."""
     from diffgym.plugins import load_trainer, trainer_flags
 
     try:
@@ -220,15 +221,15 @@ def add_trainer_flags(parser: argparse.ArgumentParser, command: str, algo: str, 
     except (KeyError, TypeError, ValueError) as error:  # unknown, not a Trainer, broken package
         raise SystemExit(f"diffgym {command}: {one_line(error)}")
     group = parser.add_argument_group(f"flags of trainer {algo!r} (each the same as --param KEY=VALUE)")
+    clashes = []
     for flag, help_text in flags.items():
         try:
             group.add_argument(f"--{flag}", dest=f"{TRAINER_FLAG}{flag}", help=help_text, default=None,
                                metavar="V1,V2,..." if values == "list" else "VALUE",
                                type=str if values == "list" else parse_value)
         except argparse.ArgumentError:
-            raise SystemExit(f"diffgym {command}: trainer {algo!r} declares --{flag} in its cli_flags, which diffgym "
-                             f"{command} already has; the trainer must rename it (--param "
-                             f"{flag.replace('-', '_')}=VALUE sets it meanwhile)") from None
+            clashes.append(f"--{flag}")
+    return clashes
 
 
 def trainer_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -243,7 +244,8 @@ def unknown_flags_error(command: str, algo: str | None, extra: list[str]) -> str
     """The one line for words no flag took: which flags ``algo`` adds, or that a trainer's flags need --algo."""
     words = " ".join(extra)
     if not algo:
-        return f"diffgym {command}: unrecognized arguments: {words} (a trainer's own flags need --algo)"
+        return (f"diffgym {command}: unrecognized arguments: {words} (a trainer's own flags need --algo, or a "
+                "readable --config FILE that names it)")
     from diffgym.plugins import load_trainer, trainer_flags
 
     own = ", ".join(f"--{flag}" for flag in trainer_flags(load_trainer(algo))) or "none"
