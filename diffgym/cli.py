@@ -38,8 +38,7 @@ def build_parser(only: str | None = None, words: list[str] = ()) -> argparse.Arg
             if name == only and mode is not None and algo:
                 for flag in add_trainer_flags(command, name, algo, mode):  # an installed plugin stays usable
                     print(f"diffgym {name}: warning: trainer {algo!r} declares {flag} in its cli_flags, which diffgym "
-                          f"{name} already has: ignored (--param {flag[2:].replace('-', '_')}=VALUE sets it)",
-                          file=sys.stderr)
+                          f"{name} already has: ignored (the trainer should rename it)", file=sys.stderr)
         command.set_defaults(run=module.run, usage_error=command.error)
     return parser
 

@@ -250,7 +250,10 @@ def check_trainer(algo: str, run_dir: str | Path, env_id: str = "DiffGym/PointMa
     * every step it simulates for training, in any form, is a logged env step, and it stops at the budget:
       the steps of every simulator other than the evaluations' (3 envs each, one per evaluation) equal the
       logged env steps;
-    * the run directory holds a policy ``diffgym.load_policy`` reads (weights-only) for this task;
+    * its ``cli_flags`` set keys its defaults list (or ``upgrade_config`` moves);
+    * the run directory holds a policy ``diffgym.load_policy`` reads (weights-only) for this task at the first
+      budget, and ``evaluate_config`` on it gives the evaluation row logged there (the run's evaluation
+      protocol, the parameters evaluated);
     * run again with the larger budget, a trainer that ``resumes`` continues from the first run's budget,
       simulating only the steps past it and keeping the first run's evaluations; one that does not starts
       afresh (its earlier checkpoints set aside by ``Run``) and evaluates the whole schedule again.
@@ -306,28 +309,66 @@ def check_trainer(algo: str, run_dir: str | Path, env_id: str = "DiffGym/PointMa
             raise fail(f"{which}: simulated {simulated:,} training env steps from env step {start:,}, logged "
                        f"{total - start:,} (every simulated step is an env step: docs/protocol.md)")
 
-    for command in ("train", "ablate"):  # a flag the command has already would never reach the trainer
-        from diffgym.commands import load as load_command
-        from diffgym.commands.options import ArgumentParser, add_trainer_flags
+    _check_cli_flags(algo, trainer, env_id, fail)
+    schedule = lambda total: resolve_config(algo, env_id, {**base, "total_env_steps": total}).evaluation_points()  # noqa: E731
+    rows, sims = train(first_budget)
+    check(rows, sims, schedule(first_budget), 0, first_budget, "first run")
+    try:  # a weights-only checkpoint with the shared keys for this task, holding the parameters evaluated last
+        policy = load_policy(run_dir, step=first_budget)
+    except (FileNotFoundError, ValueError) as error:
+        raise fail(f"no policy diffgym.load_policy can read at env step {first_budget} in the run directory "
+                   f"({' '.join(str(error).split())})")
+    _check_evaluation_reproduces(policy, rows[-1] if "eval_return" in rows[-1] else
+                                 [r for r in rows if "eval_return" in r][-1], fail)
+    rows, sims = train(budget)
+    if not resumes:
+        check(rows, sims, schedule(budget), 0, budget, "second run (no resume)")
+        return
+    evaluations = [row["env_steps"] for row in rows if "eval_success_rate" in row]
+    if evaluations == schedule(budget):
+        raise fail("resumed run: started afresh instead of resuming from its checkpoint (load "
+                   "run.load_latest_checkpoint() and call run.resume_from(env_steps)), or pass resumes=False")
+    if evaluations[:1] != [0]:
+        raise fail(f"resumed run: the first run's evaluation rows are gone (evaluations at {evaluations}): call "
+                   "run.resume_from(env_steps) before logging anything")
+    expected = schedule(first_budget) + [p for p in schedule(budget) if p > first_budget]
+    check(rows, sims, expected, first_budget, budget, "resumed run")
 
+
+def _check_cli_flags(algo: str, trainer: Any, env_id: str, fail: Callable[[str], TrainerContractError]) -> None:
+    """Each of the trainer's ``cli_flags`` must reach the trainer: none is a flag ``train`` or ``ablate`` has
+    already, and each sets a key the defaults list (or one ``upgrade_config`` moves: APG's flat keys)."""
+    from diffgym.commands import load as load_command
+    from diffgym.commands.options import ArgumentParser, add_trainer_flags
+    from diffgym.plugins import flag_parameter, trainer_flags
+
+    for command in ("train", "ablate"):
         parser = ArgumentParser(prog=f"diffgym {command}")
         load_command(command).add_arguments(parser)
         clashes = add_trainer_flags(parser, command, algo, parser.get_default("plugin_flags"))
         if clashes:
             raise fail(f"cli_flags {clashes} are flags diffgym {command} already has; rename them")
-    schedule = lambda total: resolve_config(algo, env_id, {**base, "total_env_steps": total}).evaluation_points()  # noqa: E731
-    rows, sims = train(first_budget)
-    check(rows, sims, schedule(first_budget), 0, first_budget, "first run")
-    try:
-        load_policy(run_dir).act  # noqa: B018  (a weights-only checkpoint with the shared keys for this task)
-    except (FileNotFoundError, ValueError) as error:
-        raise fail(f"no policy diffgym.load_policy can read in the run directory ({' '.join(str(error).split())})")
-    rows, sims = train(budget)
-    if resumes:
-        expected = schedule(first_budget) + [p for p in schedule(budget) if p > first_budget]
-        check(rows, sims, expected, first_budget, budget, "resumed run")
-    else:
-        check(rows, sims, schedule(budget), 0, budget, "second run (no resume)")
+    if getattr(trainer, "upgrade_config", None) is None:
+        defaults = dict(trainer.default_config(env_id) or {}).get("algo_params", {}) or {}
+        unset = [f"--{flag}" for flag in trainer_flags(trainer) if flag_parameter(flag) not in defaults]
+        if unset:
+            raise fail(f"cli_flags {unset} set algo_params keys its default_config does not list, so using them "
+                       f"is refused; add {[flag_parameter(f) for f in unset]} to the defaults")
+
+
+def _check_evaluation_reproduces(policy: Any, row: dict, fail: Callable[[str], TrainerContractError]) -> None:
+    """The run's last evaluation row is what ``evaluate_config`` gives for the checkpoint saved with it: the
+    evaluation ran the run's task arguments, wrappers and evaluation seeds, and the checkpoint holds the
+    parameters it evaluated (``diffgym eval`` reproduces the row)."""
+    from diffgym.policy_commands import evaluate
+
+    again = evaluate(policy, policy.config.eval_episodes, policy.config.seed)
+    if (abs(again["eval_return"] - row["eval_return"]) > 1e-4 * max(1.0, abs(row["eval_return"]))
+            or again["eval_success_rate"] != row["eval_success_rate"]):
+        raise fail(f"the evaluation at env step {row['env_steps']} logged return {row['eval_return']:.6g}, success "
+                   f"{row['eval_success_rate']:.3g}; evaluate_config on the checkpoint saved with it gives "
+                   f"{again['eval_return']:.6g}, {again['eval_success_rate']:.3g} (evaluate with evaluate_config or "
+                   "evaluate_and_checkpoint, and checkpoint the parameters evaluated)")
 
 
 def _takes_progress(trainer: Any) -> bool:

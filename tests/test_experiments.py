@@ -343,7 +343,7 @@ def test_a_trainer_flag_the_command_already_has_is_left_out_and_a_prefix_is_take
     captured = capsys.readouterr()
     assert "seed: 3" in captured.out  # the core's --seed, as before; the plugin stays usable, with a warning
     assert captured.err.strip() == ("diffgym train: warning: trainer 'clashing' declares --seed in its cli_flags, "
-                                    "which diffgym train already has: ignored (--param seed=VALUE sets it)")
+                                    "which diffgym train already has: ignored (the trainer should rename it)")
     with pytest.raises(TrainerContractError, match=r"cli_flags \['--seed'\] are flags diffgym train already has"):
         check_trainer("clashing", tmp_path / "run", ENV)
     register_trainer("prefix", PrefixTrainer("prefix", solve_at=5_000, grad_steps_per_eval=10))

@@ -78,9 +78,12 @@ def test_doc_plugin_is_discovered_and_trains_through_the_cli(doc_plugin, tmp_pat
 
 def test_doc_plugin_keeps_the_trainer_contract(doc_plugin, tmp_path):
     """What docs/plugins.md tells a plugin author to run on their own trainer (it does not resume)."""
-    from diffgym.testing import check_trainer
+    from diffgym.testing import TrainerContractError, check_trainer
 
     check_trainer("short-horizon", tmp_path / "run", ENV_ID, resumes=False)
+    with pytest.raises(TrainerContractError, match=r"resumed run: started afresh instead of resuming .* or pass "
+                                                   r"resumes=False"):
+        check_trainer("short-horizon", tmp_path / "again", ENV_ID)
 
 
 def test_doc_plugin_installs_with_pip_and_is_listed_in_a_fresh_process(tmp_path):

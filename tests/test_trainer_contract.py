@@ -118,3 +118,35 @@ def test_the_counter_counts_a_task_class_defined_inside_it_and_once_per_step():
             sim.rollout(state, torch.zeros(3, batch, sim.act_dim))  # a class with its own _step loops it
     assert count.per_sim() == [(5, 5 + 15), (2, 2 + 6)]
     assert _Halved._step.__qualname__ == "_Halved._step" and OwnSolver._step.__qualname__.endswith("OwnSolver._step")
+
+
+class _FlagWithoutDefault(_Wrapping):
+    cli_flags = {"lr-decay": "a flag whose key the defaults do not list"}
+
+
+class _CheckpointNotEvaluated(_Wrapping):
+    """Its last checkpoint holds other parameters than the ones its last evaluation scored."""
+
+    def train(self, config, progress=True):
+        run_dir = super().train(config, progress)
+        from diffgym.training.run import list_checkpoints
+
+        path = list_checkpoints(run_dir)[-1][1]
+        saved = torch.load(path, weights_only=True)
+        saved["actor_critic"] = {k: v + 0.5 for k, v in saved["actor_critic"].items()}
+        torch.save(saved, path)
+        return run_dir
+
+
+def test_a_flag_its_defaults_do_not_list_is_caught(tmp_path, one_thread):
+    register_trainer("wrapping", _FlagWithoutDefault())
+    with pytest.raises(TrainerContractError, match=r"cli_flags \['--lr-decay'\] set algo_params keys its "
+                                                   r"default_config does not list"):
+        check_trainer("wrapping", tmp_path / "run", ENV)
+
+
+def test_a_checkpoint_other_than_the_evaluated_parameters_is_caught(tmp_path, one_thread):
+    register_trainer("wrapping", _CheckpointNotEvaluated())
+    with pytest.raises(TrainerContractError, match=r"the evaluation at env step 24 logged return .* evaluate_config "
+                                                   r"on the checkpoint saved with it gives"):
+        check_trainer("wrapping", tmp_path / "run", ENV)
