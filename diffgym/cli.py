@@ -58,7 +58,8 @@ def _algo_named(words: list[str]) -> str | None:
     try:  # an unreadable file is the command's to report, with its reason
         import yaml
 
-        data = yaml.safe_load(open(known.config))
+        with open(known.config) as stream:
+            data = yaml.safe_load(stream)
     except (OSError, yaml.YAMLError):
         return None
     return data.get("algo") if isinstance(data, dict) and isinstance(data.get("algo"), str) else None
