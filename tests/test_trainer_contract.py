@@ -59,19 +59,6 @@ class _OwnRunDir(_Wrapping):
         return "elsewhere"
 
 
-def test_a_trainer_that_does_not_log_a_simulated_step_is_caught(tmp_path, one_thread):
-    register_trainer("wrapping", _ExtraRollout())
-    with pytest.raises(TrainerContractError, match=r"^trainer 'wrapping': first run: simulated 32 training env steps "
-                                                   r"from env step 0, logged 24 \(every simulated step is an env step"):
-        check_trainer("wrapping", tmp_path / "run", ENV)
-
-
-def test_a_trainer_that_returns_another_directory_is_caught(tmp_path, one_thread):
-    register_trainer("wrapping", _OwnRunDir())
-    with pytest.raises(TrainerContractError, match=r"train returned 'elsewhere', not the config's run_dir"):
-        check_trainer("wrapping", tmp_path / "run", ENV)
-
-
 def test_a_resumed_run_is_checked_as_such(tmp_path, one_thread):
     """apg resumes: told it does not, the kit expects the whole schedule again and says what it saw."""
     with pytest.raises(TrainerContractError, match=r"second run \(no resume\): evaluations at env steps "
@@ -138,15 +125,15 @@ class _CheckpointNotEvaluated(_Wrapping):
         return run_dir
 
 
-def test_a_flag_its_defaults_do_not_list_is_caught(tmp_path, one_thread):
-    register_trainer("wrapping", _FlagWithoutDefault())
-    with pytest.raises(TrainerContractError, match=r"cli_flags \['--lr-decay'\] set algo_params keys its "
-                                                   r"default_config does not list"):
-        check_trainer("wrapping", tmp_path / "run", ENV)
-
-
-def test_a_checkpoint_other_than_the_evaluated_parameters_is_caught(tmp_path, one_thread):
-    register_trainer("wrapping", _CheckpointNotEvaluated())
-    with pytest.raises(TrainerContractError, match=r"the evaluation at env step 24 logged return .* evaluate_config "
-                                                   r"on the checkpoint saved with it gives"):
+@pytest.mark.parametrize("trainer, message", [
+    (_ExtraRollout(), r"^trainer 'wrapping': first run: simulated 32 training env steps from env step 0, logged 24 "
+                      r"\(every simulated step is an env step"),
+    (_OwnRunDir(), r"train returned 'elsewhere', not the config's run_dir"),
+    (_FlagWithoutDefault(), r"cli_flags \['--lr-decay'\] set algo_params keys its default_config does not list"),
+    (_CheckpointNotEvaluated(), r"the evaluation at env step 24 logged return .* evaluate_config on the checkpoint "
+                                r"saved with it gives"),
+], ids=["unlogged rollout", "another run dir", "flag without default", "checkpoint not evaluated"])
+def test_a_trainer_breaking_one_rule_is_caught_in_one_line(trainer, message, tmp_path, one_thread):
+    register_trainer("wrapping", trainer)
+    with pytest.raises(TrainerContractError, match=message):
         check_trainer("wrapping", tmp_path / "run", ENV)
