@@ -18,11 +18,11 @@ from diffgym.commands.options import (ArgumentParser, HelpFormatter, add_trainer
                                       unknown_flags_error)
 
 
-def build_parser(only: str | None = None, words: list[str] = ()) -> argparse.ArgumentParser:
+def build_parser(only: str | None = None, algo: str | None = None) -> argparse.ArgumentParser:
     """The full parser, or with ``only`` the arguments of that one subcommand (the others are listed but
     take no arguments): some subcommands' argument definitions import torch, which ``diffgym --help``
-    and every other subcommand should not wait for. A subcommand that takes a trainer's own flags gets
-    those of the trainer ``words`` name with ``--algo`` (``add_trainer_flags``), so its ``--help`` lists
+    and every other subcommand should not wait for. ``only``, when it takes a trainer's own flags, gets those
+    of the trainer ``algo`` (else its ``--algo`` default; ``add_trainer_flags``), so its ``--help`` lists
     them."""
     parser = ArgumentParser(prog="diffgym", description="DiffGym: differentiable Warp environments",
                             formatter_class=HelpFormatter)
@@ -33,12 +33,11 @@ def build_parser(only: str | None = None, words: list[str] = ()) -> argparse.Arg
         command = sub.add_parser(name, help=module.HELP, description=module.HELP, formatter_class=HelpFormatter)
         if only is None or name == only:
             module.add_arguments(command)
-            mode = command.get_default("plugin_flags")
-            algo = _algo_named(words) or command.get_default("algo")
-            if name == only and mode is not None and algo:
-                for flag in add_trainer_flags(command, name, algo, mode):  # an installed plugin stays usable
-                    print(f"diffgym {name}: warning: trainer {algo!r} declares {flag} in its cli_flags, which diffgym "
-                          f"{name} already has: ignored (the trainer should rename it)", file=sys.stderr)
+        mode, trainer = command.get_default("plugin_flags"), algo or command.get_default("algo")
+        if name == only and mode is not None and trainer:
+            for flag in add_trainer_flags(command, name, trainer, mode):  # an installed plugin stays usable
+                print(f"diffgym {name}: warning: trainer {trainer!r} declares {flag} in its cli_flags, which diffgym "
+                      f"{name} already has: ignored (the trainer should rename it)", file=sys.stderr)
         command.set_defaults(run=module.run, usage_error=command.error)
     return parser
 
@@ -76,14 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     if here is not None and here not in sys.path:
         sys.path.append(here)
     chosen = next((w for w in words if not w.startswith("-")), "")  # the subcommand: the first word
+    algo = _algo_named(words)
     try:
         # no subcommand (``diffgym --help``): none's arguments; an unknown one: all, for argparse's error
-        parser = build_parser(only=chosen if chosen in COMMANDS or not chosen else None, words=words)
+        parser = build_parser(only=chosen if chosen in COMMANDS or not chosen else None, algo=algo)
         args, extra = parser.parse_known_args(argv)
         if extra and getattr(args, "plugin_flags", None) is None:  # the subcommand's parser's error, naming it
             args.usage_error(f"unrecognized arguments: {' '.join(extra)}")
         if extra:
-            raise SystemExit(unknown_flags_error(args.command, _algo_named(words), extra))
+            raise SystemExit(unknown_flags_error(args.command, algo or args.algo, extra))
         args.plugin_params = trainer_params(args)
         return int(args.run(args) or 0)
     except KeyboardInterrupt:  # Ctrl-C: runs keep their last checkpoint and resume when started again

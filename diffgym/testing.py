@@ -243,14 +243,14 @@ def check_trainer(algo: str, run_dir: str | Path, env_id: str = "DiffGym/PointMa
     """Train the trainer called ``algo`` twice on a tiny budget into ``run_dir`` (which must not exist yet) and
     check what every comparison of DiffGym relies on (``docs/protocol.md``, ``docs/plugins.md``):
 
-    * its ``cli_flags`` are none of ``diffgym train``'s and ``diffgym ablate``'s own flags;
     * ``train`` returns the config's run directory;
     * it evaluates at exactly the schedule's points (a geometric schedule, 4 training envs, 3 evaluation
       episodes: every point a whole vector step);
     * every step it simulates for training, in any form, is a logged env step, and it stops at the budget:
       the steps of every simulator other than the evaluations' (3 envs each, one per evaluation) equal the
       logged env steps;
-    * its ``cli_flags`` set keys its defaults list (or ``upgrade_config`` moves);
+    * its ``cli_flags`` are none of ``diffgym train``'s and ``diffgym ablate``'s own flags, and each sets a key
+      its defaults list (or one ``upgrade_config`` moves);
     * the run directory holds a policy ``diffgym.load_policy`` reads (weights-only) for this task at the first
       budget, and ``evaluate_config`` on it gives the evaluation row logged there (the run's evaluation
       protocol, the parameters evaluated);
@@ -261,6 +261,7 @@ def check_trainer(algo: str, run_dir: str | Path, env_id: str = "DiffGym/PointMa
     ``changes``: dotted config overrides that make a run this small possible (PPO's ``algo_params.n_steps``,
     ``algo_params.batch_size``). Raises :class:`TrainerContractError` (an ``AssertionError``) naming the rule.
     Runs in this process, on the CPU; a few seconds for the bundled trainers."""
+    from diffgym.experiments.training_runs import call_train
     from diffgym.plugins import load_trainer, resolve_config
     from diffgym.policy import load_policy
     from diffgym.training.run import read_metrics
@@ -280,10 +281,12 @@ def check_trainer(algo: str, run_dir: str | Path, env_id: str = "DiffGym/PointMa
     def fail(rule: str) -> TrainerContractError:
         return TrainerContractError(f"trainer {algo!r}: {rule}")
 
+    configs = {total: resolve_config(algo, env_id, {**base, "total_env_steps": total}) for total in budgets}
+    first_points, points = (configs[total].evaluation_points() for total in budgets)
+
     def train(total: int) -> tuple[list[dict], list[tuple[int, int]]]:
-        config = resolve_config(algo, env_id, {**base, "total_env_steps": total})
         with counting_simulated_steps() as count:
-            returned = trainer.train(config, progress=False) if _takes_progress(trainer) else trainer.train(config)
+            returned = call_train(trainer, configs[total], progress=False)
         if returned is None or Path(returned).resolve() != run_dir.resolve():
             raise fail(f"train returned {returned!r}, not the config's run_dir {str(run_dir)!r}")
         return read_metrics(run_dir), count.per_sim()
@@ -300,7 +303,7 @@ def check_trainer(algo: str, run_dir: str | Path, env_id: str = "DiffGym/PointMa
         if max(logged, default=0) != total:
             raise fail(f"{which}: the last logged env_steps is {max(logged, default=0)}, the budget {total}")
         evaluation_sims = [steps for batch, steps in sims if batch == eval_episodes]
-        evaluated = len([p for p in expected_points if p >= start and (p > start or start == 0)])
+        evaluated = len([p for p in expected_points if p > start or p == start == 0])
         if len(evaluation_sims) != evaluated or any(steps % eval_episodes for steps in evaluation_sims):
             raise fail(f"{which}: {len(evaluation_sims)} evaluation env(s) of {eval_episodes} episodes stepped for "
                        f"{evaluated} evaluations (evaluate with evaluate_config or evaluate_and_checkpoint)")
@@ -310,29 +313,26 @@ def check_trainer(algo: str, run_dir: str | Path, env_id: str = "DiffGym/PointMa
                        f"{total - start:,} (every simulated step is an env step: docs/protocol.md)")
 
     _check_cli_flags(algo, trainer, env_id, fail)
-    schedule = lambda total: resolve_config(algo, env_id, {**base, "total_env_steps": total}).evaluation_points()  # noqa: E731
     rows, sims = train(first_budget)
-    check(rows, sims, schedule(first_budget), 0, first_budget, "first run")
+    check(rows, sims, first_points, 0, first_budget, "first run")
     try:  # a weights-only checkpoint with the shared keys for this task, holding the parameters evaluated last
         policy = load_policy(run_dir, step=first_budget)
     except (FileNotFoundError, ValueError) as error:
         raise fail(f"no policy diffgym.load_policy can read at env step {first_budget} in the run directory "
                    f"({' '.join(str(error).split())})")
-    _check_evaluation_reproduces(policy, rows[-1] if "eval_return" in rows[-1] else
-                                 [r for r in rows if "eval_return" in r][-1], fail)
+    _check_evaluation_reproduces(policy, [row for row in rows if "eval_return" in row][-1], fail)
     rows, sims = train(budget)
     if not resumes:
-        check(rows, sims, schedule(budget), 0, budget, "second run (no resume)")
+        check(rows, sims, points, 0, budget, "second run (no resume)")
         return
     evaluations = [row["env_steps"] for row in rows if "eval_success_rate" in row]
-    if evaluations == schedule(budget):
+    if evaluations == points:
         raise fail("resumed run: started afresh instead of resuming from its checkpoint (load "
                    "run.load_latest_checkpoint() and call run.resume_from(env_steps)), or pass resumes=False")
     if evaluations[:1] != [0]:
         raise fail(f"resumed run: the first run's evaluation rows are gone (evaluations at {evaluations}): call "
                    "run.resume_from(env_steps) before logging anything")
-    expected = schedule(first_budget) + [p for p in schedule(budget) if p > first_budget]
-    check(rows, sims, expected, first_budget, budget, "resumed run")
+    check(rows, sims, first_points + [p for p in points if p > first_budget], first_budget, budget, "resumed run")
 
 
 def _check_cli_flags(algo: str, trainer: Any, env_id: str, fail: Callable[[str], TrainerContractError]) -> None:
@@ -369,9 +369,3 @@ def _check_evaluation_reproduces(policy: Any, row: dict, fail: Callable[[str], T
                    f"{row['eval_success_rate']:.3g}; evaluate_config on the checkpoint saved with it gives "
                    f"{again['eval_return']:.6g}, {again['eval_success_rate']:.3g} (evaluate with evaluate_config or "
                    "evaluate_and_checkpoint, and checkpoint the parameters evaluated)")
-
-
-def _takes_progress(trainer: Any) -> bool:
-    import inspect
-
-    return "progress" in inspect.signature(trainer.train).parameters

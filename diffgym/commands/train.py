@@ -48,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no progress bar: one line per evaluation instead")
     add_threads_argument(parser, "training")
     parser.epilog = ("A trainer adds its own flags (e.g. `--segment-length K` for apg), each the same as "
-                     "--param; `diffgym trainers -v` lists them, and --help with --algo lists the chosen trainer's. Ctrl-C stops a run where it can be resumed: "
-                     "the command to resume it is printed.")
+                     "--param; `diffgym trainers -v` lists them, and --help with --algo lists the chosen "
+                     "trainer's. Ctrl-C stops a run where it can be resumed: the command to resume it is printed.")
     parser.set_defaults(plugin_flags="single")
 
 

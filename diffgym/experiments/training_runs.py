@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from diffgym.training.run import list_checkpoints, read_metrics
 from diffgym.training.spec import TrainConfig
@@ -101,10 +101,15 @@ def train_one(config_dict: dict, progress: bool = True, threads: int | None = No
 
     configure_torch_threads(threads, config_dict.get("device"))
     config = TrainConfig.from_dict(config_dict)
-    train = load_trainer(config.algo).train
-    if not progress and "progress" in inspect.signature(train).parameters:
-        return str(train(config, progress=False))
-    return str(train(config))
+    return str(call_train(load_trainer(config.algo), config, progress))
+
+
+def call_train(trainer: Any, config: TrainConfig, progress: bool) -> Any:
+    """``trainer.train(config)``, without its progress bar where asked and the trainer takes ``progress``
+    (the keyword is optional in the contract)."""
+    if not progress and "progress" in inspect.signature(trainer.train).parameters:
+        return trainer.train(config, progress=False)
+    return trainer.train(config)
 
 
 def run_summary(config: TrainConfig) -> str:
